@@ -1,0 +1,23 @@
+//! mcast-keys: every secret the product handles, and nothing else.
+//!
+//! * [`MasterKey`] — the random per-title key (FIG. 3 "master key"); lives only in the
+//!   [`KeyStore`], never in an archive.
+//! * [`frame`] — per-frame key derivation (HKDF-SHA256 over master key + the frame's random
+//!   frame key) and AEAD sealing with AES-256-GCM or ChaCha20-Poly1305.
+//! * [`Identity`] — the server's Ed25519 signing key, which signs archive manifests.
+//! * [`KeyStore`] — a directory of 0600 files written atomically.
+//!
+//! Secrets are wiped on drop (`zeroize`).
+
+pub mod cipher;
+pub mod error;
+pub mod frame;
+pub mod identity;
+pub mod master;
+pub mod store;
+
+pub use cipher::Cipher;
+pub use error::KeyError;
+pub use identity::{Identity, PublicIdentity, SIGNATURE_LEN};
+pub use master::{KeyId, MasterKey};
+pub use store::KeyStore;

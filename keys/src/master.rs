@@ -1,0 +1,43 @@
+use rand::RngCore;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// A title's random 256-bit master key. Wiped on drop; `Debug` never prints it.
+#[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+pub struct MasterKey([u8; 32]);
+
+/// A public commitment to a master key for one archive, stored in the archive head so that a
+/// wrong key is reported as "wrong key" before any frame is tried.
+pub type KeyId = [u8; 16];
+
+impl MasterKey {
+    pub fn generate() -> MasterKey {
+        let mut k = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut k);
+        MasterKey(k)
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> MasterKey {
+        MasterKey(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Key id for this key bound to one archive (`archive_id`): reveals nothing about the key
+    /// (keyed BLAKE3 is a PRF) and differs per archive, so ids cannot be linked across titles.
+    pub fn key_id(&self, archive_id: &[u8; 16]) -> KeyId {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(b"mcast key-id v1");
+        h.update(archive_id);
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        out
+    }
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(..)")
+    }
+}

@@ -1,0 +1,274 @@
+//! The server's key store: a directory (mode 0700) of files (mode 0600), each written
+//! atomically (temp file, fsync, rename, fsync of the directory), so a crash leaves either the
+//! old key or the new one, never half of one.
+//!
+//! ```text
+//! <dir>/identity.ed25519        32-byte Ed25519 seed (server identity)
+//! <dir>/titles/<title>/<archive-id>.key   32-byte master key of one archive of a title
+//! ```
+//!
+//! Keys are filed per archive id so that re-packing a title (`--force`) never leaves a window
+//! in which the archive on disk and its key disagree: the new key is written before the new
+//! archive appears, and the old key is pruned only after.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use crate::{Identity, KeyError, MasterKey};
+
+const IDENTITY_FILE: &str = "identity.ed25519";
+const TITLES_DIR: &str = "titles";
+
+/// A directory of secrets. Cheap to construct; every call touches the disk.
+#[derive(Clone, Debug)]
+pub struct KeyStore {
+    dir: PathBuf,
+}
+
+/// Titles become file names, so they are restricted to a safe alphabet.
+pub fn validate_title(title: &str) -> Result<(), KeyError> {
+    let ok = !title.is_empty()
+        && title.len() <= 128
+        && !title.starts_with('.')
+        && title
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(KeyError::BadTitle(title.to_string()))
+    }
+}
+
+impl KeyStore {
+    /// Open (creating if missing) the key store at `dir`.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<KeyStore, KeyError> {
+        let dir = dir.into();
+        let titles = dir.join(TITLES_DIR);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&titles)
+            .map_err(|e| io_err(&titles, e))?;
+        // Refuse a store that we cannot read: better now than halfway through a pack.
+        fs::read_dir(&titles).map_err(|e| io_err(&titles, e))?;
+        Ok(KeyStore { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Create a new server identity. Refuses to overwrite one unless `force`.
+    pub fn create_identity(&self, force: bool) -> Result<Identity, KeyError> {
+        let path = self.dir.join(IDENTITY_FILE);
+        if path.exists() && !force {
+            return Err(KeyError::IdentityExists {
+                dir: self.dir.clone(),
+            });
+        }
+        let id = Identity::generate();
+        write_secret(&path, &id.secret_bytes()[..])?;
+        Ok(id)
+    }
+
+    pub fn has_identity(&self) -> bool {
+        self.dir.join(IDENTITY_FILE).exists()
+    }
+
+    pub fn identity(&self) -> Result<Identity, KeyError> {
+        let path = self.dir.join(IDENTITY_FILE);
+        if !path.exists() {
+            return Err(KeyError::NoIdentity {
+                dir: self.dir.clone(),
+            });
+        }
+        let bytes = read_secret32(&path)?;
+        Ok(Identity::from_secret(&bytes))
+    }
+
+    fn title_dir(&self, title: &str) -> Result<PathBuf, KeyError> {
+        validate_title(title)?;
+        Ok(self.dir.join(TITLES_DIR).join(title))
+    }
+
+    fn key_path(&self, title: &str, archive_id: &[u8; 16]) -> Result<PathBuf, KeyError> {
+        Ok(self
+            .title_dir(title)?
+            .join(format!("{}.key", hex::encode(archive_id))))
+    }
+
+    /// Store the master key of one archive of `title`. Refuses to replace an existing key.
+    pub fn put_title_key(
+        &self,
+        title: &str,
+        archive_id: &[u8; 16],
+        key: &MasterKey,
+    ) -> Result<(), KeyError> {
+        let dir = self.title_dir(title)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| io_err(&dir, e))?;
+        let path = self.key_path(title, archive_id)?;
+        if path.exists() {
+            return Err(KeyError::TitleKeyExists {
+                title: title.to_string(),
+                dir: self.dir.clone(),
+            });
+        }
+        write_secret(&path, key.as_bytes())
+    }
+
+    /// The master key of archive `archive_id` of `title`.
+    pub fn title_key(&self, title: &str, archive_id: &[u8; 16]) -> Result<MasterKey, KeyError> {
+        let path = self.key_path(title, archive_id)?;
+        if !path.exists() {
+            return Err(KeyError::NoTitleKey {
+                title: title.to_string(),
+                dir: self.dir.clone(),
+            });
+        }
+        Ok(MasterKey::from_bytes(*read_secret32(&path)?))
+    }
+
+    /// Replace the key of an archive (operator repair, and tests of wrong-key refusal).
+    pub fn replace_title_key(
+        &self,
+        title: &str,
+        archive_id: &[u8; 16],
+        key: &MasterKey,
+    ) -> Result<(), KeyError> {
+        let path = self.key_path(title, archive_id)?;
+        write_secret(&path, key.as_bytes())
+    }
+
+    /// Delete every key of `title` except the one for `keep` (or all keys when `None`).
+    pub fn prune_title_keys(&self, title: &str, keep: Option<&[u8; 16]>) -> Result<(), KeyError> {
+        let dir = self.title_dir(title)?;
+        let keep_name = keep.map(|id| format!("{}.key", hex::encode(id)));
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(&dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".key") && Some(&name) != keep_name.as_ref() {
+                fs::remove_file(entry.path()).map_err(|e| io_err(&entry.path(), e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> KeyError {
+    KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read_secret32(path: &Path) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+    let mut f = File::open(path).map_err(|e| io_err(path, e))?;
+    let meta = f.metadata().map_err(|e| io_err(path, e))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "key file is readable by group/others; run chmod 600");
+    }
+    let mut buf = Zeroizing::new(Vec::with_capacity(33));
+    f.read_to_end(&mut buf).map_err(|e| io_err(path, e))?;
+    if buf.len() != 32 {
+        return Err(KeyError::Corrupt {
+            path: path.to_path_buf(),
+            why: format!("expected 32 bytes, found {}", buf.len()),
+        });
+    }
+    let mut out = Zeroizing::new([0u8; 32]);
+    out.copy_from_slice(&buf);
+    Ok(out)
+}
+
+/// Write a secret file atomically with mode 0600.
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
+    let dir = path.parent().expect("key paths have a parent");
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().unwrap().to_string_lossy(),
+        std::process::id()
+    ));
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res.map_err(|e| io_err(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_round_trip_and_permissions() {
+        let d = tempfile::tempdir().unwrap();
+        let ks = KeyStore::open(d.path().join("ks")).unwrap();
+        assert!(matches!(ks.identity(), Err(KeyError::NoIdentity { .. })));
+        let id = ks.create_identity(false).unwrap();
+        assert!(matches!(
+            ks.create_identity(false),
+            Err(KeyError::IdentityExists { .. })
+        ));
+        assert_eq!(ks.identity().unwrap().public(), id.public());
+
+        let k = MasterKey::generate();
+        let (a1, a2) = ([1u8; 16], [2u8; 16]);
+        ks.put_title_key("film-1", &a1, &k).unwrap();
+        assert!(matches!(
+            ks.put_title_key("film-1", &a1, &k),
+            Err(KeyError::TitleKeyExists { .. })
+        ));
+        assert_eq!(ks.title_key("film-1", &a1).unwrap(), k);
+        let path = d
+            .path()
+            .join(format!("ks/titles/film-1/{}.key", hex::encode(a1)));
+        let mode = fs::metadata(path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            ks.title_key("film-2", &a1),
+            Err(KeyError::NoTitleKey { .. })
+        ));
+
+        let k2 = MasterKey::generate();
+        ks.put_title_key("film-1", &a2, &k2).unwrap();
+        ks.prune_title_keys("film-1", Some(&a2)).unwrap();
+        assert!(ks.title_key("film-1", &a1).is_err());
+        assert_eq!(ks.title_key("film-1", &a2).unwrap(), k2);
+    }
+
+    #[test]
+    fn titles_are_safe_file_names() {
+        for bad in ["", "../x", ".hidden", "a/b", "a b", &"x".repeat(129)] {
+            assert!(validate_title(bad).is_err(), "{bad:?}");
+        }
+        for good in ["film-1", "A.B_c", "x"] {
+            validate_title(good).unwrap();
+        }
+    }
+}

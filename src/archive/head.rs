@@ -1,0 +1,356 @@
+//! The archive head: everything a receiver must trust before it writes a byte.
+//!
+//! The head is signed by the server identity (Ed25519) and carries the top of the integrity
+//! tree: one BLAKE3 hash per *block*, where a block's hash packet lists the leaf hash of each of
+//! its data packets (see [`super::manifest`]). It also names the title, cipher, sizes, the
+//! plaintext hash and the key id that lets a wrong key be told apart from tampering.
+//!
+//! Encoding (version 1, little-endian):
+//!
+//! ```text
+//! "MCHD" version:u8 flags:u8 cipher:u8 compression:u8
+//! archive_id:[16] key_id:[16] title:str16 watermark:str16 created_unix:u64
+//! plain_len:u64 plain_hash:[32] frame_size:u32 frame_count:u64 data_len:u64
+//! symbol_size:u32 block_symbols:u32 repair_symbols:u32 n_blocks:u64 server_key:[32]
+//! block_hashes:[32; n_blocks] signature:[64]
+//! ```
+//! The signature covers `"mcast head v1" || every byte before it`.
+
+use mcast_keys::{Cipher, PublicIdentity, SIGNATURE_LEN};
+
+use crate::codec::{Reader, Short, Writer};
+
+pub const HEAD_MAGIC: &[u8; 4] = b"MCHD";
+pub const HEAD_VERSION: u8 = 1;
+const SIGN_CONTEXT: &[u8] = b"mcast head v1";
+
+/// Flag bit: an unencrypted advertisement archive.
+pub const FLAG_ADVERT: u8 = 1;
+
+/// Smallest and largest packet payloads ("symbols") an archive may use.
+pub const MIN_SYMBOL_SIZE: u32 = 256;
+pub const MAX_SYMBOL_SIZE: u32 = 65_504; // fits one UDP datagram with our header
+pub const MAX_TITLE_LEN: usize = 128;
+pub const MAX_WATERMARK_LEN: usize = 256;
+/// Largest frame (plaintext) size: frames are handled whole in memory.
+pub const MAX_FRAME_SIZE: u32 = 64 << 20;
+
+/// How the frames' payloads were compressed at pack time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Zstd,
+}
+
+impl Compression {
+    pub fn to_byte(self) -> u8 {
+        match self {
+            Compression::None => 0,
+            Compression::Zstd => 1,
+        }
+    }
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Compression::None),
+            1 => Some(Compression::Zstd),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// Decoded, signature-checked-or-not head. Fields are public: it is plain data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub advert: bool,
+    pub cipher: Cipher,
+    pub compression: Compression,
+    /// Random per archive: binds frames and packets to this one archive.
+    pub archive_id: [u8; 16],
+    /// Commitment to the master key ([`mcast_keys::MasterKey::key_id`]); zero for adverts.
+    pub key_id: [u8; 16],
+    pub title: String,
+    /// Source/owner id (FIG. 3 watermark); empty when none.
+    pub watermark: String,
+    pub created_unix: u64,
+    pub plain_len: u64,
+    pub plain_hash: [u8; 32],
+    pub frame_size: u32,
+    pub frame_count: u64,
+    /// Bytes of the frames region, i.e. of all data packets together.
+    pub data_len: u64,
+    /// Payload bytes of one packet (the last data packet may be shorter).
+    pub symbol_size: u32,
+    /// Data packets ("source symbols") per block: `symbol_size / 32`, so that one hash packet
+    /// holds the leaf hashes of a whole block.
+    pub block_symbols: u32,
+    /// Repair symbols per block (0: no erasure code yet; reserved for RaptorQ).
+    pub repair_symbols: u32,
+    pub server_key: PublicIdentity,
+    /// BLAKE3 of each block's hash packet.
+    pub block_hashes: Vec<[u8; 32]>,
+    pub signature: [u8; SIGNATURE_LEN],
+}
+
+/// Why a head could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("not an mcast archive head (bad magic)")]
+    Magic,
+    #[error("archive head version {0} is not supported by this build (supports {HEAD_VERSION})")]
+    Version(u8),
+    #[error("archive head is truncated: {0}")]
+    Short(#[from] Short),
+    #[error("archive head field {field} is invalid: {why}")]
+    Field { field: &'static str, why: String },
+}
+
+fn bad(field: &'static str, why: impl Into<String>) -> HeadError {
+    HeadError::Field {
+        field,
+        why: why.into(),
+    }
+}
+
+impl Head {
+    pub fn n_blocks(&self) -> u64 {
+        self.block_hashes.len() as u64
+    }
+
+    /// Number of data packets.
+    pub fn data_packets(&self) -> u64 {
+        self.data_len.div_ceil(self.symbol_size as u64)
+    }
+
+    /// Number of packets that travel in one loop: data packets plus one hash packet per block.
+    pub fn loop_packets(&self) -> u64 {
+        self.data_packets() + self.n_blocks()
+    }
+
+    /// Bytes of the hash region (one full symbol per block).
+    pub fn hash_region_len(&self) -> u64 {
+        self.n_blocks() * self.symbol_size as u64
+    }
+
+    /// Bytes sent in one loop (payloads only).
+    pub fn loop_bytes(&self) -> u64 {
+        self.data_len + self.hash_region_len()
+    }
+
+    /// Bytes covered by the signature.
+    fn signed_part(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(256 + self.block_hashes.len() * 32);
+        b.extend_from_slice(HEAD_MAGIC);
+        b.put_u8(HEAD_VERSION);
+        b.put_u8(if self.advert { FLAG_ADVERT } else { 0 });
+        b.put_u8(self.cipher.to_byte());
+        b.put_u8(self.compression.to_byte());
+        b.extend_from_slice(&self.archive_id);
+        b.extend_from_slice(&self.key_id);
+        b.put_short_bytes(self.title.as_bytes());
+        b.put_short_bytes(self.watermark.as_bytes());
+        b.put_u64(self.created_unix);
+        b.put_u64(self.plain_len);
+        b.extend_from_slice(&self.plain_hash);
+        b.put_u32(self.frame_size);
+        b.put_u64(self.frame_count);
+        b.put_u64(self.data_len);
+        b.put_u32(self.symbol_size);
+        b.put_u32(self.block_symbols);
+        b.put_u32(self.repair_symbols);
+        b.put_u64(self.block_hashes.len() as u64);
+        b.extend_from_slice(&self.server_key.0);
+        for h in &self.block_hashes {
+            b.extend_from_slice(h);
+        }
+        b
+    }
+
+    fn signing_message(signed: &[u8]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(SIGN_CONTEXT.len() + signed.len());
+        m.extend_from_slice(SIGN_CONTEXT);
+        m.extend_from_slice(signed);
+        m
+    }
+
+    /// Sign with the server identity (sets `server_key` and `signature`).
+    pub fn sign(&mut self, id: &mcast_keys::Identity) {
+        self.server_key = id.public();
+        let msg = Self::signing_message(&self.signed_part());
+        self.signature = id.sign(&msg);
+    }
+
+    /// Check the signature against the head's own server key. Callers must also check that
+    /// key against the identity they trust ([`Head::verify_with`]).
+    pub fn verify_with(&self, trusted: &PublicIdentity) -> Result<(), mcast_keys::KeyError> {
+        if &self.server_key != trusted {
+            return Err(mcast_keys::KeyError::BadSignature);
+        }
+        let msg = Self::signing_message(&self.signed_part());
+        trusted.verify(&msg, &self.signature)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = self.signed_part();
+        b.extend_from_slice(&self.signature);
+        b
+    }
+
+    /// Decode and sanity-check a head. Never panics; does not check the signature.
+    pub fn decode(buf: &[u8]) -> Result<Head, HeadError> {
+        let mut r = Reader::new(buf);
+        if r.bytes(4, "magic")? != HEAD_MAGIC {
+            return Err(HeadError::Magic);
+        }
+        let version = r.u8("version")?;
+        if version != HEAD_VERSION {
+            return Err(HeadError::Version(version));
+        }
+        let flags = r.u8("flags")?;
+        if flags & !FLAG_ADVERT != 0 {
+            return Err(bad("flags", format!("unknown bits {flags:#x}")));
+        }
+        let cipher_b = r.u8("cipher")?;
+        let cipher = Cipher::from_byte(cipher_b)
+            .ok_or_else(|| bad("cipher", format!("unknown {cipher_b}")))?;
+        let comp_b = r.u8("compression")?;
+        let compression = Compression::from_byte(comp_b)
+            .ok_or_else(|| bad("compression", format!("unknown {comp_b}")))?;
+        let archive_id = r.array("archive_id")?;
+        let key_id = r.array("key_id")?;
+        let title = String::from_utf8(r.short_bytes(MAX_TITLE_LEN, "title")?.to_vec())
+            .map_err(|_| bad("title", "not UTF-8"))?;
+        mcast_keys::store::validate_title(&title).map_err(|e| bad("title", e.to_string()))?;
+        let watermark = String::from_utf8(r.short_bytes(MAX_WATERMARK_LEN, "watermark")?.to_vec())
+            .map_err(|_| bad("watermark", "not UTF-8"))?;
+        let created_unix = r.u64("created_unix")?;
+        let plain_len = r.u64("plain_len")?;
+        let plain_hash = r.array("plain_hash")?;
+        let frame_size = r.u32("frame_size")?;
+        if frame_size == 0 || frame_size > MAX_FRAME_SIZE {
+            return Err(bad("frame_size", format!("{frame_size} out of range")));
+        }
+        let frame_count = r.u64("frame_count")?;
+        if frame_count != plain_len.div_ceil(frame_size as u64) {
+            return Err(bad("frame_count", "does not match plain_len / frame_size"));
+        }
+        let data_len = r.u64("data_len")?;
+        let symbol_size = r.u32("symbol_size")?;
+        if !(MIN_SYMBOL_SIZE..=MAX_SYMBOL_SIZE).contains(&symbol_size) || symbol_size % 32 != 0 {
+            return Err(bad(
+                "symbol_size",
+                format!("{symbol_size} is not a multiple of 32 in {MIN_SYMBOL_SIZE}..={MAX_SYMBOL_SIZE}"),
+            ));
+        }
+        let block_symbols = r.u32("block_symbols")?;
+        if block_symbols != symbol_size / 32 {
+            return Err(bad("block_symbols", "must equal symbol_size / 32"));
+        }
+        let repair_symbols = r.u32("repair_symbols")?;
+        if repair_symbols != 0 {
+            return Err(bad(
+                "repair_symbols",
+                "erasure coding is not supported by this build",
+            ));
+        }
+        let n_blocks = r.u64("n_blocks")?;
+        let data_packets = data_len.div_ceil(symbol_size as u64);
+        if n_blocks != data_packets.div_ceil(block_symbols as u64) {
+            return Err(bad("n_blocks", "does not match data_len"));
+        }
+        // Bound allocation by what is actually present.
+        if n_blocks > (r.remaining() / 32) as u64 {
+            return Err(HeadError::Short(Short("block_hashes")));
+        }
+        let server_key = PublicIdentity(r.array("server_key")?);
+        let mut block_hashes = Vec::with_capacity(n_blocks as usize);
+        for _ in 0..n_blocks {
+            block_hashes.push(r.array("block_hashes")?);
+        }
+        let signature = r.array("signature")?;
+        if r.remaining() != 0 {
+            return Err(bad("length", format!("{} trailing bytes", r.remaining())));
+        }
+        Ok(Head {
+            advert: flags & FLAG_ADVERT != 0,
+            cipher,
+            compression,
+            archive_id,
+            key_id,
+            title,
+            watermark,
+            created_unix,
+            plain_len,
+            plain_hash,
+            frame_size,
+            frame_count,
+            data_len,
+            symbol_size,
+            block_symbols,
+            repair_symbols,
+            server_key,
+            block_hashes,
+            signature,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Head {
+        Head {
+            advert: false,
+            cipher: Cipher::Aes256Gcm,
+            compression: Compression::Zstd,
+            archive_id: [7; 16],
+            key_id: [8; 16],
+            title: "film".into(),
+            watermark: "owner".into(),
+            created_unix: 1,
+            plain_len: 10,
+            plain_hash: [1; 32],
+            frame_size: 4096,
+            frame_count: 1,
+            data_len: 3000,
+            symbol_size: 1280,
+            block_symbols: 40,
+            repair_symbols: 0,
+            server_key: PublicIdentity([0; 32]),
+            block_hashes: vec![[2; 32]],
+            signature: [0; 64],
+        }
+    }
+
+    #[test]
+    fn encode_decode_sign_verify() {
+        let id = mcast_keys::Identity::generate();
+        let mut h = sample();
+        h.sign(&id);
+        let bytes = h.encode();
+        let d = Head::decode(&bytes).unwrap();
+        assert_eq!(d, h);
+        d.verify_with(&id.public()).unwrap();
+        // Any flipped bit is either undecodable or fails the signature.
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            if let Ok(x) = Head::decode(&b) {
+                assert!(
+                    x.verify_with(&id.public()).is_err(),
+                    "bit flip at {i} accepted"
+                );
+            }
+        }
+        // Truncations never panic and never decode.
+        for n in 0..bytes.len() {
+            assert!(Head::decode(&bytes[..n]).is_err());
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! `mcastd pack`: raw media file → archive (FIG. 3), streamed, written atomically.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mcast_keys::{frame as aead, Cipher, KeyStore, MasterKey};
+use rand::RngCore;
+
+use super::frame::{frame_aad, FrameHeader};
+use super::head::{
+    Compression, Head, MAX_FRAME_SIZE, MAX_SYMBOL_SIZE, MAX_WATERMARK_LEN, MIN_SYMBOL_SIZE,
+};
+use super::manifest::TreeBuilder;
+use super::{archive_path, io_err, preamble_bytes, tail_bytes, ArchiveError};
+use crate::fsutil::AtomicFile;
+
+/// Default plaintext bytes per frame.
+pub const DEFAULT_FRAME_SIZE: u32 = 1 << 20;
+/// Default packet payload: 1280 + our 32-byte data header + IP/UDP = 1340 bytes on the wire.
+pub const DEFAULT_SYMBOL_SIZE: u32 = 1280;
+/// `auto` compresses a sample of this many bytes first and skips frames that do not shrink.
+const AUTO_SAMPLE: usize = 64 << 10;
+
+/// Compression policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompressMode {
+    /// Try a 64 KiB sample of each frame; compress only frames that shrink by at least 3%.
+    /// Codec output (H.264, AAC …) does not shrink and costs almost nothing this way.
+    Auto,
+    /// Compress every frame (kept raw only if zstd made it larger).
+    Zstd,
+    /// Store frames as they are.
+    None,
+}
+
+impl CompressMode {
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(CompressMode::Auto),
+            "zstd" => Some(CompressMode::Zstd),
+            "none" => Some(CompressMode::None),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PackOptions {
+    pub title: String,
+    pub cipher: Cipher,
+    pub compress: CompressMode,
+    pub zstd_level: i32,
+    pub frame_size: u32,
+    pub symbol_size: u32,
+    /// Source/owner id carried in the head.
+    pub watermark: Option<String>,
+    /// Unencrypted advertisement archive (no key is created).
+    pub advert: bool,
+    /// Replace an existing archive of the same title.
+    pub force: bool,
+}
+
+impl PackOptions {
+    pub fn new(title: &str) -> Self {
+        PackOptions {
+            title: title.to_string(),
+            cipher: Cipher::Aes256Gcm,
+            compress: CompressMode::Auto,
+            zstd_level: 3,
+            frame_size: DEFAULT_FRAME_SIZE,
+            symbol_size: DEFAULT_SYMBOL_SIZE,
+            watermark: None,
+            advert: false,
+            force: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PackReport {
+    pub path: PathBuf,
+    pub head: Head,
+    pub archive_len: u64,
+    pub compressed_frames: u64,
+    pub elapsed: Duration,
+}
+
+/// Pack `input` into `archive_dir/<title>.mca`, storing the master key in `keys`.
+/// `progress` is called with the input bytes consumed so far.
+pub fn pack(
+    input: &Path,
+    archive_dir: &Path,
+    keys: &KeyStore,
+    opts: &PackOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<PackReport, ArchiveError> {
+    let started = Instant::now();
+    let bad_opt = |why: String| ArchiveError::Input {
+        path: input.to_path_buf(),
+        why,
+    };
+    mcast_keys::store::validate_title(&opts.title)?;
+    if opts.frame_size == 0 || opts.frame_size > MAX_FRAME_SIZE {
+        return Err(bad_opt(format!(
+            "frame size {} is out of range 1..={MAX_FRAME_SIZE}",
+            opts.frame_size
+        )));
+    }
+    if !(MIN_SYMBOL_SIZE..=MAX_SYMBOL_SIZE).contains(&opts.symbol_size)
+        || opts.symbol_size % 32 != 0
+    {
+        return Err(bad_opt(format!(
+            "symbol size {} must be a multiple of 32 in {MIN_SYMBOL_SIZE}..={MAX_SYMBOL_SIZE}",
+            opts.symbol_size
+        )));
+    }
+    let watermark = opts.watermark.clone().unwrap_or_default();
+    if watermark.len() > MAX_WATERMARK_LEN {
+        return Err(bad_opt(format!(
+            "watermark is longer than {MAX_WATERMARK_LEN} bytes"
+        )));
+    }
+    let cipher = if opts.advert {
+        Cipher::None
+    } else {
+        opts.cipher
+    };
+    if cipher == Cipher::None && !opts.advert {
+        return Err(bad_opt(
+            "cipher \"none\" is only for advertisements: use --advert".into(),
+        ));
+    }
+
+    let mut src = File::open(input).map_err(|e| ArchiveError::Input {
+        path: input.to_path_buf(),
+        why: format!("cannot open input: {e}"),
+    })?;
+    if src.metadata().map_err(io_err(input))?.is_dir() {
+        return Err(bad_opt("input is a directory, not a media file".into()));
+    }
+    std::fs::create_dir_all(archive_dir).map_err(io_err(archive_dir))?;
+    let target = archive_path(archive_dir, &opts.title);
+    if target.exists() && !opts.force {
+        return Err(ArchiveError::Input {
+            path: target,
+            why: format!(
+                "an archive for title {:?} already exists; use --force to replace it",
+                opts.title
+            ),
+        });
+    }
+    let identity = keys.identity()?;
+
+    let mut archive_id = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut archive_id);
+    let master = (!opts.advert).then(MasterKey::generate);
+    let key_id = master
+        .as_ref()
+        .map(|m| m.key_id(&archive_id))
+        .unwrap_or([0; 16]);
+
+    let mut out = AtomicFile::create(&target).map_err(io_err(&target))?;
+    let tmp_path = out.tmp_path().to_path_buf();
+    let mut w = BufWriter::with_capacity(1 << 20, out.file());
+    let werr = io_err(&tmp_path);
+    w.write_all(&preamble_bytes()).map_err(werr)?;
+
+    let mut tree = TreeBuilder::new(&archive_id, opts.symbol_size);
+    let mut plain_hasher = blake3::Hasher::new();
+    let mut zc =
+        zstd::bulk::Compressor::new(opts.zstd_level).map_err(|e| bad_opt(format!("zstd: {e}")))?;
+    let mut sampler = zstd::bulk::Compressor::new(1).map_err(|e| bad_opt(format!("zstd: {e}")))?;
+    let mut plain = vec![0u8; opts.frame_size as usize];
+    let mut payload: Vec<u8> = Vec::with_capacity(opts.frame_size as usize + 64);
+    let (mut plain_len, mut data_len, mut index, mut compressed_frames) = (0u64, 0u64, 0u64, 0u64);
+    loop {
+        let n = read_full(&mut src, &mut plain).map_err(|e| ArchiveError::Input {
+            path: input.to_path_buf(),
+            why: format!("read failed: {e}"),
+        })?;
+        if n == 0 {
+            break;
+        }
+        let chunk = &plain[..n];
+        plain_hasher.update(chunk);
+        plain_len += n as u64;
+
+        payload.clear();
+        let zstd = compress_frame(opts.compress, chunk, &mut zc, &mut sampler, &mut payload);
+        if zstd {
+            compressed_frames += 1;
+        } else {
+            payload.extend_from_slice(chunk);
+        }
+        let stored_len = (payload.len() + cipher.tag_len()) as u32;
+        let header = FrameHeader {
+            zstd,
+            index,
+            plain_len: n as u32,
+            stored_len,
+            frame_key: aead::random_frame_key(),
+        };
+        let hb = header.encode();
+        if let Some(m) = &master {
+            let aad = frame_aad(&archive_id, &opts.title, &hb);
+            aead::seal(cipher, m, &header.frame_key, &aad, &mut payload);
+        }
+        debug_assert_eq!(payload.len() as u32, stored_len);
+        w.write_all(&hb).map_err(io_err(&tmp_path))?;
+        w.write_all(&payload).map_err(io_err(&tmp_path))?;
+        tree.update(&hb);
+        tree.update(&payload);
+        data_len += (hb.len() + payload.len()) as u64;
+        index += 1;
+        progress(plain_len);
+        if n < plain.len() {
+            break;
+        }
+    }
+
+    let (hash_region, block_hashes) = tree.finish();
+    w.write_all(&hash_region).map_err(io_err(&tmp_path))?;
+    let mut head = Head {
+        advert: opts.advert,
+        cipher,
+        compression: if opts.compress == CompressMode::None {
+            Compression::None
+        } else {
+            Compression::Zstd
+        },
+        archive_id,
+        key_id,
+        title: opts.title.clone(),
+        watermark,
+        created_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        plain_len,
+        plain_hash: *plain_hasher.finalize().as_bytes(),
+        frame_size: opts.frame_size,
+        frame_count: index,
+        data_len,
+        symbol_size: opts.symbol_size,
+        block_symbols: opts.symbol_size / 32,
+        repair_symbols: 0,
+        server_key: identity.public(),
+        block_hashes,
+        signature: [0; 64],
+    };
+    head.sign(&identity);
+    let head_bytes = head.encode();
+    w.write_all(&head_bytes).map_err(io_err(&tmp_path))?;
+    w.write_all(&tail_bytes(head_bytes.len() as u64))
+        .map_err(io_err(&tmp_path))?;
+    w.flush().map_err(io_err(&tmp_path))?;
+    drop(w);
+    let archive_len = out.file().metadata().map_err(io_err(&tmp_path))?.len();
+
+    // Key before archive: a crash in between leaves an orphan key, never a keyless archive.
+    if let Some(m) = &master {
+        keys.put_title_key(&opts.title, &archive_id, m)?;
+    }
+    out.commit().map_err(io_err(&target))?;
+    keys.prune_title_keys(&opts.title, master.as_ref().map(|_| &archive_id))?;
+
+    Ok(PackReport {
+        path: target,
+        head,
+        archive_len,
+        compressed_frames,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Compress `chunk` into `out` if the policy says so and it pays; returns whether it did.
+fn compress_frame(
+    mode: CompressMode,
+    chunk: &[u8],
+    zc: &mut zstd::bulk::Compressor<'_>,
+    sampler: &mut zstd::bulk::Compressor<'_>,
+    out: &mut Vec<u8>,
+) -> bool {
+    match mode {
+        CompressMode::None => return false,
+        CompressMode::Auto if chunk.len() > AUTO_SAMPLE => {
+            let sample = &chunk[..AUTO_SAMPLE];
+            match sampler.compress(sample) {
+                Ok(c) if c.len() * 100 <= sample.len() * 97 => {}
+                _ => return false,
+            }
+        }
+        _ => {}
+    }
+    out.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
+    match zc.compress_to_buffer(chunk, out) {
+        Ok(n) if n < chunk.len() && (mode == CompressMode::Zstd || n * 100 <= chunk.len() * 97) => {
+            true
+        }
+        _ => {
+            out.clear();
+            false
+        }
+    }
+}
+
+/// Read until `buf` is full or the input ends.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,325 @@
+//! `mcastd`: the media server and its operator tools.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mcast::archive::{self, ArchiveError, ArchiveFile, CompressMode, PackOptions};
+use mcast::config::Config;
+use mcast_keys::{Cipher, KeyStore};
+
+/// Exit codes (also in `--help`).
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_INTEGRITY: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "mcastd",
+    version,
+    about = "mcast media server: packs media into pre-encrypted archives and loops them over multicast",
+    after_help = "Exit status: 0 success; 1 failure (I/O, key store, ...); 2 bad usage or config; \
+                  3 an archive failed an integrity or authentication check.\n\
+                  Config: conf/mcastd.toml documents every field; without --config the built-in \
+                  defaults are used (data under ./mcast-data)."
+)]
+struct Cli {
+    /// Config file (TOML). Built-in defaults when absent.
+    #[arg(long, short, global = true, env = "MCASTD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log filter, overriding the config (e.g. "debug"). RUST_LOG overrides both.
+    #[arg(long, global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the server identity (Ed25519) that signs every archive manifest.
+    Keygen {
+        /// Replace an existing identity (archives signed by the old one stop verifying).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Pack a media file into an archive in the archive directory.
+    Pack {
+        /// The raw media file.
+        input: PathBuf,
+        /// Title id (A-Z a-z 0-9 . _ -): the name receivers ask for.
+        #[arg(long)]
+        title: String,
+        /// aes-256-gcm | chacha20-poly1305 (default from config).
+        #[arg(long)]
+        cipher: Option<String>,
+        /// auto | zstd | none (default from config).
+        #[arg(long)]
+        compress: Option<String>,
+        /// Source/owner id carried in the signed archive head.
+        #[arg(long)]
+        watermark: Option<String>,
+        /// Unencrypted advertisement archive.
+        #[arg(long)]
+        advert: bool,
+        /// Plaintext bytes per frame (default from config).
+        #[arg(long)]
+        frame_size: Option<u32>,
+        /// Packet payload bytes, multiple of 32 (default from config).
+        #[arg(long)]
+        symbol_size: Option<u32>,
+        /// Replace an existing archive of this title.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Restore the original media file from an archive (uses the key store).
+    Unpack {
+        /// Archive path, or a title in the archive directory.
+        archive: String,
+        /// Output file (written atomically: nothing appears unless every check passes).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Check an archive's signature and every packet hash (no key needed).
+    Verify {
+        /// Archive path, or a title in the archive directory.
+        archive: String,
+    },
+    /// List the archives in the archive directory.
+    Catalog {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mcastd: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_logging(cli.log.as_deref().unwrap_or(&cfg.log.level));
+    match run(cli.cmd, &cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mcastd: error: {e:#}");
+            let integrity = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<ArchiveError>(),
+                    Some(
+                        ArchiveError::Signature { .. }
+                            | ArchiveError::ForeignServer { .. }
+                            | ArchiveError::HashPacket { .. }
+                            | ArchiveError::Packet { .. }
+                            | ArchiveError::Frame { .. }
+                            | ArchiveError::FrameOrder { .. }
+                            | ArchiveError::FrameAuth { .. }
+                            | ArchiveError::WrongKey { .. }
+                            | ArchiveError::PlainHash { .. }
+                            | ArchiveError::Head { .. }
+                            | ArchiveError::NotArchive { .. }
+                    )
+                )
+            });
+            let usage = e.chain().any(|c| c.downcast_ref::<UsageError>().is_some());
+            ExitCode::from(if integrity {
+                EXIT_INTEGRITY
+            } else if usage {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILURE
+            })
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Keygen { force } => {
+            let ks = KeyStore::open(&cfg.store.key_dir)?;
+            let id = ks.create_identity(force)?;
+            tracing::info!(key_dir = %cfg.store.key_dir.display(), fingerprint = %id.public().fingerprint(), "server identity created");
+            println!(
+                "server identity {} in {}",
+                hex::encode(id.public().0),
+                cfg.store.key_dir.display()
+            );
+            Ok(())
+        }
+        Cmd::Pack {
+            input,
+            title,
+            cipher,
+            compress,
+            watermark,
+            advert,
+            frame_size,
+            symbol_size,
+            force,
+        } => {
+            let ks = KeyStore::open(&cfg.store.key_dir)?;
+            let mut opts = PackOptions::new(&title);
+            opts.cipher = match cipher {
+                Some(c) => Cipher::from_name(&c)
+                    .filter(|c| *c != Cipher::None)
+                    .ok_or_else(|| {
+                        UsageError(format!(
+                            "--cipher {c:?}: use aes-256-gcm or chacha20-poly1305"
+                        ))
+                    })?,
+                None => cfg.pack_cipher().map_err(UsageError)?,
+            };
+            opts.compress = match compress {
+                Some(c) => CompressMode::from_name(&c).ok_or_else(|| {
+                    UsageError(format!("--compress {c:?}: use auto, zstd or none"))
+                })?,
+                None => cfg.pack_compress().map_err(UsageError)?,
+            };
+            opts.zstd_level = cfg.pack.zstd_level;
+            opts.frame_size = frame_size.unwrap_or(cfg.pack.frame_size);
+            opts.symbol_size = symbol_size.unwrap_or(cfg.pack.symbol_size);
+            opts.watermark = watermark;
+            opts.advert = advert;
+            opts.force = force;
+            let total = std::fs::metadata(&input).map(|m| m.len()).unwrap_or(0);
+            let bar = progress_bar(total, "packing");
+            let r = archive::pack(&input, &cfg.store.archive_dir, &ks, &opts, &mut |n| {
+                bar.set_position(n)
+            })?;
+            bar.finish_and_clear();
+            let h = &r.head;
+            let secs = r.elapsed.as_secs_f64().max(1e-9);
+            tracing::info!(title = %h.title, path = %r.path.display(), plain = h.plain_len, archive = r.archive_len,
+                frames = h.frame_count, compressed_frames = r.compressed_frames, cipher = %h.cipher,
+                mb_per_s = format!("{:.0}", h.plain_len as f64 / secs / 1e6), "packed");
+            println!(
+                "packed {} -> {} ({} bytes -> {} bytes, {} frames, {}, {} loop packets)",
+                input.display(),
+                r.path.display(),
+                h.plain_len,
+                r.archive_len,
+                h.frame_count,
+                h.cipher,
+                h.loop_packets()
+            );
+            Ok(())
+        }
+        Cmd::Unpack { archive, output } => {
+            let ks = KeyStore::open(&cfg.store.key_dir)?;
+            let a = ArchiveFile::open(&resolve(&archive, &cfg.store.archive_dir))?;
+            let id = ks.identity()?.public();
+            let key = if a.head.advert {
+                None
+            } else {
+                Some(ks.title_key(&a.head.title, &a.head.archive_id)?)
+            };
+            let bar = progress_bar(a.head.plain_len, "unpacking");
+            let r = archive::unpack(&a, &id, key.as_ref(), &output, &mut |n| bar.set_position(n))?;
+            bar.finish_and_clear();
+            println!(
+                "unpacked {} -> {} ({} bytes, {} frames, verified)",
+                a.path.display(),
+                output.display(),
+                r.plain_len,
+                r.frames
+            );
+            Ok(())
+        }
+        Cmd::Verify { archive } => {
+            let ks = KeyStore::open(&cfg.store.key_dir)?;
+            let a = ArchiveFile::open(&resolve(&archive, &cfg.store.archive_dir))?;
+            archive::verify(&a, &ks.identity()?.public())?;
+            println!(
+                "{}: signature and {} packets verified",
+                a.path.display(),
+                a.head.loop_packets()
+            );
+            Ok(())
+        }
+        Cmd::Catalog { json } => {
+            let dir = &cfg.store.archive_dir;
+            let entries = mcast::catalog::scan(dir).with_context(|| {
+                format!(
+                    "cannot read archive directory {} (set store.archive_dir)",
+                    dir.display()
+                )
+            })?;
+            if json {
+                for e in &entries {
+                    println!("{}", serde_json::to_string(e)?);
+                }
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:>14} {:>14} {:>7} {:<18} {:>6} {:<6} {}",
+                "TITLE", "PLAIN", "ARCHIVE", "FRAMES", "CIPHER", "RATIO", "ADVERT", "WATERMARK"
+            );
+            for e in &entries {
+                if let Some(err) = &e.error {
+                    println!("{:<24} unreadable: {err}", e.title);
+                    continue;
+                }
+                println!(
+                    "{:<24} {:>14} {:>14} {:>7} {:<18} {:>6.2} {:<6} {}",
+                    e.title,
+                    e.plain_bytes,
+                    e.archive_bytes,
+                    e.frames,
+                    e.cipher,
+                    e.ratio,
+                    if e.advert { "yes" } else { "no" },
+                    e.watermark
+                );
+            }
+            if entries.is_empty() {
+                println!("(no archives in {})", dir.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// An existing path, or else a title in the archive directory.
+fn resolve(arg: &str, dir: &Path) -> PathBuf {
+    let p = PathBuf::from(arg);
+    if p.exists() || mcast_keys::store::validate_title(arg).is_err() {
+        p
+    } else {
+        archive::archive_path(dir, arg)
+    }
+}
+
+fn progress_bar(total: u64, what: &'static str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    bar.set_message(what);
+    bar
+}
