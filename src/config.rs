@@ -2,6 +2,7 @@
 //! `conf/mcastd.toml` documents every field. Unknown fields are errors, so a typo is reported
 //! with its file, line and key instead of being silently ignored.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use mcast_keys::Cipher;
@@ -14,7 +15,37 @@ use crate::archive::CompressMode;
 pub struct Config {
     pub store: StoreConfig,
     pub pack: PackConfig,
+    pub server: ServerConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// UDP address of the control endpoint receivers talk to.
+    pub control: SocketAddr,
+    /// Address of the interface multicast is sent from (IP_MULTICAST_IF).
+    pub multicast_iface: Ipv4Addr,
+    /// First multicast group of the channel pool; channel slot i uses group_base + i.
+    pub group_base: Ipv4Addr,
+    /// First data port; channel slot i uses port_base + i.
+    pub port_base: u16,
+    /// Number of channel slots (titles looping at once).
+    pub channels: u16,
+    /// Multicast TTL (1 = this subnet only).
+    pub ttl: u32,
+    /// Loop rate of each channel in Mbit/s of payload (0 = unlimited).
+    pub rate_mbps: f64,
+    /// Receivers must renew their lease within this many milliseconds.
+    pub lease_ms: u64,
+    /// SYNC packets announce a new channel for this long before data starts.
+    pub sync_lead_ms: u64,
+    /// A SYNC packet goes out this often while a channel runs.
+    pub sync_interval_ms: u64,
+    /// Unicast fallback streams allowed per channel.
+    pub max_unicast_per_channel: usize,
+    /// Send buffer requested for the data socket (the kernel may grant less; it is logged).
+    pub send_buffer: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -48,6 +79,7 @@ impl Default for Config {
         Config {
             store: StoreConfig::default(),
             pack: PackConfig::default(),
+            server: ServerConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -70,6 +102,25 @@ impl Default for PackConfig {
             cipher: "aes-256-gcm".into(),
             compress: "auto".into(),
             zstd_level: 3,
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            control: SocketAddr::from(([127, 0, 0, 1], 7600)),
+            multicast_iface: Ipv4Addr::LOCALHOST,
+            group_base: Ipv4Addr::new(239, 255, 77, 1),
+            port_base: 7700,
+            channels: 32,
+            ttl: 1,
+            rate_mbps: 200.0,
+            lease_ms: 5000,
+            sync_lead_ms: 200,
+            sync_interval_ms: 100,
+            max_unicast_per_channel: 64,
+            send_buffer: 4 << 20,
         }
     }
 }
@@ -155,7 +206,75 @@ impl Config {
                 format!("{} is out of range 1..=22", p.zstd_level),
             ));
         }
+        let sv = &self.server;
+        if !sv.group_base.is_multicast() {
+            return Err(field(
+                "server.group_base",
+                format!("{} is not a multicast address (224.0.0.0/4)", sv.group_base),
+            ));
+        }
+        if sv.channels == 0
+            || u32::from(sv.group_base)
+                .checked_add(sv.channels as u32 - 1)
+                .map(|a| Ipv4Addr::from(a).is_multicast())
+                != Some(true)
+        {
+            return Err(field(
+                "server.channels",
+                format!(
+                    "{} channels from {} leave the multicast range",
+                    sv.channels, sv.group_base
+                ),
+            ));
+        }
+        if sv.port_base.checked_add(sv.channels - 1).is_none() || sv.port_base == 0 {
+            return Err(field(
+                "server.port_base",
+                format!("ports {}+{} out of range", sv.port_base, sv.channels),
+            ));
+        }
+        if !(sv.rate_mbps >= 0.0 && sv.rate_mbps.is_finite()) {
+            return Err(field(
+                "server.rate_mbps",
+                "must be 0 (unlimited) or positive".into(),
+            ));
+        }
+        if sv.lease_ms < 100 {
+            return Err(field("server.lease_ms", "must be at least 100".into()));
+        }
+        if sv.sync_interval_ms == 0 {
+            return Err(field(
+                "server.sync_interval_ms",
+                "must be at least 1".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Channel protocol parameters from `[server]`.
+    pub fn channel_params(&self) -> crate::channel::Params {
+        use std::time::Duration;
+        let sv = &self.server;
+        let mut cookie_secret = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut cookie_secret);
+        crate::channel::Params {
+            lease: Duration::from_millis(sv.lease_ms),
+            sync_lead: Duration::from_millis(sv.sync_lead_ms),
+            sync_interval: Duration::from_millis(sv.sync_interval_ms),
+            rate_bps: (sv.rate_mbps * 1e6) as u64,
+            burst: Duration::from_millis(4),
+            groups: (0..sv.channels)
+                .map(|i| {
+                    std::net::SocketAddrV4::new(
+                        Ipv4Addr::from(u32::from(sv.group_base) + i as u32),
+                        sv.port_base + i,
+                    )
+                })
+                .collect(),
+            max_unicast_per_channel: sv.max_unicast_per_channel,
+            cookie_epoch: Duration::from_secs(10),
+            cookie_secret,
+        }
     }
 
     pub fn pack_cipher(&self) -> Result<Cipher, String> {

@@ -6,7 +6,12 @@
 //! * [`fsutil`] — crash-safe file writing.
 
 pub mod archive;
+pub mod carousel;
 pub mod catalog;
+pub mod channel;
 pub mod codec;
 pub mod config;
 pub mod fsutil;
+pub mod pacer;
+pub mod server;
+pub mod wire;

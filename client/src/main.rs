@@ -1,1 +1,211 @@
-fn main() {}
+//! `mcast-recv`: fetch archives from an mcast server to disk.
+
+use std::io::IsTerminal;
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use mcast::wire::control::Control;
+use mcast_keys::PublicIdentity;
+use mcast_recv::control::ControlClient;
+use mcast_recv::error::{Failure, RecvError};
+use mcast_recv::get::{get, GetOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "mcast-recv",
+    version,
+    about = "mcast receiver: fetches archives from an mcast server's carousel to disk",
+    after_help = "Exit status: 0 done; 1 failure; 2 bad usage; 3 integrity failure; 4 server unreachable; \
+                  5 title not found; 6 disk full; 7 timed out; 130 interrupted. After 1, 4, 6, 7 or 130 \
+                  the same command resumes where it stopped."
+)]
+struct Cli {
+    /// Log filter (e.g. "info", "debug"). RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Download a title into DIR as DIR/<title>.mca (resumes an interrupted download).
+    Get {
+        /// Title to fetch.
+        title: String,
+        /// Server control endpoint.
+        #[arg(long, short, default_value = "127.0.0.1:7600")]
+        server: String,
+        /// Output directory.
+        #[arg(long, short, default_value = ".")]
+        output: PathBuf,
+        /// Interface address to join multicast on.
+        #[arg(long, default_value = "127.0.0.1")]
+        iface: Ipv4Addr,
+        /// Server identity (64 hex chars, from `mcastd keygen`). Without it the first key seen
+        /// is trusted and pinned for resumes.
+        #[arg(long)]
+        server_key: Option<String>,
+        /// Ask for unicast if nothing arrives by multicast within this many milliseconds.
+        #[arg(long, default_value_t = 1500)]
+        sync_timeout_ms: u64,
+        /// Give up after this many seconds (state kept; run again to resume).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Progress as JSON lines on stdout (default when stdout is not a terminal).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the titles a server has.
+    Catalog {
+        #[arg(long, short, default_value = "127.0.0.1:7600")]
+        server: String,
+    },
+    /// Print a server's counters and open channels (JSON).
+    Stats {
+        #[arg(long, short, default_value = "127.0.0.1:7600")]
+        server: String,
+    },
+}
+
+fn resolve(s: &str) -> Result<SocketAddr, RecvError> {
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.find(|a| a.is_ipv4()))
+        .ok_or_else(|| {
+            RecvError::new(
+                Failure::Usage,
+                format!("--server {s:?}: not a HOST:PORT that resolves to IPv4"),
+            )
+        })
+}
+
+fn run(cli: Cli) -> Result<(), RecvError> {
+    match cli.cmd {
+        Cmd::Get {
+            title,
+            server,
+            output,
+            iface,
+            server_key,
+            sync_timeout_ms,
+            timeout,
+            json,
+        } => {
+            let mut o = GetOptions::new(resolve(&server)?, &title, &output);
+            o.iface = iface;
+            o.server_key = match server_key {
+                Some(k) => {
+                    let b = hex::decode(&k)
+                        .ok()
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                        .ok_or_else(|| {
+                            RecvError::new(
+                                Failure::Usage,
+                                "--server-key: expected 64 hex characters",
+                            )
+                        })?;
+                    Some(PublicIdentity(b))
+                }
+                None => None,
+            };
+            o.sync_timeout = Duration::from_millis(sync_timeout_ms);
+            o.timeout = timeout.map(Duration::from_secs);
+            let terminal = std::io::stdout().is_terminal();
+            o.json = json || !terminal;
+            o.progress_bar = !o.json && std::io::stderr().is_terminal();
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                let _ = signal_hook::flag::register(sig, stop.clone());
+            }
+            let r = get(&o, stop)?;
+            if o.json {
+                println!("{}", serde_json::to_string(&r).unwrap());
+            } else {
+                println!(
+                    "{}: complete and verified ({} bytes; received {:.2} loops' worth{}) in {:.1}s",
+                    r.path.display(),
+                    r.archive_bytes,
+                    r.received_bytes as f64 / r.loop_bytes.max(1) as f64,
+                    if r.unicast {
+                        ", via unicast fallback"
+                    } else {
+                        ""
+                    },
+                    r.seconds
+                );
+            }
+            Ok(())
+        }
+        Cmd::Catalog { server } => {
+            let mut c = ControlClient::new(resolve(&server)?, rand::random())?;
+            let mut start = 0u16;
+            println!("{:<24} {:>14} {:>14} ADVERT", "TITLE", "PLAIN", "ARCHIVE");
+            loop {
+                match c.request(
+                    Control::CatalogRequest { start },
+                    5,
+                    Duration::from_millis(400),
+                )? {
+                    Control::CatalogReply { items, more } => {
+                        for i in &items {
+                            println!(
+                                "{:<24} {:>14} {:>14} {}",
+                                i.title,
+                                i.plain_len,
+                                i.archive_len,
+                                if i.advert { "yes" } else { "no" }
+                            );
+                        }
+                        if !more || items.is_empty() {
+                            return Ok(());
+                        }
+                        start = start.saturating_add(items.len() as u16);
+                    }
+                    other => {
+                        return Err(RecvError::new(
+                            Failure::Other,
+                            format!("unexpected reply: {other:?}"),
+                        ))
+                    }
+                }
+            }
+        }
+        Cmd::Stats { server } => {
+            let mut c = ControlClient::new(resolve(&server)?, rand::random())?;
+            match c.request(Control::StatsRequest, 5, Duration::from_millis(400))? {
+                Control::StatsReply { json } => {
+                    println!("{json}");
+                    Ok(())
+                }
+                other => Err(RecvError::new(
+                    Failure::Other,
+                    format!("unexpected reply: {other:?}"),
+                )),
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mcast-recv: error: {}", e.message);
+            ExitCode::from(e.kind as u8)
+        }
+    }
+}

@@ -32,11 +32,13 @@ struct Cli {
     #[arg(long, global = true)]
     log: Option<String>,
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve the archive directory (the default when no command is given).
+    Serve,
     /// Create the server identity (Ed25519) that signs every archive manifest.
     Keygen {
         /// Replace an existing identity (archives signed by the old one stop verifying).
@@ -103,7 +105,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.log.as_deref().unwrap_or(&cfg.log.level));
-    match run(cli.cmd, &cfg) {
+    match run(cli.cmd.unwrap_or(Cmd::Serve), &cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mcastd: error: {e:#}");
@@ -153,6 +155,13 @@ fn init_logging(level: &str) {
 
 fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
     match cmd {
+        Cmd::Serve => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, stop.clone())?;
+            }
+            mcast::server::serve(cfg, stop)
+        }
         Cmd::Keygen { force } => {
             let ks = KeyStore::open(&cfg.store.key_dir)?;
             let id = ks.create_identity(force)?;

@@ -1,0 +1,121 @@
+//! Request/response over the control port with retries (every request is idempotent).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use mcast::wire::control::{Control, Envelope, MAX_CONTROL_LEN};
+
+use crate::error::{Failure, RecvError};
+
+pub struct ControlClient {
+    pub sock: UdpSocket,
+    pub server: SocketAddr,
+    pub receiver_id: u64,
+    next_req: u32,
+}
+
+impl ControlClient {
+    pub fn new(server: SocketAddr, receiver_id: u64) -> Result<ControlClient, RecvError> {
+        let bind: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let sock = UdpSocket::bind(bind)
+            .map_err(|e| RecvError::new(Failure::Other, format!("control socket: {e}")))?;
+        Ok(ControlClient {
+            sock,
+            server,
+            receiver_id,
+            next_req: 1,
+        })
+    }
+
+    pub fn next_req_id(&mut self) -> u32 {
+        self.next_req = self.next_req.wrapping_add(1);
+        self.next_req
+    }
+
+    /// Send without waiting (keepalives); the reply is picked up by the main loop.
+    pub fn send(&mut self, msg: Control) -> u32 {
+        let id = self.next_req_id();
+        let _ = self.sock.send_to(
+            &Envelope::new(self.receiver_id, id, msg).encode(),
+            self.server,
+        );
+        id
+    }
+
+    /// Send `msg` from `sock` and wait for the reply with the same request id, retrying.
+    pub fn request_on(
+        &mut self,
+        sock: &UdpSocket,
+        msg: Control,
+        tries: u32,
+        per_try: Duration,
+    ) -> Result<Control, RecvError> {
+        let id = self.next_req_id();
+        let bytes = Envelope::new(self.receiver_id, id, msg).encode();
+        let mut buf = vec![0u8; MAX_CONTROL_LEN + 1];
+        sock.set_nonblocking(false).ok();
+        for _ in 0..tries {
+            sock.send_to(&bytes, self.server).map_err(|e| {
+                RecvError::new(
+                    Failure::Unreachable,
+                    format!("cannot send to {}: {e}", self.server),
+                )
+            })?;
+            let deadline = Instant::now() + per_try;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                sock.set_read_timeout(Some(left)).ok();
+                match sock.recv_from(&mut buf) {
+                    Ok((n, from)) if from == self.server => {
+                        if let Ok(env) = Envelope::decode(&buf[..n]) {
+                            if env.req_id == id && env.receiver_id == self.receiver_id {
+                                return Ok(env.msg);
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        break
+                    }
+                    // ICMP port unreachable surfaces as ConnectionRefused: retry, then give up.
+                    Err(_) => {
+                        std::thread::sleep(left.min(per_try));
+                        break;
+                    }
+                }
+            }
+        }
+        Err(RecvError::new(
+            Failure::Unreachable,
+            format!(
+                "server {} did not answer ({tries} tries): is mcastd running there, and is --server right?",
+                self.server
+            ),
+        ))
+    }
+
+    pub fn request(
+        &mut self,
+        msg: Control,
+        tries: u32,
+        per_try: Duration,
+    ) -> Result<Control, RecvError> {
+        let sock = self
+            .sock
+            .try_clone()
+            .map_err(|e| RecvError::new(Failure::Other, e.to_string()))?;
+        self.request_on(&sock, msg, tries, per_try)
+    }
+}

@@ -1,0 +1,46 @@
+//! Receiver failures and their exit codes.
+
+/// What kind of failure ended the run; each has its own exit code (see `--help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Other = 1,
+    Usage = 2,
+    Integrity = 3,
+    Unreachable = 4,
+    NotFound = 5,
+    DiskFull = 6,
+    Timeout = 7,
+    Interrupted = 130,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RecvError {
+    pub kind: Failure,
+    pub message: String,
+}
+
+impl RecvError {
+    pub fn new(kind: Failure, message: impl Into<String>) -> RecvError {
+        RecvError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// Map an I/O error on the output, telling a full disk apart.
+    pub fn io(what: &str, path: &std::path::Path, e: std::io::Error) -> RecvError {
+        let full = e.raw_os_error() == Some(28) || e.kind() == std::io::ErrorKind::StorageFull;
+        if full {
+            RecvError::new(
+                Failure::DiskFull,
+                format!(
+                    "{what} {}: no space left on device; free space and run the same command again to resume",
+                    path.display()
+                ),
+            )
+        } else {
+            RecvError::new(Failure::Other, format!("{what} {}: {e}", path.display()))
+        }
+    }
+}

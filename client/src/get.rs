@@ -1,0 +1,724 @@
+//! `mcast-recv get`: the receive driver. Owns the sockets, the part file, the state file and
+//! the clock; the [`Download`] state machine decides what is written.
+//!
+//! 1. Join over the control port; fetch and verify the signed head.
+//! 2. Preallocate `<title>.mca.part` (or resume it from `<title>.mca.state`).
+//! 3. Join the multicast group; write every verified packet at its offset.
+//! 4. No SYNC or data within `sync_timeout`: ask for unicast (cookie round trip) and take the
+//!    same loop packets by unicast.
+//! 5. Keepalives hold the lease; checkpoints (fdatasync + state) every `checkpoint` interval.
+//! 6. Everything held: report completion, verify the whole archive, rename it into place.
+
+use std::fs::{File, OpenOptions};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mcast::archive::{self, ArchiveFile, Head, PacketId};
+use mcast::wire::control::{Control, Envelope, ErrorCode, HEAD_CHUNK, MAX_CONTROL_LEN};
+use mcast::wire::data::{archive_tag, DataHeader, DataKind};
+use mcast_keys::PublicIdentity;
+use serde::Serialize;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::control::ControlClient;
+use crate::download::{Download, Verdict};
+use crate::error::{Failure, RecvError};
+use crate::state::State;
+
+#[derive(Clone, Debug)]
+pub struct GetOptions {
+    pub server: SocketAddr,
+    pub title: String,
+    pub out_dir: PathBuf,
+    /// Interface address to join multicast on.
+    pub iface: Ipv4Addr,
+    /// Pinned server identity; `None` trusts the key in the first head seen (and pins it in
+    /// the state file for resumes).
+    pub server_key: Option<PublicIdentity>,
+    pub sync_timeout: Duration,
+    pub checkpoint: Duration,
+    /// Give up (state kept, resumable) after this long.
+    pub timeout: Option<Duration>,
+    pub json: bool,
+    pub progress_bar: bool,
+    pub recv_buffer: usize,
+}
+
+impl GetOptions {
+    pub fn new(server: SocketAddr, title: &str, out_dir: &Path) -> GetOptions {
+        GetOptions {
+            server,
+            title: title.to_string(),
+            out_dir: out_dir.to_path_buf(),
+            iface: Ipv4Addr::LOCALHOST,
+            server_key: None,
+            sync_timeout: Duration::from_millis(1500),
+            checkpoint: Duration::from_millis(250),
+            timeout: None,
+            json: false,
+            progress_bar: false,
+            recv_buffer: 4 << 20,
+        }
+    }
+}
+
+/// Figures of one run, printed as the final JSON line.
+#[derive(Debug, Clone, Serialize)]
+pub struct GetReport {
+    pub event: &'static str,
+    pub title: String,
+    pub path: PathBuf,
+    pub archive_bytes: u64,
+    pub loop_units: u64,
+    pub loop_bytes: u64,
+    /// Units already held when this run started (resume).
+    pub units_at_start: u64,
+    /// Payload bytes that arrived on data sockets during this run (incl. duplicates).
+    pub received_bytes: u64,
+    pub received_packets: u64,
+    /// Payload bytes of the units that were missing at start.
+    pub missing_bytes_at_start: u64,
+    pub written: u64,
+    pub duplicates: u64,
+    pub no_hash_yet: u64,
+    pub rejected: u64,
+    pub foreign: u64,
+    pub malformed: u64,
+    pub unicast: bool,
+    pub seconds: f64,
+}
+
+#[derive(Serialize)]
+struct Progress<'a> {
+    event: &'static str,
+    title: &'a str,
+    have: u64,
+    total: u64,
+    percent: f64,
+    received_packets: u64,
+    rejected: u64,
+    via: &'static str,
+}
+
+fn file_names(out_dir: &Path, title: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let fin = archive::archive_path(out_dir, title);
+    let part = out_dir.join(format!("{title}.{}.part", archive::ARCHIVE_EXT));
+    let state = out_dir.join(format!("{title}.{}.state", archive::ARCHIVE_EXT));
+    (fin, part, state)
+}
+
+/// Run a download to completion.
+pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvError> {
+    let started = Instant::now();
+    mcast_keys::store::validate_title(&opts.title)
+        .map_err(|e| RecvError::new(Failure::Usage, e.to_string()))?;
+    std::fs::create_dir_all(&opts.out_dir)
+        .map_err(|e| RecvError::io("cannot create output directory", &opts.out_dir, e))?;
+    let (final_path, part_path, state_path) = file_names(&opts.out_dir, &opts.title);
+
+    let receiver_id: u64 = rand::random();
+    let mut ctl = ControlClient::new(opts.server, receiver_id)?;
+    let (archive_id, group, lease) = join(&mut ctl, &opts.title)?;
+    let (head, head_bytes) = fetch_head(&mut ctl, archive_id)?;
+
+    // Trust: a pinned key, else the key a resumed download was pinned to, else first use.
+    let prior = State::load(&state_path).filter(|s| s.archive_id == archive_id);
+    let trusted = match (&opts.server_key, &prior) {
+        (Some(k), _) => *k,
+        (None, Some(s)) => PublicIdentity(s.server_key),
+        (None, None) => {
+            tracing::warn!(key = %hex::encode(head.server_key.0), "server key not pinned (--server-key): trusting it on first use");
+            head.server_key
+        }
+    };
+    head.verify_with(&trusted).map_err(|_| {
+        RecvError::new(
+            Failure::Integrity,
+            format!(
+                "archive head for {:?} is not signed by the trusted server key {}",
+                opts.title,
+                trusted.fingerprint()
+            ),
+        )
+    })?;
+
+    // Already complete from an earlier run?
+    if let Ok(a) = ArchiveFile::open(&final_path) {
+        if a.head.archive_id == archive_id && archive::verify(&a, &trusted).is_ok() {
+            let _ = ctl.request(
+                Control::Complete { archive_id },
+                3,
+                Duration::from_millis(300),
+            );
+            let len = a.layout.file_len();
+            return Ok(GetReport {
+                event: "done",
+                title: opts.title.clone(),
+                path: final_path,
+                archive_bytes: len,
+                loop_units: head.loop_packets(),
+                loop_bytes: head.loop_bytes(),
+                units_at_start: head.loop_packets(),
+                received_bytes: 0,
+                received_packets: 0,
+                missing_bytes_at_start: 0,
+                written: 0,
+                duplicates: 0,
+                no_hash_yet: 0,
+                rejected: 0,
+                foreign: 0,
+                malformed: 0,
+                unicast: false,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+    }
+
+    let head = Arc::new(head);
+    let head_len = head_bytes.len() as u64;
+    let (part, mut dl) = open_part(&part_path, &head, &head_bytes, prior.as_ref())?;
+    for b in dl.blocks_needing_hash_reload() {
+        let (off, len) = dl
+            .layout()
+            .packet_range(PacketId::Hash(b))
+            .expect("block in range");
+        let mut buf = vec![0u8; len];
+        if part.read_exact_at(&mut buf, off).is_ok() {
+            dl.restore_hash(b, buf);
+        }
+    }
+    let units_at_start = dl.have_count();
+    let missing_bytes_at_start = missing_bytes(&dl);
+    let mut state = State {
+        archive_id,
+        server_key: trusted.0,
+        units: dl.units(),
+        have: dl.have_bits().to_vec(),
+    };
+    state
+        .save(&state_path)
+        .map_err(|e| RecvError::io("cannot write state file", &state_path, e))?;
+    tracing::info!(title = %opts.title, %group, units = dl.units(), have = units_at_start, "receiving");
+
+    let mcast = multicast_socket(group, opts.iface, opts.recv_buffer)?;
+    let tag = archive_tag(&archive_id);
+    let mut unicast: Option<UdpSocket> = None;
+    let mut unicast_ok = false;
+    let mut heard = false;
+    let joined_at = Instant::now();
+    let mut next_fallback_try = joined_at + opts.sync_timeout;
+    let keepalive_every = (lease / 3).max(Duration::from_millis(50));
+    let mut next_keepalive = Instant::now() + keepalive_every;
+    let mut next_checkpoint = Instant::now() + opts.checkpoint;
+    let mut next_progress = Instant::now();
+    let (mut received_bytes, mut received_packets, mut foreign, mut malformed) =
+        (0u64, 0u64, 0u64, 0u64);
+    let mut dirty = false;
+    let bar = opts.progress_bar.then(|| {
+        let b = indicatif::ProgressBar::new(dl.units());
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} packets {percent}% eta {eta}",
+            )
+            .unwrap()
+            .progress_chars("=> "),
+        );
+        b.set_message(opts.title.clone());
+        b
+    });
+    let mut buf = vec![0u8; 65_536];
+    let mut ctl_buf = vec![0u8; MAX_CONTROL_LEN + 1];
+
+    let checkpoint = |dl: &Download, state: &mut State, part: &File| -> Result<(), RecvError> {
+        part.sync_data()
+            .map_err(|e| RecvError::io("cannot sync", &part_path, e))?;
+        state.have.copy_from_slice(dl.have_bits());
+        state
+            .save(&state_path)
+            .map_err(|e| RecvError::io("cannot write state file", &state_path, e))
+    };
+
+    while !dl.is_complete() {
+        if stop.load(Ordering::Relaxed) {
+            checkpoint(&dl, &mut state, &part)?;
+            return Err(RecvError::new(
+                Failure::Interrupted,
+                "interrupted; run the same command again to resume",
+            ));
+        }
+        if let Some(t) = opts.timeout {
+            if started.elapsed() > t {
+                checkpoint(&dl, &mut state, &part)?;
+                return Err(RecvError::new(
+                    Failure::Timeout,
+                    format!(
+                        "gave up after {t:?} with {}/{} packets; run again to resume",
+                        dl.have_count(),
+                        dl.units()
+                    ),
+                ));
+            }
+        }
+        let now = Instant::now();
+        if now >= next_keepalive {
+            ctl.send(Control::Keepalive {
+                archive_id,
+                have: dl.have_count(),
+                total: dl.units(),
+            });
+            next_keepalive = now + keepalive_every;
+        }
+        if !heard && !unicast_ok && now >= next_fallback_try {
+            let s = unicast.get_or_insert_with(|| {
+                let s = UdpSocket::bind("0.0.0.0:0").expect("bind unicast socket");
+                let _ = Socket::from(s.try_clone().unwrap()).set_recv_buffer_size(opts.recv_buffer);
+                s
+            });
+            tracing::info!(title = %opts.title, "no multicast heard: asking for unicast fallback");
+            match unicast_handshake(&mut ctl, s, archive_id) {
+                Ok(()) => {
+                    unicast_ok = true;
+                    tracing::info!(local = ?s.local_addr().ok(), "unicast fallback active");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.message, "unicast fallback request failed; retrying")
+                }
+            }
+            next_fallback_try = Instant::now() + Duration::from_secs(1);
+        }
+        if now >= next_checkpoint && dirty {
+            checkpoint(&dl, &mut state, &part)?;
+            dirty = false;
+            next_checkpoint = now + opts.checkpoint;
+        }
+        if now >= next_progress {
+            let via = if unicast_ok { "unicast" } else { "multicast" };
+            if let Some(b) = &bar {
+                b.set_position(dl.have_count());
+            }
+            if opts.json {
+                let p = Progress {
+                    event: "progress",
+                    title: &opts.title,
+                    have: dl.have_count(),
+                    total: dl.units(),
+                    percent: 100.0 * dl.have_count() as f64 / dl.units().max(1) as f64,
+                    received_packets,
+                    rejected: dl.counters.rejected,
+                    via,
+                };
+                println!("{}", serde_json::to_string(&p).unwrap());
+            }
+            next_progress = now + Duration::from_millis(250);
+        }
+
+        // Wait for a datagram on any socket, at most until the next timer.
+        let mut fds = vec![
+            nix::poll::PollFd::new(mcast.as_fd(), nix::poll::PollFlags::POLLIN),
+            nix::poll::PollFd::new(ctl.sock.as_fd(), nix::poll::PollFlags::POLLIN),
+        ];
+        if let Some(u) = &unicast {
+            fds.push(nix::poll::PollFd::new(
+                u.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            ));
+        }
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(20u16)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(RecvError::new(Failure::Other, format!("poll: {e}"))),
+        }
+        drop(fds);
+
+        // Control replies (keepalive acks, or "join again").
+        ctl.sock.set_nonblocking(true).ok();
+        while let Ok((n, from)) = ctl.sock.recv_from(&mut ctl_buf) {
+            if from != opts.server {
+                continue;
+            }
+            if let Ok(Envelope {
+                msg:
+                    Control::Error {
+                        code: ErrorCode::UnknownSession,
+                        ..
+                    },
+                ..
+            }) = Envelope::decode(&ctl_buf[..n])
+            {
+                tracing::info!(
+                    "server forgot this session (restart or lease expiry): joining again"
+                );
+                ctl.sock.set_nonblocking(false).ok();
+                let (id2, _, _) = join(&mut ctl, &opts.title)?;
+                if id2 != archive_id {
+                    checkpoint(&dl, &mut state, &part)?;
+                    return Err(RecvError::new(
+                        Failure::Other,
+                        format!(
+                            "title {:?} was re-packed on the server; remove {} and start again",
+                            opts.title,
+                            part_path.display()
+                        ),
+                    ));
+                }
+                unicast_ok = false;
+                next_fallback_try = Instant::now() + opts.sync_timeout;
+            }
+        }
+
+        // Data from multicast and unicast, drained in bursts.
+        let socks: Vec<&UdpSocket> = std::iter::once(&mcast).chain(unicast.as_ref()).collect();
+        for s in socks {
+            s.set_nonblocking(true).ok();
+            for _ in 0..4096 {
+                let n = match s.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(_) => break,
+                };
+                let Ok((hdr, payload)) = DataHeader::decode(&buf[..n]) else {
+                    malformed += 1;
+                    continue;
+                };
+                if hdr.archive_tag != tag {
+                    foreign += 1;
+                    continue;
+                }
+                heard = true;
+                let DataKind::Packet(id) = hdr.kind else {
+                    continue;
+                };
+                received_packets += 1;
+                received_bytes += payload.len() as u64;
+                if let Verdict::Write { offset } = dl.on_packet(id, payload) {
+                    part.write_all_at(payload, offset).map_err(|e| {
+                        let _ = checkpoint(&dl, &mut state, &part);
+                        RecvError::io("cannot write", &part_path, e)
+                    })?;
+                    dirty = true;
+                    if dl.is_complete() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    // Complete: say so (lets the channel close), make it durable, verify, rename.
+    let _ = ctl.sock.set_nonblocking(false);
+    let _ = ctl.request(
+        Control::Complete { archive_id },
+        3,
+        Duration::from_millis(300),
+    );
+    checkpoint(&dl, &mut state, &part)?;
+    drop(part);
+    let a = ArchiveFile::open(&part_path)
+        .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+    archive::verify(&a, &trusted).map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+    drop(a);
+    std::fs::rename(&part_path, &final_path)
+        .map_err(|e| RecvError::io("cannot rename", &part_path, e))?;
+    let _ = mcast::fsutil::sync_dir(&opts.out_dir);
+    let _ = std::fs::remove_file(&state_path);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let c = &dl.counters;
+    Ok(GetReport {
+        event: "done",
+        title: opts.title.clone(),
+        path: final_path,
+        archive_bytes: head_len + head.loop_bytes() + archive::PREAMBLE_LEN + archive::TAIL_LEN,
+        loop_units: dl.units(),
+        loop_bytes: head.loop_bytes(),
+        units_at_start,
+        received_bytes,
+        received_packets,
+        missing_bytes_at_start,
+        written: c.written,
+        duplicates: c.duplicates,
+        no_hash_yet: c.no_hash_yet,
+        rejected: c.rejected,
+        foreign,
+        malformed,
+        unicast: unicast_ok,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn missing_bytes(dl: &Download) -> u64 {
+    (0..dl.units())
+        .filter(|u| dl.have_bits()[(u / 64) as usize] & (1 << (u % 64)) == 0)
+        .map(|u| {
+            dl.layout()
+                .packet_range(dl.shape().unit_packet(u))
+                .map(|r| r.1 as u64)
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+fn join(
+    ctl: &mut ControlClient,
+    title: &str,
+) -> Result<([u8; 16], SocketAddrV4, Duration), RecvError> {
+    let mut backoff = Duration::from_millis(200);
+    for _ in 0..10 {
+        match ctl.request(
+            Control::Join {
+                title: title.to_string(),
+            },
+            5,
+            Duration::from_millis(400),
+        )? {
+            Control::JoinOk {
+                archive_id,
+                group,
+                lease_ms,
+                ..
+            } => return Ok((archive_id, group, Duration::from_millis(lease_ms as u64))),
+            Control::NotHere { redirect, .. } => {
+                let hint = redirect
+                    .map(|r| format!(" (try --server {r})"))
+                    .unwrap_or_default();
+                return Err(RecvError::new(
+                    Failure::NotFound,
+                    format!("server {} does not have title {title:?}{hint}; `mcast-recv catalog` lists what it has", ctl.server),
+                ));
+            }
+            Control::Error {
+                code: ErrorCode::Busy,
+                message,
+            } => {
+                tracing::warn!(%message, "server busy; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            other => {
+                return Err(RecvError::new(
+                    Failure::Other,
+                    format!("unexpected reply to join: {other:?}"),
+                ));
+            }
+        }
+    }
+    Err(RecvError::new(
+        Failure::Other,
+        "server stayed busy; try again later",
+    ))
+}
+
+/// Fetch the head in chunks, with up to 32 requests in flight.
+fn fetch_head(ctl: &mut ControlClient, archive_id: [u8; 16]) -> Result<(Head, Vec<u8>), RecvError> {
+    let first = ctl.request(
+        Control::HeadRequest {
+            archive_id,
+            offset: 0,
+        },
+        5,
+        Duration::from_millis(400),
+    )?;
+    let Control::HeadChunk { total, bytes, .. } = first else {
+        return Err(RecvError::new(
+            Failure::Other,
+            format!("unexpected reply to head request: {first:?}"),
+        ));
+    };
+    let total = total as usize;
+    if total > archive::MAX_HEAD_LEN as usize {
+        return Err(RecvError::new(
+            Failure::Integrity,
+            "server announced an oversized head",
+        ));
+    }
+    let mut head = vec![0u8; total];
+    let chunks = total.div_ceil(HEAD_CHUNK).max(1);
+    let mut got = vec![false; chunks];
+    let n = bytes.len().min(total);
+    head[..n].copy_from_slice(&bytes[..n]);
+    got[0] = true;
+    let mut buf = vec![0u8; MAX_CONTROL_LEN + 1];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    ctl.sock
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .ok();
+    while got.iter().any(|g| !g) {
+        if Instant::now() > deadline {
+            return Err(RecvError::new(
+                Failure::Unreachable,
+                "timed out fetching the archive head",
+            ));
+        }
+        for (i, _) in got.iter().enumerate().filter(|(_, g)| !**g).take(32) {
+            ctl.send(Control::HeadRequest {
+                archive_id,
+                offset: (i * HEAD_CHUNK) as u32,
+            });
+        }
+        while let Ok((n, from)) = ctl.sock.recv_from(&mut buf) {
+            if from != ctl.server {
+                continue;
+            }
+            if let Ok(Envelope {
+                msg:
+                    Control::HeadChunk {
+                        archive_id: a,
+                        offset,
+                        bytes,
+                        ..
+                    },
+                ..
+            }) = Envelope::decode(&buf[..n])
+            {
+                let off = offset as usize;
+                if a != archive_id || off % HEAD_CHUNK != 0 || off >= total.max(1) {
+                    continue;
+                }
+                let end = (off + bytes.len()).min(total);
+                head[off..end].copy_from_slice(&bytes[..end - off]);
+                got[off / HEAD_CHUNK] = true;
+                if got.iter().all(|g| *g) {
+                    break;
+                }
+            }
+        }
+    }
+    ctl.sock.set_read_timeout(None).ok();
+    let h = Head::decode(&head).map_err(|e| {
+        RecvError::new(
+            Failure::Integrity,
+            format!("bad archive head from server: {e}"),
+        )
+    })?;
+    if h.archive_id != archive_id {
+        return Err(RecvError::new(
+            Failure::Integrity,
+            "head is for another archive",
+        ));
+    }
+    Ok((h, head))
+}
+
+/// Create or reopen the part file, preallocated to the archive's size, with preamble, head
+/// and tail already in place (they are known from the verified head).
+fn open_part(
+    path: &Path,
+    head: &Arc<Head>,
+    head_bytes: &[u8],
+    prior: Option<&State>,
+) -> Result<(File, Download), RecvError> {
+    let head_len = head_bytes.len() as u64;
+    let layout = archive::Layout::of(head, head_len);
+    let resumable = prior.is_some()
+        && std::fs::metadata(path)
+            .map(|m| m.len() == layout.file_len())
+            .unwrap_or(false);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(!resumable)
+        .open(path)
+        .map_err(|e| RecvError::io("cannot open", path, e))?;
+    if !resumable {
+        if let Err(e) = nix::fcntl::posix_fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+            layout.file_len() as i64,
+        ) {
+            let err = std::io::Error::from_raw_os_error(e as i32);
+            if e != nix::errno::Errno::EOPNOTSUPP && e != nix::errno::Errno::EINVAL {
+                drop(file);
+                let _ = std::fs::remove_file(path);
+                return Err(RecvError::io("cannot preallocate", path, err));
+            }
+            file.set_len(layout.file_len())
+                .map_err(|e| RecvError::io("cannot size", path, e))?;
+        }
+        let w = |b: &[u8], off: u64| {
+            file.write_all_at(b, off)
+                .map_err(|e| RecvError::io("cannot write", path, e))
+        };
+        w(&archive::preamble_bytes(), 0)?;
+        w(head_bytes, layout.head_offset())?;
+        w(
+            &archive::tail_bytes(head_len),
+            layout.head_offset() + head_len,
+        )?;
+    }
+    let have = if resumable {
+        prior.map(|s| s.have.clone())
+    } else {
+        None
+    };
+    Ok((file, Download::new(head.clone(), head_len, have)))
+}
+
+/// Multicast data socket: several receivers on one host can bind the same group and port.
+fn multicast_socket(
+    group: SocketAddrV4,
+    iface: Ipv4Addr,
+    recv_buffer: usize,
+) -> Result<UdpSocket, RecvError> {
+    let err = |what: &str, e: std::io::Error| {
+        RecvError::new(
+            Failure::Other,
+            format!("multicast {group} on {iface}: {what}: {e}"),
+        )
+    };
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+        .map_err(|e| err("socket", e))?;
+    s.set_reuse_address(true)
+        .map_err(|e| err("SO_REUSEADDR", e))?;
+    let _ = s.set_recv_buffer_size(recv_buffer);
+    tracing::debug!(
+        requested = recv_buffer,
+        granted = s.recv_buffer_size().unwrap_or(0),
+        "receive buffer"
+    );
+    s.bind(&SocketAddr::V4(group).into())
+        .map_err(|e| err("bind", e))?;
+    s.join_multicast_v4(group.ip(), &iface)
+        .map_err(|e| err("join", e))?;
+    Ok(s.into())
+}
+
+/// Ask for unicast from `sock` and prove we receive there (cookie round trip).
+fn unicast_handshake(
+    ctl: &mut ControlClient,
+    sock: &UdpSocket,
+    archive_id: [u8; 16],
+) -> Result<(), RecvError> {
+    sock.set_nonblocking(false).ok();
+    let reply = ctl.request_on(
+        sock,
+        Control::UnicastRequest { archive_id },
+        3,
+        Duration::from_millis(300),
+    );
+    let cookie = match reply? {
+        Control::Cookie { cookie, .. } => cookie,
+        other => {
+            return Err(RecvError::new(
+                Failure::Other,
+                format!("unexpected reply to unicast request: {other:?}"),
+            ))
+        }
+    };
+    match ctl.request_on(
+        sock,
+        Control::UnicastConfirm { archive_id, cookie },
+        3,
+        Duration::from_millis(300),
+    )? {
+        Control::UnicastOk { .. } => Ok(()),
+        other => Err(RecvError::new(
+            Failure::Other,
+            format!("unicast refused: {other:?}"),
+        )),
+    }
+}

@@ -1,0 +1,712 @@
+//! The channel manager (FIG. 4C): the server's protocol logic as a sans-I/O state machine.
+//!
+//! It takes control datagrams and `now`, and hands back replies ([`ChannelManager::poll_reply`]),
+//! data-channel packets that are due ([`ChannelManager::poll_transmit`]), log-worthy events and
+//! its next deadline. It never touches a socket, a file or the clock: the driver in
+//! [`crate::server`] does, and the tests drive it with a simulated clock.
+//!
+//! * A join for a looping title gets that channel; otherwise a channel (group + port from the
+//!   configured pool) is opened and SYNC packets announce it for `sync_lead` before data starts.
+//! * The loop runs while any member holds a lease and has not completed; then it closes.
+//! * Unicast fallback uses a stateless cookie (keyed BLAKE3 over address, receiver, archive and
+//!   a time epoch): the stream starts only once the requester proved it receives at that address.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::archive::{Head, PacketId};
+use crate::carousel::{Carousel, LoopShape};
+use crate::pacer::Pacer;
+use crate::wire::control::{
+    ArchiveId, CatalogItem, Control, Cookie, Envelope, ErrorCode, HEAD_CHUNK,
+};
+use crate::wire::data::{archive_tag, DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN};
+
+/// Server protocol parameters (from `[server]` in `mcastd.toml`).
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub lease: Duration,
+    pub sync_lead: Duration,
+    pub sync_interval: Duration,
+    pub rate_bps: u64,
+    pub burst: Duration,
+    /// Multicast group + port of each channel slot.
+    pub groups: Vec<SocketAddrV4>,
+    pub max_unicast_per_channel: usize,
+    pub cookie_epoch: Duration,
+    /// Secret for unicast cookies (random per server start).
+    pub cookie_secret: [u8; 32],
+}
+
+/// A title this server can loop.
+#[derive(Clone, Debug)]
+pub struct TitleInfo {
+    pub head: Arc<Head>,
+    pub head_bytes: Arc<Vec<u8>>,
+    pub archive_len: u64,
+}
+
+/// A data-channel packet that is due now. The driver fills in the payload (from the archive
+/// for `Packet`) and sends header + payload to every destination.
+#[derive(Clone, Debug)]
+pub struct Transmit {
+    pub channel: u32,
+    pub archive_id: ArchiveId,
+    pub header: [u8; DATA_HEADER_LEN],
+    pub payload: TransmitPayload,
+    pub dests: Arc<[SocketAddr]>,
+}
+
+#[derive(Clone, Debug)]
+pub enum TransmitPayload {
+    Sync([u8; 16]),
+    Packet(PacketId),
+}
+
+/// Things an operator wants in the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    ChannelOpened {
+        channel: u32,
+        title: String,
+        group: SocketAddrV4,
+    },
+    ChannelClosed {
+        channel: u32,
+        title: String,
+        loops: u32,
+        packets: u64,
+    },
+    Joined {
+        channel: u32,
+        receiver: u64,
+        from: SocketAddr,
+    },
+    Completed {
+        channel: u32,
+        receiver: u64,
+    },
+    LeaseExpired {
+        channel: u32,
+        receiver: u64,
+    },
+    UnicastStarted {
+        channel: u32,
+        receiver: u64,
+        to: SocketAddr,
+    },
+    NotHere {
+        title: String,
+        from: SocketAddr,
+    },
+}
+
+/// Counters, reported by `StatsRequest` and in logs.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counters {
+    pub control_received: u64,
+    pub control_malformed: u64,
+    pub joins: u64,
+    pub not_here: u64,
+    pub channels_opened: u64,
+    pub channels_closed: u64,
+    pub completions: u64,
+    pub leases_expired: u64,
+    pub unknown_session: u64,
+    pub cookies_sent: u64,
+    pub unicast_started: u64,
+    pub bad_cookies: u64,
+    pub sync_sent: u64,
+    pub packets_sent: u64,
+    pub payload_bytes_sent: u64,
+    pub head_chunks_sent: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ChannelStats {
+    pub channel: u32,
+    pub title: String,
+    pub group: String,
+    pub members: usize,
+    pub unicast: usize,
+    pub loops: u32,
+    pub packets_sent: u64,
+    pub rate_bps: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    pub counters: Counters,
+    pub channels: Vec<ChannelStats>,
+}
+
+struct Member {
+    lease_until: Instant,
+    unicast: Option<SocketAddr>,
+}
+
+struct Channel {
+    title: String,
+    archive_id: ArchiveId,
+    tag: [u8; 8],
+    slot: usize,
+    group: SocketAddrV4,
+    carousel: Carousel,
+    pacer: Pacer,
+    data_start: Instant,
+    next_sync: Instant,
+    members: HashMap<u64, Member>,
+    dests: Arc<[SocketAddr]>,
+    symbol_size: usize,
+    packets_sent: u64,
+}
+
+impl Channel {
+    fn rebuild_dests(&mut self) {
+        let mut d: Vec<SocketAddr> = vec![SocketAddr::V4(self.group)];
+        d.extend(self.members.values().filter_map(|m| m.unicast));
+        self.dests = d.into();
+    }
+
+    /// When this channel next has something to send: SYNCs until `data_start`, then loop
+    /// packets (with a SYNC in place of one every `sync_interval`), never before the pacer allows.
+    fn due(&self) -> Instant {
+        let wanted = if self.carousel.shape().loop_packets() == 0 {
+            self.next_sync
+        } else {
+            self.next_sync.min(self.data_start)
+        };
+        wanted.max(self.pacer.next_send())
+    }
+
+    fn unicast_count(&self) -> usize {
+        self.members
+            .values()
+            .filter(|m| m.unicast.is_some())
+            .count()
+    }
+}
+
+pub struct ChannelManager {
+    params: Params,
+    titles: BTreeMap<String, TitleInfo>,
+    by_id: HashMap<ArchiveId, String>,
+    channels: BTreeMap<u32, Channel>,
+    slots: Vec<Option<u32>>,
+    next_channel: u32,
+    epoch_origin: Instant,
+    replies: VecDeque<(SocketAddr, Vec<u8>)>,
+    events: VecDeque<Event>,
+    counters: Counters,
+}
+
+impl ChannelManager {
+    pub fn new(params: Params, titles: Vec<TitleInfo>, now: Instant) -> ChannelManager {
+        let mut m = ChannelManager {
+            slots: vec![None; params.groups.len()],
+            params,
+            titles: BTreeMap::new(),
+            by_id: HashMap::new(),
+            channels: BTreeMap::new(),
+            next_channel: 1,
+            epoch_origin: now,
+            replies: VecDeque::new(),
+            events: VecDeque::new(),
+            counters: Counters::default(),
+        };
+        for t in titles {
+            m.add_title(t);
+        }
+        m
+    }
+
+    /// Add or replace a title (a re-packed title takes effect for channels opened later).
+    pub fn add_title(&mut self, t: TitleInfo) {
+        self.by_id.insert(t.head.archive_id, t.head.title.clone());
+        self.titles.insert(t.head.title.clone(), t);
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            counters: self.counters.clone(),
+            channels: self
+                .channels
+                .iter()
+                .map(|(id, c)| ChannelStats {
+                    channel: *id,
+                    title: c.title.clone(),
+                    group: c.group.to_string(),
+                    members: c.members.len(),
+                    unicast: c.unicast_count(),
+                    loops: c.carousel.loops(),
+                    packets_sent: c.packets_sent,
+                    rate_bps: c.pacer.rate_bps(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn open_channels(&self) -> usize {
+        self.channels.len()
+    }
+
+    pub fn poll_reply(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+        self.replies.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn reply(&mut self, to: SocketAddr, env: &Envelope, msg: Control) {
+        self.replies
+            .push_back((to, Envelope::new(env.receiver_id, env.req_id, msg).encode()));
+    }
+
+    fn error(&mut self, to: SocketAddr, env: &Envelope, code: ErrorCode, message: &str) {
+        self.reply(
+            to,
+            env,
+            Control::Error {
+                code,
+                message: message.to_string(),
+            },
+        );
+    }
+
+    fn channel_of(&self, archive_id: &ArchiveId) -> Option<u32> {
+        self.channels
+            .iter()
+            .find(|(_, c)| &c.archive_id == archive_id)
+            .map(|(id, _)| *id)
+    }
+
+    /// One datagram arrived on the control port.
+    pub fn handle_control(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.counters.control_received += 1;
+        let env = match Envelope::decode(datagram) {
+            Ok(e) => e,
+            Err(e) => {
+                self.counters.control_malformed += 1;
+                tracing::debug!(%from, error = %e, "malformed control datagram dropped");
+                return;
+            }
+        };
+        let rid = env.receiver_id;
+        match env.msg.clone() {
+            Control::CatalogRequest { start } => {
+                let items: Vec<CatalogItem> = self
+                    .titles
+                    .values()
+                    .skip(start as usize)
+                    .take(40)
+                    .map(|t| CatalogItem {
+                        title: t.head.title.clone(),
+                        plain_len: t.head.plain_len,
+                        archive_len: t.archive_len,
+                        advert: t.head.advert,
+                    })
+                    .collect();
+                let more = start as usize + items.len() < self.titles.len();
+                self.reply(from, &env, Control::CatalogReply { items, more });
+            }
+            Control::Join { title } => self.join(now, from, &env, &title),
+            Control::HeadRequest { archive_id, offset } => {
+                let Some(t) = self.by_id.get(&archive_id).and_then(|n| self.titles.get(n)) else {
+                    self.error(from, &env, ErrorCode::UnknownSession, "unknown archive");
+                    return;
+                };
+                let hb = t.head_bytes.clone();
+                let off = offset as usize;
+                if off > hb.len() {
+                    self.error(
+                        from,
+                        &env,
+                        ErrorCode::BadRequest,
+                        "head offset out of range",
+                    );
+                    return;
+                }
+                let end = (off + HEAD_CHUNK).min(hb.len());
+                self.counters.head_chunks_sent += 1;
+                self.reply(
+                    from,
+                    &env,
+                    Control::HeadChunk {
+                        archive_id,
+                        offset,
+                        total: hb.len() as u32,
+                        bytes: hb[off..end].to_vec(),
+                    },
+                );
+            }
+            Control::Keepalive { archive_id, .. } => {
+                let lease = self.params.lease;
+                let member = self
+                    .channel_of(&archive_id)
+                    .and_then(|id| self.channels.get_mut(&id))
+                    .and_then(|c| c.members.get_mut(&rid));
+                match member {
+                    Some(m) => {
+                        m.lease_until = now + lease;
+                        self.reply(
+                            from,
+                            &env,
+                            Control::LeaseOk {
+                                archive_id,
+                                lease_ms: lease.as_millis() as u32,
+                            },
+                        );
+                    }
+                    None => {
+                        self.counters.unknown_session += 1;
+                        self.error(
+                            from,
+                            &env,
+                            ErrorCode::UnknownSession,
+                            "no such session: join again",
+                        );
+                    }
+                }
+            }
+            Control::Complete { archive_id } => {
+                if let Some(id) = self.channel_of(&archive_id) {
+                    let c = self.channels.get_mut(&id).expect("channel exists");
+                    if let Some(m) = c.members.remove(&rid) {
+                        if m.unicast.is_some() {
+                            c.rebuild_dests();
+                        }
+                        self.counters.completions += 1;
+                        self.events.push_back(Event::Completed {
+                            channel: id,
+                            receiver: rid,
+                        });
+                    }
+                }
+                // Idempotent: a retried Complete is acknowledged again.
+                self.reply(from, &env, Control::CompleteOk { archive_id });
+                self.close_idle(now);
+            }
+            Control::UnicastRequest { archive_id } => {
+                let known = self
+                    .channel_of(&archive_id)
+                    .and_then(|id| self.channels.get(&id))
+                    .is_some_and(|c| c.members.contains_key(&rid));
+                if !known {
+                    self.counters.unknown_session += 1;
+                    self.error(
+                        from,
+                        &env,
+                        ErrorCode::UnknownSession,
+                        "join before asking for unicast",
+                    );
+                    return;
+                }
+                let cookie = self.cookie(from, rid, &archive_id, self.epoch(now));
+                self.counters.cookies_sent += 1;
+                self.reply(from, &env, Control::Cookie { archive_id, cookie });
+            }
+            Control::UnicastConfirm { archive_id, cookie } => {
+                let e = self.epoch(now);
+                let valid = cookie == self.cookie(from, rid, &archive_id, e)
+                    || (e > 0 && cookie == self.cookie(from, rid, &archive_id, e - 1));
+                if !valid {
+                    self.counters.bad_cookies += 1;
+                    self.error(
+                        from,
+                        &env,
+                        ErrorCode::BadCookie,
+                        "cookie does not verify for this address",
+                    );
+                    return;
+                }
+                let max = self.params.max_unicast_per_channel;
+                let Some(id) = self.channel_of(&archive_id) else {
+                    self.counters.unknown_session += 1;
+                    self.error(
+                        from,
+                        &env,
+                        ErrorCode::UnknownSession,
+                        "no such session: join again",
+                    );
+                    return;
+                };
+                let c = self.channels.get_mut(&id).expect("channel exists");
+                let full = c.unicast_count() >= max;
+                let Some(m) = c.members.get_mut(&rid) else {
+                    self.counters.unknown_session += 1;
+                    self.error(
+                        from,
+                        &env,
+                        ErrorCode::UnknownSession,
+                        "no such session: join again",
+                    );
+                    return;
+                };
+                if m.unicast != Some(from) {
+                    if full {
+                        self.error(
+                            from,
+                            &env,
+                            ErrorCode::Busy,
+                            "unicast stream limit reached on this channel",
+                        );
+                        return;
+                    }
+                    m.unicast = Some(from);
+                    m.lease_until = now + self.params.lease;
+                    c.rebuild_dests();
+                    self.counters.unicast_started += 1;
+                    self.events.push_back(Event::UnicastStarted {
+                        channel: id,
+                        receiver: rid,
+                        to: from,
+                    });
+                }
+                self.reply(from, &env, Control::UnicastOk { archive_id });
+            }
+            Control::StatsRequest => {
+                let json = serde_json::to_string(&self.stats()).unwrap_or_default();
+                self.reply(from, &env, Control::StatsReply { json });
+            }
+            // Server-to-receiver messages arriving here are noise.
+            _ => self.counters.control_malformed += 1,
+        }
+    }
+
+    fn join(&mut self, now: Instant, from: SocketAddr, env: &Envelope, title: &str) {
+        let Some(info) = self.titles.get(title).cloned() else {
+            self.counters.not_here += 1;
+            self.events.push_back(Event::NotHere {
+                title: title.to_string(),
+                from,
+            });
+            self.reply(
+                from,
+                env,
+                Control::NotHere {
+                    title: title.to_string(),
+                    redirect: None,
+                },
+            );
+            return;
+        };
+        let archive_id = info.head.archive_id;
+        let id = match self.channel_of(&archive_id) {
+            Some(id) => id,
+            None => match self.open_channel(now, &info) {
+                Some(id) => id,
+                None => {
+                    self.error(
+                        from,
+                        env,
+                        ErrorCode::Busy,
+                        "all channel slots are in use; retry later",
+                    );
+                    return;
+                }
+            },
+        };
+        let lease = self.params.lease;
+        let c = self.channels.get_mut(&id).expect("channel exists");
+        let fresh = c
+            .members
+            .insert(
+                env.receiver_id,
+                Member {
+                    lease_until: now + lease,
+                    unicast: None,
+                },
+            )
+            .is_none_or(|old| {
+                // A re-join drops a unicast stream: the receiver will ask again if it needs it.
+                old.unicast.is_some()
+            });
+        if fresh {
+            c.rebuild_dests();
+        }
+        let (group, rate) = (c.group, c.pacer.rate_bps());
+        self.counters.joins += 1;
+        self.events.push_back(Event::Joined {
+            channel: id,
+            receiver: env.receiver_id,
+            from,
+        });
+        self.reply(
+            from,
+            env,
+            Control::JoinOk {
+                archive_id,
+                group,
+                head_len: info.head_bytes.len() as u32,
+                loop_packets: info.head.loop_packets(),
+                rate_bps: rate,
+                lease_ms: lease.as_millis() as u32,
+            },
+        );
+    }
+
+    fn open_channel(&mut self, now: Instant, info: &TitleInfo) -> Option<u32> {
+        let slot = self.slots.iter().position(|s| s.is_none())?;
+        let id = self.next_channel;
+        self.next_channel = self.next_channel.wrapping_add(1).max(1);
+        self.slots[slot] = Some(id);
+        let group = self.params.groups[slot];
+        let mut c = Channel {
+            title: info.head.title.clone(),
+            archive_id: info.head.archive_id,
+            tag: archive_tag(&info.head.archive_id),
+            slot,
+            group,
+            carousel: Carousel::new(LoopShape::of(&info.head)),
+            pacer: Pacer::new(self.params.rate_bps, self.params.burst, now),
+            data_start: now + self.params.sync_lead,
+            next_sync: now,
+            members: HashMap::new(),
+            dests: Arc::from(Vec::new()),
+            symbol_size: info.head.symbol_size as usize,
+            packets_sent: 0,
+        };
+        c.rebuild_dests();
+        self.channels.insert(id, c);
+        self.counters.channels_opened += 1;
+        self.events.push_back(Event::ChannelOpened {
+            channel: id,
+            title: info.head.title.clone(),
+            group,
+        });
+        Some(id)
+    }
+
+    fn close_idle(&mut self, _now: Instant) {
+        let idle: Vec<u32> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.members.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            let c = self.channels.remove(&id).expect("listed");
+            self.slots[c.slot] = None;
+            self.counters.channels_closed += 1;
+            self.events.push_back(Event::ChannelClosed {
+                channel: id,
+                title: c.title,
+                loops: c.carousel.loops(),
+                packets: c.packets_sent,
+            });
+        }
+    }
+
+    /// Expire leases and close channels nobody holds any more.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for (id, c) in self.channels.iter_mut() {
+            let before = c.members.len();
+            let mut expired = Vec::new();
+            c.members.retain(|rid, m| {
+                let keep = m.lease_until > now;
+                if !keep {
+                    expired.push(*rid);
+                }
+                keep
+            });
+            if c.members.len() != before {
+                c.rebuild_dests();
+            }
+            for rid in expired {
+                self.counters.leases_expired += 1;
+                self.events.push_back(Event::LeaseExpired {
+                    channel: *id,
+                    receiver: rid,
+                });
+            }
+        }
+        self.close_idle(now);
+    }
+
+    /// The earliest moment something is due: a packet, a SYNC, or a lease expiry.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.channels
+            .values()
+            .flat_map(|c| {
+                let lease = c.members.values().map(|m| m.lease_until).min();
+                std::iter::once(c.due()).chain(lease)
+            })
+            .min()
+    }
+
+    /// The next data-channel packet due at `now`, if any. Call until `None`.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        let (&id, c) = self
+            .channels
+            .iter_mut()
+            .filter(|(_, c)| c.due() <= now)
+            .min_by_key(|(_, c)| c.due())?;
+        if c.next_sync <= now {
+            c.next_sync = now + self.params.sync_interval;
+            let info = SyncInfo {
+                loop_packets: c.carousel.shape().loop_packets(),
+                rate_bps: c.pacer.rate_bps(),
+            };
+            let mut header = [0u8; DATA_HEADER_LEN];
+            DataHeader {
+                kind: DataKind::Sync,
+                archive_tag: c.tag,
+                loop_no: c.carousel.loops(),
+            }
+            .encode_into(&mut header);
+            c.pacer.on_send(now, DATA_HEADER_LEN + 16);
+            self.counters.sync_sent += 1;
+            return Some(Transmit {
+                channel: id,
+                archive_id: c.archive_id,
+                header,
+                payload: TransmitPayload::Sync(info.encode()),
+                dests: c.dests.clone(),
+            });
+        }
+        let loop_no = c.carousel.loops();
+        let pkt = c.carousel.next_packet().expect("non-empty loop");
+        let mut header = [0u8; DATA_HEADER_LEN];
+        DataHeader {
+            kind: DataKind::Packet(pkt),
+            archive_tag: c.tag,
+            loop_no,
+        }
+        .encode_into(&mut header);
+        c.pacer.on_send(now, DATA_HEADER_LEN + c.symbol_size);
+        c.packets_sent += 1;
+        self.counters.packets_sent += 1;
+        self.counters.payload_bytes_sent += c.symbol_size as u64;
+        Some(Transmit {
+            channel: id,
+            archive_id: c.archive_id,
+            header,
+            payload: TransmitPayload::Packet(pkt),
+            dests: c.dests.clone(),
+        })
+    }
+
+    fn epoch(&self, now: Instant) -> u64 {
+        let e = self.params.cookie_epoch.as_millis().max(1) as u64;
+        now.saturating_duration_since(self.epoch_origin).as_millis() as u64 / e
+    }
+
+    fn cookie(&self, from: SocketAddr, rid: u64, archive_id: &ArchiveId, epoch: u64) -> Cookie {
+        let mut h = blake3::Hasher::new_keyed(&self.params.cookie_secret);
+        h.update(b"mcast unicast cookie v1");
+        h.update(from.to_string().as_bytes());
+        h.update(&rid.to_le_bytes());
+        h.update(archive_id);
+        h.update(&epoch.to_le_bytes());
+        h.finalize().as_bytes()[..16].try_into().expect("16 bytes")
+    }
+}

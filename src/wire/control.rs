@@ -1,0 +1,529 @@
+//! Control datagrams between `mcast-recv` and `mcastd` (UDP, one request → one reply; the
+//! receiver retries on timeout, and every request is idempotent).
+//!
+//! ```text
+//! version:u8 type:u8 receiver_id:u64 req_id:u32 body
+//! ```
+//! `receiver_id` is random per download session; `req_id` matches replies to requests.
+//! Strings are u16-length-prefixed UTF-8; addresses are IPv4 (4 bytes) + port (u16).
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use crate::codec::{Reader, Writer};
+
+use super::{check_version, WireError, WIRE_VERSION};
+
+/// Largest head chunk carried in one reply (keeps datagrams under a 1500-byte MTU).
+pub const HEAD_CHUNK: usize = 1024;
+/// Largest control datagram we send or accept.
+pub const MAX_CONTROL_LEN: usize = 16 * 1024;
+
+pub type ArchiveId = [u8; 16];
+pub type Cookie = [u8; 16];
+
+/// One catalogue line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogItem {
+    pub title: String,
+    pub plain_len: u64,
+    pub archive_len: u64,
+    pub advert: bool,
+}
+
+/// Error codes in [`Control::Error`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The receiver's session is unknown (server restarted, lease expired): join again.
+    UnknownSession = 1,
+    /// Malformed or out-of-range request.
+    BadRequest = 2,
+    /// Unicast cookie did not verify (wrong, stale, or from another address).
+    BadCookie = 3,
+    /// The server is at its limit (channels or unicast streams).
+    Busy = 4,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => ErrorCode::UnknownSession,
+            2 => ErrorCode::BadRequest,
+            3 => ErrorCode::BadCookie,
+            4 => ErrorCode::Busy,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Control {
+    // ---- receiver → server ----
+    /// List titles, starting at index `start`.
+    CatalogRequest {
+        start: u16,
+    },
+    /// Ask for a title: the server answers with its channel ([`Control::JoinOk`]) or
+    /// [`Control::NotHere`].
+    Join {
+        title: String,
+    },
+    /// Fetch `HEAD_CHUNK` bytes of the archive head at `offset`.
+    HeadRequest {
+        archive_id: ArchiveId,
+        offset: u32,
+    },
+    /// Renew the lease; `have`/`total` are loop units held, for the server's statistics.
+    Keepalive {
+        archive_id: ArchiveId,
+        have: u64,
+        total: u64,
+    },
+    /// Every packet is present and verified: drop me from the channel.
+    Complete {
+        archive_id: ArchiveId,
+    },
+    /// Multicast is not reaching me: sent from the socket that should get the unicast stream.
+    UnicastRequest {
+        archive_id: ArchiveId,
+    },
+    /// The cookie from [`Control::Cookie`], returned from the same address.
+    UnicastConfirm {
+        archive_id: ArchiveId,
+        cookie: Cookie,
+    },
+    /// Counters, as JSON (operators and tests).
+    StatsRequest,
+
+    // ---- server → receiver ----
+    CatalogReply {
+        items: Vec<CatalogItem>,
+        more: bool,
+    },
+    JoinOk {
+        archive_id: ArchiveId,
+        group: SocketAddrV4,
+        head_len: u32,
+        loop_packets: u64,
+        rate_bps: u64,
+        lease_ms: u32,
+    },
+    /// This server lacks the title; `redirect` names one that has it, when known.
+    NotHere {
+        title: String,
+        redirect: Option<SocketAddrV4>,
+    },
+    HeadChunk {
+        archive_id: ArchiveId,
+        offset: u32,
+        total: u32,
+        bytes: Vec<u8>,
+    },
+    LeaseOk {
+        archive_id: ArchiveId,
+        lease_ms: u32,
+    },
+    Cookie {
+        archive_id: ArchiveId,
+        cookie: Cookie,
+    },
+    UnicastOk {
+        archive_id: ArchiveId,
+    },
+    CompleteOk {
+        archive_id: ArchiveId,
+    },
+    StatsReply {
+        json: String,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// A control datagram.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    pub receiver_id: u64,
+    pub req_id: u32,
+    pub msg: Control,
+}
+
+mod t {
+    pub const CATALOG_REQ: u8 = 1;
+    pub const JOIN: u8 = 2;
+    pub const HEAD_REQ: u8 = 3;
+    pub const KEEPALIVE: u8 = 4;
+    pub const COMPLETE: u8 = 5;
+    pub const UNICAST_REQ: u8 = 6;
+    pub const UNICAST_CONFIRM: u8 = 7;
+    pub const STATS_REQ: u8 = 8;
+    pub const CATALOG: u8 = 64;
+    pub const JOIN_OK: u8 = 65;
+    pub const NOT_HERE: u8 = 66;
+    pub const HEAD_CHUNK: u8 = 67;
+    pub const LEASE_OK: u8 = 68;
+    pub const COOKIE: u8 = 69;
+    pub const UNICAST_OK: u8 = 70;
+    pub const COMPLETE_OK: u8 = 71;
+    pub const STATS: u8 = 72;
+    pub const ERROR: u8 = 127;
+}
+
+fn put_v4(b: &mut Vec<u8>, a: &SocketAddrV4) {
+    b.extend_from_slice(&a.ip().octets());
+    b.put_u16(a.port());
+}
+
+fn get_v4(r: &mut Reader<'_>, f: &'static str) -> Result<SocketAddrV4, WireError> {
+    let ip: [u8; 4] = r.array(f)?;
+    Ok(SocketAddrV4::new(Ipv4Addr::from(ip), r.u16(f)?))
+}
+
+fn get_str(r: &mut Reader<'_>, max: usize, f: &'static str) -> Result<String, WireError> {
+    String::from_utf8(r.short_bytes(max, f)?.to_vec()).map_err(|_| WireError::Field(f))
+}
+
+impl Envelope {
+    pub fn new(receiver_id: u64, req_id: u32, msg: Control) -> Self {
+        Envelope {
+            receiver_id,
+            req_id,
+            msg,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(64);
+        b.put_u8(WIRE_VERSION);
+        b.put_u8(0); // type, patched below
+        b.put_u64(self.receiver_id);
+        b.put_u32(self.req_id);
+        let ty = match &self.msg {
+            Control::CatalogRequest { start } => {
+                b.put_u16(*start);
+                t::CATALOG_REQ
+            }
+            Control::Join { title } => {
+                b.put_short_bytes(title.as_bytes());
+                t::JOIN
+            }
+            Control::HeadRequest { archive_id, offset } => {
+                b.extend_from_slice(archive_id);
+                b.put_u32(*offset);
+                t::HEAD_REQ
+            }
+            Control::Keepalive {
+                archive_id,
+                have,
+                total,
+            } => {
+                b.extend_from_slice(archive_id);
+                b.put_u64(*have);
+                b.put_u64(*total);
+                t::KEEPALIVE
+            }
+            Control::Complete { archive_id } => {
+                b.extend_from_slice(archive_id);
+                t::COMPLETE
+            }
+            Control::UnicastRequest { archive_id } => {
+                b.extend_from_slice(archive_id);
+                t::UNICAST_REQ
+            }
+            Control::UnicastConfirm { archive_id, cookie } => {
+                b.extend_from_slice(archive_id);
+                b.extend_from_slice(cookie);
+                t::UNICAST_CONFIRM
+            }
+            Control::StatsRequest => t::STATS_REQ,
+            Control::CatalogReply { items, more } => {
+                b.put_u8(*more as u8);
+                b.put_u16(items.len() as u16);
+                for it in items {
+                    b.put_short_bytes(it.title.as_bytes());
+                    b.put_u64(it.plain_len);
+                    b.put_u64(it.archive_len);
+                    b.put_u8(it.advert as u8);
+                }
+                t::CATALOG
+            }
+            Control::JoinOk {
+                archive_id,
+                group,
+                head_len,
+                loop_packets,
+                rate_bps,
+                lease_ms,
+            } => {
+                b.extend_from_slice(archive_id);
+                put_v4(&mut b, group);
+                b.put_u32(*head_len);
+                b.put_u64(*loop_packets);
+                b.put_u64(*rate_bps);
+                b.put_u32(*lease_ms);
+                t::JOIN_OK
+            }
+            Control::NotHere { title, redirect } => {
+                b.put_short_bytes(title.as_bytes());
+                match redirect {
+                    Some(a) => {
+                        b.put_u8(1);
+                        put_v4(&mut b, a);
+                    }
+                    None => b.put_u8(0),
+                }
+                t::NOT_HERE
+            }
+            Control::HeadChunk {
+                archive_id,
+                offset,
+                total,
+                bytes,
+            } => {
+                b.extend_from_slice(archive_id);
+                b.put_u32(*offset);
+                b.put_u32(*total);
+                b.put_short_bytes(bytes);
+                t::HEAD_CHUNK
+            }
+            Control::LeaseOk {
+                archive_id,
+                lease_ms,
+            } => {
+                b.extend_from_slice(archive_id);
+                b.put_u32(*lease_ms);
+                t::LEASE_OK
+            }
+            Control::Cookie { archive_id, cookie } => {
+                b.extend_from_slice(archive_id);
+                b.extend_from_slice(cookie);
+                t::COOKIE
+            }
+            Control::UnicastOk { archive_id } => {
+                b.extend_from_slice(archive_id);
+                t::UNICAST_OK
+            }
+            Control::CompleteOk { archive_id } => {
+                b.extend_from_slice(archive_id);
+                t::COMPLETE_OK
+            }
+            Control::StatsReply { json } => {
+                b.put_short_bytes(&json.as_bytes()[..json.len().min(MAX_CONTROL_LEN - 64)]);
+                t::STATS
+            }
+            Control::Error { code, message } => {
+                b.put_u16(*code as u16);
+                b.put_short_bytes(&message.as_bytes()[..message.len().min(512)]);
+                t::ERROR
+            }
+        };
+        b[1] = ty;
+        b
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Envelope, WireError> {
+        check_version(buf)?;
+        if buf.len() > MAX_CONTROL_LEN {
+            return Err(WireError::Field("length"));
+        }
+        let mut r = Reader::new(buf);
+        r.u8("version")?;
+        let ty = r.u8("type")?;
+        let receiver_id = r.u64("receiver_id")?;
+        let req_id = r.u32("req_id")?;
+        let msg = match ty {
+            t::CATALOG_REQ => Control::CatalogRequest {
+                start: r.u16("start")?,
+            },
+            t::JOIN => Control::Join {
+                title: get_str(&mut r, 128, "title")?,
+            },
+            t::HEAD_REQ => Control::HeadRequest {
+                archive_id: r.array("archive_id")?,
+                offset: r.u32("offset")?,
+            },
+            t::KEEPALIVE => Control::Keepalive {
+                archive_id: r.array("archive_id")?,
+                have: r.u64("have")?,
+                total: r.u64("total")?,
+            },
+            t::COMPLETE => Control::Complete {
+                archive_id: r.array("archive_id")?,
+            },
+            t::UNICAST_REQ => Control::UnicastRequest {
+                archive_id: r.array("archive_id")?,
+            },
+            t::UNICAST_CONFIRM => Control::UnicastConfirm {
+                archive_id: r.array("archive_id")?,
+                cookie: r.array("cookie")?,
+            },
+            t::STATS_REQ => Control::StatsRequest,
+            t::CATALOG => {
+                let more = r.u8("more")? != 0;
+                let n = r.u16("count")? as usize;
+                let mut items = Vec::with_capacity(n.min(r.remaining() / 19));
+                for _ in 0..n {
+                    items.push(CatalogItem {
+                        title: get_str(&mut r, 128, "title")?,
+                        plain_len: r.u64("plain_len")?,
+                        archive_len: r.u64("archive_len")?,
+                        advert: r.u8("advert")? != 0,
+                    });
+                }
+                Control::CatalogReply { items, more }
+            }
+            t::JOIN_OK => Control::JoinOk {
+                archive_id: r.array("archive_id")?,
+                group: get_v4(&mut r, "group")?,
+                head_len: r.u32("head_len")?,
+                loop_packets: r.u64("loop_packets")?,
+                rate_bps: r.u64("rate_bps")?,
+                lease_ms: r.u32("lease_ms")?,
+            },
+            t::NOT_HERE => Control::NotHere {
+                title: get_str(&mut r, 128, "title")?,
+                redirect: match r.u8("redirect")? {
+                    0 => None,
+                    1 => Some(get_v4(&mut r, "redirect")?),
+                    _ => return Err(WireError::Field("redirect")),
+                },
+            },
+            t::HEAD_CHUNK => Control::HeadChunk {
+                archive_id: r.array("archive_id")?,
+                offset: r.u32("offset")?,
+                total: r.u32("total")?,
+                bytes: r.short_bytes(HEAD_CHUNK, "bytes")?.to_vec(),
+            },
+            t::LEASE_OK => Control::LeaseOk {
+                archive_id: r.array("archive_id")?,
+                lease_ms: r.u32("lease_ms")?,
+            },
+            t::COOKIE => Control::Cookie {
+                archive_id: r.array("archive_id")?,
+                cookie: r.array("cookie")?,
+            },
+            t::UNICAST_OK => Control::UnicastOk {
+                archive_id: r.array("archive_id")?,
+            },
+            t::COMPLETE_OK => Control::CompleteOk {
+                archive_id: r.array("archive_id")?,
+            },
+            t::STATS => Control::StatsReply {
+                json: get_str(&mut r, MAX_CONTROL_LEN, "json")?,
+            },
+            t::ERROR => Control::Error {
+                code: ErrorCode::from_u16(r.u16("code")?).ok_or(WireError::Field("code"))?,
+                message: get_str(&mut r, 512, "message")?,
+            },
+            k => return Err(WireError::Kind(k)),
+        };
+        if r.remaining() != 0 {
+            return Err(WireError::Field("trailing bytes"));
+        }
+        Ok(Envelope {
+            receiver_id,
+            req_id,
+            msg,
+        })
+    }
+}
+
+/// Convenience for drivers: an IPv4 socket address or an error naming it.
+pub fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
+    match addr {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<Control> {
+        let id = [9u8; 16];
+        let g = SocketAddrV4::new(Ipv4Addr::new(239, 1, 2, 3), 7700);
+        vec![
+            Control::CatalogRequest { start: 3 },
+            Control::Join {
+                title: "film".into(),
+            },
+            Control::HeadRequest {
+                archive_id: id,
+                offset: 1024,
+            },
+            Control::Keepalive {
+                archive_id: id,
+                have: 5,
+                total: 9,
+            },
+            Control::Complete { archive_id: id },
+            Control::UnicastRequest { archive_id: id },
+            Control::UnicastConfirm {
+                archive_id: id,
+                cookie: [4; 16],
+            },
+            Control::StatsRequest,
+            Control::CatalogReply {
+                items: vec![CatalogItem {
+                    title: "a".into(),
+                    plain_len: 1,
+                    archive_len: 2,
+                    advert: true,
+                }],
+                more: false,
+            },
+            Control::JoinOk {
+                archive_id: id,
+                group: g,
+                head_len: 5,
+                loop_packets: 6,
+                rate_bps: 7,
+                lease_ms: 8,
+            },
+            Control::NotHere {
+                title: "x".into(),
+                redirect: Some(g),
+            },
+            Control::NotHere {
+                title: "x".into(),
+                redirect: None,
+            },
+            Control::HeadChunk {
+                archive_id: id,
+                offset: 0,
+                total: 3,
+                bytes: vec![1, 2, 3],
+            },
+            Control::LeaseOk {
+                archive_id: id,
+                lease_ms: 5000,
+            },
+            Control::Cookie {
+                archive_id: id,
+                cookie: [1; 16],
+            },
+            Control::UnicastOk { archive_id: id },
+            Control::CompleteOk { archive_id: id },
+            Control::StatsReply { json: "{}".into() },
+            Control::Error {
+                code: ErrorCode::Busy,
+                message: "full".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trip_and_truncation() {
+        for msg in all() {
+            let e = Envelope::new(42, 7, msg);
+            let b = e.encode();
+            assert_eq!(Envelope::decode(&b).unwrap(), e);
+            for n in 0..b.len() {
+                assert!(Envelope::decode(&b[..n]).is_err(), "{e:?} truncated to {n}");
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Data-channel packets.
+//!
+//! ```text
+//! version:u8 kind:u8 flags:u16 archive_tag:[8] index:u64 loop_no:u32   (24-byte header)
+//! payload
+//! ```
+//! `kind` is SYNC (payload: [`SyncInfo`]), HASH (`index` = block, payload = the block's hash
+//! packet) or DATA (`index` = serial, payload = one symbol of the frames region).
+//! `archive_tag` is the first 8 bytes of the archive id: a receiver drops packets of any other
+//! archive before hashing them.
+
+use crate::archive::PacketId;
+use crate::codec::{Reader, Writer};
+
+use super::{check_version, WireError, WIRE_VERSION};
+
+pub const DATA_HEADER_LEN: usize = 24;
+
+const KIND_SYNC: u8 = 0;
+const KIND_HASH: u8 = 1;
+const KIND_DATA: u8 = 2;
+
+/// What a data-channel packet carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataKind {
+    Sync,
+    Packet(PacketId),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataHeader {
+    pub kind: DataKind,
+    pub archive_tag: [u8; 8],
+    /// Number of completed loops when this packet was sent (receivers use it for statistics).
+    pub loop_no: u32,
+}
+
+/// SYNC payload: announces a channel before and between loops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncInfo {
+    pub loop_packets: u64,
+    pub rate_bps: u64,
+}
+
+pub fn archive_tag(archive_id: &[u8; 16]) -> [u8; 8] {
+    archive_id[..8].try_into().expect("16 >= 8")
+}
+
+impl DataHeader {
+    pub fn encode_into(&self, out: &mut [u8; DATA_HEADER_LEN]) {
+        let (kind, index) = match self.kind {
+            DataKind::Sync => (KIND_SYNC, 0),
+            DataKind::Packet(PacketId::Hash(b)) => (KIND_HASH, b),
+            DataKind::Packet(PacketId::Data(s)) => (KIND_DATA, s),
+        };
+        out[0] = WIRE_VERSION;
+        out[1] = kind;
+        out[2..4].copy_from_slice(&0u16.to_le_bytes());
+        out[4..12].copy_from_slice(&self.archive_tag);
+        out[12..20].copy_from_slice(&index.to_le_bytes());
+        out[20..24].copy_from_slice(&self.loop_no.to_le_bytes());
+    }
+
+    /// Split a datagram into header and payload.
+    pub fn decode(buf: &[u8]) -> Result<(DataHeader, &[u8]), WireError> {
+        check_version(buf)?;
+        let mut r = Reader::new(buf);
+        r.u8("version")?;
+        let kind = r.u8("kind")?;
+        let _flags = r.u16("flags")?;
+        let archive_tag = r.array("archive_tag")?;
+        let index = r.u64("index")?;
+        let loop_no = r.u32("loop_no")?;
+        let kind = match kind {
+            KIND_SYNC => DataKind::Sync,
+            KIND_HASH => DataKind::Packet(PacketId::Hash(index)),
+            KIND_DATA => DataKind::Packet(PacketId::Data(index)),
+            k => return Err(WireError::Kind(k)),
+        };
+        Ok((
+            DataHeader {
+                kind,
+                archive_tag,
+                loop_no,
+            },
+            &buf[DATA_HEADER_LEN..],
+        ))
+    }
+}
+
+impl SyncInfo {
+    pub fn encode(&self) -> [u8; 16] {
+        let mut v = Vec::with_capacity(16);
+        v.put_u64(self.loop_packets);
+        v.put_u64(self.rate_bps);
+        v.try_into().expect("16 bytes")
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<SyncInfo, WireError> {
+        let mut r = Reader::new(buf);
+        Ok(SyncInfo {
+            loop_packets: r.u64("loop_packets")?,
+            rate_bps: r.u64("rate_bps")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        for kind in [
+            DataKind::Sync,
+            DataKind::Packet(PacketId::Hash(7)),
+            DataKind::Packet(PacketId::Data(u64::MAX)),
+        ] {
+            let h = DataHeader {
+                kind,
+                archive_tag: [3; 8],
+                loop_no: 9,
+            };
+            let mut b = [0u8; DATA_HEADER_LEN];
+            h.encode_into(&mut b);
+            let mut pkt = b.to_vec();
+            pkt.extend_from_slice(b"xyz");
+            let (d, p) = DataHeader::decode(&pkt).unwrap();
+            assert_eq!(d, h);
+            assert_eq!(p, b"xyz");
+        }
+        for n in 0..DATA_HEADER_LEN {
+            assert!(DataHeader::decode(&[1u8; DATA_HEADER_LEN][..n]).is_err());
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! Wire formats. Every message starts with a version byte; every `decode` takes untrusted
+//! bytes and returns an error, never panics (see `tests/wire_fuzz.rs`).
+//!
+//! * [`data`] — packets on a data channel (multicast group or unicast fallback): SYNC, hash
+//!   packets and data packets of the carousel loop.
+//! * [`control`] — request/response datagrams between `mcast-recv` and `mcastd`'s control
+//!   port: join, head download, keepalive, completion, unicast fallback with cookie, stats.
+
+pub mod control;
+pub mod data;
+
+/// Protocol version carried in the first byte of every datagram.
+pub const WIRE_VERSION: u8 = 1;
+
+/// Why bytes from the network were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("empty datagram")]
+    Empty,
+    #[error("protocol version {0} not supported (this build speaks {WIRE_VERSION})")]
+    Version(u8),
+    #[error("unknown message type {0}")]
+    Kind(u8),
+    #[error("truncated: {0}")]
+    Short(#[from] crate::codec::Short),
+    #[error("bad field {0}")]
+    Field(&'static str),
+}
+
+pub(crate) fn check_version(buf: &[u8]) -> Result<(), WireError> {
+    match buf.first() {
+        None => Err(WireError::Empty),
+        Some(&WIRE_VERSION) => Ok(()),
+        Some(&v) => Err(WireError::Version(v)),
+    }
+}
