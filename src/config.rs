@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::archive::CompressMode;
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub store: StoreConfig,
@@ -72,17 +72,6 @@ pub struct PackConfig {
 pub struct LogConfig {
     /// tracing filter, e.g. "info" or "mcast=debug". `RUST_LOG` overrides it.
     pub level: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            store: StoreConfig::default(),
-            pack: PackConfig::default(),
-            server: ServerConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 impl Default for StoreConfig {

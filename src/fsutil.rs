@@ -48,9 +48,14 @@ impl AtomicFile {
     /// fsync, rename over the target, fsync the directory.
     pub fn commit(mut self) -> io::Result<()> {
         let f = self.file.take().expect("file present until commit");
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&self.tmp, &self.target)?;
+        let res = f.sync_all().and_then(|()| {
+            drop(f);
+            fs::rename(&self.tmp, &self.target)
+        });
+        if res.is_err() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+        res?;
         sync_dir(parent_dir(&self.target))
     }
 }

@@ -945,8 +945,6 @@ fn force_replaces_an_archive_and_its_key() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "BUG: AtomicFile::commit (src/fsutil.rs) takes the file before fsync/rename, so a \
-            failed rename leaves the .tmp file (here: the whole decrypted plaintext) behind"]
 fn unpack_onto_a_directory_fails_without_leaving_plaintext_behind() {
     let env = Env::new();
     let data = random_bytes(3 * FS, 30);
@@ -973,8 +971,6 @@ fn unpack_onto_a_directory_fails_without_leaving_plaintext_behind() {
 }
 
 #[test]
-#[ignore = "BUG: AtomicFile::commit (src/fsutil.rs) leaves the .tmp archive behind when the \
-            rename fails; pack has already filed the new key, which is never pruned"]
 fn pack_force_onto_a_directory_fails_without_leaving_files_behind() {
     let env = Env::new();
     let target = archive::archive_path(&env.archives(), "dir-title");

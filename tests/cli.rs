@@ -664,8 +664,6 @@ fn archive_id_offset(path: &Path) -> usize {
 }
 
 #[test]
-#[ignore = "BUG: mcastd unpack looks up the key by the unverified head's title/archive id, \
-            so a tampered head is reported as a missing key (exit 1) instead of exit 3"]
 fn tampered_head_identity_fields_exit_3() {
     let site = Site::new();
     site.keygen();

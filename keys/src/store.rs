@@ -148,6 +148,16 @@ impl KeyStore {
         write_secret(&path, key.as_bytes())
     }
 
+    /// Delete the key of one archive (a pack that failed before its archive appeared).
+    pub fn remove_title_key(&self, title: &str, archive_id: &[u8; 16]) -> Result<(), KeyError> {
+        let path = self.key_path(title, archive_id)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&path, e)),
+        }
+    }
+
     /// Delete every key of `title` except the one for `keep` (or all keys when `None`).
     pub fn prune_title_keys(&self, title: &str, keep: Option<&[u8; 16]>) -> Result<(), KeyError> {
         let dir = self.title_dir(title)?;

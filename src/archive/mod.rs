@@ -222,8 +222,12 @@ impl ArchiveFile {
         }
         let mut pre = [0u8; PREAMBLE_LEN as usize];
         file.read_exact(&mut pre).map_err(io_err(path))?;
-        if &pre[..8] != PREAMBLE {
-            return Err(not("bad magic"));
+        if pre != preamble_bytes() {
+            return Err(not(if &pre[..8] != PREAMBLE {
+                "bad magic"
+            } else {
+                "unsupported format version or damaged preamble"
+            }));
         }
         let mut tail = [0u8; TAIL_LEN as usize];
         file.seek(SeekFrom::End(-(TAIL_LEN as i64)))

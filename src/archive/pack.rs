@@ -225,7 +225,7 @@ pub fn pack(
     let mut head = Head {
         advert: opts.advert,
         cipher,
-        compression: if opts.compress == CompressMode::None {
+        compression: if compressed_frames == 0 {
             Compression::None
         } else {
             Compression::Zstd
@@ -263,7 +263,13 @@ pub fn pack(
     if let Some(m) = &master {
         keys.put_title_key(&opts.title, &archive_id, m)?;
     }
-    out.commit().map_err(io_err(&target))?;
+    if let Err(e) = out.commit() {
+        // The new archive never appeared: its key must not linger either.
+        if master.is_some() {
+            let _ = keys.remove_title_key(&opts.title, &archive_id);
+        }
+        return Err(io_err(&target)(e));
+    }
     keys.prune_title_keys(&opts.title, master.as_ref().map(|_| &archive_id))?;
 
     Ok(PackReport {

@@ -235,6 +235,8 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
             let ks = KeyStore::open(&cfg.store.key_dir)?;
             let a = ArchiveFile::open(&resolve(&archive, &cfg.store.archive_dir))?;
             let id = ks.identity()?.public();
+            // Trust nothing in the head (title, archive id) before its signature checks out.
+            a.verify_signature(&id)?;
             let key = if a.head.advert {
                 None
             } else {
@@ -278,8 +280,8 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<24} {:>14} {:>14} {:>7} {:<18} {:>6} {:<6} {}",
-                "TITLE", "PLAIN", "ARCHIVE", "FRAMES", "CIPHER", "RATIO", "ADVERT", "WATERMARK"
+                "{:<24} {:>14} {:>14} {:>7} {:<18} {:>6} {:<6} WATERMARK",
+                "TITLE", "PLAIN", "ARCHIVE", "FRAMES", "CIPHER", "RATIO", "ADVERT"
             );
             for e in &entries {
                 if let Some(err) = &e.error {
