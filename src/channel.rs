@@ -11,7 +11,8 @@
 //! * Unicast fallback uses a stateless cookie (keyed BLAKE3 over address, receiver, archive and
 //!   a time epoch): the stream starts only once the requester proved it receives at that address.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::IpAddr;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +25,7 @@ use crate::pacer::Pacer;
 use crate::wire::control::{
     ArchiveId, CatalogItem, Control, Cookie, Envelope, ErrorCode, HEAD_CHUNK,
 };
-use crate::wire::data::{archive_tag, DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN};
+use crate::wire::data::{archive_tag, DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN, SYNC_LEN};
 
 /// Server protocol parameters (from `[server]` in `mcastd.toml`).
 #[derive(Clone, Debug)]
@@ -40,6 +41,41 @@ pub struct Params {
     pub cookie_epoch: Duration,
     /// Secret for unicast cookies (random per server start).
     pub cookie_secret: [u8; 32],
+    /// GRTT advertised before any member reported an RTT, and its bounds.
+    pub grtt_initial: Duration,
+    pub grtt_min: Duration,
+    pub grtt_max: Duration,
+    /// Largest share of a channel's packets that may be repairs (the rest is the loop).
+    pub repair_share: f64,
+    /// NAKs accepted per second from one source address (burst: one second's worth).
+    pub nak_rate: f64,
+    /// Units one NAK may ask for; more are ignored (and counted).
+    pub max_nak_units: u64,
+}
+
+impl Params {
+    /// Defaults for tests and the simulation: 16 loopback channel slots.
+    pub fn for_tests(rate_bps: u64) -> Params {
+        Params {
+            lease: Duration::from_secs(5),
+            sync_lead: Duration::from_millis(100),
+            sync_interval: Duration::from_millis(100),
+            rate_bps,
+            burst: Duration::from_millis(4),
+            groups: (0..16)
+                .map(|i| SocketAddrV4::new(std::net::Ipv4Addr::new(239, 255, 77, 1 + i), 7700 + i as u16))
+                .collect(),
+            max_unicast_per_channel: 64,
+            cookie_epoch: Duration::from_secs(10),
+            cookie_secret: [7; 32],
+            grtt_initial: Duration::from_millis(20),
+            grtt_min: Duration::from_millis(1),
+            grtt_max: Duration::from_secs(2),
+            repair_share: 0.5,
+            nak_rate: 5000.0,
+            max_nak_units: 8192,
+        }
+    }
 }
 
 /// A title this server can loop.
@@ -63,7 +99,7 @@ pub struct Transmit {
 
 #[derive(Clone, Debug)]
 pub enum TransmitPayload {
-    Sync([u8; 16]),
+    Sync([u8; SYNC_LEN]),
     Packet(PacketId),
 }
 
@@ -124,6 +160,18 @@ pub struct Counters {
     pub packets_sent: u64,
     pub payload_bytes_sent: u64,
     pub head_chunks_sent: u64,
+    /// NAK datagrams accepted, and the units they asked for.
+    pub naks_received: u64,
+    pub nak_units_received: u64,
+    /// NAKs dropped: malformed, unknown channel, or over the per-address rate.
+    pub naks_malformed: u64,
+    pub naks_unknown_channel: u64,
+    pub naks_rate_limited: u64,
+    /// Units out of range or beyond `max_nak_units` in one NAK.
+    pub nak_units_ignored: u64,
+    /// Units whose repair was already queued, or sent within the last GRTT.
+    pub nak_units_coalesced: u64,
+    pub repairs_sent: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -147,6 +195,14 @@ pub struct Stats {
 struct Member {
     lease_until: Instant,
     unicast: Option<SocketAddr>,
+    /// Last control RTT the receiver reported (0 = none yet).
+    rtt_us: u32,
+}
+
+/// NAK-rate bucket of one source address.
+struct NakBucket {
+    tokens: f64,
+    at: Instant,
 }
 
 struct Channel {
@@ -163,9 +219,30 @@ struct Channel {
     dests: Arc<[SocketAddr]>,
     symbol_size: usize,
     packets_sent: u64,
+    /// Loop positions to repair (ordered, so a block's hash packet precedes its data).
+    repair_pending: BTreeSet<u64>,
+    /// When the current NAK aggregation window ends.
+    repair_due: Option<Instant>,
+    /// Repair credit: grows with loop packets, spent by repairs.
+    repair_tokens: f64,
+    /// Unit → when it was last repaired (NAKs for it within a GRTT are stale).
+    repaired_at: HashMap<u64, Instant>,
 }
 
 impl Channel {
+    fn grtt(&self, p: &Params) -> Duration {
+        let max = self.members.values().map(|m| m.rtt_us).max().unwrap_or(0);
+        if max == 0 {
+            p.grtt_initial
+        } else {
+            Duration::from_micros(max as u64).clamp(p.grtt_min, p.grtt_max)
+        }
+    }
+
+    fn repair_ready(&self, now: Instant) -> bool {
+        self.repair_tokens >= 1.0 && self.repair_due.is_some_and(|t| t <= now) && !self.repair_pending.is_empty()
+    }
+
     fn rebuild_dests(&mut self) {
         let mut d: Vec<SocketAddr> = vec![SocketAddr::V4(self.group)];
         d.extend(self.members.values().filter_map(|m| m.unicast));
@@ -202,7 +279,13 @@ pub struct ChannelManager {
     replies: VecDeque<(SocketAddr, Vec<u8>)>,
     events: VecDeque<Event>,
     counters: Counters,
+    nak_buckets: HashMap<IpAddr, NakBucket>,
+    /// Leases are checked at most this often (a scan of every member), so expiry is
+    /// noticed up to `LEASE_CHECK` late.
+    next_lease_check: Instant,
 }
+
+const LEASE_CHECK: Duration = Duration::from_millis(50);
 
 impl ChannelManager {
     pub fn new(params: Params, titles: Vec<TitleInfo>, now: Instant) -> ChannelManager {
@@ -217,6 +300,8 @@ impl ChannelManager {
             replies: VecDeque::new(),
             events: VecDeque::new(),
             counters: Counters::default(),
+            nak_buckets: HashMap::new(),
+            next_lease_check: now,
         };
         for t in titles {
             m.add_title(t);
@@ -291,6 +376,10 @@ impl ChannelManager {
 
     /// One datagram arrived on the control port.
     pub fn handle_control(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        if crate::wire::nak::is_nak(datagram) {
+            self.handle_nak(now, from, datagram);
+            return;
+        }
         self.counters.control_received += 1;
         let env = match Envelope::decode(datagram) {
             Ok(e) => e,
@@ -348,7 +437,9 @@ impl ChannelManager {
                     },
                 );
             }
-            Control::Keepalive { archive_id, .. } => {
+            Control::Keepalive {
+                archive_id, rtt_us, ..
+            } => {
                 let lease = self.params.lease;
                 let member = self
                     .channel_of(&archive_id)
@@ -357,6 +448,9 @@ impl ChannelManager {
                 match member {
                     Some(m) => {
                         m.lease_until = now + lease;
+                        if rtt_us > 0 {
+                            m.rtt_us = rtt_us;
+                        }
                         self.reply(
                             from,
                             &env,
@@ -524,6 +618,7 @@ impl ChannelManager {
                 Member {
                     lease_until: now + lease,
                     unicast: None,
+                    rtt_us: 0,
                 },
             )
             .is_none_or(|old| {
@@ -574,6 +669,10 @@ impl ChannelManager {
             dests: Arc::from(Vec::new()),
             symbol_size: info.head.symbol_size as usize,
             packets_sent: 0,
+            repair_pending: BTreeSet::new(),
+            repair_due: None,
+            repair_tokens: 0.0,
+            repaired_at: HashMap::new(),
         };
         c.rebuild_dests();
         self.channels.insert(id, c);
@@ -608,6 +707,10 @@ impl ChannelManager {
 
     /// Expire leases and close channels nobody holds any more.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_lease_check {
+            return;
+        }
+        self.next_lease_check = now + LEASE_CHECK;
         for (id, c) in self.channels.iter_mut() {
             let before = c.members.len();
             let mut expired = Vec::new();
@@ -634,36 +737,35 @@ impl ChannelManager {
 
     /// The earliest moment something is due: a packet, a SYNC, or a lease expiry.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.channels
-            .values()
-            .flat_map(|c| {
-                let lease = c.members.values().map(|m| m.lease_until).min();
-                std::iter::once(c.due()).chain(lease)
-            })
-            .min()
+        let due = self.channels.values().map(|c| c.due()).min()?;
+        Some(due.min(self.next_lease_check))
     }
 
     /// The next data-channel packet due at `now`, if any. Call until `None`.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        let params = &self.params;
         let (&id, c) = self
             .channels
             .iter_mut()
             .filter(|(_, c)| c.due() <= now)
             .min_by_key(|(_, c)| c.due())?;
+        let mut header = [0u8; DATA_HEADER_LEN];
         if c.next_sync <= now {
-            c.next_sync = now + self.params.sync_interval;
+            c.next_sync = now + params.sync_interval;
             let info = SyncInfo {
                 loop_packets: c.carousel.shape().loop_packets(),
                 rate_bps: c.pacer.rate_bps(),
+                grtt_us: c.grtt(params).as_micros().min(u32::MAX as u128) as u32,
+                group_size: c.members.len().max(1) as u32,
             };
-            let mut header = [0u8; DATA_HEADER_LEN];
             DataHeader {
                 kind: DataKind::Sync,
+                repair: false,
                 archive_tag: c.tag,
                 loop_no: c.carousel.loops(),
             }
             .encode_into(&mut header);
-            c.pacer.on_send(now, DATA_HEADER_LEN + 16);
+            c.pacer.on_send(now, DATA_HEADER_LEN + SYNC_LEN);
             self.counters.sync_sent += 1;
             return Some(Transmit {
                 channel: id,
@@ -674,10 +776,29 @@ impl ChannelManager {
             });
         }
         let loop_no = c.carousel.loops();
-        let pkt = c.carousel.next_packet().expect("non-empty loop");
-        let mut header = [0u8; DATA_HEADER_LEN];
+        let shape = *c.carousel.shape();
+        let (pkt, repair) = if c.repair_ready(now) {
+            let pos = c.repair_pending.pop_first().expect("repair_ready checked");
+            if c.repair_pending.is_empty() {
+                c.repair_due = None;
+            }
+            c.repair_tokens -= 1.0;
+            let pkt = shape.packet_at(pos);
+            c.repaired_at
+                .insert(shape.unit_index(pkt).expect("in range"), now);
+            self.counters.repairs_sent += 1;
+            (pkt, true)
+        } else {
+            let pkt = c.carousel.next_packet().expect("non-empty loop");
+            // Sent in the loop now: a queued repair of it is moot.
+            c.repair_pending.remove(&crate::receiver::nak::NakEngine::loop_pos(&shape, pkt));
+            let share = params.repair_share.clamp(0.0, 0.95);
+            c.repair_tokens = (c.repair_tokens + share / (1.0 - share)).min(64.0);
+            (pkt, false)
+        };
         DataHeader {
             kind: DataKind::Packet(pkt),
+            repair,
             archive_tag: c.tag,
             loop_no,
         }
@@ -693,6 +814,69 @@ impl ChannelManager {
             payload: TransmitPayload::Packet(pkt),
             dests: c.dests.clone(),
         })
+    }
+
+    /// A NAK arrived on the control port: queue repairs, within bounds. Floods from one
+    /// address are rate-limited, absurd ranges clipped, and units already queued, or repaired
+    /// within the last GRTT, coalesced, so no NAK pattern can stall the loop.
+    fn handle_nak(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let nak = match crate::wire::nak::Nak::decode(datagram) {
+            Ok(n) => n,
+            Err(_) => {
+                self.counters.naks_malformed += 1;
+                return;
+            }
+        };
+        let rate = self.params.nak_rate.max(1.0);
+        let b = self.nak_buckets.entry(from.ip()).or_insert(NakBucket { tokens: rate, at: now });
+        b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate).min(rate);
+        b.at = now;
+        if b.tokens < 1.0 {
+            self.counters.naks_rate_limited += 1;
+            return;
+        }
+        b.tokens -= 1.0;
+        if self.nak_buckets.len() > 4096 {
+            self.nak_buckets.retain(|_, b| now.saturating_duration_since(b.at) < Duration::from_secs(2));
+        }
+        let params = &self.params;
+        let Some(c) = self.channels.values_mut().find(|c| c.tag == nak.archive_tag) else {
+            self.counters.naks_unknown_channel += 1;
+            return;
+        };
+        self.counters.naks_received += 1;
+        let shape = *c.carousel.shape();
+        let units = shape.loop_packets();
+        let grtt = c.grtt(params);
+        let mut budget = params.max_nak_units;
+        for &(first, len) in &nak.ranges {
+            let end = first.saturating_add(len as u64);
+            let in_range = first.min(units)..end.min(units);
+            self.counters.nak_units_ignored += (end - first) - (in_range.end - in_range.start);
+            for u in in_range {
+                if budget == 0 {
+                    self.counters.nak_units_ignored += 1;
+                    continue;
+                }
+                budget -= 1;
+                self.counters.nak_units_received += 1;
+                let recent = c
+                    .repaired_at
+                    .get(&u)
+                    .is_some_and(|t| now.saturating_duration_since(*t) < grtt);
+                let pos = crate::receiver::nak::NakEngine::loop_pos(&shape, shape.unit_packet(u));
+                if recent || !c.repair_pending.insert(pos) {
+                    self.counters.nak_units_coalesced += 1;
+                }
+            }
+        }
+        if !c.repair_pending.is_empty() && c.repair_due.is_none() {
+            // Aggregate NAKs for one GRTT before repairing.
+            c.repair_due = Some(now + grtt);
+        }
+        if c.repaired_at.len() > 65_536 {
+            c.repaired_at.retain(|_, t| now.saturating_duration_since(*t) < grtt);
+        }
     }
 
     fn epoch(&self, now: Instant) -> u64 {

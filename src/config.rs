@@ -16,6 +16,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub pack: PackConfig,
     pub server: ServerConfig,
+    pub tickets: TicketsConfig,
     pub log: LogConfig,
 }
 
@@ -46,6 +47,17 @@ pub struct ServerConfig {
     pub max_unicast_per_channel: usize,
     /// Send buffer requested for the data socket (the kernel may grant less; it is logged).
     pub send_buffer: usize,
+    /// Group RTT advertised before receivers report theirs, in milliseconds.
+    pub grtt_initial_ms: u64,
+    /// Floor and ceiling of the advertised group RTT.
+    pub grtt_min_us: u64,
+    pub grtt_max_ms: u64,
+    /// Largest share (0..0.95) of a channel's packets that repairs may take.
+    pub repair_share: f64,
+    /// NAKs per second accepted from one address.
+    pub nak_rate: f64,
+    /// Packets one NAK may ask for.
+    pub max_nak_units: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -65,6 +77,26 @@ pub struct PackConfig {
     pub cipher: String,
     pub compress: String,
     pub zstd_level: i32,
+}
+
+/// `[tickets]`: the play-ticket validation database.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TicketsConfig {
+    /// SQLite file holding every ticket's server-side key part (wrapped) and plays left.
+    pub db: PathBuf,
+    /// A play request repeated with the same receiver key within this many seconds of its
+    /// grant gets the grant again without using a play (a lost reply over UDP).
+    pub retry_secs: u64,
+}
+
+impl Default for TicketsConfig {
+    fn default() -> Self {
+        TicketsConfig {
+            db: PathBuf::from("mcast-data/tickets.sqlite"),
+            retry_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -110,6 +142,12 @@ impl Default for ServerConfig {
             sync_interval_ms: 100,
             max_unicast_per_channel: 64,
             send_buffer: 4 << 20,
+            grtt_initial_ms: 20,
+            grtt_min_us: 1000,
+            grtt_max_ms: 2000,
+            repair_share: 0.5,
+            nak_rate: 5000.0,
+            max_nak_units: 8192,
         }
     }
 }
@@ -231,6 +269,24 @@ impl Config {
         if sv.lease_ms < 100 {
             return Err(field("server.lease_ms", "must be at least 100".into()));
         }
+        if !(0.0..=0.95).contains(&sv.repair_share) {
+            return Err(field("server.repair_share", format!("{} is outside 0 ..= 0.95", sv.repair_share)));
+        }
+        if !(sv.nak_rate > 0.0 && sv.nak_rate.is_finite()) {
+            return Err(field("server.nak_rate", "must be positive".into()));
+        }
+        if sv.grtt_min_us == 0 || sv.grtt_min_us > sv.grtt_max_ms * 1000 {
+            return Err(field("server.grtt_min_us", "must be at least 1 and not above grtt_max_ms".into()));
+        }
+        if self.tickets.db.as_os_str().is_empty() {
+            return Err(field("tickets.db", "must name a file".into()));
+        }
+        if self.tickets.retry_secs > 3600 {
+            return Err(field(
+                "tickets.retry_secs",
+                format!("{} is above 3600", self.tickets.retry_secs),
+            ));
+        }
         if sv.sync_interval_ms == 0 {
             return Err(field(
                 "server.sync_interval_ms",
@@ -263,6 +319,12 @@ impl Config {
             max_unicast_per_channel: sv.max_unicast_per_channel,
             cookie_epoch: Duration::from_secs(10),
             cookie_secret,
+            grtt_initial: Duration::from_millis(sv.grtt_initial_ms),
+            grtt_min: Duration::from_micros(sv.grtt_min_us),
+            grtt_max: Duration::from_millis(sv.grtt_max_ms),
+            repair_share: sv.repair_share,
+            nak_rate: sv.nak_rate,
+            max_nak_units: sv.max_nak_units,
         }
     }
 
@@ -312,6 +374,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("archive_dri") && e.contains("x.toml"), "{e}");
+        let e = Config::parse("[tickets]\nretry_secs = 7200\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tickets.retry_secs"), "{e}");
+        let e = Config::parse("[tickets]\ndb = \"\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tickets.db"), "{e}");
         let e = Config::parse("[pack]\nframe_size = \"big\"\n", p)
             .unwrap_err()
             .to_string();

@@ -4,6 +4,7 @@
 //! * [`config`] — `mcastd.toml`.
 //! * [`codec`] — bounds-checked byte reading shared by every format.
 //! * [`fsutil`] — crash-safe file writing.
+//! * [`ticket`], [`ticketdb`] — play-ticket validation and the server's validation database.
 
 pub mod archive;
 pub mod carousel;
@@ -13,5 +14,10 @@ pub mod codec;
 pub mod config;
 pub mod fsutil;
 pub mod pacer;
+pub mod receiver;
 pub mod server;
+pub mod sim;
+pub mod ticket;
+pub mod ticketadmin;
+pub mod ticketdb;
 pub mod wire;

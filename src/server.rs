@@ -85,6 +85,12 @@ pub fn data_socket(cfg: &Config) -> anyhow::Result<UdpSocket> {
 pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let ks = mcast_keys::KeyStore::open(&cfg.store.key_dir)?;
     let trusted = ks.identity()?.public();
+    let mut tickets = crate::ticket::TicketService::open(
+        &cfg.tickets.db,
+        &ks,
+        trusted,
+        cfg.tickets.retry_secs,
+    )?;
     let (titles, files) = load_titles(&cfg.store.archive_dir, &trusted)?;
     if titles.is_empty() {
         tracing::warn!(dir = %cfg.store.archive_dir.display(), "no archives to serve; pack one with `mcastd pack`");
@@ -97,7 +103,8 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     })?;
     ctrl.set_nonblocking(true)?;
     let data = data_socket(cfg)?;
-    tracing::info!(control = %ctrl.local_addr()?, titles = titles.len(), identity = %trusted.fingerprint(), "mcastd serving");
+    tracing::info!(control = %ctrl.local_addr()?, titles = titles.len(), identity = %trusted.fingerprint(),
+        tickets = %tickets.db_path().display(), "mcastd serving");
 
     let mut mgr = ChannelManager::new(cfg.channel_params(), titles, Instant::now());
     let mut buf = vec![0u8; MAX_CONTROL_LEN + 1];
@@ -107,7 +114,18 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let now = Instant::now();
         for _ in 0..256 {
             match ctrl.recv_from(&mut buf) {
-                Ok((n, from)) => mgr.handle_control(now, from, &buf[..n]),
+                Ok((n, from)) => {
+                    // Play tickets go to the ticket service; everything else to the channels.
+                    let unix = crate::ticket::unix_now();
+                    match tickets.handle_datagram(&buf[..n], from, unix) {
+                        Some(reply) => {
+                            if let Err(e) = ctrl.send_to(&reply, from) {
+                                tracing::debug!(to = %from, error = %e, "play reply not sent");
+                            }
+                        }
+                        None => mgr.handle_control(now, from, &buf[..n]),
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {

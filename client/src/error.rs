@@ -10,6 +10,8 @@ pub enum Failure {
     NotFound = 5,
     DiskFull = 6,
     Timeout = 7,
+    /// A play ticket was refused (expired, revoked, used up, forged, not for this title ...).
+    TicketRefused = 8,
     Interrupted = 130,
 }
 

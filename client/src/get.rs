@@ -20,13 +20,15 @@ use std::time::{Duration, Instant};
 
 use mcast::archive::{self, ArchiveFile, Head, PacketId};
 use mcast::wire::control::{Control, Envelope, ErrorCode, HEAD_CHUNK, MAX_CONTROL_LEN};
-use mcast::wire::data::{archive_tag, DataHeader, DataKind};
+use mcast::receiver::nak::NakEngine;
+use mcast::wire::data::{archive_tag, DataHeader, DataKind, SyncInfo};
+use mcast::wire::nak::{is_nak, Nak};
 use mcast_keys::PublicIdentity;
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::control::ControlClient;
-use crate::download::{Download, Verdict};
+use mcast::receiver::download::{Download, Verdict};
 use crate::error::{Failure, RecvError};
 use crate::state::State;
 
@@ -90,7 +92,17 @@ pub struct GetReport {
     pub foreign: u64,
     pub malformed: u64,
     pub unicast: bool,
+    /// NAK datagrams sent, units asked for, units whose NAK another receiver's suppressed.
+    pub naks_sent: u64,
+    pub units_naked: u64,
+    pub units_suppressed: u64,
+    /// Repair packets received (including ones for units already held).
+    pub repairs_received: u64,
+    /// Whole run, from start-up (join, head download) to the verified archive.
     pub seconds: f64,
+    /// From the first loop packet to the last missing one (the part the loop and repairs
+    /// decide; compare it with `loop_bytes * 8 / rate`).
+    pub receive_seconds: f64,
 }
 
 #[derive(Serialize)]
@@ -174,7 +186,12 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 foreign: 0,
                 malformed: 0,
                 unicast: false,
+                naks_sent: 0,
+                units_naked: 0,
+                units_suppressed: 0,
+                repairs_received: 0,
                 seconds: started.elapsed().as_secs_f64(),
+                receive_seconds: 0.0,
             });
         }
     }
@@ -206,7 +223,15 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     tracing::info!(title = %opts.title, %group, units = dl.units(), have = units_at_start, "receiving");
 
     let mcast = multicast_socket(group, opts.iface, opts.recv_buffer)?;
+    let nak_out = nak_socket(opts.iface)?;
     let tag = archive_tag(&archive_id);
+    let mut nak = NakEngine::new(*dl.shape(), rand::random());
+    let mut repairs_received = 0u64;
+    let mut first_packet: Option<Instant> = None;
+    let mut last_loop_no: Option<u32> = None;
+    let mut last_write = Instant::now();
+    let mut rtt_us = 0u32;
+    let mut keepalive_sent: Option<(u32, Instant)> = None;
     let mut unicast: Option<UdpSocket> = None;
     let mut unicast_ok = false;
     let mut heard = false;
@@ -266,12 +291,30 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         }
         let now = Instant::now();
         if now >= next_keepalive {
-            ctl.send(Control::Keepalive {
+            let id = ctl.send(Control::Keepalive {
                 archive_id,
                 have: dl.have_count(),
                 total: dl.units(),
+                rtt_us,
             });
+            keepalive_sent = Some((id, now));
             next_keepalive = now + keepalive_every;
+        }
+        // NAK timers: hold-offs that expired, and a NAK whose back-off ran out.
+        nak.handle_timeout(now, |u| dl.has_or_parked(u));
+        while let Some(ranges) = nak.poll_nak(now) {
+            tracing::trace!(first = ranges[0].0, ranges = ranges.len(), missing = dl.units() - dl.have_count(), "NAK");
+            let bytes = Nak {
+                archive_tag: tag,
+                receiver_id,
+                ranges,
+            }
+            .encode();
+            let _ = ctl.sock.send_to(&bytes, opts.server);
+            if !unicast_ok {
+                // On the group too, so other receivers suppress their NAKs for these units.
+                let _ = nak_out.send_to(&bytes, group);
+            }
         }
         if !heard && !unicast_ok && now >= next_fallback_try {
             let s = unicast.get_or_insert_with(|| {
@@ -283,6 +326,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
             match unicast_handshake(&mut ctl, s, archive_id) {
                 Ok(()) => {
                     unicast_ok = true;
+                    nak.set_unicast(true);
                     tracing::info!(local = ?s.local_addr().ok(), "unicast fallback active");
                 }
                 Err(e) => {
@@ -328,7 +372,11 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 nix::poll::PollFlags::POLLIN,
             ));
         }
-        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(20u16)) {
+        let wait_ms = nak
+            .poll_timeout()
+            .map(|t| t.saturating_duration_since(Instant::now()).as_millis().min(20) as u16)
+            .unwrap_or(20);
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait_ms)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(RecvError::new(Failure::Other, format!("poll: {e}"))),
         }
@@ -340,6 +388,15 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
             if from != opts.server {
                 continue;
             }
+            let env = Envelope::decode(&ctl_buf[..n]);
+            if let (Ok(Envelope { req_id, msg: Control::LeaseOk { .. }, .. }), Some((id, at))) =
+                (&env, keepalive_sent)
+            {
+                if *req_id == id {
+                    rtt_us = at.elapsed().as_micros().clamp(1, u32::MAX as u128) as u32;
+                    keepalive_sent = None;
+                }
+            }
             if let Ok(Envelope {
                 msg:
                     Control::Error {
@@ -347,7 +404,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                         ..
                     },
                 ..
-            }) = Envelope::decode(&ctl_buf[..n])
+            }) = env
             {
                 tracing::info!(
                     "server forgot this session (restart or lease expiry): joining again"
@@ -379,6 +436,16 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                     Ok(n) => n,
                     Err(_) => break,
                 };
+                if is_nak(&buf[..n]) {
+                    match Nak::decode(&buf[..n]) {
+                        Ok(h) if h.archive_tag == tag && h.receiver_id != receiver_id => {
+                            nak.on_nak_heard(Instant::now(), h.units());
+                        }
+                        Ok(_) => {}
+                        Err(_) => malformed += 1,
+                    }
+                    continue;
+                }
                 let Ok((hdr, payload)) = DataHeader::decode(&buf[..n]) else {
                     malformed += 1;
                     continue;
@@ -387,13 +454,54 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                     foreign += 1;
                     continue;
                 }
-                heard = true;
-                let DataKind::Packet(id) = hdr.kind else {
-                    continue;
+                let id = match hdr.kind {
+                    DataKind::Sync => {
+                        if let Ok(info) = SyncInfo::decode(payload) {
+                            nak.on_sync(info.grtt_us, info.group_size);
+                        }
+                        continue;
+                    }
+                    DataKind::Packet(id) => id,
                 };
                 received_packets += 1;
                 received_bytes += payload.len() as u64;
-                if let Verdict::Write { offset } = dl.on_packet(id, payload) {
+                repairs_received += hdr.repair as u64;
+                first_packet.get_or_insert_with(Instant::now);
+                if !hdr.repair && last_loop_no != Some(hdr.loop_no) {
+                    if last_loop_no.is_some() {
+                        tracing::debug!(loop_no = hdr.loop_no, missing = dl.units() - dl.have_count(), nak_table = nak.table_len(), "loop wrapped");
+                    }
+                    last_loop_no = Some(hdr.loop_no);
+                }
+                let verdict = dl.on_packet(id, payload);
+                // Only verified packets may move the NAK engine (and prove the channel works):
+                // a forged position must not mark a loop's worth of units missing.
+                match verdict {
+                    Verdict::Write { .. } => {
+                        heard = true;
+                        nak.on_packet(Instant::now(), id, hdr.repair, |u| dl.has_or_parked(u));
+                    }
+                    Verdict::Parked => {
+                        if let PacketId::Data(s) = id {
+                            nak.on_parked(Instant::now(), s, |u| dl.has_or_parked(u));
+                        }
+                    }
+                    Verdict::Duplicate => {
+                        if let PacketId::Hash(b) = id {
+                            heard |= !heard && dl.hash_packet_valid(b, payload);
+                        }
+                    }
+                    Verdict::NoHashYet | Verdict::Rejected => {}
+                }
+                for unit in dl.take_unpark_rejects() {
+                    nak.on_lost(Instant::now(), unit);
+                }
+                for (offset, bytes) in dl.take_released() {
+                    part.write_all_at(&bytes, offset).map_err(|e| RecvError::io("cannot write", &part_path, e))?;
+                    dirty = true;
+                }
+                if let Verdict::Write { offset } = verdict {
+                    last_write = Instant::now();
                     part.write_all_at(payload, offset).map_err(|e| {
                         let _ = checkpoint(&dl, &mut state, &part);
                         RecvError::io("cannot write", &part_path, e)
@@ -446,7 +554,12 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         foreign,
         malformed,
         unicast: unicast_ok,
+        naks_sent: nak.counters.naks_sent,
+        units_naked: nak.counters.units_naked,
+        units_suppressed: nak.counters.units_suppressed,
+        repairs_received,
         seconds: started.elapsed().as_secs_f64(),
+        receive_seconds: first_packet.map(|f| last_write.saturating_duration_since(f).as_secs_f64()).unwrap_or(0.0),
     })
 }
 
@@ -684,6 +797,23 @@ fn multicast_socket(
         .map_err(|e| err("bind", e))?;
     s.join_multicast_v4(group.ip(), &iface)
         .map_err(|e| err("join", e))?;
+    Ok(s.into())
+}
+
+/// Socket NAKs are multicast from (a socket bound to the group address cannot send: its
+/// source would be a multicast address): out of `iface`, looped back to receivers on this
+/// host.
+fn nak_socket(iface: Ipv4Addr) -> Result<UdpSocket, RecvError> {
+    let err = |what: &str, e: std::io::Error| {
+        RecvError::new(Failure::Other, format!("NAK socket on {iface}: {what}: {e}"))
+    };
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+        .map_err(|e| err("socket", e))?;
+    s.set_multicast_if_v4(&iface).map_err(|e| err("IP_MULTICAST_IF", e))?;
+    s.set_multicast_loop_v4(true).map_err(|e| err("IP_MULTICAST_LOOP", e))?;
+    s.set_multicast_ttl_v4(1).map_err(|e| err("IP_MULTICAST_TTL", e))?;
+    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())
+        .map_err(|e| err("bind", e))?;
     Ok(s.into())
 }
 

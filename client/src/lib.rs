@@ -1,9 +1,9 @@
-//! mcast-recv: the receiver. [`download`] is the sans-I/O state machine that decides what is
-//! written; [`get`] is the driver with the sockets and files; [`state`] the crash-safe
-//! progress record.
+//! mcast-recv: the receiver driver. The protocol logic (what to write, when to NAK) lives in
+//! `mcast::receiver`; [`get`] owns the sockets and files; [`state`] is the crash-safe
+//! progress record; [`play`] exchanges a play ticket for the key and decrypts.
 
 pub mod control;
-pub mod download;
 pub mod error;
 pub mod get;
+pub mod play;
 pub mod state;

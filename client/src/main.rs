@@ -19,9 +19,11 @@ use mcast_recv::get::{get, GetOptions};
 #[command(
     name = "mcast-recv",
     version,
-    about = "mcast receiver: fetches archives from an mcast server's carousel to disk",
+    about = "mcast receiver: fetches archives from an mcast server's carousel to disk, and plays them with a ticket",
     after_help = "Exit status: 0 done; 1 failure; 2 bad usage; 3 integrity failure; 4 server unreachable; \
-                  5 title not found; 6 disk full; 7 timed out; 130 interrupted. After 1, 4, 6, 7 or 130 \
+                  5 title not found (play: archive not downloaded); 6 disk full; 7 timed out; \
+                  8 play ticket refused (expired, revoked, already used, forged or modified, not for \
+                  this title or archive); 130 interrupted. After 1, 4, 6, 7 or 130 \
                   the same command resumes where it stopped."
 )]
 struct Cli {
@@ -66,6 +68,35 @@ enum Cmd {
         #[arg(long, short, default_value = "127.0.0.1:7600")]
         server: String,
     },
+    /// Play a downloaded title with a play ticket: the server checks the ticket and releases
+    /// its half of the key; the plaintext goes to OUT (written atomically) or stdout.
+    /// No key part is ever written to disk.
+    Play {
+        /// Title to play (DIR/<title>.mca must be complete: see `get`).
+        title: String,
+        /// Ticket file from `mcastd ticket issue`.
+        #[arg(long)]
+        ticket: PathBuf,
+        /// Directory holding <title>.mca.
+        #[arg(long, short, default_value = ".")]
+        dir: PathBuf,
+        /// Output file, or "-" for stdout (e.g. `| mpv -`).
+        #[arg(long, short, default_value = "-")]
+        output: PathBuf,
+        /// Server control endpoint (the server that issued the ticket).
+        #[arg(long, short, default_value = "127.0.0.1:7600")]
+        server: String,
+        /// Server identity (64 hex chars). Default: the key that signed the archive on disk.
+        #[arg(long)]
+        server_key: Option<String>,
+        /// Also check every packet against the signed manifest while decrypting (the download
+        /// already did; every frame is authenticated either way).
+        #[arg(long)]
+        verify_packets: bool,
+        /// Print the final report as JSON (on stderr when the plaintext goes to stdout).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a server's counters and open channels (JSON).
     Stats {
         #[arg(long, short, default_value = "127.0.0.1:7600")]
@@ -85,8 +116,63 @@ fn resolve(s: &str) -> Result<SocketAddr, RecvError> {
         })
 }
 
+fn parse_server_key(k: &str) -> Result<PublicIdentity, RecvError> {
+    hex::decode(k)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .map(PublicIdentity)
+        .ok_or_else(|| RecvError::new(Failure::Usage, "--server-key: expected 64 hex characters"))
+}
+
 fn run(cli: Cli) -> Result<(), RecvError> {
     match cli.cmd {
+        Cmd::Play {
+            title,
+            ticket,
+            dir,
+            output,
+            server,
+            server_key,
+            verify_packets,
+            json,
+        } => {
+            use mcast_recv::play::{play, PlayOptions, PlayOutput};
+            let out = if output.as_os_str() == "-" {
+                PlayOutput::Stdout
+            } else {
+                PlayOutput::File(output)
+            };
+            let to_stdout = out == PlayOutput::Stdout;
+            if to_stdout && std::io::stdout().is_terminal() {
+                return Err(RecvError::new(
+                    Failure::Usage,
+                    "refusing to write media to a terminal: give -o FILE, or pipe into a player (| mpv -)",
+                ));
+            }
+            let mut o = PlayOptions::new(resolve(&server)?, &title, &ticket, out);
+            o.dir = dir;
+            o.server_key = server_key.as_deref().map(parse_server_key).transpose()?;
+            o.verify_packets = verify_packets;
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                let _ = signal_hook::flag::register(sig, stop.clone());
+            }
+            let r = play(&o, stop)?;
+            let line = if json {
+                serde_json::to_string(&r).unwrap()
+            } else {
+                format!(
+                    "{}: played with ticket {} -> {} ({} bytes, {} frames authenticated, {:.0} MB/s)",
+                    r.title, r.ticket_id, r.output, r.bytes, r.frames, r.mb_per_s
+                )
+            };
+            if to_stdout {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+            Ok(())
+        }
         Cmd::Get {
             title,
             server,

@@ -27,4 +27,10 @@ pub enum KeyError {
     Open,
     #[error("signature does not verify against the server identity")]
     BadSignature,
+    #[error("receiver public key is not a usable X25519 key")]
+    BadReceiverKey,
+    #[error("the key part from the server does not open with this play's key (damaged, or an answer to another request)")]
+    GrantOpen,
+    #[error("a wrapped key part in the ticket database does not open: the key store's tickets.key is not the one the database was written with, or the record was modified")]
+    Unwrap,
 }

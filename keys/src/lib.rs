@@ -6,6 +6,9 @@
 //!   frame key) and AEAD sealing with AES-256-GCM or ChaCha20-Poly1305.
 //! * [`Identity`] — the server's Ed25519 signing key, which signs archive manifests.
 //! * [`KeyStore`] — a directory of 0600 files written atomically.
+//! * [`ticket`] — play tickets: the per-ticket key split (A in the signed ticket, B in the
+//!   server's database) and the ticket format; [`seal`] — part B sealed to a receiver (HPKE)
+//!   and wrapped at rest; [`LockedKey`] — the recombined key in locked memory.
 //!
 //! Secrets are wiped on drop (`zeroize`).
 
@@ -13,11 +16,15 @@ pub mod cipher;
 pub mod error;
 pub mod frame;
 pub mod identity;
+pub mod locked;
 pub mod master;
+pub mod seal;
 pub mod store;
+pub mod ticket;
 
 pub use cipher::Cipher;
 pub use error::KeyError;
 pub use identity::{Identity, PublicIdentity, SIGNATURE_LEN};
+pub use locked::LockedKey;
 pub use master::{KeyId, MasterKey};
 pub use store::KeyStore;

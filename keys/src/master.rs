@@ -24,6 +24,11 @@ impl MasterKey {
         &self.0
     }
 
+    /// For building a key in place (locked memory) without a copy on the stack.
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8; 32] {
+        &mut self.0
+    }
+
     /// Key id for this key bound to one archive (`archive_id`): reveals nothing about the key
     /// (keyed BLAKE3 is a PRF) and differs per archive, so ids cannot be linked across titles.
     pub fn key_id(&self, archive_id: &[u8; 16]) -> KeyId {

@@ -5,6 +5,7 @@
 //! ```text
 //! <dir>/identity.ed25519        32-byte Ed25519 seed (server identity)
 //! <dir>/titles/<title>/<archive-id>.key   32-byte master key of one archive of a title
+//! <dir>/tickets.key             32-byte key wrapping the server's key parts in the ticket DB
 //! ```
 //!
 //! Keys are filed per archive id so that re-packing a title (`--force`) never leaves a window
@@ -22,6 +23,7 @@ use crate::{Identity, KeyError, MasterKey};
 
 const IDENTITY_FILE: &str = "identity.ed25519";
 const TITLES_DIR: &str = "titles";
+const TICKETS_KEY_FILE: &str = "tickets.key";
 
 /// A directory of secrets. Cheap to construct; every call touches the disk.
 #[derive(Clone, Debug)]
@@ -89,6 +91,24 @@ impl KeyStore {
         }
         let bytes = read_secret32(&path)?;
         Ok(Identity::from_secret(&bytes))
+    }
+
+    /// The key that wraps part B of every ticket in the ticket database, created (0600) on
+    /// first use. Creation is race-free: of two processes creating it at once, one wins and
+    /// both use its key.
+    pub fn tickets_key(&self) -> Result<crate::seal::DbKey, KeyError> {
+        let path = self.dir.join(TICKETS_KEY_FILE);
+        if !path.exists() {
+            let mut k = Zeroizing::new([0u8; 32]);
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k[..]);
+            match create_secret(&path, &k[..]) {
+                Ok(()) => tracing::info!(path = %path.display(), "created the ticket database key"),
+                Err(KeyError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(crate::seal::DbKey::from_bytes(read_secret32(&path)?))
     }
 
     fn title_dir(&self, title: &str) -> Result<PathBuf, KeyError> {
@@ -231,6 +251,32 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
     res.map_err(|e| io_err(path, e))
 }
 
+/// Create a secret file that must not exist yet (mode 0600): written in full to a temp
+/// file, then hard-linked into place, which fails with `AlreadyExists` if another process got
+/// there first, so a reader never sees a partial file and no one overwrites the winner.
+fn create_secret(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
+    let dir = path.parent().expect("key paths have a parent");
+    let tmp = dir.join(format!(
+        ".{}.new{}.{}",
+        path.file_name().unwrap().to_string_lossy(),
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::hard_link(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    let _ = fs::remove_file(&tmp);
+    res.map_err(|e| io_err(path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +316,49 @@ mod tests {
         ks.prune_title_keys("film-1", Some(&a2)).unwrap();
         assert!(ks.title_key("film-1", &a1).is_err());
         assert_eq!(ks.title_key("film-1", &a2).unwrap(), k2);
+    }
+
+    #[test]
+    fn tickets_key_is_created_once_and_shared() {
+        let d = tempfile::tempdir().unwrap();
+        let ks = KeyStore::open(d.path().join("ks")).unwrap();
+        let path = d.path().join("ks/tickets.key");
+        assert!(!path.exists());
+        // Eight racing first uses agree on one key.
+        let wrapped: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    let ks = ks.clone();
+                    s.spawn(move || {
+                        let k = ks.tickets_key().unwrap();
+                        k.wrap(
+                            &[1; 16],
+                            &[2; 16],
+                            &crate::ticket::KeyPart::from_bytes([3; 32]),
+                        )
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let k = ks.tickets_key().unwrap();
+        for w in &wrapped {
+            assert_eq!(
+                k.unwrap(&[1; 16], &[2; 16], w).unwrap().as_bytes(),
+                &[3; 32]
+            );
+        }
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(fs::read(&path).unwrap().len(), 32);
+        // No temp files left behind.
+        let names: Vec<_> = fs::read_dir(d.path().join("ks"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
     }
 
     #[test]

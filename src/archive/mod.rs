@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 pub use head::{Compression, Head, HeadError};
 pub use manifest::{PacketCheck, PacketVerifier};
 pub use pack::{pack, CompressMode, PackOptions, PackReport};
-pub use unpack::{unpack, verify, UnpackReport};
+pub use unpack::{decrypt_to, unpack, verify, DecryptOptions, UnpackReport};
 
 pub const PREAMBLE: &[u8; 8] = b"MCASTARC";
 pub const PREAMBLE_LEN: u64 = 16;

@@ -1,5 +1,12 @@
 //! `mcastd unpack` and `verify`: check the whole archive against its signed manifest, open
 //! every frame, and restore the exact input. Output appears only when all of it checked out.
+//!
+//! [`decrypt_to`] is the same frame loop writing to any sink (`mcast-recv play` streams to a
+//! file or a player). Every frame is authenticated (AEAD) before a byte of it reaches the sink,
+//! and the plaintext hash from the signed head is checked at the end. The per-packet manifest
+//! check ([`DecryptOptions::verify_packets`]) is optional there: it proves the file matches
+//! the manifest, which the receiver already proved when the download completed, and it costs
+//! a keyed BLAKE3 pass over every packet.
 
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -23,9 +30,14 @@ pub struct UnpackReport {
 /// Symbols read per disk read.
 const CHUNK_SYMBOLS: u64 = 512;
 
-/// Reads the frames region in order, yielding bytes only after their packet verified.
+/// Reads the frames region in order, yielding bytes only after their packet verified (or,
+/// without `check`, straight from the file into the caller's buffer: one copy, no hashing).
 struct VerifiedStream<'a> {
     a: &'a ArchiveFile,
+    /// Check every packet against the manifest (else read the frames region as it is).
+    check: bool,
+    /// Read position in the frames region when not checking.
+    raw: u64,
     verifier: PacketVerifier,
     chunk: Vec<u8>,
     pos: usize,
@@ -35,9 +47,11 @@ struct VerifiedStream<'a> {
 }
 
 impl<'a> VerifiedStream<'a> {
-    fn new(a: &'a ArchiveFile) -> Self {
+    fn new(a: &'a ArchiveFile, check: bool) -> Self {
         VerifiedStream {
             a,
+            check,
+            raw: 0,
             verifier: PacketVerifier::new(&a.head),
             chunk: Vec::new(),
             pos: 0,
@@ -48,6 +62,9 @@ impl<'a> VerifiedStream<'a> {
     }
 
     fn remaining(&self) -> u64 {
+        if !self.check {
+            return self.a.head.data_len - self.raw;
+        }
         let s = self.a.layout.symbol_size;
         (self.a.head.data_len - (self.next_serial * s).min(self.a.head.data_len))
             + (self.chunk.len() - self.pos) as u64
@@ -96,6 +113,21 @@ impl<'a> VerifiedStream<'a> {
     }
 
     fn read_exact(&mut self, mut out: &mut [u8]) -> Result<(), ArchiveError> {
+        if !self.check {
+            let a = self.a;
+            if out.len() as u64 > self.remaining() {
+                return Err(ArchiveError::Frame {
+                    path: a.path.clone(),
+                    index: u64::MAX,
+                    why: "frames region ends inside a frame".into(),
+                });
+            }
+            a.file
+                .read_exact_at(out, a.layout.data_offset() + self.raw)
+                .map_err(io_err(&a.path))?;
+            self.raw += out.len() as u64;
+            return Ok(());
+        }
         while !out.is_empty() {
             if self.pos == self.chunk.len() {
                 if self.next_serial * self.a.layout.symbol_size >= self.a.head.data_len {
@@ -128,7 +160,14 @@ impl<'a> VerifiedStream<'a> {
 /// Check the signature and every packet of the manifest (no key needed).
 pub fn verify(a: &ArchiveFile, trusted: &PublicIdentity) -> Result<(), ArchiveError> {
     a.verify_signature(trusted)?;
-    VerifiedStream::new(a).drain()
+    VerifiedStream::new(a, true).drain()
+}
+
+/// Options of [`decrypt_to`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecryptOptions {
+    /// Check every packet against the signed manifest while reading (as `unpack` does).
+    pub verify_packets: bool,
 }
 
 /// Restore the original file at `out`. Nothing appears at `out` unless every check passed.
@@ -140,29 +179,74 @@ pub fn unpack(
     progress: &mut dyn FnMut(u64),
 ) -> Result<UnpackReport, ArchiveError> {
     let started = Instant::now();
-    a.verify_signature(trusted)?;
-    let head = &a.head;
-    let key = match (head.cipher, key) {
-        (Cipher::None, _) => None,
-        (_, None) => {
-            return Err(ArchiveError::WrongKey {
-                path: a.path.clone(),
-                title: head.title.clone(),
-            })
-        }
-        (_, Some(k)) if k.key_id(&head.archive_id) != head.key_id => {
-            return Err(ArchiveError::WrongKey {
-                path: a.path.clone(),
-                title: head.title.clone(),
-            })
-        }
-        (_, Some(k)) => Some(k),
-    };
-
+    let key = check_key(a, trusted, key)?;
     let mut dst = AtomicFile::create(out).map_err(io_err(out))?;
     let tmp = dst.tmp_path().to_path_buf();
     let mut w = BufWriter::with_capacity(1 << 20, dst.file());
-    let mut stream = VerifiedStream::new(a);
+    let (plain_len, frames) = decrypt_frames(a, key, true, &mut w, &tmp, progress)?;
+    w.flush().map_err(io_err(&tmp))?;
+    drop(w);
+    dst.commit().map_err(io_err(out))?;
+    Ok(UnpackReport {
+        plain_len,
+        frames,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Decrypt and authenticate every frame of `a` into `sink`, in order. `sink_name` names the
+/// sink in errors. Bytes reach the sink only after their frame authenticated; on error the
+/// sink holds a prefix of the plaintext, so callers writing a file write it atomically.
+pub fn decrypt_to(
+    a: &ArchiveFile,
+    trusted: &PublicIdentity,
+    key: Option<&MasterKey>,
+    opts: DecryptOptions,
+    sink: &mut dyn Write,
+    sink_name: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<UnpackReport, ArchiveError> {
+    let started = Instant::now();
+    let key = check_key(a, trusted, key)?;
+    let (plain_len, frames) =
+        decrypt_frames(a, key, opts.verify_packets, sink, sink_name, progress)?;
+    sink.flush().map_err(io_err(sink_name))?;
+    Ok(UnpackReport {
+        plain_len,
+        frames,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Check the signature, then that `key` is the archive's key; the key to open frames with.
+fn check_key<'k>(
+    a: &ArchiveFile,
+    trusted: &PublicIdentity,
+    key: Option<&'k MasterKey>,
+) -> Result<Option<&'k MasterKey>, ArchiveError> {
+    a.verify_signature(trusted)?;
+    let head = &a.head;
+    match (head.cipher, key) {
+        (Cipher::None, _) => Ok(None),
+        (_, Some(k)) if k.key_id(&head.archive_id) == head.key_id => Ok(Some(k)),
+        _ => Err(ArchiveError::WrongKey {
+            path: a.path.clone(),
+            title: head.title.clone(),
+        }),
+    }
+}
+
+/// The frame loop; returns (plaintext bytes, frames).
+fn decrypt_frames(
+    a: &ArchiveFile,
+    key: Option<&MasterKey>,
+    verify_packets: bool,
+    w: &mut dyn Write,
+    sink_name: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(u64, u64), ArchiveError> {
+    let head = &a.head;
+    let mut stream = VerifiedStream::new(a, verify_packets);
     let mut hasher = blake3::Hasher::new();
     let mut payload = Vec::new();
     let mut plain = Vec::new();
@@ -232,7 +316,7 @@ pub fn unpack(
             ));
         }
         hasher.update(data);
-        w.write_all(data).map_err(io_err(&tmp))?;
+        w.write_all(data).map_err(io_err(sink_name))?;
         written += data.len() as u64;
         progress(written);
     }
@@ -247,14 +331,7 @@ pub fn unpack(
             path: a.path.clone(),
         });
     }
-    w.flush().map_err(io_err(&tmp))?;
-    drop(w);
-    dst.commit().map_err(io_err(out))?;
-    Ok(UnpackReport {
-        plain_len: written,
-        frames: head.frame_count,
-        elapsed: started.elapsed(),
-    })
+    Ok((written, head.frame_count))
 }
 
 /// Give "frames region ends inside a frame" the frame index it happened in.

@@ -93,6 +93,41 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Play tickets: issue, revoke and list (the validation database is [tickets] db).
+    #[command(subcommand)]
+    Ticket(TicketCmd),
+}
+
+#[derive(Subcommand)]
+enum TicketCmd {
+    /// Issue a play ticket for a title's current archive and write the ticket file (0600).
+    Issue {
+        /// Title id, as packed.
+        title: String,
+        /// Who the ticket is for (user or device id; recorded and listed).
+        #[arg(long)]
+        holder: String,
+        /// Plays allowed.
+        #[arg(long, default_value_t = 1)]
+        plays: u32,
+        /// Valid for this long from now: 30d, 12h, 90m, 3600s (default: no expiry).
+        #[arg(long)]
+        expires: Option<String>,
+        /// Ticket file ("-" for stdout). Default: <title>-<id>.ticket here.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Revoke a ticket: refused from now on.
+    Revoke {
+        /// Ticket id (32 hex digits, or a unique prefix of 8 or more).
+        ticket_id: String,
+    },
+    /// List every ticket with its plays left and state (valid, used, expired, revoked).
+    List {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -265,6 +300,7 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Ticket(t) => run_ticket(t, cfg),
         Cmd::Catalog { json } => {
             let dir = &cfg.store.archive_dir;
             let entries = mcast::catalog::scan(dir).with_context(|| {
@@ -302,6 +338,90 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
             }
             if entries.is_empty() {
                 println!("(no archives in {})", dir.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run_ticket(cmd: TicketCmd, cfg: &Config) -> anyhow::Result<()> {
+    use mcast::ticketadmin::{self, show_time};
+    let now = mcast::ticket::unix_now();
+    match cmd {
+        TicketCmd::Issue {
+            title,
+            holder,
+            plays,
+            expires,
+            output,
+        } => {
+            if plays == 0 {
+                return Err(UsageError("--plays must be at least 1".into()).into());
+            }
+            let expires = expires
+                .map(|e| ticketadmin::parse_expiry(&e).map_err(UsageError))
+                .transpose()?;
+            let r = ticketadmin::issue(cfg, &title, &holder, plays, expires, output.as_deref(), now)?;
+            let t = r.ticket.ticket();
+            let msg = format!(
+                "ticket {} for {:?} (holder {:?}, {} play{}, expires {})",
+                t.id_hex(),
+                t.title,
+                t.holder,
+                t.plays,
+                if t.plays == 1 { "" } else { "s" },
+                show_time(t.expires_unix)
+            );
+            match &r.path {
+                Some(p) => println!("{msg} written to {}", p.display()),
+                None => eprintln!("{msg} written to stdout"),
+            }
+            Ok(())
+        }
+        TicketCmd::Revoke { ticket_id } => {
+            match ticketadmin::revoke(cfg, &ticket_id, now)? {
+                mcast::ticketdb::Revoked::Now(r) => println!(
+                    "ticket {} ({:?}, holder {:?}) revoked",
+                    hex::encode(r.ticket_id),
+                    r.title,
+                    r.holder
+                ),
+                mcast::ticketdb::Revoked::Already(r) => println!(
+                    "ticket {} was already revoked at {}",
+                    hex::encode(r.ticket_id),
+                    show_time(r.revoked_unix)
+                ),
+            }
+            Ok(())
+        }
+        TicketCmd::List { json } => {
+            let rows = ticketadmin::list(cfg)?;
+            if json {
+                for r in &rows {
+                    let mut v = serde_json::to_value(r)?;
+                    v["state"] = serde_json::to_value(r.state(now))?;
+                    println!("{v}");
+                }
+                return Ok(());
+            }
+            println!(
+                "{:<32} {:<20} {:<16} {:>7} {:<8} {:<20} ISSUED",
+                "TICKET", "TITLE", "HOLDER", "PLAYS", "STATE", "EXPIRES"
+            );
+            for r in &rows {
+                println!(
+                    "{:<32} {:<20} {:<16} {:>7} {:<8} {:<20} {}",
+                    hex::encode(r.ticket_id),
+                    r.title,
+                    r.holder,
+                    format!("{}/{}", r.plays_left, r.plays),
+                    serde_json::to_value(r.state(now))?.as_str().unwrap_or("?"),
+                    show_time(r.expires_unix),
+                    show_time(r.issued_unix)
+                );
+            }
+            if rows.is_empty() {
+                println!("(no tickets in {})", cfg.tickets.db.display());
             }
             Ok(())
         }

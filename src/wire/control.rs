@@ -6,6 +6,12 @@
 //! ```
 //! `receiver_id` is random per download session; `req_id` matches replies to requests.
 //! Strings are u16-length-prefixed UTF-8; addresses are IPv4 (4 bytes) + port (u16).
+//!
+//! Play tickets: [`Control::PlayRequest`] carries the signed ticket and the receiver's
+//! ephemeral X25519 key; the answer is [`Control::PlayGrant`] (the server's key part sealed to
+//! that key, see `mcast_keys::seal`) or [`Control::Error`] with [`ErrorCode::TicketRefused`]
+//! and a message saying why. Repeating a request with the same key gets the same grant again
+//! without using another play, so the request is idempotent like the others.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
@@ -17,6 +23,10 @@ use super::{check_version, WireError, WIRE_VERSION};
 pub const HEAD_CHUNK: usize = 1024;
 /// Largest control datagram we send or accept.
 pub const MAX_CONTROL_LEN: usize = 16 * 1024;
+/// Largest ticket a [`Control::PlayRequest`] carries (a ticket is at most ~450 bytes).
+pub const MAX_PLAY_TICKET: usize = 1024;
+/// Largest sealed key part a [`Control::PlayGrant`] carries.
+pub const MAX_SEALED_PART: usize = 256;
 
 pub type ArchiveId = [u8; 16];
 pub type Cookie = [u8; 16];
@@ -42,6 +52,8 @@ pub enum ErrorCode {
     BadCookie = 3,
     /// The server is at its limit (channels or unicast streams).
     Busy = 4,
+    /// A play ticket was refused; the message says why (expired, revoked, already used, ...).
+    TicketRefused = 5,
 }
 
 impl ErrorCode {
@@ -51,6 +63,7 @@ impl ErrorCode {
             2 => ErrorCode::BadRequest,
             3 => ErrorCode::BadCookie,
             4 => ErrorCode::Busy,
+            5 => ErrorCode::TicketRefused,
             _ => return None,
         })
     }
@@ -73,11 +86,14 @@ pub enum Control {
         archive_id: ArchiveId,
         offset: u32,
     },
-    /// Renew the lease; `have`/`total` are loop units held, for the server's statistics.
+    /// Renew the lease; `have`/`total` are loop units held, for the server's statistics;
+    /// `rtt_us` is the receiver's last measured control round trip (0 = none yet), from which
+    /// the server derives the group RTT that NAK timers scale with.
     Keepalive {
         archive_id: ArchiveId,
         have: u64,
         total: u64,
+        rtt_us: u32,
     },
     /// Every packet is present and verified: drop me from the channel.
     Complete {
@@ -94,6 +110,13 @@ pub enum Control {
     },
     /// Counters, as JSON (operators and tests).
     StatsRequest,
+    /// Present a play ticket for `title` (the encoded ticket, not its armor) and ask for the
+    /// server's key part, sealed to `receiver_pub` (fresh for every play).
+    PlayRequest {
+        title: String,
+        ticket: Vec<u8>,
+        receiver_pub: [u8; 32],
+    },
 
     // ---- server → receiver ----
     CatalogReply {
@@ -136,6 +159,11 @@ pub enum Control {
     StatsReply {
         json: String,
     },
+    /// The ticket checked out and a play was used: the server's key part, sealed.
+    PlayGrant {
+        ticket_id: [u8; 16],
+        sealed_part: Vec<u8>,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -159,6 +187,7 @@ mod t {
     pub const UNICAST_REQ: u8 = 6;
     pub const UNICAST_CONFIRM: u8 = 7;
     pub const STATS_REQ: u8 = 8;
+    pub const PLAY_REQ: u8 = 9;
     pub const CATALOG: u8 = 64;
     pub const JOIN_OK: u8 = 65;
     pub const NOT_HERE: u8 = 66;
@@ -168,6 +197,7 @@ mod t {
     pub const UNICAST_OK: u8 = 70;
     pub const COMPLETE_OK: u8 = 71;
     pub const STATS: u8 = 72;
+    pub const PLAY_GRANT: u8 = 73;
     pub const ERROR: u8 = 127;
 }
 
@@ -218,10 +248,12 @@ impl Envelope {
                 archive_id,
                 have,
                 total,
+                rtt_us,
             } => {
                 b.extend_from_slice(archive_id);
                 b.put_u64(*have);
                 b.put_u64(*total);
+                b.put_u32(*rtt_us);
                 t::KEEPALIVE
             }
             Control::Complete { archive_id } => {
@@ -238,6 +270,24 @@ impl Envelope {
                 t::UNICAST_CONFIRM
             }
             Control::StatsRequest => t::STATS_REQ,
+            Control::PlayRequest {
+                title,
+                ticket,
+                receiver_pub,
+            } => {
+                b.put_short_bytes(title.as_bytes());
+                b.put_short_bytes(&ticket[..ticket.len().min(MAX_PLAY_TICKET)]);
+                b.extend_from_slice(receiver_pub);
+                t::PLAY_REQ
+            }
+            Control::PlayGrant {
+                ticket_id,
+                sealed_part,
+            } => {
+                b.extend_from_slice(ticket_id);
+                b.put_short_bytes(&sealed_part[..sealed_part.len().min(MAX_SEALED_PART)]);
+                t::PLAY_GRANT
+            }
             Control::CatalogReply { items, more } => {
                 b.put_u8(*more as u8);
                 b.put_u16(items.len() as u16);
@@ -348,6 +398,7 @@ impl Envelope {
                 archive_id: r.array("archive_id")?,
                 have: r.u64("have")?,
                 total: r.u64("total")?,
+                rtt_us: r.u32("rtt_us")?,
             },
             t::COMPLETE => Control::Complete {
                 archive_id: r.array("archive_id")?,
@@ -360,6 +411,15 @@ impl Envelope {
                 cookie: r.array("cookie")?,
             },
             t::STATS_REQ => Control::StatsRequest,
+            t::PLAY_REQ => Control::PlayRequest {
+                title: get_str(&mut r, 128, "title")?,
+                ticket: r.short_bytes(MAX_PLAY_TICKET, "ticket")?.to_vec(),
+                receiver_pub: r.array("receiver_pub")?,
+            },
+            t::PLAY_GRANT => Control::PlayGrant {
+                ticket_id: r.array("ticket_id")?,
+                sealed_part: r.short_bytes(MAX_SEALED_PART, "sealed_part")?.to_vec(),
+            },
             t::CATALOG => {
                 let more = r.u8("more")? != 0;
                 let n = r.u16("count")? as usize;
@@ -430,6 +490,12 @@ impl Envelope {
     }
 }
 
+/// True if a datagram is a [`Control::PlayRequest`] (cheap check before decoding), so the
+/// driver can hand it to the ticket service instead of the channel manager.
+pub fn is_play_request(buf: &[u8]) -> bool {
+    buf.len() >= 2 && buf[0] == WIRE_VERSION && buf[1] == t::PLAY_REQ
+}
+
 /// Convenience for drivers: an IPv4 socket address or an error naming it.
 pub fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
     match addr {
@@ -458,6 +524,7 @@ mod tests {
                 archive_id: id,
                 have: 5,
                 total: 9,
+                rtt_us: 250,
             },
             Control::Complete { archive_id: id },
             Control::UnicastRequest { archive_id: id },
@@ -508,11 +575,60 @@ mod tests {
             Control::UnicastOk { archive_id: id },
             Control::CompleteOk { archive_id: id },
             Control::StatsReply { json: "{}".into() },
+            Control::PlayRequest {
+                title: "film".into(),
+                ticket: vec![7; 300],
+                receiver_pub: [5; 32],
+            },
+            Control::PlayGrant {
+                ticket_id: [6; 16],
+                sealed_part: vec![8; 80],
+            },
+            Control::Error {
+                code: ErrorCode::TicketRefused,
+                message: "ticket already used".into(),
+            },
             Control::Error {
                 code: ErrorCode::Busy,
                 message: "full".into(),
             },
         ]
+    }
+
+    #[test]
+    fn play_requests_are_recognised_cheaply() {
+        let req = Envelope::new(
+            1,
+            2,
+            Control::PlayRequest {
+                title: "film".into(),
+                ticket: vec![1; 10],
+                receiver_pub: [3; 32],
+            },
+        )
+        .encode();
+        assert!(is_play_request(&req));
+        for other in all()
+            .into_iter()
+            .filter(|m| !matches!(m, Control::PlayRequest { .. }))
+        {
+            assert!(!is_play_request(&Envelope::new(1, 2, other).encode()));
+        }
+        assert!(!is_play_request(&[]) && !is_play_request(&[WIRE_VERSION]));
+        // Oversized fields are refused, not truncated silently on decode.
+        let mut big = Envelope::new(
+            1,
+            2,
+            Control::PlayGrant {
+                ticket_id: [0; 16],
+                sealed_part: vec![],
+            },
+        )
+        .encode();
+        big.truncate(big.len() - 2);
+        big.extend_from_slice(&((MAX_SEALED_PART + 1) as u16).to_le_bytes());
+        big.extend_from_slice(&vec![0; MAX_SEALED_PART + 1]);
+        assert!(Envelope::decode(&big).is_err());
     }
 
     #[test]

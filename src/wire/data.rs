@@ -17,6 +17,8 @@ use super::{check_version, WireError, WIRE_VERSION};
 pub const DATA_HEADER_LEN: usize = 24;
 
 const KIND_SYNC: u8 = 0;
+/// Header flag: this packet is a repair.
+const FLAG_REPAIR: u16 = 1;
 const KIND_HASH: u8 = 1;
 const KIND_DATA: u8 = 2;
 
@@ -30,17 +32,25 @@ pub enum DataKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DataHeader {
     pub kind: DataKind,
+    /// A repair sent ahead of the loop in answer to NAKs (not part of the loop order).
+    pub repair: bool,
     pub archive_tag: [u8; 8],
     /// Number of completed loops when this packet was sent (receivers use it for statistics).
     pub loop_no: u32,
 }
 
-/// SYNC payload: announces a channel before and between loops.
+/// SYNC payload: announces a channel, and tells receivers what their NAK timers need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyncInfo {
     pub loop_packets: u64,
     pub rate_bps: u64,
+    /// Group round-trip time estimate (the largest RTT members report), microseconds.
+    pub grtt_us: u32,
+    /// Members of the channel (the group size estimate for NAK back-off).
+    pub group_size: u32,
 }
+
+pub const SYNC_LEN: usize = 24;
 
 pub fn archive_tag(archive_id: &[u8; 16]) -> [u8; 8] {
     archive_id[..8].try_into().expect("16 >= 8")
@@ -55,7 +65,7 @@ impl DataHeader {
         };
         out[0] = WIRE_VERSION;
         out[1] = kind;
-        out[2..4].copy_from_slice(&0u16.to_le_bytes());
+        out[2..4].copy_from_slice(&(if self.repair { FLAG_REPAIR } else { 0 }).to_le_bytes());
         out[4..12].copy_from_slice(&self.archive_tag);
         out[12..20].copy_from_slice(&index.to_le_bytes());
         out[20..24].copy_from_slice(&self.loop_no.to_le_bytes());
@@ -67,7 +77,7 @@ impl DataHeader {
         let mut r = Reader::new(buf);
         r.u8("version")?;
         let kind = r.u8("kind")?;
-        let _flags = r.u16("flags")?;
+        let flags = r.u16("flags")?;
         let archive_tag = r.array("archive_tag")?;
         let index = r.u64("index")?;
         let loop_no = r.u32("loop_no")?;
@@ -80,6 +90,7 @@ impl DataHeader {
         Ok((
             DataHeader {
                 kind,
+                repair: flags & FLAG_REPAIR != 0,
                 archive_tag,
                 loop_no,
             },
@@ -89,11 +100,13 @@ impl DataHeader {
 }
 
 impl SyncInfo {
-    pub fn encode(&self) -> [u8; 16] {
-        let mut v = Vec::with_capacity(16);
+    pub fn encode(&self) -> [u8; SYNC_LEN] {
+        let mut v = Vec::with_capacity(SYNC_LEN);
         v.put_u64(self.loop_packets);
         v.put_u64(self.rate_bps);
-        v.try_into().expect("16 bytes")
+        v.put_u32(self.grtt_us);
+        v.put_u32(self.group_size);
+        v.try_into().expect("SYNC_LEN bytes")
     }
 
     pub fn decode(buf: &[u8]) -> Result<SyncInfo, WireError> {
@@ -101,6 +114,8 @@ impl SyncInfo {
         Ok(SyncInfo {
             loop_packets: r.u64("loop_packets")?,
             rate_bps: r.u64("rate_bps")?,
+            grtt_us: r.u32("grtt_us")?,
+            group_size: r.u32("group_size")?,
         })
     }
 }
@@ -118,6 +133,7 @@ mod tests {
         ] {
             let h = DataHeader {
                 kind,
+                repair: true,
                 archive_tag: [3; 8],
                 loop_no: 9,
             };

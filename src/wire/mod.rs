@@ -5,9 +5,11 @@
 //!   packets and data packets of the carousel loop.
 //! * [`control`] — request/response datagrams between `mcast-recv` and `mcastd`'s control
 //!   port: join, head download, keepalive, completion, unicast fallback with cookie, stats.
+//! * [`nak`] — repair requests, sent to the control port and to the channel's group.
 
 pub mod control;
 pub mod data;
+pub mod nak;
 
 /// Protocol version carried in the first byte of every datagram.
 pub const WIRE_VERSION: u8 = 1;

@@ -4,12 +4,17 @@
 //! A data packet is written only after it verified against its block's hash packet, which
 //! itself verified against the signed head, so a forged or foreign packet can neither corrupt
 //! the file nor count as received.
+//!
+//! Data packets that arrive before their block's hash packet (a late joiner's first block, or
+//! a lost hash packet) are *parked* in memory, bounded by [`MAX_PARKED_BYTES`], and written
+//! as soon as the hash packet arrives; so losing one hash packet costs one repair, not a
+//! block's worth.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use mcast::archive::{Head, Layout, PacketId, PacketVerifier};
-use mcast::carousel::LoopShape;
+use crate::archive::{Head, Layout, PacketId, PacketVerifier};
+use crate::carousel::LoopShape;
 use serde::Serialize;
 
 /// What to do with a packet.
@@ -19,7 +24,9 @@ pub enum Verdict {
     Write { offset: u64 },
     /// Already held.
     Duplicate,
-    /// Its block's hash packet has not arrived yet, so it cannot be verified: dropped.
+    /// Its block's hash packet has not arrived yet: kept in memory until it does.
+    Parked,
+    /// Its block's hash packet has not arrived and the parking space is full: dropped.
     NoHashYet,
     /// Failed verification or out of range: dropped and counted.
     Rejected,
@@ -30,6 +37,7 @@ pub struct DownloadCounters {
     pub written: u64,
     pub duplicates: u64,
     pub no_hash_yet: u64,
+    pub parked: u64,
     pub rejected: u64,
 }
 
@@ -44,8 +52,19 @@ pub struct Download {
     hash_cache: HashMap<u64, Vec<u8>>,
     /// Data packets still missing per block.
     block_missing: Vec<u32>,
+    /// Unverifiable data packets waiting for their block's hash packet.
+    parked: HashMap<u64, Vec<(u64, Vec<u8>)>>,
+    parked_order: VecDeque<u64>,
+    parked_bytes: usize,
+    /// Writes made possible by the last hash packet (see [`Download::take_released`]).
+    released: Vec<(u64, Vec<u8>)>,
+    /// Parked units that turned out forged (still missing, and now known to be).
+    unpark_rejects: Vec<u64>,
     pub counters: DownloadCounters,
 }
+
+/// Memory for parked packets (a few blocks' worth at any symbol size).
+pub const MAX_PARKED_BYTES: usize = 8 << 20;
 
 impl Download {
     /// A fresh download, or a resumed one when `have_bits` comes from a state file.
@@ -77,6 +96,11 @@ impl Download {
             have_count,
             hash_cache: HashMap::new(),
             block_missing,
+            parked: HashMap::new(),
+            parked_order: VecDeque::new(),
+            parked_bytes: 0,
+            released: Vec::new(),
+            unpark_rejects: Vec::new(),
             counters: DownloadCounters::default(),
         }
     }
@@ -109,7 +133,107 @@ impl Download {
         self.have_count == self.units()
     }
 
-    fn has(&self, unit: u64) -> bool {
+    /// Held, or parked waiting for its hash packet (the NAK engine need not ask for it).
+    pub fn has_or_parked(&self, unit: u64) -> bool {
+        if self.has(unit) {
+            return true;
+        }
+        match self.shape.unit_packet(unit) {
+            PacketId::Data(s) => self
+                .parked
+                .get(&(s / self.shape.block_symbols))
+                .is_some_and(|v| v.iter().any(|(x, _)| *x == s)),
+            PacketId::Hash(_) => false,
+        }
+    }
+
+    /// Whether `payload` is the genuine hash packet of block `b` (checked against the signed
+    /// head; works at any time, so a duplicate hash packet proves the channel is real).
+    pub fn hash_packet_valid(&self, b: u64, payload: &[u8]) -> bool {
+        self.verifier.check_hash_packet(&self.head, b, payload).is_ok()
+    }
+
+    /// Parked packets that the last hash packet verified: write each at its offset.
+    pub fn take_released(&mut self) -> Vec<(u64, Vec<u8>)> {
+        std::mem::take(&mut self.released)
+    }
+
+    /// Units whose parked packets all failed verification and are still missing: the NAK
+    /// engine should ask for them ([`crate::receiver::nak::NakEngine::on_lost`]).
+    pub fn take_unpark_rejects(&mut self) -> Vec<u64> {
+        let mut v = std::mem::take(&mut self.unpark_rejects);
+        v.retain(|u| !self.has(*u));
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    fn park(&mut self, s: u64, payload: &[u8]) -> Verdict {
+        let b = s / self.shape.block_symbols;
+        // Several candidates per serial may wait (a forgery parked first must not shadow the
+        // genuine packet); only byte-identical copies are duplicates.
+        if self
+            .parked
+            .get(&b)
+            .is_some_and(|v| v.iter().any(|(x, p)| *x == s && p == payload))
+        {
+            self.counters.duplicates += 1;
+            return Verdict::Duplicate;
+        }
+        if payload.len() > MAX_PARKED_BYTES {
+            self.counters.no_hash_yet += 1;
+            return Verdict::NoHashYet;
+        }
+        while self.parked_bytes + payload.len() > MAX_PARKED_BYTES {
+            let Some(old) = self.parked_order.pop_front() else { break };
+            if let Some(v) = self.parked.remove(&old) {
+                self.parked_bytes -= v.iter().map(|(_, p)| p.len()).sum::<usize>();
+                self.counters.no_hash_yet += v.len() as u64;
+            }
+        }
+        let v = self.parked.entry(b).or_default();
+        if v.is_empty() {
+            self.parked_order.push_back(b);
+        }
+        v.push((s, payload.to_vec()));
+        self.parked_bytes += payload.len();
+        self.counters.parked += 1;
+        Verdict::Parked
+    }
+
+    /// The hash packet of `b` is verified: verify and release what was parked for it.
+    fn unpark(&mut self, b: u64) {
+        let Some(list) = self.parked.remove(&b) else { return };
+        self.parked_order.retain(|x| *x != b);
+        for (s, payload) in list {
+            self.parked_bytes -= payload.len();
+            let unit = s;
+            if self.has(unit) {
+                continue;
+            }
+            let hp = self.hash_cache.get(&b).expect("hash cached while data missing");
+            if self.verifier.check_data_packet(hp, s, &payload).is_err() {
+                self.counters.rejected += 1;
+                self.unpark_rejects.push(s);
+                continue;
+            }
+            self.accept_data(s);
+            let (offset, _) = self.layout.packet_range(PacketId::Data(s)).expect("in range");
+            self.released.push((offset, payload));
+        }
+    }
+
+    fn accept_data(&mut self, s: u64) {
+        self.mark(s);
+        self.counters.written += 1;
+        let b = (s / self.shape.block_symbols) as usize;
+        self.block_missing[b] -= 1;
+        if self.block_missing[b] == 0 {
+            self.hash_cache.remove(&(b as u64));
+        }
+    }
+
+    pub fn has(&self, unit: u64) -> bool {
         self.have[(unit / 64) as usize] & (1 << (unit % 64)) != 0
     }
 
@@ -161,10 +285,7 @@ impl Download {
             PacketId::Data(s) => {
                 let b = s / self.shape.block_symbols;
                 match self.hash_cache.get(&b) {
-                    None => {
-                        self.counters.no_hash_yet += 1;
-                        return Verdict::NoHashYet;
-                    }
+                    None => return self.park(s, payload),
                     Some(hp) => self.verifier.check_data_packet(hp, s, payload),
                 }
             }
@@ -174,21 +295,16 @@ impl Download {
             self.counters.rejected += 1;
             return Verdict::Rejected;
         }
-        self.mark(unit);
-        self.counters.written += 1;
         match id {
             PacketId::Hash(b) => {
+                self.mark(unit);
+                self.counters.written += 1;
                 if self.block_missing[b as usize] > 0 {
                     self.hash_cache.insert(b, payload.to_vec());
+                    self.unpark(b);
                 }
             }
-            PacketId::Data(s) => {
-                let b = (s / self.shape.block_symbols) as usize;
-                self.block_missing[b] -= 1;
-                if self.block_missing[b] == 0 {
-                    self.hash_cache.remove(&(b as u64));
-                }
-            }
+            PacketId::Data(s) => self.accept_data(s),
         }
         let (offset, _) = self.layout.packet_range(id).expect("unit in range");
         Verdict::Write { offset }

@@ -1,0 +1,202 @@
+//! Play throughput: decrypting and authenticating a 256 MiB archive (the part of
+//! `mcast-recv play` that scales with the title), and the server's cost of one grant.
+//!
+//! * `play_256MiB/<cipher>/aead` — what `play` does by default: read every frame, open it
+//!   (AEAD), hash the plaintext for the signed plaintext hash, write it to a sink.
+//! * `play_256MiB/<cipher>/aead+manifest` — the same plus the per-packet manifest check
+//!   (`play --verify-packets`, and what `unpack` does).
+//! * `grant/...` — one ticket check + atomic play in SQLite (fsync'ed) + unwrap + HPKE seal.
+//!
+//! Decryption is single-threaded, and the `play_256MiB` figures are measured in CPU time of
+//! that thread (`/proc/thread-self/schedstat`: user + system time, including the reads from
+//! the page cache), so they are per-core figures even on a busy machine. The archive is read
+//! from the page cache (it was just written), as a play right after a download would.
+//!
+//! `cargo bench --bench play` (about a minute).
+
+use std::fs;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use mcast::archive::{decrypt_to, pack, ArchiveFile, CompressMode, DecryptOptions, PackOptions};
+use mcast::ticket::TicketService;
+use mcast_keys::seal::ReceiverKey;
+use mcast_keys::ticket::{Ticket, TicketSpec};
+use mcast_keys::{Cipher, KeyStore};
+use tempfile::TempDir;
+
+const BIG: usize = 256 << 20;
+
+/// CPU time this thread has run (Linux schedstat: nanoseconds on a CPU).
+fn thread_cpu() -> Duration {
+    let s = fs::read_to_string("/proc/thread-self/schedstat").expect("Linux schedstat");
+    let ns: u64 = s
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("schedstat field 1");
+    Duration::from_nanos(ns)
+}
+const MIB: usize = 1 << 20;
+
+/// xorshift64* bytes: incompressible, and fast to make.
+fn fill_random(buf: &mut [u8], state: &mut u64) {
+    for c in buf.chunks_mut(8) {
+        let mut x = *state;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        *state = x;
+        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        c.copy_from_slice(&v[..c.len()]);
+    }
+}
+
+struct Site {
+    dir: TempDir,
+    ks: KeyStore,
+    input: PathBuf,
+}
+
+impl Site {
+    fn new() -> Site {
+        let dir = tempfile::Builder::new()
+            .prefix("mcast-bench-play-")
+            .tempdir_in(std::env::temp_dir())
+            .unwrap();
+        let ks = KeyStore::open(dir.path().join("keys")).unwrap();
+        ks.create_identity(false).unwrap();
+        let input = dir.path().join("input.raw");
+        let mut w = BufWriter::new(fs::File::create(&input).unwrap());
+        let mut buf = vec![0u8; MIB];
+        let mut state = 0x706c_6179_6265_6e63_u64;
+        for _ in 0..BIG / MIB {
+            fill_random(&mut buf, &mut state);
+            w.write_all(&buf).unwrap();
+        }
+        w.flush().unwrap();
+        Site { dir, ks, input }
+    }
+
+    fn pack(&self, title: &str, cipher: Cipher) -> PathBuf {
+        let mut o = PackOptions::new(title);
+        o.cipher = cipher;
+        o.compress = CompressMode::None;
+        o.force = true;
+        let archives = self.dir.path().join("archives");
+        let p = pack(&self.input, &archives, &self.ks, &o, &mut |_| {})
+            .unwrap()
+            .path;
+        // The input is no longer needed once both archives exist; keep the page cache for
+        // the archives.
+        p
+    }
+}
+
+fn bench_decrypt(c: &mut Criterion) {
+    let site = Site::new();
+    let trusted = site.ks.identity().unwrap().public();
+    let mut g = c.benchmark_group("play_256MiB");
+    g.throughput(Throughput::Bytes(BIG as u64))
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(6));
+    for (cipher, name) in [
+        (Cipher::Aes256Gcm, "aes-256-gcm"),
+        (Cipher::ChaCha20Poly1305, "chacha20-poly1305"),
+    ] {
+        let path = site.pack(&format!("bench-{name}"), cipher);
+        let a = ArchiveFile::open(&path).unwrap();
+        let key = site
+            .ks
+            .title_key(&a.head.title, &a.head.archive_id)
+            .unwrap();
+        for (verify_packets, what) in [(false, "aead"), (true, "aead+manifest")] {
+            let opts = DecryptOptions { verify_packets };
+            // Sanity: the whole file comes out.
+            let r = decrypt_to(
+                &a,
+                &trusted,
+                Some(&key),
+                opts,
+                &mut std::io::sink(),
+                std::path::Path::new("sink"),
+                &mut |_| {},
+            )
+            .unwrap();
+            assert_eq!(r.plain_len, BIG as u64);
+            g.bench_function(format!("{name}/{what}"), |b| {
+                b.iter_custom(|iters| {
+                    let start = thread_cpu();
+                    for _ in 0..iters {
+                        decrypt_to(
+                            &a,
+                            &trusted,
+                            Some(&key),
+                            opts,
+                            &mut std::io::sink(),
+                            std::path::Path::new("sink"),
+                            &mut |_| {},
+                        )
+                        .unwrap();
+                    }
+                    thread_cpu() - start
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn bench_grant(c: &mut Criterion) {
+    let dir = tempfile::Builder::new()
+        .prefix("mcast-bench-grant-")
+        .tempdir_in(std::env::temp_dir())
+        .unwrap();
+    let ks = KeyStore::open(dir.path().join("keys")).unwrap();
+    let id = ks.create_identity(false).unwrap();
+    let master = mcast_keys::MasterKey::generate();
+    let spec = TicketSpec {
+        title: "film".into(),
+        archive_id: [1; 16],
+        holder: "bench".into(),
+        plays: u32::MAX,
+        expires_unix: 0,
+        issued_unix: 1,
+    };
+    let (file, part_b) = Ticket::issue(&id, &master, &spec).unwrap();
+    let db_path = dir.path().join("tickets.sqlite");
+    {
+        let db = mcast::ticketdb::TicketDb::open(&db_path).unwrap();
+        let wrapped = ks.tickets_key().unwrap().wrap(
+            &file.ticket().ticket_id,
+            &file.ticket().archive_id,
+            &part_b,
+        );
+        db.insert(file.ticket(), &wrapped).unwrap();
+    }
+    let mut svc = TicketService::open(&db_path, &ks, id.public(), 60).unwrap();
+    let bytes = file.ticket().encode();
+    let mut g = c.benchmark_group("grant");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    g.bench_function("new_play_fsynced", |b| {
+        b.iter(|| {
+            let r = ReceiverKey::generate();
+            svc.play("film", &bytes, &r.public(), 10).unwrap()
+        })
+    });
+    let r = ReceiverKey::generate();
+    svc.play("film", &bytes, &r.public(), 10).unwrap();
+    g.bench_function("retry_same_key", |b| {
+        b.iter(|| svc.play("film", &bytes, &r.public(), 10).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_decrypt, bench_grant);
+criterion_main!(benches);

@@ -1,0 +1,347 @@
+//! `mcast-recv play`: present a play ticket, receive the server's key part, decrypt the
+//! archive already on disk (DESIGN §2 "Play ticket", FIG. 10).
+//!
+//! 1. Local checks, before anything is asked of the server: the ticket file decodes, is for
+//!    this title, is signed by the server that signed the archive on disk, and names that
+//!    archive; the archive is complete and its head signature verifies; the output can be
+//!    created. A ticket is never spent on a play that cannot happen.
+//! 2. A fresh X25519 key pair for this play; `PlayRequest` with the ticket and its public half.
+//!    Retries reuse the same key, so a lost reply costs no second play.
+//! 3. The grant (part B, HPKE-sealed to that key) is opened, combined with the ticket's part
+//!    A into locked memory, and checked against the archive's key id.
+//! 4. Every frame is authenticated and decrypted straight into OUT (atomically: temp file,
+//!    renamed into place only when the whole file and its plaintext hash checked out) or to
+//!    stdout for a player. Then the key, both parts and the ephemeral secret are wiped; none
+//!    of them was ever written anywhere.
+
+use std::io::{BufWriter, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mcast::archive::{self, ArchiveFile, DecryptOptions};
+use mcast::fsutil::AtomicFile;
+use mcast::wire::control::{Control, ErrorCode};
+use mcast_keys::seal::ReceiverKey;
+use mcast_keys::ticket::{combine, TicketFile, MAX_TICKET_FILE_LEN};
+use mcast_keys::PublicIdentity;
+use serde::Serialize;
+
+use crate::control::ControlClient;
+use crate::error::{Failure, RecvError};
+
+/// Where the plaintext goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlayOutput {
+    /// A file, written atomically.
+    File(PathBuf),
+    /// Standard output (a player reading a pipe).
+    Stdout,
+}
+
+#[derive(Clone, Debug)]
+pub struct PlayOptions {
+    pub server: SocketAddr,
+    pub title: String,
+    pub ticket: PathBuf,
+    /// Directory holding `<title>.mca` (where `get` put it).
+    pub dir: PathBuf,
+    pub output: PlayOutput,
+    /// Pinned server identity; default: the key the archive and the ticket are signed by.
+    pub server_key: Option<PublicIdentity>,
+    /// Also check every packet against the signed manifest while decrypting (the download
+    /// already did; AEAD authenticates every frame either way).
+    pub verify_packets: bool,
+    pub tries: u32,
+    pub per_try: Duration,
+}
+
+impl PlayOptions {
+    pub fn new(server: SocketAddr, title: &str, ticket: &Path, output: PlayOutput) -> Self {
+        PlayOptions {
+            server,
+            title: title.to_string(),
+            ticket: ticket.to_path_buf(),
+            dir: PathBuf::from("."),
+            output,
+            server_key: None,
+            verify_packets: false,
+            tries: 6,
+            per_try: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PlayReport {
+    pub event: &'static str,
+    pub title: String,
+    pub ticket_id: String,
+    pub output: String,
+    pub bytes: u64,
+    pub frames: u64,
+    /// Whether the key page could be locked against swapping.
+    pub key_locked: bool,
+    pub seconds: f64,
+    pub mb_per_s: f64,
+}
+
+fn refused(msg: impl Into<String>) -> RecvError {
+    RecvError::new(Failure::TicketRefused, msg)
+}
+
+/// A sink that fails once `stop` is set (Ctrl-C), so an interrupted play leaves no output.
+struct Stoppable<W> {
+    inner: W,
+    stop: Arc<AtomicBool>,
+}
+
+impl<W: Write> Write for Stoppable<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "interrupted",
+            ));
+        }
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Read and decode the ticket file (size-bounded; it is untrusted input).
+fn read_ticket(path: &Path) -> Result<TicketFile, RecvError> {
+    let f = std::fs::File::open(path).map_err(|e| {
+        RecvError::new(
+            Failure::Usage,
+            format!("cannot read ticket file {}: {e}", path.display()),
+        )
+    })?;
+    let mut buf = zeroize::Zeroizing::new(Vec::new());
+    f.take(MAX_TICKET_FILE_LEN as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| RecvError::io("cannot read ticket file", path, e))?;
+    TicketFile::from_file_bytes(&buf).map_err(|e| {
+        refused(format!(
+            "{} is not a valid play ticket: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// Run one play.
+pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, RecvError> {
+    let started = Instant::now();
+    mcast_keys::store::validate_title(&opts.title)
+        .map_err(|e| RecvError::new(Failure::Usage, e.to_string()))?;
+    let file = read_ticket(&opts.ticket)?;
+    let ticket = file.ticket().clone();
+    if ticket.title != opts.title {
+        return Err(refused(format!(
+            "ticket {} is not for this title: it is for {:?}, not {:?}",
+            ticket.id_hex(),
+            ticket.title,
+            opts.title
+        )));
+    }
+
+    // The archive on disk: present, complete, and from the ticket's server.
+    let path = archive::archive_path(&opts.dir, &opts.title);
+    if !path.exists() {
+        let part = opts
+            .dir
+            .join(format!("{}.{}.part", opts.title, archive::ARCHIVE_EXT));
+        let why = if part.exists() {
+            "its download is not complete"
+        } else {
+            "it has not been downloaded"
+        };
+        return Err(RecvError::new(
+            Failure::NotFound,
+            format!(
+                "no archive {} ({why}): run `mcast-recv get {} -o {}` first",
+                path.display(),
+                opts.title,
+                opts.dir.display()
+            ),
+        ));
+    }
+    let a =
+        ArchiveFile::open(&path).map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+    let trusted = opts.server_key.unwrap_or(a.head.server_key);
+    if ticket.server_key != trusted || a.head.server_key != trusted {
+        return Err(refused(format!(
+            "ticket {} was issued by server {}, but {} is signed by server {}{}",
+            ticket.id_hex(),
+            ticket.server_key.fingerprint(),
+            path.display(),
+            a.head.server_key.fingerprint(),
+            match opts.server_key {
+                Some(k) => format!(" (and --server-key is {})", k.fingerprint()),
+                None => String::new(),
+            }
+        )));
+    }
+    file.verify(&trusted)
+        .map_err(|e| refused(format!("ticket {} refused: {e}", opts.ticket.display())))?;
+    a.verify_signature(&trusted)
+        .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+    if ticket.archive_id != a.head.archive_id {
+        return Err(refused(format!(
+            "ticket does not unlock this archive: it is for archive {} of {:?}, and {} is archive {} (fetch the current one with `mcast-recv get`)",
+            hex::encode(ticket.archive_id),
+            opts.title,
+            path.display(),
+            hex::encode(a.head.archive_id)
+        )));
+    }
+
+    // Make sure the output can be written before a play is spent on it.
+    let mut file_out = match &opts.output {
+        PlayOutput::File(p) => {
+            Some(AtomicFile::create(p).map_err(|e| RecvError::io("cannot create output", p, e))?)
+        }
+        PlayOutput::Stdout => None,
+    };
+
+    // Ask for the server's part, sealed to a key that lives only for this play.
+    let receiver = ReceiverKey::generate();
+    let mut ctl = ControlClient::new(opts.server, rand::random())?;
+    let reply = ctl.request(
+        Control::PlayRequest {
+            title: opts.title.clone(),
+            // The signed ticket only: part A stays here.
+            ticket: ticket.encode(),
+            receiver_pub: receiver.public(),
+        },
+        opts.tries,
+        opts.per_try,
+    )?;
+    let sealed = match reply {
+        Control::PlayGrant {
+            ticket_id,
+            sealed_part,
+        } if ticket_id == ticket.ticket_id => sealed_part,
+        Control::Error {
+            code: ErrorCode::TicketRefused,
+            message,
+        } => return Err(refused(format!("server refused the ticket: {message}"))),
+        Control::Error { message, .. } => {
+            return Err(RecvError::new(
+                Failure::Other,
+                format!("server could not answer the play request: {message}"),
+            ))
+        }
+        other => {
+            return Err(RecvError::new(
+                Failure::Other,
+                format!("unexpected reply to the play request: {other:?}"),
+            ))
+        }
+    };
+    let part_b = receiver
+        .open_part(&ticket.ticket_id, &sealed)
+        .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+    drop(receiver);
+    let key = combine(file.part_a(), &part_b);
+    drop(part_b);
+    drop(file); // wipes part A
+    if key.key().key_id(&a.head.archive_id) != a.head.key_id {
+        return Err(refused(format!(
+            "ticket does not unlock this archive: the combined key is not the key {} was sealed with",
+            path.display()
+        )));
+    }
+    if !key.is_locked() {
+        tracing::debug!("key page not locked (RLIMIT_MEMLOCK); it could reach swap");
+    }
+
+    let opts_d = DecryptOptions {
+        verify_packets: opts.verify_packets,
+    };
+    let integrity = |e: archive::ArchiveError| -> RecvError {
+        if stop.load(Ordering::Relaxed) {
+            return RecvError::new(Failure::Interrupted, "interrupted; no output was left");
+        }
+        match e {
+            archive::ArchiveError::Io { path, source } => {
+                RecvError::io("cannot write output", &path, source)
+            }
+            e => RecvError::new(Failure::Integrity, e.to_string()),
+        }
+    };
+    let (report, output) = match &mut file_out {
+        Some(f) => {
+            let tmp = f.tmp_path().to_path_buf();
+            let mut w = Stoppable {
+                inner: BufWriter::with_capacity(1 << 20, f.file()),
+                stop: stop.clone(),
+            };
+            let r = archive::decrypt_to(
+                &a,
+                &trusted,
+                Some(key.key()),
+                opts_d,
+                &mut w,
+                &tmp,
+                &mut |_| {},
+            )
+            .map_err(integrity)?;
+            drop(w);
+            let PlayOutput::File(p) = &opts.output else {
+                unreachable!("file_out only for PlayOutput::File")
+            };
+            let f = file_out.take().expect("present");
+            f.commit()
+                .map_err(|e| RecvError::io("cannot write output", p, e))?;
+            (r, p.display().to_string())
+        }
+        None => {
+            let so = std::io::stdout();
+            let mut w = Stoppable {
+                inner: BufWriter::with_capacity(1 << 20, so.lock()),
+                stop: stop.clone(),
+            };
+            let r = archive::decrypt_to(
+                &a,
+                &trusted,
+                Some(key.key()),
+                opts_d,
+                &mut w,
+                Path::new("<stdout>"),
+                &mut |_| {},
+            )
+            .map_err(|e| match e {
+                archive::ArchiveError::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::BrokenPipe =>
+                {
+                    RecvError::new(Failure::Other, "stdout was closed (the player quit?)")
+                }
+                e => integrity(e),
+            })?;
+            (r, "-".to_string())
+        }
+    };
+    let key_locked = key.is_locked();
+    drop(key);
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(title = %opts.title, ticket = %ticket.id_hex(), bytes = report.plain_len,
+        decrypt_mb_per_s = format!("{:.0}", report.plain_len as f64 / report.elapsed.as_secs_f64().max(1e-9) / 1e6),
+        "played");
+    Ok(PlayReport {
+        event: "played",
+        title: opts.title.clone(),
+        ticket_id: ticket.id_hex(),
+        output,
+        bytes: report.plain_len,
+        frames: report.frames,
+        key_locked,
+        seconds: secs,
+        mb_per_s: report.plain_len as f64 / secs.max(1e-9) / 1e6,
+    })
+}

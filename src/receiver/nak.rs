@@ -1,0 +1,410 @@
+//! The receiver's NAK engine (FIG. 4D), NORM-style, as a sans-I/O state machine.
+//!
+//! * **Detection.** The carousel order is fixed, so every loop packet tells the receiver its
+//!   loop position; positions skipped since the previous loop packet were sent and lost. Those
+//!   units (and a dropped packet's own unit, and the hash packet a data packet could not be
+//!   verified without) enter the NAK table. Units that went by before the receiver joined are
+//!   not NAKed: the loop brings them round.
+//! * **Suppression timer (A).** A newly missing unit waits a random back-off drawn from a
+//!   truncated exponential over `T_max = K · GRTT` (RFC 5740 §5.5.1, as in NORM):
+//!
+//!   ```text
+//!   λ = ln(group_size) + 1
+//!   x = U(0,1) · λ/T_max + λ / (T_max · (e^λ − 1))
+//!   t = (T_max / λ) · ln(x · (e^λ − 1) · T_max / λ)        ∈ [0, T_max]
+//!   ```
+//!   Most receivers draw a time near `T_max`; few draw one near 0, so the first NAK for a
+//!   shared loss usually comes from one receiver and the rest hear it before their own timers
+//!   fire. `K = 8` (twice NORM's default of 4: in the simulation, with receivers as far from
+//!   each other as from the server, K = 4 let ~3 NAKs through per shared loss at 100
+//!   receivers, K = 8 keeps it under 2); GRTT and group size come from the server's SYNC.
+//! * **Hearing a NAK** on the channel's group for units still in back-off moves them to the
+//!   **NAK data timer** (hold-off) instead: `T_data = 4 · GRTT`, long enough for the NAK to
+//!   reach the server, its one-GRTT aggregation window, and the repair's way back.
+//! * **Expiry.** When timer A fires, one NAK carries every unit in back-off, and they move to
+//!   hold-off. When a hold-off expires and the unit is still missing, it re-enters back-off
+//!   (a fresh random timer, so repeated loss still benefits from suppression) and the cycle
+//!   repeats until nothing is missing. A repaired unit leaves the table with its timers.
+//! * **Unicast** receivers hear nobody: their back-off is zero (NAK at once).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::archive::PacketId;
+use crate::carousel::LoopShape;
+use crate::wire::nak::{to_ranges, MAX_NAK_RANGES};
+
+/// Back-off factor K (see the module doc for why 8).
+pub const BACKOFF_K: f64 = 8.0;
+/// NAK data timer (hold-off) in GRTTs: the first NAK reaches the server in ½ GRTT, the server
+/// aggregates for 1 GRTT, the repair takes ½ GRTT back; 4 leaves a GRTT of queueing slack.
+pub const HOLDOFF_GRTTS: f64 = 4.0;
+/// Bounds on the GRTT a receiver accepts from SYNC.
+pub const MIN_GRTT: Duration = Duration::from_micros(100);
+pub const MAX_GRTT: Duration = Duration::from_secs(5);
+/// GRTT assumed before the first SYNC says otherwise.
+pub const DEFAULT_GRTT: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NakCounters {
+    /// NAK datagrams this receiver sent.
+    pub naks_sent: u64,
+    /// Units named in them.
+    pub units_naked: u64,
+    /// Units whose NAK was suppressed by hearing another receiver's.
+    pub units_suppressed: u64,
+    /// Units found missing by gap detection.
+    pub units_missed: u64,
+}
+
+/// NORM truncated-exponential back-off, in `[0, t_max]`; `u` uniform in `[0, 1)`.
+pub fn backoff(u: f64, t_max: Duration, group_size: u32) -> Duration {
+    let t = t_max.as_secs_f64();
+    if t <= 0.0 {
+        return Duration::ZERO;
+    }
+    let lambda = (group_size.max(1) as f64).ln() + 1.0;
+    let el = lambda.exp() - 1.0;
+    let x = u * lambda / t + lambda / (t * el);
+    let secs = (t / lambda) * (x * el * t / lambda).ln();
+    Duration::from_secs_f64(secs.clamp(0.0, t))
+}
+
+pub struct NakEngine {
+    shape: LoopShape,
+    multicast: bool,
+    grtt: Duration,
+    group_size: u32,
+    last_pos: Option<u64>,
+    /// Units in back-off and their suppression-timer deadline (one random draw per batch of
+    /// units found missing together).
+    pending: HashMap<u64, Instant>,
+    pending_heap: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Deadline drawn for the batch being detected now (see [`Self::batch_deadline`]).
+    batch: Option<(Instant, Instant)>,
+    holdoff: HashMap<u64, Instant>,
+    holdoff_heap: BinaryHeap<Reverse<(Instant, u64)>>,
+    rng: SmallRng,
+    pub counters: NakCounters,
+}
+
+impl NakEngine {
+    /// `seed` makes the random back-off reproducible (simulation); drivers pass a random one.
+    pub fn new(shape: LoopShape, seed: u64) -> NakEngine {
+        NakEngine {
+            shape,
+            multicast: true,
+            grtt: DEFAULT_GRTT,
+            group_size: 1,
+            last_pos: None,
+            pending: HashMap::new(),
+            pending_heap: BinaryHeap::new(),
+            batch: None,
+            holdoff: HashMap::new(),
+            holdoff_heap: BinaryHeap::new(),
+            rng: SmallRng::seed_from_u64(seed),
+            counters: NakCounters::default(),
+        }
+    }
+
+    /// Receiving by unicast: nobody else's NAKs are heard, so NAK at once.
+    pub fn set_unicast(&mut self, unicast: bool) {
+        self.multicast = !unicast;
+    }
+
+    pub fn grtt(&self) -> Duration {
+        self.grtt
+    }
+
+    /// Parameters from the server's SYNC.
+    /// SYNC is not authenticated, so both are clamped to sane bounds (a forged SYNC can at
+    /// worst make NAKs come sooner or later, never stop them).
+    pub fn on_sync(&mut self, grtt_us: u32, group_size: u32) {
+        if grtt_us > 0 {
+            self.grtt = Duration::from_micros(grtt_us as u64).clamp(MIN_GRTT, MAX_GRTT);
+        }
+        self.group_size = group_size.clamp(1, 1_000_000);
+    }
+
+    /// Entries in the NAK table (back-off + hold-off).
+    pub fn table_len(&self) -> usize {
+        self.pending.len() + self.holdoff.len()
+    }
+
+    fn t_max(&self) -> Duration {
+        self.grtt.mul_f64(BACKOFF_K)
+    }
+
+    fn t_data(&self) -> Duration {
+        self.grtt.mul_f64(HOLDOFF_GRTTS)
+    }
+
+    /// Loop position of a packet (inverse of [`LoopShape::packet_at`]).
+    pub fn loop_pos(shape: &LoopShape, id: PacketId) -> u64 {
+        let per = shape.block_symbols + 1;
+        match id {
+            PacketId::Hash(b) => b * per,
+            PacketId::Data(s) => (s / shape.block_symbols) * per + s % shape.block_symbols + 1,
+        }
+    }
+
+    /// The suppression deadline for units found missing at `now`: one random back-off per
+    /// detection instant, so a new loss never inherits an older timer that is about to fire.
+    fn batch_deadline(&mut self, now: Instant) -> Instant {
+        match self.batch {
+            Some((at, deadline)) if at == now => deadline,
+            _ => {
+                let d = if self.multicast {
+                    backoff(self.rng.gen::<f64>(), self.t_max(), self.group_size)
+                } else {
+                    Duration::ZERO
+                };
+                self.batch = Some((now, now + d));
+                now + d
+            }
+        }
+    }
+
+    fn mark_missing(&mut self, now: Instant, unit: u64) {
+        if self.pending.contains_key(&unit) || self.holdoff.contains_key(&unit) {
+            return;
+        }
+        self.counters.units_missed += 1;
+        let deadline = self.batch_deadline(now);
+        self.pending.insert(unit, deadline);
+        self.pending_heap.push(Reverse((deadline, unit)));
+    }
+
+    fn hold(&mut self, unit: u64, until: Instant) {
+        self.holdoff.insert(unit, until);
+        self.holdoff_heap.push(Reverse((until, unit)));
+    }
+
+    fn forget(&mut self, unit: u64) {
+        self.pending.remove(&unit);
+        self.holdoff.remove(&unit);
+    }
+
+    /// A packet that *verified* and was new (drivers must not pass unverified or duplicate
+    /// packets: a forged loop position would otherwise mark a whole loop missing).
+    /// `have(unit)` says what is now held or parked.
+    pub fn on_packet(&mut self, now: Instant, id: PacketId, repair: bool, have: impl Fn(u64) -> bool) {
+        let Some(unit) = self.shape.unit_index(id) else { return };
+        if have(unit) {
+            self.forget(unit);
+        } else {
+            self.mark_missing(now, unit);
+        }
+        if repair {
+            return;
+        }
+        let len = self.shape.loop_packets();
+        let pos = Self::loop_pos(&self.shape, id);
+        if let Some(last) = self.last_pos {
+            let gap = (pos + len - last - 1) % len;
+            for i in 1..=gap {
+                let q = (last + i) % len;
+                let u = self
+                    .shape
+                    .unit_index(self.shape.packet_at(q))
+                    .expect("position in range");
+                if !have(u) {
+                    self.mark_missing(now, u);
+                }
+            }
+        }
+        self.last_pos = Some(pos);
+    }
+
+    /// A data packet arrived before its block's hash packet (it is parked, unverified): the
+    /// hash packet is missing. Only that one unit is inferred, whatever the packet claims.
+    pub fn on_parked(&mut self, now: Instant, serial: u64, have: impl Fn(u64) -> bool) {
+        if let Some(h) = self
+            .shape
+            .unit_index(PacketId::Hash(serial / self.shape.block_symbols))
+        {
+            if !have(h) {
+                self.mark_missing(now, h);
+            }
+        }
+    }
+
+    /// A unit known to be missing by other means (a parked packet that failed verification).
+    pub fn on_lost(&mut self, now: Instant, unit: u64) {
+        if unit < self.shape.loop_packets() {
+            self.mark_missing(now, unit);
+        }
+    }
+
+    /// Another receiver's NAK was heard on the group: suppress ours for the same units.
+    pub fn on_nak_heard(&mut self, now: Instant, units: impl IntoIterator<Item = u64>) {
+        let until = now + self.t_data();
+        for u in units {
+            if self.pending.remove(&u).is_some() {
+                self.counters.units_suppressed += 1;
+                self.hold(u, until);
+            }
+        }
+    }
+
+    /// The earliest timer (may be early after units were cleared: a spurious wake is harmless).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let a = self.pending_heap.peek().map(|Reverse((t, _))| *t);
+        let b = self.holdoff_heap.peek().map(|Reverse((t, _))| *t);
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Expire hold-off timers: units still missing go back to back-off.
+    pub fn handle_timeout(&mut self, now: Instant, have: impl Fn(u64) -> bool) {
+        while let Some(Reverse((t, u))) = self.pending_heap.peek().copied() {
+            if self.pending.get(&u) == Some(&t) {
+                break; // live entry: leave it for poll_nak
+            }
+            self.pending_heap.pop(); // stale
+        }
+        while let Some(Reverse((t, u))) = self.holdoff_heap.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.holdoff_heap.pop();
+            if self.holdoff.get(&u) != Some(&t) {
+                continue; // superseded or repaired
+            }
+            self.holdoff.remove(&u);
+            if !have(u) {
+                self.mark_missing(now, u);
+            }
+        }
+    }
+
+    /// The NAK to send now, for every unit whose suppression timer ran out: (first, count)
+    /// ranges, ascending.
+    pub fn poll_nak(&mut self, now: Instant) -> Option<Vec<(u64, u32)>> {
+        let mut due = Vec::new();
+        while let Some(Reverse((t, u))) = self.pending_heap.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.pending_heap.pop();
+            if self.pending.get(&u) == Some(&t) {
+                due.push(u);
+            }
+        }
+        if due.is_empty() {
+            return None;
+        }
+        due.sort_unstable();
+        let mut ranges = to_ranges(due.iter().copied());
+        if ranges.len() > MAX_NAK_RANGES {
+            // Whatever does not fit goes in the next NAK, right after this one.
+            let keep_until = ranges[MAX_NAK_RANGES - 1];
+            let cut = keep_until.0 + keep_until.1 as u64;
+            for &u in due.iter().filter(|&&u| u >= cut) {
+                self.pending_heap.push(Reverse((now, u)));
+                self.pending.insert(u, now);
+            }
+            ranges.truncate(MAX_NAK_RANGES);
+        }
+        let until = now + self.t_data();
+        for &(first, len) in &ranges {
+            for u in first..first + len as u64 {
+                self.pending.remove(&u);
+                self.hold(u, until);
+            }
+            self.counters.units_naked += len as u64;
+        }
+        self.counters.naks_sent += 1;
+        Some(ranges)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> LoopShape {
+        LoopShape {
+            data_packets: 40,
+            n_blocks: 5,
+            block_symbols: 8,
+        }
+    }
+
+    #[test]
+    fn backoff_is_truncated_exponential_in_range() {
+        let t = Duration::from_millis(100);
+        assert_eq!(backoff(0.0, t, 100), Duration::ZERO);
+        assert!(backoff(0.999_999, t, 100) <= t);
+        // Most draws are late: the median is well above T_max / 2 for a large group.
+        let mut v: Vec<Duration> = (0..1000).map(|i| backoff(i as f64 / 1000.0, t, 1000)).collect();
+        v.sort();
+        assert!(v[500] > t / 2, "{:?}", v[500]);
+        assert!(v.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn gap_is_naked_after_backoff_and_cleared_by_repair() {
+        let s = shape();
+        let mut e = NakEngine::new(s, 1);
+        e.on_sync(10_000, 1);
+        let t0 = Instant::now();
+        let mut have = vec![false; s.loop_packets() as usize];
+        // Receive positions 0..=3 then 6: positions 4, 5 were lost.
+        for q in [0u64, 1, 2, 3, 6] {
+            let id = s.packet_at(q);
+            have[s.unit_index(id).unwrap() as usize] = true;
+            e.on_packet(t0, id, false, |u| have[u as usize]);
+        }
+        let lost: Vec<u64> = [4u64, 5].iter().map(|&q| s.unit_index(s.packet_at(q)).unwrap()).collect();
+        assert_eq!(e.table_len(), 2);
+        let deadline = e.poll_timeout().unwrap();
+        assert!(deadline <= t0 + e.t_max());
+        let nak = e.poll_nak(deadline).unwrap();
+        assert_eq!(nak, to_ranges(lost.clone()));
+        assert!(e.poll_nak(deadline).is_none());
+        // Repair of the first clears it; the second comes back after the hold-off.
+        have[lost[0] as usize] = true;
+        e.on_packet(deadline, s.unit_packet(lost[0]), true, |u| have[u as usize]);
+        let later = deadline + Duration::from_millis(41);
+        e.handle_timeout(later, |u| have[u as usize]);
+        let again = e.poll_nak(later + e.t_max()).unwrap();
+        assert!(e.poll_nak(later + e.t_max()).is_none());
+        assert_eq!(again, vec![(lost[1], 1)]);
+    }
+
+    #[test]
+    fn heard_nak_suppresses_ours() {
+        let s = shape();
+        let mut e = NakEngine::new(s, 2);
+        e.on_sync(10_000, 100);
+        let t0 = Instant::now();
+        let have = |u: u64| u != s.unit_index(s.packet_at(1)).unwrap();
+        e.on_packet(t0, s.packet_at(0), false, have);
+        e.on_packet(t0, s.packet_at(2), false, have);
+        assert_eq!(e.table_len(), 1);
+        e.on_nak_heard(t0, [s.unit_index(s.packet_at(1)).unwrap()]);
+        assert_eq!(e.counters.units_suppressed, 1);
+        assert!(e.poll_nak(t0 + Duration::from_secs(1)).is_none());
+        assert_eq!(e.counters.naks_sent, 0);
+    }
+
+    #[test]
+    fn unicast_naks_at_once() {
+        let s = shape();
+        let mut e = NakEngine::new(s, 3);
+        e.set_unicast(true);
+        let t0 = Instant::now();
+        let have = |u: u64| u != s.unit_index(s.packet_at(1)).unwrap();
+        e.on_packet(t0, s.packet_at(0), false, have);
+        e.on_packet(t0, s.packet_at(2), false, have);
+        assert!(e.poll_nak(t0).is_some());
+    }
+}

@@ -1,0 +1,478 @@
+//! Play-ticket validation (DESIGN §2 "Play ticket", FIG. 10).
+//!
+//! The decisions are pure and clock-free: [`check`] judges a presented ticket (signature,
+//! issuer, title, expiry) and [`why_refused`] explains a database row that could not give a
+//! play. [`TicketService`] is the thin part with the database and the key store: the server
+//! driver hands it every `PlayRequest` datagram together with the time, and sends back what it
+//! returns.
+//!
+//! A granted play: check → use one play in the database (atomic, see [`crate::ticketdb`]) →
+//! unwrap part B with the database key → seal it to the receiver's ephemeral key (HPKE) →
+//! `PlayGrant`. Part B exists in the clear only in memory, for the length of one request.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use mcast_keys::seal::{seal_part, DbKey};
+use mcast_keys::ticket::{Ticket, TicketError, TicketId};
+use mcast_keys::{KeyStore, PublicIdentity};
+
+use crate::ticketdb::{TicketDb, TicketDbError};
+use crate::wire::control::{Control, Envelope, ErrorCode};
+
+/// Why a ticket is refused. `Display` is the message the receiver shows its user.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("ticket is malformed: {0}")]
+    Malformed(String),
+    #[error("bad signature: ticket was forged or tampered with")]
+    BadSignature,
+    #[error("ticket was issued by another server (key {found}); this server is {ours}")]
+    OtherServer { found: String, ours: String },
+    #[error("ticket is not for this title: it is for {ticket_title:?}, not {requested:?}")]
+    WrongTitle {
+        ticket_title: String,
+        requested: String,
+    },
+    #[error("ticket expired (at unix time {at})")]
+    Expired { at: u64 },
+    #[error("ticket has been revoked")]
+    Revoked,
+    #[error("ticket already used ({plays} of {plays} plays)")]
+    AlreadyUsed { plays: u32 },
+    #[error("unknown ticket: this server has no record of it")]
+    Unknown,
+    #[error("ticket does not match the archive it was issued for")]
+    ArchiveMismatch,
+}
+
+/// What a valid ticket grants (no key part).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claims {
+    pub ticket_id: TicketId,
+    pub title: String,
+    pub archive_id: [u8; 16],
+    pub holder: String,
+    pub plays: u32,
+    pub expires_unix: u64,
+}
+
+/// Judge a presented ticket for `requested_title` at `now_unix`: it must decode, come from
+/// `trusted` with an intact signature, name the requested title and not be expired. Plays
+/// left and revocation are the database's part.
+pub fn check(
+    requested_title: &str,
+    ticket_bytes: &[u8],
+    now_unix: u64,
+    trusted: &PublicIdentity,
+) -> Result<Claims, Refusal> {
+    let t = Ticket::decode(ticket_bytes).map_err(|e| Refusal::Malformed(e.to_string()))?;
+    match t.verify(trusted) {
+        Ok(()) => {}
+        Err(TicketError::ForeignServer { found, trusted }) => {
+            return Err(Refusal::OtherServer {
+                found,
+                ours: trusted,
+            })
+        }
+        Err(_) => return Err(Refusal::BadSignature),
+    }
+    if t.title != requested_title {
+        return Err(Refusal::WrongTitle {
+            ticket_title: t.title.clone(),
+            requested: requested_title.to_string(),
+        });
+    }
+    if t.expires_unix != 0 && now_unix >= t.expires_unix {
+        return Err(Refusal::Expired { at: t.expires_unix });
+    }
+    Ok(Claims {
+        ticket_id: t.ticket_id,
+        title: t.title.clone(),
+        archive_id: t.archive_id,
+        holder: t.holder.clone(),
+        plays: t.plays,
+        expires_unix: t.expires_unix,
+    })
+}
+
+/// The database's view of a ticket's validity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TicketStatus {
+    pub revoked: bool,
+    /// 0 = never.
+    pub expires_unix: u64,
+    pub plays: u32,
+    pub plays_left: u32,
+}
+
+/// What `mcastd ticket list` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Valid,
+    Used,
+    Expired,
+    Revoked,
+}
+
+impl TicketStatus {
+    pub fn at(&self, now_unix: u64) -> State {
+        match why_refused(self, now_unix) {
+            Refusal::Revoked => State::Revoked,
+            Refusal::Expired { .. } => State::Expired,
+            Refusal::AlreadyUsed { .. } => State::Used,
+            _ => State::Valid,
+        }
+    }
+}
+
+/// Why a ticket with `status` cannot give a play at `now_unix`, in the order a user needs to
+/// hear it (revoked beats expired beats used up). For a ticket that can still play this
+/// returns [`Refusal::Unknown`], which callers never see: they ask only after a refusal.
+pub fn why_refused(status: &TicketStatus, now_unix: u64) -> Refusal {
+    if status.revoked {
+        Refusal::Revoked
+    } else if status.expires_unix != 0 && now_unix >= status.expires_unix {
+        Refusal::Expired {
+            at: status.expires_unix,
+        }
+    } else if status.plays_left == 0 {
+        Refusal::AlreadyUsed {
+            plays: status.plays,
+        }
+    } else {
+        Refusal::Unknown
+    }
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it): the one clock read of the
+/// ticket path, done by the driver.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The server's ticket desk: validates `PlayRequest`s and answers them.
+pub struct TicketService {
+    db: TicketDb,
+    db_key: DbKey,
+    trusted: PublicIdentity,
+    retry_secs: u64,
+}
+
+impl TicketService {
+    /// Open the ticket database at `db_path`, with the database key from `keys`.
+    pub fn open(
+        db_path: &Path,
+        keys: &KeyStore,
+        trusted: PublicIdentity,
+        retry_secs: u64,
+    ) -> anyhow::Result<TicketService> {
+        let db = TicketDb::open(db_path)?;
+        let db_key = keys.tickets_key()?;
+        Ok(TicketService {
+            db,
+            db_key,
+            trusted,
+            retry_secs,
+        })
+    }
+
+    /// Answer a `PlayRequest` datagram; `None` for any other datagram, and for one that does
+    /// not decode: those belong to the channel manager, which counts malformed datagrams and
+    /// never answers them.
+    pub fn handle_datagram(
+        &mut self,
+        buf: &[u8],
+        from: SocketAddr,
+        now_unix: u64,
+    ) -> Option<Vec<u8>> {
+        if !crate::wire::control::is_play_request(buf) {
+            return None;
+        }
+        let env = Envelope::decode(buf).ok()?;
+        let Control::PlayRequest {
+            title,
+            ticket,
+            receiver_pub,
+        } = &env.msg
+        else {
+            return None;
+        };
+        let reply = match self.play(title, ticket, receiver_pub, now_unix) {
+            Ok((ticket_id, sealed_part)) => Control::PlayGrant {
+                ticket_id,
+                sealed_part,
+            },
+            Err(PlayError::Refused(r)) => {
+                tracing::info!(%from, title, reason = %r, "play ticket refused");
+                Control::Error {
+                    code: ErrorCode::TicketRefused,
+                    message: r.to_string(),
+                }
+            }
+            Err(PlayError::Internal(e)) => {
+                tracing::error!(%from, title, error = %format!("{e:#}"), "play request failed");
+                Control::Error {
+                    code: ErrorCode::Busy,
+                    message: "the server's ticket database is unavailable; try again later".into(),
+                }
+            }
+        };
+        Some(Envelope::new(env.receiver_id, env.req_id, reply).encode())
+    }
+
+    /// Validate a ticket, use one play and seal part B to `receiver_pub`.
+    ///
+    /// The grant is sealed before the play is used, so a failure to unwrap or seal (a broken
+    /// database key, an unusable receiver key) never costs the holder a play.
+    pub fn play(
+        &mut self,
+        title: &str,
+        ticket_bytes: &[u8],
+        receiver_pub: &[u8; 32],
+        now_unix: u64,
+    ) -> Result<(TicketId, Vec<u8>), PlayError> {
+        let claims = check(title, ticket_bytes, now_unix, &self.trusted)?;
+        let wrapped = self
+            .db
+            .wrapped_part(&claims.ticket_id)?
+            .ok_or(Refusal::Unknown)?;
+        let part_b = self
+            .db_key
+            .unwrap(&claims.ticket_id, &claims.archive_id, &wrapped)
+            .map_err(|e| PlayError::Internal(e.into()))?;
+        let sealed = seal_part(receiver_pub, &claims.ticket_id, &part_b).map_err(|_| {
+            PlayError::Refused(Refusal::Malformed(
+                "the receiver key is not a usable X25519 key".into(),
+            ))
+        })?;
+        drop(part_b);
+        let used = self.db.consume(
+            &claims.ticket_id,
+            &claims.archive_id,
+            receiver_pub,
+            now_unix,
+            self.retry_secs,
+        )??;
+        tracing::info!(
+            ticket = %hex::encode(claims.ticket_id),
+            title = %claims.title,
+            holder = %claims.holder,
+            plays_left = used.plays_left,
+            repeated = used.repeated,
+            "play granted"
+        );
+        Ok((claims.ticket_id, sealed))
+    }
+
+    pub fn db_path(&self) -> &Path {
+        self.db.path()
+    }
+}
+
+/// Why [`TicketService::play`] gave no grant.
+#[derive(Debug, thiserror::Error)]
+pub enum PlayError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("{0:#}")]
+    Internal(anyhow::Error),
+}
+
+impl From<TicketDbError> for PlayError {
+    fn from(e: TicketDbError) -> Self {
+        PlayError::Internal(e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mcast_keys::seal::ReceiverKey;
+    use mcast_keys::ticket::{combine, TicketSpec};
+    use mcast_keys::{Identity, MasterKey};
+
+    fn spec(expires_unix: u64) -> TicketSpec {
+        TicketSpec {
+            title: "film".into(),
+            archive_id: [4; 16],
+            holder: "carol".into(),
+            plays: 1,
+            expires_unix,
+            issued_unix: 100,
+        }
+    }
+
+    #[test]
+    fn check_judges_issuer_signature_title_and_expiry() {
+        let id = Identity::generate();
+        let m = MasterKey::generate();
+        let (tf, _) = Ticket::issue(&id, &m, &spec(500)).unwrap();
+        let t = tf.ticket();
+        let bytes = t.encode();
+        let trusted = id.public();
+        let c = check("film", &bytes, 499, &trusted).unwrap();
+        assert_eq!((c.ticket_id, c.archive_id), (t.ticket_id, [4; 16]));
+        assert_eq!(
+            check("film", &bytes, 500, &trusted),
+            Err(Refusal::Expired { at: 500 })
+        );
+        let e = check("other", &bytes, 1, &trusted).unwrap_err();
+        assert!(e.to_string().contains("not for this title"), "{e}");
+        assert!(matches!(
+            check("film", &bytes, 1, &Identity::generate().public()),
+            Err(Refusal::OtherServer { .. })
+        ));
+        let mut tampered = bytes.to_vec();
+        let n = tampered.len();
+        tampered[n - 100] ^= 1; // inside the commitment to part A
+        assert_eq!(
+            check("film", &tampered, 1, &trusted),
+            Err(Refusal::BadSignature)
+        );
+        assert!(matches!(
+            check("film", b"garbage", 1, &trusted),
+            Err(Refusal::Malformed(_))
+        ));
+        // Never expires.
+        let (forever, _) = Ticket::issue(&id, &m, &spec(0)).unwrap();
+        check("film", &forever.ticket().encode(), u64::MAX, &trusted).unwrap();
+    }
+
+    #[test]
+    fn refusal_reasons_in_order() {
+        let st = |revoked, expires_unix, plays_left| TicketStatus {
+            revoked,
+            expires_unix,
+            plays: 1,
+            plays_left,
+        };
+        assert_eq!(why_refused(&st(true, 5, 0), 10), Refusal::Revoked);
+        assert_eq!(
+            why_refused(&st(false, 5, 0), 10),
+            Refusal::Expired { at: 5 }
+        );
+        assert_eq!(
+            why_refused(&st(false, 0, 0), 10),
+            Refusal::AlreadyUsed { plays: 1 }
+        );
+        assert_eq!(st(false, 11, 1).at(10), State::Valid);
+        assert_eq!(st(false, 0, 0).at(10), State::Used);
+        assert!(Refusal::AlreadyUsed { plays: 1 }
+            .to_string()
+            .contains("already used"));
+    }
+
+    #[test]
+    fn service_grants_once_and_the_parts_combine() {
+        let d = tempfile::tempdir().unwrap();
+        let ks = KeyStore::open(d.path().join("keys")).unwrap();
+        let id = ks.create_identity(false).unwrap();
+        let m = MasterKey::generate();
+        let (tf, b) = Ticket::issue(&id, &m, &spec(0)).unwrap();
+        let t = tf.ticket();
+        let mut svc =
+            TicketService::open(&d.path().join("t.sqlite"), &ks, id.public(), 60).unwrap();
+        svc.db
+            .insert(
+                t,
+                &ks.tickets_key()
+                    .unwrap()
+                    .wrap(&t.ticket_id, &t.archive_id, &b),
+            )
+            .unwrap();
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+
+        let r = ReceiverKey::generate();
+        let req = |r: &ReceiverKey, title: &str| {
+            Envelope::new(
+                7,
+                9,
+                Control::PlayRequest {
+                    title: title.into(),
+                    ticket: t.encode().to_vec(),
+                    receiver_pub: r.public(),
+                },
+            )
+            .encode()
+        };
+        let reply =
+            Envelope::decode(&svc.handle_datagram(&req(&r, "film"), from, 200).unwrap()).unwrap();
+        assert_eq!((reply.receiver_id, reply.req_id), (7, 9));
+        let Control::PlayGrant {
+            ticket_id,
+            sealed_part,
+        } = reply.msg
+        else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(ticket_id, t.ticket_id);
+        let part_b = r.open_part(&ticket_id, &sealed_part).unwrap();
+        assert_eq!(combine(tf.part_a(), &part_b).key(), &m);
+
+        // The same request again (a lost reply): granted again.
+        let again =
+            Envelope::decode(&svc.handle_datagram(&req(&r, "film"), from, 201).unwrap()).unwrap();
+        assert!(matches!(again.msg, Control::PlayGrant { .. }), "{again:?}");
+        // Another receiver key: the single play is gone.
+        let other = Envelope::decode(
+            &svc.handle_datagram(&req(&ReceiverKey::generate(), "film"), from, 202)
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            matches!(&other.msg, Control::Error { code: ErrorCode::TicketRefused, message } if message.contains("already used")),
+            "{other:?}"
+        );
+        let wrong =
+            Envelope::decode(&svc.handle_datagram(&req(&r, "other"), from, 203).unwrap()).unwrap();
+        assert!(
+            matches!(&wrong.msg, Control::Error { code: ErrorCode::TicketRefused, message } if message.contains("not for this title")),
+            "{wrong:?}"
+        );
+        // Not a play request: not ours.
+        let join = Envelope::new(
+            1,
+            1,
+            Control::Join {
+                title: "film".into(),
+            },
+        )
+        .encode();
+        assert!(svc.handle_datagram(&join, from, 204).is_none());
+        // A truncated play request is left to the channel manager (counted, never answered).
+        let bad = req(&r, "film");
+        assert!(svc
+            .handle_datagram(&bad[..bad.len() - 3], from, 205)
+            .is_none());
+        // An unusable receiver key, or a part that does not unwrap, costs no play.
+        let (tf2, b2) = Ticket::issue(&id, &m, &spec(0)).unwrap();
+        let t2 = tf2.ticket();
+        svc.db
+            .insert(
+                t2,
+                &ks.tickets_key()
+                    .unwrap()
+                    .wrap(&t2.ticket_id, &t2.archive_id, &b2),
+            )
+            .unwrap();
+        let e = svc.play("film", &t2.encode(), &[0u8; 32], 206).unwrap_err();
+        assert!(
+            matches!(e, PlayError::Refused(Refusal::Malformed(_))),
+            "{e:?}"
+        );
+        let mut broken =
+            TicketService::open(&d.path().join("t.sqlite"), &ks, id.public(), 60).unwrap();
+        broken.db_key = DbKey::from_bytes(zeroize::Zeroizing::new([0u8; 32]));
+        let e = broken
+            .play("film", &t2.encode(), &r.public(), 207)
+            .unwrap_err();
+        assert!(matches!(e, PlayError::Internal(_)), "{e:?}");
+        assert_eq!(svc.db.get(&t2.ticket_id).unwrap().unwrap().plays_left, 1);
+        svc.play("film", &t2.encode(), &r.public(), 208).unwrap();
+    }
+}

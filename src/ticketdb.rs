@@ -1,0 +1,637 @@
+//! The server's ticket validation database (DESIGN §2 "Play ticket"): one SQLite file
+//! (`[tickets] db`), shared by `mcastd` serving and the `mcastd ticket` commands.
+//!
+//! Crash safety: WAL journal with `synchronous = FULL`, so a play that was granted is on disk
+//! before its grant leaves the server, and a crash or `kill -9` leaves every used ticket used.
+//! Several processes may use the file at once (`busy_timeout` waits for the writer).
+//!
+//! Part B is stored wrapped ([`mcast_keys::seal::DbKey`], key in the key store), never in the
+//! clear: neither this file nor its `-wal`/`-shm` ever holds a key part.
+//!
+//! ```sql
+//! tickets(ticket_id PK, title, archive_id, holder, plays, plays_left, expires_unix,
+//!         issued_unix, revoked_unix, part_b)        -- part_b: wrapped
+//! grants(ticket_id, receiver_pub, granted_unix)     -- one row per play granted
+//! ```
+//!
+//! A play is used by one conditional `UPDATE` (`plays_left > 0`, not revoked, not expired)
+//! inside an immediate transaction that also records the receiver's ephemeral key, so that
+//! any number of concurrent requests, from any number of processes, use exactly the plays
+//! there are; a retry with the same ephemeral key finds its grant instead of using a second.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mcast_keys::ticket::{Ticket, TicketId};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::ticket::{why_refused, Refusal, State, TicketStatus};
+
+const SCHEMA_VERSION: i64 = 1;
+
+/// A database problem, naming the file and what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum TicketDbError {
+    #[error("ticket database {path}: {what}: {source}")]
+    Sql {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("ticket database {path}: {why}")]
+    Invalid { path: PathBuf, why: String },
+}
+
+/// One ticket as the database knows it (no key part).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TicketRow {
+    #[serde(serialize_with = "hex_ser")]
+    pub ticket_id: TicketId,
+    pub title: String,
+    #[serde(serialize_with = "hex_ser")]
+    pub archive_id: [u8; 16],
+    pub holder: String,
+    pub plays: u32,
+    pub plays_left: u32,
+    /// 0 = never.
+    pub expires_unix: u64,
+    pub issued_unix: u64,
+    /// 0 = not revoked.
+    pub revoked_unix: u64,
+    /// Plays granted (distinct receiver keys).
+    pub grants: u32,
+}
+
+fn hex_ser<S: serde::Serializer>(v: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode(v))
+}
+
+impl TicketRow {
+    /// Status at `now_unix` (for `mcastd ticket list`).
+    pub fn state(&self, now_unix: u64) -> State {
+        TicketStatus {
+            revoked: self.revoked_unix != 0,
+            expires_unix: self.expires_unix,
+            plays: self.plays,
+            plays_left: self.plays_left,
+        }
+        .at(now_unix)
+    }
+}
+
+/// A play that was granted: part B (still wrapped) and what is left.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Consumed {
+    pub wrapped_part: Vec<u8>,
+    pub plays_left: u32,
+    /// True when this was a retry of a play already granted to the same receiver key (no
+    /// play was used this time).
+    pub repeated: bool,
+}
+
+/// Result of `revoke`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Revoked {
+    Now(TicketRow),
+    Already(TicketRow),
+}
+
+pub struct TicketDb {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl TicketDb {
+    /// Open (creating if missing) the database at `path`.
+    pub fn open(path: &Path) -> Result<TicketDb, TicketDbError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| TicketDbError::Invalid {
+                path: path.to_path_buf(),
+                why: format!("cannot create directory {}: {e}", dir.display()),
+            })?;
+        }
+        let sql = |what: &'static str| {
+            let path = path.to_path_buf();
+            move |source| TicketDbError::Sql { path, what, source }
+        };
+        let conn = Connection::open(path).map_err(sql("cannot open"))?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(sql("busy_timeout"))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(sql("cannot switch to WAL (is it a SQLite database?)"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(TicketDbError::Invalid {
+                path: path.to_path_buf(),
+                why: format!("journal mode is {mode}, WAL is required"),
+            });
+        }
+        conn.execute_batch(
+            "PRAGMA synchronous = FULL;
+             PRAGMA foreign_keys = ON;
+             PRAGMA secure_delete = ON;
+             CREATE TABLE IF NOT EXISTS meta (
+                 key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS tickets (
+                 ticket_id BLOB PRIMARY KEY CHECK (length(ticket_id) = 16),
+                 title TEXT NOT NULL,
+                 archive_id BLOB NOT NULL CHECK (length(archive_id) = 16),
+                 holder TEXT NOT NULL,
+                 plays INTEGER NOT NULL CHECK (plays >= 1),
+                 plays_left INTEGER NOT NULL CHECK (plays_left >= 0 AND plays_left <= plays),
+                 expires_unix INTEGER NOT NULL,
+                 issued_unix INTEGER NOT NULL,
+                 revoked_unix INTEGER NOT NULL DEFAULT 0,
+                 part_b BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS grants (
+                 ticket_id BLOB NOT NULL REFERENCES tickets (ticket_id) ON DELETE CASCADE,
+                 receiver_pub BLOB NOT NULL,
+                 granted_unix INTEGER NOT NULL,
+                 PRIMARY KEY (ticket_id, receiver_pub));
+             INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 1);",
+        )
+        .map_err(sql("cannot create the schema"))?;
+        let version: i64 = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .map_err(sql("cannot read the schema version"))?;
+        if version != SCHEMA_VERSION {
+            return Err(TicketDbError::Invalid {
+                path: path.to_path_buf(),
+                why: format!("schema version {version}; this build reads version {SCHEMA_VERSION}"),
+            });
+        }
+        Ok(TicketDb {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn sql(&self, what: &'static str) -> impl FnOnce(rusqlite::Error) -> TicketDbError + '_ {
+        move |source| TicketDbError::Sql {
+            path: self.path.clone(),
+            what,
+            source,
+        }
+    }
+
+    /// Record a newly issued ticket with its (wrapped) part B.
+    pub fn insert(&self, t: &Ticket, wrapped_part: &[u8]) -> Result<(), TicketDbError> {
+        self.conn
+            .execute(
+                "INSERT INTO tickets (ticket_id, title, archive_id, holder, plays, plays_left,
+                     expires_unix, issued_unix, part_b)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8)",
+                params![
+                    &t.ticket_id[..],
+                    t.title,
+                    &t.archive_id[..],
+                    t.holder,
+                    t.plays,
+                    to_i64(t.expires_unix),
+                    to_i64(t.issued_unix),
+                    wrapped_part
+                ],
+            )
+            .map_err(self.sql("cannot record the ticket"))?;
+        Ok(())
+    }
+
+    /// Delete a ticket (an issue whose ticket file could not be written).
+    pub fn remove(&self, ticket_id: &TicketId) -> Result<(), TicketDbError> {
+        self.conn
+            .execute(
+                "DELETE FROM tickets WHERE ticket_id = ?1",
+                params![&ticket_id[..]],
+            )
+            .map_err(self.sql("cannot delete the ticket"))?;
+        Ok(())
+    }
+
+    const ROW_SQL: &'static str = "SELECT t.ticket_id, t.title, t.archive_id, t.holder, t.plays,
+             t.plays_left, t.expires_unix, t.issued_unix, t.revoked_unix,
+             (SELECT count(*) FROM grants g WHERE g.ticket_id = t.ticket_id)
+         FROM tickets t";
+
+    fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TicketRow> {
+        let blob16 = |i: usize| -> rusqlite::Result<[u8; 16]> {
+            let v: Vec<u8> = r.get(i)?;
+            v.try_into().map_err(|v: Vec<u8>| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    i,
+                    rusqlite::types::Type::Blob,
+                    format!("{} bytes where 16 expected", v.len()).into(),
+                )
+            })
+        };
+        Ok(TicketRow {
+            ticket_id: blob16(0)?,
+            title: r.get(1)?,
+            archive_id: blob16(2)?,
+            holder: r.get(3)?,
+            plays: r.get(4)?,
+            plays_left: r.get(5)?,
+            expires_unix: to_u64(r.get(6)?),
+            issued_unix: to_u64(r.get(7)?),
+            revoked_unix: to_u64(r.get(8)?),
+            grants: r.get(9)?,
+        })
+    }
+
+    /// Every ticket, oldest first.
+    pub fn list(&self) -> Result<Vec<TicketRow>, TicketDbError> {
+        let mut st = self
+            .conn
+            .prepare(&format!(
+                "{} ORDER BY t.issued_unix, t.ticket_id",
+                Self::ROW_SQL
+            ))
+            .map_err(self.sql("cannot list tickets"))?;
+        let rows = st
+            .query_map([], Self::row)
+            .map_err(self.sql("cannot list tickets"))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(self.sql("cannot read a ticket row"))
+    }
+
+    pub fn get(&self, ticket_id: &TicketId) -> Result<Option<TicketRow>, TicketDbError> {
+        self.conn
+            .query_row(
+                &format!("{} WHERE t.ticket_id = ?1", Self::ROW_SQL),
+                params![&ticket_id[..]],
+                Self::row,
+            )
+            .optional()
+            .map_err(self.sql("cannot read the ticket"))
+    }
+
+    /// The ticket whose id is, or starts with, `hex_prefix` (at least 8 hex digits; must be
+    /// unambiguous).
+    pub fn find(&self, hex_prefix: &str) -> Result<TicketRow, TicketDbError> {
+        let p = hex_prefix.trim().to_ascii_lowercase();
+        let invalid = |why: String| TicketDbError::Invalid {
+            path: self.path.clone(),
+            why,
+        };
+        if p.len() < 8 || p.len() > 32 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid(format!(
+                "{hex_prefix:?} is not a ticket id (32 hex digits, or a unique prefix of 8 or more)"
+            )));
+        }
+        let matches: Vec<TicketRow> = self
+            .list()?
+            .into_iter()
+            .filter(|r| hex::encode(r.ticket_id).starts_with(&p))
+            .collect();
+        match matches.len() {
+            1 => Ok(matches.into_iter().next().unwrap()),
+            0 => Err(invalid(format!("no ticket with id {hex_prefix}"))),
+            n => Err(invalid(format!(
+                "{n} tickets have ids starting with {hex_prefix}; give more digits"
+            ))),
+        }
+    }
+
+    /// The wrapped part B of a ticket (`None` if there is no such ticket).
+    pub fn wrapped_part(&self, ticket_id: &TicketId) -> Result<Option<Vec<u8>>, TicketDbError> {
+        self.conn
+            .query_row(
+                "SELECT part_b FROM tickets WHERE ticket_id = ?1",
+                params![&ticket_id[..]],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.sql("cannot read the ticket"))
+    }
+
+    /// Revoke a ticket: it is refused from now on, including retries of earlier grants.
+    pub fn revoke(&self, ticket_id: &TicketId, now_unix: u64) -> Result<Revoked, TicketDbError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE tickets SET revoked_unix = ?2 WHERE ticket_id = ?1 AND revoked_unix = 0",
+                params![&ticket_id[..], to_i64(now_unix.max(1))],
+            )
+            .map_err(self.sql("cannot revoke the ticket"))?;
+        let row = self.get(ticket_id)?.ok_or_else(|| TicketDbError::Invalid {
+            path: self.path.clone(),
+            why: format!("no ticket with id {}", hex::encode(ticket_id)),
+        })?;
+        Ok(if n == 1 {
+            Revoked::Now(row)
+        } else {
+            Revoked::Already(row)
+        })
+    }
+
+    /// Use one play of `ticket_id` for the receiver key `receiver_pub`, atomically.
+    ///
+    /// A request repeated with the same receiver key within `retry_secs` of its grant gets the
+    /// grant again and uses nothing. The outer error is a database failure; the inner one the
+    /// reason the ticket is refused.
+    pub fn consume(
+        &mut self,
+        ticket_id: &TicketId,
+        archive_id: &[u8; 16],
+        receiver_pub: &[u8; 32],
+        now_unix: u64,
+        retry_secs: u64,
+    ) -> Result<Result<Consumed, Refusal>, TicketDbError> {
+        let path = self.path.clone();
+        let sql = |what: &'static str| {
+            let path = path.clone();
+            move |source| TicketDbError::Sql { path, what, source }
+        };
+        let now = to_i64(now_unix);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("cannot start a transaction"))?;
+
+        // A retry of a play already granted to this receiver key?
+        let earlier: Option<i64> = tx
+            .query_row(
+                "SELECT g.granted_unix FROM grants g JOIN tickets t USING (ticket_id)
+                 WHERE g.ticket_id = ?1 AND g.receiver_pub = ?2 AND t.archive_id = ?3
+                   AND t.revoked_unix = 0",
+                params![&ticket_id[..], &receiver_pub[..], &archive_id[..]],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("cannot look up earlier grants"))?;
+        if let Some(at) = earlier {
+            if now.saturating_sub(at) <= to_i64(retry_secs) {
+                let (wrapped_part, plays_left): (Vec<u8>, u32) = tx
+                    .query_row(
+                        "SELECT part_b, plays_left FROM tickets WHERE ticket_id = ?1",
+                        params![&ticket_id[..]],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .map_err(sql("cannot read the ticket"))?;
+                tx.commit().map_err(sql("cannot commit"))?;
+                return Ok(Ok(Consumed {
+                    wrapped_part,
+                    plays_left,
+                    repeated: true,
+                }));
+            }
+        }
+
+        // The one conditional update that uses a play.
+        let used: Option<(Vec<u8>, u32)> = tx
+            .query_row(
+                "UPDATE tickets SET plays_left = plays_left - 1
+                 WHERE ticket_id = ?1 AND archive_id = ?2 AND plays_left > 0
+                   AND revoked_unix = 0 AND (expires_unix = 0 OR expires_unix > ?3)
+                 RETURNING part_b, plays_left",
+                params![&ticket_id[..], &archive_id[..], now],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("cannot use a play"))?;
+        let Some((wrapped_part, plays_left)) = used else {
+            let row = tx
+                .query_row(
+                    "SELECT revoked_unix, expires_unix, plays, plays_left, archive_id
+                     FROM tickets WHERE ticket_id = ?1",
+                    params![&ticket_id[..]],
+                    |r| {
+                        Ok((
+                            TicketStatus {
+                                revoked: r.get::<_, i64>(0)? != 0,
+                                expires_unix: to_u64(r.get(1)?),
+                                plays: r.get(2)?,
+                                plays_left: r.get(3)?,
+                            },
+                            r.get::<_, Vec<u8>>(4)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(sql("cannot read the ticket"))?;
+            drop(tx); // rolls back: nothing changed
+            return Ok(Err(match row {
+                None => Refusal::Unknown,
+                Some((_, aid)) if aid != archive_id[..] => Refusal::ArchiveMismatch,
+                Some((st, _)) => why_refused(&st, now_unix),
+            }));
+        };
+        tx.execute(
+            "INSERT OR REPLACE INTO grants (ticket_id, receiver_pub, granted_unix)
+             VALUES (?1, ?2, ?3)",
+            params![&ticket_id[..], &receiver_pub[..], now],
+        )
+        .map_err(sql("cannot record the grant"))?;
+        tx.commit().map_err(sql("cannot commit the play"))?;
+        Ok(Ok(Consumed {
+            wrapped_part,
+            plays_left,
+            repeated: false,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mcast_keys::ticket::TicketSpec;
+    use mcast_keys::{Identity, MasterKey};
+
+    fn ticket(plays: u32, expires_unix: u64) -> Ticket {
+        let spec = TicketSpec {
+            title: "film".into(),
+            archive_id: [4; 16],
+            holder: "bob".into(),
+            plays,
+            expires_unix,
+            issued_unix: 1000,
+        };
+        Ticket::issue(&Identity::generate(), &MasterKey::generate(), &spec)
+            .unwrap()
+            .0
+            .ticket
+    }
+
+    fn db() -> (tempfile::TempDir, TicketDb) {
+        let d = tempfile::tempdir().unwrap();
+        let db = TicketDb::open(&d.path().join("sub/t.sqlite")).unwrap();
+        (d, db)
+    }
+
+    #[test]
+    fn plays_are_counted_and_retries_are_free() {
+        let (_d, mut db) = db();
+        let t = ticket(2, 0);
+        db.insert(&t, b"wrapped").unwrap();
+        let (k1, k2, k3) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let c = db
+            .consume(&t.ticket_id, &t.archive_id, &k1, 2000, 60)
+            .unwrap();
+        assert_eq!(
+            c,
+            Ok(Consumed {
+                wrapped_part: b"wrapped".to_vec(),
+                plays_left: 1,
+                repeated: false
+            })
+        );
+        // Retry with the same key: same grant, no play used.
+        let c = db
+            .consume(&t.ticket_id, &t.archive_id, &k1, 2010, 60)
+            .unwrap()
+            .unwrap();
+        assert!(c.repeated && c.plays_left == 1);
+        let c = db
+            .consume(&t.ticket_id, &t.archive_id, &k2, 2020, 60)
+            .unwrap()
+            .unwrap();
+        assert!(!c.repeated && c.plays_left == 0);
+        assert_eq!(
+            db.consume(&t.ticket_id, &t.archive_id, &k3, 2030, 60)
+                .unwrap(),
+            Err(Refusal::AlreadyUsed { plays: 2 })
+        );
+        // A retry after the window is a new play, and there is none left.
+        assert_eq!(
+            db.consume(&t.ticket_id, &t.archive_id, &k1, 2000 + 61, 60)
+                .unwrap(),
+            Err(Refusal::AlreadyUsed { plays: 2 })
+        );
+        let row = db.get(&t.ticket_id).unwrap().unwrap();
+        assert_eq!((row.plays, row.plays_left, row.grants), (2, 0, 2));
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let (_d, mut db) = db();
+        let k = [1u8; 32];
+        let unknown = ticket(1, 0);
+        assert_eq!(
+            db.consume(&unknown.ticket_id, &unknown.archive_id, &k, 5, 60)
+                .unwrap(),
+            Err(Refusal::Unknown)
+        );
+        let exp = ticket(1, 3000);
+        db.insert(&exp, b"w").unwrap();
+        assert_eq!(
+            db.consume(&exp.ticket_id, &exp.archive_id, &k, 3000, 60)
+                .unwrap(),
+            Err(Refusal::Expired { at: 3000 })
+        );
+        assert_eq!(db.get(&exp.ticket_id).unwrap().unwrap().plays_left, 1);
+        let rev = ticket(3, 0);
+        db.insert(&rev, b"w").unwrap();
+        db.consume(&rev.ticket_id, &rev.archive_id, &k, 5, 60)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            db.revoke(&rev.ticket_id, 6).unwrap(),
+            Revoked::Now(_)
+        ));
+        assert!(matches!(
+            db.revoke(&rev.ticket_id, 7).unwrap(),
+            Revoked::Already(_)
+        ));
+        assert_eq!(
+            db.consume(&rev.ticket_id, &rev.archive_id, &[9; 32], 8, 60)
+                .unwrap(),
+            Err(Refusal::Revoked)
+        );
+        // Even a retry of the grant made before the revocation.
+        assert_eq!(
+            db.consume(&rev.ticket_id, &rev.archive_id, &k, 8, 60)
+                .unwrap(),
+            Err(Refusal::Revoked)
+        );
+        assert_eq!(
+            db.consume(&rev.ticket_id, &[0; 16], &[9; 32], 8, 60)
+                .unwrap(),
+            Err(Refusal::ArchiveMismatch)
+        );
+        assert!(db.revoke(&[0; 16], 9).is_err());
+    }
+
+    #[test]
+    fn concurrent_connections_use_exactly_the_plays_there_are() {
+        let (d, db) = db();
+        let path = d.path().join("sub/t.sqlite");
+        let t = ticket(1, 0);
+        db.insert(&t, b"w").unwrap();
+        let wins: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..20u8)
+                .map(|i| {
+                    let path = path.clone();
+                    let t = &t;
+                    s.spawn(move || {
+                        let mut db = TicketDb::open(&path).unwrap();
+                        db.consume(&t.ticket_id, &t.archive_id, &[i; 32], 50, 60)
+                            .unwrap()
+                            .is_ok() as usize
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(wins, 1);
+        let row = db.get(&t.ticket_id).unwrap().unwrap();
+        assert_eq!((row.plays_left, row.grants), (0, 1));
+    }
+
+    #[test]
+    fn survives_reopen_and_finds_by_prefix() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("t.sqlite");
+        let (used, fresh) = (ticket(1, 0), ticket(1, 0));
+        {
+            let mut db = TicketDb::open(&path).unwrap();
+            db.insert(&used, b"w").unwrap();
+            db.insert(&fresh, b"w").unwrap();
+            db.consume(&used.ticket_id, &used.archive_id, &[1; 32], 5, 60)
+                .unwrap()
+                .unwrap();
+        }
+        let mut db = TicketDb::open(&path).unwrap();
+        assert_eq!(
+            db.consume(&used.ticket_id, &used.archive_id, &[2; 32], 6, 60)
+                .unwrap(),
+            Err(Refusal::AlreadyUsed { plays: 1 })
+        );
+        db.consume(&fresh.ticket_id, &fresh.archive_id, &[2; 32], 6, 60)
+            .unwrap()
+            .unwrap();
+        let id = hex::encode(fresh.ticket_id);
+        assert_eq!(db.find(&id[..8]).unwrap().ticket_id, fresh.ticket_id);
+        assert_eq!(
+            db.find(&id.to_uppercase()).unwrap().ticket_id,
+            fresh.ticket_id
+        );
+        assert!(db.find("abc").is_err());
+        assert!(db.find("zzzzzzzz").is_err());
+        assert_eq!(db.list().unwrap().len(), 2);
+        db.remove(&fresh.ticket_id).unwrap();
+        assert_eq!(db.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn not_a_database_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("t.sqlite");
+        std::fs::write(&path, vec![b'x'; 4096]).unwrap();
+        let e = TicketDb::open(&path).err().unwrap().to_string();
+        assert!(e.contains("t.sqlite"), "{e}");
+    }
+}

@@ -1,0 +1,125 @@
+//! NAK datagrams (FIG. 4D). A receiver sends the same NAK to the server's control port (which
+//! repairs) and to its channel's multicast group (where other receivers hear it and suppress
+//! their own NAKs for the same packets).
+//!
+//! ```text
+//! version:u8 kind:u8(=0x80) flags:u16 archive_tag:[8] receiver_id:u64 count:u16
+//! count × (first_unit:u64 len:u32)
+//! ```
+//! Units are the loop's dense unit indices ([`crate::carousel::LoopShape::unit_index`]).
+//! `kind` 0x80 never collides with a data-packet kind (0..=2) or a control type (1..=127), so
+//! both ports tell a NAK apart by its second byte.
+
+use crate::codec::{Reader, Writer};
+
+use super::{check_version, WireError, WIRE_VERSION};
+
+pub const NAK_KIND: u8 = 0x80;
+/// Most ranges one NAK carries (keeps it under ~1.2 KB).
+pub const MAX_NAK_RANGES: usize = 96;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nak {
+    pub archive_tag: [u8; 8],
+    pub receiver_id: u64,
+    /// (first unit, count), ascending and non-overlapping when built by [`to_ranges`].
+    pub ranges: Vec<(u64, u32)>,
+}
+
+/// True if a datagram is a NAK (cheap check before decoding).
+pub fn is_nak(buf: &[u8]) -> bool {
+    buf.len() >= 2 && buf[0] == WIRE_VERSION && buf[1] == NAK_KIND
+}
+
+impl Nak {
+    pub fn encode(&self) -> Vec<u8> {
+        let n = self.ranges.len().min(MAX_NAK_RANGES);
+        let mut b = Vec::with_capacity(22 + n * 12);
+        b.put_u8(WIRE_VERSION);
+        b.put_u8(NAK_KIND);
+        b.put_u16(0);
+        b.extend_from_slice(&self.archive_tag);
+        b.put_u64(self.receiver_id);
+        b.put_u16(n as u16);
+        for &(first, len) in &self.ranges[..n] {
+            b.put_u64(first);
+            b.put_u32(len);
+        }
+        b
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Nak, WireError> {
+        check_version(buf)?;
+        let mut r = Reader::new(buf);
+        r.u8("version")?;
+        let kind = r.u8("kind")?;
+        if kind != NAK_KIND {
+            return Err(WireError::Kind(kind));
+        }
+        let _flags = r.u16("flags")?;
+        let archive_tag = r.array("archive_tag")?;
+        let receiver_id = r.u64("receiver_id")?;
+        let n = r.u16("count")? as usize;
+        if n > MAX_NAK_RANGES {
+            return Err(WireError::Field("count"));
+        }
+        let mut ranges = Vec::with_capacity(n);
+        for _ in 0..n {
+            let first = r.u64("first")?;
+            let len = r.u32("len")?;
+            if len == 0 || first.checked_add(len as u64).is_none() {
+                return Err(WireError::Field("range"));
+            }
+            ranges.push((first, len));
+        }
+        if r.remaining() != 0 {
+            return Err(WireError::Field("trailing bytes"));
+        }
+        Ok(Nak {
+            archive_tag,
+            receiver_id,
+            ranges,
+        })
+    }
+
+    /// Every unit this NAK names.
+    pub fn units(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ranges
+            .iter()
+            .flat_map(|&(first, len)| first..first + len as u64)
+    }
+}
+
+/// Compress ascending units into (first, len) ranges.
+pub fn to_ranges(units: impl IntoIterator<Item = u64>) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    for u in units {
+        match out.last_mut() {
+            Some((first, len)) if *first + *len as u64 == u && *len < u32::MAX => *len += 1,
+            _ => out.push((u, 1)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_ranges_and_truncation() {
+        let n = Nak {
+            archive_tag: [1; 8],
+            receiver_id: 77,
+            ranges: to_ranges([1, 2, 3, 7, 9, 10]),
+        };
+        assert_eq!(n.ranges, vec![(1, 3), (7, 1), (9, 2)]);
+        let b = n.encode();
+        assert!(is_nak(&b));
+        assert_eq!(Nak::decode(&b).unwrap(), n);
+        assert_eq!(n.units().collect::<Vec<_>>(), vec![1, 2, 3, 7, 9, 10]);
+        for k in 0..b.len() {
+            assert!(Nak::decode(&b[..k]).is_err());
+        }
+    }
+}

@@ -1,0 +1,647 @@
+//! Harness for the real-socket delivery tests: a site (temp dir + config + keys + archives), a
+//! running `mcastd`, `mcast-recv` processes with their JSON output, and a raw control client.
+//!
+//! Every process is killed on drop and every wait has a deadline, so a broken build fails a
+//! test instead of hanging it. All traffic stays on 127.0.0.1 and loopback multicast (TTL 0/1).
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mcast::wire::control::{Control, Envelope, MAX_CONTROL_LEN};
+use mcast::wire::data::DataHeader;
+use serde::Deserialize;
+use serde_json::Value;
+use tempfile::TempDir;
+
+pub fn mcastd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mcastd"))
+}
+
+/// `mcast-recv` is built by the `client` package into the same directory as `mcastd`.
+pub fn recv_bin() -> PathBuf {
+    let p = mcastd_bin().with_file_name("mcast-recv");
+    assert!(
+        p.exists(),
+        "{} not found: build the whole workspace (cargo test --release --workspace, or \
+         cargo build --release --workspace first)",
+        p.display()
+    );
+    p
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible like media.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A child process killed (with its whole process group when `group`) on drop.
+pub struct Guard {
+    pub child: Child,
+    group: bool,
+}
+
+impl Guard {
+    pub fn spawn(cmd: &mut Command, group: bool) -> Guard {
+        if group {
+            cmd.process_group(0);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Guard { child, group }
+    }
+
+    pub fn kill(&mut self) {
+        if self.group {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Wait for exit, at most `limit`; `None` when it did not exit in time (still running).
+    pub fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Per-test site: config with a unique control port, group pool and data ports derived from
+/// `n`, its own key store and archive directory.
+pub struct Site {
+    pub dir: TempDir,
+    pub cfg: PathBuf,
+    pub control: SocketAddr,
+}
+
+impl Site {
+    /// `server_extra` is appended to `[server]` (e.g. `rate_mbps = 20.0`).
+    pub fn new(n: u16, server_extra: &str) -> Site {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("mcast-delivery-{n}-"))
+            .tempdir()
+            .expect("temp dir");
+        let control: SocketAddr = format!("127.0.0.1:{}", 17600 + n * 10).parse().unwrap();
+        let cfg = dir.path().join("mcastd.toml");
+        let site = Site { cfg, control, dir };
+        fs::write(
+            &site.cfg,
+            format!(
+                "[store]\narchive_dir = '{}'\nkey_dir = '{}'\n\n\
+                 [pack]\nsymbol_size = 1280\ncompress = \"none\"\n\n\
+                 [server]\ncontrol = \"{control}\"\nmulticast_iface = \"127.0.0.1\"\n\
+                 group_base = \"239.255.{}.1\"\nport_base = {}\nchannels = 4\nttl = 1\n\
+                 sync_lead_ms = 200\nsync_interval_ms = 100\n{server_extra}\n\n\
+                 [log]\nlevel = \"info\"\n",
+                site.archive_dir().display(),
+                site.path("keys").display(),
+                100 + n,
+                27000 + n * 100,
+            ),
+        )
+        .unwrap();
+        let out = Command::new(mcastd_bin())
+            .arg("--config")
+            .arg(&site.cfg)
+            .arg("keygen")
+            .env_remove("RUST_LOG")
+            .env_remove("MCASTD_CONFIG")
+            .output()
+            .expect("run mcastd keygen");
+        assert!(out.status.success(), "keygen failed: {out:?}");
+        site
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn archive_dir(&self) -> PathBuf {
+        self.path("archives")
+    }
+
+    pub fn archive_path(&self, title: &str) -> PathBuf {
+        mcast::archive::archive_path(&self.archive_dir(), title)
+    }
+
+    /// Pack `len` random bytes as `title` (no compression). Returns the archive path.
+    pub fn pack(&self, title: &str, len: usize, seed: u64) -> PathBuf {
+        let input = self.path(&format!("{title}.media"));
+        fs::write(&input, random_bytes(len, seed)).unwrap();
+        let out = Command::new(mcastd_bin())
+            .arg("--config")
+            .arg(&self.cfg)
+            .args(["pack", "--compress", "none", "--title", title])
+            .arg(&input)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run mcastd pack");
+        assert!(out.status.success(), "pack failed: {out:?}");
+        fs::remove_file(&input).unwrap();
+        self.archive_path(title)
+    }
+
+    /// Start `mcastd serve` and wait until it answers a stats request.
+    pub fn serve(&self) -> Server {
+        let log = self.path("mcastd.log");
+        let mut cmd = Command::new(mcastd_bin());
+        cmd.arg("--config")
+            .arg(&self.cfg)
+            .arg("serve")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap());
+        let mut srv = Server {
+            guard: Guard::spawn(&mut cmd, false),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = srv.guard.child.try_wait().unwrap() {
+                panic!("mcastd exited at start-up ({st}):\n{}", srv.log_text());
+            }
+            if try_stats(self.control).is_some() {
+                return srv;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mcastd did not answer on {} within 20 s:\n{}",
+                self.control,
+                srv.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Counters and channels via `mcast-recv stats`.
+    pub fn stats(&self) -> Value {
+        stats(self.control)
+    }
+
+    pub fn out_dir(&self, name: &str) -> PathBuf {
+        self.path(name)
+    }
+
+    /// `mcast-recv get TITLE --server CONTROL -o DIR [extra]` (`--timeout 60` unless given).
+    pub fn get(&self, title: &str, out: &Path, extra: &[&str]) -> Receiver {
+        let mut cmd = Command::new(recv_bin());
+        cmd.arg("get")
+            .arg(title)
+            .arg("--server")
+            .arg(self.control.to_string())
+            .arg("-o")
+            .arg(out)
+            .args(extra);
+        if !extra.contains(&"--timeout") {
+            cmd.args(["--timeout", "60"]);
+        }
+        Receiver::spawn(cmd, out, title, false)
+    }
+
+    /// The group and port the running channel of `title` loops on (from stats).
+    pub fn wait_channel_group(&self, title: &str, limit: Duration) -> SocketAddrV4 {
+        let deadline = Instant::now() + limit;
+        loop {
+            let s = self.stats();
+            if let Some(c) = channels(&s).iter().find(|c| c["title"] == title) {
+                return c["group"]
+                    .as_str()
+                    .expect("group string")
+                    .parse()
+                    .expect("group addr");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no channel for {title:?} within {limit:?}: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+pub struct Server {
+    pub guard: Guard,
+    pub log: PathBuf,
+}
+
+impl Server {
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Still running (panics with the log otherwise).
+    pub fn assert_running(&mut self) {
+        if let Some(st) = self.guard.child.try_wait().unwrap() {
+            panic!("mcastd exited ({st}):\n{}", self.log_text());
+        }
+    }
+}
+
+pub fn try_stats(server: SocketAddr) -> Option<Value> {
+    let out = Command::new(recv_bin())
+        .args(["stats", "--server"])
+        .arg(server.to_string())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+pub fn stats(server: SocketAddr) -> Value {
+    try_stats(server).unwrap_or_else(|| panic!("`mcast-recv stats --server {server}` failed"))
+}
+
+pub fn counter(stats: &Value, name: &str) -> u64 {
+    stats["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name:?} in {stats}"))
+}
+
+pub fn channels(stats: &Value) -> Vec<Value> {
+    stats["channels"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no channels array in {stats}"))
+        .clone()
+}
+
+/// The final JSON line of `mcast-recv get`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Report {
+    pub event: String,
+    pub archive_bytes: u64,
+    pub loop_units: u64,
+    pub loop_bytes: u64,
+    pub units_at_start: u64,
+    pub received_bytes: u64,
+    pub received_packets: u64,
+    pub missing_bytes_at_start: u64,
+    pub written: u64,
+    pub duplicates: u64,
+    pub no_hash_yet: u64,
+    pub rejected: u64,
+    pub foreign: u64,
+    pub malformed: u64,
+    pub unicast: bool,
+    pub seconds: f64,
+    /// NAK figures (absent from receivers without NAK repair).
+    #[serde(default)]
+    pub naks_sent: Option<u64>,
+    #[serde(default)]
+    pub units_naked: Option<u64>,
+    #[serde(default)]
+    pub repairs_received: Option<u64>,
+}
+
+/// A running `mcast-recv get` (or a shell wrapping one); stdout lines are collected live.
+pub struct Receiver {
+    pub guard: Guard,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<JoinHandle<()>>,
+    stderr: PathBuf,
+    pub out: PathBuf,
+    pub title: String,
+}
+
+/// A receiver that has exited.
+#[derive(Debug)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub lines: Vec<String>,
+    pub stderr: String,
+    pub out: PathBuf,
+    pub title: String,
+}
+
+impl Receiver {
+    pub fn spawn(mut cmd: Command, out: &Path, title: &str, group: bool) -> Receiver {
+        let stderr = out.with_extension(format!(
+            "stderr.{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        fs::create_dir_all(stderr.parent().unwrap()).unwrap();
+        cmd.env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&stderr).unwrap());
+        let mut guard = Guard::spawn(&mut cmd, group);
+        let stdout = guard.child.stdout.take().expect("piped stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                l2.lock().unwrap().push(line);
+            }
+        });
+        Receiver {
+            guard,
+            lines,
+            reader: Some(reader),
+            stderr,
+            out: out.to_path_buf(),
+            title: title.to_string(),
+        }
+    }
+
+    /// Percent of the latest JSON progress line.
+    pub fn percent(&self) -> Option<f64> {
+        let lines = self.lines.lock().unwrap();
+        lines.iter().rev().find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            (v["event"] == "progress")
+                .then(|| v["percent"].as_f64())
+                .flatten()
+        })
+    }
+
+    /// Wait until the progress percent satisfies `ok`; returns it.
+    pub fn wait_progress(&mut self, ok: impl Fn(f64) -> bool, limit: Duration) -> f64 {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(p) = self.percent().filter(|p| ok(*p)) {
+                return p;
+            }
+            if let Some(st) = self.guard.child.try_wait().unwrap() {
+                panic!(
+                    "receiver exited ({st}) before the expected progress:\n{}\n{}",
+                    self.lines.lock().unwrap().join("\n"),
+                    fs::read_to_string(&self.stderr).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching progress within {limit:?}; last {:?}",
+                self.percent()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILL, like `kill -9`.
+    pub fn kill9(mut self) -> Finished {
+        self.guard.kill();
+        self.finish(None)
+    }
+
+    /// Wait for exit (killing it and failing after `limit`).
+    pub fn wait(mut self, limit: Duration) -> Finished {
+        match self.guard.wait_for(limit) {
+            Some(st) => self.finish(st.code()),
+            None => {
+                self.guard.kill();
+                let f = self.finish(None);
+                panic!(
+                    "receiver for {:?} still running after {limit:?}: {f:#?}",
+                    f.title
+                );
+            }
+        }
+    }
+
+    fn finish(&mut self, code: Option<i32>) -> Finished {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        Finished {
+            code,
+            lines: std::mem::take(&mut *self.lines.lock().unwrap()),
+            stderr: fs::read_to_string(&self.stderr).unwrap_or_default(),
+            out: self.out.clone(),
+            title: self.title.clone(),
+        }
+    }
+}
+
+impl Finished {
+    pub fn assert_code(&self, code: i32) -> &Finished {
+        assert_eq!(self.code, Some(code), "wrong exit status: {self:#?}");
+        self
+    }
+
+    pub fn report(&self) -> Report {
+        let line = self
+            .lines
+            .iter()
+            .rev()
+            .find(|l| l.contains("\"event\":\"done\""))
+            .unwrap_or_else(|| panic!("no final JSON report: {self:#?}"));
+        let r: Report = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(r.event, "done");
+        r
+    }
+
+    /// Exit 0 and `<out>/<title>.mca` byte-identical to `reference`. Returns the report.
+    pub fn assert_complete(&self, reference: &Path) -> Report {
+        self.assert_code(0);
+        let r = self.report();
+        let got = mcast::archive::archive_path(&self.out, &self.title);
+        assert_identical(&got, reference);
+        assert_eq!(
+            r.archive_bytes,
+            fs::metadata(reference).unwrap().len(),
+            "report archive_bytes"
+        );
+        r
+    }
+}
+
+pub fn assert_identical(got: &Path, want: &Path) {
+    let a = fs::read(got).unwrap_or_else(|e| panic!("cannot read {}: {e}", got.display()));
+    let b = fs::read(want).unwrap_or_else(|e| panic!("cannot read {}: {e}", want.display()));
+    if a != b {
+        let first = a.iter().zip(&b).position(|(x, y)| x != y);
+        panic!(
+            "{} differs from {}: lengths {} vs {}, first difference at {first:?}",
+            got.display(),
+            want.display(),
+            a.len(),
+            b.len()
+        );
+    }
+}
+
+/// A raw control-port client (the test plays receiver or attacker).
+pub struct Ctl {
+    pub sock: UdpSocket,
+    pub server: SocketAddr,
+    pub rid: u64,
+    req: u32,
+    /// Data-channel packets that arrived while waiting for a reply.
+    pub data_seen: u64,
+}
+
+impl Ctl {
+    pub fn new(server: SocketAddr, rid: u64) -> Ctl {
+        Ctl {
+            sock: UdpSocket::bind("127.0.0.1:0").unwrap(),
+            server,
+            rid,
+            req: rand::random::<u32>() >> 1,
+            data_seen: 0,
+        }
+    }
+
+    pub fn send(&mut self, msg: Control) -> u32 {
+        self.req = self.req.wrapping_add(1);
+        let b = Envelope::new(self.rid, self.req, msg).encode();
+        self.sock.send_to(&b, self.server).unwrap();
+        self.req
+    }
+
+    /// Send and wait for the reply with our request id (5 tries of 500 ms).
+    pub fn request(&mut self, msg: Control) -> Control {
+        for _ in 0..5 {
+            let id = self.send(msg.clone());
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while let Some(b) = recv_until(&self.sock, deadline) {
+                match Envelope::decode(&b) {
+                    Ok(env) if env.req_id == id && env.receiver_id == self.rid => return env.msg,
+                    Ok(_) => {}
+                    Err(_) => {
+                        if DataHeader::decode(&b).is_ok() {
+                            self.data_seen += 1;
+                        }
+                    }
+                }
+            }
+        }
+        panic!("no reply to {msg:?} from {}", self.server);
+    }
+}
+
+/// One datagram, or `None` at the deadline.
+pub fn recv_until(sock: &UdpSocket, deadline: Instant) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; MAX_CONTROL_LEN + 65_536];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match sock.recv_from(&mut buf) {
+            Ok((n, _)) => return Some(buf[..n].to_vec()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None
+            }
+            Err(_) => continue,
+        }
+    }
+}
+
+/// Datagrams arriving on `sock` for `dur`: (data-channel packets, any other datagrams).
+pub fn count_arrivals(sock: &UdpSocket, dur: Duration) -> (u64, u64) {
+    let deadline = Instant::now() + dur;
+    let (mut data, mut other) = (0, 0);
+    while let Some(b) = recv_until(sock, deadline) {
+        if Envelope::decode(&b).is_err() && DataHeader::decode(&b).is_ok() {
+            data += 1;
+        } else {
+            other += 1;
+        }
+    }
+    (data, other)
+}
+
+/// Effective uid (from /proc; no libc dependency).
+pub fn euid() -> Option<u32> {
+    let s = fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The `unshare` prefix for a private namespace of `kind` ("--net" or "--mount"): plain for
+/// root, with a user namespace (`-r`) otherwise. `Err(reason)` when this host cannot do it.
+pub fn namespace_prefix(kind: &str, tools: &[&str]) -> Result<Vec<String>, String> {
+    for t in tools.iter().chain(&["unshare", "sh"]) {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Err(format!("`{t}` is not installed"));
+        }
+    }
+    let prefix: Vec<String> = match euid() {
+        Some(0) => vec!["unshare".into(), kind.into()],
+        _ => vec!["unshare".into(), "-r".into(), kind.into()],
+    };
+    let ok = Command::new(&prefix[0])
+        .args(&prefix[1..])
+        .arg("true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        Ok(prefix)
+    } else {
+        Err(format!(
+            "`{}` is not permitted here (uid {:?}; needs root or unprivileged user namespaces)",
+            prefix.join(" "),
+            euid()
+        ))
+    }
+}
+
+/// Namespace prefix, or `None` after printing why the test is skipped; in CI a missing
+/// capability is a failure, not a skip.
+pub fn namespace_or_skip(test: &str, kind: &str, tools: &[&str]) -> Option<Vec<String>> {
+    match namespace_prefix(kind, tools) {
+        Ok(p) => Some(p),
+        Err(why) if in_ci() => panic!("{test}: cannot run in CI: {why}"),
+        Err(why) => {
+            println!("SKIPPED {test}: {why}");
+            None
+        }
+    }
+}
