@@ -154,8 +154,9 @@ impl Ord for Queued {
     }
 }
 
-/// A synthetic head with the requested shape (the sim never reads payloads).
-fn sim_head(data_packets: u64, symbol_size: u32) -> Head {
+/// A synthetic head with the requested shape (the sim never reads payloads; tests of the
+/// channel manager use it too).
+pub fn sim_head(data_packets: u64, symbol_size: u32) -> Head {
     let k = (symbol_size / 32) as u64;
     let n_blocks = data_packets.div_ceil(k);
     Head {
@@ -338,6 +339,12 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                     // sim counts it held, and completion still needs every hash packet.
                     // Like the driver, only new packets move the NAK engine.
                     if r.have[u] {
+                        // The driver verifies duplicate hash packets (against the signed head)
+                        // and lets them drive loss detection; unverifiable data duplicates not.
+                        if matches!(id, PacketId::Hash(_)) {
+                            let have = &r.have;
+                            r.nak.on_packet(now, id, repair, |x| have[x as usize]);
+                        }
                         continue;
                     }
                     r.have[u] = true;

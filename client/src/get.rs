@@ -486,11 +486,13 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                             nak.on_parked(Instant::now(), s, |u| dl.has_or_parked(u));
                         }
                     }
-                    Verdict::Duplicate => {
-                        if let PacketId::Hash(b) = id {
-                            heard |= !heard && dl.hash_packet_valid(b, payload);
-                        }
+                    // Genuine duplicates still tell the loop position (a loss at the end of a
+                    // loop is only seen from the next loop's packets, which are duplicates).
+                    Verdict::Duplicate if dl.duplicate_is_genuine(id, payload) => {
+                        heard = true;
+                        nak.on_packet(Instant::now(), id, hdr.repair, |u| dl.has_or_parked(u));
                     }
+                    Verdict::Duplicate => {}
                     Verdict::NoHashYet | Verdict::Rejected => {}
                 }
                 for unit in dl.take_unpark_rejects() {

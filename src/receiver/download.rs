@@ -147,10 +147,18 @@ impl Download {
         }
     }
 
-    /// Whether `payload` is the genuine hash packet of block `b` (checked against the signed
-    /// head; works at any time, so a duplicate hash packet proves the channel is real).
-    pub fn hash_packet_valid(&self, b: u64, payload: &[u8]) -> bool {
-        self.verifier.check_hash_packet(&self.head, b, payload).is_ok()
+    /// Whether a packet judged [`Verdict::Duplicate`] is genuine, when that is cheap to tell:
+    /// a hash packet always (against the signed head), a data packet while its block's hash
+    /// packet is still cached. Verified duplicates may drive loss detection and prove the
+    /// channel works; unverifiable ones must not.
+    pub fn duplicate_is_genuine(&self, id: PacketId, payload: &[u8]) -> bool {
+        match id {
+            PacketId::Hash(b) => self.verifier.check_hash_packet(&self.head, b, payload).is_ok(),
+            PacketId::Data(s) => self
+                .hash_cache
+                .get(&(s / self.shape.block_symbols))
+                .is_some_and(|hp| self.verifier.check_data_packet(hp, s, payload).is_ok()),
+        }
     }
 
     /// Parked packets that the last hash packet verified: write each at its offset.

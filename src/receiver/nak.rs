@@ -190,9 +190,9 @@ impl NakEngine {
         self.holdoff.remove(&unit);
     }
 
-    /// A packet that *verified* and was new (drivers must not pass unverified or duplicate
-    /// packets: a forged loop position would otherwise mark a whole loop missing).
-    /// `have(unit)` says what is now held or parked.
+    /// A packet that *verified*: new, or a duplicate that could be verified cheaply (drivers
+    /// must never pass unverified packets: a forged loop position would otherwise mark a
+    /// whole loop missing). `have(unit)` says what is now held or parked.
     pub fn on_packet(&mut self, now: Instant, id: PacketId, repair: bool, have: impl Fn(u64) -> bool) {
         let Some(unit) = self.shape.unit_index(id) else { return };
         if have(unit) {
