@@ -15,7 +15,18 @@ fn main() {
     let only: Option<usize> = std::env::args().skip(1).find_map(|a| a.parse().ok());
     println!(
         "{:>9} {:>7} {:>7} {:>10} {:>10} {:>8} {:>11} {:>13} {:>13} {:>9} {:>9} {:>8}",
-        "receivers", "shared", "indep", "loops_mean", "loops_max", "losses", "naks/loss", "naks/loss_2d", "naks/loss_off", "repairs", "dup_rep", "wire/B"
+        "receivers",
+        "shared",
+        "indep",
+        "loops_mean",
+        "loops_max",
+        "losses",
+        "naks/loss",
+        "naks/loss_2d",
+        "naks/loss_off",
+        "repairs",
+        "dup_rep",
+        "wire/B"
     );
     for receivers in [10usize, 100, 1000] {
         if only.is_some_and(|n| n != receivers) {

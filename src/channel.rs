@@ -63,7 +63,12 @@ impl Params {
             rate_bps,
             burst: Duration::from_millis(4),
             groups: (0..16)
-                .map(|i| SocketAddrV4::new(std::net::Ipv4Addr::new(239, 255, 77, 1 + i), 7700 + i as u16))
+                .map(|i| {
+                    SocketAddrV4::new(
+                        std::net::Ipv4Addr::new(239, 255, 77, 1 + i),
+                        7700 + i as u16,
+                    )
+                })
                 .collect(),
             max_unicast_per_channel: 64,
             cookie_epoch: Duration::from_secs(10),
@@ -240,7 +245,9 @@ impl Channel {
     }
 
     fn repair_ready(&self, now: Instant) -> bool {
-        self.repair_tokens >= 1.0 && self.repair_due.is_some_and(|t| t <= now) && !self.repair_pending.is_empty()
+        self.repair_tokens >= 1.0
+            && self.repair_due.is_some_and(|t| t <= now)
+            && !self.repair_pending.is_empty()
     }
 
     fn rebuild_dests(&mut self) {
@@ -367,6 +374,12 @@ impl ChannelManager {
         );
     }
 
+    /// The receiver's session is gone (restart, lease expiry) or never existed.
+    fn unknown_session(&mut self, to: SocketAddr, env: &Envelope, message: &str) {
+        self.counters.unknown_session += 1;
+        self.error(to, env, ErrorCode::UnknownSession, message);
+    }
+
     fn channel_of(&self, archive_id: &ArchiveId) -> Option<u32> {
         self.channels
             .iter()
@@ -461,13 +474,7 @@ impl ChannelManager {
                         );
                     }
                     None => {
-                        self.counters.unknown_session += 1;
-                        self.error(
-                            from,
-                            &env,
-                            ErrorCode::UnknownSession,
-                            "no such session: join again",
-                        );
+                        self.unknown_session(from, &env, "no such session: join again");
                     }
                 }
             }
@@ -495,13 +502,7 @@ impl ChannelManager {
                     .and_then(|id| self.channels.get(&id))
                     .is_some_and(|c| c.members.contains_key(&rid));
                 if !known {
-                    self.counters.unknown_session += 1;
-                    self.error(
-                        from,
-                        &env,
-                        ErrorCode::UnknownSession,
-                        "join before asking for unicast",
-                    );
+                    self.unknown_session(from, &env, "join before asking for unicast");
                     return;
                 }
                 let cookie = self.cookie(from, rid, &archive_id, self.epoch(now));
@@ -524,25 +525,13 @@ impl ChannelManager {
                 }
                 let max = self.params.max_unicast_per_channel;
                 let Some(id) = self.channel_of(&archive_id) else {
-                    self.counters.unknown_session += 1;
-                    self.error(
-                        from,
-                        &env,
-                        ErrorCode::UnknownSession,
-                        "no such session: join again",
-                    );
+                    self.unknown_session(from, &env, "no such session: join again");
                     return;
                 };
                 let c = self.channels.get_mut(&id).expect("channel exists");
                 let full = c.unicast_count() >= max;
                 let Some(m) = c.members.get_mut(&rid) else {
-                    self.counters.unknown_session += 1;
-                    self.error(
-                        from,
-                        &env,
-                        ErrorCode::UnknownSession,
-                        "no such session: join again",
-                    );
+                    self.unknown_session(from, &env, "no such session: join again");
                     return;
                 };
                 if m.unicast != Some(from) {
@@ -791,7 +780,8 @@ impl ChannelManager {
         } else {
             let pkt = c.carousel.next_packet().expect("non-empty loop");
             // Sent in the loop now: a queued repair of it is moot.
-            c.repair_pending.remove(&crate::receiver::nak::NakEngine::loop_pos(&shape, pkt));
+            c.repair_pending
+                .remove(&crate::receiver::nak::NakEngine::loop_pos(&shape, pkt));
             let share = params.repair_share.clamp(0.0, 0.95);
             c.repair_tokens = (c.repair_tokens + share / (1.0 - share)).min(64.0);
             (pkt, false)
@@ -828,7 +818,10 @@ impl ChannelManager {
             }
         };
         let rate = self.params.nak_rate.max(1.0);
-        let b = self.nak_buckets.entry(from.ip()).or_insert(NakBucket { tokens: rate, at: now });
+        let b = self.nak_buckets.entry(from.ip()).or_insert(NakBucket {
+            tokens: rate,
+            at: now,
+        });
         b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate).min(rate);
         b.at = now;
         if b.tokens < 1.0 {
@@ -837,10 +830,15 @@ impl ChannelManager {
         }
         b.tokens -= 1.0;
         if self.nak_buckets.len() > 4096 {
-            self.nak_buckets.retain(|_, b| now.saturating_duration_since(b.at) < Duration::from_secs(2));
+            self.nak_buckets
+                .retain(|_, b| now.saturating_duration_since(b.at) < Duration::from_secs(2));
         }
         let params = &self.params;
-        let Some(c) = self.channels.values_mut().find(|c| c.tag == nak.archive_tag) else {
+        let Some(c) = self
+            .channels
+            .values_mut()
+            .find(|c| c.tag == nak.archive_tag)
+        else {
             self.counters.naks_unknown_channel += 1;
             return;
         };
@@ -875,7 +873,8 @@ impl ChannelManager {
             c.repair_due = Some(now + grtt);
         }
         if c.repaired_at.len() > 65_536 {
-            c.repaired_at.retain(|_, t| now.saturating_duration_since(*t) < grtt);
+            c.repaired_at
+                .retain(|_, t| now.saturating_duration_since(*t) < grtt);
         }
     }
 

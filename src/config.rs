@@ -270,13 +270,19 @@ impl Config {
             return Err(field("server.lease_ms", "must be at least 100".into()));
         }
         if !(0.0..=0.95).contains(&sv.repair_share) {
-            return Err(field("server.repair_share", format!("{} is outside 0 ..= 0.95", sv.repair_share)));
+            return Err(field(
+                "server.repair_share",
+                format!("{} is outside 0 ..= 0.95", sv.repair_share),
+            ));
         }
         if !(sv.nak_rate > 0.0 && sv.nak_rate.is_finite()) {
             return Err(field("server.nak_rate", "must be positive".into()));
         }
         if sv.grtt_min_us == 0 || sv.grtt_min_us > sv.grtt_max_ms * 1000 {
-            return Err(field("server.grtt_min_us", "must be at least 1 and not above grtt_max_ms".into()));
+            return Err(field(
+                "server.grtt_min_us",
+                "must be at least 1 and not above grtt_max_ms".into(),
+            ));
         }
         if self.tickets.db.as_os_str().is_empty() {
             return Err(field("tickets.db", "must name a file".into()));

@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod channel;
 pub mod codec;
 pub mod config;
+pub mod fastio;
 pub mod fsutil;
 pub mod pacer;
 pub mod receiver;

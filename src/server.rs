@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::archive::{ArchiveFile, ARCHIVE_EXT};
 use crate::channel::{ChannelManager, Event, TitleInfo, TransmitPayload};
 use crate::config::Config;
+use crate::fastio::{BatchSender, PacketBatch};
 use crate::wire::control::{ArchiveId, MAX_CONTROL_LEN};
 use crate::wire::data::DATA_HEADER_LEN;
 
@@ -81,16 +82,53 @@ pub fn data_socket(cfg: &Config) -> anyhow::Result<UdpSocket> {
     Ok(s.into())
 }
 
+/// Packets per send batch (a few GSO messages of up to 64 segments).
+const BATCH: usize = 128;
+/// Packets sent per loop turn at most, so control datagrams are never starved.
+const MAX_PER_TURN: usize = 1024;
+
+/// Read the batch's archive payloads and send it to each of `dests`; empties the batch.
+fn flush(
+    batch: &mut PacketBatch,
+    cur: &Option<(ArchiveId, Arc<[SocketAddr]>)>,
+    files: &HashMap<ArchiveId, ArchiveFile>,
+    data: &UdpSocket,
+    sender: &mut BatchSender,
+    send_errors: &mut u64,
+) -> anyhow::Result<()> {
+    let Some((id, dests)) = cur else {
+        batch.clear();
+        return Ok(());
+    };
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let a = files.get(id).expect("channels only loop loaded archives");
+    batch
+        .fill(&a.file)
+        .with_context(|| format!("reading {}", a.path.display()))?;
+    for dest in dests.iter() {
+        let out = sender.send(data.as_raw_fd(), batch, &(*dest).into());
+        if out.failed > 0 {
+            let before = *send_errors;
+            *send_errors += out.failed as u64;
+            if (before + 1..=*send_errors).any(|n| n.is_power_of_two()) {
+                if let Some(e) = &out.last_error {
+                    tracing::warn!(%dest, error = %e, send_errors = *send_errors, "data send failed");
+                }
+            }
+        }
+    }
+    batch.clear();
+    Ok(())
+}
+
 /// Run the server until `stop` is set.
 pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let ks = mcast_keys::KeyStore::open(&cfg.store.key_dir)?;
     let trusted = ks.identity()?.public();
-    let mut tickets = crate::ticket::TicketService::open(
-        &cfg.tickets.db,
-        &ks,
-        trusted,
-        cfg.tickets.retry_secs,
-    )?;
+    let mut tickets =
+        crate::ticket::TicketService::open(&cfg.tickets.db, &ks, trusted, cfg.tickets.retry_secs)?;
     let (titles, files) = load_titles(&cfg.store.archive_dir, &trusted)?;
     if titles.is_empty() {
         tracing::warn!(dir = %cfg.store.archive_dir.display(), "no archives to serve; pack one with `mcastd pack`");
@@ -103,12 +141,20 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     })?;
     ctrl.set_nonblocking(true)?;
     let data = data_socket(cfg)?;
+    // Wake from ppoll within ~1 us of a pacing deadline (default slack is 50 us).
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and only affects this thread.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong);
+    }
     tracing::info!(control = %ctrl.local_addr()?, titles = titles.len(), identity = %trusted.fingerprint(),
         tickets = %tickets.db_path().display(), "mcastd serving");
 
     let mut mgr = ChannelManager::new(cfg.channel_params(), titles, Instant::now());
     let mut buf = vec![0u8; MAX_CONTROL_LEN + 1];
-    let mut pkt = Vec::with_capacity(DATA_HEADER_LEN + 65_536);
+    let mut batch = PacketBatch::with_capacity(BATCH, DATA_HEADER_LEN + 65_536);
+    let mut sender = BatchSender::new(&data, true);
+    tracing::info!(gso = sender.gso(), batch = BATCH, "data send path");
+    let mut cur: Option<(ArchiveId, Arc<[SocketAddr]>)> = None;
     let mut send_errors = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -140,15 +186,28 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 tracing::debug!(%to, error = %e, "control reply not sent");
             }
         }
-        // Paced sends; bounded per turn so control traffic is never starved.
-        for _ in 0..1024 {
+        // Paced sends; bounded per turn so control traffic is never starved. Due packets with
+        // the same destinations and archive are batched: one sendmmsg (GSO) per destination.
+        for _ in 0..MAX_PER_TURN {
             let Some(t) = mgr.poll_transmit(now) else {
                 break;
             };
-            pkt.clear();
-            pkt.extend_from_slice(&t.header);
+            let same = cur.as_ref().is_some_and(|(id, d)| {
+                *id == t.archive_id && (Arc::ptr_eq(d, &t.dests) || **d == *t.dests)
+            });
+            if !same || batch.len() >= BATCH {
+                flush(
+                    &mut batch,
+                    &cur,
+                    &files,
+                    &data,
+                    &mut sender,
+                    &mut send_errors,
+                )?;
+                cur = Some((t.archive_id, t.dests.clone()));
+            }
             match &t.payload {
-                TransmitPayload::Sync(s) => pkt.extend_from_slice(s),
+                TransmitPayload::Sync(s) => batch.push(&t.header, s),
                 TransmitPayload::Packet(id) => {
                     let a = files
                         .get(&t.archive_id)
@@ -157,24 +216,18 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                         .layout
                         .packet_range(*id)
                         .expect("carousel yields packets of the archive");
-                    pkt.resize(DATA_HEADER_LEN + len, 0);
-                    std::os::unix::fs::FileExt::read_exact_at(
-                        &a.file,
-                        &mut pkt[DATA_HEADER_LEN..],
-                        off,
-                    )
-                    .with_context(|| format!("reading {}", a.path.display()))?;
-                }
-            }
-            for dest in t.dests.iter() {
-                if let Err(e) = data.send_to(&pkt, dest) {
-                    send_errors += 1;
-                    if send_errors.is_power_of_two() {
-                        tracing::warn!(%dest, error = %e, send_errors, "data send failed");
-                    }
+                    batch.push_file(&t.header, off, len);
                 }
             }
         }
+        flush(
+            &mut batch,
+            &cur,
+            &files,
+            &data,
+            &mut sender,
+            &mut send_errors,
+        )?;
         while let Some(ev) = mgr.poll_event() {
             log_event(&ev);
         }
@@ -184,12 +237,14 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             .unwrap_or(Duration::from_millis(200))
             .min(Duration::from_millis(200));
         if wait > Duration::ZERO {
+            // ppoll takes a nanosecond timeout: paced sends at high rates wake on time rather
+            // than on poll's millisecond grid (timer slack is set low at start-up).
             let mut fds = [nix::poll::PollFd::new(
                 ctrl.as_fd(),
                 nix::poll::PollFlags::POLLIN,
             )];
-            let ms = wait.as_millis().clamp(1, 200) as u16;
-            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+            let ts = nix::sys::time::TimeSpec::from_duration(wait);
+            match nix::poll::ppoll(&mut fds, Some(ts), None) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e).context("poll on control socket"),
             }

@@ -235,13 +235,13 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         seq += 1;
         q.push(Reverse(Queued(at, seq, ev)));
     };
-    for i in 0..cfg.receivers {
-        push(&mut q, rx[i].join_at, Ev::Join(i));
+    for (i, r) in rx.iter().enumerate() {
+        push(&mut q, r.join_at, Ev::Join(i));
     }
-    for i in 0..cfg.crashes.min(cfg.receivers) {
+    for (i, r) in rx.iter_mut().enumerate().take(cfg.crashes) {
         // Crash somewhere in the middle of the first loop after joining.
-        let at = rx[i].join_at + Duration::from_secs_f64(loop_seconds * (0.3 + 0.4 * rng.gen::<f64>()));
-        rx[i].crash_at = Some(at);
+        let at = r.join_at + Duration::from_secs_f64(loop_seconds * (0.3 + 0.4 * rng.gen::<f64>()));
+        r.crash_at = Some(at);
         push(&mut q, at, Ev::Crash(i));
     }
 
@@ -277,15 +277,26 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                 while let Some(t) = mgr.poll_transmit(now) {
                     let (hdr, _) = DataHeader::decode(&t.header).expect("own header");
                     let (id, sync) = match (&hdr.kind, &t.payload) {
-                        (DataKind::Sync, TransmitPayload::Sync(b)) => (None, SyncInfo::decode(b).ok()),
+                        (DataKind::Sync, TransmitPayload::Sync(b)) => {
+                            (None, SyncInfo::decode(b).ok())
+                        }
                         (DataKind::Packet(id), _) => (Some(*id), None),
                         _ => (None, None),
                     };
-                    wire_bytes += if id.is_some() { pkt_bytes } else { (DATA_HEADER_LEN + 24) as f64 };
+                    wire_bytes += if id.is_some() {
+                        pkt_bytes
+                    } else {
+                        (DATA_HEADER_LEN + 24) as f64
+                    };
                     if hdr.repair {
                         repairs_sent += 1;
-                        let u = shape.unit_index(id.expect("repairs carry packets")).expect("in range") as usize;
-                        if !rx.iter().any(|r| r.alive && r.done_at.is_none() && !r.have[u]) {
+                        let u = shape
+                            .unit_index(id.expect("repairs carry packets"))
+                            .expect("in range") as usize;
+                        if !rx
+                            .iter()
+                            .any(|r| r.alive && r.done_at.is_none() && !r.have[u])
+                        {
                             duplicate_repairs += 1;
                         }
                     }
@@ -351,7 +362,9 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                     r.have_count += 1;
                     let have = &r.have;
                     if let PacketId::Data(s) = id {
-                        let h = shape.unit_index(PacketId::Hash(s / shape.block_symbols)).unwrap();
+                        let h = shape
+                            .unit_index(PacketId::Hash(s / shape.block_symbols))
+                            .unwrap();
                         if !have[h as usize] {
                             r.nak.on_parked(now, s, |x| have[x as usize]);
                         }
@@ -360,7 +373,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                     if r.have_count == units && r.done_at.is_none() {
                         r.done_at = Some(now);
                         done += 1;
-                        let msg = Envelope::new(r.rid, 3, Control::Complete { archive_id }).encode();
+                        let msg =
+                            Envelope::new(r.rid, 3, Control::Complete { archive_id }).encode();
                         push(&mut q, now + d, Ev::ToServer(r.addr, msg));
                         continue;
                     }
@@ -390,7 +404,14 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                 let r = &mut rx[i];
                 r.joined = true;
                 r.alive = true;
-                let msg = Envelope::new(r.rid, 1, Control::Join { title: "sim".into() }).encode();
+                let msg = Envelope::new(
+                    r.rid,
+                    1,
+                    Control::Join {
+                        title: "sim".into(),
+                    },
+                )
+                .encode();
                 push(&mut q, now + d, Ev::ToServer(r.addr, msg));
                 touched = Some(i);
             }
@@ -426,7 +447,11 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                     if cfg.suppression {
                         for j in 0..cfg.receivers {
                             if j != i && rng.gen::<f64>() >= cfg.independent_loss {
-                                push(&mut q, now + cfg.peer_delay, Ev::NakHeard(j, ranges.clone()));
+                                push(
+                                    &mut q,
+                                    now + cfg.peer_delay,
+                                    Ev::NakHeard(j, ranges.clone()),
+                                );
                             }
                         }
                     }
@@ -446,7 +471,12 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                     .encode();
                     push(&mut q, now + d, Ev::ToServer(r.addr, msg));
                 }
-                let next = r.nak.poll_timeout().into_iter().chain([r.next_keepalive]).min();
+                let next = r
+                    .nak
+                    .poll_timeout()
+                    .into_iter()
+                    .chain([r.next_keepalive])
+                    .min();
                 if let Some(t) = next {
                     if r.timer.is_none_or(|x| t < x) {
                         r.timer = Some(t);
@@ -487,7 +517,11 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         receivers: cfg.receivers,
         completed: times.len(),
         loop_seconds,
-        loops_mean: if times.is_empty() { f64::NAN } else { times.iter().sum::<f64>() / times.len() as f64 },
+        loops_mean: if times.is_empty() {
+            f64::NAN
+        } else {
+            times.iter().sum::<f64>() / times.len() as f64
+        },
         loops_max: times.iter().cloned().fold(0.0, f64::max),
         loss_events,
         naks_at_server: c.naks_received,

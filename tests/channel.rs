@@ -27,13 +27,29 @@ fn setup() -> (ChannelManager, Instant, LoopShape, [u8; 8]) {
     };
     let mut m = ChannelManager::new(Params::for_tests(RATE), vec![info], t0);
     let from: SocketAddr = "10.0.0.1:5000".parse().unwrap();
-    m.handle_control(t0, from, &Envelope::new(1, 1, Control::Join { title: "sim".into() }).encode());
+    m.handle_control(
+        t0,
+        from,
+        &Envelope::new(
+            1,
+            1,
+            Control::Join {
+                title: "sim".into(),
+            },
+        )
+        .encode(),
+    );
     assert_eq!(m.open_channels(), 1);
     (m, t0, shape, tag)
 }
 
 /// Everything sent in `[from, to)`, stepping the clock by 100 µs: (packet, repair?) pairs.
-fn run(m: &mut ChannelManager, from: Instant, to: Instant, mut each_ms: impl FnMut(&mut ChannelManager, Instant)) -> Vec<(PacketId, bool)> {
+fn run(
+    m: &mut ChannelManager,
+    from: Instant,
+    to: Instant,
+    mut each_ms: impl FnMut(&mut ChannelManager, Instant),
+) -> Vec<(PacketId, bool)> {
     let mut out = Vec::new();
     let mut now = from;
     let mut next_ms = from;
@@ -63,14 +79,23 @@ fn a_naked_packet_is_repaired_ahead_of_the_loop() {
     assert!(!start.is_empty());
     let target = PacketId::Data(3000);
     let unit = shape.unit_index(target).unwrap();
-    let nak = Nak { archive_tag: tag, receiver_id: 1, ranges: vec![(unit, 1)] }.encode();
+    let nak = Nak {
+        archive_tag: tag,
+        receiver_id: 1,
+        ranges: vec![(unit, 1)],
+    }
+    .encode();
     let t1 = t0 + Duration::from_millis(150);
     m.handle_control(t1, "10.0.0.1:5000".parse().unwrap(), &nak);
     let after = run(&mut m, t1, t1 + Duration::from_millis(100), |_, _| {});
-    let pos = after.iter().position(|p| *p == (target, true)).expect("repair sent");
+    let pos = after
+        .iter()
+        .position(|p| *p == (target, true))
+        .expect("repair sent");
     // It went out after the one-GRTT aggregation window (20 ms before any RTT report: ~192
     // packets at this rate) plus a few packets, not when the loop got there (~2900 later).
-    let window = (Params::for_tests(RATE).grtt_initial.as_secs_f64() * RATE as f64 / (1304.0 * 8.0)) as usize;
+    let window = (Params::for_tests(RATE).grtt_initial.as_secs_f64() * RATE as f64 / (1304.0 * 8.0))
+        as usize;
     println!("repair went out {pos} packets after the NAK (aggregation window {window})");
     assert!(pos <= window + 10, "repair was packet {pos} after the NAK");
     assert!(!after[..pos].iter().any(|(id, _)| *id == target));
@@ -94,7 +119,12 @@ fn hostile_naks_are_bounded_and_cannot_stall_the_loop() {
         ranges: vec![(0, units as u32), (units + 10, u32::MAX), (u64::MAX - 5, 5)],
     }
     .encode();
-    let other_channel = Nak { archive_tag: [0xee; 8], receiver_id: 666, ranges: vec![(0, 1)] }.encode();
+    let other_channel = Nak {
+        archive_tag: [0xee; 8],
+        receiver_id: 666,
+        ranges: vec![(0, 1)],
+    }
+    .encode();
     let sent = run(&mut m, t0, t0 + Duration::from_secs(1), |m, now| {
         for _ in 0..50 {
             m.handle_control(now, attacker, &absurd); // 50 000 NAKs/s
@@ -110,7 +140,11 @@ fn hostile_naks_are_bounded_and_cannot_stall_the_loop() {
         sent.len(), loop_pkts, repairs, c.naks_received, c.naks_rate_limited, c.nak_units_ignored, c.nak_units_coalesced, c.naks_malformed
     );
     // The loop keeps at least its share (repair_share = 0.5) of the channel.
-    assert!(loop_pkts * 2 >= sent.len() - 2, "loop starved: {loop_pkts} of {}", sent.len());
+    assert!(
+        loop_pkts * 2 >= sent.len() - 2,
+        "loop starved: {loop_pkts} of {}",
+        sent.len()
+    );
     // The channel still runs at its rate: ~100 Mbit/s of 1304-byte packets for ~0.9 s.
     assert!(sent.len() > 8000, "channel stalled: {} packets", sent.len());
     assert!(c.naks_rate_limited > 0, "flood not rate-limited");

@@ -12,13 +12,23 @@ use std::process::Command;
 fn bins() -> (PathBuf, PathBuf) {
     let d = PathBuf::from(env!("CARGO_BIN_EXE_mcastd"));
     let r = d.with_file_name("mcast-recv");
-    assert!(r.exists(), "build the workspace first: {} missing", r.display());
+    assert!(
+        r.exists(),
+        "build the workspace first: {} missing",
+        r.display()
+    );
     (d, r)
 }
 
 /// Why this machine cannot run the namespace test, if it cannot.
 fn cannot_run() -> Option<String> {
-    if std::fs::read_to_string("/proc/self/status").map(|s| !s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))).unwrap_or(true) {
+    if std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(true)
+    {
         return Some("needs root (network namespace + nftables)".into());
     }
     for tool in ["unshare", "nft", "ip"] {
@@ -28,7 +38,9 @@ fn cannot_run() -> Option<String> {
             .map(|o| o.status.success())
             .unwrap_or(false);
         if !ok {
-            return Some(format!("`{tool}` not installed (apt-get install nftables iproute2 util-linux)"));
+            return Some(format!(
+                "`{tool}` not installed (apt-get install nftables iproute2 util-linux)"
+            ));
         }
     }
     None
@@ -72,14 +84,32 @@ fn receivers_under_3_percent_loss_finish_well_before_two_loops() {
     .unwrap();
     let cfg = d.join("mcastd.toml");
     // 12 MB of incompressible "media": one loop is ~1 s at 100 Mbit/s.
-    let data: Vec<u8> = (0..12_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..12_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(d.join("film.bin"), &data).unwrap();
     for args in [
         vec!["keygen"],
-        vec!["pack", d.join("film.bin").to_str().unwrap(), "--title", "film", "--compress", "none"],
+        vec![
+            "pack",
+            d.join("film.bin").to_str().unwrap(),
+            "--title",
+            "film",
+            "--compress",
+            "none",
+        ],
     ] {
-        let st = Command::new(&mcastd).arg("--config").arg(&cfg).args(&args).output().unwrap();
-        assert!(st.status.success(), "{args:?}: {}", String::from_utf8_lossy(&st.stderr));
+        let st = Command::new(&mcastd)
+            .arg("--config")
+            .arg(&cfg)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
     }
     let script = format!(
         r#"set -e
@@ -120,14 +150,30 @@ exit $status
         err(1)
     );
     let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
-    println!("nft: {}", nft.lines().find(|l| l.contains("drop")).unwrap_or("").trim());
-    assert!(!nft.contains("packets 0 "), "the drop rule dropped nothing: {nft}\nreceiver 1: {}", err(1));
+    println!(
+        "nft: {}",
+        nft.lines()
+            .find(|l| l.contains("drop"))
+            .unwrap_or("")
+            .trim()
+    );
+    assert!(
+        !nft.contains("packets 0 "),
+        "the drop rule dropped nothing: {nft}\nreceiver 1: {}",
+        err(1)
+    );
 
     let archive = std::fs::read(d.join("archives/film.mca")).unwrap();
-    let loop_secs = |r: &serde_json::Value| r["loop_bytes"].as_f64().unwrap() * (1304.0 / 1280.0) * 8.0 / (rate_mbps * 1e6);
+    let loop_secs = |r: &serde_json::Value| {
+        r["loop_bytes"].as_f64().unwrap() * (1304.0 / 1280.0) * 8.0 / (rate_mbps * 1e6)
+    };
     for i in 1..=3 {
         let r = json_done(&d.join(format!("r{i}.log")));
-        assert_eq!(std::fs::read(d.join(format!("r{i}/film.mca"))).unwrap(), archive, "receiver {i}");
+        assert_eq!(
+            std::fs::read(d.join(format!("r{i}/film.mca"))).unwrap(),
+            archive,
+            "receiver {i}"
+        );
         let loops = r["receive_seconds"].as_f64().unwrap() / loop_secs(&r);
         println!(
             "receiver {i}: {:.2} s receiving = {loops:.2} loops (loop {:.2} s), NAKs sent {}, units NAKed {}, suppressed {}, repairs received {}",
@@ -138,14 +184,25 @@ exit $status
             r["units_suppressed"],
             r["repairs_received"]
         );
-        assert!(r["repairs_received"].as_u64().unwrap() > 0, "no repairs reached receiver {i}");
-        assert!(loops < 1.7, "receiver {i} took {loops:.2} loops: repairs did not beat the loop");
+        assert!(
+            r["repairs_received"].as_u64().unwrap() > 0,
+            "no repairs reached receiver {i}"
+        );
+        assert!(
+            loops < 1.7,
+            "receiver {i} took {loops:.2} loops: repairs did not beat the loop"
+        );
     }
-    let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("stats.json")).unwrap()).unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("stats.json")).unwrap()).unwrap();
     let c = &stats["counters"];
     println!(
         "server: NAKs {} for {} units, repairs sent {}, coalesced {}, rate-limited {}",
-        c["naks_received"], c["nak_units_received"], c["repairs_sent"], c["nak_units_coalesced"], c["naks_rate_limited"]
+        c["naks_received"],
+        c["nak_units_received"],
+        c["repairs_sent"],
+        c["nak_units_coalesced"],
+        c["naks_rate_limited"]
     );
     assert!(c["repairs_sent"].as_u64().unwrap() > 0);
 }

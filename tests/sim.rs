@@ -21,7 +21,10 @@ fn all_receivers_complete_under_1_5_and_20_percent_loss() {
         let r = run(&cfg);
         show(&format!("loss {loss}"), &r);
         assert_eq!(r.completed, 50, "loss {loss}: {r:?}");
-        assert!(r.channel_closed, "channel must close once everyone completed");
+        assert!(
+            r.channel_closed,
+            "channel must close once everyone completed"
+        );
     }
 }
 
@@ -34,7 +37,11 @@ fn repairs_beat_the_next_loop_under_shared_loss() {
         let r = run(&cfg);
         show(&format!("shared loss {loss}"), &r);
         assert_eq!(r.completed, 3);
-        assert!(r.loops_max < 1.3, "loss {loss}: slowest took {:.2} loops", r.loops_max);
+        assert!(
+            r.loops_max < 1.3,
+            "loss {loss}: slowest took {:.2} loops",
+            r.loops_max
+        );
     }
 }
 
@@ -49,8 +56,16 @@ fn suppression_keeps_naks_per_loss_at_most_two_with_100_receivers_shared_loss() 
     show("suppression off", &without);
     assert_eq!(with.completed, 100);
     assert_eq!(without.completed, 100);
-    assert!(with.naks_per_loss <= 2.0, "with suppression: {}", with.naks_per_loss);
-    assert!(without.naks_per_loss > 20.0, "without suppression: {}", without.naks_per_loss);
+    assert!(
+        with.naks_per_loss <= 2.0,
+        "with suppression: {}",
+        with.naks_per_loss
+    );
+    assert!(
+        without.naks_per_loss > 20.0,
+        "without suppression: {}",
+        without.naks_per_loss
+    );
 }
 
 #[test]

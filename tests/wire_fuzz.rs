@@ -18,10 +18,42 @@ fn decode_all(b: &[u8]) {
 fn valid_samples() -> Vec<Vec<u8>> {
     let id = [3u8; 16];
     vec![
-        Envelope::new(1, 2, Control::Join { title: "film".into() }).encode(),
-        Envelope::new(1, 2, Control::Keepalive { archive_id: id, have: 1, total: 2, rtt_us: 3 }).encode(),
-        Envelope::new(1, 2, Control::HeadChunk { archive_id: id, offset: 0, total: 9, bytes: vec![1; 9] }).encode(),
-        Nak { archive_tag: [1; 8], receiver_id: 5, ranges: vec![(1, 2), (9, 1)] }.encode(),
+        Envelope::new(
+            1,
+            2,
+            Control::Join {
+                title: "film".into(),
+            },
+        )
+        .encode(),
+        Envelope::new(
+            1,
+            2,
+            Control::Keepalive {
+                archive_id: id,
+                have: 1,
+                total: 2,
+                rtt_us: 3,
+            },
+        )
+        .encode(),
+        Envelope::new(
+            1,
+            2,
+            Control::HeadChunk {
+                archive_id: id,
+                offset: 0,
+                total: 9,
+                bytes: vec![1; 9],
+            },
+        )
+        .encode(),
+        Nak {
+            archive_tag: [1; 8],
+            receiver_id: 5,
+            ranges: vec![(1, 2), (9, 1)],
+        }
+        .encode(),
         mcast::sim::sim_head(100, 1280).encode(),
     ]
 }

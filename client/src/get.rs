@@ -11,7 +11,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mcast::archive::{self, ArchiveFile, Head, PacketId};
-use mcast::wire::control::{Control, Envelope, ErrorCode, HEAD_CHUNK, MAX_CONTROL_LEN};
 use mcast::receiver::nak::NakEngine;
+use mcast::wire::control::{Control, Envelope, ErrorCode, HEAD_CHUNK, MAX_CONTROL_LEN};
 use mcast::wire::data::{archive_tag, DataHeader, DataKind, SyncInfo};
 use mcast::wire::nak::{is_nak, Nak};
 use mcast_keys::PublicIdentity;
@@ -28,9 +28,12 @@ use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::control::ControlClient;
-use mcast::receiver::download::{Download, Verdict};
 use crate::error::{Failure, RecvError};
 use crate::state::State;
+use mcast::receiver::download::{Download, Verdict};
+
+/// Messages per recvmmsg on the data sockets.
+const RECV_BATCH: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct GetOptions {
@@ -256,7 +259,9 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         b.set_message(opts.title.clone());
         b
     });
-    let mut buf = vec![0u8; 65_536];
+    // Batched receive: RECV_BATCH datagrams (or GRO super-datagrams) per recvmmsg, into
+    // buffers reused for the whole run.
+    let mut rx = mcast::fastio::RecvBatch::new(RECV_BATCH, 65_536);
     let mut ctl_buf = vec![0u8; MAX_CONTROL_LEN + 1];
 
     let checkpoint = |dl: &Download, state: &mut State, part: &File| -> Result<(), RecvError> {
@@ -303,7 +308,12 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         // NAK timers: hold-offs that expired, and a NAK whose back-off ran out.
         nak.handle_timeout(now, |u| dl.has_or_parked(u));
         while let Some(ranges) = nak.poll_nak(now) {
-            tracing::trace!(first = ranges[0].0, ranges = ranges.len(), missing = dl.units() - dl.have_count(), "NAK");
+            tracing::trace!(
+                first = ranges[0].0,
+                ranges = ranges.len(),
+                missing = dl.units() - dl.have_count(),
+                "NAK"
+            );
             let bytes = Nak {
                 archive_tag: tag,
                 receiver_id,
@@ -319,7 +329,14 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         if !heard && !unicast_ok && now >= next_fallback_try {
             let s = unicast.get_or_insert_with(|| {
                 let s = UdpSocket::bind("0.0.0.0:0").expect("bind unicast socket");
-                let _ = Socket::from(s.try_clone().unwrap()).set_recv_buffer_size(opts.recv_buffer);
+                let r = socket2::SockRef::from(&s);
+                let _ = r.set_recv_buffer_size(opts.recv_buffer);
+                tracing::info!(
+                    requested = opts.recv_buffer,
+                    granted = r.recv_buffer_size().unwrap_or(0),
+                    gro = mcast::fastio::enable_gro(&s),
+                    "unicast receive buffer"
+                );
                 s
             });
             tracing::info!(title = %opts.title, "no multicast heard: asking for unicast fallback");
@@ -374,7 +391,11 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         }
         let wait_ms = nak
             .poll_timeout()
-            .map(|t| t.saturating_duration_since(Instant::now()).as_millis().min(20) as u16)
+            .map(|t| {
+                t.saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .min(20) as u16
+            })
             .unwrap_or(20);
         match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait_ms)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -389,8 +410,14 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 continue;
             }
             let env = Envelope::decode(&ctl_buf[..n]);
-            if let (Ok(Envelope { req_id, msg: Control::LeaseOk { .. }, .. }), Some((id, at))) =
-                (&env, keepalive_sent)
+            if let (
+                Ok(Envelope {
+                    req_id,
+                    msg: Control::LeaseOk { .. },
+                    ..
+                }),
+                Some((id, at)),
+            ) = (&env, keepalive_sent)
             {
                 if *req_id == id {
                     rtt_us = at.elapsed().as_micros().clamp(1, u32::MAX as u128) as u32;
@@ -430,88 +457,104 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         // Data from multicast and unicast, drained in bursts.
         let socks: Vec<&UdpSocket> = std::iter::once(&mcast).chain(unicast.as_ref()).collect();
         for s in socks {
-            s.set_nonblocking(true).ok();
-            for _ in 0..4096 {
-                let n = match s.recv(&mut buf) {
-                    Ok(n) => n,
-                    Err(_) => break,
+            for _ in 0..4096 / RECV_BATCH {
+                let got = match rx.recv(s.as_raw_fd()) {
+                    Ok(n) if n > 0 => n,
+                    _ => break,
                 };
-                if is_nak(&buf[..n]) {
-                    match Nak::decode(&buf[..n]) {
-                        Ok(h) if h.archive_tag == tag && h.receiver_id != receiver_id => {
-                            nak.on_nak_heard(Instant::now(), h.units());
-                        }
-                        Ok(_) => {}
-                        Err(_) => malformed += 1,
-                    }
-                    continue;
-                }
-                let Ok((hdr, payload)) = DataHeader::decode(&buf[..n]) else {
-                    malformed += 1;
-                    continue;
-                };
-                if hdr.archive_tag != tag {
-                    foreign += 1;
-                    continue;
-                }
-                let id = match hdr.kind {
-                    DataKind::Sync => {
-                        if let Ok(info) = SyncInfo::decode(payload) {
-                            nak.on_sync(info.grtt_us, info.group_size);
+                // Verified packets of this batch, written with one pwritev per contiguous run
+                // before the buffers are reused.
+                let mut pending: Vec<(u64, &[u8])> = Vec::with_capacity(got);
+                let mut complete = false;
+                for dg in rx.datagrams() {
+                    if is_nak(dg) {
+                        match Nak::decode(dg) {
+                            Ok(h) if h.archive_tag == tag && h.receiver_id != receiver_id => {
+                                nak.on_nak_heard(Instant::now(), h.units());
+                            }
+                            Ok(_) => {}
+                            Err(_) => malformed += 1,
                         }
                         continue;
                     }
-                    DataKind::Packet(id) => id,
-                };
-                received_packets += 1;
-                received_bytes += payload.len() as u64;
-                repairs_received += hdr.repair as u64;
-                first_packet.get_or_insert_with(Instant::now);
-                if !hdr.repair && last_loop_no != Some(hdr.loop_no) {
-                    if last_loop_no.is_some() {
-                        tracing::debug!(loop_no = hdr.loop_no, missing = dl.units() - dl.have_count(), nak_table = nak.table_len(), "loop wrapped");
+                    let Ok((hdr, payload)) = DataHeader::decode(dg) else {
+                        malformed += 1;
+                        continue;
+                    };
+                    if hdr.archive_tag != tag {
+                        foreign += 1;
+                        continue;
                     }
-                    last_loop_no = Some(hdr.loop_no);
-                }
-                let verdict = dl.on_packet(id, payload);
-                // Only verified packets may move the NAK engine (and prove the channel works):
-                // a forged position must not mark a loop's worth of units missing.
-                match verdict {
-                    Verdict::Write { .. } => {
-                        heard = true;
-                        nak.on_packet(Instant::now(), id, hdr.repair, |u| dl.has_or_parked(u));
+                    let id = match hdr.kind {
+                        DataKind::Sync => {
+                            if let Ok(info) = SyncInfo::decode(payload) {
+                                nak.on_sync(info.grtt_us, info.group_size);
+                            }
+                            continue;
+                        }
+                        DataKind::Packet(id) => id,
+                    };
+                    received_packets += 1;
+                    received_bytes += payload.len() as u64;
+                    repairs_received += hdr.repair as u64;
+                    first_packet.get_or_insert_with(Instant::now);
+                    if !hdr.repair && last_loop_no != Some(hdr.loop_no) {
+                        if last_loop_no.is_some() {
+                            tracing::debug!(
+                                loop_no = hdr.loop_no,
+                                missing = dl.units() - dl.have_count(),
+                                nak_table = nak.table_len(),
+                                "loop wrapped"
+                            );
+                        }
+                        last_loop_no = Some(hdr.loop_no);
                     }
-                    Verdict::Parked => {
-                        if let PacketId::Data(s) = id {
-                            nak.on_parked(Instant::now(), s, |u| dl.has_or_parked(u));
+                    let verdict = dl.on_packet(id, payload);
+                    // Only verified packets may move the NAK engine (and prove the channel works):
+                    // a forged position must not mark a loop's worth of units missing.
+                    match verdict {
+                        Verdict::Write { .. } => {
+                            heard = true;
+                            nak.on_packet(Instant::now(), id, hdr.repair, |u| dl.has_or_parked(u));
+                        }
+                        Verdict::Parked => {
+                            if let PacketId::Data(s) = id {
+                                nak.on_parked(Instant::now(), s, |u| dl.has_or_parked(u));
+                            }
+                        }
+                        // Genuine duplicates still tell the loop position (a loss at the end of a
+                        // loop is only seen from the next loop's packets, which are duplicates).
+                        Verdict::Duplicate if dl.duplicate_is_genuine(id, payload) => {
+                            heard = true;
+                            nak.on_packet(Instant::now(), id, hdr.repair, |u| dl.has_or_parked(u));
+                        }
+                        Verdict::Duplicate => {}
+                        Verdict::NoHashYet | Verdict::Rejected => {}
+                    }
+                    for unit in dl.take_unpark_rejects() {
+                        nak.on_lost(Instant::now(), unit);
+                    }
+                    for (offset, bytes) in dl.take_released() {
+                        part.write_all_at(&bytes, offset)
+                            .map_err(|e| RecvError::io("cannot write", &part_path, e))?;
+                        dirty = true;
+                    }
+                    if let Verdict::Write { offset } = verdict {
+                        last_write = Instant::now();
+                        pending.push((offset, payload));
+                        dirty = true;
+                        if dl.is_complete() {
+                            complete = true;
+                            break;
                         }
                     }
-                    // Genuine duplicates still tell the loop position (a loss at the end of a
-                    // loop is only seen from the next loop's packets, which are duplicates).
-                    Verdict::Duplicate if dl.duplicate_is_genuine(id, payload) => {
-                        heard = true;
-                        nak.on_packet(Instant::now(), id, hdr.repair, |u| dl.has_or_parked(u));
-                    }
-                    Verdict::Duplicate => {}
-                    Verdict::NoHashYet | Verdict::Rejected => {}
                 }
-                for unit in dl.take_unpark_rejects() {
-                    nak.on_lost(Instant::now(), unit);
-                }
-                for (offset, bytes) in dl.take_released() {
-                    part.write_all_at(&bytes, offset).map_err(|e| RecvError::io("cannot write", &part_path, e))?;
-                    dirty = true;
-                }
-                if let Verdict::Write { offset } = verdict {
-                    last_write = Instant::now();
-                    part.write_all_at(payload, offset).map_err(|e| {
-                        let _ = checkpoint(&dl, &mut state, &part);
-                        RecvError::io("cannot write", &part_path, e)
-                    })?;
-                    dirty = true;
-                    if dl.is_complete() {
-                        break;
-                    }
+                mcast::fastio::write_coalesced(&part, &pending).map_err(|e| {
+                    let _ = checkpoint(&dl, &mut state, &part);
+                    RecvError::io("cannot write", &part_path, e)
+                })?;
+                if complete || got < rx.capacity() {
+                    break;
                 }
             }
         }
@@ -561,7 +604,9 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         units_suppressed: nak.counters.units_suppressed,
         repairs_received,
         seconds: started.elapsed().as_secs_f64(),
-        receive_seconds: first_packet.map(|f| last_write.saturating_duration_since(f).as_secs_f64()).unwrap_or(0.0),
+        receive_seconds: first_packet
+            .map(|f| last_write.saturating_duration_since(f).as_secs_f64())
+            .unwrap_or(0.0),
     })
 }
 
@@ -790,10 +835,11 @@ fn multicast_socket(
     s.set_reuse_address(true)
         .map_err(|e| err("SO_REUSEADDR", e))?;
     let _ = s.set_recv_buffer_size(recv_buffer);
-    tracing::debug!(
+    tracing::info!(
         requested = recv_buffer,
         granted = s.recv_buffer_size().unwrap_or(0),
-        "receive buffer"
+        gro = mcast::fastio::enable_gro(&s),
+        "multicast receive buffer (granted is capped by net.core.rmem_max)"
     );
     s.bind(&SocketAddr::V4(group).into())
         .map_err(|e| err("bind", e))?;
@@ -807,13 +853,19 @@ fn multicast_socket(
 /// host.
 fn nak_socket(iface: Ipv4Addr) -> Result<UdpSocket, RecvError> {
     let err = |what: &str, e: std::io::Error| {
-        RecvError::new(Failure::Other, format!("NAK socket on {iface}: {what}: {e}"))
+        RecvError::new(
+            Failure::Other,
+            format!("NAK socket on {iface}: {what}: {e}"),
+        )
     };
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
         .map_err(|e| err("socket", e))?;
-    s.set_multicast_if_v4(&iface).map_err(|e| err("IP_MULTICAST_IF", e))?;
-    s.set_multicast_loop_v4(true).map_err(|e| err("IP_MULTICAST_LOOP", e))?;
-    s.set_multicast_ttl_v4(1).map_err(|e| err("IP_MULTICAST_TTL", e))?;
+    s.set_multicast_if_v4(&iface)
+        .map_err(|e| err("IP_MULTICAST_IF", e))?;
+    s.set_multicast_loop_v4(true)
+        .map_err(|e| err("IP_MULTICAST_LOOP", e))?;
+    s.set_multicast_ttl_v4(1)
+        .map_err(|e| err("IP_MULTICAST_TTL", e))?;
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())
         .map_err(|e| err("bind", e))?;
     Ok(s.into())

@@ -75,11 +75,16 @@ impl LockedKey {
 impl Drop for LockedKey {
     fn drop(&mut self) {
         self.page.key.zeroize();
+        let addr = NonNull::from(&*self.page).cast::<c_void>();
         if self.locked {
-            let addr = NonNull::from(&*self.page).cast::<c_void>();
             // SAFETY: the same live page that was locked in `empty`.
             let _ = unsafe { nix::sys::mman::munlock(addr, PAGE) };
         }
+        // The page goes back to the allocator: let it appear in core dumps again.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        // SAFETY: as above.
+        let _ =
+            unsafe { nix::sys::mman::madvise(addr, PAGE, nix::sys::mman::MmapAdvise::MADV_DODUMP) };
     }
 }
 

@@ -361,7 +361,8 @@ fn run_ticket(cmd: TicketCmd, cfg: &Config) -> anyhow::Result<()> {
             let expires = expires
                 .map(|e| ticketadmin::parse_expiry(&e).map_err(UsageError))
                 .transpose()?;
-            let r = ticketadmin::issue(cfg, &title, &holder, plays, expires, output.as_deref(), now)?;
+            let r =
+                ticketadmin::issue(cfg, &title, &holder, plays, expires, output.as_deref(), now)?;
             let t = r.ticket.ticket();
             let msg = format!(
                 "ticket {} for {:?} (holder {:?}, {} play{}, expires {})",

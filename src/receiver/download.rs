@@ -153,7 +153,10 @@ impl Download {
     /// channel works; unverifiable ones must not.
     pub fn duplicate_is_genuine(&self, id: PacketId, payload: &[u8]) -> bool {
         match id {
-            PacketId::Hash(b) => self.verifier.check_hash_packet(&self.head, b, payload).is_ok(),
+            PacketId::Hash(b) => self
+                .verifier
+                .check_hash_packet(&self.head, b, payload)
+                .is_ok(),
             PacketId::Data(s) => self
                 .hash_cache
                 .get(&(s / self.shape.block_symbols))
@@ -193,7 +196,9 @@ impl Download {
             return Verdict::NoHashYet;
         }
         while self.parked_bytes + payload.len() > MAX_PARKED_BYTES {
-            let Some(old) = self.parked_order.pop_front() else { break };
+            let Some(old) = self.parked_order.pop_front() else {
+                break;
+            };
             if let Some(v) = self.parked.remove(&old) {
                 self.parked_bytes -= v.iter().map(|(_, p)| p.len()).sum::<usize>();
                 self.counters.no_hash_yet += v.len() as u64;
@@ -211,7 +216,9 @@ impl Download {
 
     /// The hash packet of `b` is verified: verify and release what was parked for it.
     fn unpark(&mut self, b: u64) {
-        let Some(list) = self.parked.remove(&b) else { return };
+        let Some(list) = self.parked.remove(&b) else {
+            return;
+        };
         self.parked_order.retain(|x| *x != b);
         for (s, payload) in list {
             self.parked_bytes -= payload.len();
@@ -219,14 +226,20 @@ impl Download {
             if self.has(unit) {
                 continue;
             }
-            let hp = self.hash_cache.get(&b).expect("hash cached while data missing");
+            let hp = self
+                .hash_cache
+                .get(&b)
+                .expect("hash cached while data missing");
             if self.verifier.check_data_packet(hp, s, &payload).is_err() {
                 self.counters.rejected += 1;
                 self.unpark_rejects.push(s);
                 continue;
             }
             self.accept_data(s);
-            let (offset, _) = self.layout.packet_range(PacketId::Data(s)).expect("in range");
+            let (offset, _) = self
+                .layout
+                .packet_range(PacketId::Data(s))
+                .expect("in range");
             self.released.push((offset, payload));
         }
     }

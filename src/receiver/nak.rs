@@ -193,8 +193,16 @@ impl NakEngine {
     /// A packet that *verified*: new, or a duplicate that could be verified cheaply (drivers
     /// must never pass unverified packets: a forged loop position would otherwise mark a
     /// whole loop missing). `have(unit)` says what is now held or parked.
-    pub fn on_packet(&mut self, now: Instant, id: PacketId, repair: bool, have: impl Fn(u64) -> bool) {
-        let Some(unit) = self.shape.unit_index(id) else { return };
+    pub fn on_packet(
+        &mut self,
+        now: Instant,
+        id: PacketId,
+        repair: bool,
+        have: impl Fn(u64) -> bool,
+    ) {
+        let Some(unit) = self.shape.unit_index(id) else {
+            return;
+        };
         if have(unit) {
             self.forget(unit);
         } else {
@@ -344,7 +352,9 @@ mod tests {
         assert_eq!(backoff(0.0, t, 100), Duration::ZERO);
         assert!(backoff(0.999_999, t, 100) <= t);
         // Most draws are late: the median is well above T_max / 2 for a large group.
-        let mut v: Vec<Duration> = (0..1000).map(|i| backoff(i as f64 / 1000.0, t, 1000)).collect();
+        let mut v: Vec<Duration> = (0..1000)
+            .map(|i| backoff(i as f64 / 1000.0, t, 1000))
+            .collect();
         v.sort();
         assert!(v[500] > t / 2, "{:?}", v[500]);
         assert!(v.windows(2).all(|w| w[0] <= w[1]));
@@ -363,7 +373,10 @@ mod tests {
             have[s.unit_index(id).unwrap() as usize] = true;
             e.on_packet(t0, id, false, |u| have[u as usize]);
         }
-        let lost: Vec<u64> = [4u64, 5].iter().map(|&q| s.unit_index(s.packet_at(q)).unwrap()).collect();
+        let lost: Vec<u64> = [4u64, 5]
+            .iter()
+            .map(|&q| s.unit_index(s.packet_at(q)).unwrap())
+            .collect();
         assert_eq!(e.table_len(), 2);
         let deadline = e.poll_timeout().unwrap();
         assert!(deadline <= t0 + e.t_max());

@@ -1,0 +1,584 @@
+//! Batched UDP and file I/O for the data path (Linux only).
+//!
+//! * [`PacketBatch`]: packets laid out back to back in one reusable buffer; payloads that come
+//!   from an archive are read with one `preadv` per run of contiguous file bytes.
+//! * [`BatchSender`]: sends a batch to one destination with one `sendmmsg`, each message a
+//!   UDP GSO super-datagram (`UDP_SEGMENT`) of up to 64 equal-size packets. If the kernel
+//!   refuses GSO the sender logs it once and sends one datagram per message from then on.
+//! * [`RecvBatch`]: `recvmmsg` into reusable buffers, splitting `UDP_GRO` super-datagrams.
+//! * [`write_coalesced`]: `pwritev` of runs of contiguous `(offset, bytes)` writes.
+//!
+//! Nothing here allocates once the buffers have grown to their working size.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+
+use socket2::SockAddr;
+
+/// `UDP_SEGMENT` / `UDP_GRO` (linux/udp.h); not exported by libc for every target.
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+/// Segments per GSO send (`UDP_MAX_SEGMENTS` is 64 on older kernels).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+/// Bytes per GSO send: under the 65507-byte UDP/IPv4 payload limit.
+const MAX_GSO_BYTES: usize = 65_000;
+/// Most iovecs one `preadv`/`pwritev` takes (IOV_MAX).
+const MAX_IOV: usize = 1024;
+/// Aligned control-message space (CMSG_SPACE of an int is 24 bytes on 64-bit Linux).
+type CmsgSpace = [u64; 8];
+
+/// Packets of one send batch, back to back in one buffer.
+#[derive(Default)]
+pub struct PacketBatch {
+    buf: Vec<u8>,
+    /// (start, len) of each packet in `buf`.
+    pkts: Vec<(usize, usize)>,
+    /// Pending archive reads: (file offset, start in `buf`, len).
+    reads: Vec<(u64, usize, usize)>,
+}
+
+impl PacketBatch {
+    pub fn with_capacity(packets: usize, max_packet: usize) -> PacketBatch {
+        PacketBatch {
+            buf: Vec::with_capacity(packets * max_packet),
+            pkts: Vec::with_capacity(packets),
+            reads: Vec::with_capacity(packets),
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.pkts.clear();
+        self.reads.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.pkts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pkts.is_empty()
+    }
+
+    /// Append a packet made of `head` then `tail`.
+    pub fn push(&mut self, head: &[u8], tail: &[u8]) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(head);
+        self.buf.extend_from_slice(tail);
+        self.pkts.push((start, head.len() + tail.len()));
+    }
+
+    /// Append a packet made of `head` then `len` bytes of the file at `offset`, read by the
+    /// next [`PacketBatch::fill`].
+    pub fn push_file(&mut self, head: &[u8], offset: u64, len: usize) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(head);
+        self.reads.push((offset, self.buf.len(), len));
+        self.buf.resize(self.buf.len() + len, 0);
+        self.pkts.push((start, head.len() + len));
+    }
+
+    /// Do the pending reads from `file`: one `preadv` per run of contiguous file bytes.
+    pub fn fill(&mut self, file: &File) -> io::Result<()> {
+        let mut i = 0;
+        let mut iov: [libc::iovec; 64] = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 64];
+        while i < self.reads.len() {
+            let (off0, _, _) = self.reads[i];
+            let mut j = i;
+            let mut end = off0;
+            let mut total = 0usize;
+            while j < self.reads.len() && j - i < iov.len() && self.reads[j].0 == end {
+                let (_, at, len) = self.reads[j];
+                iov[j - i] = libc::iovec {
+                    iov_base: self.buf[at..at + len].as_mut_ptr().cast(),
+                    iov_len: len,
+                };
+                end += len as u64;
+                total += len;
+                j += 1;
+            }
+            // SAFETY: every iovec points into `self.buf`, which is not touched until the call
+            // returns; the file descriptor is valid for the call.
+            let n = unsafe {
+                libc::preadv(
+                    file.as_raw_fd(),
+                    iov.as_ptr(),
+                    (j - i) as libc::c_int,
+                    off0 as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if (n as usize) < total {
+                // Short read: finish each packet of the run on its own (reports EOF properly).
+                let mut done = n as usize;
+                for k in i..j {
+                    let (off, at, len) = self.reads[k];
+                    let skip = done.min(len);
+                    done -= skip;
+                    if skip < len {
+                        file.read_exact_at(&mut self.buf[at + skip..at + len], off + skip as u64)?;
+                    }
+                }
+            }
+            i = j;
+        }
+        self.reads.clear();
+        Ok(())
+    }
+
+    pub fn packet(&self, i: usize) -> &[u8] {
+        let (s, l) = self.pkts[i];
+        &self.buf[s..s + l]
+    }
+}
+
+/// Outcome of one [`BatchSender::send`].
+#[derive(Debug, Default)]
+pub struct SendOutcome {
+    /// Datagrams handed to the kernel.
+    pub sent: usize,
+    /// Datagrams dropped on a send error.
+    pub failed: usize,
+    pub last_error: Option<io::Error>,
+    /// `sendmmsg` calls made.
+    pub syscalls: usize,
+}
+
+/// `sendmmsg` + UDP GSO sender for one socket. Reuses its message arrays.
+pub struct BatchSender {
+    gso: bool,
+    /// (first packet, packet count, segment size) of each message.
+    runs: Vec<(usize, usize, usize)>,
+    msgs: Vec<libc::mmsghdr>,
+    iovs: Vec<libc::iovec>,
+    cmsgs: Vec<CmsgSpace>,
+}
+
+impl BatchSender {
+    /// A sender for `sock`; GSO is used when the kernel knows `UDP_SEGMENT` and `try_gso`.
+    pub fn new(sock: &impl AsRawFd, try_gso: bool) -> BatchSender {
+        let gso = try_gso && gso_supported(sock.as_raw_fd());
+        if try_gso && !gso {
+            tracing::info!("UDP GSO (UDP_SEGMENT) not available: one datagram per packet");
+        }
+        BatchSender {
+            gso,
+            runs: Vec::new(),
+            msgs: Vec::new(),
+            iovs: Vec::new(),
+            cmsgs: Vec::new(),
+        }
+    }
+
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+
+    /// Send every packet of `batch` to `dest` (blocking socket).
+    pub fn send(&mut self, sock: RawFd, batch: &PacketBatch, dest: &SockAddr) -> SendOutcome {
+        let mut out = SendOutcome::default();
+        let mut from = 0;
+        while from < batch.len() {
+            from = self.send_from(sock, batch, from, dest, &mut out);
+        }
+        out
+    }
+
+    /// Plan messages for packets `from..`, send them; returns the first packet not yet dealt
+    /// with (less than `batch.len()` only when GSO was just switched off).
+    fn send_from(
+        &mut self,
+        sock: RawFd,
+        batch: &PacketBatch,
+        from: usize,
+        dest: &SockAddr,
+        out: &mut SendOutcome,
+    ) -> usize {
+        self.runs.clear();
+        let mut i = from;
+        while i < batch.len() {
+            let seg = batch.pkts[i].1;
+            let mut n = 1;
+            let mut bytes = seg;
+            if self.gso {
+                while i + n < batch.len() && n < MAX_GSO_SEGMENTS {
+                    let l = batch.pkts[i + n].1;
+                    if l > seg || bytes + l > MAX_GSO_BYTES {
+                        break;
+                    }
+                    n += 1;
+                    bytes += l;
+                    if l < seg {
+                        break; // a shorter segment can only be the last one
+                    }
+                }
+            }
+            self.runs.push((i, n, seg));
+            i += n;
+        }
+        let m = self.runs.len();
+        self.iovs.clear();
+        self.cmsgs.clear();
+        self.msgs.clear();
+        for &(first, n, _) in &self.runs {
+            let start = batch.pkts[first].0;
+            let (ls, ll) = batch.pkts[first + n - 1];
+            self.iovs.push(libc::iovec {
+                iov_base: batch.buf[start..].as_ptr() as *mut libc::c_void,
+                iov_len: ls + ll - start,
+            });
+            self.cmsgs.push([0u64; 8]);
+        }
+        for k in 0..m {
+            let (_, n, seg) = self.runs[k];
+            // SAFETY: an all-zero mmsghdr is a valid "no name, no data" message.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = dest.as_ptr() as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = dest.len();
+            h.msg_hdr.msg_iov = &mut self.iovs[k];
+            h.msg_hdr.msg_iovlen = 1;
+            if n > 1 {
+                let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) };
+                h.msg_hdr.msg_control = self.cmsgs[k].as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = space as _;
+                // SAFETY: the control buffer is 64 bytes, 8-aligned, larger than `space`.
+                unsafe {
+                    let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
+                }
+            }
+            self.msgs.push(h);
+        }
+        let mut k = 0;
+        while k < m {
+            // SAFETY: msgs[k..m] are initialised and point into `self.iovs`, `self.cmsgs`,
+            // `batch.buf` and `dest`, all alive and unmoved for the duration of the call.
+            let r = unsafe {
+                libc::sendmmsg(
+                    sock,
+                    self.msgs.as_mut_ptr().add(k),
+                    (m - k) as libc::c_uint,
+                    0,
+                )
+            };
+            out.syscalls += 1;
+            if r >= 0 {
+                for &(_, n, _) in &self.runs[k..k + r as usize] {
+                    out.sent += n;
+                }
+                k += r as usize;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            let (first, n, _) = self.runs[k];
+            let gso_refused = matches!(
+                e.raw_os_error(),
+                Some(libc::EIO)
+                    | Some(libc::EINVAL)
+                    | Some(libc::ENOPROTOOPT)
+                    | Some(libc::EOPNOTSUPP)
+            );
+            if n > 1 && self.gso && gso_refused {
+                tracing::warn!(error = %e, "kernel refused UDP GSO: sending one datagram per packet from now on");
+                self.gso = false;
+                return first;
+            }
+            out.failed += n;
+            out.last_error = Some(e);
+            k += 1;
+        }
+        batch.len()
+    }
+}
+
+fn gso_supported(fd: RawFd) -> bool {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_UDP,
+            UDP_SEGMENT,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    r == 0
+}
+
+/// Ask for UDP GRO on a receive socket; true if the kernel accepted it.
+pub fn enable_gro(sock: &impl AsRawFd) -> bool {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `one`.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_GRO,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+/// `recvmmsg` into `n` reusable slots of `slot` bytes, splitting GRO super-datagrams.
+pub struct RecvBatch {
+    bufs: Vec<u8>,
+    slot: usize,
+    msgs: Vec<libc::mmsghdr>,
+    iovs: Vec<libc::iovec>,
+    cmsgs: Vec<CmsgSpace>,
+    /// (len, segment size or 0) of each message received by the last call.
+    got: Vec<(usize, usize)>,
+}
+
+impl RecvBatch {
+    pub fn new(n: usize, slot: usize) -> RecvBatch {
+        RecvBatch {
+            bufs: vec![0u8; n * slot],
+            slot,
+            msgs: Vec::with_capacity(n),
+            iovs: Vec::with_capacity(n),
+            cmsgs: vec![[0u64; 8]; n],
+            got: Vec::with_capacity(n),
+        }
+    }
+
+    /// Slots (messages one call can return).
+    pub fn capacity(&self) -> usize {
+        self.cmsgs.len()
+    }
+
+    /// Receive what is queued on `sock` without blocking; returns the number of messages
+    /// (0 when nothing is queued).
+    pub fn recv(&mut self, sock: RawFd) -> io::Result<usize> {
+        let n = self.capacity();
+        self.iovs.clear();
+        self.msgs.clear();
+        self.got.clear();
+        for k in 0..n {
+            self.iovs.push(libc::iovec {
+                iov_base: self.bufs[k * self.slot..].as_mut_ptr().cast(),
+                iov_len: self.slot,
+            });
+        }
+        for k in 0..n {
+            // SAFETY: an all-zero mmsghdr is valid; pointers are filled in below.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = &mut self.iovs[k];
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = self.cmsgs[k].as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = std::mem::size_of::<CmsgSpace>() as _;
+            self.msgs.push(h);
+        }
+        let r = loop {
+            // SAFETY: every message points into buffers owned by `self`, alive and unmoved
+            // for the duration of the call.
+            let r = unsafe {
+                libc::recvmmsg(
+                    sock,
+                    self.msgs.as_mut_ptr(),
+                    n as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if r >= 0 {
+                break r as usize;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            }
+        };
+        for h in &self.msgs[..r] {
+            let mut seg = 0usize;
+            // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_* walk within it.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                        seg = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>())
+                            as usize;
+                    }
+                    c = libc::CMSG_NXTHDR(&h.msg_hdr, c);
+                }
+            }
+            let len = (h.msg_len as usize).min(self.slot);
+            self.got.push((len, seg));
+        }
+        Ok(r)
+    }
+
+    /// The datagrams of the last [`RecvBatch::recv`], GRO super-datagrams split.
+    pub fn datagrams(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.got
+            .iter()
+            .enumerate()
+            .flat_map(move |(k, &(len, seg))| {
+                let b = &self.bufs[k * self.slot..k * self.slot + len];
+                let step = if seg == 0 { len.max(1) } else { seg };
+                b.chunks(step)
+            })
+    }
+}
+
+/// Write `(offset, bytes)` pieces (in any order) to `file`, one `pwritev` per run of pieces
+/// that follow each other in the file.
+pub fn write_coalesced(file: &File, pieces: &[(u64, &[u8])]) -> io::Result<()> {
+    let mut i = 0;
+    while i < pieces.len() {
+        let off0 = pieces[i].0;
+        let mut j = i;
+        let mut end = off0;
+        while j < pieces.len() && j - i < MAX_IOV && pieces[j].0 == end {
+            end += pieces[j].1.len() as u64;
+            j += 1;
+        }
+        if j - i == 1 {
+            file.write_all_at(pieces[i].1, off0)?;
+            i = j;
+            continue;
+        }
+        let iov: Vec<io::IoSlice<'_>> =
+            pieces[i..j].iter().map(|p| io::IoSlice::new(p.1)).collect();
+        let total = (end - off0) as usize;
+        // SAFETY: IoSlice is ABI-compatible with iovec; the slices outlive the call.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov.as_ptr().cast(),
+                iov.len() as libc::c_int,
+                off0 as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if (n as usize) < total {
+            // Short write: finish the rest piece by piece.
+            let mut done = n as usize;
+            for p in &pieces[i..j] {
+                let skip = done.min(p.1.len());
+                done -= skip;
+                if skip < p.1.len() {
+                    file.write_all_at(&p.1[skip..], p.0 + skip as u64)?;
+                }
+            }
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+
+    #[test]
+    fn batch_reads_contiguous_and_scattered_payloads() {
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::io::Write::write_all(&mut f, &data).unwrap();
+        let mut b = PacketBatch::with_capacity(8, 2000);
+        b.push_file(b"h0", 0, 100);
+        b.push_file(b"h1", 100, 100);
+        b.push(b"s", b"sync");
+        b.push_file(b"h2", 5000, 37);
+        b.push_file(b"h3", 9990, 10);
+        b.fill(&f).unwrap();
+        assert_eq!(b.len(), 5);
+        assert_eq!(&b.packet(0)[..2], b"h0");
+        assert_eq!(&b.packet(0)[2..], &data[..100]);
+        assert_eq!(&b.packet(1)[2..], &data[100..200]);
+        assert_eq!(b.packet(2), b"ssync");
+        assert_eq!(&b.packet(3)[2..], &data[5000..5037]);
+        assert_eq!(&b.packet(4)[2..], &data[9990..]);
+        b.clear();
+        b.push_file(b"x", 9995, 10);
+        assert!(b.fill(&f).is_err(), "reading past the end is an error");
+    }
+
+    #[test]
+    fn sends_and_receives_every_datagram_with_or_without_gso() {
+        for try_gso in [true, false] {
+            let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let _ = socket2::SockRef::from(&rx).set_recv_buffer_size(4 << 20);
+            let gro = enable_gro(&rx);
+            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut s = BatchSender::new(&tx, try_gso);
+            let mut b = PacketBatch::with_capacity(200, 1400);
+            // 150 equal packets, a short one, more equal ones: several GSO runs.
+            for i in 0..200u32 {
+                let len = if i == 150 { 300 } else { 1300 };
+                let body = vec![(i % 256) as u8; len - 4];
+                b.push(&i.to_be_bytes(), &body);
+            }
+            let out = s.send(tx.as_raw_fd(), &b, &rx.local_addr().unwrap().into());
+            assert_eq!((out.sent, out.failed), (200, 0), "{out:?}");
+            let mut r = RecvBatch::new(16, 65_536);
+            let mut seen = Vec::new();
+            // Not a timing test: the deadline only turns a lost datagram into a failure.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while seen.len() < 200 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "lost datagrams: {seen:?}"
+                );
+                let n = r.recv(rx.as_raw_fd()).unwrap();
+                if n == 0 {
+                    std::thread::yield_now();
+                    continue;
+                }
+                for d in r.datagrams() {
+                    let i = u32::from_be_bytes(d[..4].try_into().unwrap());
+                    let want = if i == 150 { 300 } else { 1300 };
+                    assert_eq!(d.len(), want, "datagram {i} (gso {try_gso}, gro {gro})");
+                    assert!(d[4..].iter().all(|&x| x == (i % 256) as u8));
+                    seen.push(i);
+                }
+            }
+            assert_eq!(seen, (0..200).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn coalesced_writes_land_at_their_offsets() {
+        let f = tempfile::tempfile().unwrap();
+        let a = [1u8; 10];
+        let b = [2u8; 5];
+        let c = [3u8; 7];
+        write_coalesced(&f, &[(0, &a), (10, &b), (100, &c), (15, &a)]).unwrap();
+        let mut got = vec![0u8; 107];
+        f.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(&got[..10], &a);
+        assert_eq!(&got[10..15], &b);
+        assert_eq!(&got[15..25], &a);
+        assert_eq!(&got[100..], &c);
+    }
+}
