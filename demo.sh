@@ -4,7 +4,8 @@
 # Packs a 64 MB sample, starts mcastd on loopback (127.0.0.1:7600, multicast 239.255.77.1
 # via 127.0.0.1: no network set-up needed), starts three receivers at staggered moments of the
 # loop, shows their progress, then checks every received archive is byte-identical and that
-# one of them unpacks to the exact sample.
+# receiver 3 plays its archive to the exact sample with a single-use play ticket (and a second
+# play is refused).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")" && pwd)
 size_mb=${DEMO_SIZE_MB:-64}
@@ -73,11 +74,19 @@ for i in 1 2 3; do
   fi
 done
 
-"$bin/mcastd" unpack "recv3/sample.mca" -o restored.bin
-if cmp -s restored.bin sample.bin; then
-  echo "receiver 3's archive unpacks to the exact sample"
+# Playback: the archive on the receiver's disk is useless without a play ticket; the server
+# checks the ticket and releases its half of the key, once.
+"$bin/mcastd" ticket issue sample --holder demo-viewer --plays 1 -o viewer.ticket > /dev/null
+if "$bin/mcast-recv" play sample --ticket viewer.ticket --dir recv3 -o played.bin 2> play.err \
+   && cmp -s played.bin sample.bin; then
+  echo "receiver 3 played its archive with a single-use ticket: plaintext identical to the sample"
 else
-  echo "restored file DIFFERS from the sample"; status=1
+  echo "play FAILED:"; cat play.err; status=1
+fi
+if "$bin/mcast-recv" play sample --ticket viewer.ticket --dir recv3 -o again.bin 2> again.err; then
+  echo "a second play of the single-use ticket was ACCEPTED"; status=1
+else
+  echo "second play refused: $(tail -n 1 again.err | sed 's/^mcast-recv: error: //')"
 fi
 "$bin/mcast-recv" stats | python3 -c "import json,sys; c=json.load(sys.stdin)['counters']; print('server: channels opened', c['channels_opened'], 'closed', c['channels_closed'], '| completions', c['completions'], '| packets sent', c['packets_sent'])" || true
 [[ $status -eq 0 ]] && echo "== demo OK (files in $work)" || echo "== demo FAILED (files in $work)"

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: one file of E2E_SIZE_MB (default 1024 MiB) over loopback multicast,
+# mcastd -> mcast-recv (1 receiver), then the real peers on the same loopback bed
+# (UFTP without and with AES-256-GCM, udpcast; via shared/tools/peerbed.sh), then
+# optionally (E2E_BED=1) the namespace bed with 1 and 3 receivers.
+#
+#   sudo benches/e2e.sh                 # everything (installs uftp/udpcast if missing)
+#   E2E_PEERS=0 benches/e2e.sh          # mcast only
+#   E2E_SIZE_MB=4096 E2E_PEERS=0 benches/e2e.sh    # memory check on a 4 GiB file
+#
+# Prints, for each run: wall seconds, MB/s (10^6 bytes of the source file / wall), CPU seconds
+# per GiB for server and receiver (user+sys from /usr/bin/time), peak RSS, and the ratio to
+# the best peer. mcast runs in a private network namespace with only `lo` (multicast on,
+# 224.0.0.0/4 routed to lo), so nothing leaves the host. Needs root (unshare -n, ip netns).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+size_mb=${E2E_SIZE_MB:-1024}
+peers=${E2E_PEERS:-1}
+bed=${E2E_BED:-0}
+rate=${E2E_RATE_MBPS:-0}
+peerbed=${PEERBED:-/work/shared/tools/peerbed.sh}
+work=${E2E_DIR:-/tmp/mcast-e2e}
+bin=$repo/target/release
+
+if [[ ${1:-} != --inside ]]; then
+  cargo build --release --workspace --quiet --manifest-path "$repo/Cargo.toml"
+  mkdir -p "$work"
+  src=$work/src.bin
+  if [[ ! -f $src || $(stat -c %s "$src") != $((size_mb << 20)) ]]; then
+    head -c "${size_mb}M" /dev/urandom > "$src"
+  fi
+  if [[ $peers == 1 ]] && ! command -v uftp >/dev/null || ! command -v udp-sender >/dev/null; then
+    [[ $peers == 1 ]] && apt-get install -y uftp udpcast nftables iproute2 time >/dev/null
+  fi
+  rm -f "$work/results"
+  # mcast: in a private net namespace with only lo.
+  unshare -n "$0" --inside mcast-lo
+  if [[ $peers == 1 ]]; then
+    for enc in none aes256-gcm; do
+      PB_ENC=$enc PB_R=-1 PB_TIMEOUT=600 "$peerbed" lo-uftp "$src" > "$work/uftp-$enc.log" 2>&1 || true
+      wall=$(sed -nE 's/.*server rc=[0-9]+ wall=([0-9.]+)s user=([0-9.?]+)s sys=([0-9.?]+)s.*maxrss=([0-9?]+)KB.*/\1 \2 \3 \4/p' "$work/uftp-$enc.log")
+      read -r w u s r <<< "$wall"
+      ccpu=$(sed -nE 's/.*uftpd-cpu=([0-9.]+)s.*/\1/p' "$work/uftp-$enc.log" | head -1)
+      ok=$(grep -c 'RESULT 1/1' "$work/uftp-$enc.log" || true)
+      echo "uftp-lo-$enc $w $(awk -v a="$u" -v b="$s" 'BEGIN{print a+b}') $r ${ccpu:-nan} nan $ok" >> "$work/results"
+    done
+    PB_TIMEOUT=600 "$peerbed" lo-udpcast "$src" > "$work/udpcast.log" 2>&1 || true
+    read -r w u s r <<< "$(tail -1 /tmp/peerbed/udpcast.lo/time 2>/dev/null)"
+    s_cpu=$(awk -v a="$u" -v b="$s" 'BEGIN{print a+b}')
+    read -r rw ru rs rp rr <<< "$(tail -1 /tmp/peerbed/udpcast.lo/c1/time 2>/dev/null)"
+    ok=$(grep -c 'RESULT 1/1' "$work/udpcast.log" || true)
+    echo "udpcast-lo $w $s_cpu $r $(awk -v a="$ru" -v b="$rs" 'BEGIN{print a+b}') $rr $ok" >> "$work/results"
+    "$peerbed" down >/dev/null 2>&1 || true
+  fi
+  echo
+  printf '%-22s %8s %9s %12s %12s %12s %12s %8s %4s\n' run wall_s MB/s srv_cpu_s/GiB rcv_cpu_s/GiB srv_rss_MiB rcv_rss_MiB vs_best ok
+  awk -v bytes=$((size_mb << 20)) '
+    { name[NR]=$1; wall[NR]=$2; scpu[NR]=$3; srss[NR]=$4; rcpu[NR]=$5; rrss[NR]=$6; ok[NR]=$7
+      mbs[NR] = (wall[NR] > 0) ? bytes / 1e6 / wall[NR] : 0
+      if ($1 !~ /^mcast/ && ok[NR] > 0 && mbs[NR] > best) best = mbs[NR] }
+    END { gib = bytes / 2^30
+      for (i = 1; i <= NR; i++)
+        printf "%-22s %8.2f %9.1f %12.2f %12s %12.1f %12s %8s %4s\n", name[i], wall[i], mbs[i], scpu[i] / gib,
+          (rcpu[i] == "nan") ? "n/a" : sprintf("%.2f", rcpu[i] / gib), srss[i] / 1024,
+          (rrss[i] == "nan") ? "n/a" : sprintf("%.1f", rrss[i] / 1024),
+          (best > 0) ? sprintf("%.2f", mbs[i] / best) : "n/a", ok[i] }' "$work/results"
+  echo "(uftp receiver CPU is uftpd's from /proc ticks; its RSS is not measured; logs in $work)"
+  exit 0
+fi
+
+# --- inside the private namespace -----------------------------------------------------------
+ip link set lo up
+ip link set lo multicast on
+ip route add 224.0.0.0/4 dev lo
+run=$work/mcast; rm -rf "$run"; mkdir -p "$run"; cd "$run"
+cat > mcastd.toml <<TOML
+[store]
+archive_dir = "$run/archives"
+key_dir = "$run/keys"
+[pack]
+symbol_size = 1280
+compress = "none"
+[server]
+rate_mbps = $rate
+[tickets]
+db = "$run/tickets.sqlite"
+TOML
+key=$("$bin/mcastd" -c mcastd.toml keygen | awk '{print $3}')
+"$bin/mcastd" -c mcastd.toml pack "$work/src.bin" --title bench > pack.log 2>&1
+/usr/bin/time -f '%e %U %S %M' -o srv.time "$bin/mcastd" -c mcastd.toml > srv.log 2>&1 &
+spid=$!
+sleep 0.5
+/usr/bin/time -f '%e %U %S %M' -o rcv.time "$bin/mcast-recv" get bench --server-key "$key" -o "$run/out" \
+  --json --timeout 600 > rcv.json 2> rcv.log
+rc=$?
+kill -TERM "$(pgrep -P $spid mcastd || echo $spid)" 2>/dev/null || true
+wait $spid || true
+ok=0
+[[ $rc == 0 ]] && "$bin/mcastd" -c mcastd.toml unpack "$run/out/bench.mca" -o "$run/restored.bin" > unpack.log 2>&1 \
+  && cmp -s "$run/restored.bin" "$work/src.bin" && ok=1
+read -r rw ru rs rr < rcv.time
+read -r sw su ss sr < srv.time
+echo "mcast-lo-1rx $rw $(awk -v a="$su" -v b="$ss" 'BEGIN{print a+b}') $sr $(awk -v a="$ru" -v b="$rs" 'BEGIN{print a+b}') $rr $ok" >> "$work/results"
+tail -1 rcv.json > report.json
