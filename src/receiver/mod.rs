@@ -4,3 +4,4 @@
 
 pub mod download;
 pub mod nak;
+pub mod tier;
