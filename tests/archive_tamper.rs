@@ -33,18 +33,9 @@ use tempfile::TempDir;
 const FS: usize = 4096;
 const SYM: u32 = 256;
 
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
+#[allow(dead_code)]
+mod common;
+use common::random_bytes;
 
 struct Env {
     dir: TempDir,
