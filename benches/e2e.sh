@@ -8,6 +8,9 @@
 #   E2E_PEERS=0 benches/e2e.sh          # mcast only
 #   E2E_SIZE_MB=4096 E2E_PEERS=0 benches/e2e.sh    # memory check on a 4 GiB file
 #
+# mcastd loops at E2E_RATE_MBPS (default 3000 Mbit/s of payload; 0 = unlimited, which on a
+# 2-core host overruns the receiver and ends in NAK/repair rounds). UFTP runs at -R E2E_UFTP_R
+# (Kbit/s; default peerbed's PB_R, 1000000; -1 = as fast as possible), udpcast unthrottled.
 # Prints, for each run: wall seconds, MB/s (10^6 bytes of the source file / wall), CPU seconds
 # per GiB for server and receiver (user+sys from /usr/bin/time), peak RSS, and the ratio to
 # the best peer. mcast runs in a private network namespace with only `lo` (multicast on,
@@ -17,7 +20,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 size_mb=${E2E_SIZE_MB:-1024}
 peers=${E2E_PEERS:-1}
 bed=${E2E_BED:-0}
-rate=${E2E_RATE_MBPS:-0}
+rate=${E2E_RATE_MBPS:-3000}
 peerbed=${PEERBED:-/work/shared/tools/peerbed.sh}
 work=${E2E_DIR:-/tmp/mcast-e2e}
 bin=$repo/target/release
@@ -29,15 +32,16 @@ if [[ ${1:-} != --inside ]]; then
   if [[ ! -f $src || $(stat -c %s "$src") != $((size_mb << 20)) ]]; then
     head -c "${size_mb}M" /dev/urandom > "$src"
   fi
-  if [[ $peers == 1 ]] && ! command -v uftp >/dev/null || ! command -v udp-sender >/dev/null; then
-    [[ $peers == 1 ]] && apt-get install -y uftp udpcast nftables iproute2 time >/dev/null
+  sync
+  if [[ $peers == 1 ]] && ! { command -v uftp && command -v udp-sender; } >/dev/null; then
+    apt-get install -y uftp udpcast nftables iproute2 time >/dev/null
   fi
   rm -f "$work/results"
   # mcast: in a private net namespace with only lo.
   unshare -n "$0" --inside mcast-lo
   if [[ $peers == 1 ]]; then
     for enc in none aes256-gcm; do
-      PB_ENC=$enc PB_R=-1 PB_TIMEOUT=600 "$peerbed" lo-uftp "$src" > "$work/uftp-$enc.log" 2>&1 || true
+      PB_ENC=$enc PB_R=${E2E_UFTP_R:-${PB_R:-1000000}} PB_TIMEOUT=600 "$peerbed" lo-uftp "$src" > "$work/uftp-$enc.log" 2>&1 || true
       wall=$(sed -nE 's/.*server rc=[0-9]+ wall=([0-9.]+)s user=([0-9.?]+)s sys=([0-9.?]+)s.*maxrss=([0-9?]+)KB.*/\1 \2 \3 \4/p' "$work/uftp-$enc.log")
       read -r w u s r <<< "$wall"
       ccpu=$(sed -nE 's/.*uftpd-cpu=([0-9.]+)s.*/\1/p' "$work/uftp-$enc.log" | head -1)
@@ -45,7 +49,7 @@ if [[ ${1:-} != --inside ]]; then
       echo "uftp-lo-$enc $w $(awk -v a="$u" -v b="$s" 'BEGIN{print a+b}') $r ${ccpu:-nan} nan $ok" >> "$work/results"
     done
     PB_TIMEOUT=600 "$peerbed" lo-udpcast "$src" > "$work/udpcast.log" 2>&1 || true
-    read -r w u s r <<< "$(tail -1 /tmp/peerbed/udpcast.lo/time 2>/dev/null)"
+    read -r w u s _ r <<< "$(tail -1 /tmp/peerbed/udpcast.lo/time 2>/dev/null)"
     s_cpu=$(awk -v a="$u" -v b="$s" 'BEGIN{print a+b}')
     read -r rw ru rs rp rr <<< "$(tail -1 /tmp/peerbed/udpcast.lo/c1/time 2>/dev/null)"
     ok=$(grep -c 'RESULT 1/1' "$work/udpcast.log" || true)
@@ -87,10 +91,11 @@ db = "$run/tickets.sqlite"
 TOML
 key=$("$bin/mcastd" -c mcastd.toml keygen | awk '{print $3}')
 "$bin/mcastd" -c mcastd.toml pack "$work/src.bin" --title bench > pack.log 2>&1
+sync  # no writeback of the fresh archive competing with the transfer
 /usr/bin/time -f '%e %U %S %M' -o srv.time "$bin/mcastd" -c mcastd.toml > srv.log 2>&1 &
 spid=$!
 sleep 0.5
-/usr/bin/time -f '%e %U %S %M' -o rcv.time "$bin/mcast-recv" get bench --server-key "$key" -o "$run/out" \
+${E2E_RCV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o rcv.time "$bin/mcast-recv" get bench --server-key "$key" -o "$run/out" \
   --json --timeout 600 > rcv.json 2> rcv.log
 rc=$?
 kill -TERM "$(pgrep -P $spid mcastd || echo $spid)" 2>/dev/null || true

@@ -51,6 +51,23 @@ pub struct Params {
     pub nak_rate: f64,
     /// Units one NAK may ask for; more are ignored (and counted).
     pub max_nak_units: u64,
+    /// Throughput tiers: nominal channel rates (bit/s, ascending). Empty: one tier at
+    /// `rate_bps`. A title can loop on one channel per tier; tier i's rate moves within
+    /// `(tiers[i-1], tiers[i]]` following its members' reports.
+    pub tiers_bps: Vec<u64>,
+    /// How a tier's rate follows its members' reported throughput.
+    pub rate_policy: RatePolicy,
+    /// Tier a new receiver starts on (conservative: 0, the slowest).
+    pub start_tier: usize,
+}
+
+/// Rate policy of a tier's channel (DESIGN.md §2: "their average, or the lowest").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum RatePolicy {
+    /// Follow the slowest member: nobody on the tier is overrun.
+    Lowest,
+    /// Follow the average: the tier favours its typical member.
+    Average,
 }
 
 impl Params {
@@ -79,6 +96,18 @@ impl Params {
             repair_share: 0.5,
             nak_rate: 5000.0,
             max_nak_units: 8192,
+            tiers_bps: Vec::new(),
+            rate_policy: RatePolicy::Lowest,
+            start_tier: 0,
+        }
+    }
+
+    /// Nominal rates of the tiers (at least one).
+    pub fn tiers(&self) -> Vec<u64> {
+        if self.tiers_bps.is_empty() {
+            vec![self.rate_bps]
+        } else {
+            self.tiers_bps.clone()
         }
     }
 }
@@ -182,6 +211,11 @@ pub struct Counters {
 #[derive(Clone, Debug, Serialize)]
 pub struct ChannelStats {
     pub channel: u32,
+    pub tier: usize,
+    /// Mean of the members' reported throughput (bit/s) and loss (ppm).
+    pub reported_bps: u64,
+    pub reported_loss_ppm: u32,
+    pub payload_bytes_sent: u64,
     pub title: String,
     pub group: String,
     pub members: usize,
@@ -202,6 +236,9 @@ struct Member {
     unicast: Option<SocketAddr>,
     /// Last control RTT the receiver reported (0 = none yet).
     rtt_us: u32,
+    /// Last throughput (bit/s) and loss (ppm) the receiver reported (0 = none yet).
+    rx_bps: u64,
+    loss_ppm: u32,
 }
 
 /// NAK-rate bucket of one source address.
@@ -211,6 +248,8 @@ struct NakBucket {
 }
 
 struct Channel {
+    /// Throughput tier (index into the tier list) this channel loops at.
+    tier: usize,
     title: String,
     archive_id: ArchiveId,
     tag: [u8; 8],
@@ -267,6 +306,19 @@ impl Channel {
         wanted.max(self.pacer.next_send())
     }
 
+    /// Mean reported (throughput, loss) over members that reported.
+    fn mean_report(&self) -> (u64, u32) {
+        let r: Vec<&Member> = self.members.values().filter(|m| m.rx_bps > 0).collect();
+        if r.is_empty() {
+            return (0, 0);
+        }
+        let n = r.len() as u64;
+        (
+            r.iter().map(|m| m.rx_bps).sum::<u64>() / n,
+            (r.iter().map(|m| m.loss_ppm as u64).sum::<u64>() / n) as u32,
+        )
+    }
+
     fn unicast_count(&self) -> usize {
         self.members
             .values()
@@ -290,9 +342,15 @@ pub struct ChannelManager {
     /// Leases are checked at most this often (a scan of every member), so expiry is
     /// noticed up to `LEASE_CHECK` late.
     next_lease_check: Instant,
+    next_rate_update: Instant,
 }
 
 const LEASE_CHECK: Duration = Duration::from_millis(50);
+/// Tier rates follow member reports this often.
+const RATE_UPDATE: Duration = Duration::from_secs(1);
+/// A tier runs this much above what its members report, so they can show they keep up with
+/// more (the rate then creeps up to the tier's ceiling) or fall behind (it comes down).
+const RATE_HEADROOM: f64 = 1.05;
 
 impl ChannelManager {
     pub fn new(params: Params, titles: Vec<TitleInfo>, now: Instant) -> ChannelManager {
@@ -309,6 +367,7 @@ impl ChannelManager {
             counters: Counters::default(),
             nak_buckets: HashMap::new(),
             next_lease_check: now,
+            next_rate_update: now + RATE_UPDATE,
         };
         for t in titles {
             m.add_title(t);
@@ -334,6 +393,10 @@ impl ChannelManager {
                 .iter()
                 .map(|(id, c)| ChannelStats {
                     channel: *id,
+                    tier: c.tier,
+                    reported_bps: c.mean_report().0,
+                    reported_loss_ppm: c.mean_report().1,
+                    payload_bytes_sent: c.packets_sent * c.symbol_size as u64,
                     title: c.title.clone(),
                     group: c.group.to_string(),
                     members: c.members.len(),
@@ -380,10 +443,19 @@ impl ChannelManager {
         self.error(to, env, ErrorCode::UnknownSession, message);
     }
 
-    fn channel_of(&self, archive_id: &ArchiveId) -> Option<u32> {
+    /// The channel of `archive_id` that receiver `rid` is a member of.
+    fn member_channel(&self, archive_id: &ArchiveId, rid: u64) -> Option<u32> {
         self.channels
             .iter()
-            .find(|(_, c)| &c.archive_id == archive_id)
+            .find(|(_, c)| &c.archive_id == archive_id && c.members.contains_key(&rid))
+            .map(|(id, _)| *id)
+    }
+
+    /// The channel looping `archive_id` at `tier`, if open.
+    fn tier_channel(&self, archive_id: &ArchiveId, tier: usize) -> Option<u32> {
+        self.channels
+            .iter()
+            .find(|(_, c)| &c.archive_id == archive_id && c.tier == tier)
             .map(|(id, _)| *id)
     }
 
@@ -420,7 +492,13 @@ impl ChannelManager {
                 let more = start as usize + items.len() < self.titles.len();
                 self.reply(from, &env, Control::CatalogReply { items, more });
             }
-            Control::Join { title } => self.join(now, from, &env, &title),
+            Control::Join { title } => self.join(now, from, &env, &title, None),
+            Control::ChangeTier { archive_id, tier } => {
+                match self.by_id.get(&archive_id).cloned() {
+                    Some(title) => self.join(now, from, &env, &title, Some(tier as usize)),
+                    None => self.unknown_session(from, &env, "unknown archive: join again"),
+                }
+            }
             Control::HeadRequest { archive_id, offset } => {
                 let Some(t) = self.by_id.get(&archive_id).and_then(|n| self.titles.get(n)) else {
                     self.error(from, &env, ErrorCode::UnknownSession, "unknown archive");
@@ -451,11 +529,15 @@ impl ChannelManager {
                 );
             }
             Control::Keepalive {
-                archive_id, rtt_us, ..
+                archive_id,
+                rtt_us,
+                rx_bps,
+                loss_ppm,
+                ..
             } => {
                 let lease = self.params.lease;
                 let member = self
-                    .channel_of(&archive_id)
+                    .member_channel(&archive_id, rid)
                     .and_then(|id| self.channels.get_mut(&id))
                     .and_then(|c| c.members.get_mut(&rid));
                 match member {
@@ -463,6 +545,10 @@ impl ChannelManager {
                         m.lease_until = now + lease;
                         if rtt_us > 0 {
                             m.rtt_us = rtt_us;
+                        }
+                        if rx_bps > 0 {
+                            m.rx_bps = rx_bps;
+                            m.loss_ppm = loss_ppm;
                         }
                         self.reply(
                             from,
@@ -479,7 +565,7 @@ impl ChannelManager {
                 }
             }
             Control::Complete { archive_id } => {
-                if let Some(id) = self.channel_of(&archive_id) {
+                if let Some(id) = self.member_channel(&archive_id, rid) {
                     let c = self.channels.get_mut(&id).expect("channel exists");
                     if let Some(m) = c.members.remove(&rid) {
                         if m.unicast.is_some() {
@@ -497,10 +583,7 @@ impl ChannelManager {
                 self.close_idle(now);
             }
             Control::UnicastRequest { archive_id } => {
-                let known = self
-                    .channel_of(&archive_id)
-                    .and_then(|id| self.channels.get(&id))
-                    .is_some_and(|c| c.members.contains_key(&rid));
+                let known = self.member_channel(&archive_id, rid).is_some();
                 if !known {
                     self.unknown_session(from, &env, "join before asking for unicast");
                     return;
@@ -524,7 +607,7 @@ impl ChannelManager {
                     return;
                 }
                 let max = self.params.max_unicast_per_channel;
-                let Some(id) = self.channel_of(&archive_id) else {
+                let Some(id) = self.member_channel(&archive_id, rid) else {
                     self.unknown_session(from, &env, "no such session: join again");
                     return;
                 };
@@ -565,7 +648,16 @@ impl ChannelManager {
         }
     }
 
-    fn join(&mut self, now: Instant, from: SocketAddr, env: &Envelope, title: &str) {
+    /// Join `title` (`tier: None`: the receiver's current tier, or the start tier) or move to
+    /// `tier`. A receiver is a member of one channel of a title at a time.
+    fn join(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        env: &Envelope,
+        title: &str,
+        tier: Option<usize>,
+    ) {
         let Some(info) = self.titles.get(title).cloned() else {
             self.counters.not_here += 1;
             self.events.push_back(Event::NotHere {
@@ -583,9 +675,21 @@ impl ChannelManager {
             return;
         };
         let archive_id = info.head.archive_id;
-        let id = match self.channel_of(&archive_id) {
+        let tiers = self.params.tiers();
+        let rid = env.receiver_id;
+        let current = self.member_channel(&archive_id, rid);
+        let tier = match (tier, current) {
+            (Some(t), _) if t >= tiers.len() => {
+                self.error(from, env, ErrorCode::BadRequest, "no such tier");
+                return;
+            }
+            (Some(t), _) => t,
+            (None, Some(id)) => self.channels[&id].tier,
+            (None, None) => self.params.start_tier.min(tiers.len() - 1),
+        };
+        let id = match self.tier_channel(&archive_id, tier) {
             Some(id) => id,
-            None => match self.open_channel(now, &info) {
+            None => match self.open_channel(now, &info, tier) {
                 Some(id) => id,
                 None => {
                     self.error(
@@ -608,6 +712,8 @@ impl ChannelManager {
                     lease_until: now + lease,
                     unicast: None,
                     rtt_us: 0,
+                    rx_bps: 0,
+                    loss_ppm: 0,
                 },
             )
             .is_none_or(|old| {
@@ -618,6 +724,17 @@ impl ChannelManager {
             c.rebuild_dests();
         }
         let (group, rate) = (c.group, c.pacer.rate_bps());
+        // Moving tiers: leave the old channel (closed if that was its last member) only once
+        // in the new one, so the two never share a group.
+        if let Some(old) = current.filter(|old| *old != id) {
+            let c = self
+                .channels
+                .get_mut(&old)
+                .expect("member's channel exists");
+            c.members.remove(&rid);
+            c.rebuild_dests();
+            self.close_idle(now);
+        }
         self.counters.joins += 1;
         self.events.push_back(Event::Joined {
             channel: id,
@@ -634,24 +751,28 @@ impl ChannelManager {
                 loop_packets: info.head.loop_packets(),
                 rate_bps: rate,
                 lease_ms: lease.as_millis() as u32,
+                tier: tier as u8,
+                tiers_bps: tiers,
             },
         );
     }
 
-    fn open_channel(&mut self, now: Instant, info: &TitleInfo) -> Option<u32> {
+    fn open_channel(&mut self, now: Instant, info: &TitleInfo, tier: usize) -> Option<u32> {
         let slot = self.slots.iter().position(|s| s.is_none())?;
         let id = self.next_channel;
         self.next_channel = self.next_channel.wrapping_add(1).max(1);
         self.slots[slot] = Some(id);
         let group = self.params.groups[slot];
+        let rate = self.params.tiers()[tier];
         let mut c = Channel {
+            tier,
             title: info.head.title.clone(),
             archive_id: info.head.archive_id,
             tag: archive_tag(&info.head.archive_id),
             slot,
             group,
             carousel: Carousel::new(LoopShape::of(&info.head)),
-            pacer: Pacer::new(self.params.rate_bps, self.params.burst, now),
+            pacer: Pacer::new(rate, self.params.burst, now),
             data_start: now + self.params.sync_lead,
             next_sync: now,
             members: HashMap::new(),
@@ -694,12 +815,45 @@ impl ChannelManager {
         }
     }
 
+    /// Set each tier's rate from its members' reports (policy lowest/average), within the
+    /// tier's bounds: above the next tier down, at most its nominal rate.
+    fn adapt_rates(&mut self) {
+        let tiers = self.params.tiers();
+        for c in self.channels.values_mut() {
+            let reports: Vec<u64> = c
+                .members
+                .values()
+                .map(|m| m.rx_bps)
+                .filter(|r| *r > 0)
+                .collect();
+            if reports.is_empty() {
+                continue;
+            }
+            let target = match self.params.rate_policy {
+                RatePolicy::Lowest => *reports.iter().min().expect("non-empty"),
+                RatePolicy::Average => reports.iter().sum::<u64>() / reports.len() as u64,
+            };
+            let hi = tiers[c.tier];
+            let lo = if c.tier == 0 {
+                hi / 4
+            } else {
+                tiers[c.tier - 1] + 1
+            };
+            let rate = ((target as f64 * RATE_HEADROOM) as u64).clamp(lo.min(hi), hi);
+            c.pacer.set_rate(rate);
+        }
+    }
+
     /// Expire leases and close channels nobody holds any more.
     pub fn handle_timeout(&mut self, now: Instant) {
         if now < self.next_lease_check {
             return;
         }
         self.next_lease_check = now + LEASE_CHECK;
+        if now >= self.next_rate_update && !self.params.tiers_bps.is_empty() {
+            self.next_rate_update = now + RATE_UPDATE;
+            self.adapt_rates();
+        }
         for (id, c) in self.channels.iter_mut() {
             let before = c.members.len();
             let mut expired = Vec::new();
@@ -834,11 +988,14 @@ impl ChannelManager {
                 .retain(|_, b| now.saturating_duration_since(b.at) < Duration::from_secs(2));
         }
         let params = &self.params;
-        let Some(c) = self
+        // The NAKer's own tier channel (a title may loop on several), else any of the title's.
+        let id = self
             .channels
-            .values_mut()
-            .find(|c| c.tag == nak.archive_tag)
-        else {
+            .iter()
+            .find(|(_, c)| c.tag == nak.archive_tag && c.members.contains_key(&nak.receiver_id))
+            .or_else(|| self.channels.iter().find(|(_, c)| c.tag == nak.archive_tag))
+            .map(|(id, _)| *id);
+        let Some(c) = id.and_then(|id| self.channels.get_mut(&id)) else {
             self.counters.naks_unknown_channel += 1;
             return;
         };

@@ -58,6 +58,11 @@ pub struct ServerConfig {
     pub nak_rate: f64,
     /// Packets one NAK may ask for.
     pub max_nak_units: u64,
+    /// Throughput tiers (Mbit/s, ascending): a title loops on one channel per tier in use.
+    /// Empty: one tier at `rate_mbps`.
+    pub tiers_mbps: Vec<f64>,
+    /// How a tier's rate follows its members' reports: "lowest" or "average".
+    pub rate_policy: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -148,6 +153,8 @@ impl Default for ServerConfig {
             repair_share: 0.5,
             nak_rate: 5000.0,
             max_nak_units: 8192,
+            tiers_mbps: Vec::new(),
+            rate_policy: "lowest".into(),
         }
     }
 }
@@ -293,6 +300,21 @@ impl Config {
                 format!("{} is above 3600", self.tickets.retry_secs),
             ));
         }
+        if !matches!(sv.rate_policy.as_str(), "lowest" | "average") {
+            return Err(field(
+                "server.rate_policy",
+                format!("{:?}: use \"lowest\" or \"average\"", sv.rate_policy),
+            ));
+        }
+        if sv.tiers_mbps.len() > crate::wire::control::MAX_TIERS
+            || sv.tiers_mbps.iter().any(|r| !(*r > 0.0 && r.is_finite()))
+            || sv.tiers_mbps.windows(2).any(|w| w[0] >= w[1])
+        {
+            return Err(field(
+                "server.tiers_mbps",
+                "must be at most 16 positive rates in ascending order".into(),
+            ));
+        }
         if sv.sync_interval_ms == 0 {
             return Err(field(
                 "server.sync_interval_ms",
@@ -331,6 +353,13 @@ impl Config {
             repair_share: sv.repair_share,
             nak_rate: sv.nak_rate,
             max_nak_units: sv.max_nak_units,
+            tiers_bps: sv.tiers_mbps.iter().map(|m| (m * 1e6) as u64).collect(),
+            rate_policy: if sv.rate_policy == "average" {
+                crate::channel::RatePolicy::Average
+            } else {
+                crate::channel::RatePolicy::Lowest
+            },
+            start_tier: 0,
         }
     }
 

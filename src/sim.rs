@@ -466,6 +466,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                             have: r.have_count,
                             total: units,
                             rtt_us,
+                            rx_bps: 0,
+                            loss_ppm: 0,
                         },
                     )
                     .encode();

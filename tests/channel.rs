@@ -154,3 +154,191 @@ fn hostile_naks_are_bounded_and_cannot_stall_the_loop() {
     // One NAK can ask for at most max_nak_units.
     assert!(c.nak_units_received <= c.naks_received * Params::for_tests(RATE).max_nak_units);
 }
+
+fn tiered(policy: mcast::channel::RatePolicy) -> (ChannelManager, Instant, [u8; 16]) {
+    let head = mcast::sim::sim_head(4000, 1280);
+    let archive_id = head.archive_id;
+    let t0 = Instant::now();
+    let info = TitleInfo {
+        head: Arc::new(head),
+        head_bytes: Arc::new(Vec::new()),
+        archive_len: 0,
+    };
+    let mut p = Params::for_tests(RATE);
+    p.tiers_bps = vec![4_000_000, 16_000_000, 64_000_000];
+    p.rate_policy = policy;
+    (ChannelManager::new(p, vec![info], t0), t0, archive_id)
+}
+
+fn request(m: &mut ChannelManager, now: Instant, rid: u64, msg: Control) -> Control {
+    let from: SocketAddr = format!("10.0.1.{}:5000", rid % 250).parse().unwrap();
+    m.handle_control(now, from, &Envelope::new(rid, 9, msg).encode());
+    let (_, bytes) = m.poll_reply().expect("a reply");
+    while m.poll_reply().is_some() {}
+    Envelope::decode(&bytes).unwrap().msg
+}
+
+fn stats(m: &ChannelManager) -> serde_json::Value {
+    serde_json::to_value(m.stats()).unwrap()
+}
+
+#[test]
+fn tiers_one_channel_each_members_move_and_empty_tiers_close() {
+    let (mut m, t0, id) = tiered(mcast::channel::RatePolicy::Lowest);
+    let join = |m: &mut ChannelManager, rid| {
+        request(
+            m,
+            t0,
+            rid,
+            Control::Join {
+                title: "sim".into(),
+            },
+        )
+    };
+    // New receivers start on the conservative tier.
+    let Control::JoinOk {
+        tier,
+        tiers_bps,
+        rate_bps,
+        group: g0,
+        ..
+    } = join(&mut m, 1)
+    else {
+        panic!()
+    };
+    assert_eq!((tier, rate_bps), (0, 4_000_000));
+    assert_eq!(tiers_bps, vec![4_000_000, 16_000_000, 64_000_000]);
+    // Moving up opens the tier's own channel and closes the one left empty.
+    let Control::JoinOk {
+        tier,
+        rate_bps,
+        group: g2,
+        ..
+    } = request(
+        &mut m,
+        t0,
+        1,
+        Control::ChangeTier {
+            archive_id: id,
+            tier: 2,
+        },
+    )
+    else {
+        panic!()
+    };
+    assert_eq!((tier, rate_bps), (2, 64_000_000));
+    assert_ne!(g0, g2);
+    assert_eq!(m.open_channels(), 1);
+    assert_eq!(m.counters().channels_closed, 1);
+    // Another receiver starts low: now two channels of one title, at different rates.
+    let Control::JoinOk { tier, .. } = join(&mut m, 2) else {
+        panic!()
+    };
+    assert_eq!(tier, 0);
+    let s = stats(&m);
+    let mut tiers: Vec<(u64, u64)> = s["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["tier"].as_u64().unwrap(), c["rate_bps"].as_u64().unwrap()))
+        .collect();
+    tiers.sort();
+    assert_eq!(tiers, vec![(0, 4_000_000), (2, 64_000_000)]);
+    // A re-join keeps the receiver's tier; a tier that does not exist is refused.
+    let Control::JoinOk { tier, .. } = join(&mut m, 1) else {
+        panic!()
+    };
+    assert_eq!(tier, 2);
+    assert!(matches!(
+        request(
+            &mut m,
+            t0,
+            1,
+            Control::ChangeTier {
+                archive_id: id,
+                tier: 3
+            }
+        ),
+        Control::Error { .. }
+    ));
+    // Keepalives and completion find the member on its tier.
+    let ka = Control::Keepalive {
+        archive_id: id,
+        have: 0,
+        total: 1,
+        rtt_us: 0,
+        rx_bps: 0,
+        loss_ppm: 0,
+    };
+    assert!(matches!(
+        request(&mut m, t0, 1, ka.clone()),
+        Control::LeaseOk { .. }
+    ));
+    assert!(matches!(
+        request(&mut m, t0, 2, ka),
+        Control::LeaseOk { .. }
+    ));
+    request(&mut m, t0, 1, Control::Complete { archive_id: id });
+    assert_eq!(m.open_channels(), 1);
+}
+
+#[test]
+fn tier_rates_follow_member_reports_within_bounds() {
+    use mcast::channel::RatePolicy;
+    for (policy, reports, want) in [
+        (
+            RatePolicy::Lowest,
+            [10_000_000u64, 14_000_000],
+            10_500_000u64,
+        ),
+        (RatePolicy::Average, [10_000_000, 14_000_000], 12_600_000),
+        // Never above the tier's rate, never down into the tier below.
+        (RatePolicy::Lowest, [40_000_000, 50_000_000], 16_000_000),
+        (RatePolicy::Lowest, [1_000_000, 15_000_000], 4_000_001),
+    ] {
+        let (mut m, t0, id) = tiered(policy);
+        for (rid, rx) in [(1u64, reports[0]), (2, reports[1])] {
+            request(
+                &mut m,
+                t0,
+                rid,
+                Control::Join {
+                    title: "sim".into(),
+                },
+            );
+            request(
+                &mut m,
+                t0,
+                rid,
+                Control::ChangeTier {
+                    archive_id: id,
+                    tier: 1,
+                },
+            );
+            let ka = Control::Keepalive {
+                archive_id: id,
+                have: 0,
+                total: 1,
+                rtt_us: 500,
+                rx_bps: rx,
+                loss_ppm: 100,
+            };
+            request(&mut m, t0, rid, ka);
+        }
+        m.handle_timeout(t0 + Duration::from_millis(1100));
+        let s = stats(&m);
+        let c = &s["channels"][0];
+        assert_eq!(c["tier"], 1);
+        assert_eq!(
+            c["rate_bps"].as_u64().unwrap(),
+            want,
+            "{policy:?} {reports:?}"
+        );
+        assert_eq!(c["members"], 2);
+        assert_eq!(
+            c["reported_bps"].as_u64().unwrap(),
+            (reports[0] + reports[1]) / 2
+        );
+        assert_eq!(c["reported_loss_ppm"], 100);
+    }
+}

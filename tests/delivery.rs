@@ -354,6 +354,8 @@ fn unicast_fallback_requires_cookie_round_trip() {
         have: 0,
         total: 1,
         rtt_us: 0,
+        rx_bps: 0,
+        loss_ppm: 0,
     });
     let (data, other) = count_arrivals(&s.sock, Duration::from_secs(1));
     assert_eq!(data + s.data_seen, 0, "data after a bad cookie");
@@ -599,6 +601,8 @@ fn malformed_control_datagrams_are_counted_and_ignored() {
             have: 1,
             total: 2,
             rtt_us: 0,
+            rx_bps: 0,
+            loss_ppm: 0,
         },
         Control::Complete { archive_id: id },
         Control::UnicastRequest { archive_id: id },

@@ -34,6 +34,8 @@ fn valid_samples() -> Vec<Vec<u8>> {
                 have: 1,
                 total: 2,
                 rtt_us: 3,
+                rx_bps: 0,
+                loss_ppm: 0,
             },
         )
         .encode(),

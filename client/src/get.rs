@@ -264,7 +264,15 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     let mut rx = mcast::fastio::RecvBatch::new(RECV_BATCH, 65_536);
     let mut ctl_buf = vec![0u8; MAX_CONTROL_LEN + 1];
 
-    let checkpoint = |dl: &Download, state: &mut State, part: &File| -> Result<(), RecvError> {
+    // Periodic checkpoints run on a helper thread (a slow fdatasync must not stall the socket
+    // drain); this one, for the final and error paths, first waits for the helper to finish.
+    let mut bg = BgCheckpoint::start(&part, &part_path, &state_path, state.clone())?;
+    let checkpoint = |bg: &mut BgCheckpoint,
+                      dl: &Download,
+                      state: &mut State,
+                      part: &File|
+     -> Result<(), RecvError> {
+        bg.finish()?;
         part.sync_data()
             .map_err(|e| RecvError::io("cannot sync", &part_path, e))?;
         state.have.copy_from_slice(dl.have_bits());
@@ -275,7 +283,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
 
     while !dl.is_complete() {
         if stop.load(Ordering::Relaxed) {
-            checkpoint(&dl, &mut state, &part)?;
+            checkpoint(&mut bg, &dl, &mut state, &part)?;
             return Err(RecvError::new(
                 Failure::Interrupted,
                 "interrupted; run the same command again to resume",
@@ -283,7 +291,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         }
         if let Some(t) = opts.timeout {
             if started.elapsed() > t {
-                checkpoint(&dl, &mut state, &part)?;
+                checkpoint(&mut bg, &dl, &mut state, &part)?;
                 return Err(RecvError::new(
                     Failure::Timeout,
                     format!(
@@ -301,6 +309,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 have: dl.have_count(),
                 total: dl.units(),
                 rtt_us,
+                rx_bps: 0,
+                loss_ppm: 0,
             });
             keepalive_sent = Some((id, now));
             next_keepalive = now + keepalive_every;
@@ -353,8 +363,11 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
             next_fallback_try = Instant::now() + Duration::from_secs(1);
         }
         if now >= next_checkpoint && dirty {
-            checkpoint(&dl, &mut state, &part)?;
-            dirty = false;
+            // Every unit marked held was written before this point (writes are flushed at
+            // the end of each receive batch), so the snapshot is covered by the helper's sync.
+            if bg.request(dl.have_bits())? {
+                dirty = false;
+            }
             next_checkpoint = now + opts.checkpoint;
         }
         if now >= next_progress {
@@ -439,7 +452,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 ctl.sock.set_nonblocking(false).ok();
                 let (id2, _, _) = join(&mut ctl, &opts.title)?;
                 if id2 != archive_id {
-                    checkpoint(&dl, &mut state, &part)?;
+                    checkpoint(&mut bg, &dl, &mut state, &part)?;
                     return Err(RecvError::new(
                         Failure::Other,
                         format!(
@@ -550,7 +563,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                     }
                 }
                 mcast::fastio::write_coalesced(&part, &pending).map_err(|e| {
-                    let _ = checkpoint(&dl, &mut state, &part);
+                    let _ = checkpoint(&mut bg, &dl, &mut state, &part);
                     RecvError::io("cannot write", &part_path, e)
                 })?;
                 if complete || got < rx.capacity() {
@@ -567,7 +580,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         3,
         Duration::from_millis(300),
     );
-    checkpoint(&dl, &mut state, &part)?;
+    checkpoint(&mut bg, &dl, &mut state, &part)?;
     drop(part);
     let a = ArchiveFile::open(&part_path)
         .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
@@ -608,6 +621,88 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
             .map(|f| last_write.saturating_duration_since(f).as_secs_f64())
             .unwrap_or(0.0),
     })
+}
+
+/// Checkpoints off the receive thread: fdatasync of the part file, then the state record
+/// (the have-bits snapshot taken before the sync started). One in flight at most.
+struct BgCheckpoint {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u64>>>,
+    failed: Arc<std::sync::Mutex<Option<RecvError>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BgCheckpoint {
+    fn start(
+        part: &File,
+        part_path: &Path,
+        state_path: &Path,
+        mut state: State,
+    ) -> Result<BgCheckpoint, RecvError> {
+        let part = part
+            .try_clone()
+            .map_err(|e| RecvError::io("cannot open", part_path, e))?;
+        let (part_path, state_path) = (part_path.to_path_buf(), state_path.to_path_buf());
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u64>>(0);
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let f2 = failed.clone();
+        let handle = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                for have in rx {
+                    let r = part
+                        .sync_data()
+                        .map_err(|e| RecvError::io("cannot sync", &part_path, e))
+                        .and_then(|()| {
+                            state.have = have;
+                            state.save(&state_path).map_err(|e| {
+                                RecvError::io("cannot write state file", &state_path, e)
+                            })
+                        });
+                    if let Err(e) = r {
+                        *f2.lock().unwrap() = Some(e);
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| RecvError::new(Failure::Other, format!("checkpoint thread: {e}")))?;
+        Ok(BgCheckpoint {
+            tx: Some(tx),
+            failed,
+            handle: Some(handle),
+        })
+    }
+
+    /// Hand a snapshot to the helper; false if it is still busy with the previous one.
+    fn request(&mut self, have: &[u64]) -> Result<bool, RecvError> {
+        if let Some(e) = self.failed.lock().unwrap().take() {
+            return Err(e);
+        }
+        match &self.tx {
+            Some(tx) => match tx.try_send(have.to_vec()) {
+                Ok(()) => Ok(true),
+                Err(_) => Ok(false),
+            },
+            None => Ok(false),
+        }
+    }
+
+    /// Stop the helper and wait for a checkpoint in flight.
+    fn finish(&mut self) -> Result<(), RecvError> {
+        self.tx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        match self.failed.lock().unwrap().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for BgCheckpoint {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
 }
 
 fn missing_bytes(dl: &Download) -> u64 {
@@ -703,47 +798,90 @@ fn fetch_head(ctl: &mut ControlClient, archive_id: [u8; 16]) -> Result<(Head, Ve
     got[0] = true;
     let mut buf = vec![0u8; MAX_CONTROL_LEN + 1];
     let deadline = Instant::now() + Duration::from_secs(30);
+    // A window of requests in flight: each chunk that arrives frees a slot for the next one,
+    // and requests unanswered for RETRY are sent again (lost datagrams).
+    const WINDOW: usize = 32;
+    const RETRY: Duration = Duration::from_millis(200);
+    let mut sent_at: Vec<Option<Instant>> = vec![None; chunks];
+    let mut missing = got.iter().filter(|g| !**g).count();
+    let mut in_flight = 0usize;
+    let mut cursor = 0usize;
+    let mut last_scan = Instant::now();
     ctl.sock
-        .set_read_timeout(Some(Duration::from_millis(200)))
+        .set_read_timeout(Some(Duration::from_millis(10)))
         .ok();
-    while got.iter().any(|g| !g) {
-        if Instant::now() > deadline {
+    while missing > 0 {
+        let now = Instant::now();
+        if now > deadline {
             return Err(RecvError::new(
                 Failure::Unreachable,
                 "timed out fetching the archive head",
             ));
         }
-        for (i, _) in got.iter().enumerate().filter(|(_, g)| !**g).take(32) {
-            ctl.send(Control::HeadRequest {
-                archive_id,
-                offset: (i * HEAD_CHUNK) as u32,
-            });
-        }
-        while let Ok((n, from)) = ctl.sock.recv_from(&mut buf) {
-            if from != ctl.server {
-                continue;
-            }
-            if let Ok(Envelope {
-                msg:
-                    Control::HeadChunk {
-                        archive_id: a,
-                        offset,
-                        bytes,
-                        ..
-                    },
-                ..
-            }) = Envelope::decode(&buf[..n])
-            {
-                let off = offset as usize;
-                if a != archive_id || off % HEAD_CHUNK != 0 || off >= total.max(1) {
+        if now.duration_since(last_scan) >= RETRY {
+            // Re-request what went unanswered; count what is still in flight.
+            in_flight = 0;
+            for i in 0..cursor {
+                if got[i] {
                     continue;
                 }
-                let end = (off + bytes.len()).min(total);
-                head[off..end].copy_from_slice(&bytes[..end - off]);
-                got[off / HEAD_CHUNK] = true;
-                if got.iter().all(|g| *g) {
-                    break;
+                match sent_at[i] {
+                    Some(t) if now.duration_since(t) < RETRY => in_flight += 1,
+                    _ if in_flight < WINDOW => {
+                        ctl.send(Control::HeadRequest {
+                            archive_id,
+                            offset: (i * HEAD_CHUNK) as u32,
+                        });
+                        sent_at[i] = Some(now);
+                        in_flight += 1;
+                    }
+                    _ => {}
                 }
+            }
+            last_scan = now;
+        }
+        while in_flight < WINDOW && cursor < chunks {
+            if !got[cursor] {
+                ctl.send(Control::HeadRequest {
+                    archive_id,
+                    offset: (cursor * HEAD_CHUNK) as u32,
+                });
+                sent_at[cursor] = Some(now);
+                in_flight += 1;
+            }
+            cursor += 1;
+        }
+        let Ok((n, from)) = ctl.sock.recv_from(&mut buf) else {
+            continue;
+        };
+        if from != ctl.server {
+            continue;
+        }
+        if let Ok(Envelope {
+            msg:
+                Control::HeadChunk {
+                    archive_id: a,
+                    offset,
+                    bytes,
+                    ..
+                },
+            ..
+        }) = Envelope::decode(&buf[..n])
+        {
+            let off = offset as usize;
+            if a != archive_id || off % HEAD_CHUNK != 0 || off >= total.max(1) {
+                continue;
+            }
+            let i = off / HEAD_CHUNK;
+            if got[i] {
+                continue;
+            }
+            let end = (off + bytes.len()).min(total);
+            head[off..end].copy_from_slice(&bytes[..end - off]);
+            got[i] = true;
+            missing -= 1;
+            if sent_at[i].is_some() {
+                in_flight = in_flight.saturating_sub(1);
             }
         }
     }

@@ -21,6 +21,8 @@ use super::{check_version, WireError, WIRE_VERSION};
 
 /// Largest head chunk carried in one reply (keeps datagrams under a 1500-byte MTU).
 pub const HEAD_CHUNK: usize = 1024;
+/// Most throughput tiers a title can loop on.
+pub const MAX_TIERS: usize = 16;
 /// Largest control datagram we send or accept.
 pub const MAX_CONTROL_LEN: usize = 16 * 1024;
 /// Largest ticket a [`Control::PlayRequest`] carries (a ticket is at most ~450 bytes).
@@ -94,6 +96,16 @@ pub enum Control {
         have: u64,
         total: u64,
         rtt_us: u32,
+        /// Throughput measured on the current channel (bit/s, 0 = not yet) and loss in parts
+        /// per million: the server sets each tier's rate from its members' reports.
+        rx_bps: u64,
+        loss_ppm: u32,
+    },
+    /// Move this receiver to another throughput tier of the title (answered with
+    /// [`Control::JoinOk`] for that tier's channel).
+    ChangeTier {
+        archive_id: ArchiveId,
+        tier: u8,
     },
     /// Every packet is present and verified: drop me from the channel.
     Complete {
@@ -130,6 +142,9 @@ pub enum Control {
         loop_packets: u64,
         rate_bps: u64,
         lease_ms: u32,
+        /// The tier this channel is, and the nominal rate of every tier of the title.
+        tier: u8,
+        tiers_bps: Vec<u64>,
     },
     /// This server lacks the title; `redirect` names one that has it, when known.
     NotHere {
@@ -188,6 +203,7 @@ mod t {
     pub const UNICAST_CONFIRM: u8 = 7;
     pub const STATS_REQ: u8 = 8;
     pub const PLAY_REQ: u8 = 9;
+    pub const CHANGE_TIER: u8 = 10;
     pub const CATALOG: u8 = 64;
     pub const JOIN_OK: u8 = 65;
     pub const NOT_HERE: u8 = 66;
@@ -249,11 +265,15 @@ impl Envelope {
                 have,
                 total,
                 rtt_us,
+                rx_bps,
+                loss_ppm,
             } => {
                 b.extend_from_slice(archive_id);
                 b.put_u64(*have);
                 b.put_u64(*total);
                 b.put_u32(*rtt_us);
+                b.put_u64(*rx_bps);
+                b.put_u32(*loss_ppm);
                 t::KEEPALIVE
             }
             Control::Complete { archive_id } => {
@@ -268,6 +288,11 @@ impl Envelope {
                 b.extend_from_slice(archive_id);
                 b.extend_from_slice(cookie);
                 t::UNICAST_CONFIRM
+            }
+            Control::ChangeTier { archive_id, tier } => {
+                b.extend_from_slice(archive_id);
+                b.put_u8(*tier);
+                t::CHANGE_TIER
             }
             Control::StatsRequest => t::STATS_REQ,
             Control::PlayRequest {
@@ -306,6 +331,8 @@ impl Envelope {
                 loop_packets,
                 rate_bps,
                 lease_ms,
+                tier,
+                tiers_bps,
             } => {
                 b.extend_from_slice(archive_id);
                 put_v4(&mut b, group);
@@ -313,6 +340,12 @@ impl Envelope {
                 b.put_u64(*loop_packets);
                 b.put_u64(*rate_bps);
                 b.put_u32(*lease_ms);
+                b.put_u8(*tier);
+                let n = tiers_bps.len().min(MAX_TIERS);
+                b.put_u8(n as u8);
+                for r in &tiers_bps[..n] {
+                    b.put_u64(*r);
+                }
                 t::JOIN_OK
             }
             Control::NotHere { title, redirect } => {
@@ -399,6 +432,12 @@ impl Envelope {
                 have: r.u64("have")?,
                 total: r.u64("total")?,
                 rtt_us: r.u32("rtt_us")?,
+                rx_bps: r.u64("rx_bps")?,
+                loss_ppm: r.u32("loss_ppm")?,
+            },
+            t::CHANGE_TIER => Control::ChangeTier {
+                archive_id: r.array("archive_id")?,
+                tier: r.u8("tier")?,
             },
             t::COMPLETE => Control::Complete {
                 archive_id: r.array("archive_id")?,
@@ -441,6 +480,18 @@ impl Envelope {
                 loop_packets: r.u64("loop_packets")?,
                 rate_bps: r.u64("rate_bps")?,
                 lease_ms: r.u32("lease_ms")?,
+                tier: r.u8("tier")?,
+                tiers_bps: {
+                    let n = r.u8("tiers")? as usize;
+                    if n > MAX_TIERS {
+                        return Err(WireError::Field("tiers"));
+                    }
+                    let mut v = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        v.push(r.u64("tiers")?);
+                    }
+                    v
+                },
             },
             t::NOT_HERE => Control::NotHere {
                 title: get_str(&mut r, 128, "title")?,
@@ -525,6 +576,8 @@ mod tests {
                 have: 5,
                 total: 9,
                 rtt_us: 250,
+                rx_bps: 1_000_000,
+                loss_ppm: 12,
             },
             Control::Complete { archive_id: id },
             Control::UnicastRequest { archive_id: id },
@@ -549,6 +602,12 @@ mod tests {
                 loop_packets: 6,
                 rate_bps: 7,
                 lease_ms: 8,
+                tier: 1,
+                tiers_bps: vec![4_000_000, 16_000_000],
+            },
+            Control::ChangeTier {
+                archive_id: id,
+                tier: 2,
             },
             Control::NotHere {
                 title: "x".into(),
