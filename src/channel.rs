@@ -900,6 +900,7 @@ impl ChannelManager {
                 rate_bps: c.pacer.rate_bps(),
                 grtt_us: c.grtt(params).as_micros().min(u32::MAX as u128) as u32,
                 group_size: c.members.len().max(1) as u32,
+                send_us: now.saturating_duration_since(self.epoch_origin).as_micros() as u64,
             };
             DataHeader {
                 kind: DataKind::Sync,

@@ -286,7 +286,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                     wire_bytes += if id.is_some() {
                         pkt_bytes
                     } else {
-                        (DATA_HEADER_LEN + 24) as f64
+                        (DATA_HEADER_LEN + crate::wire::data::SYNC_LEN) as f64
                     };
                     if hdr.repair {
                         repairs_sent += 1;

@@ -7,3 +7,4 @@ pub mod error;
 pub mod get;
 pub mod play;
 pub mod state;
+pub mod tiering;

@@ -131,6 +131,12 @@ impl NakEngine {
         self.group_size = group_size.clamp(1, 1_000_000);
     }
 
+    /// The receiver moved to another channel of the title (another throughput tier): its loop
+    /// position is unrelated, so gap detection starts afresh. The NAK table is kept.
+    pub fn reset_position(&mut self) {
+        self.last_pos = None;
+    }
+
     /// Entries in the NAK table (back-off + hold-off).
     pub fn table_len(&self) -> usize {
         self.pending.len() + self.holdoff.len()

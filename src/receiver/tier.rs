@@ -9,7 +9,7 @@
 //!   `down_after` congested intervals in a row move one tier down;
 //! * after `probe_after` on a tier without congestion, *probe* one tier up (a join
 //!   experiment); a probe that sees congestion within `probe_hold` falls back at once and
-//!   doubles that tier's probe timer (up to `probe_max`), so a receiver whose link cannot carry
+//!   quadruples that tier's probe timer (up to `probe_max`), so a receiver whose link cannot carry
 //!   the next tier stops trying often; a probe that holds succeeds, resets that tier's timer
 //!   and halves the next one's (the link changed, so trying higher is worth it sooner).
 //!
@@ -44,9 +44,9 @@ impl TierParams {
             loss_down: 0.02,
             delay_rise: Duration::from_millis(25),
             down_after: 2,
-            probe_after: Duration::from_secs(3),
-            probe_hold: Duration::from_secs(2),
-            probe_max: Duration::from_secs(30),
+            probe_after: Duration::from_secs(1),
+            probe_hold: Duration::from_secs(1),
+            probe_max: Duration::from_secs(60),
         }
     }
 }
@@ -127,12 +127,18 @@ impl TierEngine {
         self.bytes += bytes as u64;
         self.received += 1;
         if let Some(d) = delay_us {
-            let min = *self.min_delay.get_or_insert(d);
-            if d < min {
-                self.min_delay = Some(d);
-            }
-            self.max_rise = self.max_rise.max(d - self.min_delay.unwrap_or(d));
+            self.on_delay(d);
         }
+    }
+
+    /// A one-way delay sample (`arrival − send time`, any clocks) without a data packet,
+    /// e.g. from a SYNC.
+    pub fn on_delay(&mut self, delay_us: i64) {
+        let min = *self.min_delay.get_or_insert(delay_us);
+        if delay_us < min {
+            self.min_delay = Some(delay_us);
+        }
+        self.max_rise = self.max_rise.max(delay_us - self.min_delay.unwrap_or(delay_us));
     }
 
     /// Packets of the current channel found lost (gap detection).
@@ -184,7 +190,7 @@ impl TierEngine {
                 let (from, failed) = (probe.from, self.tier);
                 self.probe = None;
                 self.counters.probes_failed += 1;
-                self.probe_timer[failed] = (self.probe_timer[failed] * 2).min(self.p.probe_max);
+                self.probe_timer[failed] = (self.probe_timer[failed] * 4).min(self.p.probe_max);
                 return Some(self.switch(from, now));
             }
             if now >= probe.until {

@@ -48,9 +48,12 @@ pub struct SyncInfo {
     pub grtt_us: u32,
     /// Members of the channel (the group size estimate for NAK back-off).
     pub group_size: u32,
+    /// Server clock at send time, microseconds since an arbitrary origin: receivers track the
+    /// rise of `arrival − send_us` (queueing delay) without synchronised clocks.
+    pub send_us: u64,
 }
 
-pub const SYNC_LEN: usize = 24;
+pub const SYNC_LEN: usize = 32;
 
 pub fn archive_tag(archive_id: &[u8; 16]) -> [u8; 8] {
     archive_id[..8].try_into().expect("16 >= 8")
@@ -106,6 +109,7 @@ impl SyncInfo {
         v.put_u64(self.rate_bps);
         v.put_u32(self.grtt_us);
         v.put_u32(self.group_size);
+        v.put_u64(self.send_us);
         v.try_into().expect("SYNC_LEN bytes")
     }
 
@@ -116,6 +120,7 @@ impl SyncInfo {
             rate_bps: r.u64("rate_bps")?,
             grtt_us: r.u32("grtt_us")?,
             group_size: r.u32("group_size")?,
+            send_us: r.u64("send_us")?,
         })
     }
 }

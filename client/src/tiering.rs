@@ -1,0 +1,78 @@
+//! Driver glue for throughput tiers: feeds the sans-I/O [`TierEngine`] from what the receive
+//! loop sees (SYNC delay samples, data bytes, losses the NAK engine found) and says when to
+//! move to another tier's channel. The move itself (a `ChangeTier` request and a new
+//! multicast socket) is the receive loop's; the download state does not depend on the
+//! channel, so nothing already written is fetched again.
+
+use std::time::Instant;
+
+use mcast::receiver::tier::{TierEngine, TierMove, TierParams};
+use mcast::wire::data::SyncInfo;
+
+pub struct Tiering {
+    engine: Option<TierEngine>,
+    clock0: Instant,
+    last_missed: u64,
+    pub changes: u32,
+}
+
+impl Tiering {
+    /// `tier`/`tiers_bps` from the join reply; a title with one tier needs no engine.
+    pub fn new(tier: u8, tiers_bps: Vec<u64>, now: Instant) -> Tiering {
+        let engine = (tiers_bps.len() > 1).then(|| {
+            let mut p = TierParams::new(tiers_bps);
+            p.start = tier as usize;
+            TierEngine::new(p, now)
+        });
+        Tiering {
+            engine,
+            clock0: now,
+            last_missed: 0,
+            changes: 0,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.engine.is_some()
+    }
+
+    pub fn on_sync(&mut self, info: &SyncInfo, now: Instant) {
+        if let Some(e) = &mut self.engine {
+            let local = now.saturating_duration_since(self.clock0).as_micros() as i64;
+            e.on_delay(local - info.send_us as i64);
+        }
+    }
+
+    pub fn on_data(&mut self, bytes: usize) {
+        if let Some(e) = &mut self.engine {
+            e.on_packet(bytes, None);
+        }
+    }
+
+    /// `missed_total`: the NAK engine's running count of units found missing.
+    pub fn on_missed_total(&mut self, missed_total: u64) {
+        if let Some(e) = &mut self.engine {
+            e.on_lost(missed_total.saturating_sub(self.last_missed));
+        }
+        self.last_missed = missed_total;
+    }
+
+    /// The tier to move to, if the engine decided on one.
+    pub fn poll(&mut self, now: Instant) -> Option<u8> {
+        let TierMove::To(t) = self.engine.as_mut()?.poll(now)?;
+        self.changes += 1;
+        Some(t as u8)
+    }
+
+    /// (measured throughput bit/s, loss ppm) of the last interval, for keepalives.
+    pub fn report(&self) -> (u64, u32) {
+        self.engine
+            .as_ref()
+            .map(|e| (e.counters.measured_bps, e.counters.loss_ppm))
+            .unwrap_or((0, 0))
+    }
+
+    pub fn tier(&self) -> Option<usize> {
+        self.engine.as_ref().map(|e| e.tier())
+    }
+}
