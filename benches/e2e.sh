@@ -8,9 +8,10 @@
 #   E2E_PEERS=0 benches/e2e.sh          # mcast only
 #   E2E_SIZE_MB=4096 E2E_PEERS=0 benches/e2e.sh    # memory check on a 4 GiB file
 #
-# mcastd loops at E2E_RATE_MBPS (default 3000 Mbit/s of payload; 0 = unlimited, which on a
+# mcastd loops at E2E_RATE_MBPS (default 2500 Mbit/s of payload; 0 = unlimited, which on a
 # 2-core host overruns the receiver and ends in NAK/repair rounds). UFTP runs at -R E2E_UFTP_R
-# (Kbit/s; default peerbed's PB_R, 1000000; -1 = as fast as possible), udpcast unthrottled.
+# (Kbit/s; default -1 = as fast as possible), udpcast unthrottled.
+# The receiver asks for a 64 MiB receive buffer (E2E_RCVBUF; forced past rmem_max as root).
 # Prints, for each run: wall seconds, MB/s (10^6 bytes of the source file / wall), CPU seconds
 # per GiB for server and receiver (user+sys from /usr/bin/time), peak RSS, and the ratio to
 # the best peer. mcast runs in a private network namespace with only `lo` (multicast on,
@@ -20,7 +21,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 size_mb=${E2E_SIZE_MB:-1024}
 peers=${E2E_PEERS:-1}
 bed=${E2E_BED:-0}
-rate=${E2E_RATE_MBPS:-3000}
+rate=${E2E_RATE_MBPS:-2500}
 peerbed=${PEERBED:-/work/shared/tools/peerbed.sh}
 work=${E2E_DIR:-/tmp/mcast-e2e}
 bin=$repo/target/release
@@ -37,38 +38,100 @@ if [[ ${1:-} != --inside ]]; then
     apt-get install -y uftp udpcast nftables iproute2 time >/dev/null
   fi
   rm -f "$work/results"
+  # mcast on the namespace bed: mcastd in <P>-srv, one mcast-recv per client namespace.
+  bed_mcast() {
+    local n=$1 run=$work/bed$n-mcast i
+    rm -rf "$run"; mkdir -p "$run"
+    cat > "$run/mcastd.toml" <<TOML
+[store]
+archive_dir = "$work/mcast/archives"
+key_dir = "$work/mcast/keys"
+[server]
+control = "${PB_NET:-198.18.0}.1:7600"
+multicast_iface = "${PB_NET:-198.18.0}.1"
+rate_mbps = ${E2E_BED_RATE_MBPS:-$rate}
+[tickets]
+db = "$run/tickets.sqlite"
+TOML
+    ip netns exec pb-srv /usr/bin/time -f '%e %U %S %M' -o "$run/srv.time" "$bin/mcastd" -c "$run/mcastd.toml" > "$run/srv.log" 2>&1 &
+    local spid=$!; sleep 0.5
+    local -a pids=()
+    for i in $(seq "$n"); do
+      ip netns exec "pb-c$i" /usr/bin/time -f '%e %U %S %M' -o "$run/rcv$i.time" "$bin/mcast-recv" get bench \
+        --server "${PB_NET:-198.18.0}.1:7600" --iface "${PB_NET:-198.18.0}.$((10 + i))" -o "$run/out$i" \
+        --recv-buffer "${E2E_RCVBUF:-67108864}" --json --timeout 600 > "$run/rcv$i.json" 2> "$run/rcv$i.log" &
+      pids+=($!)
+    done
+    local ok=0 w=0 c=0 r=0 rw ru rs rr
+    for i in $(seq "$n"); do
+      wait "${pids[i-1]}" && cmp -s "$run/out$i/bench.mca" "$work/mcast/out/bench.mca" && ok=$((ok + 1))
+      read -r rw ru rs rr < "$run/rcv$i.time"
+      w=$(awk -v a="$w" -v b="$rw" 'BEGIN{print (b > a) ? b : a}')
+      c=$(awk -v a="$c" -v b="$ru" -v d="$rs" -v n="$n" 'BEGIN{print a + (b + d) / n}')
+      r=$(( rr > r ? rr : r ))
+    done
+    kill -TERM "$(pgrep -P "$spid" mcastd || echo "$spid")" 2>/dev/null || true
+    wait "$spid" || true
+    local sw su ss sr; read -r sw su ss sr < "$run/srv.time"
+    echo "mcast-bed-${n}rx $w $(awk -v a="$su" -v b="$ss" 'BEGIN{print a+b}') $sr $c $r $ok" >> "$work/results"
+  }
+  parse_uftp() {  # LOG NAME
+    local w u s r ccpu ok
+    read -r w u s r <<< "$(sed -nE 's/.*server rc=[0-9]+ wall=([0-9.]+)s user=([0-9.?]+)s sys=([0-9.?]+)s.*maxrss=([0-9?]+)KB.*/\1 \2 \3 \4/p' "$1")"
+    ccpu=$(sed -nE 's/.*uftpd-cpu=([0-9.]+)s.*/\1/p' "$1" | awk '{s += $1; n++} END {if (n) print s / n; else print "nan"}')
+    ok=$(sed -nE 's/.*RESULT ([0-9]+)\/[0-9]+ clients intact.*/\1/p' "$1")
+    echo "$2 ${w:-0} $(awk -v a="$u" -v b="$s" 'BEGIN{print a+b}') ${r:-0} $ccpu nan ${ok:-0}" >> "$work/results"
+  }
+  parse_udpcast() {  # MODE LOG NAME N
+    local d=/tmp/peerbed/udpcast.$1 w u s r rw ru rs rp rr c=0 m=0 i ok
+    read -r w u s _ r <<< "$(tail -1 "$d/time" 2>/dev/null)"
+    for i in $(seq "$4"); do
+      read -r rw ru rs rp rr <<< "$(tail -1 "$d/c$i/time" 2>/dev/null)"
+      c=$(awk -v a="$c" -v b="$ru" -v e="$rs" -v n="$4" 'BEGIN{print a + (b + e) / n}')
+      m=$(( ${rr:-0} > m ? ${rr:-0} : m ))
+    done
+    ok=$(sed -nE 's/.*RESULT ([0-9]+)\/[0-9]+ receivers intact.*/\1/p' "$2")
+    echo "$3 ${w:-0} $(awk -v a="$u" -v b="$s" 'BEGIN{print a+b}') ${r:-0} $c $m ${ok:-0}" >> "$work/results"
+  }
   # mcast: in a private net namespace with only lo.
   unshare -n "$0" --inside mcast-lo
   if [[ $peers == 1 ]]; then
     for enc in none aes256-gcm; do
-      PB_ENC=$enc PB_R=${E2E_UFTP_R:-${PB_R:-1000000}} PB_TIMEOUT=600 "$peerbed" lo-uftp "$src" > "$work/uftp-$enc.log" 2>&1 || true
-      wall=$(sed -nE 's/.*server rc=[0-9]+ wall=([0-9.]+)s user=([0-9.?]+)s sys=([0-9.?]+)s.*maxrss=([0-9?]+)KB.*/\1 \2 \3 \4/p' "$work/uftp-$enc.log")
-      read -r w u s r <<< "$wall"
-      ccpu=$(sed -nE 's/.*uftpd-cpu=([0-9.]+)s.*/\1/p' "$work/uftp-$enc.log" | head -1)
-      ok=$(grep -c 'RESULT 1/1' "$work/uftp-$enc.log" || true)
-      echo "uftp-lo-$enc $w $(awk -v a="$u" -v b="$s" 'BEGIN{print a+b}') $r ${ccpu:-nan} nan $ok" >> "$work/results"
+      PB_ENC=$enc PB_R=${E2E_UFTP_R:--1} PB_TIMEOUT=600 "$peerbed" lo-uftp "$src" > "$work/uftp-$enc.log" 2>&1 || true
+      parse_uftp "$work/uftp-$enc.log" "uftp-lo-$enc"
     done
     PB_TIMEOUT=600 "$peerbed" lo-udpcast "$src" > "$work/udpcast.log" 2>&1 || true
-    read -r w u s _ r <<< "$(tail -1 /tmp/peerbed/udpcast.lo/time 2>/dev/null)"
-    s_cpu=$(awk -v a="$u" -v b="$s" 'BEGIN{print a+b}')
-    read -r rw ru rs rp rr <<< "$(tail -1 /tmp/peerbed/udpcast.lo/c1/time 2>/dev/null)"
-    ok=$(grep -c 'RESULT 1/1' "$work/udpcast.log" || true)
-    echo "udpcast-lo $w $s_cpu $r $(awk -v a="$ru" -v b="$rs" 'BEGIN{print a+b}') $rr $ok" >> "$work/results"
+    parse_udpcast lo "$work/udpcast.log" udpcast-lo 1
     "$peerbed" down >/dev/null 2>&1 || true
+  fi
+  if [[ $bed == 1 ]]; then
+    # Namespace bed: server and N clients on veth + bridge (no shaping), 1 and 3 receivers.
+    for n in 1 3; do
+      "$peerbed" down >/dev/null 2>&1 || true
+      "$peerbed" up "$n" > "$work/bed$n-up.log" 2>&1
+      bed_mcast "$n"
+      PB_R=${E2E_UFTP_R:--1} PB_TIMEOUT=600 "$peerbed" uftp "$src" > "$work/bed$n-uftp.log" 2>&1 || true
+      parse_uftp "$work/bed$n-uftp.log" "uftp-bed-${n}rx-none"
+      PB_TIMEOUT=600 "$peerbed" udpcast "$src" > "$work/bed$n-udpcast.log" 2>&1 || true
+      parse_udpcast bed "$work/bed$n-udpcast.log" "udpcast-bed-${n}rx" "$n"
+      "$peerbed" down >/dev/null 2>&1 || true
+    done
   fi
   echo
   printf '%-22s %8s %9s %12s %12s %12s %12s %8s %4s\n' run wall_s MB/s srv_cpu_s/GiB rcv_cpu_s/GiB srv_rss_MiB rcv_rss_MiB vs_best ok
   awk -v bytes=$((size_mb << 20)) '
     { name[NR]=$1; wall[NR]=$2; scpu[NR]=$3; srss[NR]=$4; rcpu[NR]=$5; rrss[NR]=$6; ok[NR]=$7
       mbs[NR] = (wall[NR] > 0) ? bytes / 1e6 / wall[NR] : 0
-      if ($1 !~ /^mcast/ && ok[NR] > 0 && mbs[NR] > best) best = mbs[NR] }
+      # ratio to the best peer of the same bed (loopback, or the namespace bed with N receivers)
+      grp[NR] = match($1, /bed-[0-9]+rx/) ? substr($1, RSTART, RLENGTH) : "lo"
+      if ($1 !~ /^mcast/ && ok[NR] > 0 && mbs[NR] > best[grp[NR]]) best[grp[NR]] = mbs[NR] }
     END { gib = bytes / 2^30
       for (i = 1; i <= NR; i++)
         printf "%-22s %8.2f %9.1f %12.2f %12s %12.1f %12s %8s %4s\n", name[i], wall[i], mbs[i], scpu[i] / gib,
           (rcpu[i] == "nan") ? "n/a" : sprintf("%.2f", rcpu[i] / gib), srss[i] / 1024,
           (rrss[i] == "nan") ? "n/a" : sprintf("%.1f", rrss[i] / 1024),
-          (best > 0) ? sprintf("%.2f", mbs[i] / best) : "n/a", ok[i] }' "$work/results"
-  echo "(uftp receiver CPU is uftpd's from /proc ticks; its RSS is not measured; logs in $work)"
+          (best[grp[i]] > 0) ? sprintf("%.2f", mbs[i] / best[grp[i]]) : "n/a", ok[i] }' "$work/results"
+  echo "(uftp receiver CPU is uftpd's from /proc ticks; its RSS is not measured; vs_best: against the best peer on the same bed; logs in $work)"
   exit 0
 fi
 
@@ -95,7 +158,7 @@ sync  # no writeback of the fresh archive competing with the transfer
 /usr/bin/time -f '%e %U %S %M' -o srv.time "$bin/mcastd" -c mcastd.toml > srv.log 2>&1 &
 spid=$!
 sleep 0.5
-${E2E_RCV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o rcv.time "$bin/mcast-recv" get bench --server-key "$key" -o "$run/out" \
+${E2E_RCV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o rcv.time "$bin/mcast-recv" get bench --server-key "$key" -o "$run/out" --recv-buffer "${E2E_RCVBUF:-67108864}" \
   --json --timeout 600 > rcv.json 2> rcv.log
 rc=$?
 kill -TERM "$(pgrep -P $spid mcastd || echo $spid)" 2>/dev/null || true

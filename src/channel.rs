@@ -250,6 +250,9 @@ struct NakBucket {
 struct Channel {
     /// Throughput tier (index into the tier list) this channel loops at.
     tier: usize,
+    /// A member left for another tier: keep looping (empty) until then, so a failed probe
+    /// falls back to a running channel at its loop position instead of a fresh one.
+    linger_until: Option<Instant>,
     title: String,
     archive_id: ArchiveId,
     tag: [u8; 8],
@@ -351,6 +354,10 @@ const RATE_UPDATE: Duration = Duration::from_secs(1);
 /// A tier runs this much above what its members report, so they can show they keep up with
 /// more (the rate then creeps up to the tier's ceiling) or fall behind (it comes down).
 const RATE_HEADROOM: f64 = 1.05;
+/// How long a tier's channel keeps looping after its last member moved to another tier.
+const TIER_LINGER: Duration = Duration::from_secs(3);
+/// Reported loss at which a member counts as limited by its tier's rate (1%).
+const CONGESTED_PPM: u32 = 10_000;
 
 impl ChannelManager {
     pub fn new(params: Params, titles: Vec<TitleInfo>, now: Instant) -> ChannelManager {
@@ -733,7 +740,11 @@ impl ChannelManager {
                 .expect("member's channel exists");
             c.members.remove(&rid);
             c.rebuild_dests();
-            self.close_idle(now);
+            c.linger_until = Some(now + TIER_LINGER);
+        }
+        // A lingering channel that gets a member back stops lingering.
+        if let Some(c) = self.channels.get_mut(&id) {
+            c.linger_until = None;
         }
         self.counters.joins += 1;
         self.events.push_back(Event::Joined {
@@ -766,6 +777,7 @@ impl ChannelManager {
         let rate = self.params.tiers()[tier];
         let mut c = Channel {
             tier,
+            linger_until: None,
             title: info.head.title.clone(),
             archive_id: info.head.archive_id,
             tag: archive_tag(&info.head.archive_id),
@@ -795,11 +807,11 @@ impl ChannelManager {
         Some(id)
     }
 
-    fn close_idle(&mut self, _now: Instant) {
+    fn close_idle(&mut self, now: Instant) {
         let idle: Vec<u32> = self
             .channels
             .iter()
-            .filter(|(_, c)| c.members.is_empty())
+            .filter(|(_, c)| c.members.is_empty() && c.linger_until.is_none_or(|t| t <= now))
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
@@ -820,11 +832,20 @@ impl ChannelManager {
     fn adapt_rates(&mut self) {
         let tiers = self.params.tiers();
         for c in self.channels.values_mut() {
+            let hi = tiers[c.tier];
+            // A member that is not losing packets is not limited by this rate: it asks for
+            // the ceiling. Only congested members (loss above CONGESTED_PPM) pull a tier down.
             let reports: Vec<u64> = c
                 .members
                 .values()
-                .map(|m| m.rx_bps)
-                .filter(|r| *r > 0)
+                .filter(|m| m.rx_bps > 0)
+                .map(|m| {
+                    if m.loss_ppm >= CONGESTED_PPM {
+                        m.rx_bps
+                    } else {
+                        hi
+                    }
+                })
                 .collect();
             if reports.is_empty() {
                 continue;
@@ -833,7 +854,6 @@ impl ChannelManager {
                 RatePolicy::Lowest => *reports.iter().min().expect("non-empty"),
                 RatePolicy::Average => reports.iter().sum::<u64>() / reports.len() as u64,
             };
-            let hi = tiers[c.tier];
             let lo = if c.tier == 0 {
                 hi / 4
             } else {
@@ -880,7 +900,11 @@ impl ChannelManager {
 
     /// The earliest moment something is due: a packet, a SYNC, or a lease expiry.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let due = self.channels.values().map(|c| c.due()).min()?;
+        let due = self
+            .channels
+            .values()
+            .map(|c| c.linger_until.map_or(c.due(), |t| t.min(c.due())))
+            .min()?;
         Some(due.min(self.next_lease_check))
     }
 

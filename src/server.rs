@@ -47,11 +47,15 @@ pub fn load_titles(
                 continue;
             }
         };
+        // The channels own the head; the driver keeps only what reads packets (file,
+        // layout), so server memory does not hold a second copy of every head.
+        let mut a = a;
         titles.push(TitleInfo {
             head: Arc::new(a.head.clone()),
-            head_bytes: Arc::new(a.head_bytes.clone()),
+            head_bytes: Arc::new(std::mem::take(&mut a.head_bytes)),
             archive_len: a.layout.file_len(),
         });
+        a.head.block_hashes = Vec::new();
         files.insert(a.head.archive_id, a);
     }
     Ok((titles, files))

@@ -30,6 +30,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::control::ControlClient;
 use crate::error::{Failure, RecvError};
 use crate::state::State;
+use crate::tiering::Tiering;
 use mcast::receiver::download::{Download, Verdict};
 
 /// Messages per recvmmsg on the data sockets.
@@ -106,6 +107,9 @@ pub struct GetReport {
     /// From the first loop packet to the last missing one (the part the loop and repairs
     /// decide; compare it with `loop_bytes * 8 / rate`).
     pub receive_seconds: f64,
+    /// Throughput tier at the end (0 for a title with one tier), and tier moves made.
+    pub tier: usize,
+    pub tier_changes: u32,
 }
 
 #[derive(Serialize)]
@@ -138,7 +142,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
 
     let receiver_id: u64 = rand::random();
     let mut ctl = ControlClient::new(opts.server, receiver_id)?;
-    let (archive_id, group, lease) = join(&mut ctl, &opts.title)?;
+    let joined = join(&mut ctl, &opts.title)?;
+    let (archive_id, mut group, lease) = (joined.archive_id, joined.group, joined.lease);
     let (head, head_bytes) = fetch_head(&mut ctl, archive_id)?;
 
     // Trust: a pinned key, else the key a resumed download was pinned to, else first use.
@@ -195,6 +200,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 repairs_received: 0,
                 seconds: started.elapsed().as_secs_f64(),
                 receive_seconds: 0.0,
+                tier: 0,
+                tier_changes: 0,
             });
         }
     }
@@ -225,10 +232,11 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         .map_err(|e| RecvError::io("cannot write state file", &state_path, e))?;
     tracing::info!(title = %opts.title, %group, units = dl.units(), have = units_at_start, "receiving");
 
-    let mcast = multicast_socket(group, opts.iface, opts.recv_buffer)?;
+    let mut mcast = multicast_socket(group, opts.iface, opts.recv_buffer)?;
     let nak_out = nak_socket(opts.iface)?;
     let tag = archive_tag(&archive_id);
     let mut nak = NakEngine::new(*dl.shape(), rand::random());
+    let mut tiering = Tiering::new(joined.tier, joined.tiers_bps.clone(), Instant::now());
     let mut repairs_received = 0u64;
     let mut first_packet: Option<Instant> = None;
     let mut last_loop_no: Option<u32> = None;
@@ -309,15 +317,39 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 have: dl.have_count(),
                 total: dl.units(),
                 rtt_us,
-                rx_bps: 0,
-                loss_ppm: 0,
+                rx_bps: tiering.report().0,
+                loss_ppm: tiering.report().1,
             });
             keepalive_sent = Some((id, now));
             next_keepalive = now + keepalive_every;
         }
+        // Throughput tier: the engine judges each interval; a move is a ChangeTier request and
+        // a socket on the new tier's group (the download state is the same on every tier).
+        tiering.on_missed_total(nak.counters.units_missed);
+        if let Some(t) = (!unicast_ok).then(|| tiering.poll(now)).flatten() {
+            match ctl.request(
+                Control::ChangeTier {
+                    archive_id,
+                    tier: t,
+                },
+                3,
+                Duration::from_millis(300),
+            ) {
+                Ok(Control::JoinOk { group: g, .. }) => {
+                    mcast = multicast_socket(g, opts.iface, opts.recv_buffer)?;
+                    group = g;
+                    nak.reset_position();
+                    tracing::info!(tier = t, group = %g, "moved to throughput tier");
+                }
+                other => tracing::warn!(?other, tier = t, "tier change not granted"),
+            }
+        }
         // NAK timers: hold-offs that expired, and a NAK whose back-off ran out.
         nak.handle_timeout(now, |u| dl.has_or_parked(u));
-        while let Some(ranges) = nak.poll_nak(now) {
+        // Loss during a join experiment (or just after a tier move) is congestion, not something
+        // to repair: the units stay in the table and are NAKed once the receiver settles.
+        let settling = tiering.settling(now);
+        while let Some(ranges) = (!settling).then(|| nak.poll_nak(now)).flatten() {
             tracing::trace!(
                 first = ranges[0].0,
                 ranges = ranges.len(),
@@ -330,6 +362,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 ranges,
             }
             .encode();
+
             let _ = ctl.sock.send_to(&bytes, opts.server);
             if !unicast_ok {
                 // On the group too, so other receivers suppress their NAKs for these units.
@@ -340,7 +373,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
             let s = unicast.get_or_insert_with(|| {
                 let s = UdpSocket::bind("0.0.0.0:0").expect("bind unicast socket");
                 let r = socket2::SockRef::from(&s);
-                let _ = r.set_recv_buffer_size(opts.recv_buffer);
+                set_recv_buffer(&r, opts.recv_buffer);
                 tracing::info!(
                     requested = opts.recv_buffer,
                     granted = r.recv_buffer_size().unwrap_or(0),
@@ -404,6 +437,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         }
         let wait_ms = nak
             .poll_timeout()
+            .filter(|_| !settling)
             .map(|t| {
                 t.saturating_duration_since(Instant::now())
                     .as_millis()
@@ -450,8 +484,14 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                     "server forgot this session (restart or lease expiry): joining again"
                 );
                 ctl.sock.set_nonblocking(false).ok();
-                let (id2, _, _) = join(&mut ctl, &opts.title)?;
-                if id2 != archive_id {
+                let j = join(&mut ctl, &opts.title)?;
+                if j.group != group {
+                    mcast = multicast_socket(j.group, opts.iface, opts.recv_buffer)?;
+                    group = j.group;
+                    nak.reset_position();
+                }
+                tiering = Tiering::new(j.tier, j.tiers_bps, Instant::now());
+                if j.archive_id != archive_id {
                     checkpoint(&mut bg, &dl, &mut state, &part)?;
                     return Err(RecvError::new(
                         Failure::Other,
@@ -502,6 +542,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                         DataKind::Sync => {
                             if let Ok(info) = SyncInfo::decode(payload) {
                                 nak.on_sync(info.grtt_us, info.group_size);
+                                tiering.on_sync(&info, Instant::now());
                             }
                             continue;
                         }
@@ -509,6 +550,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                     };
                     received_packets += 1;
                     received_bytes += payload.len() as u64;
+                    tiering.on_data(payload.len());
                     repairs_received += hdr.repair as u64;
                     first_packet.get_or_insert_with(Instant::now);
                     if !hdr.repair && last_loop_no != Some(hdr.loop_no) {
@@ -620,6 +662,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         receive_seconds: first_packet
             .map(|f| last_write.saturating_duration_since(f).as_secs_f64())
             .unwrap_or(0.0),
+        tier: tiering.tier().unwrap_or(0),
+        tier_changes: tiering.changes,
     })
 }
 
@@ -717,10 +761,16 @@ fn missing_bytes(dl: &Download) -> u64 {
         .sum()
 }
 
-fn join(
-    ctl: &mut ControlClient,
-    title: &str,
-) -> Result<([u8; 16], SocketAddrV4, Duration), RecvError> {
+/// What a join reply says.
+struct Joined {
+    archive_id: [u8; 16],
+    group: SocketAddrV4,
+    lease: Duration,
+    tier: u8,
+    tiers_bps: Vec<u64>,
+}
+
+fn join(ctl: &mut ControlClient, title: &str) -> Result<Joined, RecvError> {
     let mut backoff = Duration::from_millis(200);
     for _ in 0..10 {
         match ctl.request(
@@ -734,8 +784,18 @@ fn join(
                 archive_id,
                 group,
                 lease_ms,
+                tier,
+                tiers_bps,
                 ..
-            } => return Ok((archive_id, group, Duration::from_millis(lease_ms as u64))),
+            } => {
+                return Ok(Joined {
+                    archive_id,
+                    group,
+                    lease: Duration::from_millis(lease_ms as u64),
+                    tier,
+                    tiers_bps,
+                })
+            }
             Control::NotHere { redirect, .. } => {
                 let hint = redirect
                     .map(|r| format!(" (try --server {r})"))
@@ -972,7 +1032,7 @@ fn multicast_socket(
         .map_err(|e| err("socket", e))?;
     s.set_reuse_address(true)
         .map_err(|e| err("SO_REUSEADDR", e))?;
-    let _ = s.set_recv_buffer_size(recv_buffer);
+    set_recv_buffer(&s, recv_buffer);
     tracing::info!(
         requested = recv_buffer,
         granted = s.recv_buffer_size().unwrap_or(0),
@@ -984,6 +1044,26 @@ fn multicast_socket(
     s.join_multicast_v4(group.ip(), &iface)
         .map_err(|e| err("join", e))?;
     Ok(s.into())
+}
+
+/// SO_RCVBUF, and SO_RCVBUFFORCE (CAP_NET_ADMIN) when net.core.rmem_max caps it lower.
+fn set_recv_buffer(s: &Socket, bytes: usize) {
+    let _ = s.set_recv_buffer_size(bytes);
+    // Linux reports twice the size it books for bookkeeping overhead.
+    if s.recv_buffer_size().unwrap_or(0) < bytes.saturating_mul(2) {
+        let v = bytes.min(i32::MAX as usize) as libc::c_int;
+        // SAFETY: setsockopt reads size_of::<c_int>() bytes from `v`; failure (no
+        // CAP_NET_ADMIN) leaves the SO_RCVBUF size in place.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(s),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
 }
 
 /// Socket NAKs are multicast from (a socket bound to the group address cannot send: its

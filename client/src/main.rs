@@ -56,6 +56,10 @@ enum Cmd {
         /// Ask for unicast if nothing arrives by multicast within this many milliseconds.
         #[arg(long, default_value_t = 1500)]
         sync_timeout_ms: u64,
+        /// Receive buffer to ask for on the data sockets, bytes (the kernel caps it at
+        /// net.core.rmem_max unless the process may force it: CAP_NET_ADMIN). Granted size is logged.
+        #[arg(long, default_value_t = 4 << 20)]
+        recv_buffer: usize,
         /// Give up after this many seconds (state kept; run again to resume).
         #[arg(long)]
         timeout: Option<u64>,
@@ -180,6 +184,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             iface,
             server_key,
             sync_timeout_ms,
+            recv_buffer,
             timeout,
             json,
         } => {
@@ -201,6 +206,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 None => None,
             };
             o.sync_timeout = Duration::from_millis(sync_timeout_ms);
+            o.recv_buffer = recv_buffer;
             o.timeout = timeout.map(Duration::from_secs);
             let terminal = std::io::stdout().is_terminal();
             o.json = json || !terminal;

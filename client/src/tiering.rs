@@ -72,6 +72,12 @@ impl Tiering {
             .unwrap_or((0, 0))
     }
 
+    /// A join experiment is under way, or the receiver just moved: losses now are congestion
+    /// (or the old channel's tail), not worth repair requests yet.
+    pub fn settling(&self, now: Instant) -> bool {
+        self.engine.as_ref().is_some_and(|e| e.settling(now))
+    }
+
     pub fn tier(&self) -> Option<usize> {
         self.engine.as_ref().map(|e| e.tier())
     }

@@ -33,6 +33,10 @@ pub struct TierParams {
     pub probe_after: Duration,
     pub probe_hold: Duration,
     pub probe_max: Duration,
+    /// After any move, intervals are measured but not judged for this long: the old
+    /// channel's traffic takes a while to stop (an IGMP leave is not instant), and its loss
+    /// must not push the receiver further down.
+    pub settle: Duration,
 }
 
 impl TierParams {
@@ -47,6 +51,7 @@ impl TierParams {
             probe_after: Duration::from_secs(1),
             probe_hold: Duration::from_secs(1),
             probe_max: Duration::from_secs(60),
+            settle: Duration::from_secs(1),
         }
     }
 }
@@ -89,6 +94,7 @@ pub struct TierEngine {
     /// Probe timer per tier: how long to stay calm below it before trying it.
     probe_timer: Vec<Duration>,
     probe: Option<Probe>,
+    settle_until: Instant,
     pub counters: TierCounters,
 }
 
@@ -109,6 +115,7 @@ impl TierEngine {
             congested_run: 0,
             stable_since: now,
             probe: None,
+            settle_until: now,
             counters: TierCounters::default(),
         }
     }
@@ -138,7 +145,9 @@ impl TierEngine {
         if delay_us < min {
             self.min_delay = Some(delay_us);
         }
-        self.max_rise = self.max_rise.max(delay_us - self.min_delay.unwrap_or(delay_us));
+        self.max_rise = self
+            .max_rise
+            .max(delay_us - self.min_delay.unwrap_or(delay_us));
     }
 
     /// Packets of the current channel found lost (gap detection).
@@ -151,8 +160,14 @@ impl TierEngine {
         self.interval_start + self.p.interval
     }
 
+    /// Just moved: losses now are the old channel's tail, not this one's (NAKs can wait).
+    pub fn settling(&self, now: Instant) -> bool {
+        self.probe.is_some() || now < self.settle_until
+    }
+
     fn switch(&mut self, to: usize, now: Instant) -> TierMove {
         self.tier = to;
+        self.settle_until = now + self.p.settle;
         self.min_delay = None; // a new channel, a new queue
         self.congested_run = 0;
         self.stable_since = now;
@@ -176,8 +191,8 @@ impl TierEngine {
         };
         self.counters.measured_bps = (self.bytes as f64 * 8.0 / secs) as u64;
         self.counters.loss_ppm = (loss * 1e6) as u32;
-        let congested =
-            loss > self.p.loss_down || self.max_rise > self.p.delay_rise.as_micros() as i64;
+        let congested = now >= self.settle_until
+            && (loss > self.p.loss_down || self.max_rise > self.p.delay_rise.as_micros() as i64);
         self.interval_start = now;
         self.bytes = 0;
         self.received = 0;
