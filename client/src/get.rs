@@ -604,10 +604,11 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                         }
                     }
                 }
-                mcast::fastio::write_coalesced(&part, &pending).map_err(|e| {
-                    let _ = checkpoint(&mut bg, &dl, &mut state, &part);
-                    RecvError::io("cannot write", &part_path, e)
-                })?;
+                // No checkpoint on failure: this batch's units are marked held in memory but
+                // not on disk; the last checkpoint (taken after earlier batches were written)
+                // is the consistent one to resume from.
+                mcast::fastio::write_coalesced(&part, &pending)
+                    .map_err(|e| RecvError::io("cannot write", &part_path, e))?;
                 if complete || got < rx.capacity() {
                     break;
                 }
