@@ -33,7 +33,6 @@ use tempfile::TempDir;
 const FS: usize = 4096;
 const SYM: u32 = 256;
 
-#[allow(dead_code)]
 mod common;
 use common::random_bytes;
 

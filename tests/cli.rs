@@ -12,7 +12,6 @@ const EXIT_FAILURE: i32 = 1;
 const EXIT_USAGE: i32 = 2;
 const EXIT_INTEGRITY: i32 = 3;
 
-#[allow(dead_code)]
 mod common;
 use common::random_bytes;
 

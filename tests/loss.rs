@@ -6,61 +6,23 @@
 //! repair they complete in clearly less than two loops. Needs root (CI is root); elsewhere it
 //! skips with a reason, and under `CI=true` a skip is a failure.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn bins() -> (PathBuf, PathBuf) {
-    let d = PathBuf::from(env!("CARGO_BIN_EXE_mcastd"));
-    let r = d.with_file_name("mcast-recv");
-    assert!(
-        r.exists(),
-        "build the workspace first: {} missing",
-        r.display()
-    );
-    (d, r)
-}
+mod common;
+use common::{done_report, missing_tool, skip_or_fail};
 
 /// Why this machine cannot run the namespace test, if it cannot.
 fn cannot_run() -> Option<String> {
-    if std::fs::read_to_string("/proc/self/status")
+    let root = std::fs::read_to_string("/proc/self/status")
         .map(|s| {
-            !s.lines()
+            s.lines()
                 .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
         })
-        .unwrap_or(true)
-    {
+        .unwrap_or(false);
+    if !root {
         return Some("needs root (network namespace + nftables)".into());
     }
-    for tool in ["unshare", "nft", "ip"] {
-        let ok = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !ok {
-            return Some(format!(
-                "`{tool}` not installed (apt-get install nftables iproute2 util-linux)"
-            ));
-        }
-    }
-    None
-}
-
-fn skip_or_fail(why: &str) {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true: this test must run, but {why}");
-    }
-    eprintln!("SKIPPED: {why}");
-}
-
-fn json_done(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.contains("\"event\":\"done\""))
-        .unwrap_or_else(|| panic!("{} has no done report:\n{text}", path.display()));
-    serde_json::from_str(line).unwrap()
+    missing_tool(&["unshare", "nft", "ip"])
 }
 
 #[test]
@@ -68,7 +30,7 @@ fn receivers_under_3_percent_loss_finish_well_before_two_loops() {
     if let Some(why) = cannot_run() {
         return skip_or_fail(&why);
     }
-    let (mcastd, recv) = bins();
+    let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let rate_mbps = 100.0;
@@ -168,7 +130,7 @@ exit $status
         r["loop_bytes"].as_f64().unwrap() * (1304.0 / 1280.0) * 8.0 / (rate_mbps * 1e6)
     };
     for i in 1..=3 {
-        let r = json_done(&d.join(format!("r{i}.log")));
+        let r = done_report(&d.join(format!("r{i}.log")));
         assert_eq!(
             std::fs::read(d.join(format!("r{i}/film.mca"))).unwrap(),
             archive,

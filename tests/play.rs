@@ -37,7 +37,6 @@ fn recv_bin() -> PathBuf {
     p
 }
 
-#[allow(dead_code)]
 mod common;
 use common::random_bytes;
 

@@ -109,6 +109,8 @@ pub struct GetReport {
     pub receive_seconds: f64,
     /// Throughput tier at the end (0 for a title with one tier), and tier moves made.
     pub tier: usize,
+    /// The tier it spent the most time on.
+    pub settled_tier: usize,
     pub tier_changes: u32,
 }
 
@@ -201,6 +203,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 seconds: started.elapsed().as_secs_f64(),
                 receive_seconds: 0.0,
                 tier: 0,
+                settled_tier: 0,
                 tier_changes: 0,
             });
         }
@@ -664,6 +667,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
             .map(|f| last_write.saturating_duration_since(f).as_secs_f64())
             .unwrap_or(0.0),
         tier: tiering.tier().unwrap_or(0),
+        settled_tier: tiering.settled_tier(Instant::now()),
         tier_changes: tiering.changes,
     })
 }

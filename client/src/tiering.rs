@@ -11,6 +11,9 @@ use mcast::wire::data::SyncInfo;
 
 pub struct Tiering {
     engine: Option<TierEngine>,
+    /// Seconds spent on each tier, and since when on the current one.
+    time_on: Vec<f64>,
+    since: Instant,
     clock0: Instant,
     last_missed: u64,
     pub changes: u32,
@@ -25,6 +28,8 @@ impl Tiering {
             TierEngine::new(p, now)
         });
         Tiering {
+            time_on: vec![0.0; engine.as_ref().map_or(1, |_| 16)],
+            since: now,
             engine,
             clock0: now,
             last_missed: 0,
@@ -59,9 +64,30 @@ impl Tiering {
 
     /// The tier to move to, if the engine decided on one.
     pub fn poll(&mut self, now: Instant) -> Option<u8> {
+        let from = self.tier().unwrap_or(0);
         let TierMove::To(t) = self.engine.as_mut()?.poll(now)?;
+        self.account(from, now);
         self.changes += 1;
         Some(t as u8)
+    }
+
+    fn account(&mut self, tier: usize, now: Instant) {
+        if let Some(x) = self.time_on.get_mut(tier) {
+            *x += now.saturating_duration_since(self.since).as_secs_f64();
+        }
+        self.since = now;
+    }
+
+    /// The tier this receiver spent the most time on so far (where it settled).
+    pub fn settled_tier(&mut self, now: Instant) -> usize {
+        let cur = self.tier().unwrap_or(0);
+        self.account(cur, now);
+        self.time_on
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .unwrap_or(0)
     }
 
     /// (measured throughput bit/s, loss ppm) of the last interval, for keepalives.

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each test file uses a different part of this harness
 //! Harness for the real-socket delivery tests: a site (temp dir + config + keys + archives), a
 //! running `mcastd`, `mcast-recv` processes with their JSON output, and a raw control client.
 //!
@@ -644,4 +645,37 @@ pub fn namespace_or_skip(test: &str, kind: &str, tools: &[&str]) -> Option<Vec<S
             None
         }
     }
+}
+
+/// The first of `tools` not on PATH, as a reason to skip.
+pub fn missing_tool(tools: &[&str]) -> Option<String> {
+    tools.iter().find_map(|tool| {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        (!ok).then(|| {
+            format!("`{tool}` not installed (apt-get install nftables iproute2 util-linux)")
+        })
+    })
+}
+
+/// Outside CI a test that cannot run here skips with the reason; under `CI=true` it fails.
+pub fn skip_or_fail(why: &str) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true: this test must run, but {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+}
+
+/// The final `"event":"done"` JSON report in a receiver's stdout log.
+pub fn done_report(path: &Path) -> Value {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("\"event\":\"done\""))
+        .unwrap_or_else(|| panic!("{} has no done report:\n{text}", path.display()));
+    serde_json::from_str(line).unwrap()
 }
