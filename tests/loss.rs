@@ -34,45 +34,15 @@ fn receivers_under_3_percent_loss_finish_well_before_two_loops() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let rate_mbps = 100.0;
-    std::fs::write(
-        d.join("mcastd.toml"),
-        format!(
-            "[store]\narchive_dir = \"{0}/archives\"\nkey_dir = \"{0}/keys\"\n\
-             [server]\ncontrol = \"127.0.0.1:7650\"\ngroup_base = \"239.255.90.1\"\nport_base = 7750\n\
-             rate_mbps = {rate_mbps}\n",
-            d.display()
-        ),
-    )
-    .unwrap();
-    let cfg = d.join("mcastd.toml");
     // 12 MB of incompressible "media": one loop is ~1 s at 100 Mbit/s.
-    let data: Vec<u8> = (0..12_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    std::fs::write(d.join("film.bin"), &data).unwrap();
-    for args in [
-        vec!["keygen"],
-        vec![
-            "pack",
-            d.join("film.bin").to_str().unwrap(),
-            "--title",
-            "film",
-            "--compress",
-            "none",
-        ],
-    ] {
-        let st = Command::new(&mcastd)
-            .arg("--config")
-            .arg(&cfg)
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            st.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-    }
+    let cfg = common::packed_server_dir(
+        d,
+        &format!(
+            "control = \"127.0.0.1:7650\"\ngroup_base = \"239.255.90.1\"\nport_base = 7750\nrate_mbps = {rate_mbps}"
+        ),
+        "film",
+        12_000_000,
+    );
     let script = format!(
         r#"set -e
 ip link set lo up

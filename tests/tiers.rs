@@ -34,45 +34,13 @@ fn receivers_settle_on_the_tier_their_link_carries() {
     let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(
-        d.join("mcastd.toml"),
-        format!(
-            "[store]\narchive_dir = \"{0}/archives\"\nkey_dir = \"{0}/keys\"\n\
-             [server]\ncontrol = \"198.18.0.1:7600\"\nmulticast_iface = \"198.18.0.1\"\n\
-             tiers_mbps = [6.0, 32.0, 160.0]\nrate_policy = \"lowest\"\n",
-            d.display()
-        ),
-    )
-    .unwrap();
-    let cfg = d.join("mcastd.toml");
-    let size = 16_000_000usize;
-    let data: Vec<u8> = (0..size as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
-        .collect();
-    std::fs::write(d.join("film.bin"), &data).unwrap();
-    for args in [
-        vec!["keygen"],
-        vec![
-            "pack",
-            d.join("film.bin").to_str().unwrap(),
-            "--title",
-            "film",
-            "--compress",
-            "none",
-        ],
-    ] {
-        let o = Command::new(&mcastd)
-            .arg("-c")
-            .arg(&cfg)
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+    let cfg = common::packed_server_dir(
+        d,
+        "control = \"198.18.0.1:7600\"\nmulticast_iface = \"198.18.0.1\"\n\
+         tiers_mbps = [6.0, 32.0, 160.0]\nrate_policy = \"lowest\"",
+        "film",
+        16_000_000,
+    );
     let pb = peerbed().unwrap();
     let script = format!(
         r#"set -u

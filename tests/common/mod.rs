@@ -679,3 +679,38 @@ pub fn done_report(path: &Path) -> Value {
         .unwrap_or_else(|| panic!("{} has no done report:\n{text}", path.display()));
     serde_json::from_str(line).unwrap()
 }
+
+/// A server directory for a test that runs `mcastd` itself (e.g. inside a namespace):
+/// `mcastd.toml` with the store under `dir` plus `server_toml` as its `[server]` section, a
+/// server identity, and `title` packed from `len` incompressible bytes. Returns the config path.
+pub fn packed_server_dir(dir: &Path, server_toml: &str, title: &str, len: usize) -> PathBuf {
+    let cfg = dir.join("mcastd.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[store]\narchive_dir = \"{0}/archives\"\nkey_dir = \"{0}/keys\"\n[server]\n{server_toml}\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let input = dir.join(format!("{title}.bin"));
+    fs::write(&input, random_bytes(len, 0x5eed)).unwrap();
+    let input = input.to_str().unwrap().to_string();
+    for args in [
+        vec!["keygen"],
+        vec!["pack", &input, "--title", title, "--compress", "none"],
+    ] {
+        let o = Command::new(mcastd_bin())
+            .arg("--config")
+            .arg(&cfg)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    cfg
+}
