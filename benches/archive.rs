@@ -6,7 +6,6 @@
 
 use std::fs;
 use std::hint::black_box;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,18 +20,7 @@ use tempfile::TempDir;
 const BIG: usize = 64 << 20;
 const MIB: usize = 1 << 20;
 
-/// xorshift64* bytes: incompressible, and fast to make.
-fn fill_random(buf: &mut [u8], state: &mut u64) {
-    for c in buf.chunks_mut(8) {
-        let mut x = *state;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        *state = x;
-        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-        c.copy_from_slice(&v[..c.len()]);
-    }
-}
+mod common;
 
 struct Site {
     dir: TempDir,
@@ -42,21 +30,7 @@ struct Site {
 
 impl Site {
     fn new() -> Site {
-        let dir = tempfile::Builder::new()
-            .prefix("mcast-bench-")
-            .tempdir_in(std::env::temp_dir())
-            .unwrap();
-        let ks = KeyStore::open(dir.path().join("keys")).unwrap();
-        ks.create_identity(false).unwrap();
-        let input = dir.path().join("input.raw");
-        let mut w = BufWriter::new(fs::File::create(&input).unwrap());
-        let mut buf = vec![0u8; MIB];
-        let mut state = 0x6d63_6173_7462_656e_u64;
-        for _ in 0..BIG / MIB {
-            fill_random(&mut buf, &mut state);
-            w.write_all(&buf).unwrap();
-        }
-        w.flush().unwrap();
+        let (dir, ks, input) = common::bench_site("mcast-bench-", BIG, 0x6d63_6173_7462_656e_u64);
         Site { dir, ks, input }
     }
 
@@ -133,7 +107,7 @@ fn bench_pack_unpack(c: &mut Criterion) {
 
 fn bench_primitives(c: &mut Criterion) {
     let mut data = vec![0u8; MIB];
-    fill_random(&mut data, &mut 0x1234_5678_9abc_def1);
+    common::fill_random(&mut data, &mut 0x1234_5678_9abc_def1);
     let archive_id = [7u8; 16];
 
     let mut g = c.benchmark_group("manifest_1MiB");

@@ -15,7 +15,6 @@
 //! `cargo bench --bench play` (about a minute).
 
 use std::fs;
-use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -39,20 +38,8 @@ fn thread_cpu() -> Duration {
         .expect("schedstat field 1");
     Duration::from_nanos(ns)
 }
-const MIB: usize = 1 << 20;
 
-/// xorshift64* bytes: incompressible, and fast to make.
-fn fill_random(buf: &mut [u8], state: &mut u64) {
-    for c in buf.chunks_mut(8) {
-        let mut x = *state;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        *state = x;
-        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-        c.copy_from_slice(&v[..c.len()]);
-    }
-}
+mod common;
 
 struct Site {
     dir: TempDir,
@@ -62,21 +49,8 @@ struct Site {
 
 impl Site {
     fn new() -> Site {
-        let dir = tempfile::Builder::new()
-            .prefix("mcast-bench-play-")
-            .tempdir_in(std::env::temp_dir())
-            .unwrap();
-        let ks = KeyStore::open(dir.path().join("keys")).unwrap();
-        ks.create_identity(false).unwrap();
-        let input = dir.path().join("input.raw");
-        let mut w = BufWriter::new(fs::File::create(&input).unwrap());
-        let mut buf = vec![0u8; MIB];
-        let mut state = 0x706c_6179_6265_6e63_u64;
-        for _ in 0..BIG / MIB {
-            fill_random(&mut buf, &mut state);
-            w.write_all(&buf).unwrap();
-        }
-        w.flush().unwrap();
+        let (dir, ks, input) =
+            common::bench_site("mcast-bench-play-", BIG, 0x706c_6179_6265_6e63_u64);
         Site { dir, ks, input }
     }
 
