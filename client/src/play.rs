@@ -275,24 +275,26 @@ pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, Rec
             e => RecvError::new(Failure::Integrity, e.to_string()),
         }
     };
+    // Decrypt into `inner` (buffered; stops on Ctrl-C); `decrypt_to` flushes it.
+    let decrypt = |inner: &mut dyn Write, name: &Path| {
+        let mut w = Stoppable {
+            inner: BufWriter::with_capacity(1 << 20, inner),
+            stop: stop.clone(),
+        };
+        archive::decrypt_to(
+            &a,
+            &trusted,
+            Some(key.key()),
+            opts_d,
+            &mut w,
+            name,
+            &mut |_| {},
+        )
+    };
     let (report, output) = match &mut file_out {
         Some(f) => {
             let tmp = f.tmp_path().to_path_buf();
-            let mut w = Stoppable {
-                inner: BufWriter::with_capacity(1 << 20, f.file()),
-                stop: stop.clone(),
-            };
-            let r = archive::decrypt_to(
-                &a,
-                &trusted,
-                Some(key.key()),
-                opts_d,
-                &mut w,
-                &tmp,
-                &mut |_| {},
-            )
-            .map_err(integrity)?;
-            drop(w);
+            let r = decrypt(f.file(), &tmp).map_err(integrity)?;
             let PlayOutput::File(p) = &opts.output else {
                 unreachable!("file_out only for PlayOutput::File")
             };
@@ -302,28 +304,17 @@ pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, Rec
             (r, p.display().to_string())
         }
         None => {
-            let so = std::io::stdout();
-            let mut w = Stoppable {
-                inner: BufWriter::with_capacity(1 << 20, so.lock()),
-                stop: stop.clone(),
-            };
-            let r = archive::decrypt_to(
-                &a,
-                &trusted,
-                Some(key.key()),
-                opts_d,
-                &mut w,
-                Path::new("<stdout>"),
-                &mut |_| {},
-            )
-            .map_err(|e| match e {
-                archive::ArchiveError::Io { source, .. }
-                    if source.kind() == std::io::ErrorKind::BrokenPipe =>
-                {
-                    RecvError::new(Failure::Other, "stdout was closed (the player quit?)")
-                }
-                e => integrity(e),
-            })?;
+            let r =
+                decrypt(&mut std::io::stdout().lock(), Path::new("<stdout>")).map_err(
+                    |e| match e {
+                        archive::ArchiveError::Io { source, .. }
+                            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+                        {
+                            RecvError::new(Failure::Other, "stdout was closed (the player quit?)")
+                        }
+                        e => integrity(e),
+                    },
+                )?;
             (r, "-".to_string())
         }
     };
