@@ -3,6 +3,8 @@
 # mcastd -> mcast-recv (1 receiver), then the real peers on the same loopback bed
 # (UFTP without and with AES-256-GCM, udpcast; via shared/tools/peerbed.sh), then
 # optionally (E2E_BED=1) the namespace bed with 1 and 3 receivers.
+# E2E_SRV_WRAP / E2E_RCV_WRAP prefix the loopback mcastd / mcast-recv commands (e.g.
+# "perf record -g -o /tmp/srv.perf --") to profile them.
 #
 #   sudo benches/e2e.sh                 # everything (installs uftp/udpcast if missing)
 #   E2E_PEERS=0 benches/e2e.sh          # mcast only
@@ -145,7 +147,7 @@ cat > mcastd.toml <<TOML
 archive_dir = "$run/archives"
 key_dir = "$run/keys"
 [pack]
-symbol_size = 1280
+symbol_size = ${E2E_SYMBOL:-1280}
 compress = "none"
 [server]
 rate_mbps = $rate
@@ -155,13 +157,15 @@ TOML
 key=$("$bin/mcastd" -c mcastd.toml keygen | awk '{print $3}')
 "$bin/mcastd" -c mcastd.toml pack "$work/src.bin" --title bench > pack.log 2>&1
 sync  # no writeback of the fresh archive competing with the transfer
-/usr/bin/time -f '%e %U %S %M' -o srv.time "$bin/mcastd" -c mcastd.toml > srv.log 2>&1 &
+${E2E_SRV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o srv.time "$bin/mcastd" -c mcastd.toml > srv.log 2>&1 &
 spid=$!
 sleep 0.5
 ${E2E_RCV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o rcv.time "$bin/mcast-recv" get bench --server-key "$key" -o "$run/out" --recv-buffer "${E2E_RCVBUF:-67108864}" \
   --json --timeout 600 > rcv.json 2> rcv.log
 rc=$?
-kill -TERM "$(pgrep -P $spid mcastd || echo $spid)" 2>/dev/null || true
+# The mcastd process under /usr/bin/time (and E2E_SRV_WRAP, e.g. a profiler).
+mpid=$spid; for _ in 1 2 3; do c=$(pgrep -P "$mpid" | head -1 || true); if [[ -n $c ]]; then mpid=$c; fi; done
+kill -TERM "$mpid" 2>/dev/null || true
 wait $spid || true
 ok=0
 [[ $rc == 0 ]] && "$bin/mcastd" -c mcastd.toml unpack "$run/out/bench.mca" -o "$run/restored.bin" > unpack.log 2>&1 \

@@ -348,6 +348,11 @@ pub struct ChannelManager {
     next_rate_update: Instant,
 }
 
+/// Packets due within this much of `now` go out now: the driver then wakes once per quantum
+/// and sends a burst (one GSO batch) instead of waking for every packet, which at Gbit/s
+/// rates would cost more CPU in timer wake-ups than in sending. Bursts stay small (500 µs at
+/// 2.5 Gbit/s is 156 KB) and the average rate is unchanged.
+pub const SEND_AHEAD: Duration = Duration::from_micros(500);
 const LEASE_CHECK: Duration = Duration::from_millis(50);
 /// Tier rates follow member reports this often.
 const RATE_UPDATE: Duration = Duration::from_secs(1);
@@ -908,13 +913,14 @@ impl ChannelManager {
         Some(due.min(self.next_lease_check))
     }
 
-    /// The next data-channel packet due at `now`, if any. Call until `None`.
+    /// The next data-channel packet due by `now` (+ [`SEND_AHEAD`]), if any. Call until `None`.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         let params = &self.params;
+        let horizon = now + SEND_AHEAD;
         let (&id, c) = self
             .channels
             .iter_mut()
-            .filter(|(_, c)| c.due() <= now)
+            .filter(|(_, c)| c.due() <= horizon)
             .min_by_key(|(_, c)| c.due())?;
         let mut header = [0u8; DATA_HEADER_LEN];
         if c.next_sync <= now {

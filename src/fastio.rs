@@ -6,7 +6,7 @@
 //!   UDP GSO super-datagram (`UDP_SEGMENT`) of up to 64 equal-size packets. If the kernel
 //!   refuses GSO the sender logs it once and sends one datagram per message from then on.
 //! * [`RecvBatch`]: `recvmmsg` into reusable buffers, splitting `UDP_GRO` super-datagrams.
-//! * [`write_coalesced`]: `pwritev` of runs of contiguous `(offset, bytes)` writes.
+//! * [`WriteStage`]: received data written in large contiguous runs.
 //!
 //! Nothing here allocates once the buffers have grown to their working size.
 
@@ -24,8 +24,6 @@ const UDP_GRO: libc::c_int = 104;
 pub const MAX_GSO_SEGMENTS: usize = 64;
 /// Bytes per GSO send: under the 65507-byte UDP/IPv4 payload limit.
 const MAX_GSO_BYTES: usize = 65_000;
-/// Most iovecs one `preadv`/`pwritev` takes (IOV_MAX).
-const MAX_IOV: usize = 1024;
 /// Aligned control-message space (CMSG_SPACE of an int is 24 bytes on 64-bit Linux).
 type CmsgSpace = [u64; 8];
 
@@ -443,62 +441,71 @@ impl RecvBatch {
     }
 }
 
-/// Write `(offset, bytes)` pieces (in any order) to `file`, one `pwritev` per run of pieces
-/// that follow each other in the file.
-pub fn write_coalesced(file: &File, pieces: &[(u64, &[u8])]) -> io::Result<()> {
-    let mut i = 0;
-    while i < pieces.len() {
-        let off0 = pieces[i].0;
-        let mut j = i;
-        let mut end = off0;
-        while j < pieces.len() && j - i < MAX_IOV && pieces[j].0 == end {
-            end += pieces[j].1.len() as u64;
-            j += 1;
+/// Collects writes that follow each other in the file and writes them in large runs: the page
+/// cache then sees whole pages (a part-written new page must first be zero-filled) and one
+/// system call covers hundreds of packets. A write that does not continue the run flushes it.
+/// Callers flush before anything that assumes the data is in the file (a checkpoint).
+pub struct WriteStage {
+    buf: Vec<u8>,
+    start: u64,
+    cap: usize,
+}
+
+impl WriteStage {
+    pub fn new(cap: usize) -> WriteStage {
+        WriteStage {
+            buf: Vec::with_capacity(cap),
+            start: 0,
+            cap,
         }
-        if j - i == 1 {
-            file.write_all_at(pieces[i].1, off0)?;
-            i = j;
-            continue;
-        }
-        let iov: Vec<io::IoSlice<'_>> =
-            pieces[i..j].iter().map(|p| io::IoSlice::new(p.1)).collect();
-        let total = (end - off0) as usize;
-        // SAFETY: IoSlice is ABI-compatible with iovec; the slices outlive the call.
-        let n = unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                iov.as_ptr().cast(),
-                iov.len() as libc::c_int,
-                off0 as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if (n as usize) < total {
-            // Short write: finish the rest piece by piece.
-            let mut done = n as usize;
-            for p in &pieces[i..j] {
-                let skip = done.min(p.1.len());
-                done -= skip;
-                if skip < p.1.len() {
-                    file.write_all_at(&p.1[skip..], p.0 + skip as u64)?;
-                }
-            }
-        }
-        i = j;
     }
-    Ok(())
+
+    pub fn write(&mut self, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        if !self.buf.is_empty() && offset != self.start + self.buf.len() as u64 {
+            self.flush(file)?;
+        }
+        if self.buf.is_empty() {
+            self.start = offset;
+        }
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= self.cap {
+            self.flush(file)?;
+        }
+        Ok(())
+    }
+
+    /// Write out what is staged.
+    pub fn flush(&mut self, file: &File) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            file.write_all_at(&self.buf, self.start)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::UdpSocket;
+
+    #[test]
+    fn write_stage_writes_runs_and_breaks_on_gaps() {
+        let f = tempfile::tempfile().unwrap();
+        let mut w = WriteStage::new(10);
+        w.write(&f, 0, b"abc").unwrap();
+        w.write(&f, 3, b"def").unwrap();
+        w.write(&f, 20, b"xy").unwrap(); // gap: "abcdef" goes out
+        let mut got = [0u8; 22];
+        assert_eq!(f.read_at(&mut got, 0).unwrap(), 6);
+        w.write(&f, 22, b"0123456789").unwrap(); // reaches the cap: flushed
+        w.write(&f, 6, b"ghij").unwrap();
+        w.flush(&f).unwrap();
+        let mut got = [0u8; 32];
+        f.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(&got[..10], b"abcdefghij");
+        assert_eq!(&got[20..], b"xy0123456789");
+    }
 
     #[test]
     fn batch_reads_contiguous_and_scattered_payloads() {
@@ -565,20 +572,5 @@ mod tests {
             }
             assert_eq!(seen, (0..200).collect::<Vec<_>>());
         }
-    }
-
-    #[test]
-    fn coalesced_writes_land_at_their_offsets() {
-        let f = tempfile::tempfile().unwrap();
-        let a = [1u8; 10];
-        let b = [2u8; 5];
-        let c = [3u8; 7];
-        write_coalesced(&f, &[(0, &a), (10, &b), (100, &c), (15, &a)]).unwrap();
-        let mut got = vec![0u8; 107];
-        f.read_exact_at(&mut got, 0).unwrap();
-        assert_eq!(&got[..10], &a);
-        assert_eq!(&got[10..15], &b);
-        assert_eq!(&got[15..25], &a);
-        assert_eq!(&got[100..], &c);
     }
 }

@@ -195,6 +195,39 @@ fn killed_receiver_resumes() {
     assert!(!out.join("film.mca.part").exists(), "part file left over");
 }
 
+/// A part file damaged while the receiver was down (a torn write, a bad disk): the resumed
+/// run re-verifies what the state file says it holds, forgets what no longer verifies and
+/// fetches it again, so the result is still byte-identical.
+#[test]
+fn damaged_part_is_refetched_on_resume() {
+    let site = Site::new(14, "rate_mbps = 4.2\nlease_ms = 5000");
+    let archive = site.pack("film", 3 * MB, 3);
+    let mut srv = site.serve();
+    let out = site.out_dir("out");
+
+    let mut first = site.get("film", &out, &[]);
+    first.wait_progress(|p| p >= 30.0, Duration::from_secs(40));
+    first.kill9();
+    // Zero 64 KiB at the start of the data region (the first blocks arrive first).
+    let part = out.join("film.mca.part");
+    let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; 65_536], 16).unwrap();
+    drop(f);
+
+    let second = site.get("film", &out, &[]).wait(RECV_LIMIT);
+    srv.assert_running();
+    let r = second.assert_complete(&archive);
+    println!(
+        "damaged part: units_at_start {}, failed recheck {}, written {}",
+        r.units_at_start, r.units_failed_recheck, r.written
+    );
+    assert!(
+        r.units_failed_recheck >= 40,
+        "64 KiB of zeros should fail ~51 units: {r:?}"
+    );
+    assert_eq!(r.written + r.units_at_start, r.loop_units, "{r:?}");
+}
+
 /// 4a. The channel closes as soon as its last receiver reports completion.
 #[test]
 fn channel_closes_after_last_completion() {

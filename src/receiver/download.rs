@@ -263,32 +263,90 @@ impl Download {
         self.have_count += 1;
     }
 
-    /// Blocks whose hash packet is held (on disk) but whose data is incomplete: after a resume
-    /// the driver reads these hash packets back and passes them to [`Self::restore_hash`].
-    pub fn blocks_needing_hash_reload(&self) -> Vec<u64> {
-        (0..self.shape.n_blocks)
-            .filter(|&b| {
-                self.block_missing[b as usize] > 0
-                    && self.has(self.shape.unit_index(PacketId::Hash(b)).expect("in range"))
-            })
-            .collect()
-    }
-
-    /// Re-admit a hash packet read back from our own file after a restart. A packet that no
-    /// longer verifies (file damaged) is forgotten, so it will be fetched again.
-    pub fn restore_hash(&mut self, block: u64, payload: Vec<u8>) {
-        if self
-            .verifier
-            .check_hash_packet(&self.head, block, &payload)
-            .is_ok()
-        {
-            self.hash_cache.insert(block, payload);
-        } else if let Some(u) = self.shape.unit_index(PacketId::Hash(block)) {
-            if self.has(u) {
-                self.have[(u / 64) as usize] &= !(1 << (u % 64));
-                self.have_count -= 1;
+    fn unmark(&mut self, unit: u64) {
+        if self.has(unit) {
+            self.have[(unit / 64) as usize] &= !(1 << (unit % 64));
+            self.have_count -= 1;
+            if let PacketId::Data(s) = self.shape.unit_packet(unit) {
+                self.block_missing[(s / self.shape.block_symbols) as usize] += 1;
             }
         }
+    }
+
+    /// After a resume: read back every unit the state file says is held and verify it again
+    /// (hash packets against the signed head, data against its block's hash packet); what no
+    /// longer verifies (a write torn by a crash, a damaged disk) is forgotten and fetched
+    /// again. Units received in this run are verified before they are written, so with this
+    /// the finished file needs no second full pass. `read(offset, buf)` fills `buf` from the
+    /// part file. Returns the number of units forgotten.
+    pub fn recheck_held(&mut self, mut read: impl FnMut(u64, &mut [u8]) -> bool) -> u64 {
+        let before = self.have_count;
+        let k = self.shape.block_symbols;
+        let mut hash = vec![0u8; self.head.symbol_size as usize];
+        let mut data = Vec::new();
+        for b in 0..self.shape.n_blocks {
+            let hu = self.shape.unit_index(PacketId::Hash(b)).expect("in range");
+            let first = b * k;
+            let last = ((b + 1) * k).min(self.shape.data_packets);
+            let held_data = (first..last).any(|s| self.has(s));
+            if !self.has(hu) {
+                // Data is only ever accepted after its hash packet: without it, start over.
+                for s in first..last {
+                    self.unmark(s);
+                }
+                continue;
+            }
+            let (hoff, _) = self
+                .layout
+                .packet_range(PacketId::Hash(b))
+                .expect("in range");
+            let hash_ok = read(hoff, &mut hash)
+                && self
+                    .verifier
+                    .check_hash_packet(&self.head, b, &hash)
+                    .is_ok();
+            if !hash_ok {
+                self.unmark(hu);
+                for s in first..last {
+                    self.unmark(s);
+                }
+                continue;
+            }
+            if held_data {
+                let (off0, _) = self
+                    .layout
+                    .packet_range(PacketId::Data(first))
+                    .expect("in range");
+                let (offn, lenn) = self
+                    .layout
+                    .packet_range(PacketId::Data(last - 1))
+                    .expect("in range");
+                data.resize((offn - off0) as usize + lenn, 0);
+                let ok = read(off0, &mut data);
+                for s in first..last {
+                    if !self.has(s) {
+                        continue;
+                    }
+                    let (o, l) = self
+                        .layout
+                        .packet_range(PacketId::Data(s))
+                        .expect("in range");
+                    let at = (o - off0) as usize;
+                    if !ok
+                        || self
+                            .verifier
+                            .check_data_packet(&hash, s, &data[at..at + l])
+                            .is_err()
+                    {
+                        self.unmark(s);
+                    }
+                }
+            }
+            if self.block_missing[b as usize] > 0 {
+                self.hash_cache.insert(b, hash.clone());
+            }
+        }
+        before - self.have_count
     }
 
     /// Judge one packet from the channel.

@@ -37,7 +37,7 @@ use serde::Serialize;
 
 use crate::archive::PacketId;
 use crate::carousel::LoopShape;
-use crate::wire::nak::{to_ranges, MAX_NAK_RANGES};
+use crate::wire::nak::MAX_NAK_RANGES;
 
 /// Back-off factor K (see the module doc for why 8).
 pub const BACKOFF_K: f64 = 8.0;
@@ -81,16 +81,80 @@ pub struct NakEngine {
     grtt: Duration,
     group_size: u32,
     last_pos: Option<u64>,
-    /// Units in back-off and their suppression-timer deadline (one random draw per batch of
-    /// units found missing together).
-    pending: HashMap<u64, Instant>,
-    pending_heap: BinaryHeap<Reverse<(Instant, u64)>>,
-    /// Deadline drawn for the batch being detected now (see [`Self::batch_deadline`]).
-    batch: Option<(Instant, Instant)>,
-    holdoff: HashMap<u64, Instant>,
-    holdoff_heap: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Where each unit stands ([`IDLE`], [`BACKOFF`], [`HOLDOFF`]): one byte per unit, so
+    /// marking, clearing and checking a unit cost no hashing or allocation however many are
+    /// missing (a heavy-loss burst must not make the receiver slower and lose more).
+    state: Vec<u8>,
+    in_backoff: usize,
+    in_holdoff: usize,
+    /// Units in back-off, in batches sharing one suppression deadline (one random draw per
+    /// detection instant).
+    backoff: Timers,
+    /// Units NAKed or suppressed, in batches sharing one hold-off deadline.
+    holdoff: Timers,
+    /// The batch collecting units found missing at this instant (see [`Self::mark_missing`]).
+    batch: Option<(Instant, u64)>,
     rng: SmallRng,
     pub counters: NakCounters,
+}
+
+const IDLE: u8 = 0;
+const BACKOFF: u8 = 1;
+const HOLDOFF: u8 = 2;
+
+/// Batches of units as ascending-run lists, each with a deadline. A unit's live batch is the
+/// one its state byte points to the kind of; a unit may linger in an older batch of the same
+/// kind after it was cleared and missed again, which only makes that copy fire early.
+#[derive(Default)]
+struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, u64)>>,
+    batches: HashMap<u64, Vec<(u64, u32)>>,
+    next_id: u64,
+}
+
+impl Timers {
+    fn open(&mut self, deadline: Instant) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.heap.push(Reverse((deadline, id)));
+        self.batches.insert(id, Vec::new());
+        id
+    }
+
+    fn push(&mut self, id: u64, unit: u64) {
+        let runs = self.batches.get_mut(&id).expect("open batch");
+        match runs.last_mut() {
+            Some((first, len)) if *first + *len as u64 == unit && *len < u32::MAX => *len += 1,
+            _ => runs.push((unit, 1)),
+        }
+    }
+
+    fn add_runs(&mut self, deadline: Instant, runs: Vec<(u64, u32)>) {
+        if runs.is_empty() {
+            return;
+        }
+        let id = self.open(deadline);
+        self.batches.insert(id, runs);
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Runs of every batch due at `now`.
+    fn take_due(&mut self, now: Instant) -> Vec<(u64, u32)> {
+        let mut out = Vec::new();
+        while let Some(&Reverse((t, id))) = self.heap.peek() {
+            if t > now {
+                break;
+            }
+            self.heap.pop();
+            if let Some(mut runs) = self.batches.remove(&id) {
+                out.append(&mut runs);
+            }
+        }
+        out
+    }
 }
 
 impl NakEngine {
@@ -102,11 +166,12 @@ impl NakEngine {
             grtt: DEFAULT_GRTT,
             group_size: 1,
             last_pos: None,
-            pending: HashMap::new(),
-            pending_heap: BinaryHeap::new(),
+            state: vec![IDLE; shape.loop_packets() as usize],
+            in_backoff: 0,
+            in_holdoff: 0,
+            backoff: Timers::default(),
+            holdoff: Timers::default(),
             batch: None,
-            holdoff: HashMap::new(),
-            holdoff_heap: BinaryHeap::new(),
             rng: SmallRng::seed_from_u64(seed),
             counters: NakCounters::default(),
         }
@@ -139,7 +204,7 @@ impl NakEngine {
 
     /// Entries in the NAK table (back-off + hold-off).
     pub fn table_len(&self) -> usize {
-        self.pending.len() + self.holdoff.len()
+        self.in_backoff + self.in_holdoff
     }
 
     fn t_max(&self) -> Duration {
@@ -159,41 +224,43 @@ impl NakEngine {
         }
     }
 
-    /// The suppression deadline for units found missing at `now`: one random back-off per
-    /// detection instant, so a new loss never inherits an older timer that is about to fire.
-    fn batch_deadline(&mut self, now: Instant) -> Instant {
-        match self.batch {
-            Some((at, deadline)) if at == now => deadline,
+    fn set_state(&mut self, unit: u64, to: u8) {
+        let s = &mut self.state[unit as usize];
+        match *s {
+            BACKOFF => self.in_backoff -= 1,
+            HOLDOFF => self.in_holdoff -= 1,
+            _ => {}
+        }
+        match to {
+            BACKOFF => self.in_backoff += 1,
+            HOLDOFF => self.in_holdoff += 1,
+            _ => {}
+        }
+        *s = to;
+    }
+
+    /// Enter a newly missing unit in back-off. Units found missing at one instant share one
+    /// random deadline, so a new loss never inherits an older timer that is about to fire.
+    fn mark_missing(&mut self, now: Instant, unit: u64) {
+        if self.state[unit as usize] != IDLE {
+            return;
+        }
+        self.counters.units_missed += 1;
+        let id = match self.batch {
+            Some((at, id)) if at == now && self.backoff.batches.contains_key(&id) => id,
             _ => {
                 let d = if self.multicast {
                     backoff(self.rng.gen::<f64>(), self.t_max(), self.group_size)
                 } else {
                     Duration::ZERO
                 };
-                self.batch = Some((now, now + d));
-                now + d
+                let id = self.backoff.open(now + d);
+                self.batch = Some((now, id));
+                id
             }
-        }
-    }
-
-    fn mark_missing(&mut self, now: Instant, unit: u64) {
-        if self.pending.contains_key(&unit) || self.holdoff.contains_key(&unit) {
-            return;
-        }
-        self.counters.units_missed += 1;
-        let deadline = self.batch_deadline(now);
-        self.pending.insert(unit, deadline);
-        self.pending_heap.push(Reverse((deadline, unit)));
-    }
-
-    fn hold(&mut self, unit: u64, until: Instant) {
-        self.holdoff.insert(unit, until);
-        self.holdoff_heap.push(Reverse((until, unit)));
-    }
-
-    fn forget(&mut self, unit: u64) {
-        self.pending.remove(&unit);
-        self.holdoff.remove(&unit);
+        };
+        self.backoff.push(id, unit);
+        self.set_state(unit, BACKOFF);
     }
 
     /// A packet that *verified*: new, or a duplicate that could be verified cheaply (drivers
@@ -210,7 +277,7 @@ impl NakEngine {
             return;
         };
         if have(unit) {
-            self.forget(unit);
+            self.set_state(unit, IDLE);
         } else {
             self.mark_missing(now, unit);
         }
@@ -258,19 +325,23 @@ impl NakEngine {
     /// Another receiver's NAK was heard on the group: suppress ours for the same units.
     pub fn on_nak_heard(&mut self, now: Instant, units: impl IntoIterator<Item = u64>) {
         let until = now + self.t_data();
+        let mut held = Vec::new();
         for u in units {
-            if self.pending.remove(&u).is_some() {
+            if self.state.get(u as usize) == Some(&BACKOFF) {
                 self.counters.units_suppressed += 1;
-                self.hold(u, until);
+                self.set_state(u, HOLDOFF);
+                match held.last_mut() {
+                    Some((first, len)) if *first + *len as u64 == u => *len += 1,
+                    _ => held.push((u, 1u32)),
+                }
             }
         }
+        self.holdoff.add_runs(until, held);
     }
 
     /// The earliest timer (may be early after units were cleared: a spurious wake is harmless).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let a = self.pending_heap.peek().map(|Reverse((t, _))| *t);
-        let b = self.holdoff_heap.peek().map(|Reverse((t, _))| *t);
-        match (a, b) {
+        match (self.backoff.next_deadline(), self.holdoff.next_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -278,23 +349,15 @@ impl NakEngine {
 
     /// Expire hold-off timers: units still missing go back to back-off.
     pub fn handle_timeout(&mut self, now: Instant, have: impl Fn(u64) -> bool) {
-        while let Some(Reverse((t, u))) = self.pending_heap.peek().copied() {
-            if self.pending.get(&u) == Some(&t) {
-                break; // live entry: leave it for poll_nak
-            }
-            self.pending_heap.pop(); // stale
-        }
-        while let Some(Reverse((t, u))) = self.holdoff_heap.peek().copied() {
-            if t > now {
-                break;
-            }
-            self.holdoff_heap.pop();
-            if self.holdoff.get(&u) != Some(&t) {
-                continue; // superseded or repaired
-            }
-            self.holdoff.remove(&u);
-            if !have(u) {
-                self.mark_missing(now, u);
+        for (first, len) in self.holdoff.take_due(now) {
+            for u in first..first + len as u64 {
+                if self.state[u as usize] != HOLDOFF {
+                    continue; // repaired, or already re-entered elsewhere
+                }
+                self.set_state(u, IDLE);
+                if !have(u) {
+                    self.mark_missing(now, u);
+                }
             }
         }
     }
@@ -302,39 +365,42 @@ impl NakEngine {
     /// The NAK to send now, for every unit whose suppression timer ran out: (first, count)
     /// ranges, ascending.
     pub fn poll_nak(&mut self, now: Instant) -> Option<Vec<(u64, u32)>> {
-        let mut due = Vec::new();
-        while let Some(Reverse((t, u))) = self.pending_heap.peek().copied() {
-            if t > now {
-                break;
-            }
-            self.pending_heap.pop();
-            if self.pending.get(&u) == Some(&t) {
-                due.push(u);
-            }
-        }
-        if due.is_empty() {
+        let mut runs = self.backoff.take_due(now);
+        if runs.is_empty() {
             return None;
         }
-        due.sort_unstable();
-        let mut ranges = to_ranges(due.iter().copied());
+        runs.sort_unstable();
+        // Units still in back-off, as ascending runs (a unit listed twice counts once).
+        let mut ranges: Vec<(u64, u32)> = Vec::new();
+        let mut next = 0u64;
+        for (first, len) in runs {
+            for u in first.max(next)..first + len as u64 {
+                if self.state[u as usize] != BACKOFF {
+                    continue;
+                }
+                match ranges.last_mut() {
+                    Some((f, l)) if *f + *l as u64 == u => *l += 1,
+                    _ => ranges.push((u, 1)),
+                }
+            }
+            next = next.max(first + len as u64);
+        }
+        if ranges.is_empty() {
+            return None;
+        }
         if ranges.len() > MAX_NAK_RANGES {
             // Whatever does not fit goes in the next NAK, right after this one.
-            let keep_until = ranges[MAX_NAK_RANGES - 1];
-            let cut = keep_until.0 + keep_until.1 as u64;
-            for &u in due.iter().filter(|&&u| u >= cut) {
-                self.pending_heap.push(Reverse((now, u)));
-                self.pending.insert(u, now);
-            }
-            ranges.truncate(MAX_NAK_RANGES);
+            let rest = ranges.split_off(MAX_NAK_RANGES);
+            self.backoff.add_runs(now, rest);
         }
         let until = now + self.t_data();
         for &(first, len) in &ranges {
             for u in first..first + len as u64 {
-                self.pending.remove(&u);
-                self.hold(u, until);
+                self.set_state(u, HOLDOFF);
             }
             self.counters.units_naked += len as u64;
         }
+        self.holdoff.add_runs(until, ranges.clone());
         self.counters.naks_sent += 1;
         Some(ranges)
     }
@@ -343,6 +409,7 @@ impl NakEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::nak::to_ranges;
 
     fn shape() -> LoopShape {
         LoopShape {

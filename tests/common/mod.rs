@@ -309,6 +309,8 @@ pub struct Report {
     pub loop_units: u64,
     pub loop_bytes: u64,
     pub units_at_start: u64,
+    #[serde(default)]
+    pub units_failed_recheck: u64,
     pub received_bytes: u64,
     pub received_packets: u64,
     pub missing_bytes_at_start: u64,
