@@ -15,7 +15,7 @@ use anyhow::Context;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::archive::{ArchiveFile, ARCHIVE_EXT};
-use crate::channel::{ChannelManager, Event, TitleInfo, TransmitPayload};
+use crate::channel::{ChannelManager, Event, HeadBytes, TitleInfo, TransmitPayload};
 use crate::config::Config;
 use crate::fastio::{BatchSender, PacketBatch};
 use crate::wire::control::{ArchiveId, MAX_CONTROL_LEN};
@@ -47,15 +47,24 @@ pub fn load_titles(
                 continue;
             }
         };
-        // The channels own the head; the driver keeps only what reads packets (file,
-        // layout), so server memory does not hold a second copy of every head.
+        // Memory must not grow with what is served: the head is kept without its block
+        // hashes (the server never checks packets) and its bytes are read from the file when
+        // a receiver asks for them.
         let mut a = a;
+        a.head.block_hashes = Vec::new();
+        a.head_bytes = Vec::new();
+        let file = Arc::new(a.file.try_clone().with_context(|| {
+            format!("cannot reopen {}", path.display())
+        })?);
         titles.push(TitleInfo {
             head: Arc::new(a.head.clone()),
-            head_bytes: Arc::new(std::mem::take(&mut a.head_bytes)),
+            head_bytes: HeadBytes::File {
+                file,
+                offset: a.layout.head_offset(),
+                len: a.layout.head_len as u32,
+            },
             archive_len: a.layout.file_len(),
         });
-        a.head.block_hashes = Vec::new();
         files.insert(a.head.archive_id, a);
     }
     Ok((titles, files))

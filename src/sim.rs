@@ -195,7 +195,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     params.lease = Duration::from_secs(2);
     let info = TitleInfo {
         head: Arc::new(head),
-        head_bytes: Arc::new(Vec::new()),
+        head_bytes: crate::channel::HeadBytes::Memory(Arc::new(Vec::new())),
         archive_len: 0,
     };
     let mut mgr = ChannelManager::new(params.clone(), vec![info], t0);

@@ -22,7 +22,7 @@ fn setup() -> (ChannelManager, Instant, LoopShape, [u8; 8]) {
     let t0 = Instant::now();
     let info = TitleInfo {
         head: Arc::new(head),
-        head_bytes: Arc::new(Vec::new()),
+        head_bytes: mcast::channel::HeadBytes::Memory(Arc::new(Vec::new())),
         archive_len: 0,
     };
     let mut m = ChannelManager::new(Params::for_tests(RATE), vec![info], t0);
@@ -166,7 +166,7 @@ fn tiered(policy: mcast::channel::RatePolicy) -> (ChannelManager, Instant, [u8; 
     let t0 = Instant::now();
     let info = TitleInfo {
         head: Arc::new(head),
-        head_bytes: Arc::new(Vec::new()),
+        head_bytes: mcast::channel::HeadBytes::Memory(Arc::new(Vec::new())),
         archive_len: 0,
     };
     let mut p = Params::for_tests(RATE);

@@ -118,8 +118,11 @@ fn bad(field: &'static str, why: impl Into<String>) -> HeadError {
 }
 
 impl Head {
+    /// Number of blocks (computed, so a head kept without its block hashes, as the server
+    /// keeps it, still describes the loop).
     pub fn n_blocks(&self) -> u64 {
-        self.block_hashes.len() as u64
+        self.data_packets()
+            .div_ceil((self.block_symbols as u64).max(1))
     }
 
     /// Number of data packets.
