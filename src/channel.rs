@@ -395,6 +395,9 @@ pub struct ChannelManager {
 /// rates would cost more CPU in timer wake-ups than in sending. Bursts stay small (500 µs at
 /// 2.5 Gbit/s is 156 KB) and the average rate is unchanged.
 pub const SEND_AHEAD: Duration = Duration::from_micros(500);
+/// Most repairs queued per channel (positions, ~40 bytes each): bounds server memory under a
+/// NAK storm whatever the archive size; units beyond it come round with the loop.
+pub const MAX_REPAIR_QUEUE: usize = 65_536;
 const LEASE_CHECK: Duration = Duration::from_millis(50);
 /// Tier rates follow member reports this often.
 const RATE_UPDATE: Duration = Duration::from_secs(1);
@@ -571,7 +574,12 @@ impl ChannelManager {
                 }
                 let Some(bytes) = t.head_bytes.read(off, HEAD_CHUNK) else {
                     tracing::warn!(title = %t.head.title, "cannot read the archive's head");
-                    self.error(from, &env, ErrorCode::BadRequest, "head unreadable on server");
+                    self.error(
+                        from,
+                        &env,
+                        ErrorCode::BadRequest,
+                        "head unreadable on server",
+                    );
                     return;
                 };
                 self.counters.head_chunks_sent += 1;
@@ -1085,10 +1093,11 @@ impl ChannelManager {
             let end = first.saturating_add(len as u64);
             let in_range = first.min(units)..end.min(units);
             self.counters.nak_units_ignored += (end - first) - (in_range.end - in_range.start);
-            for u in in_range {
-                if budget == 0 {
-                    self.counters.nak_units_ignored += 1;
-                    continue;
+            for u in in_range.clone() {
+                if budget == 0 || c.repair_pending.len() >= MAX_REPAIR_QUEUE {
+                    // Over this NAK's budget or the channel's queue: the loop brings them.
+                    self.counters.nak_units_ignored += in_range.end - u;
+                    break;
                 }
                 budget -= 1;
                 self.counters.nak_units_received += 1;

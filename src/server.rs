@@ -53,9 +53,11 @@ pub fn load_titles(
         let mut a = a;
         a.head.block_hashes = Vec::new();
         a.head_bytes = Vec::new();
-        let file = Arc::new(a.file.try_clone().with_context(|| {
-            format!("cannot reopen {}", path.display())
-        })?);
+        let file = Arc::new(
+            a.file
+                .try_clone()
+                .with_context(|| format!("cannot reopen {}", path.display()))?,
+        );
         titles.push(TitleInfo {
             head: Arc::new(a.head.clone()),
             head_bytes: HeadBytes::File {

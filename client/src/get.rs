@@ -579,7 +579,27 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                         }
                         last_loop_no = Some(hdr.loop_no);
                     }
-                    let verdict = dl.on_packet(id, payload);
+                    let mut verdict = dl.on_packet(id, payload);
+                    if let Verdict::NeedHash(b) = verdict {
+                        // The block's hash packet left the in-memory cache: read it back (it may
+                        // still be staged, so flush first) and offer the packet again.
+                        stage
+                            .flush(&part)
+                            .map_err(|e| RecvError::io("cannot write", &part_path, e))?;
+                        let (off, len) = dl
+                            .layout()
+                            .packet_range(PacketId::Hash(b))
+                            .expect("block in range");
+                        let mut hp = vec![0u8; len];
+                        let ok = part.read_exact_at(&mut hp, off).is_ok();
+                        if !(ok && dl.restore_hash(b, hp)) {
+                            tracing::warn!(
+                                block = b,
+                                "hash packet on disk no longer verifies: fetching it again"
+                            );
+                        }
+                        verdict = dl.on_packet(id, payload);
+                    }
                     // Only verified packets may move the NAK engine (and prove the channel works):
                     // a forged position must not mark a loop's worth of units missing.
                     match verdict {
@@ -599,7 +619,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                             nak.on_packet(Instant::now(), id, hdr.repair, |u| dl.has_or_parked(u));
                         }
                         Verdict::Duplicate => {}
-                        Verdict::NoHashYet | Verdict::Rejected => {}
+                        Verdict::NoHashYet | Verdict::Rejected | Verdict::NeedHash(_) => {}
                     }
                     for unit in dl.take_unpark_rejects() {
                         nak.on_lost(Instant::now(), unit);

@@ -30,6 +30,9 @@ pub enum Verdict {
     NoHashYet,
     /// Failed verification or out of range: dropped and counted.
     Rejected,
+    /// Its block's hash packet is held but was evicted from memory: the driver reads it back
+    /// from the file, passes it to [`Download::restore_hash`] and offers the packet again.
+    NeedHash(u64),
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -48,8 +51,11 @@ pub struct Download {
     verifier: PacketVerifier,
     have: Vec<u64>,
     have_count: u64,
-    /// Verified hash packets of blocks that still miss data.
+    /// Verified hash packets of blocks that still miss data, at most `hash_cache_max` (the
+    /// rest are re-read from the file when needed: memory stays bounded whatever the loss).
     hash_cache: HashMap<u64, Vec<u8>>,
+    hash_order: VecDeque<u64>,
+    hash_cache_max: usize,
     /// Data packets still missing per block.
     block_missing: Vec<u32>,
     /// Unverifiable data packets waiting for their block's hash packet.
@@ -65,11 +71,14 @@ pub struct Download {
 
 /// Memory for parked packets (a few blocks' worth at any symbol size).
 pub const MAX_PARKED_BYTES: usize = 8 << 20;
+/// Memory for cached hash packets (6,553 blocks at 1280-byte symbols).
+pub const MAX_HASH_CACHE_BYTES: usize = 8 << 20;
 
 impl Download {
     /// A fresh download, or a resumed one when `have_bits` comes from a state file.
     pub fn new(head: Arc<Head>, head_len: u64, have_bits: Option<Vec<u64>>) -> Download {
         let shape = LoopShape::of(&head);
+        let hash_cache_max = (MAX_HASH_CACHE_BYTES / (head.symbol_size as usize).max(1)).max(16);
         let units = shape.loop_packets();
         let words = units.div_ceil(64) as usize;
         let mut have = have_bits.unwrap_or_default();
@@ -95,6 +104,8 @@ impl Download {
             have,
             have_count,
             hash_cache: HashMap::new(),
+            hash_order: VecDeque::new(),
+            hash_cache_max,
             block_missing,
             parked: HashMap::new(),
             parked_order: VecDeque::new(),
@@ -103,6 +114,17 @@ impl Download {
             unpark_rejects: Vec::new(),
             counters: DownloadCounters::default(),
         }
+    }
+
+    /// Bound the hash-packet cache to `blocks` (tests; the default is
+    /// [`MAX_HASH_CACHE_BYTES`] worth).
+    pub fn set_hash_cache_max(&mut self, blocks: usize) {
+        self.hash_cache_max = blocks.max(1);
+    }
+
+    /// Hash packets held in memory.
+    pub fn hash_cache_len(&self) -> usize {
+        self.hash_cache.len()
     }
 
     pub fn head(&self) -> &Head {
@@ -263,6 +285,51 @@ impl Download {
         self.have_count += 1;
     }
 
+    /// Keep a verified hash packet for a block that still misses data, evicting the oldest.
+    fn cache_hash(&mut self, b: u64, payload: Vec<u8>) {
+        if self.hash_cache.insert(b, payload).is_none() {
+            self.hash_order.push_back(b);
+        }
+        while self.hash_cache.len() > self.hash_cache_max {
+            match self.hash_order.pop_front() {
+                Some(old) if old != b => {
+                    self.hash_cache.remove(&old);
+                }
+                Some(old) => self.hash_order.push_back(old),
+                None => break,
+            }
+        }
+        if self.hash_order.len() > 2 * self.hash_cache_max {
+            let cache = &self.hash_cache;
+            self.hash_order.retain(|b| cache.contains_key(b));
+        }
+    }
+
+    /// A hash packet read back from our own file ([`Verdict::NeedHash`]). One that no longer
+    /// verifies (file damaged) is forgotten, so it will be fetched again. Returns whether it
+    /// was accepted.
+    pub fn restore_hash(&mut self, block: u64, payload: Vec<u8>) -> bool {
+        if self
+            .verifier
+            .check_hash_packet(&self.head, block, &payload)
+            .is_ok()
+        {
+            if self
+                .block_missing
+                .get(block as usize)
+                .is_some_and(|&m| m > 0)
+            {
+                self.cache_hash(block, payload);
+            }
+            true
+        } else {
+            if let Some(u) = self.shape.unit_index(PacketId::Hash(block)) {
+                self.unmark(u);
+            }
+            false
+        }
+    }
+
     fn unmark(&mut self, unit: u64) {
         if self.has(unit) {
             self.have[(unit / 64) as usize] &= !(1 << (unit % 64));
@@ -343,7 +410,7 @@ impl Download {
                 }
             }
             if self.block_missing[b as usize] > 0 {
-                self.hash_cache.insert(b, hash.clone());
+                self.cache_hash(b, hash.clone());
             }
         }
         before - self.have_count
@@ -364,6 +431,11 @@ impl Download {
             PacketId::Data(s) => {
                 let b = s / self.shape.block_symbols;
                 match self.hash_cache.get(&b) {
+                    None if self
+                        .has(self.shape.unit_index(PacketId::Hash(b)).expect("in range")) =>
+                    {
+                        return Verdict::NeedHash(b)
+                    }
                     None => return self.park(s, payload),
                     Some(hp) => self.verifier.check_data_packet(hp, s, payload),
                 }
@@ -379,7 +451,7 @@ impl Download {
                 self.mark(unit);
                 self.counters.written += 1;
                 if self.block_missing[b as usize] > 0 {
-                    self.hash_cache.insert(b, payload.to_vec());
+                    self.cache_hash(b, payload.to_vec());
                     self.unpark(b);
                 }
             }
