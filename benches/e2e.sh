@@ -163,6 +163,7 @@ sleep 0.5
 ${E2E_RCV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o rcv.time "$bin/mcast-recv" get bench --server-key "$key" -o "$run/out" --recv-buffer "${E2E_RCVBUF:-67108864}" \
   --json --timeout 600 > rcv.json 2> rcv.log
 rc=$?
+grep -A1 '^Udp:' /proc/net/snmp > udp-snmp.txt  # drops (RcvbufErrors) in this namespace
 # The mcastd process under /usr/bin/time (and E2E_SRV_WRAP, e.g. a profiler).
 mpid=$spid; for _ in 1 2 3; do c=$(pgrep -P "$mpid" | head -1 || true); if [[ -n $c ]]; then mpid=$c; fi; done
 kill -TERM "$mpid" 2>/dev/null || true

@@ -283,7 +283,11 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     // Periodic checkpoints run on a helper thread (a slow fdatasync must not stall the socket
     // drain); this one, for the final and error paths, first waits for the helper to finish.
     let mut bg = BgCheckpoint::start(&part, &part_path, &state_path, state.clone())?;
-    let mut stage = mcast::fastio::WriteStage::new(WRITE_STAGE);
+    let mut stage = mcast::fastio::WriteStage::new(
+        WRITE_STAGE,
+        mcast::fastio::WriteStage::open_direct(&part_path),
+    );
+    tracing::debug!(direct = stage.is_direct(), "part file writes");
     let checkpoint = |bg: &mut BgCheckpoint,
                       stage: &mut mcast::fastio::WriteStage,
                       dl: &Download,
