@@ -206,6 +206,8 @@ pub struct Counters {
     /// Units whose repair was already queued, or sent within the last GRTT.
     pub nak_units_coalesced: u64,
     pub repairs_sent: u64,
+    /// Joins refused while draining.
+    pub refused_draining: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -346,6 +348,8 @@ pub struct ChannelManager {
     /// noticed up to `LEASE_CHECK` late.
     next_lease_check: Instant,
     next_rate_update: Instant,
+    /// Draining: members keep their channels, new receivers are refused.
+    draining: bool,
 }
 
 const LEASE_CHECK: Duration = Duration::from_millis(50);
@@ -375,6 +379,7 @@ impl ChannelManager {
             nak_buckets: HashMap::new(),
             next_lease_check: now,
             next_rate_update: now + RATE_UPDATE,
+            draining: false,
         };
         for t in titles {
             m.add_title(t);
@@ -390,6 +395,21 @@ impl ChannelManager {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Titles this server can loop (for heartbeats and health checks).
+    pub fn title_names(&self) -> impl Iterator<Item = &str> {
+        self.titles.keys().map(|t| t.as_str())
+    }
+
+    /// Draining: receivers already on a channel finish (and may rejoin or change tier), new
+    /// ones get [`ErrorCode::Draining`] so they ask a director for another server.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining
     }
 
     pub fn stats(&self) -> Stats {
@@ -685,6 +705,16 @@ impl ChannelManager {
         let tiers = self.params.tiers();
         let rid = env.receiver_id;
         let current = self.member_channel(&archive_id, rid);
+        if self.draining && current.is_none() {
+            self.counters.refused_draining += 1;
+            self.error(
+                from,
+                env,
+                ErrorCode::Draining,
+                "server is draining: ask a traffic director for another server",
+            );
+            return;
+        }
         let tier = match (tier, current) {
             (Some(t), _) if t >= tiers.len() => {
                 self.error(from, env, ErrorCode::BadRequest, "no such tier");

@@ -56,6 +56,9 @@ pub enum ErrorCode {
     Busy = 4,
     /// A play ticket was refused; the message says why (expired, revoked, already used, ...).
     TicketRefused = 5,
+    /// The server is draining (finishing its receivers, taking no new ones): ask a traffic
+    /// director for another server.
+    Draining = 6,
 }
 
 impl ErrorCode {
@@ -66,6 +69,7 @@ impl ErrorCode {
             3 => ErrorCode::BadCookie,
             4 => ErrorCode::Busy,
             5 => ErrorCode::TicketRefused,
+            6 => ErrorCode::Draining,
             _ => return None,
         })
     }
@@ -650,6 +654,10 @@ mod tests {
             Control::Error {
                 code: ErrorCode::Busy,
                 message: "full".into(),
+            },
+            Control::Error {
+                code: ErrorCode::Draining,
+                message: "draining".into(),
             },
         ]
     }
