@@ -519,10 +519,13 @@ impl ChannelManager {
                 let more = start as usize + items.len() < self.titles.len();
                 self.reply(from, &env, Control::CatalogReply { items, more });
             }
-            Control::Join { title } => self.join(now, from, &env, &title, None),
+            Control::Join { title } => self.join(now, from, &env, &title, None, None),
+            Control::JoinAt { title, block } => {
+                self.join(now, from, &env, &title, None, Some(block))
+            }
             Control::ChangeTier { archive_id, tier } => {
                 match self.by_id.get(&archive_id).cloned() {
-                    Some(title) => self.join(now, from, &env, &title, Some(tier as usize)),
+                    Some(title) => self.join(now, from, &env, &title, Some(tier as usize), None),
                     None => self.unknown_session(from, &env, "unknown archive: join again"),
                 }
             }
@@ -684,6 +687,7 @@ impl ChannelManager {
         env: &Envelope,
         title: &str,
         tier: Option<usize>,
+        start_block: Option<u64>,
     ) {
         let Some(info) = self.titles.get(title).cloned() else {
             self.counters.not_here += 1;
@@ -726,7 +730,7 @@ impl ChannelManager {
         };
         let id = match self.tier_channel(&archive_id, tier) {
             Some(id) => id,
-            None => match self.open_channel(now, &info, tier) {
+            None => match self.open_channel(now, &info, tier, start_block.unwrap_or(0)) {
                 Some(id) => id,
                 None => {
                     self.error(
@@ -798,7 +802,13 @@ impl ChannelManager {
         );
     }
 
-    fn open_channel(&mut self, now: Instant, info: &TitleInfo, tier: usize) -> Option<u32> {
+    fn open_channel(
+        &mut self,
+        now: Instant,
+        info: &TitleInfo,
+        tier: usize,
+        start_block: u64,
+    ) -> Option<u32> {
         let slot = self.slots.iter().position(|s| s.is_none())?;
         let id = self.next_channel;
         self.next_channel = self.next_channel.wrapping_add(1).max(1);
@@ -813,7 +823,7 @@ impl ChannelManager {
             tag: archive_tag(&info.head.archive_id),
             slot,
             group,
-            carousel: Carousel::new(LoopShape::of(&info.head)),
+            carousel: Carousel::starting_at(LoopShape::of(&info.head), start_block),
             pacer: Pacer::new(rate, self.params.burst, now),
             data_start: now + self.params.sync_lead,
             next_sync: now,

@@ -13,11 +13,13 @@
 //! * **Down.** A server whose heartbeats stop is marked down after `down_after` of its own
 //!   intervals, and one that says it is stopping at once; a down server gets no requests.
 //! * **Routing.** Among servers that are up, online, hold the title and are not excluded by
-//!   the receiver (servers it found silent), the least loaded wins: utilisation (measured
-//!   throughput / capacity, or channel slots in use, whichever is higher), plus a little for
-//!   each request routed there since its last heartbeat, plus a cost when the title is not
-//!   looping there yet (a new channel) or when its fastest tier is slower than the receiver's
-//!   measured throughput. Ties go to the server routed to least.
+//!   the receiver (servers it found silent), the cheapest wins: its utilisation (measured
+//!   throughput / capacity, or channel slots in use, whichever is higher), plus the cost of a
+//!   new channel when the title is not looping there yet (one more loop to send; a receiver
+//!   joining a running loop costs a multicast server nothing, so receivers of one title
+//!   gather on one loop), plus a little for each new channel routed there since its last
+//!   heartbeat (load it does not report yet), plus a penalty when its fastest tier is slower
+//!   than the receiver's measured throughput. Ties go to the server routed to least.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{SocketAddr, SocketAddrV4};
@@ -41,10 +43,13 @@ pub struct Params {
     pub max_skew: Duration,
 }
 
-/// Load added per request routed to a server since its last heartbeat.
+/// Load added per new channel routed to a server since its last heartbeat.
 const ROUTED_COST: f64 = 0.02;
 /// Cost of opening a channel (the title is not looping there yet).
-const NEW_CHANNEL_COST: f64 = 0.05;
+const NEW_CHANNEL_COST: f64 = 0.1;
+/// A title routed to a server counts as looping there for this many of its intervals (until
+/// its heartbeats show the channel).
+const ROUTED_LOOPING_INTERVALS: u32 = 3;
 /// Cost of a server whose fastest tier is slower than the receiver can take.
 const SLOW_TIER_COST: f64 = 0.5;
 
@@ -103,9 +108,11 @@ struct Entry {
     hb: Heartbeat,
     last_seen: Instant,
     up: bool,
-    /// Requests routed here since its last heartbeat (load it does not report yet).
+    /// New channels routed here since its last heartbeat (load it does not report yet).
     routed_since: u64,
     routed_total: u64,
+    /// Titles routed here recently: looping there by the time a receiver joins.
+    routed_titles: BTreeMap<String, Instant>,
 }
 
 impl Entry {
@@ -113,12 +120,16 @@ impl Entry {
         self.last_seen + Duration::from_millis(self.hb.interval_ms as u64) * p.down_after
     }
 
-    fn holds(&self, title: &str) -> Option<bool> {
+    /// `None` if it does not hold `title`, else whether a loop of it runs (or is about to).
+    fn holds(&self, title: &str, now: Instant) -> Option<bool> {
+        let routed = self.routed_titles.get(title).is_some_and(|t| {
+            now < *t + Duration::from_millis(self.hb.interval_ms as u64) * ROUTED_LOOPING_INTERVALS
+        });
         self.hb
             .titles
             .iter()
             .find(|t| t.title == title)
-            .map(|t| t.looping)
+            .map(|t| t.looping || routed)
     }
 
     fn score(&self, looping: bool, rx_bps: u64) -> f64 {
@@ -283,6 +294,7 @@ impl Director {
                         up: !stopping,
                         routed_since: 0,
                         routed_total: 0,
+                        routed_titles: BTreeMap::new(),
                     },
                 );
                 if !stopping {
@@ -331,7 +343,7 @@ impl Director {
         let holders: Vec<(&SocketAddrV4, &Entry, bool)> = self
             .servers
             .iter()
-            .filter_map(|(a, e)| e.holds(title).map(|l| (a, e, l)))
+            .filter_map(|(a, e)| e.holds(title, now).map(|l| (a, e, l)))
             .collect();
         if holders.is_empty() {
             self.counters.routes_not_found += 1;
@@ -349,11 +361,20 @@ impl Director {
             .filter(|(_, e, _)| e.hb.state == ServerState::Online)
             .map(|(a, e, l)| (e.score(*l, rx_bps), e.routed_total, **a))
             .min_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+        let best = best.map(|(_, _, a)| {
+            let looping = usable.iter().any(|(x, _, l)| **x == a && *l);
+            (a, looping)
+        });
         match best {
-            Some((_, _, addr)) => {
+            Some((addr, looping)) => {
                 let e = self.servers.get_mut(&addr).expect("listed");
-                e.routed_since += 1;
+                if !looping {
+                    e.routed_since += 1;
+                }
                 e.routed_total += 1;
+                e.routed_titles
+                    .retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(60));
+                e.routed_titles.insert(title.to_string(), now);
                 self.counters.routes_ok += 1;
                 Ok(addr)
             }
@@ -678,20 +699,33 @@ mod tests {
     }
 
     #[test]
-    fn requests_spread_over_equal_servers_until_the_next_heartbeat() {
+    fn new_channels_spread_over_equal_servers_and_one_title_gathers_on_one_loop() {
         let t = Instant::now();
         let mut d = Director::new(params());
+        let titles: Vec<String> = (0..30).map(|i| format!("t{i}")).collect();
+        let refs: Vec<&str> = titles.iter().map(|s| s.as_str()).collect();
         for n in 1..=3 {
-            feed(&mut d, t, &hb(n, 1, &["a"]));
+            feed(&mut d, t, &hb(n, 1, &refs));
         }
         let mut count = BTreeMap::new();
-        for _ in 0..30 {
-            *count.entry(route(&mut d, t, "a").unwrap()).or_insert(0) += 1;
+        for title in &titles {
+            *count.entry(route(&mut d, t, title).unwrap()).or_insert(0) += 1;
         }
         assert_eq!(
             count.values().copied().collect::<Vec<_>>(),
             vec![10, 10, 10]
         );
+        // Receivers of one title all go where its loop runs (or was just routed to).
+        let first = route(&mut d, t, "t0").unwrap();
+        for _ in 0..10 {
+            assert_eq!(
+                route(&mut d, t + Duration::from_millis(100), "t0"),
+                Ok(first)
+            );
+        }
+        // ... unless that server is excluded.
+        let other = d.route(t, "t0", 0, &[first]).unwrap();
+        assert_ne!(other, first);
     }
 
     #[test]

@@ -87,6 +87,13 @@ pub enum Control {
     Join {
         title: String,
     },
+    /// A join that resumes a download (e.g. on another server after a fail-over): if a new
+    /// channel has to be opened for it, its loop starts at `block` (where the receiver's
+    /// missing packets begin) instead of block 0. Answered like [`Control::Join`].
+    JoinAt {
+        title: String,
+        block: u64,
+    },
     /// Fetch `HEAD_CHUNK` bytes of the archive head at `offset`.
     HeadRequest {
         archive_id: ArchiveId,
@@ -208,6 +215,7 @@ mod t {
     pub const STATS_REQ: u8 = 8;
     pub const PLAY_REQ: u8 = 9;
     pub const CHANGE_TIER: u8 = 10;
+    pub const JOIN_AT: u8 = 11;
     pub const CATALOG: u8 = 64;
     pub const JOIN_OK: u8 = 65;
     pub const NOT_HERE: u8 = 66;
@@ -258,6 +266,11 @@ impl Envelope {
             Control::Join { title } => {
                 b.put_short_bytes(title.as_bytes());
                 t::JOIN
+            }
+            Control::JoinAt { title, block } => {
+                b.put_short_bytes(title.as_bytes());
+                b.put_u64(*block);
+                t::JOIN_AT
             }
             Control::HeadRequest { archive_id, offset } => {
                 b.extend_from_slice(archive_id);
@@ -427,6 +440,10 @@ impl Envelope {
             t::JOIN => Control::Join {
                 title: get_str(&mut r, 128, "title")?,
             },
+            t::JOIN_AT => Control::JoinAt {
+                title: get_str(&mut r, 128, "title")?,
+                block: r.u64("block")?,
+            },
             t::HEAD_REQ => Control::HeadRequest {
                 archive_id: r.array("archive_id")?,
                 offset: r.u32("offset")?,
@@ -570,6 +587,10 @@ mod tests {
             Control::CatalogRequest { start: 3 },
             Control::Join {
                 title: "film".into(),
+            },
+            Control::JoinAt {
+                title: "film".into(),
+                block: 17,
             },
             Control::HeadRequest {
                 archive_id: id,
