@@ -108,7 +108,7 @@ pub enum Revoked {
 /// shared by several (`[tickets] database`).
 pub enum TicketDb {
     Sqlite(SqliteDb),
-    Postgres(crate::ticketdb_pg::PgDb),
+    Postgres(Box<crate::ticketdb_pg::PgDb>),
 }
 
 macro_rules! both {
@@ -129,9 +129,9 @@ impl TicketDb {
     /// Open the database `[tickets]` names.
     pub fn open_config(cfg: &crate::config::TicketsConfig) -> Result<TicketDb, TicketDbError> {
         if cfg.database == "postgres" {
-            Ok(TicketDb::Postgres(crate::ticketdb_pg::PgDb::open(
-                &cfg.postgres_url,
-            )?))
+            Ok(TicketDb::Postgres(Box::new(
+                crate::ticketdb_pg::PgDb::open(&cfg.postgres_url)?,
+            )))
         } else {
             Self::open(&cfg.db)
         }

@@ -359,6 +359,87 @@ impl PgDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mcast_keys::ticket::TicketSpec;
+    use mcast_keys::{Identity, MasterKey};
+
+    /// `MCAST_TEST_PG_URL`, or `None` after saying why (a failure under `CI=true`).
+    fn pg_url() -> Option<String> {
+        match std::env::var("MCAST_TEST_PG_URL") {
+            Ok(u) => Some(u),
+            Err(_) if std::env::var("CI").as_deref() == Ok("true") => {
+                panic!(
+                    "CI=true: MCAST_TEST_PG_URL must name a PostgreSQL server (.ci/run starts one)"
+                )
+            }
+            Err(_) => {
+                eprintln!("SKIPPED: MCAST_TEST_PG_URL is not set (no PostgreSQL server)");
+                None
+            }
+        }
+    }
+
+    fn ticket(plays: u32) -> Ticket {
+        let spec = TicketSpec {
+            title: "film".into(),
+            archive_id: [4; 16],
+            holder: "pg-test".into(),
+            plays,
+            expires_unix: 0,
+            issued_unix: 1000,
+        };
+        Ticket::issue(&Identity::generate(), &MasterKey::generate(), &spec)
+            .unwrap()
+            .0
+            .ticket
+    }
+
+    #[test]
+    fn concurrent_servers_use_exactly_the_plays_there_are() {
+        let Some(url) = pg_url() else { return };
+        let db = PgDb::open(&url).unwrap();
+        let t = ticket(2);
+        db.insert(&t, b"wrapped").unwrap();
+        // 16 connections (as from 16 servers) race for 2 plays.
+        let wins: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..16u8)
+                .map(|i| {
+                    let (url, t) = (&url, &t);
+                    s.spawn(move || {
+                        let db = PgDb::open(url).unwrap();
+                        db.consume(&t.ticket_id, &t.archive_id, &[i; 32], 50, 60)
+                            .unwrap()
+                            .is_ok() as usize
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(wins, 2);
+        let row = db.get(&t.ticket_id).unwrap().unwrap();
+        assert_eq!((row.plays_left, row.grants), (0, 2));
+        // Same contract as SQLite: a retry with a granted key is free, others are refused.
+        let again = db
+            .consume(&t.ticket_id, &t.archive_id, &[99; 32], 51, 60)
+            .unwrap();
+        assert_eq!(again, Err(Refusal::AlreadyUsed { plays: 2 }));
+        assert_eq!(
+            db.consume(&t.ticket_id, &[0; 16], &[98; 32], 51, 60)
+                .unwrap(),
+            Err(Refusal::ArchiveMismatch)
+        );
+        assert!(matches!(
+            db.revoke(&t.ticket_id, 60).unwrap(),
+            Revoked::Now(_)
+        ));
+        let unknown = ticket(1);
+        assert_eq!(
+            db.consume(&unknown.ticket_id, &unknown.archive_id, &[1; 32], 5, 60)
+                .unwrap(),
+            Err(Refusal::Unknown)
+        );
+        db.remove(&t.ticket_id).unwrap();
+        assert!(db.get(&t.ticket_id).unwrap().is_none());
+    }
 
     #[test]
     fn passwords_are_redacted() {
