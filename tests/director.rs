@@ -417,6 +417,11 @@ fn requests_are_routed_when_a_director_is_killed() {
     assert_eq!(v["switches"], 0, "{v}");
     let ds = stats(c.director_addr(1));
     assert!(ds["counters"]["routes_ok"].as_u64().unwrap() >= 1, "{ds}");
+    // A title no server holds: exit 5, after a short grace period.
+    let t = Instant::now();
+    let f = c.get("nope", &c.dir.path().join("r2"), &[]).wait(LIMIT);
+    f.assert_code(5);
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     // With no director left the receiver says so (exit 4), promptly.
     c.directors[1].1.kill();
     let f = c.get("doc", &c.dir.path().join("r1"), &[]).wait(LIMIT);

@@ -22,6 +22,8 @@ use crate::state::State;
 /// How long a director gets to answer one try, and tries per director.
 const DIRECTOR_TRY: Duration = Duration::from_millis(300);
 const DIRECTOR_TRIES: u32 = 2;
+/// How long "no server holds the title" is retried before it is final.
+const NOT_FOUND_GRACE: Duration = Duration::from_secs(3);
 
 /// The final report: the last run's figures plus the fail-over story.
 #[derive(Debug, Clone, Serialize)]
@@ -141,7 +143,8 @@ impl DirectorClient {
     }
 
     /// A server for `title`, retrying while directors say "none yet" (servers starting,
-    /// all busy) until `deadline`.
+    /// all busy) until `deadline`; "not found" is believed after [`NOT_FOUND_GRACE`] (a
+    /// director that just started may not have heard every server yet).
     pub fn route(
         &mut self,
         title: &str,
@@ -150,10 +153,16 @@ impl DirectorClient {
         stop: &AtomicBool,
     ) -> Result<SocketAddrV4, RecvError> {
         let mut backoff = Duration::from_millis(200);
+        let mut first_not_found: Option<Instant> = None;
         loop {
             let why = match self.ask(title, exclude)? {
                 Ok(s) => return Ok(s),
                 Err(why) => why,
+            };
+            let deadline = if why.0 == NoRoute::NotFound {
+                deadline.min(*first_not_found.get_or_insert_with(Instant::now) + NOT_FOUND_GRACE)
+            } else {
+                deadline
             };
             // Every holder excluded: the silence may have been ours; start afresh.
             if why.0 == NoRoute::NoHealthyServer && !exclude.is_empty() {
