@@ -75,6 +75,17 @@ impl Carousel {
         }
     }
 
+    /// A loop that starts at block `block` (its hash packet) and wraps round as usual; a
+    /// block out of range starts at 0. Used for a channel opened by a resuming receiver.
+    pub fn starting_at(shape: LoopShape, block: u64) -> Carousel {
+        let pos = block.saturating_mul(shape.block_symbols + 1);
+        Carousel {
+            shape,
+            pos: if pos < shape.loop_packets() { pos } else { 0 },
+            loops: 0,
+        }
+    }
+
     pub fn shape(&self) -> &LoopShape {
         &self.shape
     }
@@ -108,6 +119,29 @@ impl Carousel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_loop_can_start_at_any_block() {
+        let shape = LoopShape {
+            data_packets: 20,
+            n_blocks: 3,
+            block_symbols: 8,
+        };
+        let mut c = Carousel::starting_at(shape, 2);
+        assert_eq!(c.next_packet(), Some(PacketId::Hash(2)));
+        assert_eq!(c.next_packet(), Some(PacketId::Data(16)));
+        for _ in 0..3 {
+            c.next_packet();
+        }
+        assert!(c.at_loop_start(), "wraps after the last block");
+        assert_eq!(c.next_packet(), Some(PacketId::Hash(0)));
+        let mut c = Carousel::starting_at(shape, 3);
+        assert_eq!(
+            c.next_packet(),
+            Some(PacketId::Hash(0)),
+            "out of range: block 0"
+        );
+    }
 
     #[test]
     fn one_loop_is_every_unit_once_hash_first() {

@@ -248,6 +248,8 @@ pub struct Counters {
     /// Units whose repair was already queued, or sent within the last GRTT.
     pub nak_units_coalesced: u64,
     pub repairs_sent: u64,
+    /// Joins refused while draining.
+    pub refused_draining: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -388,6 +390,8 @@ pub struct ChannelManager {
     /// noticed up to `LEASE_CHECK` late.
     next_lease_check: Instant,
     next_rate_update: Instant,
+    /// Draining: members keep their channels, new receivers are refused.
+    draining: bool,
 }
 
 /// Packets due within this much of `now` go out now: the driver then wakes once per quantum
@@ -425,6 +429,7 @@ impl ChannelManager {
             nak_buckets: HashMap::new(),
             next_lease_check: now,
             next_rate_update: now + RATE_UPDATE,
+            draining: false,
         };
         for t in titles {
             m.add_title(t);
@@ -440,6 +445,21 @@ impl ChannelManager {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Titles this server can loop (for heartbeats and health checks).
+    pub fn title_names(&self) -> impl Iterator<Item = &str> {
+        self.titles.keys().map(|t| t.as_str())
+    }
+
+    /// Draining: receivers already on a channel finish (and may rejoin or change tier), new
+    /// ones get [`ErrorCode::Draining`] so they ask a director for another server.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining
     }
 
     pub fn stats(&self) -> Stats {
@@ -549,10 +569,13 @@ impl ChannelManager {
                 let more = start as usize + items.len() < self.titles.len();
                 self.reply(from, &env, Control::CatalogReply { items, more });
             }
-            Control::Join { title } => self.join(now, from, &env, &title, None),
+            Control::Join { title } => self.join(now, from, &env, &title, None, None),
+            Control::JoinAt { title, block } => {
+                self.join(now, from, &env, &title, None, Some(block))
+            }
             Control::ChangeTier { archive_id, tier } => {
                 match self.by_id.get(&archive_id).cloned() {
-                    Some(title) => self.join(now, from, &env, &title, Some(tier as usize)),
+                    Some(title) => self.join(now, from, &env, &title, Some(tier as usize), None),
                     None => self.unknown_session(from, &env, "unknown archive: join again"),
                 }
             }
@@ -723,6 +746,7 @@ impl ChannelManager {
         env: &Envelope,
         title: &str,
         tier: Option<usize>,
+        start_block: Option<u64>,
     ) {
         let Some(info) = self.titles.get(title).cloned() else {
             self.counters.not_here += 1;
@@ -744,6 +768,16 @@ impl ChannelManager {
         let tiers = self.params.tiers();
         let rid = env.receiver_id;
         let current = self.member_channel(&archive_id, rid);
+        if self.draining && current.is_none() {
+            self.counters.refused_draining += 1;
+            self.error(
+                from,
+                env,
+                ErrorCode::Draining,
+                "server is draining: ask a traffic director for another server",
+            );
+            return;
+        }
         let tier = match (tier, current) {
             (Some(t), _) if t >= tiers.len() => {
                 self.error(from, env, ErrorCode::BadRequest, "no such tier");
@@ -755,7 +789,7 @@ impl ChannelManager {
         };
         let id = match self.tier_channel(&archive_id, tier) {
             Some(id) => id,
-            None => match self.open_channel(now, &info, tier) {
+            None => match self.open_channel(now, &info, tier, start_block.unwrap_or(0)) {
                 Some(id) => id,
                 None => {
                     self.error(
@@ -827,7 +861,13 @@ impl ChannelManager {
         );
     }
 
-    fn open_channel(&mut self, now: Instant, info: &TitleInfo, tier: usize) -> Option<u32> {
+    fn open_channel(
+        &mut self,
+        now: Instant,
+        info: &TitleInfo,
+        tier: usize,
+        start_block: u64,
+    ) -> Option<u32> {
         let slot = self.slots.iter().position(|s| s.is_none())?;
         let id = self.next_channel;
         self.next_channel = self.next_channel.wrapping_add(1).max(1);
@@ -842,7 +882,7 @@ impl ChannelManager {
             tag: archive_tag(&info.head.archive_id),
             slot,
             group,
-            carousel: Carousel::new(LoopShape::of(&info.head)),
+            carousel: Carousel::starting_at(LoopShape::of(&info.head), start_block),
             pacer: Pacer::new(rate, self.params.burst, now),
             data_start: now + self.params.sync_lead,
             next_sync: now,

@@ -17,7 +17,39 @@ pub struct Config {
     pub pack: PackConfig,
     pub server: ServerConfig,
     pub tickets: TicketsConfig,
+    pub directors: DirectorsConfig,
     pub log: LogConfig,
+}
+
+/// `[directors]`: the traffic directors this server sends heartbeats to.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectorsConfig {
+    /// Director addresses (UDP); empty: no heartbeats.
+    pub addrs: Vec<SocketAddr>,
+    /// Heartbeat period in milliseconds.
+    pub heartbeat_ms: u64,
+    /// File holding the shared heartbeat key (64 hex characters).
+    pub key_file: PathBuf,
+    /// Control endpoint as receivers reach it ("" = `server.control`).
+    pub advertise: String,
+    /// Send capacity reported to directors, Mbit/s (0 = channels x fastest tier).
+    pub capacity_mbps: f64,
+    /// Report "overloaded" at or above this share of capacity.
+    pub overload_share: f64,
+}
+
+impl Default for DirectorsConfig {
+    fn default() -> Self {
+        DirectorsConfig {
+            addrs: Vec::new(),
+            heartbeat_ms: 500,
+            key_file: PathBuf::from("mcast-data/heartbeat.key"),
+            advertise: String::new(),
+            capacity_mbps: 0.0,
+            overload_share: 0.9,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -63,6 +95,8 @@ pub struct ServerConfig {
     pub tiers_mbps: Vec<f64>,
     /// How a tier's rate follows its members' reports: "lowest" or "average".
     pub rate_policy: String,
+    /// TCP address answering `GET /health` with JSON status ("" = off).
+    pub health_listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -88,8 +122,12 @@ pub struct PackConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TicketsConfig {
+    /// "sqlite" (the file `db`, one server) or "postgres" (`postgres_url`, shared by servers).
+    pub database: String,
     /// SQLite file holding every ticket's server-side key part (wrapped) and plays left.
     pub db: PathBuf,
+    /// PostgreSQL connection string (libpq key=value or postgres:// URL) for `database = "postgres"`.
+    pub postgres_url: String,
     /// A play request repeated with the same receiver key within this many seconds of its
     /// grant gets the grant again without using a play (a lost reply over UDP).
     pub retry_secs: u64,
@@ -98,7 +136,9 @@ pub struct TicketsConfig {
 impl Default for TicketsConfig {
     fn default() -> Self {
         TicketsConfig {
+            database: "sqlite".into(),
             db: PathBuf::from("mcast-data/tickets.sqlite"),
+            postgres_url: String::new(),
             retry_secs: 60,
         }
     }
@@ -155,6 +195,7 @@ impl Default for ServerConfig {
             max_nak_units: 8192,
             tiers_mbps: Vec::new(),
             rate_policy: "lowest".into(),
+            health_listen: String::new(),
         }
     }
 }
@@ -164,6 +205,81 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".into(),
         }
+    }
+}
+
+/// `director.toml`: the traffic director's configuration (`conf/director.toml`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectorConfig {
+    pub director: DirectorSection,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectorSection {
+    /// UDP address for heartbeats from servers and requests from receivers.
+    pub listen: SocketAddr,
+    /// The shared heartbeat key (64 hex characters), the same file the servers use.
+    pub key_file: PathBuf,
+    /// A server is marked down after this many of its heartbeat intervals without one.
+    pub down_after: u32,
+    /// Heartbeats stamped further than this from the director's clock are refused (ms).
+    pub max_skew_ms: u64,
+}
+
+impl Default for DirectorSection {
+    fn default() -> Self {
+        DirectorSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7650)),
+            key_file: PathBuf::from("mcast-data/heartbeat.key"),
+            down_after: 3,
+            max_skew_ms: 30_000,
+        }
+    }
+}
+
+impl DirectorConfig {
+    /// Load `path`, or the built-in defaults when `None`.
+    pub fn load(path: Option<&Path>) -> Result<DirectorConfig, ConfigError> {
+        let Some(path) = path else {
+            return Ok(DirectorConfig::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<DirectorConfig, ConfigError> {
+        let cfg: DirectorConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        let field = |field: &'static str, why: String| ConfigError::Field {
+            path: path.to_path_buf(),
+            field,
+            why,
+        };
+        let d = &cfg.director;
+        if !(1..=100).contains(&d.down_after) {
+            return Err(field(
+                "director.down_after",
+                format!("{} is outside 1 ..= 100", d.down_after),
+            ));
+        }
+        if !(100..=3_600_000).contains(&d.max_skew_ms) {
+            return Err(field(
+                "director.max_skew_ms",
+                format!("{} is outside 100 ..= 3600000", d.max_skew_ms),
+            ));
+        }
+        if d.key_file.as_os_str().is_empty() {
+            return Err(field("director.key_file", "must name a file".into()));
+        }
+        Ok(cfg)
     }
 }
 
@@ -315,6 +431,53 @@ impl Config {
                 "must be at most 16 positive rates in ascending order".into(),
             ));
         }
+        match self.tickets.database.as_str() {
+            "sqlite" => {}
+            "postgres" if !self.tickets.postgres_url.trim().is_empty() => {}
+            "postgres" => {
+                return Err(field(
+                    "tickets.postgres_url",
+                    "must be set when database = \"postgres\"".into(),
+                ))
+            }
+            other => {
+                return Err(field(
+                    "tickets.database",
+                    format!("{other:?}: use \"sqlite\" or \"postgres\""),
+                ))
+            }
+        }
+        self.health_listen()
+            .map_err(|e| field("server.health_listen", e.to_string()))?;
+        self.advertised_control()
+            .map_err(|e| field("directors.advertise", e.to_string()))?;
+        let d = &self.directors;
+        if !(50..=60_000).contains(&d.heartbeat_ms) {
+            return Err(field(
+                "directors.heartbeat_ms",
+                format!("{} is outside 50 ..= 60000", d.heartbeat_ms),
+            ));
+        }
+        if !d.addrs.is_empty() && d.key_file.as_os_str().is_empty() {
+            return Err(field(
+                "directors.key_file",
+                "must name the shared heartbeat key when directors.addrs is set \
+                 (make one with `mcast-director genkey -o FILE`)"
+                    .into(),
+            ));
+        }
+        if !(d.capacity_mbps >= 0.0 && d.capacity_mbps.is_finite()) {
+            return Err(field(
+                "directors.capacity_mbps",
+                "must be 0 (derived) or positive".into(),
+            ));
+        }
+        if !(d.overload_share > 0.0 && d.overload_share <= 1.0) {
+            return Err(field(
+                "directors.overload_share",
+                format!("{} is outside (0, 1]", d.overload_share),
+            ));
+        }
         if sv.sync_interval_ms == 0 {
             return Err(field(
                 "server.sync_interval_ms",
@@ -322,6 +485,39 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `[server] health_listen` as an address (`None` = off).
+    pub fn health_listen(&self) -> anyhow::Result<Option<SocketAddr>> {
+        let s = self.server.health_listen.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("{s:?} is not an IP:PORT (or \"\" for off)"))
+    }
+
+    /// The control endpoint receivers are sent to by directors: `[directors] advertise`, or
+    /// `server.control` (which must then be a specific IPv4 address).
+    pub fn advertised_control(&self) -> anyhow::Result<std::net::SocketAddrV4> {
+        let a = self.directors.advertise.trim();
+        let addr: SocketAddr = if a.is_empty() {
+            self.server.control
+        } else {
+            a.parse()
+                .map_err(|_| anyhow::anyhow!("{a:?} is not an IPv4 IP:PORT"))?
+        };
+        match addr {
+            SocketAddr::V4(v) if !v.ip().is_unspecified() => Ok(v),
+            _ if self.directors.addrs.is_empty() => Ok(std::net::SocketAddrV4::new(
+                Ipv4Addr::LOCALHOST,
+                addr.port(),
+            )),
+            _ => Err(anyhow::anyhow!(
+                "{addr} cannot be reached by receivers: set directors.advertise to this server's IPv4 control address"
+            )),
+        }
     }
 
     /// Channel protocol parameters from `[server]`.
@@ -392,6 +588,56 @@ mod tests {
         let text = include_str!("../conf/mcastd.toml");
         let cfg = Config::parse(text, Path::new("conf/mcastd.toml")).unwrap();
         assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn shipped_director_config_parses_to_the_defaults() {
+        let text = include_str!("../conf/director.toml");
+        let cfg = DirectorConfig::parse(text, Path::new("conf/director.toml")).unwrap();
+        assert_eq!(cfg, DirectorConfig::default());
+        let e = DirectorConfig::parse("[director]\ndown_after = 0\n", Path::new("d.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("director.down_after") && e.contains("d.toml"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn director_and_ticket_fields_are_checked() {
+        let p = Path::new("x.toml");
+        let e = Config::parse(
+            "[directors]\naddrs = [\"127.0.0.1:7650\"]\nkey_file = \"\"\n",
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("directors.key_file"), "{e}");
+        let e = Config::parse(
+            "[server]\ncontrol = \"0.0.0.0:7600\"\n[directors]\naddrs = [\"127.0.0.1:7650\"]\n",
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("directors.advertise"), "{e}");
+        let e = Config::parse("[tickets]\ndatabase = \"postgres\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tickets.postgres_url"), "{e}");
+        let e = Config::parse("[tickets]\ndatabase = \"mysql\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tickets.database"), "{e}");
+        let e = Config::parse("[server]\nhealth_listen = \"nope\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.health_listen"), "{e}");
+        let c = Config::parse("[server]\nhealth_listen = \"127.0.0.1:7680\"\n", p).unwrap();
+        assert_eq!(
+            c.health_listen().unwrap(),
+            Some("127.0.0.1:7680".parse().unwrap())
+        );
     }
 
     #[test]

@@ -142,8 +142,7 @@ fn flush(
 pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let ks = mcast_keys::KeyStore::open(&cfg.store.key_dir)?;
     let trusted = ks.identity()?.public();
-    let mut tickets =
-        crate::ticket::TicketService::open(&cfg.tickets.db, &ks, trusted, cfg.tickets.retry_secs)?;
+    let mut tickets = crate::ticket::TicketService::open_config(&cfg.tickets, &ks, trusted)?;
     let (titles, files) = load_titles(&cfg.store.archive_dir, &trusted)?;
     if titles.is_empty() {
         tracing::warn!(dir = %cfg.store.archive_dir.display(), "no archives to serve; pack one with `mcastd pack`");
@@ -165,6 +164,8 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         tickets = %tickets.db_path().display(), "mcastd serving");
 
     let mut mgr = ChannelManager::new(cfg.channel_params(), titles, Instant::now());
+    // Heartbeats to traffic directors, HTTP health status, SIGUSR1/SIGUSR2 draining.
+    let mut beats = crate::heartbeat::HeartbeatDriver::start(cfg)?;
     let mut buf = vec![0u8; MAX_CONTROL_LEN + 1];
     let mut batch = PacketBatch::with_capacity(BATCH, DATA_HEADER_LEN + 65_536);
     let mut sender = BatchSender::new(&data, true);
@@ -196,6 +197,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
         }
         mgr.handle_timeout(now);
+        beats.poll(now, &mut mgr, &ctrl);
         while let Some((to, bytes)) = mgr.poll_reply() {
             if let Err(e) = ctrl.send_to(&bytes, to) {
                 tracing::debug!(%to, error = %e, "control reply not sent");
@@ -250,7 +252,12 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             .poll_timeout()
             .map(|d| d.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_millis(200))
-            .min(Duration::from_millis(200));
+            .min(Duration::from_millis(200))
+            .min(
+                beats
+                    .poll_timeout()
+                    .saturating_duration_since(Instant::now()),
+            );
         if wait > Duration::ZERO {
             // ppoll takes a nanosecond timeout: paced sends at high rates wake on time rather
             // than on poll's millisecond grid (timer slack is set low at start-up).
@@ -265,6 +272,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
         }
     }
+    beats.stopping(&mgr, &ctrl);
     tracing::info!(counters = ?mgr.counters(), "mcastd stopping");
     Ok(())
 }

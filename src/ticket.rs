@@ -181,6 +181,22 @@ impl TicketService {
         })
     }
 
+    /// Open the validation database `[tickets]` names (SQLite or a shared PostgreSQL).
+    pub fn open_config(
+        cfg: &crate::config::TicketsConfig,
+        keys: &KeyStore,
+        trusted: PublicIdentity,
+    ) -> anyhow::Result<TicketService> {
+        let db = TicketDb::open_config(cfg)?;
+        let db_key = keys.tickets_key()?;
+        Ok(TicketService {
+            db,
+            db_key,
+            trusted,
+            retry_secs: cfg.retry_secs,
+        })
+    }
+
     /// Answer a `PlayRequest` datagram; `None` for any other datagram, and for one that does
     /// not decode: those belong to the channel manager, which counts malformed datagrams and
     /// never answers them.

@@ -39,6 +39,13 @@ pub enum TicketDbError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("ticket database {path}: {what}: {source}")]
+    Pg {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: postgres::Error,
+    },
     #[error("ticket database {path}: {why}")]
     Invalid { path: PathBuf, why: String },
 }
@@ -97,7 +104,128 @@ pub enum Revoked {
     Already(TicketRow),
 }
 
-pub struct TicketDb {
+/// The validation database: the SQLite file (default, one server) or a PostgreSQL server
+/// shared by several (`[tickets] database`).
+pub enum TicketDb {
+    Sqlite(SqliteDb),
+    Postgres(Box<crate::ticketdb_pg::PgDb>),
+}
+
+macro_rules! both {
+    ($self:ident, $db:ident => $e:expr) => {
+        match $self {
+            TicketDb::Sqlite($db) => $e,
+            TicketDb::Postgres($db) => $e,
+        }
+    };
+}
+
+impl TicketDb {
+    /// Open (creating if missing) the SQLite database at `path`.
+    pub fn open(path: &Path) -> Result<TicketDb, TicketDbError> {
+        Ok(TicketDb::Sqlite(SqliteDb::open(path)?))
+    }
+
+    /// Open the database `[tickets]` names.
+    pub fn open_config(cfg: &crate::config::TicketsConfig) -> Result<TicketDb, TicketDbError> {
+        if cfg.database == "postgres" {
+            Ok(TicketDb::Postgres(Box::new(
+                crate::ticketdb_pg::PgDb::open(&cfg.postgres_url)?,
+            )))
+        } else {
+            Self::open(&cfg.db)
+        }
+    }
+
+    /// The SQLite file, or the PostgreSQL connection string without its password.
+    pub fn path(&self) -> &Path {
+        both!(self, db => db.path())
+    }
+
+    pub fn insert(&self, t: &Ticket, wrapped_part: &[u8]) -> Result<(), TicketDbError> {
+        both!(self, db => db.insert(t, wrapped_part))
+    }
+
+    pub fn remove(&self, ticket_id: &TicketId) -> Result<(), TicketDbError> {
+        both!(self, db => db.remove(ticket_id))
+    }
+
+    /// Every ticket, oldest first.
+    pub fn list(&self) -> Result<Vec<TicketRow>, TicketDbError> {
+        both!(self, db => db.list())
+    }
+
+    pub fn get(&self, ticket_id: &TicketId) -> Result<Option<TicketRow>, TicketDbError> {
+        both!(self, db => db.get(ticket_id))
+    }
+
+    /// The ticket whose id is, or starts with, `hex_prefix` (at least 8 hex digits; must be
+    /// unambiguous).
+    pub fn find(&self, hex_prefix: &str) -> Result<TicketRow, TicketDbError> {
+        find_in(self.list()?, hex_prefix, self.path())
+    }
+
+    /// The wrapped part B of a ticket (`None` if there is no such ticket).
+    pub fn wrapped_part(&self, ticket_id: &TicketId) -> Result<Option<Vec<u8>>, TicketDbError> {
+        both!(self, db => db.wrapped_part(ticket_id))
+    }
+
+    /// Revoke a ticket: it is refused from now on, including retries of earlier grants.
+    pub fn revoke(&self, ticket_id: &TicketId, now_unix: u64) -> Result<Revoked, TicketDbError> {
+        both!(self, db => db.revoke(ticket_id, now_unix))
+    }
+
+    /// Use one play of `ticket_id` for the receiver key `receiver_pub`, atomically (see
+    /// [`SqliteDb::consume`]).
+    pub fn consume(
+        &mut self,
+        ticket_id: &TicketId,
+        archive_id: &[u8; 16],
+        receiver_pub: &[u8; 32],
+        now_unix: u64,
+        retry_secs: u64,
+    ) -> Result<Result<Consumed, Refusal>, TicketDbError> {
+        match self {
+            TicketDb::Sqlite(db) => {
+                db.consume(ticket_id, archive_id, receiver_pub, now_unix, retry_secs)
+            }
+            TicketDb::Postgres(db) => {
+                db.consume(ticket_id, archive_id, receiver_pub, now_unix, retry_secs)
+            }
+        }
+    }
+}
+
+fn find_in(
+    rows: Vec<TicketRow>,
+    hex_prefix: &str,
+    path: &Path,
+) -> Result<TicketRow, TicketDbError> {
+    let p = hex_prefix.trim().to_ascii_lowercase();
+    let invalid = |why: String| TicketDbError::Invalid {
+        path: path.to_path_buf(),
+        why,
+    };
+    if p.len() < 8 || p.len() > 32 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid(format!(
+            "{hex_prefix:?} is not a ticket id (32 hex digits, or a unique prefix of 8 or more)"
+        )));
+    }
+    let matches: Vec<TicketRow> = rows
+        .into_iter()
+        .filter(|r| hex::encode(r.ticket_id).starts_with(&p))
+        .collect();
+    match matches.len() {
+        1 => Ok(matches.into_iter().next().unwrap()),
+        0 => Err(invalid(format!("no ticket with id {hex_prefix}"))),
+        n => Err(invalid(format!(
+            "{n} tickets have ids starting with {hex_prefix}; give more digits"
+        ))),
+    }
+}
+
+/// The SQLite backend (one server; the default).
+pub struct SqliteDb {
     conn: Connection,
     path: PathBuf,
 }
@@ -110,9 +238,9 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-impl TicketDb {
+impl SqliteDb {
     /// Open (creating if missing) the database at `path`.
-    pub fn open(path: &Path) -> Result<TicketDb, TicketDbError> {
+    pub fn open(path: &Path) -> Result<SqliteDb, TicketDbError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| TicketDbError::Invalid {
                 path: path.to_path_buf(),
@@ -171,7 +299,7 @@ impl TicketDb {
                 why: format!("schema version {version}; this build reads version {SCHEMA_VERSION}"),
             });
         }
-        Ok(TicketDb {
+        Ok(SqliteDb {
             conn,
             path: path.to_path_buf(),
         })
@@ -277,33 +405,6 @@ impl TicketDb {
             )
             .optional()
             .map_err(self.sql("cannot read the ticket"))
-    }
-
-    /// The ticket whose id is, or starts with, `hex_prefix` (at least 8 hex digits; must be
-    /// unambiguous).
-    pub fn find(&self, hex_prefix: &str) -> Result<TicketRow, TicketDbError> {
-        let p = hex_prefix.trim().to_ascii_lowercase();
-        let invalid = |why: String| TicketDbError::Invalid {
-            path: self.path.clone(),
-            why,
-        };
-        if p.len() < 8 || p.len() > 32 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(invalid(format!(
-                "{hex_prefix:?} is not a ticket id (32 hex digits, or a unique prefix of 8 or more)"
-            )));
-        }
-        let matches: Vec<TicketRow> = self
-            .list()?
-            .into_iter()
-            .filter(|r| hex::encode(r.ticket_id).starts_with(&p))
-            .collect();
-        match matches.len() {
-            1 => Ok(matches.into_iter().next().unwrap()),
-            0 => Err(invalid(format!("no ticket with id {hex_prefix}"))),
-            n => Err(invalid(format!(
-                "{n} tickets have ids starting with {hex_prefix}; give more digits"
-            ))),
-        }
     }
 
     /// The wrapped part B of a ticket (`None` if there is no such ticket).

@@ -387,3 +387,89 @@ fn tier_rates_follow_member_reports_within_bounds() {
         );
     }
 }
+
+/// Draining: members keep their channel (keepalives, tier moves, re-joins), new receivers are
+/// refused with `Draining`; a resuming join opens its loop at the block it asks for.
+#[test]
+fn draining_refuses_new_receivers_and_a_resume_starts_where_asked() {
+    use mcast::wire::control::ErrorCode;
+    let (mut m, t0, archive_id) = tiered(mcast::channel::RatePolicy::Lowest);
+    let join = || Control::Join {
+        title: "sim".into(),
+    };
+    assert!(matches!(
+        request(&mut m, t0, 1, join()),
+        Control::JoinOk { .. }
+    ));
+    m.set_draining(true);
+    assert!(m.is_draining());
+    assert!(matches!(
+        request(&mut m, t0, 2, join()),
+        Control::Error {
+            code: ErrorCode::Draining,
+            ..
+        }
+    ));
+    // The member stays: re-join, keepalive and tier change are answered.
+    assert!(matches!(
+        request(&mut m, t0, 1, join()),
+        Control::JoinOk { .. }
+    ));
+    let ka = Control::Keepalive {
+        archive_id,
+        have: 1,
+        total: 2,
+        rtt_us: 0,
+        rx_bps: 0,
+        loss_ppm: 0,
+    };
+    assert!(matches!(
+        request(&mut m, t0, 1, ka),
+        Control::LeaseOk { .. }
+    ));
+    assert!(matches!(
+        request(
+            &mut m,
+            t0,
+            1,
+            Control::ChangeTier {
+                archive_id,
+                tier: 1
+            }
+        ),
+        Control::JoinOk { tier: 1, .. }
+    ));
+    assert_eq!(stats(&m)["counters"]["refused_draining"], 1);
+    m.set_draining(false);
+    assert!(matches!(
+        request(&mut m, t0, 2, join()),
+        Control::JoinOk { .. }
+    ));
+
+    // A resume on a fresh server: the loop starts at the block asked for.
+    let head = mcast::sim::sim_head(4000, 1280);
+    let shape = LoopShape::of(&head);
+    let info = TitleInfo {
+        head: Arc::new(head),
+        head_bytes: Arc::new(Vec::new()),
+        archive_len: 0,
+    };
+    let mut m = ChannelManager::new(Params::for_tests(RATE), vec![info], t0);
+    let r = request(
+        &mut m,
+        t0,
+        7,
+        Control::JoinAt {
+            title: "sim".into(),
+            block: 5,
+        },
+    );
+    assert!(matches!(r, Control::JoinOk { .. }), "{r:?}");
+    let sent = run(&mut m, t0, t0 + Duration::from_millis(300), |_, _| {});
+    let first = sent
+        .iter()
+        .find(|(_, repair)| !repair)
+        .expect("loop packets");
+    assert_eq!(first.0, PacketId::Hash(5), "{:?}", &sent[..3]);
+    assert!(shape.n_blocks > 5);
+}

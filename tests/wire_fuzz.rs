@@ -4,6 +4,7 @@
 use mcast::archive::Head;
 use mcast::wire::control::{Control, Envelope};
 use mcast::wire::data::{DataHeader, SyncInfo};
+use mcast::wire::director::{DirectorMsg, Heartbeat, HeldTitle, ServerState};
 use mcast::wire::nak::Nak;
 use proptest::prelude::*;
 
@@ -13,6 +14,9 @@ fn decode_all(b: &[u8]) {
     let _ = SyncInfo::decode(b);
     let _ = Nak::decode(b);
     let _ = Head::decode(b);
+    let _ = Heartbeat::decode_unverified(b);
+    let _ = Heartbeat::open(b, &[7; 32]);
+    let _ = DirectorMsg::decode(b);
 }
 
 fn valid_samples() -> Vec<Vec<u8>> {
@@ -57,6 +61,32 @@ fn valid_samples() -> Vec<Vec<u8>> {
         }
         .encode(),
         mcast::sim::sim_head(100, 1280).encode(),
+        Heartbeat {
+            server: "127.0.0.1:7600".parse().unwrap(),
+            boot_id: 1,
+            seq: 2,
+            unix_ms: 3,
+            interval_ms: 500,
+            state: ServerState::Online,
+            channels: 1,
+            channel_slots: 32,
+            receivers: 4,
+            throughput_bps: 5,
+            capacity_bps: 6,
+            max_tier_bps: 7,
+            titles: vec![HeldTitle {
+                title: "film".into(),
+                looping: true,
+            }],
+        }
+        .encode(&[7; 32]),
+        DirectorMsg::RouteRequest {
+            req_id: 1,
+            title: "film".into(),
+            rx_bps: 0,
+            exclude: vec!["127.0.0.2:7600".parse().unwrap()],
+        }
+        .encode(),
     ]
 }
 
@@ -76,7 +106,7 @@ proptest! {
     }
 
     #[test]
-    fn mutated_valid_messages_never_panic(which in 0usize..5, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8), cut in any::<usize>()) {
+    fn mutated_valid_messages_never_panic(which in 0usize..7, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8), cut in any::<usize>()) {
         let mut b = valid_samples().swap_remove(which);
         for (i, x) in flips {
             let n = b.len();

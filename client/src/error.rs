@@ -20,6 +20,10 @@ pub enum Failure {
 pub struct RecvError {
     pub kind: Failure,
     pub message: String,
+    /// The server went silent mid-download (see `GetOptions::silence_timeout`): another
+    /// server can resume it. `received_bytes` is what this run received before that.
+    pub silent: bool,
+    pub received_bytes: u64,
 }
 
 impl RecvError {
@@ -27,6 +31,8 @@ impl RecvError {
         RecvError {
             kind,
             message: message.into(),
+            silent: false,
+            received_bytes: 0,
         }
     }
 

@@ -55,6 +55,13 @@ pub struct GetOptions {
     pub json: bool,
     pub progress_bar: bool,
     pub recv_buffer: usize,
+    /// Give up on the server (exit "unreachable", state kept) when nothing verifiable — a
+    /// verified packet or a control reply — came from it for this long. Set by the director
+    /// fail-over (`crate::failover`); `None`: wait for it.
+    pub silence_timeout: Option<Duration>,
+    /// Ask the server to start a new loop at this block (a resume: where this receiver's
+    /// missing units begin; see `crate::failover::resume_block`).
+    pub start_block: Option<u64>,
 }
 
 impl GetOptions {
@@ -71,6 +78,8 @@ impl GetOptions {
             json: false,
             progress_bar: false,
             recv_buffer: 4 << 20,
+            silence_timeout: None,
+            start_block: None,
         }
     }
 }
@@ -148,7 +157,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
 
     let receiver_id: u64 = rand::random();
     let mut ctl = ControlClient::new(opts.server, receiver_id)?;
-    let joined = join(&mut ctl, &opts.title)?;
+    let joined = join(&mut ctl, &opts.title, opts.start_block)?;
     let (archive_id, mut group, lease) = (joined.archive_id, joined.group, joined.lease);
     let (head, head_bytes) = fetch_head(&mut ctl, archive_id)?;
 
@@ -263,6 +272,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     let (mut received_bytes, mut received_packets, mut foreign, mut malformed) =
         (0u64, 0u64, 0u64, 0u64);
     let mut dirty = false;
+    // Last verified packet or control reply from the server (silence detection).
+    let mut last_heard = Instant::now();
     let bar = opts.progress_bar.then(|| {
         let b = indicatif::ProgressBar::new(dl.units());
         b.set_style(
@@ -328,6 +339,24 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
             }
         }
         let now = Instant::now();
+        if let Some(limit) = opts.silence_timeout {
+            if now.saturating_duration_since(last_heard) > limit {
+                checkpoint(&mut bg, &dl, &mut state, &part)?;
+                let mut e = RecvError::new(
+                    Failure::Unreachable,
+                    format!(
+                        "server {} went silent (nothing verifiable for {limit:?}) with {}/{} packets; \
+                         state kept: run again, or use --director, to resume",
+                        opts.server,
+                        dl.have_count(),
+                        dl.units()
+                    ),
+                );
+                e.silent = true;
+                e.received_bytes = received_bytes;
+                return Err(e);
+            }
+        }
         if now >= next_keepalive {
             let id = ctl.send(Control::Keepalive {
                 archive_id,
@@ -477,6 +506,9 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 continue;
             }
             let env = Envelope::decode(&ctl_buf[..n]);
+            if env.is_ok() {
+                last_heard = Instant::now();
+            }
             if let (
                 Ok(Envelope {
                     req_id,
@@ -504,7 +536,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                     "server forgot this session (restart or lease expiry): joining again"
                 );
                 ctl.sock.set_nonblocking(false).ok();
-                let j = join(&mut ctl, &opts.title)?;
+                let j = join(&mut ctl, &opts.title, None)?;
                 if j.group != group {
                     mcast = multicast_socket(j.group, opts.iface, opts.recv_buffer)?;
                     group = j.group;
@@ -609,6 +641,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                     match verdict {
                         Verdict::Write { .. } => {
                             heard = true;
+                            last_heard = Instant::now();
                             nak.on_packet(Instant::now(), id, hdr.repair, |u| dl.has_or_parked(u));
                         }
                         Verdict::Parked => {
@@ -620,6 +653,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                         // loop is only seen from the next loop's packets, which are duplicates).
                         Verdict::Duplicate if dl.duplicate_is_genuine(id, payload) => {
                             heard = true;
+                            last_heard = Instant::now();
                             nak.on_packet(Instant::now(), id, hdr.repair, |u| dl.has_or_parked(u));
                         }
                         Verdict::Duplicate => {}
@@ -816,16 +850,19 @@ struct Joined {
     tiers_bps: Vec<u64>,
 }
 
-fn join(ctl: &mut ControlClient, title: &str) -> Result<Joined, RecvError> {
+fn join(ctl: &mut ControlClient, title: &str, start: Option<u64>) -> Result<Joined, RecvError> {
     let mut backoff = Duration::from_millis(200);
+    let msg = match start {
+        Some(block) => Control::JoinAt {
+            title: title.to_string(),
+            block,
+        },
+        None => Control::Join {
+            title: title.to_string(),
+        },
+    };
     for _ in 0..10 {
-        match ctl.request(
-            Control::Join {
-                title: title.to_string(),
-            },
-            5,
-            Duration::from_millis(400),
-        )? {
+        match ctl.request(msg.clone(), 5, Duration::from_millis(400))? {
             Control::JoinOk {
                 archive_id,
                 group,
@@ -849,6 +886,19 @@ fn join(ctl: &mut ControlClient, title: &str) -> Result<Joined, RecvError> {
                 return Err(RecvError::new(
                     Failure::NotFound,
                     format!("server {} does not have title {title:?}{hint}; `mcast-recv catalog` lists what it has", ctl.server),
+                ));
+            }
+            Control::Error {
+                code: ErrorCode::Draining,
+                ..
+            } => {
+                return Err(RecvError::new(
+                    Failure::Unreachable,
+                    format!(
+                        "server {} is draining (finishing its receivers, taking no new ones): \
+                         use --director, or another --server",
+                        ctl.server
+                    ),
                 ));
             }
             Control::Error {

@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod error;
+pub mod failover;
 pub mod get;
 pub mod play;
 pub mod state;

@@ -43,6 +43,15 @@ enum Cmd {
         /// Server control endpoint.
         #[arg(long, short, default_value = "127.0.0.1:7600")]
         server: String,
+        /// Traffic directors, comma-separated HOST:PORT (instead of --server): a director
+        /// picks a healthy server holding the title; when one director does not answer the
+        /// next is asked, and when the server goes silent the download resumes on another.
+        #[arg(long, value_delimiter = ',', conflicts_with = "server")]
+        director: Vec<String>,
+        /// With --director: a server that sends nothing verifiable for this long is given up
+        /// and the download resumes on another server.
+        #[arg(long, default_value_t = 3000)]
+        silence_timeout_ms: u64,
         /// Output directory.
         #[arg(long, short, default_value = ".")]
         output: PathBuf,
@@ -180,6 +189,8 @@ fn run(cli: Cli) -> Result<(), RecvError> {
         Cmd::Get {
             title,
             server,
+            director,
+            silence_timeout_ms,
             output,
             iface,
             server_key,
@@ -188,7 +199,19 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             timeout,
             json,
         } => {
-            let mut o = GetOptions::new(resolve(&server)?, &title, &output);
+            let directors = director
+                .iter()
+                .filter(|d| !d.trim().is_empty())
+                .map(|d| resolve(d.trim()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut o = GetOptions::new(
+                match directors.first() {
+                    Some(d) => *d,
+                    None => resolve(&server)?,
+                },
+                &title,
+                &output,
+            );
             o.iface = iface;
             o.server_key = match server_key {
                 Some(k) => {
@@ -214,6 +237,34 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 let _ = signal_hook::flag::register(sig, stop.clone());
+            }
+            if !directors.is_empty() {
+                let r = mcast_recv::failover::get_via_directors(
+                    &o,
+                    directors,
+                    Duration::from_millis(silence_timeout_ms.max(100)),
+                    stop,
+                )?;
+                if o.json {
+                    println!("{}", serde_json::to_string(&r).unwrap());
+                } else {
+                    println!(
+                        "{}: complete and verified ({} bytes) in {:.1}s via {}{}",
+                        r.last.path.display(),
+                        r.last.archive_bytes,
+                        r.last.seconds,
+                        r.servers.join(" -> "),
+                        if r.switches > 0 {
+                            format!(
+                                "; after the switch received {} bytes for {} missing",
+                                r.received_bytes_after_switch, r.missing_bytes_at_switch
+                            )
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+                return Ok(());
             }
             let r = get(&o, stop)?;
             if o.json {

@@ -422,7 +422,14 @@ fn run_ticket(cmd: TicketCmd, cfg: &Config) -> anyhow::Result<()> {
                 );
             }
             if rows.is_empty() {
-                println!("(no tickets in {})", cfg.tickets.db.display());
+                println!(
+                    "(no tickets in {})",
+                    if cfg.tickets.database == "postgres" {
+                        mcast::ticketdb_pg::redact(&cfg.tickets.postgres_url)
+                    } else {
+                        cfg.tickets.db.display().to_string()
+                    }
+                );
             }
             Ok(())
         }

@@ -56,6 +56,9 @@ pub enum ErrorCode {
     Busy = 4,
     /// A play ticket was refused; the message says why (expired, revoked, already used, ...).
     TicketRefused = 5,
+    /// The server is draining (finishing its receivers, taking no new ones): ask a traffic
+    /// director for another server.
+    Draining = 6,
 }
 
 impl ErrorCode {
@@ -66,6 +69,7 @@ impl ErrorCode {
             3 => ErrorCode::BadCookie,
             4 => ErrorCode::Busy,
             5 => ErrorCode::TicketRefused,
+            6 => ErrorCode::Draining,
             _ => return None,
         })
     }
@@ -82,6 +86,13 @@ pub enum Control {
     /// [`Control::NotHere`].
     Join {
         title: String,
+    },
+    /// A join that resumes a download (e.g. on another server after a fail-over): if a new
+    /// channel has to be opened for it, its loop starts at `block` (where the receiver's
+    /// missing packets begin) instead of block 0. Answered like [`Control::Join`].
+    JoinAt {
+        title: String,
+        block: u64,
     },
     /// Fetch `HEAD_CHUNK` bytes of the archive head at `offset`.
     HeadRequest {
@@ -204,6 +215,7 @@ mod t {
     pub const STATS_REQ: u8 = 8;
     pub const PLAY_REQ: u8 = 9;
     pub const CHANGE_TIER: u8 = 10;
+    pub const JOIN_AT: u8 = 11;
     pub const CATALOG: u8 = 64;
     pub const JOIN_OK: u8 = 65;
     pub const NOT_HERE: u8 = 66;
@@ -254,6 +266,11 @@ impl Envelope {
             Control::Join { title } => {
                 b.put_short_bytes(title.as_bytes());
                 t::JOIN
+            }
+            Control::JoinAt { title, block } => {
+                b.put_short_bytes(title.as_bytes());
+                b.put_u64(*block);
+                t::JOIN_AT
             }
             Control::HeadRequest { archive_id, offset } => {
                 b.extend_from_slice(archive_id);
@@ -423,6 +440,10 @@ impl Envelope {
             t::JOIN => Control::Join {
                 title: get_str(&mut r, 128, "title")?,
             },
+            t::JOIN_AT => Control::JoinAt {
+                title: get_str(&mut r, 128, "title")?,
+                block: r.u64("block")?,
+            },
             t::HEAD_REQ => Control::HeadRequest {
                 archive_id: r.array("archive_id")?,
                 offset: r.u32("offset")?,
@@ -567,6 +588,10 @@ mod tests {
             Control::Join {
                 title: "film".into(),
             },
+            Control::JoinAt {
+                title: "film".into(),
+                block: 17,
+            },
             Control::HeadRequest {
                 archive_id: id,
                 offset: 1024,
@@ -650,6 +675,10 @@ mod tests {
             Control::Error {
                 code: ErrorCode::Busy,
                 message: "full".into(),
+            },
+            Control::Error {
+                code: ErrorCode::Draining,
+                message: "draining".into(),
             },
         ]
     }

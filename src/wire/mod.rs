@@ -9,6 +9,7 @@
 
 pub mod control;
 pub mod data;
+pub mod director;
 pub mod nak;
 
 /// Protocol version carried in the first byte of every datagram.

@@ -1,0 +1,359 @@
+//! `mcast-recv get --director A,B`: ask a traffic director which server to fetch from, fail
+//! over to the next director when one does not answer, and when the server goes silent (or
+//! refuses: draining), ask again — excluding it — and resume on the new server from the state
+//! file (`<title>.mca.state` + `.part` are keyed by the archive, which every server of a site
+//! holds identically), so nothing already received is fetched again.
+
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mcast::archive::{self, ArchiveFile};
+use mcast::carousel::LoopShape;
+use mcast::wire::director::{DirectorMsg, NoRoute};
+use serde::Serialize;
+
+use crate::error::{Failure, RecvError};
+use crate::get::{get, GetOptions, GetReport};
+use crate::state::State;
+
+/// How long a director gets to answer one try, and tries per director.
+const DIRECTOR_TRY: Duration = Duration::from_millis(300);
+const DIRECTOR_TRIES: u32 = 2;
+/// How long "no server holds the title" is retried before it is final.
+const NOT_FOUND_GRACE: Duration = Duration::from_secs(3);
+
+/// The final report: the last run's figures plus the fail-over story.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverReport {
+    #[serde(flatten)]
+    pub last: GetReport,
+    /// Servers fetched from, in order (one entry per run).
+    pub servers: Vec<String>,
+    /// Server changes after a server went silent or refused.
+    pub switches: u32,
+    /// Directors that did not answer a request (the next one was asked).
+    pub director_failovers: u32,
+    /// At the first switch: payload bytes of the units still missing, and the payload bytes
+    /// received (incl. duplicates) from then on. Both 0 without a switch.
+    pub missing_bytes_at_switch: u64,
+    pub received_bytes_after_switch: u64,
+}
+
+/// Asks directors for a route, in turn.
+pub struct DirectorClient {
+    directors: Vec<SocketAddr>,
+    sock: UdpSocket,
+    /// The director that answered last is asked first.
+    first: usize,
+    req_id: u32,
+    pub failovers: u32,
+}
+
+impl DirectorClient {
+    pub fn new(directors: Vec<SocketAddr>) -> Result<DirectorClient, RecvError> {
+        let sock = UdpSocket::bind("0.0.0.0:0")
+            .map_err(|e| RecvError::new(Failure::Other, format!("director socket: {e}")))?;
+        Ok(DirectorClient {
+            directors,
+            sock,
+            first: 0,
+            req_id: rand::random(),
+            failovers: 0,
+        })
+    }
+
+    /// One route request, trying each director in turn. `Err` only when no director answered.
+    pub fn ask(
+        &mut self,
+        title: &str,
+        exclude: &[SocketAddrV4],
+    ) -> Result<Result<SocketAddrV4, (NoRoute, String)>, RecvError> {
+        let mut buf = [0u8; 2048];
+        for k in 0..self.directors.len() {
+            let i = (self.first + k) % self.directors.len();
+            let d = self.directors[i];
+            self.req_id = self.req_id.wrapping_add(1);
+            let req = DirectorMsg::RouteRequest {
+                req_id: self.req_id,
+                title: title.to_string(),
+                rx_bps: 0,
+                exclude: exclude.to_vec(),
+            }
+            .encode();
+            for _ in 0..DIRECTOR_TRIES {
+                if self.sock.send_to(&req, d).is_err() {
+                    std::thread::sleep(DIRECTOR_TRY);
+                    continue;
+                }
+                let deadline = Instant::now() + DIRECTOR_TRY;
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    self.sock.set_read_timeout(Some(left)).ok();
+                    match self.sock.recv_from(&mut buf) {
+                        Ok((n, from)) if from == d => match DirectorMsg::decode(&buf[..n]) {
+                            Ok(m) if m.req_id() == self.req_id => {
+                                self.first = i;
+                                return Ok(match m {
+                                    DirectorMsg::RouteOk { server, .. } => Ok(server),
+                                    DirectorMsg::RouteNone {
+                                        reason, message, ..
+                                    } => Err((reason, message)),
+                                    DirectorMsg::RouteRequest { .. } => continue,
+                                });
+                            }
+                            _ => {}
+                        },
+                        Ok(_) => {}
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            break
+                        }
+                        // ICMP port unreachable (nothing listening there): next try.
+                        Err(_) => {
+                            std::thread::sleep(left.min(Duration::from_millis(50)));
+                            break;
+                        }
+                    }
+                }
+            }
+            self.failovers += 1;
+            tracing::warn!(director = %d, "director did not answer; asking the next one");
+        }
+        Err(RecvError::new(
+            Failure::Unreachable,
+            format!(
+                "no director answered ({}): are they running, and is --director right?",
+                self.directors
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ))
+    }
+
+    /// A server for `title`, retrying while directors say "none yet" (servers starting,
+    /// all busy) until `deadline`; "not found" is believed after [`NOT_FOUND_GRACE`] (a
+    /// director that just started may not have heard every server yet).
+    pub fn route(
+        &mut self,
+        title: &str,
+        exclude: &mut Vec<SocketAddrV4>,
+        deadline: Instant,
+        stop: &AtomicBool,
+    ) -> Result<SocketAddrV4, RecvError> {
+        let mut backoff = Duration::from_millis(200);
+        let mut first_not_found: Option<Instant> = None;
+        loop {
+            let why = match self.ask(title, exclude)? {
+                Ok(s) => return Ok(s),
+                Err(why) => why,
+            };
+            let deadline = if why.0 == NoRoute::NotFound {
+                deadline.min(*first_not_found.get_or_insert_with(Instant::now) + NOT_FOUND_GRACE)
+            } else {
+                deadline
+            };
+            // Every holder excluded: the silence may have been ours; start afresh.
+            if why.0 == NoRoute::NoHealthyServer && !exclude.is_empty() {
+                exclude.clear();
+            }
+            if Instant::now() + backoff > deadline || stop.load(Ordering::Relaxed) {
+                return Err(RecvError::new(
+                    if why.0 == NoRoute::NotFound {
+                        Failure::NotFound
+                    } else {
+                        Failure::Unreachable
+                    },
+                    format!("director: {}", why.1),
+                ));
+            }
+            tracing::info!(reason = ?why.0, message = %why.1, "no server yet; asking again");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// The block a resumed loop should start at: right after the longest run of blocks already
+/// complete (cyclically), so the loop passes every missing packet as soon as it can. `None`
+/// without a usable state + part file (a fresh download starts anywhere).
+pub fn resume_block(out_dir: &Path, title: &str) -> Option<u64> {
+    let part = out_dir.join(format!("{title}.{}.part", archive::ARCHIVE_EXT));
+    let state = out_dir.join(format!("{title}.{}.state", archive::ARCHIVE_EXT));
+    let st = State::load(&state)?;
+    let a = ArchiveFile::open(&part).ok()?;
+    if a.head.archive_id != st.archive_id {
+        return None;
+    }
+    let shape = LoopShape::of(&a.head);
+    if shape.loop_packets() != st.units || shape.n_blocks == 0 {
+        return None;
+    }
+    let has = |u: u64| {
+        st.have
+            .get((u / 64) as usize)
+            .is_some_and(|w| w & (1 << (u % 64)) != 0)
+    };
+    let k = shape.block_symbols;
+    let complete: Vec<bool> = (0..shape.n_blocks)
+        .map(|b| {
+            has(shape.data_packets + b) && (b * k..((b + 1) * k).min(shape.data_packets)).all(has)
+        })
+        .collect();
+    best_start(&complete)
+}
+
+/// Start index after the longest cyclic run of `true`; `None` when all are `true`.
+pub fn best_start(complete: &[bool]) -> Option<u64> {
+    let n = complete.len();
+    if n == 0 || complete.iter().all(|c| *c) {
+        return None;
+    }
+    // Walk twice round so a run that wraps is measured whole.
+    let (mut best_len, mut best_end, mut run) = (0usize, 0usize, 0usize);
+    for i in 0..2 * n {
+        if complete[i % n] {
+            run += 1;
+            if run > best_len {
+                best_len = run;
+                best_end = i % n;
+            }
+        } else {
+            run = 0;
+        }
+    }
+    if best_len == 0 {
+        // Nothing held: start at the first block.
+        return Some(0);
+    }
+    Some(((best_end + 1) % n) as u64)
+}
+
+/// Run a download through directors: route, fetch, and on silence route again and resume.
+pub fn get_via_directors(
+    opts: &GetOptions,
+    directors: Vec<SocketAddr>,
+    silence: Duration,
+    stop: Arc<AtomicBool>,
+) -> Result<FailoverReport, RecvError> {
+    let started = Instant::now();
+    let mut dc = DirectorClient::new(directors)?;
+    let mut exclude: Vec<SocketAddrV4> = Vec::new();
+    let mut servers: Vec<String> = Vec::new();
+    let mut switches = 0u32;
+    let mut missing_at_switch: Option<u64> = None;
+    let mut after_switch = 0u64;
+    let deadline = |t: Option<Duration>| {
+        t.map(|t| started + t)
+            .unwrap_or(started + Duration::from_secs(86_400 * 365))
+    };
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(RecvError::new(
+                Failure::Interrupted,
+                "interrupted; run the same command again to resume",
+            ));
+        }
+        let route_deadline = deadline(opts.timeout).min(Instant::now() + Duration::from_secs(30));
+        let server = dc.route(&opts.title, &mut exclude, route_deadline, &stop)?;
+        let mut o = opts.clone();
+        o.server = SocketAddr::V4(server);
+        o.silence_timeout = Some(silence);
+        o.start_block = resume_block(&opts.out_dir, &opts.title);
+        if let Some(t) = opts.timeout {
+            let left = t.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(RecvError::new(
+                    Failure::Timeout,
+                    format!("gave up after {t:?}; run again to resume"),
+                ));
+            }
+            o.timeout = Some(left);
+        }
+        tracing::info!(%server, start_block = ?o.start_block, "director routed us");
+        servers.push(server.to_string());
+        match get(&o, stop.clone()) {
+            Ok(r) => {
+                if missing_at_switch.is_some() {
+                    after_switch += r.received_bytes;
+                }
+                return Ok(FailoverReport {
+                    missing_bytes_at_switch: missing_at_switch.unwrap_or(0),
+                    received_bytes_after_switch: after_switch,
+                    last: r,
+                    servers,
+                    switches,
+                    director_failovers: dc.failovers,
+                });
+            }
+            Err(e) if e.kind == Failure::Unreachable => {
+                if missing_at_switch.is_some() {
+                    after_switch += e.received_bytes;
+                }
+                tracing::warn!(%server, error = %e.message, "server lost: asking a director for another");
+                if !exclude.contains(&server) {
+                    exclude.push(server);
+                }
+                switches += 1;
+                if missing_at_switch.is_none() {
+                    missing_at_switch = Some(missing_now(opts).unwrap_or(0));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Payload bytes of the units the state file does not have yet.
+fn missing_now(opts: &GetOptions) -> Option<u64> {
+    let dir = &opts.out_dir;
+    let part = dir.join(format!("{}.{}.part", opts.title, archive::ARCHIVE_EXT));
+    let state = dir.join(format!("{}.{}.state", opts.title, archive::ARCHIVE_EXT));
+    let st = State::load(&state)?;
+    let a = ArchiveFile::open(&part).ok()?;
+    let shape = LoopShape::of(&a.head);
+    Some(
+        (0..st.units)
+            .filter(|u| {
+                st.have
+                    .get((u / 64) as usize)
+                    .is_none_or(|w| w & (1 << (u % 64)) == 0)
+            })
+            .filter_map(|u| {
+                a.layout
+                    .packet_range(shape.unit_packet(u))
+                    .map(|r| r.1 as u64)
+            })
+            .sum(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_starts_after_the_longest_complete_run() {
+        let t = true;
+        let f = false;
+        assert_eq!(best_start(&[t, t, t]), None);
+        assert_eq!(best_start(&[f, f, f]), Some(0));
+        // Held a prefix: start where it ends.
+        assert_eq!(best_start(&[t, t, t, f, f]), Some(3));
+        // Held a wrapped range (joined mid-loop): start after it.
+        assert_eq!(best_start(&[t, f, f, t, t]), Some(1));
+        // Two held runs: skip the longer one.
+        assert_eq!(best_start(&[t, f, t, t, t, f, f]), Some(5));
+    }
+}

@@ -1,0 +1,844 @@
+//! The traffic director (DESIGN §2 "Traffic director and heartbeat", FIG. 2): routing and
+//! server health as a sans-I/O state machine.
+//!
+//! It takes heartbeats and route requests with `now` (and the wall clock, for the heartbeat
+//! timestamp window), and returns verdicts, routes, events and its next deadline. The driver
+//! (`src/bin/mcast-director.rs`) owns the socket and the clock; tests drive it directly.
+//!
+//! * **Authentication.** A heartbeat counts only if its keyed-BLAKE3 MAC verifies under the
+//!   shared key; a forged one changes nothing and is counted.
+//! * **Replay.** Per server, a heartbeat must be newer than the last accepted one: a higher
+//!   `seq` within the same boot, or — a new `boot_id` (restart) — a later timestamp; and its
+//!   timestamp must lie within `max_skew` of the director's clock. Replays are counted.
+//! * **Down.** A server whose heartbeats stop is marked down after `down_after` of its own
+//!   intervals, and one that says it is stopping at once; a down server gets no requests.
+//! * **Routing.** Among servers that are up, online, hold the title and are not excluded by
+//!   the receiver (servers it found silent), the cheapest wins: its utilisation (measured
+//!   throughput / capacity, or channel slots in use, whichever is higher), plus the cost of a
+//!   new channel when the title is not looping there yet (one more loop to send; a receiver
+//!   joining a running loop costs a multicast server nothing, so receivers of one title
+//!   gather on one loop), plus a little for each new channel routed there since its last
+//!   heartbeat (load it does not report yet), plus a penalty when its fastest tier is slower
+//!   than the receiver's measured throughput. Ties go to the server routed to least.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::wire::control::{Control, Envelope};
+use crate::wire::director::{
+    is_director_msg, is_heartbeat, DirectorMsg, Heartbeat, HeartbeatError, NoRoute, ServerState,
+};
+
+/// Director parameters (from `conf/director.toml`).
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Shared heartbeat key.
+    pub key: [u8; 32],
+    /// A server is down after this many of its heartbeat intervals without one.
+    pub down_after: u32,
+    /// Heartbeats whose timestamp is further than this from the director's clock are refused.
+    pub max_skew: Duration,
+}
+
+/// Load added per new channel routed to a server since its last heartbeat.
+const ROUTED_COST: f64 = 0.02;
+/// Cost of opening a channel (the title is not looping there yet).
+const NEW_CHANNEL_COST: f64 = 0.1;
+/// A title routed to a server counts as looping there for this many of its intervals (until
+/// its heartbeats show the channel).
+const ROUTED_LOOPING_INTERVALS: u32 = 3;
+/// Cost of a server whose fastest tier is slower than the receiver can take.
+const SLOW_TIER_COST: f64 = 0.5;
+
+/// What became of a heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted,
+    Malformed,
+    /// MAC does not verify: forged, or signed with another key.
+    Forged,
+    /// Not newer than the last accepted heartbeat of that server.
+    Replayed,
+    /// Timestamp outside the window.
+    Stale,
+}
+
+/// Things an operator wants in the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    ServerUp {
+        server: SocketAddrV4,
+        state: ServerState,
+    },
+    ServerDown {
+        server: SocketAddrV4,
+        why: &'static str,
+    },
+    StateChanged {
+        server: SocketAddrV4,
+        from: ServerState,
+        to: ServerState,
+    },
+    Rejected {
+        from: SocketAddr,
+        verdict: Verdict,
+    },
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counters {
+    pub heartbeats_accepted: u64,
+    pub heartbeats_malformed: u64,
+    pub heartbeats_forged: u64,
+    pub heartbeats_replayed: u64,
+    pub heartbeats_stale: u64,
+    pub routes_ok: u64,
+    pub routes_not_found: u64,
+    pub routes_no_healthy: u64,
+    pub routes_busy: u64,
+    pub joins_redirected: u64,
+    pub requests_malformed: u64,
+    pub servers_marked_down: u64,
+}
+
+struct Entry {
+    hb: Heartbeat,
+    last_seen: Instant,
+    up: bool,
+    /// New channels routed here since its last heartbeat (load it does not report yet).
+    routed_since: u64,
+    routed_total: u64,
+    /// Titles routed here recently: looping there by the time a receiver joins.
+    routed_titles: BTreeMap<String, Instant>,
+}
+
+impl Entry {
+    fn down_at(&self, p: &Params) -> Instant {
+        self.last_seen + Duration::from_millis(self.hb.interval_ms as u64) * p.down_after
+    }
+
+    /// `None` if it does not hold `title`, else whether a loop of it runs (or is about to).
+    fn holds(&self, title: &str, now: Instant) -> Option<bool> {
+        let routed = self.routed_titles.get(title).is_some_and(|t| {
+            now < *t + Duration::from_millis(self.hb.interval_ms as u64) * ROUTED_LOOPING_INTERVALS
+        });
+        self.hb
+            .titles
+            .iter()
+            .find(|t| t.title == title)
+            .map(|t| t.looping || routed)
+    }
+
+    fn score(&self, looping: bool, rx_bps: u64) -> f64 {
+        let h = &self.hb;
+        let thr = if h.capacity_bps > 0 {
+            h.throughput_bps as f64 / h.capacity_bps as f64
+        } else {
+            0.0
+        };
+        let slots = if h.channel_slots > 0 {
+            h.channels as f64 / h.channel_slots as f64
+        } else {
+            1.0
+        };
+        let mut s = thr.max(slots) + ROUTED_COST * self.routed_since as f64;
+        if !looping {
+            s += NEW_CHANNEL_COST;
+        }
+        if rx_bps > 0 && h.max_tier_bps > 0 && h.max_tier_bps < rx_bps {
+            s += SLOW_TIER_COST;
+        }
+        s
+    }
+}
+
+/// One server as `stats` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerStats {
+    pub server: String,
+    pub up: bool,
+    pub state: ServerState,
+    pub boot_id: String,
+    pub seq: u64,
+    pub last_heard_ms: u64,
+    pub titles: usize,
+    pub channels: u32,
+    pub channel_slots: u32,
+    pub receivers: u32,
+    pub throughput_bps: u64,
+    pub capacity_bps: u64,
+    pub routed: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    pub counters: Counters,
+    pub servers: Vec<ServerStats>,
+}
+
+pub struct Director {
+    params: Params,
+    servers: BTreeMap<SocketAddrV4, Entry>,
+    counters: Counters,
+    events: VecDeque<Event>,
+}
+
+impl Director {
+    pub fn new(params: Params) -> Director {
+        Director {
+            params,
+            servers: BTreeMap::new(),
+            counters: Counters::default(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Servers currently up (and their state).
+    pub fn up_servers(&self) -> Vec<(SocketAddrV4, ServerState)> {
+        self.servers
+            .iter()
+            .filter(|(_, e)| e.up)
+            .map(|(a, e)| (*a, e.hb.state))
+            .collect()
+    }
+
+    fn reject(&mut self, from: SocketAddr, verdict: Verdict) -> Verdict {
+        match verdict {
+            Verdict::Malformed => self.counters.heartbeats_malformed += 1,
+            Verdict::Forged => self.counters.heartbeats_forged += 1,
+            Verdict::Replayed => self.counters.heartbeats_replayed += 1,
+            Verdict::Stale => self.counters.heartbeats_stale += 1,
+            Verdict::Accepted => unreachable!("not a rejection"),
+        }
+        self.events.push_back(Event::Rejected { from, verdict });
+        verdict
+    }
+
+    /// A heartbeat datagram arrived from `from`; `unix_ms` is the director's wall clock.
+    pub fn handle_heartbeat(
+        &mut self,
+        now: Instant,
+        unix_ms: u64,
+        from: SocketAddr,
+        buf: &[u8],
+    ) -> Verdict {
+        let hb = match Heartbeat::open(buf, &self.params.key) {
+            Ok(hb) => hb,
+            Err(HeartbeatError::Malformed(_)) => return self.reject(from, Verdict::Malformed),
+            Err(HeartbeatError::BadMac) => return self.reject(from, Verdict::Forged),
+        };
+        if hb.unix_ms.abs_diff(unix_ms) > self.params.max_skew.as_millis() as u64 {
+            return self.reject(from, Verdict::Stale);
+        }
+        if let Some(e) = self.servers.get(&hb.server) {
+            let newer = if hb.boot_id == e.hb.boot_id {
+                hb.seq > e.hb.seq
+            } else {
+                hb.unix_ms > e.hb.unix_ms
+            };
+            if !newer {
+                return self.reject(from, Verdict::Replayed);
+            }
+        }
+        self.counters.heartbeats_accepted += 1;
+        let addr = hb.server;
+        let stopping = hb.state == ServerState::Stopping;
+        match self.servers.get_mut(&addr) {
+            Some(e) => {
+                if e.hb.state != hb.state {
+                    self.events.push_back(Event::StateChanged {
+                        server: addr,
+                        from: e.hb.state,
+                        to: hb.state,
+                    });
+                }
+                let was_up = e.up;
+                e.hb = hb;
+                e.last_seen = now;
+                e.routed_since = 0;
+                if stopping {
+                    if was_up {
+                        e.up = false;
+                        self.counters.servers_marked_down += 1;
+                        self.events.push_back(Event::ServerDown {
+                            server: addr,
+                            why: "stopping",
+                        });
+                    }
+                } else if !was_up {
+                    e.up = true;
+                    self.events.push_back(Event::ServerUp {
+                        server: addr,
+                        state: e.hb.state,
+                    });
+                }
+            }
+            None => {
+                let state = hb.state;
+                self.servers.insert(
+                    addr,
+                    Entry {
+                        hb,
+                        last_seen: now,
+                        up: !stopping,
+                        routed_since: 0,
+                        routed_total: 0,
+                        routed_titles: BTreeMap::new(),
+                    },
+                );
+                if !stopping {
+                    self.events.push_back(Event::ServerUp {
+                        server: addr,
+                        state,
+                    });
+                }
+            }
+        }
+        Verdict::Accepted
+    }
+
+    /// Mark servers down whose heartbeats stopped.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for (addr, e) in self.servers.iter_mut() {
+            if e.up && now >= e.down_at(&self.params) {
+                e.up = false;
+                self.counters.servers_marked_down += 1;
+                self.events.push_back(Event::ServerDown {
+                    server: *addr,
+                    why: "heartbeats stopped",
+                });
+            }
+        }
+    }
+
+    /// When a server that is up would next be marked down.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.servers
+            .values()
+            .filter(|e| e.up)
+            .map(|e| e.down_at(&self.params))
+            .min()
+    }
+
+    /// Pick a server for `title` (see the module docs).
+    pub fn route(
+        &mut self,
+        now: Instant,
+        title: &str,
+        rx_bps: u64,
+        exclude: &[SocketAddrV4],
+    ) -> Result<SocketAddrV4, (NoRoute, String)> {
+        self.handle_timeout(now);
+        let holders: Vec<(&SocketAddrV4, &Entry, bool)> = self
+            .servers
+            .iter()
+            .filter_map(|(a, e)| e.holds(title, now).map(|l| (a, e, l)))
+            .collect();
+        if holders.is_empty() {
+            self.counters.routes_not_found += 1;
+            return Err((
+                NoRoute::NotFound,
+                format!("no server known to this director holds {title:?}"),
+            ));
+        }
+        let usable: Vec<&(&SocketAddrV4, &Entry, bool)> = holders
+            .iter()
+            .filter(|(a, e, _)| e.up && !exclude.contains(a))
+            .collect();
+        let best = usable
+            .iter()
+            .filter(|(_, e, _)| e.hb.state == ServerState::Online)
+            .map(|(a, e, l)| (e.score(*l, rx_bps), e.routed_total, **a))
+            .min_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+        let best = best.map(|(_, _, a)| {
+            let looping = usable.iter().any(|(x, _, l)| **x == a && *l);
+            (a, looping)
+        });
+        match best {
+            Some((addr, looping)) => {
+                let e = self.servers.get_mut(&addr).expect("listed");
+                if !looping {
+                    e.routed_since += 1;
+                }
+                e.routed_total += 1;
+                e.routed_titles
+                    .retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(60));
+                e.routed_titles.insert(title.to_string(), now);
+                self.counters.routes_ok += 1;
+                Ok(addr)
+            }
+            None if usable
+                .iter()
+                .any(|(_, e, _)| e.hb.state == ServerState::Overloaded) =>
+            {
+                self.counters.routes_busy += 1;
+                Err((
+                    NoRoute::Busy,
+                    format!("every server holding {title:?} is overloaded; retry later"),
+                ))
+            }
+            None => {
+                self.counters.routes_no_healthy += 1;
+                let n = holders.len();
+                Err((
+                    NoRoute::NoHealthyServer,
+                    format!(
+                        "{n} server(s) hold {title:?}, but none is up and online (down, draining or excluded)"
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Any datagram on the director's port: a heartbeat (no reply), a route request, or a plain
+    /// control request (stats; a join is answered with a redirect to the server it would be
+    /// routed to). Returns the reply to send back to `from`, if any.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        unix_ms: u64,
+        from: SocketAddr,
+        buf: &[u8],
+    ) -> Option<Vec<u8>> {
+        if is_heartbeat(buf) {
+            self.handle_heartbeat(now, unix_ms, from, buf);
+            return None;
+        }
+        if is_director_msg(buf) {
+            return match DirectorMsg::decode(buf) {
+                Ok(DirectorMsg::RouteRequest {
+                    req_id,
+                    title,
+                    rx_bps,
+                    exclude,
+                }) => Some(
+                    match self.route(now, &title, rx_bps, &exclude) {
+                        Ok(server) => DirectorMsg::RouteOk {
+                            req_id,
+                            title,
+                            server,
+                        },
+                        Err((reason, message)) => DirectorMsg::RouteNone {
+                            req_id,
+                            title,
+                            reason,
+                            message,
+                        },
+                    }
+                    .encode(),
+                ),
+                _ => {
+                    self.counters.requests_malformed += 1;
+                    None
+                }
+            };
+        }
+        let env = match Envelope::decode(buf) {
+            Ok(e) => e,
+            Err(_) => {
+                self.counters.requests_malformed += 1;
+                return None;
+            }
+        };
+        let reply = match &env.msg {
+            Control::StatsRequest => Control::StatsReply {
+                json: serde_json::to_string(&self.stats(now)).unwrap_or_default(),
+            },
+            Control::Join { title } => {
+                let redirect = self.route(now, title, 0, &[]).ok();
+                if redirect.is_some() {
+                    self.counters.joins_redirected += 1;
+                }
+                Control::NotHere {
+                    title: title.clone(),
+                    redirect,
+                }
+            }
+            _ => {
+                self.counters.requests_malformed += 1;
+                return None;
+            }
+        };
+        Some(Envelope::new(env.receiver_id, env.req_id, reply).encode())
+    }
+
+    pub fn stats(&self, now: Instant) -> Stats {
+        Stats {
+            counters: self.counters.clone(),
+            servers: self
+                .servers
+                .iter()
+                .map(|(a, e)| ServerStats {
+                    server: a.to_string(),
+                    up: e.up,
+                    state: e.hb.state,
+                    boot_id: format!("{:016x}", e.hb.boot_id),
+                    seq: e.hb.seq,
+                    last_heard_ms: now.saturating_duration_since(e.last_seen).as_millis() as u64,
+                    titles: e.hb.titles.len(),
+                    channels: e.hb.channels,
+                    channel_slots: e.hb.channel_slots,
+                    receivers: e.hb.receivers,
+                    throughput_bps: e.hb.throughput_bps,
+                    capacity_bps: e.hb.capacity_bps,
+                    routed: e.routed_total,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::director::HeldTitle;
+
+    const KEY: [u8; 32] = [42; 32];
+    const T0: u64 = 1_700_000_000_000;
+
+    fn params() -> Params {
+        Params {
+            key: KEY,
+            down_after: 3,
+            max_skew: Duration::from_secs(30),
+        }
+    }
+
+    fn addr(n: u8) -> SocketAddrV4 {
+        SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 0, n), 7600)
+    }
+
+    fn from() -> SocketAddr {
+        "127.0.0.9:5000".parse().unwrap()
+    }
+
+    fn hb(n: u8, seq: u64, titles: &[&str]) -> Heartbeat {
+        Heartbeat {
+            server: addr(n),
+            boot_id: n as u64,
+            seq,
+            unix_ms: T0 + seq * 500,
+            interval_ms: 500,
+            state: ServerState::Online,
+            channels: 0,
+            channel_slots: 32,
+            receivers: 0,
+            throughput_bps: 0,
+            capacity_bps: 1_000_000_000,
+            max_tier_bps: 200_000_000,
+            titles: titles
+                .iter()
+                .map(|t| HeldTitle {
+                    title: t.to_string(),
+                    looping: false,
+                })
+                .collect(),
+        }
+    }
+
+    fn feed(d: &mut Director, now: Instant, h: &Heartbeat) -> Verdict {
+        d.handle_heartbeat(now, h.unix_ms, from(), &h.encode(&KEY))
+    }
+
+    fn route(d: &mut Director, now: Instant, title: &str) -> Result<SocketAddrV4, NoRoute> {
+        d.route(now, title, 0, &[]).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn routes_only_to_servers_holding_the_title() {
+        let t = Instant::now();
+        let mut d = Director::new(params());
+        assert_eq!(feed(&mut d, t, &hb(1, 1, &["a"])), Verdict::Accepted);
+        assert_eq!(feed(&mut d, t, &hb(2, 1, &["a", "b"])), Verdict::Accepted);
+        for _ in 0..5 {
+            assert_eq!(route(&mut d, t, "b"), Ok(addr(2)));
+        }
+        assert_eq!(route(&mut d, t, "zzz"), Err(NoRoute::NotFound));
+        assert_eq!(d.counters().routes_not_found, 1);
+        // Redirect: a plain join at the director gets NotHere with the server to use.
+        let j = Envelope::new(5, 6, Control::Join { title: "b".into() }).encode();
+        let r = d.handle_datagram(t, T0, from(), &j).unwrap();
+        assert_eq!(
+            Envelope::decode(&r).unwrap().msg,
+            Control::NotHere {
+                title: "b".into(),
+                redirect: Some(addr(2))
+            }
+        );
+    }
+
+    #[test]
+    fn silent_server_is_marked_down_after_n_intervals_and_gets_nothing() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut d = Director::new(params());
+        feed(&mut d, t, &hb(1, 1, &["a"]));
+        feed(&mut d, t, &hb(2, 1, &["a"]));
+        // Server 2 keeps beating, server 1 stops.
+        for i in 2..=4u64 {
+            feed(&mut d, t + ms(500 * (i - 1)), &hb(2, i, &["a"]));
+        }
+        assert_eq!(
+            d.poll_timeout(),
+            Some(t + ms(1500)),
+            "server 1 is due first"
+        );
+        d.handle_timeout(t + ms(1499));
+        assert_eq!(d.up_servers().len(), 2, "not down before 3 intervals");
+        d.handle_timeout(t + ms(1500));
+        assert_eq!(d.up_servers(), vec![(addr(2), ServerState::Online)]);
+        assert_eq!(d.counters().servers_marked_down, 1);
+        let ev: Vec<Event> = std::iter::from_fn(|| d.poll_event()).collect();
+        assert!(ev.contains(&Event::ServerDown {
+            server: addr(1),
+            why: "heartbeats stopped"
+        }));
+        for _ in 0..10 {
+            assert_eq!(route(&mut d, t + ms(1600), "a"), Ok(addr(2)));
+        }
+        // Only a down server holds "b": no healthy server, not "not found".
+        let mut h = hb(1, 1, &["b"]);
+        h.boot_id = 99;
+        h.unix_ms = T0 + 10;
+        let mut d2 = Director::new(params());
+        feed(&mut d2, t, &h);
+        assert_eq!(
+            route(&mut d2, t + ms(1500), "b"),
+            Err(NoRoute::NoHealthyServer)
+        );
+        // It comes back when its heartbeats do.
+        h.seq = 2;
+        feed(&mut d2, t + ms(2000), &h);
+        assert_eq!(route(&mut d2, t + ms(2000), "b"), Ok(addr(1)));
+    }
+
+    #[test]
+    fn draining_overloaded_and_stopping_servers_get_no_new_requests() {
+        let t = Instant::now();
+        let mut d = Director::new(params());
+        let mut a = hb(1, 1, &["x"]);
+        a.state = ServerState::Draining;
+        feed(&mut d, t, &a);
+        assert_eq!(route(&mut d, t, "x"), Err(NoRoute::NoHealthyServer));
+        let mut b = hb(2, 1, &["x"]);
+        b.state = ServerState::Overloaded;
+        feed(&mut d, t, &b);
+        assert_eq!(route(&mut d, t, "x"), Err(NoRoute::Busy));
+        let c = hb(3, 1, &["x"]);
+        feed(&mut d, t, &c);
+        assert_eq!(route(&mut d, t, "x"), Ok(addr(3)));
+        // Stopping: down at once, no waiting for missed intervals.
+        let mut c2 = hb(3, 2, &["x"]);
+        c2.state = ServerState::Stopping;
+        feed(&mut d, t, &c2);
+        assert_eq!(route(&mut d, t, "x"), Err(NoRoute::Busy));
+        assert_eq!(d.counters().servers_marked_down, 1);
+        // Draining back to online.
+        a.seq = 2;
+        a.unix_ms += 500;
+        a.state = ServerState::Online;
+        feed(&mut d, t, &a);
+        assert_eq!(route(&mut d, t, "x"), Ok(addr(1)));
+        let ev: Vec<Event> = std::iter::from_fn(|| d.poll_event()).collect();
+        assert!(ev.contains(&Event::StateChanged {
+            server: addr(1),
+            from: ServerState::Draining,
+            to: ServerState::Online
+        }));
+    }
+
+    #[test]
+    fn load_throughput_looping_and_tier_are_weighed() {
+        let t = Instant::now();
+        let mut d = Director::new(params());
+        let mut busy = hb(1, 1, &["a"]);
+        busy.throughput_bps = 800_000_000; // 80 % of capacity
+        let mut idle = hb(2, 1, &["a"]);
+        idle.throughput_bps = 100_000_000; // 10 %
+        feed(&mut d, t, &busy);
+        feed(&mut d, t, &idle);
+        assert_eq!(route(&mut d, t, "a"), Ok(addr(2)));
+        // Channel slots count as load too.
+        let mut slots = hb(2, 2, &["a"]);
+        slots.channels = 31;
+        feed(&mut d, t, &slots);
+        assert_eq!(route(&mut d, t, "a"), Ok(addr(1)));
+
+        // Equal load: the server already looping the title is cheaper.
+        let mut d = Director::new(params());
+        let mut l = hb(1, 1, &[]);
+        l.titles = vec![HeldTitle {
+            title: "a".into(),
+            looping: true,
+        }];
+        feed(&mut d, t, &hb(2, 1, &["a"]));
+        feed(&mut d, t, &l);
+        assert_eq!(route(&mut d, t, "a"), Ok(addr(1)));
+
+        // A fast receiver avoids a server whose fastest tier is slower than it.
+        let mut d = Director::new(params());
+        let mut slow = hb(1, 1, &["a"]);
+        slow.max_tier_bps = 10_000_000;
+        let mut fast = hb(2, 1, &["a"]);
+        fast.throughput_bps = 300_000_000;
+        feed(&mut d, t, &slow);
+        feed(&mut d, t, &fast);
+        assert_eq!(d.route(t, "a", 100_000_000, &[]).unwrap(), addr(2));
+        assert_eq!(d.route(t, "a", 0, &[]).unwrap(), addr(1));
+    }
+
+    #[test]
+    fn new_channels_spread_over_equal_servers_and_one_title_gathers_on_one_loop() {
+        let t = Instant::now();
+        let mut d = Director::new(params());
+        let titles: Vec<String> = (0..30).map(|i| format!("t{i}")).collect();
+        let refs: Vec<&str> = titles.iter().map(|s| s.as_str()).collect();
+        for n in 1..=3 {
+            feed(&mut d, t, &hb(n, 1, &refs));
+        }
+        let mut count = BTreeMap::new();
+        for title in &titles {
+            *count.entry(route(&mut d, t, title).unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!(
+            count.values().copied().collect::<Vec<_>>(),
+            vec![10, 10, 10]
+        );
+        // Receivers of one title all go where its loop runs (or was just routed to).
+        let first = route(&mut d, t, "t0").unwrap();
+        for _ in 0..10 {
+            assert_eq!(
+                route(&mut d, t + Duration::from_millis(100), "t0"),
+                Ok(first)
+            );
+        }
+        // ... unless that server is excluded.
+        let other = d.route(t, "t0", 0, &[first]).unwrap();
+        assert_ne!(other, first);
+    }
+
+    #[test]
+    fn exclusions_are_honoured() {
+        let t = Instant::now();
+        let mut d = Director::new(params());
+        feed(&mut d, t, &hb(1, 1, &["a"]));
+        feed(&mut d, t, &hb(2, 1, &["a"]));
+        for _ in 0..4 {
+            assert_eq!(d.route(t, "a", 0, &[addr(1)]).unwrap(), addr(2));
+        }
+        assert_eq!(
+            d.route(t, "a", 0, &[addr(1), addr(2)]).map_err(|e| e.0),
+            Err(NoRoute::NoHealthyServer)
+        );
+    }
+
+    #[test]
+    fn forged_replayed_stale_and_malformed_heartbeats_change_nothing() {
+        let t = Instant::now();
+        let mut d = Director::new(params());
+        let genuine = hb(1, 5, &["a"]);
+        assert_eq!(feed(&mut d, t, &genuine), Verdict::Accepted);
+
+        // Forged: another key, claiming the server stopped and holds another title.
+        let mut forged = hb(1, 6, &["b"]);
+        forged.state = ServerState::Stopping;
+        let b = forged.encode(&[0u8; 32]);
+        assert_eq!(
+            d.handle_heartbeat(t, forged.unix_ms, from(), &b),
+            Verdict::Forged
+        );
+        // Tampered genuine bytes.
+        let mut tampered = hb(1, 6, &["a"]).encode(&KEY);
+        let n = tampered.len();
+        tampered[n - 40] ^= 1;
+        assert_eq!(
+            d.handle_heartbeat(t, T0, from(), &tampered),
+            Verdict::Forged
+        );
+
+        // Replayed: the same heartbeat again, and an older one.
+        assert_eq!(feed(&mut d, t, &genuine), Verdict::Replayed);
+        assert_eq!(feed(&mut d, t, &hb(1, 4, &["a"])), Verdict::Replayed);
+        // Stale: outside the clock window.
+        let old = hb(1, 9, &["a"]);
+        assert_eq!(
+            d.handle_heartbeat(t, old.unix_ms + 31_000, from(), &old.encode(&KEY)),
+            Verdict::Stale
+        );
+        // Replay across a restart: a new boot must also be newer in time.
+        let mut reboot = hb(1, 1, &["a"]);
+        reboot.boot_id = 1234;
+        reboot.unix_ms = genuine.unix_ms - 1;
+        assert_eq!(feed(&mut d, t, &reboot), Verdict::Replayed);
+        reboot.unix_ms = genuine.unix_ms + 1;
+        assert_eq!(feed(&mut d, t, &reboot), Verdict::Accepted);
+        // ... after which the old boot's sequence is a replay.
+        let mut late = hb(1, 50, &["a"]);
+        late.unix_ms = genuine.unix_ms;
+        assert_eq!(feed(&mut d, t, &late), Verdict::Replayed);
+
+        assert_eq!(
+            d.handle_heartbeat(t, T0, from(), &[1, 0x90, 0, 0]),
+            Verdict::Malformed
+        );
+        let c = d.counters();
+        assert_eq!(
+            (
+                c.heartbeats_accepted,
+                c.heartbeats_forged,
+                c.heartbeats_replayed,
+                c.heartbeats_stale,
+                c.heartbeats_malformed
+            ),
+            (2, 2, 4, 1, 1)
+        );
+        // Nothing of the forgeries took: still up, still holds "a" only.
+        assert_eq!(route(&mut d, t, "a"), Ok(addr(1)));
+        assert_eq!(route(&mut d, t, "b"), Err(NoRoute::NotFound));
+    }
+
+    #[test]
+    fn datagrams_get_the_right_replies() {
+        let t = Instant::now();
+        let mut d = Director::new(params());
+        assert!(d
+            .handle_datagram(t, T0, from(), &hb(1, 1, &["a"]).encode(&KEY))
+            .is_none());
+        let req = DirectorMsg::RouteRequest {
+            req_id: 9,
+            title: "a".into(),
+            rx_bps: 0,
+            exclude: vec![],
+        };
+        let r = d.handle_datagram(t, T0, from(), &req.encode()).unwrap();
+        assert_eq!(
+            DirectorMsg::decode(&r).unwrap(),
+            DirectorMsg::RouteOk {
+                req_id: 9,
+                title: "a".into(),
+                server: addr(1)
+            }
+        );
+        let s = Envelope::new(1, 2, Control::StatsRequest).encode();
+        let r = d.handle_datagram(t, T0, from(), &s).unwrap();
+        let Control::StatsReply { json } = Envelope::decode(&r).unwrap().msg else {
+            panic!("not stats")
+        };
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["counters"]["routes_ok"], 1);
+        assert_eq!(v["servers"][0]["server"], "127.0.0.1:7600");
+        assert!(d.handle_datagram(t, T0, from(), b"garbage").is_none());
+        assert_eq!(d.counters().requests_malformed, 1);
+    }
+}

@@ -1,0 +1,533 @@
+//! Datagrams of the traffic directors (DESIGN §2 "Traffic director and heartbeat").
+//!
+//! * [`Heartbeat`] — `mcastd` → every director, every `heartbeat_ms`: state, titles held,
+//!   channels, receivers, measured throughput and capacity. Authenticated with a keyed BLAKE3
+//!   MAC under a key shared by the servers and the directors (`key_file`), and carrying a
+//!   boot id, a sequence number and the sender's wall clock, so a director can refuse forged
+//!   and replayed heartbeats (see [`crate::director`]).
+//! * [`DirectorMsg`] — `mcast-recv` ↔ director: "which server should I fetch TITLE from
+//!   (not these)?" and the answer.
+//!
+//! ```text
+//! heartbeat:   version:u8 0x90 server:v4 boot_id:u64 seq:u64 unix_ms:u64 interval_ms:u32
+//!              state:u8 channels:u32 channel_slots:u32 receivers:u32 throughput_bps:u64
+//!              capacity_bps:u64 max_tier_bps:u64 n:u16 (looping:u8 title:str16)*n mac:[32]
+//! route req:   version:u8 0x91 req_id:u32 title:str16 rx_bps:u64 n:u8 exclude:v4*n
+//! route ok:    version:u8 0x92 req_id:u32 title:str16 server:v4
+//! route none:  version:u8 0x93 req_id:u32 title:str16 reason:u8 message:str16
+//! ```
+//! The type bytes (0x90..) do not collide with control datagrams (1..127) or NAKs (0x80), so
+//! a director port can also answer plain control requests (stats, join → redirect).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use crate::codec::{Reader, Writer};
+
+use super::{check_version, WireError, WIRE_VERSION};
+
+/// Largest heartbeat sent or accepted (one UDP datagram; ~450 titles of 128 bytes).
+pub const MAX_HEARTBEAT_LEN: usize = 60_000;
+/// Length of the heartbeat MAC (keyed BLAKE3).
+pub const MAC_LEN: usize = 32;
+/// Servers a route request may exclude.
+pub const MAX_EXCLUDE: usize = 32;
+/// Longest title (as in the control protocol).
+pub const MAX_TITLE: usize = 128;
+
+mod t {
+    pub const HEARTBEAT: u8 = 0x90;
+    pub const ROUTE_REQ: u8 = 0x91;
+    pub const ROUTE_OK: u8 = 0x92;
+    pub const ROUTE_NONE: u8 = 0x93;
+}
+
+/// What a server says about itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerState {
+    /// Takes new receivers.
+    Online = 1,
+    /// Finishes its receivers, takes no new ones (operator: SIGUSR1).
+    Draining = 2,
+    /// At its limit (channel slots or send capacity): no new receivers for now.
+    Overloaded = 3,
+    /// Shutting down: the last heartbeat it sends.
+    Stopping = 4,
+}
+
+impl ServerState {
+    fn from_u8(v: u8) -> Option<ServerState> {
+        Some(match v {
+            1 => ServerState::Online,
+            2 => ServerState::Draining,
+            3 => ServerState::Overloaded,
+            4 => ServerState::Stopping,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerState::Online => "online",
+            ServerState::Draining => "draining",
+            ServerState::Overloaded => "overloaded",
+            ServerState::Stopping => "stopping",
+        }
+    }
+}
+
+/// A title a server holds, and whether it is looping there now (joining a running loop costs
+/// the server nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldTitle {
+    pub title: String,
+    pub looping: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The server's control endpoint as receivers reach it (also its name at the director).
+    pub server: SocketAddrV4,
+    /// Random per server start: a restart begins a new sequence.
+    pub boot_id: u64,
+    /// Increases by one per heartbeat within a boot.
+    pub seq: u64,
+    /// Sender's wall clock (ms since the Unix epoch): directors refuse stale heartbeats.
+    pub unix_ms: u64,
+    /// The sender's heartbeat period: directors mark it down after a number of these.
+    pub interval_ms: u32,
+    pub state: ServerState,
+    pub channels: u32,
+    pub channel_slots: u32,
+    pub receivers: u32,
+    /// Measured payload send rate over the last interval (bit/s).
+    pub throughput_bps: u64,
+    /// What it can send (bit/s).
+    pub capacity_bps: u64,
+    /// Its fastest throughput tier (bit/s).
+    pub max_tier_bps: u64,
+    pub titles: Vec<HeldTitle>,
+}
+
+/// Why a heartbeat was not accepted as genuine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeartbeatError {
+    #[error("malformed heartbeat: {0}")]
+    Malformed(#[from] WireError),
+    #[error("heartbeat MAC does not verify (wrong key or forged)")]
+    BadMac,
+}
+
+fn put_v4(b: &mut Vec<u8>, a: &SocketAddrV4) {
+    b.extend_from_slice(&a.ip().octets());
+    b.put_u16(a.port());
+}
+
+fn get_v4(r: &mut Reader<'_>, f: &'static str) -> Result<SocketAddrV4, WireError> {
+    let ip: [u8; 4] = r.array(f)?;
+    Ok(SocketAddrV4::new(Ipv4Addr::from(ip), r.u16(f)?))
+}
+
+fn get_str(r: &mut Reader<'_>, max: usize, f: &'static str) -> Result<String, WireError> {
+    String::from_utf8(r.short_bytes(max, f)?.to_vec()).map_err(|_| WireError::Field(f))
+}
+
+/// The heartbeat MAC: keyed BLAKE3 over everything before it.
+pub fn heartbeat_mac(key: &[u8; 32], signed: &[u8]) -> [u8; MAC_LEN] {
+    *blake3::keyed_hash(key, signed).as_bytes()
+}
+
+/// True if a datagram is a heartbeat (cheap check before decoding).
+pub fn is_heartbeat(buf: &[u8]) -> bool {
+    buf.len() >= 2 && buf[0] == WIRE_VERSION && buf[1] == t::HEARTBEAT
+}
+
+/// True if a datagram is one of this module's director messages.
+pub fn is_director_msg(buf: &[u8]) -> bool {
+    buf.len() >= 2 && buf[0] == WIRE_VERSION && (t::ROUTE_REQ..=t::ROUTE_NONE).contains(&buf[1])
+}
+
+impl Heartbeat {
+    /// Encode and MAC under `key`. Titles that would push the datagram past
+    /// [`MAX_HEARTBEAT_LEN`] are left out (logged by the caller from [`Heartbeat::fits`]).
+    pub fn encode(&self, key: &[u8; 32]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(128 + self.titles.len() * 24);
+        b.put_u8(WIRE_VERSION);
+        b.put_u8(t::HEARTBEAT);
+        put_v4(&mut b, &self.server);
+        b.put_u64(self.boot_id);
+        b.put_u64(self.seq);
+        b.put_u64(self.unix_ms);
+        b.put_u32(self.interval_ms);
+        b.put_u8(self.state as u8);
+        b.put_u32(self.channels);
+        b.put_u32(self.channel_slots);
+        b.put_u32(self.receivers);
+        b.put_u64(self.throughput_bps);
+        b.put_u64(self.capacity_bps);
+        b.put_u64(self.max_tier_bps);
+        let count_at = b.len();
+        b.put_u16(0);
+        let mut n = 0u16;
+        for t in &self.titles {
+            let title = &t.title.as_bytes()[..t.title.len().min(MAX_TITLE)];
+            if b.len() + 3 + title.len() + MAC_LEN > MAX_HEARTBEAT_LEN || n == u16::MAX {
+                break;
+            }
+            b.put_u8(t.looping as u8);
+            b.put_short_bytes(title);
+            n += 1;
+        }
+        b[count_at..count_at + 2].copy_from_slice(&n.to_le_bytes());
+        let mac = heartbeat_mac(key, &b);
+        b.extend_from_slice(&mac);
+        b
+    }
+
+    /// Titles that fit in one heartbeat (the rest are not announced).
+    pub fn fits(&self) -> usize {
+        let mut len = 75 + MAC_LEN;
+        self.titles
+            .iter()
+            .take_while(|t| {
+                len += 3 + t.title.len().min(MAX_TITLE);
+                len <= MAX_HEARTBEAT_LEN
+            })
+            .count()
+    }
+
+    /// Decode without checking the MAC (tests, diagnostics).
+    pub fn decode_unverified(buf: &[u8]) -> Result<Heartbeat, WireError> {
+        check_version(buf)?;
+        if buf.len() > MAX_HEARTBEAT_LEN {
+            return Err(WireError::Field("length"));
+        }
+        if buf.len() < 2 + MAC_LEN {
+            return Err(WireError::Field("mac"));
+        }
+        let body = &buf[..buf.len() - MAC_LEN];
+        let mut r = Reader::new(body);
+        r.u8("version")?;
+        let ty = r.u8("type")?;
+        if ty != t::HEARTBEAT {
+            return Err(WireError::Kind(ty));
+        }
+        let server = get_v4(&mut r, "server")?;
+        let boot_id = r.u64("boot_id")?;
+        let seq = r.u64("seq")?;
+        let unix_ms = r.u64("unix_ms")?;
+        let interval_ms = r.u32("interval_ms")?;
+        let state = ServerState::from_u8(r.u8("state")?).ok_or(WireError::Field("state"))?;
+        let channels = r.u32("channels")?;
+        let channel_slots = r.u32("channel_slots")?;
+        let receivers = r.u32("receivers")?;
+        let throughput_bps = r.u64("throughput_bps")?;
+        let capacity_bps = r.u64("capacity_bps")?;
+        let max_tier_bps = r.u64("max_tier_bps")?;
+        let n = r.u16("titles")? as usize;
+        let mut titles = Vec::with_capacity(n.min(r.remaining() / 3));
+        for _ in 0..n {
+            let looping = match r.u8("looping")? {
+                0 => false,
+                1 => true,
+                _ => return Err(WireError::Field("looping")),
+            };
+            titles.push(HeldTitle {
+                looping,
+                title: get_str(&mut r, MAX_TITLE, "title")?,
+            });
+        }
+        if r.remaining() != 0 {
+            return Err(WireError::Field("trailing bytes"));
+        }
+        if interval_ms == 0 {
+            return Err(WireError::Field("interval_ms"));
+        }
+        Ok(Heartbeat {
+            server,
+            boot_id,
+            seq,
+            unix_ms,
+            interval_ms,
+            state,
+            channels,
+            channel_slots,
+            receivers,
+            throughput_bps,
+            capacity_bps,
+            max_tier_bps,
+            titles,
+        })
+    }
+
+    /// Decode and check the MAC under `key`: a heartbeat that does not verify is
+    /// [`HeartbeatError::BadMac`], never a heartbeat.
+    pub fn open(buf: &[u8], key: &[u8; 32]) -> Result<Heartbeat, HeartbeatError> {
+        let hb = Heartbeat::decode_unverified(buf)?;
+        let (body, mac) = buf.split_at(buf.len() - MAC_LEN);
+        // blake3::Hash compares in constant time.
+        let want = blake3::keyed_hash(key, body);
+        let got = blake3::Hash::from_bytes(mac.try_into().expect("MAC_LEN bytes"));
+        if want != got {
+            return Err(HeartbeatError::BadMac);
+        }
+        Ok(hb)
+    }
+}
+
+/// Why a director could not route a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoRoute {
+    /// No known server holds the title.
+    NotFound = 1,
+    /// Servers hold it, but none is up (down, draining, stopping, or excluded).
+    NoHealthyServer = 2,
+    /// Servers that hold it are all overloaded: retry later.
+    Busy = 3,
+}
+
+impl NoRoute {
+    fn from_u8(v: u8) -> Option<NoRoute> {
+        Some(match v {
+            1 => NoRoute::NotFound,
+            2 => NoRoute::NoHealthyServer,
+            3 => NoRoute::Busy,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DirectorMsg {
+    /// Receiver → director: a server for `title`, not one of `exclude` (servers that went
+    /// silent or refused); `rx_bps` is the receiver's measured throughput (0 = unknown).
+    RouteRequest {
+        req_id: u32,
+        title: String,
+        rx_bps: u64,
+        exclude: Vec<SocketAddrV4>,
+    },
+    /// Director → receiver: fetch `title` from `server`.
+    RouteOk {
+        req_id: u32,
+        title: String,
+        server: SocketAddrV4,
+    },
+    /// Director → receiver: no server for `title` now.
+    RouteNone {
+        req_id: u32,
+        title: String,
+        reason: NoRoute,
+        message: String,
+    },
+}
+
+impl DirectorMsg {
+    pub fn req_id(&self) -> u32 {
+        match self {
+            DirectorMsg::RouteRequest { req_id, .. }
+            | DirectorMsg::RouteOk { req_id, .. }
+            | DirectorMsg::RouteNone { req_id, .. } => *req_id,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(64);
+        b.put_u8(WIRE_VERSION);
+        let title_of = |s: &str| s.as_bytes()[..s.len().min(MAX_TITLE)].to_vec();
+        match self {
+            DirectorMsg::RouteRequest {
+                req_id,
+                title,
+                rx_bps,
+                exclude,
+            } => {
+                b.put_u8(t::ROUTE_REQ);
+                b.put_u32(*req_id);
+                b.put_short_bytes(&title_of(title));
+                b.put_u64(*rx_bps);
+                let n = exclude.len().min(MAX_EXCLUDE);
+                b.put_u8(n as u8);
+                for a in &exclude[..n] {
+                    put_v4(&mut b, a);
+                }
+            }
+            DirectorMsg::RouteOk {
+                req_id,
+                title,
+                server,
+            } => {
+                b.put_u8(t::ROUTE_OK);
+                b.put_u32(*req_id);
+                b.put_short_bytes(&title_of(title));
+                put_v4(&mut b, server);
+            }
+            DirectorMsg::RouteNone {
+                req_id,
+                title,
+                reason,
+                message,
+            } => {
+                b.put_u8(t::ROUTE_NONE);
+                b.put_u32(*req_id);
+                b.put_short_bytes(&title_of(title));
+                b.put_u8(*reason as u8);
+                b.put_short_bytes(&message.as_bytes()[..message.len().min(512)]);
+            }
+        }
+        b
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<DirectorMsg, WireError> {
+        check_version(buf)?;
+        if buf.len() > 2048 {
+            return Err(WireError::Field("length"));
+        }
+        let mut r = Reader::new(buf);
+        r.u8("version")?;
+        let ty = r.u8("type")?;
+        let req_id = r.u32("req_id")?;
+        let title = get_str(&mut r, MAX_TITLE, "title")?;
+        let msg = match ty {
+            t::ROUTE_REQ => {
+                let rx_bps = r.u64("rx_bps")?;
+                let n = r.u8("exclude")? as usize;
+                if n > MAX_EXCLUDE {
+                    return Err(WireError::Field("exclude"));
+                }
+                let mut exclude = Vec::with_capacity(n);
+                for _ in 0..n {
+                    exclude.push(get_v4(&mut r, "exclude")?);
+                }
+                DirectorMsg::RouteRequest {
+                    req_id,
+                    title,
+                    rx_bps,
+                    exclude,
+                }
+            }
+            t::ROUTE_OK => DirectorMsg::RouteOk {
+                req_id,
+                title,
+                server: get_v4(&mut r, "server")?,
+            },
+            t::ROUTE_NONE => DirectorMsg::RouteNone {
+                req_id,
+                title,
+                reason: NoRoute::from_u8(r.u8("reason")?).ok_or(WireError::Field("reason"))?,
+                message: get_str(&mut r, 512, "message")?,
+            },
+            k => return Err(WireError::Kind(k)),
+        };
+        if r.remaining() != 0 {
+            return Err(WireError::Field("trailing bytes"));
+        }
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Heartbeat {
+        Heartbeat {
+            server: "127.0.0.1:7600".parse().unwrap(),
+            boot_id: 77,
+            seq: 5,
+            unix_ms: 1_700_000_000_000,
+            interval_ms: 500,
+            state: ServerState::Draining,
+            channels: 2,
+            channel_slots: 32,
+            receivers: 9,
+            throughput_bps: 123_456,
+            capacity_bps: 200_000_000,
+            max_tier_bps: 200_000_000,
+            titles: vec![
+                HeldTitle {
+                    title: "film".into(),
+                    looping: true,
+                },
+                HeldTitle {
+                    title: "ad".into(),
+                    looping: false,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn heartbeat_round_trip_mac_and_truncation() {
+        let key = [7u8; 32];
+        let hb = sample();
+        let b = hb.encode(&key);
+        assert!(is_heartbeat(&b) && !is_director_msg(&b));
+        assert_eq!(Heartbeat::open(&b, &key).unwrap(), hb);
+        assert_eq!(Heartbeat::open(&b, &[8u8; 32]), Err(HeartbeatError::BadMac));
+        // Every single-bit change is refused (malformed or bad MAC), never accepted.
+        for i in 0..b.len() {
+            let mut d = b.clone();
+            d[i] ^= 0x10;
+            assert!(Heartbeat::open(&d, &key).is_err(), "flip at {i}");
+        }
+        for n in 0..b.len() {
+            assert!(Heartbeat::open(&b[..n], &key).is_err(), "truncated to {n}");
+        }
+    }
+
+    #[test]
+    fn oversized_title_lists_are_cut_to_one_datagram() {
+        let mut hb = sample();
+        hb.titles = (0..1000)
+            .map(|i| HeldTitle {
+                title: format!("{i:0>120}"),
+                looping: false,
+            })
+            .collect();
+        let b = hb.encode(&[1; 32]);
+        assert!(b.len() <= MAX_HEARTBEAT_LEN);
+        let got = Heartbeat::open(&b, &[1; 32]).unwrap();
+        assert_eq!(got.titles.len(), hb.fits());
+        assert!(got.titles.len() > 400 && got.titles.len() < 1000);
+    }
+
+    #[test]
+    fn director_messages_round_trip() {
+        let a: SocketAddrV4 = "127.0.0.2:7600".parse().unwrap();
+        for m in [
+            DirectorMsg::RouteRequest {
+                req_id: 1,
+                title: "film".into(),
+                rx_bps: 9,
+                exclude: vec![a, a],
+            },
+            DirectorMsg::RouteRequest {
+                req_id: 1,
+                title: "film".into(),
+                rx_bps: 0,
+                exclude: vec![],
+            },
+            DirectorMsg::RouteOk {
+                req_id: 2,
+                title: "film".into(),
+                server: a,
+            },
+            DirectorMsg::RouteNone {
+                req_id: 3,
+                title: "x".into(),
+                reason: NoRoute::Busy,
+                message: "all busy".into(),
+            },
+        ] {
+            let b = m.encode();
+            assert!(is_director_msg(&b) && !is_heartbeat(&b));
+            assert_eq!(DirectorMsg::decode(&b).unwrap(), m);
+            assert_eq!(m.req_id(), DirectorMsg::decode(&b).unwrap().req_id());
+            for n in 0..b.len() {
+                assert!(DirectorMsg::decode(&b[..n]).is_err());
+            }
+        }
+    }
+}
