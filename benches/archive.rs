@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
 use mcast::archive::frame::{frame_aad, FrameHeader};
-use mcast::archive::manifest::TreeBuilder;
+use mcast::archive::manifest::{LeafHash, TreeBuilder};
 use mcast::archive::{pack, unpack, ArchiveFile, CompressMode, PackOptions};
 use mcast_keys::frame::{self as aead, random_frame_key};
 use mcast_keys::{Cipher, KeyStore, MasterKey};
@@ -116,17 +116,19 @@ fn bench_primitives(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
     for symbol_size in [1280u32, 8192] {
-        g.bench_function(format!("tree_update/symbol_{symbol_size}"), |b| {
-            b.iter(|| {
-                let mut t = TreeBuilder::new(&archive_id, symbol_size);
-                t.update(black_box(&data));
-                t
-            })
-        });
+        for leaf in [LeafHash::Blake3, LeafHash::Sha256] {
+            g.bench_function(format!("tree_update/symbol_{symbol_size}/{leaf:?}"), |b| {
+                b.iter(|| {
+                    let mut t = TreeBuilder::new(&archive_id, symbol_size, leaf);
+                    t.update(black_box(&data));
+                    t
+                })
+            });
+        }
     }
     g.bench_function("tree_update_finish/symbol_1280", |b| {
         b.iter(|| {
-            let mut t = TreeBuilder::new(&archive_id, 1280);
+            let mut t = TreeBuilder::new(&archive_id, 1280, LeafHash::auto(1280));
             t.update(black_box(&data));
             t.finish()
         })

@@ -10,7 +10,7 @@
 #   E2E_PEERS=0 benches/e2e.sh          # mcast only
 #   E2E_SIZE_MB=4096 E2E_PEERS=0 benches/e2e.sh    # memory check on a 4 GiB file
 #
-# mcastd loops at E2E_RATE_MBPS (default 2500 Mbit/s of payload; 0 = unlimited, which on a
+# mcastd loops at E2E_RATE_MBPS (default 4000 Mbit/s of payload; 0 = unlimited, which on a
 # 2-core host overruns the receiver and ends in NAK/repair rounds). UFTP runs at -R E2E_UFTP_R
 # (Kbit/s; default -1 = as fast as possible), udpcast unthrottled.
 # The receiver asks for a 64 MiB receive buffer (E2E_RCVBUF; forced past rmem_max as root).
@@ -23,7 +23,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 size_mb=${E2E_SIZE_MB:-1024}
 peers=${E2E_PEERS:-1}
 bed=${E2E_BED:-0}
-rate=${E2E_RATE_MBPS:-2500}
+rate=${E2E_RATE_MBPS:-4000}
 peerbed=${PEERBED:-/work/shared/tools/peerbed.sh}
 work=${E2E_DIR:-/tmp/mcast-e2e}
 bin=$repo/target/release

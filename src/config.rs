@@ -116,6 +116,9 @@ pub struct PackConfig {
     pub cipher: String,
     pub compress: String,
     pub zstd_level: i32,
+    /// Manifest leaf hash: "auto" (SHA-256 below 4 KiB symbols, BLAKE3 above), "sha256",
+    /// "blake3".
+    pub leaf_hash: String,
 }
 
 /// `[tickets]`: the play-ticket validation database.
@@ -168,6 +171,7 @@ impl Default for PackConfig {
             cipher: "aes-256-gcm".into(),
             compress: "auto".into(),
             zstd_level: 3,
+            leaf_hash: "auto".into(),
         }
     }
 }
@@ -334,6 +338,8 @@ impl Config {
             .map_err(|why| field("pack.cipher", why))?;
         self.pack_compress()
             .map_err(|why| field("pack.compress", why))?;
+        self.pack_leaf_hash()
+            .map_err(|why| field("pack.leaf_hash", why))?;
         let p = &self.pack;
         if p.frame_size == 0 || p.frame_size > crate::archive::head::MAX_FRAME_SIZE {
             return Err(field(
@@ -566,6 +572,18 @@ impl Config {
                 self.pack.cipher
             )),
             Some(c) => Ok(c),
+        }
+    }
+
+    /// `None` = auto (chosen by symbol size at pack time).
+    pub fn pack_leaf_hash(&self) -> Result<Option<crate::archive::manifest::LeafHash>, String> {
+        match self.pack.leaf_hash.as_str() {
+            "auto" => Ok(None),
+            n => crate::archive::manifest::LeafHash::from_name(n)
+                .map(Some)
+                .ok_or_else(|| {
+                    format!("{n:?} is not a leaf hash; use \"auto\", \"sha256\" or \"blake3\"")
+                }),
         }
     }
 

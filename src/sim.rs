@@ -161,6 +161,7 @@ pub fn sim_head(data_packets: u64, symbol_size: u32) -> Head {
     let n_blocks = data_packets.div_ceil(k);
     Head {
         advert: false,
+        leaf_hash: Default::default(),
         cipher: mcast_keys::Cipher::Aes256Gcm,
         compression: Compression::None,
         archive_id: [0x5a; 16],

@@ -199,7 +199,7 @@ fn forge(
     id: &Identity,
     edit: impl FnOnce(&mut Head, &mut Vec<u8>),
 ) {
-    let mut tree = TreeBuilder::new(&head.archive_id, head.symbol_size);
+    let mut tree = TreeBuilder::new(&head.archive_id, head.symbol_size, head.leaf_hash);
     tree.update(frames);
     let (mut hashes, block_hashes) = tree.finish();
     let mut h = head.clone();
@@ -714,7 +714,7 @@ fn modified_manifest_is_refused() {
 
     // Re-signed with a consistently altered hash packet: the data packet it lists is refused.
     let path = env.forged_path("leaf-resigned");
-    let tk = TreeKeys::new(&p.head.archive_id);
+    let tk = TreeKeys::new(&p.head.archive_id, p.head.leaf_hash);
     let k = p.head.block_symbols as usize;
     forge(&path, &p.head, &p.frames, &env.identity, |h, hashes| {
         hashes[sym + 3 * 32] ^= 1; // leaf of block 1, symbol 3

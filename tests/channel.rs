@@ -451,7 +451,7 @@ fn draining_refuses_new_receivers_and_a_resume_starts_where_asked() {
     let shape = LoopShape::of(&head);
     let info = TitleInfo {
         head: Arc::new(head),
-        head_bytes: Arc::new(Vec::new()),
+        head_bytes: mcast::channel::HeadBytes::Memory(Arc::new(Vec::new())),
         archive_len: 0,
     };
     let mut m = ChannelManager::new(Params::for_tests(RATE), vec![info], t0);

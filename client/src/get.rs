@@ -28,6 +28,7 @@ use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::control::ControlClient;
+use crate::disk::Disk;
 use crate::error::{Failure, RecvError};
 use crate::state::State;
 use crate::tiering::Tiering;
@@ -35,8 +36,8 @@ use mcast::receiver::download::{Download, Verdict};
 
 /// Messages per recvmmsg on the data sockets.
 const RECV_BATCH: usize = 64;
-/// Contiguous received data is written in runs of up to this many bytes.
-const WRITE_STAGE: usize = 4 << 20;
+/// Packets handled per turn of the receive loop before timers and control are looked at.
+const DRAIN_PACKETS: u64 = 4096;
 
 #[derive(Clone, Debug)]
 pub struct GetOptions {
@@ -55,6 +56,8 @@ pub struct GetOptions {
     pub json: bool,
     pub progress_bar: bool,
     pub recv_buffer: usize,
+    /// Write the part file with `O_DIRECT` (bypassing the page cache) where possible.
+    pub direct_io: bool,
     /// Give up on the server (exit "unreachable", state kept) when nothing verifiable — a
     /// verified packet or a control reply — came from it for this long. Set by the director
     /// fail-over (`crate::failover`); `None`: wait for it.
@@ -78,6 +81,7 @@ impl GetOptions {
             json: false,
             progress_bar: false,
             recv_buffer: 4 << 20,
+            direct_io: false,
             silence_timeout: None,
             start_block: None,
         }
@@ -291,35 +295,29 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     let mut rx = mcast::fastio::RecvBatch::new(RECV_BATCH, 65_536);
     let mut ctl_buf = vec![0u8; MAX_CONTROL_LEN + 1];
 
-    // Periodic checkpoints run on a helper thread (a slow fdatasync must not stall the socket
-    // drain); this one, for the final and error paths, first waits for the helper to finish.
-    let mut bg = BgCheckpoint::start(&part, &part_path, &state_path, state.clone())?;
-    let mut stage = mcast::fastio::WriteStage::new(
-        WRITE_STAGE,
-        mcast::fastio::WriteStage::open_direct(&part_path),
-    );
-    tracing::debug!(direct = stage.is_direct(), "part file writes");
-    let checkpoint = |bg: &mut BgCheckpoint,
-                      stage: &mut mcast::fastio::WriteStage,
-                      dl: &Download,
-                      state: &mut State,
-                      part: &File|
-     -> Result<(), RecvError> {
-        stage
-            .flush(part)
-            .map_err(|e| RecvError::io("cannot write", &part_path, e))?;
-        bg.finish()?;
-        part.sync_data()
-            .map_err(|e| RecvError::io("cannot sync", &part_path, e))?;
-        state.have.copy_from_slice(dl.have_bits());
-        state
-            .save(&state_path)
-            .map_err(|e| RecvError::io("cannot write state file", &state_path, e))
-    };
+    // Writes and periodic checkpoints run on the disk thread, in order (a slow disk must not
+    // stall the socket drain); the final and error-path checkpoint below first drains it.
+    let mut disk = Disk::start(
+        &part,
+        &part_path,
+        &state_path,
+        state.clone(),
+        opts.direct_io,
+    )?;
+    let checkpoint =
+        |disk: &mut Disk, dl: &Download, state: &mut State, part: &File| -> Result<(), RecvError> {
+            disk.finish()?;
+            part.sync_data()
+                .map_err(|e| RecvError::io("cannot sync", &part_path, e))?;
+            state.have.copy_from_slice(dl.have_bits());
+            state
+                .save(&state_path)
+                .map_err(|e| RecvError::io("cannot write state file", &state_path, e))
+        };
 
     while !dl.is_complete() {
         if stop.load(Ordering::Relaxed) {
-            checkpoint(&mut bg, &mut stage, &dl, &mut state, &part)?;
+            checkpoint(&mut disk, &dl, &mut state, &part)?;
             return Err(RecvError::new(
                 Failure::Interrupted,
                 "interrupted; run the same command again to resume",
@@ -327,7 +325,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         }
         if let Some(t) = opts.timeout {
             if started.elapsed() > t {
-                checkpoint(&mut bg, &mut stage, &dl, &mut state, &part)?;
+                checkpoint(&mut disk, &dl, &mut state, &part)?;
                 return Err(RecvError::new(
                     Failure::Timeout,
                     format!(
@@ -341,7 +339,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         let now = Instant::now();
         if let Some(limit) = opts.silence_timeout {
             if now.saturating_duration_since(last_heard) > limit {
-                checkpoint(&mut bg, &dl, &mut state, &part)?;
+                checkpoint(&mut disk, &dl, &mut state, &part)?;
                 let mut e = RecvError::new(
                     Failure::Unreachable,
                     format!(
@@ -442,12 +440,9 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
             next_fallback_try = Instant::now() + Duration::from_secs(1);
         }
         if now >= next_checkpoint && dirty {
-            // Staged writes go out first, so every unit marked held is in the file and the
-            // snapshot is covered by the helper's sync.
-            stage
-                .flush(&part)
-                .map_err(|e| RecvError::io("cannot write", &part_path, e))?;
-            if bg.request(dl.have_bits())? {
+            // Queued behind every write made so far: when the disk thread takes it, every
+            // unit marked held is in the file, and its sync covers the snapshot.
+            if disk.request_checkpoint(dl.have_bits())? {
                 dirty = false;
             }
             next_checkpoint = now + opts.checkpoint;
@@ -544,7 +539,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 }
                 tiering = Tiering::new(j.tier, j.tiers_bps, Instant::now());
                 if j.archive_id != archive_id {
-                    checkpoint(&mut bg, &mut stage, &dl, &mut state, &part)?;
+                    checkpoint(&mut disk, &dl, &mut state, &part)?;
                     return Err(RecvError::new(
                         Failure::Other,
                         format!(
@@ -561,8 +556,13 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
 
         // Data from multicast and unicast, drained in bursts.
         let socks: Vec<&UdpSocket> = std::iter::once(&mcast).chain(unicast.as_ref()).collect();
+        // Bounded by packets, not calls (a call can return 64 GRO super-datagrams of ~50
+        // packets each): timers, keepalives and control replies are serviced every few ms,
+        // so NAKs go out on time and the RTT this receiver reports is not inflated by a
+        // long drain.
+        let drain_until = received_packets + DRAIN_PACKETS;
         for s in socks {
-            for _ in 0..4096 / RECV_BATCH {
+            while received_packets < drain_until {
                 let got = match rx.recv(s.as_raw_fd()) {
                     Ok(n) if n > 0 => n,
                     _ => break,
@@ -618,10 +618,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                     let mut verdict = dl.on_packet(id, payload);
                     if let Verdict::NeedHash(b) = verdict {
                         // The block's hash packet left the in-memory cache: read it back (it may
-                        // still be staged, so flush first) and offer the packet again.
-                        stage
-                            .flush(&part)
-                            .map_err(|e| RecvError::io("cannot write", &part_path, e))?;
+                        // still be queued for the disk, so wait for that first) and offer the packet again.
+                        disk.barrier()?;
                         let (off, len) = dl
                             .layout()
                             .packet_range(PacketId::Hash(b))
@@ -663,16 +661,12 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                         nak.on_lost(Instant::now(), unit);
                     }
                     for (offset, bytes) in dl.take_released() {
-                        stage
-                            .write(&part, offset, &bytes)
-                            .map_err(|e| RecvError::io("cannot write", &part_path, e))?;
+                        disk.write(offset, &bytes)?;
                         dirty = true;
                     }
                     if let Verdict::Write { offset } = verdict {
                         last_write = Instant::now();
-                        stage
-                            .write(&part, offset, payload)
-                            .map_err(|e| RecvError::io("cannot write", &part_path, e))?;
+                        disk.write(offset, payload)?;
                         dirty = true;
                         if dl.is_complete() {
                             complete = true;
@@ -680,9 +674,9 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                         }
                     }
                 }
-                // No checkpoint on a write failure: staged units are marked held in memory but
-                // not on disk; the last checkpoint (taken after a flush) is the consistent one
-                // to resume from.
+                // No checkpoint on a write failure: queued units are marked held in memory but
+                // not on disk; the last checkpoint (taken behind its writes) is the consistent
+                // one to resume from.
                 if complete || got < rx.capacity() {
                     break;
                 }
@@ -697,7 +691,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         3,
         Duration::from_millis(300),
     );
-    checkpoint(&mut bg, &mut stage, &dl, &mut state, &part)?;
+    checkpoint(&mut disk, &dl, &mut state, &part)?;
     drop(part);
     let a = ArchiveFile::open(&part_path)
         .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
@@ -745,88 +739,6 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         settled_tier: tiering.settled_tier(Instant::now()),
         tier_changes: tiering.changes,
     })
-}
-
-/// Checkpoints off the receive thread: fdatasync of the part file, then the state record
-/// (the have-bits snapshot taken before the sync started). One in flight at most.
-struct BgCheckpoint {
-    tx: Option<std::sync::mpsc::SyncSender<Vec<u64>>>,
-    failed: Arc<std::sync::Mutex<Option<RecvError>>>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl BgCheckpoint {
-    fn start(
-        part: &File,
-        part_path: &Path,
-        state_path: &Path,
-        mut state: State,
-    ) -> Result<BgCheckpoint, RecvError> {
-        let part = part
-            .try_clone()
-            .map_err(|e| RecvError::io("cannot open", part_path, e))?;
-        let (part_path, state_path) = (part_path.to_path_buf(), state_path.to_path_buf());
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u64>>(0);
-        let failed = Arc::new(std::sync::Mutex::new(None));
-        let f2 = failed.clone();
-        let handle = std::thread::Builder::new()
-            .name("checkpoint".into())
-            .spawn(move || {
-                for have in rx {
-                    let r = part
-                        .sync_data()
-                        .map_err(|e| RecvError::io("cannot sync", &part_path, e))
-                        .and_then(|()| {
-                            state.have = have;
-                            state.save(&state_path).map_err(|e| {
-                                RecvError::io("cannot write state file", &state_path, e)
-                            })
-                        });
-                    if let Err(e) = r {
-                        *f2.lock().unwrap() = Some(e);
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| RecvError::new(Failure::Other, format!("checkpoint thread: {e}")))?;
-        Ok(BgCheckpoint {
-            tx: Some(tx),
-            failed,
-            handle: Some(handle),
-        })
-    }
-
-    /// Hand a snapshot to the helper; false if it is still busy with the previous one.
-    fn request(&mut self, have: &[u64]) -> Result<bool, RecvError> {
-        if let Some(e) = self.failed.lock().unwrap().take() {
-            return Err(e);
-        }
-        match &self.tx {
-            Some(tx) => match tx.try_send(have.to_vec()) {
-                Ok(()) => Ok(true),
-                Err(_) => Ok(false),
-            },
-            None => Ok(false),
-        }
-    }
-
-    /// Stop the helper and wait for a checkpoint in flight.
-    fn finish(&mut self) -> Result<(), RecvError> {
-        self.tx = None;
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-        match self.failed.lock().unwrap().take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for BgCheckpoint {
-    fn drop(&mut self) {
-        let _ = self.finish();
-    }
 }
 
 fn missing_bytes(dl: &Download) -> u64 {

@@ -3,6 +3,7 @@
 //! progress record; [`play`] exchanges a play ticket for the key and decrypts.
 
 pub mod control;
+pub mod disk;
 pub mod error;
 pub mod failover;
 pub mod get;

@@ -69,6 +69,11 @@ enum Cmd {
         /// net.core.rmem_max unless the process may force it: CAP_NET_ADMIN). Granted size is logged.
         #[arg(long, default_value_t = 4 << 20)]
         recv_buffer: usize,
+        /// Write the archive with O_DIRECT, bypassing the page cache (for hosts short of
+        /// memory; on virtual disks it costs more CPU than the default, which writes through
+        /// the page cache and drops what is already on disk from it as it goes).
+        #[arg(long)]
+        direct_io: bool,
         /// Give up after this many seconds (state kept; run again to resume).
         #[arg(long)]
         timeout: Option<u64>,
@@ -196,6 +201,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             server_key,
             sync_timeout_ms,
             recv_buffer,
+            direct_io,
             timeout,
             json,
         } => {
@@ -230,6 +236,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             };
             o.sync_timeout = Duration::from_millis(sync_timeout_ms);
             o.recv_buffer = recv_buffer;
+            o.direct_io = direct_io;
             o.timeout = timeout.map(Duration::from_secs);
             let terminal = std::io::stdout().is_terminal();
             o.json = json || !terminal;

@@ -26,6 +26,8 @@ const SIGN_CONTEXT: &[u8] = b"mcast head v1";
 
 /// Flag bit: an unencrypted advertisement archive.
 pub const FLAG_ADVERT: u8 = 1;
+/// Flag bit: data-packet leaves are SHA-256, not BLAKE3 ([`super::manifest::LeafHash`]).
+pub const FLAG_LEAF_SHA256: u8 = 2;
 
 /// Smallest and largest packet payloads ("symbols") an archive may use.
 pub const MIN_SYMBOL_SIZE: u32 = 256;
@@ -68,6 +70,8 @@ impl Compression {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Head {
     pub advert: bool,
+    /// How data packets are hashed into the manifest's leaves.
+    pub leaf_hash: super::manifest::LeafHash,
     pub cipher: Cipher,
     pub compression: Compression,
     /// Random per archive: binds frames and packets to this one archive.
@@ -150,7 +154,11 @@ impl Head {
         let mut b = Vec::with_capacity(256 + self.block_hashes.len() * 32);
         b.extend_from_slice(HEAD_MAGIC);
         b.put_u8(HEAD_VERSION);
-        b.put_u8(if self.advert { FLAG_ADVERT } else { 0 });
+        let leaf = match self.leaf_hash {
+            super::manifest::LeafHash::Sha256 => FLAG_LEAF_SHA256,
+            super::manifest::LeafHash::Blake3 => 0,
+        };
+        b.put_u8(if self.advert { FLAG_ADVERT } else { 0 } | leaf);
         b.put_u8(self.cipher.to_byte());
         b.put_u8(self.compression.to_byte());
         b.extend_from_slice(&self.archive_id);
@@ -215,7 +223,7 @@ impl Head {
             return Err(HeadError::Version(version));
         }
         let flags = r.u8("flags")?;
-        if flags & !FLAG_ADVERT != 0 {
+        if flags & !(FLAG_ADVERT | FLAG_LEAF_SHA256) != 0 {
             return Err(bad("flags", format!("unknown bits {flags:#x}")));
         }
         let cipher_b = r.u8("cipher")?;
@@ -281,6 +289,11 @@ impl Head {
         }
         Ok(Head {
             advert: flags & FLAG_ADVERT != 0,
+            leaf_hash: if flags & FLAG_LEAF_SHA256 != 0 {
+                super::manifest::LeafHash::Sha256
+            } else {
+                super::manifest::LeafHash::Blake3
+            },
             cipher,
             compression,
             archive_id,
@@ -310,6 +323,7 @@ mod tests {
     pub(crate) fn sample() -> Head {
         Head {
             advert: false,
+            leaf_hash: Default::default(),
             cipher: Cipher::Aes256Gcm,
             compression: Compression::Zstd,
             archive_id: [7; 16],

@@ -58,6 +58,8 @@ pub struct PackOptions {
     pub watermark: Option<String>,
     /// Unencrypted advertisement archive (no key is created).
     pub advert: bool,
+    /// Leaf hash of the manifest; `None` = [`super::manifest::LeafHash::auto`].
+    pub leaf_hash: Option<super::manifest::LeafHash>,
     /// Replace an existing archive of the same title.
     pub force: bool,
 }
@@ -73,6 +75,7 @@ impl PackOptions {
             symbol_size: DEFAULT_SYMBOL_SIZE,
             watermark: None,
             advert: false,
+            leaf_hash: None,
             force: false,
         }
     }
@@ -167,7 +170,10 @@ pub fn pack(
     let werr = io_err(&tmp_path);
     w.write_all(&preamble_bytes()).map_err(werr)?;
 
-    let mut tree = TreeBuilder::new(&archive_id, opts.symbol_size);
+    let leaf_hash = opts
+        .leaf_hash
+        .unwrap_or_else(|| super::manifest::LeafHash::auto(opts.symbol_size));
+    let mut tree = TreeBuilder::new(&archive_id, opts.symbol_size, leaf_hash);
     let mut plain_hasher = blake3::Hasher::new();
     let mut zc =
         zstd::bulk::Compressor::new(opts.zstd_level).map_err(|e| bad_opt(format!("zstd: {e}")))?;
@@ -224,6 +230,7 @@ pub fn pack(
     w.write_all(&hash_region).map_err(io_err(&tmp_path))?;
     let mut head = Head {
         advert: opts.advert,
+        leaf_hash,
         cipher,
         compression: if compressed_frames == 0 {
             Compression::None

@@ -240,6 +240,7 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
             opts.zstd_level = cfg.pack.zstd_level;
             opts.frame_size = frame_size.unwrap_or(cfg.pack.frame_size);
             opts.symbol_size = symbol_size.unwrap_or(cfg.pack.symbol_size);
+            opts.leaf_hash = cfg.pack_leaf_hash().map_err(UsageError)?;
             opts.watermark = watermark;
             opts.advert = advert;
             opts.force = force;
