@@ -99,7 +99,8 @@ TOML
   unshare -n "$0" --inside mcast-lo
   if [[ $peers == 1 ]]; then
     for enc in none aes256-gcm; do
-      PB_ENC=$enc PB_R=${E2E_UFTP_R:--1} PB_TIMEOUT=600 "$peerbed" lo-uftp "$src" > "$work/uftp-$enc.log" 2>&1 || true
+      # shellcheck disable=SC2086 # E2E_UFTP_ARGS: extra uftp arguments, e.g. "-b 8800"
+      PB_ENC=$enc PB_R=${E2E_UFTP_R:--1} PB_TIMEOUT=600 "$peerbed" lo-uftp "$src" ${E2E_UFTP_ARGS:-} > "$work/uftp-$enc.log" 2>&1 || true
       parse_uftp "$work/uftp-$enc.log" "uftp-lo-$enc"
     done
     PB_TIMEOUT=600 "$peerbed" lo-udpcast "$src" > "$work/udpcast.log" 2>&1 || true

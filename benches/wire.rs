@@ -70,7 +70,7 @@ fn engine(c: &mut Criterion) {
     let mut g = c.benchmark_group("nak_engine");
     g.throughput(Throughput::Elements(loop_len));
     g.sample_size(20);
-    for loss_pct in [0u64, 1] {
+    for loss_pct in [0u64, 1, 20] {
         // Deterministic loss pattern: positions whose hash falls under the rate.
         let lost: HashSet<u64> = (0..loop_len)
             .filter(|j| {
