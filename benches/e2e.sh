@@ -134,6 +134,7 @@ TOML
           (rcpu[i] == "nan") ? "n/a" : sprintf("%.2f", rcpu[i] / gib), srss[i] / 1024,
           (rrss[i] == "nan") ? "n/a" : sprintf("%.1f", rrss[i] / 1024),
           (best[grp[i]] > 0) ? sprintf("%.2f", mbs[i] / best[grp[i]]) : "n/a", ok[i] }' "$work/results"
+  [[ -s $work/mcast/srv.vmrss ]] && echo "mcastd resident memory after serving the loopback run: $(( $(cat "$work/mcast/srv.vmrss") / 1024 )) MiB (VmRSS; srv_rss_MiB above is the peak)"
   echo "(uftp receiver CPU is uftpd's from /proc ticks; its RSS is not measured; vs_best: against the best peer on the same bed; logs in $work)"
   exit 0
 fi
@@ -167,6 +168,9 @@ rc=$?
 grep -A1 '^Udp:' /proc/net/snmp > udp-snmp.txt  # drops (RcvbufErrors) in this namespace
 # The mcastd process under /usr/bin/time (and E2E_SRV_WRAP, e.g. a profiler).
 mpid=$spid; for _ in 1 2 3; do c=$(pgrep -P "$mpid" | head -1 || true); if [[ -n $c ]]; then mpid=$c; fi; done
+# Resident memory while serving (the peak from /usr/bin/time includes start-up, when each
+# archive's signed head is read and verified once).
+awk '/^VmRSS/ {print $2}' "/proc/$mpid/status" > srv.vmrss 2>/dev/null || true
 kill -TERM "$mpid" 2>/dev/null || true
 wait $spid || true
 ok=0
