@@ -3,6 +3,7 @@
 # mcastd -> mcast-recv (1 receiver), then the real peers on the same loopback bed
 # (UFTP without and with AES-256-GCM, udpcast; via shared/tools/peerbed.sh), then
 # optionally (E2E_BED=1) the namespace bed with 1 and 3 receivers.
+# E2E_RECV_ARGS adds mcast-recv arguments (e.g. --direct-io) to the loopback run.
 # E2E_SRV_WRAP / E2E_RCV_WRAP prefix the loopback mcastd / mcast-recv commands (e.g.
 # "perf record -g -o /tmp/srv.perf --") to profile them.
 #
@@ -163,7 +164,7 @@ ${E2E_SRV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o srv.time "$bin/mcastd" -c mc
 spid=$!
 sleep 0.5
 ${E2E_RCV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o rcv.time "$bin/mcast-recv" get bench --server-key "$key" -o "$run/out" --recv-buffer "${E2E_RCVBUF:-67108864}" \
-  --json --timeout 600 > rcv.json 2> rcv.log
+  --json --timeout 600 ${E2E_RECV_ARGS:-} > rcv.json 2> rcv.log
 rc=$?
 grep -A1 '^Udp:' /proc/net/snmp > udp-snmp.txt  # drops (RcvbufErrors) in this namespace
 # The mcastd process under /usr/bin/time (and E2E_SRV_WRAP, e.g. a profiler).

@@ -13,13 +13,7 @@ use common::{done_report, missing_tool, skip_or_fail};
 
 /// Why this machine cannot run the namespace test, if it cannot.
 fn cannot_run() -> Option<String> {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
-    if !root {
+    if common::euid() != Some(0) {
         return Some("needs root (network namespace + nftables)".into());
     }
     missing_tool(&["unshare", "nft", "ip"])

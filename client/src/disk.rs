@@ -3,8 +3,8 @@
 //! otherwise overflow the socket buffer and turn into losses and repairs).
 //!
 //! The receive thread copies verified payloads into runs ([`Disk::write`]); full runs go to
-//! the disk thread, which writes them through a [`WriteStage`] (large writes; `O_DIRECT` if
-//! asked). Through the page cache (the default), written ranges are pushed to disk as they go
+//! the disk thread, which writes each run in place (or, with `O_DIRECT`, through a
+//! [`WriteStage`] that aligns it). Through the page cache (the default), written ranges are pushed to disk as they go
 //! and dropped from the cache one window behind ([`Writeback`]): a multi-GiB download neither
 //! piles up dirty pages until the kernel throttles the writer nor makes the kernel reclaim
 //! other files' pages to make room (measured here: the plain page-cache path lost packets on
@@ -46,7 +46,7 @@ pub struct Disk {
     cur_start: u64,
     checkpoint_busy: Arc<AtomicBool>,
     failed: Arc<Mutex<Option<RecvError>>>,
-    handle: Option<std::thread::JoinHandle<(u64, u64)>>,
+    handle: Option<std::thread::JoinHandle<()>>,
     part_path: PathBuf,
 }
 
@@ -73,9 +73,16 @@ impl Disk {
         let handle = std::thread::Builder::new()
             .name("disk".into())
             .spawn(move || {
-                let mut stage = WriteStage::new(STAGE_BYTES, direct);
-                let mut wb = Writeback::default();
-                tracing::debug!(direct = stage.is_direct(), "part file writes");
+                let mut out = Writer {
+                    file,
+                    // Runs arrive as large contiguous writes already; only O_DIRECT needs the
+                    // stage (alignment of its middle, edges through the page cache).
+                    stage: direct.map(|d| WriteStage::new(STAGE_BYTES, Some(d))),
+                    wb: Writeback::default(),
+                };
+                tracing::debug!(direct = out.stage.is_some(), "part file writes");
+                // After a failure, jobs are drained (buffers returned, barriers answered)
+                // but nothing more is written.
                 let mut ok = true;
                 let fail = |e: RecvError, ok: &mut bool| {
                     *ok = false;
@@ -85,21 +92,20 @@ impl Disk {
                     match job {
                         Job::Write { offset, buf } => {
                             if ok {
-                                if let Err(e) = stage.write(&file, offset, &buf) {
+                                if let Err(e) = out.write(offset, &buf) {
                                     fail(RecvError::io("cannot write", &pp, e), &mut ok);
-                                } else if !stage.is_direct() {
-                                    wb.written(&file, offset, buf.len() as u64);
                                 }
                             }
                             let _ = free_tx.try_send(buf);
                         }
                         Job::Checkpoint(have) => {
                             if ok {
-                                let r = stage
-                                    .flush(&file)
+                                let r = out
+                                    .flush()
                                     .map_err(|e| RecvError::io("cannot write", &pp, e))
                                     .and_then(|()| {
-                                        file.sync_data()
+                                        out.file
+                                            .sync_data()
                                             .map_err(|e| RecvError::io("cannot sync", &pp, e))
                                     })
                                     .and_then(|()| {
@@ -116,7 +122,7 @@ impl Disk {
                         }
                         Job::Barrier(done) => {
                             if ok {
-                                if let Err(e) = stage.flush(&file) {
+                                if let Err(e) = out.flush() {
                                     fail(RecvError::io("cannot write", &pp, e), &mut ok);
                                 }
                             }
@@ -126,11 +132,10 @@ impl Disk {
                 }
                 // The receive thread is done: what is still staged goes out now.
                 if ok {
-                    if let Err(e) = stage.flush(&file) {
+                    if let Err(e) = out.flush() {
                         fail(RecvError::io("cannot write", &pp, e), &mut ok);
                     }
                 }
-                (stage.direct_bytes, stage.buffered_bytes)
             })
             .map_err(|e| RecvError::new(Failure::Other, format!("disk thread: {e}")))?;
         Ok(Disk {
@@ -229,17 +234,41 @@ impl Disk {
         self.check()
     }
 
-    /// Write out everything, stop the thread; returns (direct, buffered) bytes written.
-    pub fn finish(&mut self) -> Result<(u64, u64), RecvError> {
+    /// Write out everything and stop the thread.
+    pub fn finish(&mut self) -> Result<(), RecvError> {
         self.submit()?;
         self.tx = None;
-        let bytes = self
-            .handle
-            .take()
-            .map(|h| h.join().unwrap_or((0, 0)))
-            .unwrap_or((0, 0));
-        self.check()?;
-        Ok(bytes)
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.check()
+    }
+}
+
+/// The disk thread's side: runs written in place, or through the `O_DIRECT` stage.
+struct Writer {
+    file: File,
+    stage: Option<WriteStage>,
+    wb: Writeback,
+}
+
+impl Writer {
+    fn write(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        match &mut self.stage {
+            Some(stage) => stage.write(&self.file, offset, buf),
+            None => {
+                std::os::unix::fs::FileExt::write_all_at(&self.file, buf, offset)?;
+                self.wb.written(&self.file, offset, buf.len() as u64);
+                Ok(())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.stage {
+            Some(stage) => stage.flush(&self.file),
+            None => Ok(()),
+        }
     }
 }
 

@@ -318,11 +318,11 @@ impl NakEngine {
 
     /// Another receiver's NAK was heard on the group: suppress ours for the same units.
     pub fn on_nak_heard(&mut self, now: Instant, units: impl IntoIterator<Item = u64>) {
+        let until = now + self.t_data();
         let mut hid = None;
         for u in units {
             if self.state.get(u as usize).map(|s| s & KIND) == Some(BACKOFF) {
                 self.counters.units_suppressed += 1;
-                let until = now + self.t_data();
                 let id = *hid.get_or_insert_with(|| self.holdoff.open(until));
                 self.holdoff.push(id, u);
                 self.set_state(u, HOLDOFF | id);

@@ -663,10 +663,10 @@ pub fn missing_tool(tools: &[&str]) -> Option<String> {
     })
 }
 
-/// Outside CI a test that cannot run here skips with the reason; under `CI=true` it fails.
+/// Outside CI a test that cannot run here skips with the reason; under CI ([`in_ci`]) it fails.
 pub fn skip_or_fail(why: &str) {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true: this test must run, but {why}");
+    if in_ci() {
+        panic!("CI: this test must run, but {why}");
     }
     eprintln!("SKIPPED: {why}");
 }
