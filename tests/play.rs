@@ -11,8 +11,9 @@ use std::fs;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use mcast::ticket::unix_now;
 use mcast::wire::control::{Control, Envelope, ErrorCode, MAX_CONTROL_LEN};
 use mcast_keys::seal::ReceiverKey;
 use mcast_keys::ticket::{KeyPart, Ticket, TicketFile, TicketSpec};
@@ -22,30 +23,8 @@ use tempfile::TempDir;
 const EXIT_NOT_FOUND: i32 = 5;
 const EXIT_TICKET_REFUSED: i32 = 8;
 
-fn mcastd_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mcastd"))
-}
-
-/// `mcast-recv` is built by the `client` package into the same directory as `mcastd`.
-fn recv_bin() -> PathBuf {
-    let p = mcastd_bin().with_file_name("mcast-recv");
-    assert!(
-        p.exists(),
-        "{} not found: run cargo test --release --workspace",
-        p.display()
-    );
-    p
-}
-
 mod common;
-use common::random_bytes;
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
+use common::{mcastd_bin, random_bytes, recv_bin};
 
 /// A child process, killed on drop.
 struct Proc(Child);

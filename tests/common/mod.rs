@@ -301,7 +301,9 @@ pub fn channels(stats: &Value) -> Vec<Value> {
         .clone()
 }
 
-/// The final JSON line of `mcast-recv get`.
+/// The final JSON line of `mcast-recv get`. A mirror of the fields tests read, on purpose:
+/// it pins the JSON contract operators script against (and the root package cannot
+/// dev-depend on `mcast-recv` without a dependency cycle).
 #[derive(Debug, Clone, Deserialize)]
 pub struct Report {
     pub event: String,
@@ -322,13 +324,9 @@ pub struct Report {
     pub malformed: u64,
     pub unicast: bool,
     pub seconds: f64,
-    /// NAK figures (absent from receivers without NAK repair).
-    #[serde(default)]
-    pub naks_sent: Option<u64>,
-    #[serde(default)]
-    pub units_naked: Option<u64>,
-    #[serde(default)]
-    pub repairs_received: Option<u64>,
+    pub naks_sent: u64,
+    pub units_naked: u64,
+    pub repairs_received: u64,
 }
 
 /// A running `mcast-recv get` (or a shell wrapping one); stdout lines are collected live.
