@@ -230,11 +230,12 @@ pub struct SqliteDb {
     path: PathBuf,
 }
 
-fn to_i64(v: u64) -> i64 {
+/// SQL integers are signed: counts and times saturate rather than wrap (both backends).
+pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn to_u64(v: i64) -> u64 {
+pub(crate) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 

@@ -19,7 +19,7 @@ use mcast_keys::ticket::{Ticket, TicketId};
 use postgres::{Client, NoTls};
 
 use crate::ticket::{why_refused, Refusal, TicketStatus};
-use crate::ticketdb::{Consumed, Revoked, TicketDbError, TicketRow};
+use crate::ticketdb::{to_i64, to_u64, Consumed, Revoked, TicketDbError, TicketRow};
 
 const SCHEMA_VERSION: i64 = 1;
 /// Advisory lock key serialising schema creation by servers starting at once.
@@ -30,14 +30,6 @@ pub struct PgDb {
     url: String,
     /// The connection string with any password removed (for messages and logs).
     label: PathBuf,
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
 }
 
 fn to_u32(v: i64) -> u32 {

@@ -248,6 +248,10 @@ pub fn get_via_directors(
     stop: Arc<AtomicBool>,
 ) -> Result<FailoverReport, RecvError> {
     let started = Instant::now();
+    // Checked before any director is asked: a title the wire format would cut is a usage
+    // error here, not a request the directors drop as malformed ("no director answered").
+    mcast_keys::store::validate_title(&opts.title)
+        .map_err(|e| RecvError::new(Failure::Usage, e.to_string()))?;
     let mut dc = DirectorClient::new(directors)?;
     let mut exclude: Vec<SocketAddrV4> = Vec::new();
     let mut servers: Vec<String> = Vec::new();

@@ -13,11 +13,11 @@
 //! and a message saying why. Repeating a request with the same key gets the same grant again
 //! without using another play, so the request is idempotent like the others.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4};
 
 use crate::codec::{Reader, Writer};
 
-use super::{check_version, WireError, WIRE_VERSION};
+use super::{check_version, get_str, get_v4, put_v4, WireError, WIRE_VERSION};
 
 /// Largest head chunk carried in one reply (keeps datagrams under a 1500-byte MTU).
 pub const HEAD_CHUNK: usize = 1024;
@@ -227,20 +227,6 @@ mod t {
     pub const STATS: u8 = 72;
     pub const PLAY_GRANT: u8 = 73;
     pub const ERROR: u8 = 127;
-}
-
-fn put_v4(b: &mut Vec<u8>, a: &SocketAddrV4) {
-    b.extend_from_slice(&a.ip().octets());
-    b.put_u16(a.port());
-}
-
-fn get_v4(r: &mut Reader<'_>, f: &'static str) -> Result<SocketAddrV4, WireError> {
-    let ip: [u8; 4] = r.array(f)?;
-    Ok(SocketAddrV4::new(Ipv4Addr::from(ip), r.u16(f)?))
-}
-
-fn get_str(r: &mut Reader<'_>, max: usize, f: &'static str) -> Result<String, WireError> {
-    String::from_utf8(r.short_bytes(max, f)?.to_vec()).map_err(|_| WireError::Field(f))
 }
 
 impl Envelope {
@@ -582,7 +568,7 @@ mod tests {
 
     fn all() -> Vec<Control> {
         let id = [9u8; 16];
-        let g = SocketAddrV4::new(Ipv4Addr::new(239, 1, 2, 3), 7700);
+        let g = SocketAddrV4::new(std::net::Ipv4Addr::new(239, 1, 2, 3), 7700);
         vec![
             Control::CatalogRequest { start: 3 },
             Control::Join {

@@ -19,11 +19,11 @@
 //! The type bytes (0x90..) do not collide with control datagrams (1..127) or NAKs (0x80), so
 //! a director port can also answer plain control requests (stats, join → redirect).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 
 use crate::codec::{Reader, Writer};
 
-use super::{check_version, WireError, WIRE_VERSION};
+use super::{check_version, get_str, get_v4, put_v4, WireError, WIRE_VERSION};
 
 /// Largest heartbeat sent or accepted (one UDP datagram; ~450 titles of 128 bytes).
 pub const MAX_HEARTBEAT_LEN: usize = 60_000;
@@ -116,20 +116,6 @@ pub enum HeartbeatError {
     Malformed(#[from] WireError),
     #[error("heartbeat MAC does not verify (wrong key or forged)")]
     BadMac,
-}
-
-fn put_v4(b: &mut Vec<u8>, a: &SocketAddrV4) {
-    b.extend_from_slice(&a.ip().octets());
-    b.put_u16(a.port());
-}
-
-fn get_v4(r: &mut Reader<'_>, f: &'static str) -> Result<SocketAddrV4, WireError> {
-    let ip: [u8; 4] = r.array(f)?;
-    Ok(SocketAddrV4::new(Ipv4Addr::from(ip), r.u16(f)?))
-}
-
-fn get_str(r: &mut Reader<'_>, max: usize, f: &'static str) -> Result<String, WireError> {
-    String::from_utf8(r.short_bytes(max, f)?.to_vec()).map_err(|_| WireError::Field(f))
 }
 
 /// The heartbeat MAC: keyed BLAKE3 over everything before it.
@@ -263,15 +249,19 @@ impl Heartbeat {
     /// Decode and check the MAC under `key`: a heartbeat that does not verify is
     /// [`HeartbeatError::BadMac`], never a heartbeat.
     pub fn open(buf: &[u8], key: &[u8; 32]) -> Result<Heartbeat, HeartbeatError> {
-        let hb = Heartbeat::decode_unverified(buf)?;
-        let (body, mac) = buf.split_at(buf.len() - MAC_LEN);
+        // MAC first: a flood of forged heartbeats costs one hash each, not a decode.
+        let body_len = buf
+            .len()
+            .checked_sub(MAC_LEN)
+            .ok_or(WireError::Short(crate::codec::Short("mac")))?;
+        let (body, mac) = buf.split_at(body_len);
         // blake3::Hash compares in constant time.
-        let want = blake3::keyed_hash(key, body);
+        let want = blake3::Hash::from_bytes(heartbeat_mac(key, body));
         let got = blake3::Hash::from_bytes(mac.try_into().expect("MAC_LEN bytes"));
         if want != got {
             return Err(HeartbeatError::BadMac);
         }
-        Ok(hb)
+        Ok(Heartbeat::decode_unverified(buf)?)
     }
 }
 

@@ -7,6 +7,10 @@
 //!   port: join, head download, keepalive, completion, unicast fallback with cookie, stats.
 //! * [`nak`] — repair requests, sent to the control port and to the channel's group.
 
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use crate::codec::{Reader, Writer};
+
 pub mod control;
 pub mod data;
 pub mod director;
@@ -28,6 +32,26 @@ pub enum WireError {
     Short(#[from] crate::codec::Short),
     #[error("bad field {0}")]
     Field(&'static str),
+}
+
+/// An IPv4 socket address: 4 address bytes, then the port.
+pub(crate) fn put_v4(b: &mut Vec<u8>, a: &SocketAddrV4) {
+    b.extend_from_slice(&a.ip().octets());
+    b.put_u16(a.port());
+}
+
+pub(crate) fn get_v4(r: &mut Reader<'_>, f: &'static str) -> Result<SocketAddrV4, WireError> {
+    let ip: [u8; 4] = r.array(f)?;
+    Ok(SocketAddrV4::new(Ipv4Addr::from(ip), r.u16(f)?))
+}
+
+/// A short (u16-length) UTF-8 string of at most `max` bytes.
+pub(crate) fn get_str(
+    r: &mut Reader<'_>,
+    max: usize,
+    f: &'static str,
+) -> Result<String, WireError> {
+    String::from_utf8(r.short_bytes(max, f)?.to_vec()).map_err(|_| WireError::Field(f))
 }
 
 pub(crate) fn check_version(buf: &[u8]) -> Result<(), WireError> {
