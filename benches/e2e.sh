@@ -135,7 +135,7 @@ TOML
           (rcpu[i] == "nan") ? "n/a" : sprintf("%.2f", rcpu[i] / gib), srss[i] / 1024,
           (rrss[i] == "nan") ? "n/a" : sprintf("%.1f", rrss[i] / 1024),
           (best[grp[i]] > 0) ? sprintf("%.2f", mbs[i] / best[grp[i]]) : "n/a", ok[i] }' "$work/results"
-  [[ -s $work/mcast/srv.vmrss ]] && echo "mcastd resident memory after serving the loopback run: $(( $(cat "$work/mcast/srv.vmrss") / 1024 )) MiB (VmRSS; srv_rss_MiB above is the peak)"
+  [[ -s $work/mcast/srv.vmrss ]] && echo "mcastd resident memory after serving the loopback run: $(cat "$work/mcast/srv.vmrss") KiB (VmRSS; srv_rss_MiB above is the peak)"
   echo "(uftp receiver CPU is uftpd's from /proc ticks; its RSS is not measured; vs_best: against the best peer on the same bed; logs in $work)"
   exit 0
 fi

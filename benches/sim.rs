@@ -1,10 +1,10 @@
 //! Simulation report: the NAK/repair protocol at 10, 100 and 1,000 receivers.
 //!
 //! `cargo bench --bench sim` prints, per configuration: completion time in loops (from each
-//! receiver's first packet), loss events, NAKed units reaching the server per loss event (with
-//! NAK suppression; with peers twice as far apart (`naks/loss_2d`); and without suppression on
-//! the same seed), duplicate repairs, and bytes on the wire
-//! per byte of archive.
+//! receiver's first packet), loss events, NAKed units reaching the server per loss event in
+//! three columns — `naks/loss` with suppression, `naks/loss_2d` with suppression and peers
+//! twice as far apart, `naks/loss_off` without suppression on the same seed — duplicate
+//! repairs, and bytes on the wire per byte of archive.
 
 use std::time::Instant;
 
