@@ -8,13 +8,13 @@
 //! with the other test files. Every process is killed on drop and every wait is bounded.
 
 use std::fs;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use mcast::ticket::unix_now;
-use mcast::wire::control::{Control, Envelope, ErrorCode, MAX_CONTROL_LEN};
+use mcast::wire::control::{Control, ErrorCode};
 use mcast_keys::seal::ReceiverKey;
 use mcast_keys::ticket::{KeyPart, Ticket, TicketFile, TicketSpec};
 use mcast_keys::{Identity, KeyStore, MasterKey};
@@ -24,17 +24,7 @@ const EXIT_NOT_FOUND: i32 = 5;
 const EXIT_TICKET_REFUSED: i32 = 8;
 
 mod common;
-use common::{mcastd_bin, random_bytes, recv_bin};
-
-/// A child process, killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{mcastd_bin, random_bytes, recv_bin, Guard};
 
 /// Run a command to completion, killing it after `limit`.
 fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
@@ -148,27 +138,27 @@ impl Site {
         input
     }
 
-    fn serve(&self) -> Proc {
+    fn serve(&self) -> Guard {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path("server/mcastd.log"))
             .unwrap();
-        let child = Command::new(mcastd_bin())
-            .arg("--config")
-            .arg(&self.cfg)
-            .arg("serve")
-            .current_dir(self.dir.path())
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start mcastd");
-        let mut p = Proc(child);
+        let mut p = Guard::spawn(
+            Command::new(mcastd_bin())
+                .arg("--config")
+                .arg(&self.cfg)
+                .arg("serve")
+                .current_dir(self.dir.path())
+                .env_remove("RUST_LOG")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log),
+            false,
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.stats().is_none() {
-            if let Some(st) = p.0.try_wait().unwrap() {
+            if let Some(st) = p.child.try_wait().unwrap() {
                 panic!(
                     "mcastd exited at start-up ({st}):\n{}",
                     fs::read_to_string(self.path("server/mcastd.log")).unwrap_or_default()
@@ -181,32 +171,17 @@ impl Site {
     }
 
     /// One control request over UDP (a few tries); `None` if there is no answer.
-    fn request(&self, msg: Control) -> Option<Control> {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let req = Envelope::new(rand::random(), 1, msg).encode();
-        let mut buf = vec![0u8; MAX_CONTROL_LEN + 1];
-        for _ in 0..10 {
-            sock.send_to(&req, self.control).ok()?;
-            if let Ok((n, _)) = sock.recv_from(&mut buf) {
-                return Envelope::decode(&buf[..n]).ok().map(|e| e.msg);
-            }
-        }
-        None
+    /// One control request (`common::Ctl` matches the reply to the request id).
+    fn request(&self, msg: Control) -> Control {
+        common::Ctl::new(self.control, rand::random()).request(msg)
     }
 
     fn stats(&self) -> Option<serde_json::Value> {
-        match self.request(Control::StatsRequest)? {
-            Control::StatsReply { json } => serde_json::from_str(&json).ok(),
-            _ => None,
-        }
+        common::try_stats(self.control)
     }
 
     fn counter(&self, name: &str) -> u64 {
-        self.stats().expect("stats")["counters"][name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no counter {name}"))
+        common::counter(&common::stats(self.control), name)
     }
 
     /// Download `title` into recv/ over the carousel.
@@ -445,26 +420,25 @@ fn single_use_ticket_plays_exactly_once_under_concurrency() {
     site.get("film");
     let t = site.issue("film", "once", &[]);
 
-    let children: Vec<Proc> = (0..20)
+    let children: Vec<Guard> = (0..20)
         .map(|i| {
             let out = site.path(&format!("play/out{i}")).display().to_string();
-            let child = site
-                .play_cmd("film", &t, &out)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("start play");
-            Proc(child)
+            Guard::spawn(
+                site.play_cmd("film", &t, &out)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped()),
+                false,
+            )
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut codes = Vec::new();
     for mut p in children {
         loop {
-            if let Some(st) = p.0.try_wait().unwrap() {
+            if let Some(st) = p.child.try_wait().unwrap() {
                 let mut err = String::new();
-                std::io::Read::read_to_string(p.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+                std::io::Read::read_to_string(p.child.stderr.as_mut().unwrap(), &mut err).unwrap();
                 codes.push((st.code(), err));
                 break;
             }
@@ -660,7 +634,6 @@ fn server_refuses_bad_play_requests_and_repeats_grants() {
             ticket,
             receiver_pub: key.public(),
         })
-        .expect("server answers play requests")
     };
     let k = ReceiverKey::generate();
     for (title, ticket, why) in [
