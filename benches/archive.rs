@@ -6,56 +6,31 @@
 
 use std::fs;
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
 use mcast::archive::frame::{frame_aad, FrameHeader};
 use mcast::archive::manifest::{LeafHash, TreeBuilder};
-use mcast::archive::{pack, unpack, ArchiveFile, CompressMode, PackOptions};
+use mcast::archive::{unpack, ArchiveFile, CompressMode};
 use mcast_keys::frame::{self as aead, random_frame_key};
-use mcast_keys::{Cipher, KeyStore, MasterKey};
-use tempfile::TempDir;
+use mcast_keys::{Cipher, MasterKey};
 
 const BIG: usize = 64 << 20;
 const MIB: usize = 1 << 20;
 
 mod common;
 
-struct Site {
-    dir: TempDir,
-    ks: KeyStore,
-    input: PathBuf,
-}
+use common::Site;
 
-impl Site {
-    fn new() -> Site {
-        let (dir, ks, input) = common::bench_site("mcast-bench-", BIG, 0x6d63_6173_7462_656e_u64);
-        Site { dir, ks, input }
-    }
-
-    fn archives(&self) -> PathBuf {
-        self.dir.path().join("archives")
-    }
-
-    fn pack(&self, title: &str, cipher: Cipher, compress: CompressMode) -> PathBuf {
-        let mut o = PackOptions::new(title);
-        o.cipher = cipher;
-        o.compress = compress;
-        o.force = true;
-        pack(&self.input, &self.archives(), &self.ks, &o, &mut |_| {})
-            .unwrap()
-            .path
-    }
-
-    fn unpack(&self, archive: &ArchiveFile, out: &Path) {
-        let key = self
-            .ks
-            .title_key(&archive.head.title, &archive.head.archive_id)
-            .unwrap();
-        let trusted = self.ks.identity().unwrap().public();
-        unpack(archive, &trusted, Some(&key), out, &mut |_| {}).unwrap();
-    }
+/// Restore `archive` to `out` with the site's keys.
+fn unpack_to(site: &Site, archive: &ArchiveFile, out: &Path) {
+    let key = site
+        .ks
+        .title_key(&archive.head.title, &archive.head.archive_id)
+        .unwrap();
+    let trusted = site.ks.identity().unwrap().public();
+    unpack(archive, &trusted, Some(&key), out, &mut |_| {}).unwrap();
 }
 
 const CIPHERS: [(Cipher, &str); 2] = [
@@ -64,7 +39,7 @@ const CIPHERS: [(Cipher, &str); 2] = [
 ];
 
 fn bench_pack_unpack(c: &mut Criterion) {
-    let site = Site::new();
+    let site = Site::new("mcast-bench-", BIG, 0x6d63_6173_7462_656e_u64);
 
     let mut g = c.benchmark_group("pack_64MiB");
     g.throughput(Throughput::Bytes(BIG as u64))
@@ -93,13 +68,13 @@ fn bench_pack_unpack(c: &mut Criterion) {
         let path = site.pack(&format!("bench-{name}"), cipher, CompressMode::None);
         let archive = ArchiveFile::open(&path).unwrap();
         // Sanity: the unpacked file is the input.
-        site.unpack(&archive, &out);
+        unpack_to(&site, &archive, &out);
         assert_eq!(
             fs::metadata(&out).unwrap().len(),
             fs::metadata(&site.input).unwrap().len()
         );
         g.bench_function(format!("{name}/none"), |b| {
-            b.iter(|| site.unpack(&archive, &out))
+            b.iter(|| unpack_to(&site, &archive, &out))
         });
     }
     g.finish();

@@ -14,63 +14,23 @@
 //!
 //! `cargo bench --bench play` (about a minute).
 
-use std::fs;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use mcast::archive::{decrypt_to, pack, ArchiveFile, CompressMode, DecryptOptions, PackOptions};
+use mcast::archive::{decrypt_to, ArchiveFile, CompressMode, DecryptOptions};
 use mcast::ticket::TicketService;
 use mcast_keys::seal::ReceiverKey;
 use mcast_keys::ticket::{Ticket, TicketSpec};
 use mcast_keys::{Cipher, KeyStore};
-use tempfile::TempDir;
 
 const BIG: usize = 256 << 20;
 
-/// CPU time this thread has run (Linux schedstat: nanoseconds on a CPU).
-fn thread_cpu() -> Duration {
-    let s = fs::read_to_string("/proc/thread-self/schedstat").expect("Linux schedstat");
-    let ns: u64 = s
-        .split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .expect("schedstat field 1");
-    Duration::from_nanos(ns)
-}
-
 mod common;
 
-struct Site {
-    dir: TempDir,
-    ks: KeyStore,
-    input: PathBuf,
-}
-
-impl Site {
-    fn new() -> Site {
-        let (dir, ks, input) =
-            common::bench_site("mcast-bench-play-", BIG, 0x706c_6179_6265_6e63_u64);
-        Site { dir, ks, input }
-    }
-
-    fn pack(&self, title: &str, cipher: Cipher) -> PathBuf {
-        let mut o = PackOptions::new(title);
-        o.cipher = cipher;
-        o.compress = CompressMode::None;
-        o.force = true;
-        let archives = self.dir.path().join("archives");
-        let p = pack(&self.input, &archives, &self.ks, &o, &mut |_| {})
-            .unwrap()
-            .path;
-        // The input is no longer needed once both archives exist; keep the page cache for
-        // the archives.
-        p
-    }
-}
+use common::{thread_cpu, Site};
 
 fn bench_decrypt(c: &mut Criterion) {
-    let site = Site::new();
+    let site = Site::new("mcast-bench-play-", BIG, 0x706c_6179_6265_6e63_u64);
     let trusted = site.ks.identity().unwrap().public();
     let mut g = c.benchmark_group("play_256MiB");
     g.throughput(Throughput::Bytes(BIG as u64))
@@ -82,7 +42,7 @@ fn bench_decrypt(c: &mut Criterion) {
         (Cipher::Aes256Gcm, "aes-256-gcm"),
         (Cipher::ChaCha20Poly1305, "chacha20-poly1305"),
     ] {
-        let path = site.pack(&format!("bench-{name}"), cipher);
+        let path = site.pack(&format!("bench-{name}"), cipher, CompressMode::None);
         let a = ArchiveFile::open(&path).unwrap();
         let key = site
             .ks

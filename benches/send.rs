@@ -12,23 +12,14 @@
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mcast::fastio::{BatchSender, PacketBatch};
 use mcast::wire::data::DATA_HEADER_LEN;
 use socket2::{Domain, Protocol, Socket, Type};
 
 mod common;
-
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
+use common::thread_cpu;
 
 fn main() {
     let secs: f64 = std::env::var("SEND_SECONDS")
@@ -39,8 +30,8 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
-    let (_dir, _ks, input) = common::bench_site("mcast-send-", file_mb << 20, 7);
-    let file = std::fs::File::open(&input).unwrap();
+    let site = common::Site::new("mcast-send-", file_mb << 20, 7);
+    let file = std::fs::File::open(&site.input).unwrap();
     let len = (file_mb << 20) as u64;
 
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
