@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mcast::archive::{self, ArchiveFile};
+use mcast::archive::ArchiveFile;
 use mcast::carousel::LoopShape;
 use mcast::wire::director::{DirectorMsg, NoRoute};
 use serde::Serialize;
 
 use crate::error::{Failure, RecvError};
-use crate::get::{get, GetOptions, GetReport};
+use crate::get::{file_names, get, GetOptions, GetReport};
 use crate::state::State;
 
 /// How long a director gets to answer one try, and tries per director.
@@ -189,22 +189,11 @@ impl DirectorClient {
 /// complete (cyclically), so the loop passes every missing packet as soon as it can. `None`
 /// without a usable state + part file (a fresh download starts anywhere).
 pub fn resume_block(out_dir: &Path, title: &str) -> Option<u64> {
-    let part = out_dir.join(format!("{title}.{}.part", archive::ARCHIVE_EXT));
-    let state = out_dir.join(format!("{title}.{}.state", archive::ARCHIVE_EXT));
-    let st = State::load(&state)?;
-    let a = ArchiveFile::open(&part).ok()?;
-    if a.head.archive_id != st.archive_id {
+    let (st, _, shape) = load_resume(out_dir, title)?;
+    if shape.n_blocks == 0 {
         return None;
     }
-    let shape = LoopShape::of(&a.head);
-    if shape.loop_packets() != st.units || shape.n_blocks == 0 {
-        return None;
-    }
-    let has = |u: u64| {
-        st.have
-            .get((u / 64) as usize)
-            .is_some_and(|w| w & (1 << (u % 64)) != 0)
-    };
+    let has = |u: u64| st.has(u);
     let k = shape.block_symbols;
     let complete: Vec<bool> = (0..shape.n_blocks)
         .map(|b| {
@@ -319,21 +308,22 @@ pub fn get_via_directors(
     }
 }
 
-/// Payload bytes of the units the state file does not have yet.
-fn missing_now(opts: &GetOptions) -> Option<u64> {
-    let dir = &opts.out_dir;
-    let part = dir.join(format!("{}.{}.part", opts.title, archive::ARCHIVE_EXT));
-    let state = dir.join(format!("{}.{}.state", opts.title, archive::ARCHIVE_EXT));
+/// A resumable download's state, part file and loop shape, if they belong together.
+fn load_resume(out_dir: &Path, title: &str) -> Option<(State, ArchiveFile, LoopShape)> {
+    let (_, part, state) = file_names(out_dir, title);
     let st = State::load(&state)?;
     let a = ArchiveFile::open(&part).ok()?;
     let shape = LoopShape::of(&a.head);
+    (a.head.archive_id == st.archive_id && shape.loop_packets() == st.units)
+        .then_some((st, a, shape))
+}
+
+/// Payload bytes of the units the state file does not have yet.
+fn missing_now(opts: &GetOptions) -> Option<u64> {
+    let (st, a, shape) = load_resume(&opts.out_dir, &opts.title)?;
     Some(
         (0..st.units)
-            .filter(|u| {
-                st.have
-                    .get((u / 64) as usize)
-                    .is_none_or(|w| w & (1 << (u % 64)) == 0)
-            })
+            .filter(|&u| !st.has(u))
             .filter_map(|u| {
                 a.layout
                     .packet_range(shape.unit_packet(u))

@@ -143,7 +143,8 @@ struct Progress<'a> {
     via: &'static str,
 }
 
-fn file_names(out_dir: &Path, title: &str) -> (PathBuf, PathBuf, PathBuf) {
+/// The finished archive, its part file and its state file for `title` in `out_dir`.
+pub(crate) fn file_names(out_dir: &Path, title: &str) -> (PathBuf, PathBuf, PathBuf) {
     let fin = archive::archive_path(out_dir, title);
     let part = out_dir.join(format!("{title}.{}.part", archive::ARCHIVE_EXT));
     let state = out_dir.join(format!("{title}.{}.state", archive::ARCHIVE_EXT));
@@ -743,7 +744,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
 
 fn missing_bytes(dl: &Download) -> u64 {
     (0..dl.units())
-        .filter(|u| dl.have_bits()[(u / 64) as usize] & (1 << (u % 64)) == 0)
+        .filter(|&u| !dl.has(u))
         .map(|u| {
             dl.layout()
                 .packet_range(dl.shape().unit_packet(u))

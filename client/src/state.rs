@@ -28,6 +28,13 @@ pub struct State {
 }
 
 impl State {
+    /// Whether unit `u` is recorded as held.
+    pub fn has(&self, u: u64) -> bool {
+        self.have
+            .get((u / 64) as usize)
+            .is_some_and(|w| w & (1 << (u % 64)) != 0)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(96 + self.have.len() * 8);
         b.extend_from_slice(MAGIC);
