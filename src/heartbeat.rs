@@ -15,6 +15,7 @@ use anyhow::Context;
 use crate::channel::ChannelManager;
 use crate::config::Config;
 use crate::health::HealthStatus;
+use crate::process::unix_ms;
 use crate::wire::director::{Heartbeat, HeldTitle, ServerState};
 
 /// Fixed facts of one server's heartbeats.
@@ -167,13 +168,6 @@ pub fn read_key(path: &Path) -> anyhow::Result<[u8; 32]> {
                 path.display()
             )
         })
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The server loop's hook: heartbeats, health status, drain signals.

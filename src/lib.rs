@@ -21,6 +21,7 @@ pub mod fsutil;
 pub mod health;
 pub mod heartbeat;
 pub mod pacer;
+pub mod process;
 pub mod receiver;
 pub mod server;
 pub mod sim;

@@ -171,10 +171,9 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             o.dir = dir;
             o.server_key = server_key.as_deref().map(parse_server_key).transpose()?;
             o.verify_packets = verify_packets;
-            let stop = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                let _ = signal_hook::flag::register(sig, stop.clone());
-            }
+            // Without signal handlers Ctrl-C still ends the process; only the clean stop is lost.
+            let stop =
+                mcast::process::stop_flag().unwrap_or_else(|_| Arc::new(AtomicBool::new(false)));
             let r = play(&o, stop)?;
             let line = if json {
                 serde_json::to_string(&r).unwrap()
@@ -241,10 +240,9 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             let terminal = std::io::stdout().is_terminal();
             o.json = json || !terminal;
             o.progress_bar = !o.json && std::io::stderr().is_terminal();
-            let stop = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                let _ = signal_hook::flag::register(sig, stop.clone());
-            }
+            // Without signal handlers Ctrl-C still ends the process; only the clean stop is lost.
+            let stop =
+                mcast::process::stop_flag().unwrap_or_else(|_| Arc::new(AtomicBool::new(false)));
             if !directors.is_empty() {
                 let r = mcast_recv::failover::get_via_directors(
                     &o,
@@ -344,13 +342,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    mcast::process::init_logging(&cli.log);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -8,8 +8,7 @@ use std::net::UdpSocket;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -69,13 +68,7 @@ fn main() -> ExitCode {
         }
     };
     let level = cli.log.clone().unwrap_or(cfg.log.level.clone());
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    mcast::process::init_logging(&level);
     let r = match cli.cmd.unwrap_or(Cmd::Serve) {
         Cmd::Serve => serve(&cfg),
         Cmd::Genkey { output, force } => genkey(&output, force),
@@ -116,13 +109,6 @@ fn genkey(out: &std::path::Path, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
     let d = &cfg.director;
     let key = mcast::heartbeat::read_key(&d.key_file)?;
@@ -132,10 +118,7 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
             d.listen
         )
     })?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone())?;
-    }
+    let stop = mcast::process::stop_flag()?;
     let mut dir = Director::new(Params {
         key,
         down_after: d.down_after,
@@ -179,7 +162,8 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
         sock.set_read_timeout(Some(wait))?;
         match sock.recv_from(&mut buf) {
             Ok((n, from)) => {
-                if let Some(reply) = dir.handle_datagram(Instant::now(), unix_ms(), from, &buf[..n])
+                if let Some(reply) =
+                    dir.handle_datagram(Instant::now(), mcast::process::unix_ms(), from, &buf[..n])
                 {
                     if let Err(e) = sock.send_to(&reply, from) {
                         tracing::debug!(to = %from, error = %e, "reply not sent");

@@ -139,7 +139,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_logging(cli.log.as_deref().unwrap_or(&cfg.log.level));
+    mcast::process::init_logging(cli.log.as_deref().unwrap_or(&cfg.log.level));
     match run(cli.cmd.unwrap_or(Cmd::Serve), &cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -178,25 +178,9 @@ fn main() -> ExitCode {
 #[error("{0}")]
 struct UsageError(String);
 
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Serve => {
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                signal_hook::flag::register(sig, stop.clone())?;
-            }
-            mcast::server::serve(cfg, stop)
-        }
+        Cmd::Serve => mcast::server::serve(cfg, mcast::process::stop_flag()?),
         Cmd::Keygen { force } => {
             let ks = KeyStore::open(&cfg.store.key_dir)?;
             let id = ks.create_identity(force)?;

@@ -1,0 +1,35 @@
+//! What every program of the suite (`mcastd`, `mcast-director`, `mcast-recv`) sets up the same
+//! way: logs to stderr through `tracing`, a stop flag raised by SIGINT/SIGTERM, and the wall
+//! clock in milliseconds for heartbeats.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Logs to stderr at `level` (an `EnvFilter` directive); `RUST_LOG` wins when set, and a bad
+/// directive falls back to `info`.
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// A flag that SIGINT and SIGTERM set: long-running loops check it and stop cleanly.
+pub fn stop_flag() -> std::io::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    Ok(stop)
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
