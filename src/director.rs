@@ -359,12 +359,9 @@ impl Director {
         let best = usable
             .iter()
             .filter(|(_, e, _)| e.hb.state == ServerState::Online)
-            .map(|(a, e, l)| (e.score(*l, rx_bps), e.routed_total, **a))
-            .min_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
-        let best = best.map(|(_, _, a)| {
-            let looping = usable.iter().any(|(x, _, l)| **x == a && *l);
-            (a, looping)
-        });
+            .map(|(a, e, l)| (e.score(*l, rx_bps), e.routed_total, **a, *l))
+            .min_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)))
+            .map(|(_, _, a, looping)| (a, looping));
         match best {
             Some((addr, looping)) => {
                 let e = self.servers.get_mut(&addr).expect("listed");

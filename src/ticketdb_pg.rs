@@ -392,7 +392,7 @@ mod tests {
         let t = ticket(2);
         db.insert(&t, b"wrapped").unwrap();
         // 16 connections (as from 16 servers) race for 2 plays.
-        let wins: usize = std::thread::scope(|s| {
+        let winners: Vec<u8> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..16u8)
                 .map(|i| {
                     let (url, t) = (&url, &t);
@@ -400,16 +400,24 @@ mod tests {
                         let db = PgDb::open(url).unwrap();
                         db.consume(&t.ticket_id, &t.archive_id, &[i; 32], 50, 60)
                             .unwrap()
-                            .is_ok() as usize
+                            .is_ok()
+                            .then_some(i)
                     })
                 })
                 .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).sum()
+            hs.into_iter().filter_map(|h| h.join().unwrap()).collect()
         });
+        let wins = winners.len();
         assert_eq!(wins, 2);
         let row = db.get(&t.ticket_id).unwrap().unwrap();
         assert_eq!((row.plays_left, row.grants), (0, 2));
         // Same contract as SQLite: a retry with a granted key is free, others are refused.
+        let retry = db
+            .consume(&t.ticket_id, &t.archive_id, &[winners[0]; 32], 51, 60)
+            .unwrap()
+            .expect("a granted receiver key may fetch its key part again");
+        assert!(retry.repeated, "{retry:?}");
+        assert_eq!(retry.plays_left, 0);
         let again = db
             .consume(&t.ticket_id, &t.archive_id, &[99; 32], 51, 60)
             .unwrap();
