@@ -185,14 +185,7 @@ impl TicketDb {
         now_unix: u64,
         retry_secs: u64,
     ) -> Result<Result<Consumed, Refusal>, TicketDbError> {
-        match self {
-            TicketDb::Sqlite(db) => {
-                db.consume(ticket_id, archive_id, receiver_pub, now_unix, retry_secs)
-            }
-            TicketDb::Postgres(db) => {
-                db.consume(ticket_id, archive_id, receiver_pub, now_unix, retry_secs)
-            }
-        }
+        both!(self, db => db.consume(ticket_id, archive_id, receiver_pub, now_unix, retry_secs))
     }
 }
 
@@ -228,6 +221,25 @@ fn find_in(
 pub struct SqliteDb {
     conn: Connection,
     path: PathBuf,
+}
+
+/// What a revoke did, from whether its conditional UPDATE changed a row and the row after
+/// it (both backends).
+pub(crate) fn revoke_outcome(
+    changed: bool,
+    row: Option<TicketRow>,
+    db: &Path,
+    ticket_id: &TicketId,
+) -> Result<Revoked, TicketDbError> {
+    let row = row.ok_or_else(|| TicketDbError::Invalid {
+        path: db.to_path_buf(),
+        why: format!("no ticket with id {}", hex::encode(ticket_id)),
+    })?;
+    Ok(if changed {
+        Revoked::Now(row)
+    } else {
+        Revoked::Already(row)
+    })
 }
 
 /// SQL integers are signed: counts and times saturate rather than wrap (both backends).
@@ -429,15 +441,7 @@ impl SqliteDb {
                 params![&ticket_id[..], to_i64(now_unix.max(1))],
             )
             .map_err(self.sql("cannot revoke the ticket"))?;
-        let row = self.get(ticket_id)?.ok_or_else(|| TicketDbError::Invalid {
-            path: self.path.clone(),
-            why: format!("no ticket with id {}", hex::encode(ticket_id)),
-        })?;
-        Ok(if n == 1 {
-            Revoked::Now(row)
-        } else {
-            Revoked::Already(row)
-        })
+        revoke_outcome(n == 1, self.get(ticket_id)?, &self.path, ticket_id)
     }
 
     /// Use one play of `ticket_id` for the receiver key `receiver_pub`, atomically.

@@ -19,7 +19,9 @@ use mcast_keys::ticket::{Ticket, TicketId};
 use postgres::{Client, NoTls};
 
 use crate::ticket::{why_refused, Refusal, TicketStatus};
-use crate::ticketdb::{to_i64, to_u64, Consumed, Revoked, TicketDbError, TicketRow};
+use crate::ticketdb::{
+    revoke_outcome, to_i64, to_u64, Consumed, Revoked, TicketDbError, TicketRow,
+};
 
 const SCHEMA_VERSION: i64 = 1;
 /// Advisory lock key serialising schema creation by servers starting at once.
@@ -246,15 +248,7 @@ impl PgDb {
                 &[&&ticket_id[..], &to_i64(now_unix.max(1))],
             )
             .map_err(self.err("cannot revoke the ticket"))?;
-        let row = self.get(ticket_id)?.ok_or_else(|| TicketDbError::Invalid {
-            path: self.label.clone(),
-            why: format!("no ticket with id {}", hex::encode(ticket_id)),
-        })?;
-        Ok(if n == 1 {
-            Revoked::Now(row)
-        } else {
-            Revoked::Already(row)
-        })
+        revoke_outcome(n == 1, self.get(ticket_id)?, &self.label, ticket_id)
     }
 
     /// Use one play, atomically across every server sharing this database (see the module
