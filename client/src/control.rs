@@ -7,6 +7,56 @@ use mcast::wire::control::{Control, Envelope, MAX_CONTROL_LEN};
 
 use crate::error::{Failure, RecvError};
 
+/// Send `bytes` to `to` from `sock` up to `tries` times, each time waiting `per_try` for a
+/// datagram from `to` that `accept` takes; `Ok(None)` when none came. A refusal (ICMP port
+/// unreachable: nothing listens there) waits `refused_pause` before the next try. `Err` when
+/// the datagram cannot be sent at all.
+pub fn exchange<T>(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    bytes: &[u8],
+    tries: u32,
+    per_try: Duration,
+    refused_pause: Duration,
+    mut accept: impl FnMut(&[u8]) -> Option<T>,
+) -> std::io::Result<Option<T>> {
+    let mut buf = vec![0u8; MAX_CONTROL_LEN + 1];
+    sock.set_nonblocking(false).ok();
+    for _ in 0..tries {
+        sock.send_to(bytes, to)?;
+        let deadline = Instant::now() + per_try;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            sock.set_read_timeout(Some(left)).ok();
+            match sock.recv_from(&mut buf) {
+                Ok((n, from)) if from == to => {
+                    if let Some(t) = accept(&buf[..n]) {
+                        return Ok(Some(t));
+                    }
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                // ICMP port unreachable surfaces as ConnectionRefused: next try, after a pause.
+                Err(_) => {
+                    std::thread::sleep(left.min(refused_pause));
+                    break;
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
 pub struct ControlClient {
     pub sock: UdpSocket,
     pub server: SocketAddr,
@@ -56,46 +106,21 @@ impl ControlClient {
     ) -> Result<Control, RecvError> {
         let id = self.next_req_id();
         let bytes = Envelope::new(self.receiver_id, id, msg).encode();
-        let mut buf = vec![0u8; MAX_CONTROL_LEN + 1];
-        sock.set_nonblocking(false).ok();
-        for _ in 0..tries {
-            sock.send_to(&bytes, self.server).map_err(|e| {
-                RecvError::new(
-                    Failure::Unreachable,
-                    format!("cannot send to {}: {e}", self.server),
-                )
-            })?;
-            let deadline = Instant::now() + per_try;
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                sock.set_read_timeout(Some(left)).ok();
-                match sock.recv_from(&mut buf) {
-                    Ok((n, from)) if from == self.server => {
-                        if let Ok(env) = Envelope::decode(&buf[..n]) {
-                            if env.req_id == id && env.receiver_id == self.receiver_id {
-                                return Ok(env.msg);
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        break
-                    }
-                    // ICMP port unreachable surfaces as ConnectionRefused: retry, then give up.
-                    Err(_) => {
-                        std::thread::sleep(left.min(per_try));
-                        break;
-                    }
-                }
-            }
+        let rid = self.receiver_id;
+        let answer = exchange(sock, self.server, &bytes, tries, per_try, per_try, |b| {
+            Envelope::decode(b)
+                .ok()
+                .filter(|env| env.req_id == id && env.receiver_id == rid)
+                .map(|env| env.msg)
+        })
+        .map_err(|e| {
+            RecvError::new(
+                Failure::Unreachable,
+                format!("cannot send to {}: {e}", self.server),
+            )
+        })?;
+        if let Some(msg) = answer {
+            return Ok(msg);
         }
         Err(RecvError::new(
             Failure::Unreachable,

@@ -71,7 +71,6 @@ impl DirectorClient {
         title: &str,
         exclude: &[SocketAddrV4],
     ) -> Result<Result<SocketAddrV4, (NoRoute, String)>, RecvError> {
-        let mut buf = [0u8; 2048];
         for k in 0..self.directors.len() {
             let i = (self.first + k) % self.directors.len();
             let d = self.directors[i];
@@ -83,48 +82,30 @@ impl DirectorClient {
                 exclude: exclude.to_vec(),
             }
             .encode();
-            for _ in 0..DIRECTOR_TRIES {
-                if self.sock.send_to(&req, d).is_err() {
-                    std::thread::sleep(DIRECTOR_TRY);
-                    continue;
-                }
-                let deadline = Instant::now() + DIRECTOR_TRY;
-                loop {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    self.sock.set_read_timeout(Some(left)).ok();
-                    match self.sock.recv_from(&mut buf) {
-                        Ok((n, from)) if from == d => match DirectorMsg::decode(&buf[..n]) {
-                            Ok(m) if m.req_id() == self.req_id => {
-                                self.first = i;
-                                return Ok(match m {
-                                    DirectorMsg::RouteOk { server, .. } => Ok(server),
-                                    DirectorMsg::RouteNone {
-                                        reason, message, ..
-                                    } => Err((reason, message)),
-                                    DirectorMsg::RouteRequest { .. } => continue,
-                                });
-                            }
-                            _ => {}
-                        },
-                        Ok(_) => {}
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                            ) =>
-                        {
-                            break
-                        }
-                        // ICMP port unreachable (nothing listening there): next try.
-                        Err(_) => {
-                            std::thread::sleep(left.min(Duration::from_millis(50)));
-                            break;
-                        }
-                    }
-                }
+            let req_id = self.req_id;
+            let answer = crate::control::exchange(
+                &self.sock,
+                d,
+                &req,
+                DIRECTOR_TRIES,
+                DIRECTOR_TRY,
+                Duration::from_millis(50),
+                |b| match DirectorMsg::decode(b) {
+                    Ok(DirectorMsg::RouteOk {
+                        req_id: r, server, ..
+                    }) if r == req_id => Some(Ok(server)),
+                    Ok(DirectorMsg::RouteNone {
+                        req_id: r,
+                        reason,
+                        message,
+                        ..
+                    }) if r == req_id => Some(Err((reason, message))),
+                    _ => None,
+                },
+            );
+            if let Ok(Some(route)) = answer {
+                self.first = i;
+                return Ok(route);
             }
             self.failovers += 1;
             tracing::warn!(director = %d, "director did not answer; asking the next one");
