@@ -50,32 +50,25 @@ fn bench_decrypt(c: &mut Criterion) {
             .unwrap();
         for (verify_packets, what) in [(false, "aead"), (true, "aead+manifest")] {
             let opts = DecryptOptions { verify_packets };
+            let run = || {
+                decrypt_to(
+                    &a,
+                    &trusted,
+                    Some(&key),
+                    opts,
+                    &mut std::io::sink(),
+                    std::path::Path::new("sink"),
+                    &mut |_| {},
+                )
+                .unwrap()
+            };
             // Sanity: the whole file comes out.
-            let r = decrypt_to(
-                &a,
-                &trusted,
-                Some(&key),
-                opts,
-                &mut std::io::sink(),
-                std::path::Path::new("sink"),
-                &mut |_| {},
-            )
-            .unwrap();
-            assert_eq!(r.plain_len, BIG as u64);
+            assert_eq!(run().plain_len, BIG as u64);
             g.bench_function(format!("{name}/{what}"), |b| {
                 b.iter_custom(|iters| {
                     let start = thread_cpu();
                     for _ in 0..iters {
-                        decrypt_to(
-                            &a,
-                            &trusted,
-                            Some(&key),
-                            opts,
-                            &mut std::io::sink(),
-                            std::path::Path::new("sink"),
-                            &mut |_| {},
-                        )
-                        .unwrap();
+                        run();
                     }
                     thread_cpu() - start
                 })

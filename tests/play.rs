@@ -129,6 +129,17 @@ impl Site {
         )
     }
 
+    /// The common start: a site serving a random `len`-byte "film" that its receiver has
+    /// already downloaded. Returns the site, the film's bytes and the server.
+    fn with_film(n: u16, len: usize, seed: u64) -> (Site, Vec<u8>, Guard) {
+        let site = Site::new(n);
+        let media = random_bytes(len, seed);
+        site.pack("film", &media);
+        let srv = site.serve();
+        site.get("film");
+        (site, media, srv)
+    }
+
     /// Pack `data` as `title`; returns the input file (kept to compare with).
     fn pack(&self, title: &str, data: &[u8]) -> PathBuf {
         let input = self.path(&format!("{title}.media"));
@@ -338,11 +349,8 @@ fn assert_nowhere(dirs: &[PathBuf], secret: &[u8], what: &str) -> usize {
 ///    is refused the second time; and no file of server or receiver holds a key part.
 #[test]
 fn pack_deliver_play_round_trip() {
-    let site = Site::new(0);
-    let media = random_bytes(3_000_017, 1);
-    let input = site.pack("film", &media);
-    let _srv = site.serve();
-    site.get("film");
+    let (site, media, _srv) = Site::with_film(0, 3_000_017, 1);
+    let input = site.path("film.media");
     let archive = site.path("recv/film.mca");
     let archive_meta = fs::metadata(&archive).unwrap();
     let joins = site.counter("joins");
@@ -413,11 +421,7 @@ fn pack_deliver_play_round_trip() {
 /// 2. Twenty receivers present one single-use ticket at once: exactly one plays.
 #[test]
 fn single_use_ticket_plays_exactly_once_under_concurrency() {
-    let site = Site::new(1);
-    let media = random_bytes(700_001, 2);
-    site.pack("film", &media);
-    let _srv = site.serve();
-    site.get("film");
+    let (site, media, _srv) = Site::with_film(1, 700_001, 2);
     let t = site.issue("film", "once", &[]);
 
     let children: Vec<Guard> = (0..20)
@@ -684,11 +688,7 @@ fn server_refuses_bad_play_requests_and_repeats_grants() {
 /// 4. After a server restart (kill -9), used tickets stay used and valid ones still work.
 #[test]
 fn restart_keeps_used_tickets_used() {
-    let site = Site::new(4);
-    let media = random_bytes(500_000, 6);
-    site.pack("film", &media);
-    let srv = site.serve();
-    site.get("film");
+    let (site, media, srv) = Site::with_film(4, 500_000, 6);
     let used = site.issue("film", "used", &[]);
     let fresh = site.issue("film", "fresh", &[]);
     let twice = site.issue("film", "twice", &["--plays", "2"]);
