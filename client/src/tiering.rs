@@ -65,7 +65,18 @@ impl Tiering {
     /// The tier to move to, if the engine decided on one.
     pub fn poll(&mut self, now: Instant) -> Option<u8> {
         let from = self.tier().unwrap_or(0);
-        let TierMove::To(t) = self.engine.as_mut()?.poll(now)?;
+        let e = self.engine.as_mut()?;
+        let due = now >= e.next_deadline();
+        let mv = e.poll(now);
+        if due {
+            tracing::debug!(
+                tier = e.tier(),
+                interval = ?e.last_interval(),
+                probing = e.probing(),
+                "tier interval"
+            );
+        }
+        let TierMove::To(t) = mv?;
         self.account(from, now);
         self.changes += 1;
         Some(t as u8)

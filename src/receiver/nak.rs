@@ -58,7 +58,8 @@ pub struct NakCounters {
     pub units_naked: u64,
     /// Units whose NAK was suppressed by hearing another receiver's.
     pub units_suppressed: u64,
-    /// Units found missing by gap detection.
+    /// Units found missing (gap detection, unverifiable parked data); a unit NAKed again
+    /// after its hold-off is not counted twice (the tier engine reads this as loss).
     pub units_missed: u64,
 }
 
@@ -240,6 +241,12 @@ impl NakEngine {
             return;
         }
         self.counters.units_missed += 1;
+        self.enter_backoff(now, unit);
+    }
+
+    /// Put an idle unit in back-off (a new loss, or a hold-off that ran out without repair:
+    /// only the first is counted as missed, so a repair backlog does not read as loss).
+    fn enter_backoff(&mut self, now: Instant, unit: u64) {
         let id = match self.batch {
             Some((at, id)) if at == now && self.backoff.batches.contains_key(&id) => id,
             _ => {
@@ -348,7 +355,7 @@ impl NakEngine {
                     }
                     self.set_state(u, 0);
                     if !have(u) {
-                        self.mark_missing(now, u);
+                        self.enter_backoff(now, u);
                     }
                 }
             }
@@ -458,6 +465,9 @@ mod tests {
         let again = e.poll_nak(later + e.t_max()).unwrap();
         assert!(e.poll_nak(later + e.t_max()).is_none());
         assert_eq!(again, vec![(lost[1], 1)]);
+        // Two units were lost; NAKing one of them again is not a new loss.
+        assert_eq!(e.counters.units_missed, 2);
+        assert_eq!(e.counters.units_naked, 3);
     }
 
     #[test]

@@ -7,11 +7,17 @@
 //! * every `interval`, judge the interval *congested* if loss exceeds `loss_down` or the
 //!   one-way delay rose more than `delay_rise` above its minimum (a queue is building);
 //!   `down_after` congested intervals in a row move one tier down;
+//! * until the first congestion, probe up after one calm interval (a slow start, as in
+//!   TCP: a new receiver knows nothing of its link, and its first tiers are the cheap ones);
 //! * after `probe_after` on a tier without congestion, *probe* one tier up (a join
 //!   experiment); a probe that sees congestion within `probe_hold` falls back at once and
 //!   quadruples that tier's probe timer (up to `probe_max`), so a receiver whose link cannot carry
 //!   the next tier stops trying often; a probe that holds succeeds, resets that tier's timer
 //!   and halves the next one's (the link changed, so trying higher is worth it sooner).
+//!
+//! What it reports to the server (throughput and loss, which set the tier's rate) comes only
+//! from judged intervals on a tier it holds: a probe's losses are the experimenter's, and must
+//! not pull down the rate of the receivers that already fit the probed tier.
 //!
 //! Delay samples need no synchronised clocks: only the rise above the smallest
 //! `arrival − send time` difference seen on the current tier matters.
@@ -33,9 +39,11 @@ pub struct TierParams {
     pub probe_after: Duration,
     pub probe_hold: Duration,
     pub probe_max: Duration,
-    /// After any move, intervals are measured but not judged for this long: the old
-    /// channel's traffic takes a while to stop (an IGMP leave is not instant), and its loss
-    /// must not push the receiver further down.
+    /// After a move down, intervals are measured but not judged for this long: the old
+    /// channel's traffic takes a while to stop (a switch forwards a group until its IGMP
+    /// last-member queries go unanswered, 2 s by default), and that loss must not push the
+    /// receiver further down. A probe is judged from its first interval: its loss is the
+    /// answer to the experiment.
     pub settle: Duration,
 }
 
@@ -51,7 +59,7 @@ impl TierParams {
             probe_after: Duration::from_secs(1),
             probe_hold: Duration::from_secs(1),
             probe_max: Duration::from_secs(60),
-            settle: Duration::from_secs(1),
+            settle: Duration::from_millis(2500),
         }
     }
 }
@@ -69,9 +77,10 @@ pub struct TierCounters {
     pub moves_down: u32,
     pub probes: u32,
     pub probes_failed: u32,
-    /// Throughput of the last complete interval, bit/s (reported to the server).
+    /// Throughput of the last judged interval on a held tier, bit/s (reported to the server;
+    /// 0: nothing to report yet since the last move).
     pub measured_bps: u64,
-    /// Loss of the last complete interval, parts per million.
+    /// Loss of that interval, parts per million.
     pub loss_ppm: u32,
 }
 
@@ -95,6 +104,9 @@ pub struct TierEngine {
     probe_timer: Vec<Duration>,
     probe: Option<Probe>,
     settle_until: Instant,
+    /// No congestion seen yet: probe after one calm interval instead of `probe_after`.
+    slow_start: bool,
+    last: (u64, u32, i64),
     pub counters: TierCounters,
 }
 
@@ -116,12 +128,19 @@ impl TierEngine {
             stable_since: now,
             probe: None,
             settle_until: now,
+            slow_start: true,
+            last: (0, 0, 0),
             counters: TierCounters::default(),
         }
     }
 
     pub fn tier(&self) -> usize {
         self.tier
+    }
+
+    /// (throughput bit/s, loss ppm, delay rise µs) of the last interval, judged or not (logs).
+    pub fn last_interval(&self) -> (u64, u32, i64) {
+        self.last
     }
 
     pub fn probing(&self) -> bool {
@@ -166,11 +185,15 @@ impl TierEngine {
     }
 
     fn switch(&mut self, to: usize, now: Instant) -> TierMove {
+        if to < self.tier {
+            self.settle_until = now + self.p.settle;
+        }
         self.tier = to;
-        self.settle_until = now + self.p.settle;
         self.min_delay = None; // a new channel, a new queue
         self.congested_run = 0;
         self.stable_since = now;
+        self.counters.measured_bps = 0;
+        self.counters.loss_ppm = 0;
         TierMove::To(to)
     }
 
@@ -189,10 +212,21 @@ impl TierEngine {
         } else {
             self.lost as f64 / total as f64
         };
-        self.counters.measured_bps = (self.bytes as f64 * 8.0 / secs) as u64;
-        self.counters.loss_ppm = (loss * 1e6) as u32;
-        let congested = now >= self.settle_until
+        self.last = (
+            (self.bytes as f64 * 8.0 / secs) as u64,
+            (loss * 1e6) as u32,
+            self.max_rise,
+        );
+        let judged = now >= self.settle_until;
+        if judged && self.probe.is_none() {
+            self.counters.measured_bps = (self.bytes as f64 * 8.0 / secs) as u64;
+            self.counters.loss_ppm = (loss * 1e6) as u32;
+        }
+        let congested = judged
             && (loss > self.p.loss_down || self.max_rise > self.p.delay_rise.as_micros() as i64);
+        if congested {
+            self.slow_start = false;
+        }
         self.interval_start = now;
         self.bytes = 0;
         self.received = 0;
@@ -201,11 +235,18 @@ impl TierEngine {
 
         if let Some(probe) = &self.probe {
             if congested {
-                // The join experiment failed: back down, and wait twice as long next time.
+                // The join experiment failed: back down, and wait four times as long next
+                // time — or the longest, when what got through was not even half the tier's
+                // rate (the link is far too slow for it; a failed probe floods it for as long
+                // as the switch takes to honour the leave, so futile ones are costly).
                 let (from, failed) = (probe.from, self.tier);
                 self.probe = None;
                 self.counters.probes_failed += 1;
-                self.probe_timer[failed] = (self.probe_timer[failed] * 4).min(self.p.probe_max);
+                self.probe_timer[failed] = if self.last.0 < self.p.tiers_bps[failed] / 2 {
+                    self.p.probe_max
+                } else {
+                    (self.probe_timer[failed] * 4).min(self.p.probe_max)
+                };
                 return Some(self.switch(from, now));
             }
             if now >= probe.until {
@@ -231,8 +272,14 @@ impl TierEngine {
         }
         self.congested_run = 0;
         let up = self.tier + 1;
+        let wait = if self.slow_start {
+            self.p.interval
+        } else {
+            self.probe_timer[up.min(self.probe_timer.len() - 1)]
+        };
         if up < self.p.tiers_bps.len()
-            && now.saturating_duration_since(self.stable_since) >= self.probe_timer[up]
+            && now >= self.settle_until
+            && now.saturating_duration_since(self.stable_since) >= wait
         {
             self.counters.probes += 1;
             self.probe = Some(Probe {
