@@ -250,6 +250,11 @@ pub struct Counters {
     pub repairs_sent: u64,
     /// Joins refused while draining.
     pub refused_draining: u64,
+    /// Archives left out at start-up: unreadable, truncated, or not signed by this server.
+    pub archives_skipped: u64,
+    /// Play requests answered with a grant, and refused (replayed, used up, forged, ...).
+    pub plays_granted: u64,
+    pub plays_refused: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -445,6 +450,20 @@ impl ChannelManager {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// The driver left `n` archives out at start-up (see [`Counters::archives_skipped`]).
+    pub fn count_archives_skipped(&mut self, n: u64) {
+        self.counters.archives_skipped += n;
+    }
+
+    /// The ticket service (outside this state machine) answered a play request.
+    pub fn count_play(&mut self, granted: bool) {
+        if granted {
+            self.counters.plays_granted += 1;
+        } else {
+            self.counters.plays_refused += 1;
+        }
     }
 
     /// Titles this server can loop (for heartbeats and health checks).
