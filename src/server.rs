@@ -114,6 +114,8 @@ const BATCH: usize = 128;
 const MAX_PER_TURN: usize = 1024;
 
 /// Read the batch's archive payloads and send it to each of `dests`; empties the batch.
+/// An archive that can no longer be read (truncated or removed under the server) is
+/// withdrawn from `mgr` rather than stopping the server: the other titles keep looping.
 fn flush(
     batch: &mut PacketBatch,
     cur: &Option<(ArchiveId, Arc<[SocketAddr]>)>,
@@ -121,6 +123,7 @@ fn flush(
     data: &UdpSocket,
     sender: &mut BatchSender,
     send_errors: &mut u64,
+    mgr: &mut ChannelManager,
 ) -> anyhow::Result<()> {
     let Some((id, dests)) = cur else {
         batch.clear();
@@ -130,9 +133,14 @@ fn flush(
         return Ok(());
     }
     let a = files.get(id).expect("channels only loop loaded archives");
-    batch
-        .fill(&a.file)
-        .with_context(|| format!("reading {}", a.path.display()))?;
+    if let Err(e) = batch.fill(&a.file) {
+        batch.clear();
+        if mgr.withdraw_title(id) {
+            tracing::error!(path = %a.path.display(), error = %e,
+                "archive unreadable while serving: title withdrawn, its channels closed");
+        }
+        return Ok(());
+    }
     for dest in dests.iter() {
         let out = sender.send(data.as_raw_fd(), batch, &(*dest).into());
         if out.failed > 0 {
@@ -237,6 +245,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     &data,
                     &mut sender,
                     &mut send_errors,
+                    &mut mgr,
                 )?;
                 cur = Some((t.archive_id, t.dests.clone()));
             }
@@ -261,6 +270,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             &data,
             &mut sender,
             &mut send_errors,
+            &mut mgr,
         )?;
         while let Some(ev) = mgr.poll_event() {
             log_event(&ev);
