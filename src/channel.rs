@@ -250,6 +250,13 @@ pub struct Counters {
     pub repairs_sent: u64,
     /// Joins refused while draining.
     pub refused_draining: u64,
+    /// Archives left out at start-up: unreadable, truncated, or not signed by this server.
+    pub archives_skipped: u64,
+    /// Titles withdrawn while serving because their archive could no longer be read.
+    pub archives_withdrawn: u64,
+    /// Play requests answered with a grant, and refused (replayed, used up, forged, ...).
+    pub plays_granted: u64,
+    pub plays_refused: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -445,6 +452,55 @@ impl ChannelManager {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// The driver left `n` archives out at start-up (see [`Counters::archives_skipped`]).
+    pub fn count_archives_skipped(&mut self, n: u64) {
+        self.counters.archives_skipped += n;
+    }
+
+    /// Stop serving `archive_id` (its file became unreadable): its channels close at once and
+    /// later joins get NotHere, so receivers stop waiting for packets that cannot come.
+    /// False if it was not served (already withdrawn).
+    pub fn withdraw_title(&mut self, archive_id: &ArchiveId) -> bool {
+        let Some(title) = self.by_id.remove(archive_id) else {
+            return false;
+        };
+        if self
+            .titles
+            .get(&title)
+            .is_some_and(|t| &t.head.archive_id == archive_id)
+        {
+            self.titles.remove(&title);
+        }
+        let ids: Vec<u32> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| &c.archive_id == archive_id)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let c = self.channels.remove(&id).expect("listed");
+            self.slots[c.slot] = None;
+            self.counters.channels_closed += 1;
+            self.events.push_back(Event::ChannelClosed {
+                channel: id,
+                title: c.title,
+                loops: c.carousel.loops(),
+                packets: c.packets_sent,
+            });
+        }
+        self.counters.archives_withdrawn += 1;
+        true
+    }
+
+    /// The ticket service (outside this state machine) answered a play request.
+    pub fn count_play(&mut self, granted: bool) {
+        if granted {
+            self.counters.plays_granted += 1;
+        } else {
+            self.counters.plays_refused += 1;
+        }
     }
 
     /// Titles this server can loop (for heartbeats and health checks).

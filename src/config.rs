@@ -258,6 +258,10 @@ impl DirectorConfig {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<DirectorConfig, ConfigError> {
+        Self::parse_fields(text, path).map_err(|e| e.at_line(text))
+    }
+
+    fn parse_fields(text: &str, path: &Path) -> Result<DirectorConfig, ConfigError> {
         let cfg: DirectorConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().replace('\n', "\n  "),
@@ -304,6 +308,52 @@ pub enum ConfigError {
         field: &'static str,
         why: String,
     },
+    /// A [`ConfigError::Field`] whose key was found in the file: the operator gets the line.
+    #[error("config {path}: line {line}: field {field}: {why}")]
+    FieldAt {
+        path: PathBuf,
+        line: usize,
+        field: &'static str,
+        why: String,
+    },
+}
+
+impl ConfigError {
+    /// Add the line where a refused field's key is set in `text` (`section.key`), if it is.
+    fn at_line(self, text: &str) -> ConfigError {
+        let ConfigError::Field { path, field, why } = self else {
+            return self;
+        };
+        match field_line(text, field) {
+            Some(line) => ConfigError::FieldAt {
+                path,
+                line,
+                field,
+                why,
+            },
+            None => ConfigError::Field { path, field, why },
+        }
+    }
+}
+
+/// 1-based line of `key = ...` inside `[section]` for `field` = "section.key".
+fn field_line(text: &str, field: &str) -> Option<usize> {
+    let (section, key) = field.rsplit_once('.')?;
+    let mut current = String::new();
+    for (i, raw) in text.lines().enumerate() {
+        let l = raw.trim();
+        if let Some(h) = l.strip_prefix('[') {
+            current = h.trim_end_matches(']').trim().to_string();
+            continue;
+        }
+        if current == section {
+            let k = l.split('=').next().unwrap_or("").trim().trim_matches('"');
+            if k == key && l.contains('=') {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
 }
 
 impl Config {
@@ -324,7 +374,7 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().replace('\n', "\n  "),
         })?;
-        cfg.validate(path)?;
+        cfg.validate(path).map_err(|e| e.at_line(text))?;
         Ok(cfg)
     }
 
@@ -665,6 +715,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("x.toml") && e.contains("pack.cipher"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
         let e = Config::parse("[pack]\nsymbol_size = 1000\n", p)
             .unwrap_err()
             .to_string();

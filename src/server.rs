@@ -26,6 +26,16 @@ pub fn load_titles(
     dir: &Path,
     trusted: &mcast_keys::PublicIdentity,
 ) -> anyhow::Result<(Vec<TitleInfo>, HashMap<ArchiveId, ArchiveFile>)> {
+    load_titles_counted(dir, trusted).map(|(t, f, _)| (t, f))
+}
+
+/// [`load_titles`], also returning how many archives were skipped (logged, and counted in
+/// stats as `archives_skipped`, so an operator sees a bad file without reading logs).
+pub fn load_titles_counted(
+    dir: &Path,
+    trusted: &mcast_keys::PublicIdentity,
+) -> anyhow::Result<(Vec<TitleInfo>, HashMap<ArchiveId, ArchiveFile>, u64)> {
+    let mut skipped = 0u64;
     let mut titles = Vec::new();
     let mut files = HashMap::new();
     let entries = std::fs::read_dir(dir).with_context(|| {
@@ -43,7 +53,8 @@ pub fn load_titles(
         {
             Ok(a) => a,
             Err(err) => {
-                tracing::warn!(error = %err, "archive skipped");
+                tracing::warn!(path = %path.display(), error = %err, "archive skipped");
+                skipped += 1;
                 continue;
             }
         };
@@ -69,7 +80,7 @@ pub fn load_titles(
         });
         files.insert(a.head.archive_id, a);
     }
-    Ok((titles, files))
+    Ok((titles, files, skipped))
 }
 
 /// Data socket: multicast out of `iface` with `ttl`, loopback delivery on (receivers on this
@@ -103,6 +114,8 @@ const BATCH: usize = 128;
 const MAX_PER_TURN: usize = 1024;
 
 /// Read the batch's archive payloads and send it to each of `dests`; empties the batch.
+/// An archive that can no longer be read (truncated or removed under the server) is
+/// withdrawn from `mgr` rather than stopping the server: the other titles keep looping.
 fn flush(
     batch: &mut PacketBatch,
     cur: &Option<(ArchiveId, Arc<[SocketAddr]>)>,
@@ -110,6 +123,7 @@ fn flush(
     data: &UdpSocket,
     sender: &mut BatchSender,
     send_errors: &mut u64,
+    mgr: &mut ChannelManager,
 ) -> anyhow::Result<()> {
     let Some((id, dests)) = cur else {
         batch.clear();
@@ -119,9 +133,14 @@ fn flush(
         return Ok(());
     }
     let a = files.get(id).expect("channels only loop loaded archives");
-    batch
-        .fill(&a.file)
-        .with_context(|| format!("reading {}", a.path.display()))?;
+    if let Err(e) = batch.fill(&a.file) {
+        batch.clear();
+        if mgr.withdraw_title(id) {
+            tracing::error!(path = %a.path.display(), error = %e,
+                "archive unreadable while serving: title withdrawn, its channels closed");
+        }
+        return Ok(());
+    }
     for dest in dests.iter() {
         let out = sender.send(data.as_raw_fd(), batch, &(*dest).into());
         if out.failed > 0 {
@@ -143,7 +162,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let ks = mcast_keys::KeyStore::open(&cfg.store.key_dir)?;
     let trusted = ks.identity()?.public();
     let mut tickets = crate::ticket::TicketService::open_config(&cfg.tickets, &ks, trusted)?;
-    let (titles, files) = load_titles(&cfg.store.archive_dir, &trusted)?;
+    let (titles, files, skipped) = load_titles_counted(&cfg.store.archive_dir, &trusted)?;
     if titles.is_empty() {
         tracing::warn!(dir = %cfg.store.archive_dir.display(), "no archives to serve; pack one with `mcastd pack`");
     }
@@ -164,6 +183,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         tickets = %tickets.db_path().display(), "mcastd serving");
 
     let mut mgr = ChannelManager::new(cfg.channel_params(), titles, Instant::now());
+    mgr.count_archives_skipped(skipped);
     // Heartbeats to traffic directors, HTTP health status, SIGUSR1/SIGUSR2 draining.
     let mut beats = crate::heartbeat::HeartbeatDriver::start(cfg)?;
     let mut buf = vec![0u8; MAX_CONTROL_LEN + 1];
@@ -181,6 +201,11 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     let unix = crate::ticket::unix_now();
                     match tickets.handle_datagram(&buf[..n], from, unix) {
                         Some(reply) => {
+                            let granted =
+                                crate::wire::control::Envelope::decode(&reply).is_ok_and(|e| {
+                                    matches!(e.msg, crate::wire::control::Control::PlayGrant { .. })
+                                });
+                            mgr.count_play(granted);
                             if let Err(e) = ctrl.send_to(&reply, from) {
                                 tracing::debug!(to = %from, error = %e, "play reply not sent");
                             }
@@ -220,6 +245,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     &data,
                     &mut sender,
                     &mut send_errors,
+                    &mut mgr,
                 )?;
                 cur = Some((t.archive_id, t.dests.clone()));
             }
@@ -244,6 +270,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             &data,
             &mut sender,
             &mut send_errors,
+            &mut mgr,
         )?;
         while let Some(ev) = mgr.poll_event() {
             log_event(&ev);
