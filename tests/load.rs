@@ -140,6 +140,7 @@ fn load_dozens_of_receivers_several_titles() {
 
     let mut per_title: BTreeMap<String, (f64, f64, u64)> = BTreeMap::new();
     let mut judged = 0;
+    let mut off_rate = Vec::new();
     for w in &windows {
         let Some((t0, p0)) = w.first else { continue };
         let (t1, p1) = w.last;
@@ -151,13 +152,14 @@ fn load_dozens_of_receivers_several_titles() {
         let bits = (p1 - p0) as f64 * (DATA_HEADER_LEN as u64 + SYMBOL) as f64 * 8.0;
         let measured = bits / secs;
         let ratio = measured / w.rate_bps as f64;
-        assert!(
-            (0.9..=1.1).contains(&ratio),
-            "channel of {} looped at {:.2} Mbit/s over {secs:.1} s; configured {:.2}",
-            w.title,
-            measured / 1e6,
-            w.rate_bps as f64 / 1e6
-        );
+        if !(0.9..=1.1).contains(&ratio) {
+            off_rate.push(format!(
+                "channel of {} looped at {:.2} Mbit/s over {secs:.1} s; configured {:.2}",
+                w.title,
+                measured / 1e6,
+                w.rate_bps as f64 / 1e6
+            ));
+        }
         let e = per_title.entry(w.title.clone()).or_default();
         e.0 += bits;
         e.1 += secs;
@@ -174,9 +176,10 @@ fn load_dozens_of_receivers_several_titles() {
     let max = secs.iter().cloned().fold(0.0, f64::max);
     println!(
         "load summary: receivers {receivers}, titles {TITLES} x ~{:.1} MB at {RATE_MBPS} Mbit/s, \
-         wall {:.1} s, failures 0",
+         wall {:.1} s, failures {}",
         TITLE_BYTES as f64 / 1e6,
-        wall.as_secs_f64()
+        wall.as_secs_f64(),
+        off_rate.len()
     );
     println!(
         "  server CPU {server_cpu:.2} s ({:.0} % of one core); receivers' CPU {receivers_cpu:.1} s \
@@ -204,4 +207,5 @@ fn load_dozens_of_receivers_several_titles() {
         windows.len(),
         samples.len()
     );
+    assert!(off_rate.is_empty(), "loop rate not held: {off_rate:#?}");
 }
