@@ -32,8 +32,7 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    dir_names, mcastd_bin, random_bytes, recv_bin, serve_appending, Finished,
-    Guard, Receiver, Site,
+    dir_names, mcastd_bin, random_bytes, recv_bin, serve_appending, Finished, Guard, Receiver, Site,
 };
 
 /// Downloaded titles (name, bytes); two download slots each.
@@ -88,7 +87,10 @@ impl Slot {
     }
 
     fn dir(&self, site: &Site) -> PathBuf {
-        site.path(&format!("recv/{}-{}-g{}", self.title, self.idx, self.generation))
+        site.path(&format!(
+            "recv/{}-{}-g{}",
+            self.title, self.idx, self.generation
+        ))
     }
 }
 

@@ -84,7 +84,11 @@ fn load_dozens_of_receivers_several_titles() {
     let mut running = Vec::new();
     for i in 0..receivers {
         let (title, _) = &titles[i % TITLES];
-        running.push(site.get(title, &site.out_dir(&format!("recv/r{i}")), &["--timeout", "150"]));
+        running.push(site.get(
+            title,
+            &site.out_dir(&format!("recv/r{i}")),
+            &["--timeout", "150"],
+        ));
         std::thread::sleep(gap);
     }
     let mut reports = Vec::new();
@@ -107,7 +111,10 @@ fn load_dozens_of_receivers_several_titles() {
     let mut windows = Vec::new();
     for (at, s) in samples.iter() {
         let chans = s["channels"].as_array().expect("channels");
-        let ids: Vec<u64> = chans.iter().map(|c| c["channel"].as_u64().unwrap()).collect();
+        let ids: Vec<u64> = chans
+            .iter()
+            .map(|c| c["channel"].as_u64().unwrap())
+            .collect();
         // Channels that closed since the last sample.
         for id in open.keys().copied().collect::<Vec<_>>() {
             if !ids.contains(&id) {
@@ -194,7 +201,10 @@ fn load_dozens_of_receivers_several_titles() {
         reports.iter().map(|r| r.repairs_received).sum::<u64>(),
         reports.iter().filter(|r| r.unicast).count()
     );
-    println!("  {:<8} {:>10} {:>10} {:>8}", "title", "configured", "measured", "seconds");
+    println!(
+        "  {:<8} {:>10} {:>10} {:>8}",
+        "title", "configured", "measured", "seconds"
+    );
     for (t, (bits, secs, rate)) in &per_title {
         println!(
             "  {t:<8} {:>10.2} {:>10.2} {secs:>8.1}",
