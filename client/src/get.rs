@@ -195,6 +195,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 3,
                 Duration::from_millis(300),
             );
+            // A run killed between the rename and the state file's removal left it behind.
+            let _ = std::fs::remove_file(&state_path);
             let len = a.layout.file_len();
             return Ok(GetReport {
                 event: "done",

@@ -714,3 +714,125 @@ pub fn packed_server_dir(dir: &Path, server_toml: &str, title: &str, len: usize)
     }
     cfg
 }
+
+// ---- Crash loop and load test (tests/crash_loop.rs, tests/load.rs) ----
+
+impl Receiver {
+    /// The latest JSON progress line, if one arrived yet.
+    pub fn last_progress(&self) -> Option<Value> {
+        let lines = self.lines.lock().unwrap();
+        lines.iter().rev().find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            (v["event"] == "progress").then_some(v)
+        })
+    }
+
+    /// `Some(finished)` when the process has exited on its own, without waiting.
+    pub fn try_finish(&mut self) -> Option<Finished> {
+        let st = self.guard.child.try_wait().expect("try_wait")?;
+        Some(self.finish(st.code()))
+    }
+}
+
+impl Finished {
+    /// The JSON progress lines of this run, in order.
+    pub fn progress(&self) -> Vec<Value> {
+        self.lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == "progress")
+            .collect()
+    }
+}
+
+/// Stats from the control port directly (no process start, 100 ms per try), so polling a
+/// server that is down or starting costs at most `limit`.
+pub fn stats_within(server: SocketAddr, limit: Duration) -> Option<Value> {
+    let sock = UdpSocket::bind("127.0.0.1:0").ok()?;
+    let deadline = Instant::now() + limit;
+    let rid = rand::random::<u64>();
+    let mut req = 0u32;
+    while Instant::now() < deadline {
+        req += 1;
+        let b = Envelope::new(rid, req, Control::StatsRequest).encode();
+        sock.send_to(&b, server).ok()?;
+        let wait = (Instant::now() + Duration::from_millis(100)).min(deadline);
+        while let Some(b) = recv_until(&sock, wait) {
+            if let Ok(Envelope {
+                req_id,
+                msg: Control::StatsReply { json },
+                ..
+            }) = Envelope::decode(&b)
+            {
+                if req_id == req {
+                    return serde_json::from_str(&json).ok();
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Start `mcastd --config CFG serve`, appending its stderr to `log` (so the log of a server
+/// that is killed and restarted keeps every run), and wait until it answers stats.
+pub fn serve_appending(cfg: &Path, control: SocketAddr, log: &Path) -> Guard {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut g = Guard::spawn(
+        Command::new(mcastd_bin())
+            .arg("--config")
+            .arg(cfg)
+            .arg("serve")
+            .env_remove("RUST_LOG")
+            .env_remove("MCASTD_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f),
+        false,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = g.child.try_wait().unwrap() {
+            panic!(
+                "mcastd exited at start-up ({st}):\n{}",
+                fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if stats_within(control, Duration::from_millis(100)).is_some() {
+            return g;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mcastd did not answer on {control} within 20 s:\n{}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+}
+
+/// CPU seconds (user + system) process `pid` has used so far, from /proc.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// Files in `dir` (names, sorted).
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
