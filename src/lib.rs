@@ -24,6 +24,7 @@ pub mod pacer;
 pub mod process;
 pub mod receiver;
 pub mod server;
+pub mod schedule;
 pub mod sim;
 pub mod ticket;
 pub mod ticketadmin;
