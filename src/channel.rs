@@ -1055,8 +1055,7 @@ impl ChannelManager {
             self.slots[c.slot] = None;
             dropped += c.members.len();
             if c.scheduled {
-                self.resume_block
-                    .insert(c.archive_id, c.carousel.block());
+                self.resume_block.insert(c.archive_id, c.carousel.block());
             }
             self.counters.channels_closed += 1;
             self.counters.scheduled_closed += 1;

@@ -540,7 +540,8 @@ impl Config {
                     return Err(at("titles", "must list at least one title".into()));
                 }
                 for t in &s.titles {
-                    mcast_keys::store::validate_title(t).map_err(|e| at("titles", e.to_string()))?;
+                    mcast_keys::store::validate_title(t)
+                        .map_err(|e| at("titles", e.to_string()))?;
                 }
                 let (start, len) =
                     crate::schedule::parse_span(&s.window).map_err(|e| at("window", e))?;
@@ -551,7 +552,10 @@ impl Config {
                     days: crate::schedule::parse_days(&s.days).map_err(|e| at("days", e))?,
                 };
                 if !(s.rate_mbps >= 0.0 && s.rate_mbps.is_finite()) {
-                    return Err(at("rate_mbps", "must be 0 (channel rate) or positive".into()));
+                    return Err(at(
+                        "rate_mbps",
+                        "must be 0 (channel rate) or positive".into(),
+                    ));
                 }
                 Ok(crate::schedule::Plan {
                     titles: s.titles.clone(),
@@ -745,10 +749,22 @@ mod tests {
         assert!(!plans[0].on_demand);
         for (text, what) in [
             ("[[schedule]]\nwindow = \"01:00-05:00\"\n", "titles"),
-            ("[[schedule]]\ntitles = [\"a\"]\nwindow = \"1-5\"\n", "window"),
-            ("[[schedule]]\ntitles = [\"a\"]\nwindow = \"01:00-05:00\"\ntz = \"CET\"\n", "tz"),
-            ("[[schedule]]\ntitles = [\"a\"]\nwindow = \"01:00-05:00\"\ndays = [\"x\"]\n", "days"),
-            ("[[schedule]]\ntitles = [\"a/b\"]\nwindow = \"01:00-05:00\"\n", "titles"),
+            (
+                "[[schedule]]\ntitles = [\"a\"]\nwindow = \"1-5\"\n",
+                "window",
+            ),
+            (
+                "[[schedule]]\ntitles = [\"a\"]\nwindow = \"01:00-05:00\"\ntz = \"CET\"\n",
+                "tz",
+            ),
+            (
+                "[[schedule]]\ntitles = [\"a\"]\nwindow = \"01:00-05:00\"\ndays = [\"x\"]\n",
+                "days",
+            ),
+            (
+                "[[schedule]]\ntitles = [\"a/b\"]\nwindow = \"01:00-05:00\"\n",
+                "titles",
+            ),
         ] {
             let e = Config::parse(text, p).unwrap_err().to_string();
             assert!(e.contains("x.toml") && e.contains(what), "{text}: {e}");

@@ -343,7 +343,9 @@ mod tests {
         assert_eq!(parse_time("01:00").unwrap(), 3600);
         assert_eq!(parse_time("23:59:59").unwrap(), 86_399);
         assert_eq!(parse_time("24:00").unwrap(), 86_400);
-        for bad in ["1:00", "25:00", "01:60", "01:00:61", "aa:bb", "01", "24:00:01"] {
+        for bad in [
+            "1:00", "25:00", "01:60", "01:00:61", "aa:bb", "01", "24:00:01",
+        ] {
             assert!(parse_time(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_span("01:00-05:00").unwrap(), (3600, 4 * 3600));

@@ -310,7 +310,9 @@ fn run_schedule(schedule: &mut crate::schedule::Scheduler, mgr: &mut ChannelMana
                 Some(channel) => {
                     tracing::info!(%title, channel, rate_cap_bps, "scheduled window open: looping")
                 }
-                None => tracing::warn!(%title, "scheduled window open, but the title is not here or no channel slot is free"),
+                None => {
+                    tracing::warn!(%title, "scheduled window open, but the title is not here or no channel slot is free")
+                }
             },
             crate::schedule::Action::Close { title, refuse } => {
                 let dropped = mgr.close_scheduled(&title, refuse);
