@@ -420,6 +420,7 @@ fn twenty_titles_only_missing_bytes_travel() {
 
 const NS_DISK_FULL: &str = r#"
 mount -t tmpfs -o size=5m tmpfs "$OUT" || exit 90
+cp --sparse=never "$PREP"/px.mca.part "$PREP"/px.mca.state "$OUT"/ || exit 92
 "$RECV" batch --list "$LIST" --server "$SERVER" -o "$OUT" --concurrency 1 --report "$HOST/r1.json" >/dev/null 2>"$HOST/r1.log"
 echo $? > "$HOST/r1.code"
 mkdir -p "$HOST/after1" && ls -la "$OUT" > "$HOST/ls1" && cp "$OUT"/*.mca "$HOST/after1/" 2>/dev/null
@@ -429,9 +430,10 @@ echo $? > "$HOST/r2.code"
 mkdir -p "$HOST/after2" && ls -la "$OUT" > "$HOST/ls2" && cp "$OUT"/*.mca "$HOST/after2/"
 "#;
 
-/// 3. A 5 MiB output filesystem for four ~1.5 MB titles: the batch stops cleanly when the
-///    next title does not fit, the report names the full disk, every file on it is whole;
-///    with the filesystem grown to 24 MiB the next run fetches only the rest.
+/// 3. A 5 MiB output filesystem for five ~1.5 MB titles, one of them half fetched already:
+///    the partial one resumes, the batch stops cleanly when the next title does not fit, the
+///    report names the full disk, every archive on it is whole; with the filesystem grown to
+///    24 MiB the next run fetches only the rest.
 #[test]
 fn disk_full_stops_cleanly_and_next_run_continues() {
     let test = "disk_full_stops_cleanly_and_next_run_continues";
@@ -439,7 +441,7 @@ fn disk_full_stops_cleanly_and_next_run_continues() {
         return;
     };
     let site = Site::new(62, "rate_mbps = 40.0\nlease_ms = 1500");
-    let names = ["d0", "d1", "d2", "d3"];
+    let names = ["px", "d0", "d1", "d2", "d3"];
     let archives: Vec<_> = names
         .iter()
         .enumerate()
@@ -450,6 +452,20 @@ fn disk_full_stops_cleanly_and_next_run_continues() {
     fs::write(&list, names.join("\n")).unwrap();
     let out = site.out_dir("small");
     let host = site.out_dir("host");
+    // `px` was half fetched in an earlier night (on another disk; copied onto the small one).
+    let prep = site.out_dir("prep");
+    let px_list = site.path("px.txt");
+    fs::write(&px_list, "px\n").unwrap();
+    let (code, r0, log0) = batch(
+        site.control,
+        &px_list,
+        &prep,
+        &site.path("r0.json"),
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, 0, "{log0}\n{r0:#}");
+    let px_missing = make_partial(&prep, "px", |b, all| b < all / 2);
     fs::create_dir_all(&out).unwrap();
     fs::create_dir_all(&host).unwrap();
     let mut cmd = Command::new(&prefix[0]);
@@ -460,6 +476,7 @@ fn disk_full_stops_cleanly_and_next_run_continues() {
         .env("LIST", &list)
         .env("OUT", &out)
         .env("HOST", &host)
+        .env("PREP", &prep)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
     let mut g = Guard::spawn(&mut cmd, true);
@@ -492,6 +509,11 @@ fn disk_full_stops_cleanly_and_next_run_continues() {
         .as_str()
         .unwrap()
         .to_string();
+    // The partial title resumed on the small disk: only its missing half was fetched.
+    let px = title(&r1, "px");
+    assert_eq!(px["status"], "done", "{px}");
+    assert_eq!(u(px, "missing_bytes_at_start"), px_missing, "{px}");
+    assert_eq!(u(px, "bytes_this_run"), px_missing, "{px}");
     assert!(why.starts_with("disk full"), "{why}");
     // No damaged file: every archive on the small disk is whole and byte-identical.
     let mut whole = 0;

@@ -374,8 +374,8 @@ pub fn run(opts: &BatchOptions, stop: Arc<AtomicBool>) -> Result<BatchReport, Re
                 tracing::warn!(%title, need, free, pending, "not enough disk space: stopping the batch");
                 let mut r = partial_report(&opts.out_dir, &title, size, 0);
                 r.reason = format!(
-                    "disk full: needs {need} more bytes, {} free after the running titles; free \
-                     space and run again",
+                    "disk full: needs {need} more bytes (+{SPACE_MARGIN} kept free), {} free \
+                     besides what running titles still need; free space and run again",
                     free.saturating_sub(pending)
                 );
                 reports.insert(title.clone(), r);
