@@ -560,7 +560,7 @@ impl Config {
                 Ok(crate::schedule::Plan {
                     titles: s.titles.clone(),
                     window,
-                    rate_cap_bps: (s.rate_mbps > 0.0).then(|| (s.rate_mbps * 1e6) as u64),
+                    rate_cap_bps: (s.rate_mbps > 0.0).then_some((s.rate_mbps * 1e6) as u64),
                     on_demand: s.on_demand,
                 })
             })

@@ -269,7 +269,7 @@ fn make_partial(dir: &Path, title: &str, keep: impl Fn(u64, u64) -> bool) -> u64
         if keep(block, shape.n_blocks) {
             have[(u / 64) as usize] |= 1 << (u % 64);
         } else {
-            f.write_all_at(&vec![0u8; len as usize], off).unwrap();
+            f.write_all_at(&vec![0u8; len], off).unwrap();
             missing += len as u64;
         }
     }
