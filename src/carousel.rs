@@ -95,6 +95,11 @@ impl Carousel {
         self.loops
     }
 
+    /// The block the next packet belongs to (where a loop stopped now would carry on).
+    pub fn block(&self) -> u64 {
+        self.pos / (self.shape.block_symbols + 1)
+    }
+
     /// True when the next packet starts a new loop.
     pub fn at_loop_start(&self) -> bool {
         self.pos == 0

@@ -11,7 +11,7 @@
 //! * Unicast fallback uses a stateless cookie (keyed BLAKE3 over address, receiver, archive and
 //!   a time epoch): the stream starts only once the requester proved it receives at that address.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -257,6 +257,13 @@ pub struct Counters {
     /// Play requests answered with a grant, and refused (replayed, used up, forged, ...).
     pub plays_granted: u64,
     pub plays_refused: u64,
+    /// Scheduled loops opened at a window's start / closed at its end (`crate::schedule`).
+    pub scheduled_opened: u64,
+    pub scheduled_closed: u64,
+    /// Members dropped when a scheduled loop closed at its window's end.
+    pub scheduled_members_dropped: u64,
+    /// Joins turned away because the title loops only in its scheduled window.
+    pub refused_outside_window: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -325,6 +332,10 @@ struct Channel {
     repair_tokens: f64,
     /// Unit → when it was last repaired (NAKs for it within a GRTT are stale).
     repaired_at: HashMap<u64, Instant>,
+    /// Opened by a schedule: loops with no members until its window closes.
+    scheduled: bool,
+    /// Rate ceiling from the schedule (bit/s), kept through tier rate adaption.
+    rate_cap: Option<u64>,
 }
 
 impl Channel {
@@ -399,6 +410,20 @@ pub struct ChannelManager {
     next_rate_update: Instant,
     /// Draining: members keep their channels, new receivers are refused.
     draining: bool,
+    /// Scheduled titles outside their window: joins are refused (`ErrorCode::Busy`).
+    window_closed: HashSet<String>,
+    /// Where a scheduled loop stopped (block), so the next window carries on from there and
+    /// receivers that held the first part get the rest first.
+    resume_block: HashMap<ArchiveId, u64>,
+}
+
+/// `rate` (0 = unlimited) under an optional cap.
+fn capped(rate: u64, cap: Option<u64>) -> u64 {
+    match cap {
+        Some(c) if rate == 0 => c,
+        Some(c) => rate.min(c),
+        None => rate,
+    }
 }
 
 /// Packets due within this much of `now` go out now: the driver then wakes once per quantum
@@ -437,6 +462,8 @@ impl ChannelManager {
             next_lease_check: now,
             next_rate_update: now + RATE_UPDATE,
             draining: false,
+            window_closed: HashSet::new(),
+            resume_block: HashMap::new(),
         };
         for t in titles {
             m.add_title(t);
@@ -824,6 +851,16 @@ impl ChannelManager {
         let tiers = self.params.tiers();
         let rid = env.receiver_id;
         let current = self.member_channel(&archive_id, rid);
+        if current.is_none() && self.window_closed.contains(title) {
+            self.counters.refused_outside_window += 1;
+            self.error(
+                from,
+                env,
+                ErrorCode::Busy,
+                "title loops only in its scheduled window; retry in the next one",
+            );
+            return;
+        }
         if self.draining && current.is_none() {
             self.counters.refused_draining += 1;
             self.error(
@@ -950,6 +987,8 @@ impl ChannelManager {
             repair_due: None,
             repair_tokens: 0.0,
             repaired_at: HashMap::new(),
+            scheduled: false,
+            rate_cap: None,
         };
         c.rebuild_dests();
         self.channels.insert(id, c);
@@ -966,7 +1005,9 @@ impl ChannelManager {
         let idle: Vec<u32> = self
             .channels
             .iter()
-            .filter(|(_, c)| c.members.is_empty() && c.linger_until.is_none_or(|t| t <= now))
+            .filter(|(_, c)| {
+                !c.scheduled && c.members.is_empty() && c.linger_until.is_none_or(|t| t <= now)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
@@ -1015,7 +1056,82 @@ impl ChannelManager {
                 tiers[c.tier - 1] + 1
             };
             let rate = ((target as f64 * RATE_HEADROOM) as u64).clamp(lo.min(hi), hi);
-            c.pacer.set_rate(rate);
+            c.pacer.set_rate(capped(rate, c.rate_cap));
+        }
+    }
+
+    /// A schedule's window opened: loop `title` now (start tier), with no receivers needed,
+    /// at most at `rate_cap` bit/s; an already running loop of it is kept and re-capped.
+    /// `None` when the title is unknown or no channel slot is free.
+    pub fn open_scheduled(
+        &mut self,
+        now: Instant,
+        title: &str,
+        rate_cap: Option<u64>,
+    ) -> Option<u32> {
+        let info = self.titles.get(title).cloned()?;
+        self.window_closed.remove(title);
+        let tier = self.params.start_tier.min(self.params.tiers().len() - 1);
+        let id = match self.tier_channel(&info.head.archive_id, tier) {
+            Some(id) => id,
+            None => {
+                let start = self
+                    .resume_block
+                    .get(&info.head.archive_id)
+                    .copied()
+                    .unwrap_or(0);
+                self.open_channel(now, &info, tier, start)?
+            }
+        };
+        let c = self.channels.get_mut(&id).expect("just found or opened");
+        c.scheduled = true;
+        c.rate_cap = rate_cap;
+        let rate = capped(c.pacer.rate_bps(), rate_cap);
+        c.pacer.set_rate(rate);
+        self.counters.scheduled_opened += 1;
+        Some(id)
+    }
+
+    /// A schedule's window closed: stop every loop of `title` now, whatever members remain
+    /// (they hear nothing more; their state files keep what they have). `refuse`: turn joins
+    /// away until the next window. Returns the members dropped.
+    pub fn close_scheduled(&mut self, title: &str, refuse: bool) -> usize {
+        if refuse {
+            self.window_closed.insert(title.to_string());
+        }
+        let ids: Vec<u32> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.title == title)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut dropped = 0;
+        for id in ids {
+            let c = self.channels.remove(&id).expect("listed");
+            self.slots[c.slot] = None;
+            dropped += c.members.len();
+            if c.scheduled {
+                self.resume_block.insert(c.archive_id, c.carousel.block());
+            }
+            self.counters.channels_closed += 1;
+            self.counters.scheduled_closed += 1;
+            self.events.push_back(Event::ChannelClosed {
+                channel: id,
+                title: c.title,
+                loops: c.carousel.loops(),
+                packets: c.packets_sent,
+            });
+        }
+        self.counters.scheduled_members_dropped += dropped as u64;
+        dropped
+    }
+
+    /// Mark `title` as refusing joins (outside its scheduled window) or not.
+    pub fn set_window_closed(&mut self, title: &str, closed: bool) {
+        if closed {
+            self.window_closed.insert(title.to_string());
+        } else {
+            self.window_closed.remove(title);
         }
     }
 

@@ -19,6 +19,40 @@ pub struct Config {
     pub tickets: TicketsConfig,
     pub directors: DirectorsConfig,
     pub log: LogConfig,
+    /// `[[schedule]]`: titles looped in a time window (overnight pre-load), see [`ScheduleConfig`].
+    pub schedule: Vec<ScheduleConfig>,
+}
+
+/// One `[[schedule]]` table: these titles loop inside this window (opened with no receivers,
+/// closed at its end whatever receivers remain), at most at `rate_mbps`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// Titles to loop.
+    pub titles: Vec<String>,
+    /// "HH:MM-HH:MM" or "HH:MM:SS-HH:MM:SS"; an end at or before the start crosses midnight.
+    pub window: String,
+    /// Fixed offset of the window's clock: "UTC" or "+02:00".
+    pub tz: String,
+    /// Days the window opens on ("mon", "mon-fri", "weekend", ...); empty: every day.
+    pub days: Vec<String>,
+    /// Loop rate cap inside the window, Mbit/s (0 = the channel's rate).
+    pub rate_mbps: f64,
+    /// Outside the window also serve these titles on demand (default: refuse joins then).
+    pub on_demand: bool,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig {
+            titles: Vec::new(),
+            window: String::new(),
+            tz: "UTC".into(),
+            days: Vec::new(),
+            rate_mbps: 0.0,
+            on_demand: false,
+        }
+    }
 }
 
 /// `[directors]`: the traffic directors this server sends heartbeats to.
@@ -534,6 +568,8 @@ impl Config {
                 format!("{} is outside (0, 1]", d.overload_share),
             ));
         }
+        self.schedule_plans()
+            .map_err(|why| field("schedule", why))?;
         if sv.sync_interval_ms == 0 {
             return Err(field(
                 "server.sync_interval_ms",
@@ -541,6 +577,44 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The `[[schedule]]` tables as the server runs them; `Err` names the table and field.
+    pub fn schedule_plans(&self) -> Result<Vec<crate::schedule::Plan>, String> {
+        self.schedule
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let at = |what: &str, why: String| format!("[[schedule]] #{} {what}: {why}", i + 1);
+                if s.titles.is_empty() {
+                    return Err(at("titles", "must list at least one title".into()));
+                }
+                for t in &s.titles {
+                    mcast_keys::store::validate_title(t)
+                        .map_err(|e| at("titles", e.to_string()))?;
+                }
+                let (start, len) =
+                    crate::schedule::parse_span(&s.window).map_err(|e| at("window", e))?;
+                let window = crate::schedule::Window {
+                    start,
+                    len,
+                    offset: crate::schedule::parse_offset(&s.tz).map_err(|e| at("tz", e))?,
+                    days: crate::schedule::parse_days(&s.days).map_err(|e| at("days", e))?,
+                };
+                if !(s.rate_mbps >= 0.0 && s.rate_mbps.is_finite()) {
+                    return Err(at(
+                        "rate_mbps",
+                        "must be 0 (channel rate) or positive".into(),
+                    ));
+                }
+                Ok(crate::schedule::Plan {
+                    titles: s.titles.clone(),
+                    window,
+                    rate_cap_bps: (s.rate_mbps > 0.0).then_some((s.rate_mbps * 1e6) as u64),
+                    on_demand: s.on_demand,
+                })
+            })
+            .collect()
     }
 
     /// `[server] health_listen` as an address (`None` = off).
@@ -706,6 +780,45 @@ mod tests {
             c.health_listen().unwrap(),
             Some("127.0.0.1:7680".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn schedules_parse_and_bad_ones_are_named() {
+        let p = Path::new("x.toml");
+        let c = Config::parse(
+            "[[schedule]]\ntitles = [\"a\", \"b\"]\nwindow = \"23:00-01:00\"\ntz = \"+02:00\"\n\
+             days = [\"mon-fri\"]\nrate_mbps = 20.0\n",
+            p,
+        )
+        .unwrap();
+        let plans = c.schedule_plans().unwrap();
+        assert_eq!(plans.len(), 1);
+        assert_eq!(plans[0].rate_cap_bps, Some(20_000_000));
+        assert_eq!(plans[0].window.offset, 7200);
+        assert_eq!(plans[0].window.days, 0x1f);
+        assert!(!plans[0].on_demand);
+        for (text, what) in [
+            ("[[schedule]]\nwindow = \"01:00-05:00\"\n", "titles"),
+            (
+                "[[schedule]]\ntitles = [\"a\"]\nwindow = \"1-5\"\n",
+                "window",
+            ),
+            (
+                "[[schedule]]\ntitles = [\"a\"]\nwindow = \"01:00-05:00\"\ntz = \"CET\"\n",
+                "tz",
+            ),
+            (
+                "[[schedule]]\ntitles = [\"a\"]\nwindow = \"01:00-05:00\"\ndays = [\"x\"]\n",
+                "days",
+            ),
+            (
+                "[[schedule]]\ntitles = [\"a/b\"]\nwindow = \"01:00-05:00\"\n",
+                "titles",
+            ),
+        ] {
+            let e = Config::parse(text, p).unwrap_err().to_string();
+            assert!(e.contains("x.toml") && e.contains(what), "{text}: {e}");
+        }
     }
 
     #[test]

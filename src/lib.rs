@@ -23,6 +23,7 @@ pub mod heartbeat;
 pub mod pacer;
 pub mod process;
 pub mod receiver;
+pub mod schedule;
 pub mod server;
 pub mod sim;
 pub mod ticket;

@@ -184,6 +184,20 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 
     let mut mgr = ChannelManager::new(cfg.channel_params(), titles, Instant::now());
     mgr.count_archives_skipped(skipped);
+    // Scheduled loops (overnight pre-load): opened at their window's start, closed at its end.
+    let mut schedule = crate::schedule::Scheduler::new(
+        cfg.schedule_plans()
+            .map_err(|e| anyhow::anyhow!("config: {e}"))?,
+    );
+    let known: Vec<String> = mgr.title_names().map(str::to_string).collect();
+    for t in schedule.titles() {
+        if !known.contains(&t) {
+            tracing::warn!(title = %t, "scheduled title is not in the archive directory; its window will be skipped");
+        }
+    }
+    for t in schedule.refused_outside() {
+        mgr.set_window_closed(&t, true);
+    }
     // Heartbeats to traffic directors, HTTP health status, SIGUSR1/SIGUSR2 draining.
     let mut beats = crate::heartbeat::HeartbeatDriver::start(cfg)?;
     let mut buf = vec![0u8; MAX_CONTROL_LEN + 1];
@@ -221,6 +235,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 }
             }
         }
+        run_schedule(&mut schedule, &mut mgr, now);
         mgr.handle_timeout(now);
         beats.poll(now, &mut mgr, &ctrl);
         while let Some((to, bytes)) = mgr.poll_reply() {
@@ -302,6 +317,36 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     beats.stopping(&mgr, &ctrl);
     tracing::info!(counters = ?mgr.counters(), "mcastd stopping");
     Ok(())
+}
+
+/// Apply the schedule's due open/close actions to the channels.
+fn run_schedule(schedule: &mut crate::schedule::Scheduler, mgr: &mut ChannelManager, now: Instant) {
+    if schedule.is_empty() {
+        return;
+    }
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    for a in schedule.poll(unix) {
+        match a {
+            crate::schedule::Action::Open {
+                title,
+                rate_cap_bps,
+            } => match mgr.open_scheduled(now, &title, rate_cap_bps) {
+                Some(channel) => {
+                    tracing::info!(%title, channel, rate_cap_bps, "scheduled window open: looping")
+                }
+                None => {
+                    tracing::warn!(%title, "scheduled window open, but the title is not here or no channel slot is free")
+                }
+            },
+            crate::schedule::Action::Close { title, refuse } => {
+                let dropped = mgr.close_scheduled(&title, refuse);
+                tracing::info!(%title, receivers_dropped = dropped, refuse_joins = refuse, "scheduled window closed: loop stopped");
+            }
+        }
+    }
 }
 
 fn log_event(ev: &Event) {

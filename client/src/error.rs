@@ -12,6 +12,10 @@ pub enum Failure {
     Timeout = 7,
     /// A play ticket was refused (expired, revoked, used up, forged, not for this title ...).
     TicketRefused = 8,
+    /// `batch`: some titles left for the next window (partial or not started).
+    Left = 9,
+    /// `batch`: some titles failed for good (see the report).
+    Failed = 10,
     Interrupted = 130,
 }
 

@@ -290,7 +290,7 @@ pub fn get_via_directors(
 }
 
 /// A resumable download's state, part file and loop shape, if they belong together.
-fn load_resume(out_dir: &Path, title: &str) -> Option<(State, ArchiveFile, LoopShape)> {
+pub(crate) fn load_resume(out_dir: &Path, title: &str) -> Option<(State, ArchiveFile, LoopShape)> {
     let (_, part, state) = file_names(out_dir, title);
     let st = State::load(&state)?;
     let a = ArchiveFile::open(&part).ok()?;

@@ -162,7 +162,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
 
     let receiver_id: u64 = rand::random();
     let mut ctl = ControlClient::new(opts.server, receiver_id)?;
-    let joined = join(&mut ctl, &opts.title, opts.start_block)?;
+    let joined = join(&mut ctl, &opts.title, opts.start_block, &stop)?;
     let (archive_id, mut group, lease) = (joined.archive_id, joined.group, joined.lease);
     let (head, head_bytes) = fetch_head(&mut ctl, archive_id)?;
 
@@ -534,7 +534,14 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                     "server forgot this session (restart or lease expiry): joining again"
                 );
                 ctl.sock.set_nonblocking(false).ok();
-                let j = join(&mut ctl, &opts.title, None)?;
+                // A refused re-join (e.g. a scheduled window closed) still leaves a checkpoint.
+                let j = match join(&mut ctl, &opts.title, None, &stop) {
+                    Ok(j) => j,
+                    Err(e) => {
+                        checkpoint(&mut disk, &dl, &mut state, &part)?;
+                        return Err(e);
+                    }
+                };
                 if j.group != group {
                     mcast = multicast_socket(j.group, opts.iface, opts.recv_buffer)?;
                     group = j.group;
@@ -765,7 +772,12 @@ struct Joined {
     tiers_bps: Vec<u64>,
 }
 
-fn join(ctl: &mut ControlClient, title: &str, start: Option<u64>) -> Result<Joined, RecvError> {
+fn join(
+    ctl: &mut ControlClient,
+    title: &str,
+    start: Option<u64>,
+    stop: &AtomicBool,
+) -> Result<Joined, RecvError> {
     let mut backoff = Duration::from_millis(200);
     let msg = match start {
         Some(block) => Control::JoinAt {
@@ -821,7 +833,18 @@ fn join(ctl: &mut ControlClient, title: &str, start: Option<u64>) -> Result<Join
                 message,
             } => {
                 tracing::warn!(%message, "server busy; retrying");
-                std::thread::sleep(backoff);
+                // Busy can last (all slots in use, a scheduled title between windows): a
+                // stop request must not wait for the retries.
+                let until = Instant::now() + backoff;
+                while Instant::now() < until {
+                    if stop.load(Ordering::Relaxed) {
+                        return Err(RecvError::new(
+                            Failure::Interrupted,
+                            "interrupted; run the same command again to resume",
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             other => {

@@ -23,7 +23,9 @@ use mcast_recv::get::{get, GetOptions};
     after_help = "Exit status: 0 done; 1 failure; 2 bad usage; 3 integrity failure; 4 server unreachable; \
                   5 title not found (play: archive not downloaded); 6 disk full; 7 timed out; \
                   8 play ticket refused (expired, revoked, already used, forged or modified, not for \
-                  this title or archive); 130 interrupted. After 1, 4, 6, 7 or 130 \
+                  this title or archive); 9 batch: some titles left for the next window (partial \
+                  or not started; run the batch again); 10 batch: some titles failed (see its \
+                  report); 130 interrupted. After 1, 4, 6, 7, 9 or 130 \
                   the same command resumes where it stopped."
 )]
 struct Cli {
@@ -80,6 +82,61 @@ enum Cmd {
         /// Progress as JSON lines on stdout (default when stdout is not a terminal).
         #[arg(long)]
         json: bool,
+        /// On a resume, ask for the loop to start right after the longest run already held
+        /// (takes effect when this join opens the title's loop), so what is missing comes first.
+        #[arg(long)]
+        resume_at_gap: bool,
+    },
+    /// Fetch a list of titles unattended (overnight pre-load): skips titles already complete,
+    /// resumes partial ones, runs up to --concurrency `get`s at once, stops at the window's end
+    /// and when the disk is full, and writes a JSON report.
+    #[command(
+        after_help = "List file: one title per line; blank lines and # comments are \
+                  ignored.\n\
+                  Window: START-END as HH:MM or HH:MM:SS (an end at or before the start crosses \
+                  midnight) in --tz (default UTC, or a fixed offset like +02:00). Before it opens \
+                  the batch waits; at its end every running fetch is stopped (resumable).\n\
+                  Exit status: 0 every title done; 9 some titles left for the next window \
+                  (partial or not started: window ended, disk full, server unreachable); \
+                  10 some titles failed for good (not on the server, integrity; see the report); \
+                  2 bad usage; 130 interrupted. Run the same command again to carry on."
+    )]
+    Batch {
+        /// File listing the titles to fetch.
+        #[arg(long)]
+        list: PathBuf,
+        /// Fetch only inside this daily window, e.g. 01:00-05:00 (default: until all are done).
+        #[arg(long)]
+        window: Option<String>,
+        /// Time zone of --window: UTC or a fixed offset such as +02:00.
+        #[arg(long, default_value = "UTC")]
+        tz: String,
+        /// Server control endpoint.
+        #[arg(long, short, default_value = "127.0.0.1:7600")]
+        server: String,
+        /// Traffic directors, comma-separated HOST:PORT (instead of --server), as for `get`.
+        #[arg(long, value_delimiter = ',', conflicts_with = "server")]
+        director: Vec<String>,
+        /// Output directory.
+        #[arg(long, short, default_value = ".")]
+        output: PathBuf,
+        /// Titles fetched at once.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        /// Write the JSON report here too (atomically); it always goes to stdout.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Interface address to join multicast on.
+        #[arg(long, default_value = "127.0.0.1")]
+        iface: Ipv4Addr,
+        /// Server identity (64 hex chars), passed to every `get` and used to check titles
+        /// already on disk.
+        #[arg(long)]
+        server_key: Option<String>,
+        /// At the window's end a fetch gets SIGINT (it checkpoints and stops); one still running
+        /// after this many milliseconds is killed (its state file still resumes it).
+        #[arg(long, default_value_t = 3000)]
+        grace_ms: u64,
     },
     /// List the titles a server has.
     Catalog {
@@ -203,6 +260,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             direct_io,
             timeout,
             json,
+            resume_at_gap,
         } => {
             let directors = director
                 .iter()
@@ -237,6 +295,9 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             o.recv_buffer = recv_buffer;
             o.direct_io = direct_io;
             o.timeout = timeout.map(Duration::from_secs);
+            if resume_at_gap && directors.is_empty() {
+                o.start_block = mcast_recv::failover::resume_block(&output, &title);
+            }
             let terminal = std::io::stdout().is_terminal();
             o.json = json || !terminal;
             o.progress_bar = !o.json && std::io::stderr().is_terminal();
@@ -289,6 +350,93 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 );
             }
             Ok(())
+        }
+        Cmd::Batch {
+            list,
+            window,
+            tz,
+            server,
+            director,
+            output,
+            concurrency,
+            report,
+            iface,
+            server_key,
+            grace_ms,
+        } => {
+            use mcast_recv::batch;
+            let text = std::fs::read_to_string(&list).map_err(|e| {
+                RecvError::new(Failure::Usage, format!("--list {}: {e}", list.display()))
+            })?;
+            let titles = batch::parse_list(&text).map_err(|e| {
+                RecvError::new(Failure::Usage, format!("--list {}: {e}", list.display()))
+            })?;
+            let win = window
+                .as_deref()
+                .map(|w| mcast::schedule::Window::parse(w, &tz, &[]))
+                .transpose()
+                .map_err(|e| RecvError::new(Failure::Usage, format!("--window/--tz: {e}")))?;
+            let directors: Vec<String> = director
+                .iter()
+                .map(|d| d.trim().to_string())
+                .filter(|d| !d.is_empty())
+                .collect();
+            let mut get_args: Vec<std::ffi::OsString> = Vec::new();
+            let catalog_server = if directors.is_empty() {
+                get_args.extend(["--server".into(), server.clone().into()]);
+                Some(resolve(&server)?)
+            } else {
+                for d in &directors {
+                    resolve(d)?;
+                }
+                get_args.extend(["--director".into(), directors.join(",").into()]);
+                None
+            };
+            get_args.extend(["--iface".into(), iface.to_string().into()]);
+            let key = server_key.as_deref().map(parse_server_key).transpose()?;
+            if let Some(k) = &server_key {
+                get_args.extend(["--server-key".into(), k.into()]);
+            }
+            let exe = std::env::current_exe().map_err(|e| {
+                RecvError::new(Failure::Other, format!("cannot find own executable: {e}"))
+            })?;
+            let o = batch::BatchOptions {
+                titles,
+                out_dir: output,
+                window: win,
+                window_text: window.map(|w| format!("{w} {tz}")).unwrap_or_default(),
+                concurrency: concurrency.max(1),
+                report,
+                exe,
+                get_args,
+                catalog_server,
+                server_key: key,
+                grace: Duration::from_millis(grace_ms),
+            };
+            let stop =
+                mcast::process::stop_flag().unwrap_or_else(|_| Arc::new(AtomicBool::new(false)));
+            let r = batch::run(&o, stop)?;
+            println!("{}", serde_json::to_string(&r).unwrap());
+            eprintln!(
+                "batch: {} done, {} partial, {} failed ({}); {} bytes fetched",
+                r.done, r.partial, r.failed, r.stopped, r.bytes_this_run
+            );
+            match r.exit_code() {
+                0 => Ok(()),
+                code => Err(RecvError {
+                    kind: if code == batch::EXIT_LEFT {
+                        Failure::Left
+                    } else {
+                        Failure::Failed
+                    },
+                    message: format!(
+                        "{} title(s) left for the next window, {} failed",
+                        r.partial, r.failed
+                    ),
+                    silent: false,
+                    received_bytes: 0,
+                }),
+            }
         }
         Cmd::Catalog { server } => {
             let mut c = ControlClient::new(resolve(&server)?, rand::random())?;
