@@ -667,8 +667,12 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                         Verdict::Duplicate => {}
                         Verdict::NoHashYet | Verdict::Rejected | Verdict::NeedHash(_) => {}
                     }
+                    // A parked packet that failed its check loses its unit, unless a genuine
+                    // copy was parked or written meanwhile (forgeries must not cause NAKs).
                     for unit in dl.take_unpark_rejects() {
-                        nak.on_lost(Instant::now(), unit);
+                        if !dl.has_or_parked(unit) {
+                            nak.on_lost(Instant::now(), unit);
+                        }
                     }
                     for (offset, bytes) in dl.take_released() {
                         disk.write(offset, &bytes)?;
