@@ -50,6 +50,9 @@ pub struct DirectorClient {
     first: usize,
     req_id: u32,
     pub failovers: u32,
+    /// Throughput measured on the last server (bit/s, 0 = not known yet), stated in route
+    /// requests.
+    pub rx_bps: u64,
 }
 
 impl DirectorClient {
@@ -62,6 +65,7 @@ impl DirectorClient {
             first: 0,
             req_id: rand::random(),
             failovers: 0,
+            rx_bps: 0,
         })
     }
 
@@ -78,7 +82,7 @@ impl DirectorClient {
             let req = DirectorMsg::RouteRequest {
                 req_id: self.req_id,
                 title: title.to_string(),
-                rx_bps: 0,
+                rx_bps: self.rx_bps,
                 exclude: exclude.to_vec(),
             }
             .encode();
@@ -257,6 +261,7 @@ pub fn get_via_directors(
         }
         tracing::info!(%server, start_block = ?o.start_block, "director routed us");
         servers.push(server.to_string());
+        let attempt = Instant::now();
         match get(&o, stop.clone()) {
             Ok(r) => {
                 if missing_at_switch.is_some() {
@@ -275,7 +280,13 @@ pub fn get_via_directors(
                 if missing_at_switch.is_some() {
                     after_switch += e.received_bytes;
                 }
-                tracing::warn!(%server, error = %e.message, "server lost: asking a director for another");
+                // What the lost server delivered, over the time it was not silent: stated in
+                // the next route request, so a director avoids servers too slow for us.
+                let active = attempt.elapsed().saturating_sub(silence).as_secs_f64();
+                if e.received_bytes > 0 && active > 0.1 {
+                    dc.rx_bps = (e.received_bytes as f64 * 8.0 / active) as u64;
+                }
+                tracing::warn!(%server, error = %e.message, rx_bps = dc.rx_bps, "server lost: asking a director for another");
                 if !exclude.contains(&server) {
                     exclude.push(server);
                 }
