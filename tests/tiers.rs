@@ -97,7 +97,7 @@ exit $status
 
 #[test]
 fn receivers_settle_on_the_tier_their_link_carries() {
-    if let Some(why) = missing_tool(&["unshare", "ip", "tc"]) {
+    if let Some(why) = missing_tool(&["unshare", "ip", "tc", "python3"]) {
         return skip_or_fail(&why);
     }
     if common::euid() != Some(0) {
