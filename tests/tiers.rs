@@ -105,7 +105,15 @@ fn receivers_settle_on_the_tier_their_link_carries() {
     }
     let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+    // TIERS_KEEP=1 keeps the run's directory (logs, reports, stats) for a look afterwards.
+    let dir = if std::env::var_os("TIERS_KEEP").is_some() {
+        let p = dir.keep();
+        println!("keeping {}", p.display());
+        p
+    } else {
+        dir.path().to_path_buf()
+    };
+    let d = dir.as_path();
     let cfg = common::packed_server_dir(
         d,
         "control = \"198.18.0.1:7600\"\nmulticast_iface = \"198.18.0.1\"\n\

@@ -384,8 +384,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
             ) {
                 Ok(Control::JoinOk { group: g, .. }) => {
                     mcast = multicast_socket(g, opts.iface, opts.recv_buffer)?;
+                    nak.switch_channel(now, group_key(group), group_key(g));
                     group = g;
-                    nak.reset_position();
                     tracing::info!(tier = t, group = %g, "moved to throughput tier");
                 }
                 other => tracing::warn!(?other, tier = t, "tier change not granted"),
@@ -1054,6 +1054,11 @@ fn open_part(
         None
     };
     Ok((file, Download::new(head.clone(), head_len, have)))
+}
+
+/// A channel's key for the NAK engine's per-channel loop positions.
+fn group_key(g: SocketAddrV4) -> u64 {
+    (u64::from(u32::from(*g.ip())) << 16) | u64::from(g.port())
 }
 
 /// Multicast data socket: several receivers on one host can bind the same group and port.

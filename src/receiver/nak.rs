@@ -44,6 +44,9 @@ pub const BACKOFF_K: f64 = 8.0;
 /// NAK data timer (hold-off) in GRTTs: the first NAK reaches the server in ½ GRTT, the server
 /// aggregates for 1 GRTT, the repair takes ½ GRTT back; 4 leaves a GRTT of queueing slack.
 pub const HOLDOFF_GRTTS: f64 = 4.0;
+/// A receiver back on a channel it left less than this long ago resumes gap detection from
+/// its position there (see [`NakEngine::switch_channel`]).
+pub const RESUME_POSITION_WITHIN: Duration = Duration::from_secs(10);
 /// Bounds on the GRTT a receiver accepts from SYNC.
 pub const MIN_GRTT: Duration = Duration::from_micros(100);
 pub const MAX_GRTT: Duration = Duration::from_secs(5);
@@ -82,6 +85,8 @@ pub struct NakEngine {
     grtt: Duration,
     group_size: u32,
     last_pos: Option<u64>,
+    /// Loop position on channels recently left, and when (see `switch_channel`).
+    left_at: HashMap<u64, (u64, Instant)>,
     /// Where each unit stands: 0 idle, else [`BACKOFF`] or [`HOLDOFF`] with the id of the
     /// batch whose timer it follows. One word per unit, so marking, clearing and checking a
     /// unit cost no hashing or allocation however many are missing (a heavy-loss burst must
@@ -160,6 +165,7 @@ impl NakEngine {
             grtt: DEFAULT_GRTT,
             group_size: 1,
             last_pos: None,
+            left_at: HashMap::new(),
             state: vec![0; shape.loop_packets() as usize],
             in_backoff: 0,
             in_holdoff: 0,
@@ -194,6 +200,21 @@ impl NakEngine {
     /// position is unrelated, so gap detection starts afresh. The NAK table is kept.
     pub fn reset_position(&mut self) {
         self.last_pos = None;
+    }
+
+    /// The receiver moved from channel `from` to channel `to` (keys of the caller's choosing,
+    /// e.g. the group address). Loop positions are per channel: the one on the channel left is
+    /// kept, and the one last had on the channel joined is restored if the receiver left it less
+    /// than [`RESUME_POSITION_WITHIN`] ago — so after a failed join experiment, what its own
+    /// channel sent meanwhile is found missing (and NAKed) by the first packet back, not a
+    /// whole loop later when the loop brings it round.
+    pub fn switch_channel(&mut self, now: Instant, from: u64, to: u64) {
+        if let Some(p) = self.last_pos.take() {
+            self.left_at.insert(from, (p, now));
+        }
+        self.left_at
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) <= RESUME_POSITION_WITHIN);
+        self.last_pos = self.left_at.remove(&to).map(|(p, _)| p);
     }
 
     /// Entries in the NAK table (back-off + hold-off).
@@ -468,6 +489,37 @@ mod tests {
         // Two units were lost; NAKing one of them again is not a new loss.
         assert_eq!(e.counters.units_missed, 2);
         assert_eq!(e.counters.units_naked, 3);
+    }
+
+    #[test]
+    fn back_on_a_channel_its_gap_since_leaving_is_missing() {
+        let s = shape();
+        let mut e = NakEngine::new(s, 3);
+        let t0 = Instant::now();
+        let mut have = vec![false; s.loop_packets() as usize];
+        let mut hear = |e: &mut NakEngine, have: &mut Vec<bool>, q: u64, t: Instant| {
+            let id = s.packet_at(q);
+            have[s.unit_index(id).unwrap() as usize] = true;
+            e.on_packet(t, id, false, |u| have[u as usize]);
+        };
+        for q in 0..4 {
+            hear(&mut e, &mut have, q, t0);
+        }
+        // A join experiment on channel 2 (another loop position), then back on channel 1,
+        // whose loop moved on to position 9 meanwhile: 4..=8 were sent while away.
+        e.switch_channel(t0, 1, 2);
+        hear(&mut e, &mut have, 20, t0);
+        let missed = e.counters.units_missed;
+        e.switch_channel(t0 + Duration::from_secs(1), 2, 1);
+        hear(&mut e, &mut have, 9, t0 + Duration::from_secs(1));
+        assert_eq!(e.counters.units_missed - missed, 5);
+        // Left for longer than RESUME_POSITION_WITHIN: start afresh, as with a new channel.
+        let later = t0 + RESUME_POSITION_WITHIN * 3;
+        e.switch_channel(later, 1, 2);
+        e.switch_channel(later + RESUME_POSITION_WITHIN * 2, 2, 1);
+        let missed = e.counters.units_missed;
+        hear(&mut e, &mut have, 30, later + RESUME_POSITION_WITHIN * 2);
+        assert_eq!(e.counters.units_missed, missed);
     }
 
     #[test]
