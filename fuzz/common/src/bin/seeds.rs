@@ -477,7 +477,7 @@ fn state_seeds(o: &Out) {
     let w = world();
     let units = w.shape.loop_packets();
     let words = units.div_ceil(64) as usize;
-    let full_last = if units % 64 == 0 {
+    let full_last = if units.is_multiple_of(64) {
         u64::MAX
     } else {
         (1 << (units % 64)) - 1
