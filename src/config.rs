@@ -491,7 +491,7 @@ impl Config {
         if !(sv.nak_rate > 0.0 && sv.nak_rate.is_finite()) {
             return Err(field("server.nak_rate", "must be positive".into()));
         }
-        if sv.grtt_min_us == 0 || sv.grtt_min_us > sv.grtt_max_ms * 1000 {
+        if sv.grtt_min_us == 0 || sv.grtt_min_us > sv.grtt_max_ms.saturating_mul(1000) {
             return Err(field(
                 "server.grtt_min_us",
                 "must be at least 1 and not above grtt_max_ms".into(),
@@ -744,6 +744,19 @@ mod tests {
             e.contains("director.down_after") && e.contains("d.toml"),
             "{e}"
         );
+    }
+
+    /// Found by the `config` fuzz target: `grtt_max_ms * 1000` overflowed (a panic with
+    /// overflow checks, a wrapped bound and a wrong refusal without).
+    #[test]
+    fn huge_grtt_max_is_accepted_not_overflowed() {
+        let p = Path::new("x.toml");
+        let cfg = Config::parse("[server]\ngrtt_max_ms = 18446744073709552\n", p).unwrap();
+        assert_eq!(cfg.server.grtt_max_ms, 18_446_744_073_709_552);
+        let e = Config::parse("[server]\ngrtt_min_us = 2000001\ngrtt_max_ms = 2000\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.grtt_min_us"), "{e}");
     }
 
     #[test]

@@ -584,7 +584,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                     if is_nak(dg) {
                         match Nak::decode(dg) {
                             Ok(h) if h.archive_tag == tag && h.receiver_id != receiver_id => {
-                                nak.on_nak_heard(Instant::now(), h.units());
+                                nak.on_nak_heard(Instant::now(), h.units_in(dl.units()));
                             }
                             Ok(_) => {}
                             Err(_) => malformed += 1,

@@ -29,6 +29,21 @@ pub const MAX_CONTROL_LEN: usize = 16 * 1024;
 pub const MAX_PLAY_TICKET: usize = 1024;
 /// Largest sealed key part a [`Control::PlayGrant`] carries.
 pub const MAX_SEALED_PART: usize = 256;
+/// Longest JSON a [`Control::StatsReply`] carries (encoder and decoder agree on it, so what
+/// decodes re-encodes unchanged).
+pub const MAX_STATS_JSON: usize = MAX_CONTROL_LEN - 64;
+/// Longest message of a [`Control::Error`].
+pub const MAX_ERROR_MESSAGE: usize = 512;
+
+/// `s` cut to at most `max` bytes at a character boundary: a cut inside a character would
+/// make the whole datagram undecodable (strings must be UTF-8).
+fn clip(s: &str, max: usize) -> &[u8] {
+    let mut n = s.len().min(max);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    &s.as_bytes()[..n]
+}
 
 pub type ArchiveId = [u8; 16];
 pub type Cookie = [u8; 16];
@@ -396,12 +411,12 @@ impl Envelope {
                 t::COMPLETE_OK
             }
             Control::StatsReply { json } => {
-                b.put_short_bytes(&json.as_bytes()[..json.len().min(MAX_CONTROL_LEN - 64)]);
+                b.put_short_bytes(clip(json, MAX_STATS_JSON));
                 t::STATS
             }
             Control::Error { code, message } => {
                 b.put_u16(*code as u16);
-                b.put_short_bytes(&message.as_bytes()[..message.len().min(512)]);
+                b.put_short_bytes(clip(message, MAX_ERROR_MESSAGE));
                 t::ERROR
             }
         };
@@ -529,11 +544,11 @@ impl Envelope {
                 archive_id: r.array("archive_id")?,
             },
             t::STATS => Control::StatsReply {
-                json: get_str(&mut r, MAX_CONTROL_LEN, "json")?,
+                json: get_str(&mut r, MAX_STATS_JSON, "json")?,
             },
             t::ERROR => Control::Error {
                 code: ErrorCode::from_u16(r.u16("code")?).ok_or(WireError::Field("code"))?,
-                message: get_str(&mut r, 512, "message")?,
+                message: get_str(&mut r, MAX_ERROR_MESSAGE, "message")?,
             },
             k => return Err(WireError::Kind(k)),
         };
@@ -565,6 +580,51 @@ pub fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `control` fuzz target's round-trip oracle: the decoder took stats JSON
+    /// the encoder would cut, and the encoder cut strings inside a character.
+    #[test]
+    fn long_strings_are_clipped_to_what_decodes() {
+        let long = Envelope::new(
+            1,
+            2,
+            Control::StatsReply {
+                json: "a".repeat(16_330),
+            },
+        );
+        let d = Envelope::decode(&long.encode()).unwrap();
+        assert_eq!(
+            d.msg,
+            Control::StatsReply {
+                json: "a".repeat(MAX_STATS_JSON)
+            }
+        );
+        assert_eq!(Envelope::decode(&d.encode()), Ok(d));
+        // 16,330 bytes of JSON on the wire: refused, not re-encoded differently.
+        let mut raw = long.encode()[..14].to_vec();
+        raw.put_short_bytes("a".repeat(16_330).as_bytes());
+        assert_eq!(
+            Envelope::decode(&raw),
+            Err(WireError::Short(crate::codec::Short("json")))
+        );
+        // 2-byte characters across the cut: the message keeps whole characters only.
+        for msg in [
+            Control::Error {
+                code: ErrorCode::Busy,
+                message: "é".repeat(300),
+            },
+            Control::StatsReply {
+                json: format!("a{}", "é".repeat(9000)),
+            },
+        ] {
+            let d = Envelope::decode(&Envelope::new(1, 2, msg).encode()).expect("decodes");
+            match d.msg {
+                Control::Error { message, .. } => assert_eq!(message, "é".repeat(256)),
+                Control::StatsReply { json } => assert_eq!(json.len(), MAX_STATS_JSON - 1),
+                m => panic!("{m:?}"),
+            }
+        }
+    }
 
     fn all() -> Vec<Control> {
         let id = [9u8; 16];

@@ -17,6 +17,9 @@ use super::{check_version, WireError, WIRE_VERSION};
 pub const NAK_KIND: u8 = 0x80;
 /// Most ranges one NAK carries (keeps it under ~1.2 KB).
 pub const MAX_NAK_RANGES: usize = 96;
+/// Most units a receiver takes from a NAK it overhears (the server repairs at most its
+/// `max_nak_units`, 8192 by default, per NAK anyway).
+pub const MAX_HEARD_UNITS: usize = 65_536;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Nak {
@@ -88,6 +91,19 @@ impl Nak {
             .iter()
             .flat_map(|&(first, len)| first..first + len as u64)
     }
+
+    /// The units this NAK names inside a loop of `loop_units`, at most [`MAX_HEARD_UNITS`]:
+    /// what a receiver overhearing it may act on. Each range of a forged NAK can name 2^32
+    /// units; walking them all (as [`Nak::units`] does) stalls a receiver for seconds per
+    /// datagram (found by `fuzz/`, target `data`).
+    pub fn units_in(&self, loop_units: u64) -> impl Iterator<Item = u64> + '_ {
+        self.ranges
+            .iter()
+            .flat_map(move |&(first, len)| {
+                first.min(loop_units)..first.saturating_add(len as u64).min(loop_units)
+            })
+            .take(MAX_HEARD_UNITS)
+    }
 }
 
 /// Compress ascending units into (first, len) ranges.
@@ -121,5 +137,30 @@ mod tests {
         for k in 0..b.len() {
             assert!(Nak::decode(&b[..k]).is_err());
         }
+    }
+
+    #[test]
+    fn overheard_units_are_bounded_by_the_loop_and_a_cap() {
+        // A forged NAK: 96 ranges of 2^32 - 1 units each (~4e11 units in all).
+        let huge = Nak {
+            archive_tag: [1; 8],
+            receiver_id: 1,
+            ranges: (0..MAX_NAK_RANGES as u64)
+                .map(|i| (i * 7, u32::MAX))
+                .collect(),
+        };
+        let huge = Nak::decode(&huge.encode()).unwrap();
+        let t = std::time::Instant::now();
+        let units: Vec<u64> = huge.units_in(1_000_000).collect();
+        assert_eq!(units.len(), MAX_HEARD_UNITS);
+        assert!(units.iter().all(|&u| u < 1_000_000));
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        // Units past the loop are dropped, those inside kept in order.
+        let n = Nak {
+            archive_tag: [1; 8],
+            receiver_id: 1,
+            ranges: vec![(3, 2), (98, 5), (u64::MAX - 10, 10)],
+        };
+        assert_eq!(n.units_in(100).collect::<Vec<_>>(), vec![3, 4, 98, 99]);
     }
 }
