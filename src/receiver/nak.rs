@@ -497,7 +497,7 @@ mod tests {
         let mut e = NakEngine::new(s, 3);
         let t0 = Instant::now();
         let mut have = vec![false; s.loop_packets() as usize];
-        let mut hear = |e: &mut NakEngine, have: &mut Vec<bool>, q: u64, t: Instant| {
+        let hear = |e: &mut NakEngine, have: &mut Vec<bool>, q: u64, t: Instant| {
             let id = s.packet_at(q);
             have[s.unit_index(id).unwrap() as usize] = true;
             e.on_packet(t, id, false, |u| have[u as usize]);
