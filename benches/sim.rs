@@ -5,12 +5,21 @@
 //! three columns — `naks/loss` with suppression, `naks/loss_2d` with suppression and peers
 //! twice as far apart, `naks/loss_off` without suppression on the same seed — duplicate
 //! repairs, and bytes on the wire per byte of archive.
+//!
+//! `cargo bench --bench sim -- tiers` prints the throughput-tier simulation instead: four
+//! receivers whose links change mid-transfer, over several seeds — per link step, the time
+//! to reach the tier that fits and the join experiments it took, and tier changes per
+//! receiver.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use mcast::sim::tiers::{self, TierSimConfig};
 use mcast::sim::{run, SimConfig};
 
 fn main() {
+    if std::env::args().any(|a| a == "tiers") {
+        return tier_report();
+    }
     // `cargo bench` passes --bench; any other argument filters by receiver count.
     let only: Option<usize> = std::env::args().skip(1).find_map(|a| a.parse().ok());
     println!(
@@ -64,4 +73,70 @@ fn main() {
             );
         }
     }
+}
+
+fn tier_report() {
+    const M: u64 = 1_000_000;
+    let steps = |s: &[(u64, u64)]| -> Vec<(Duration, u64)> {
+        s.iter()
+            .map(|&(at, mbit)| (Duration::from_secs(at), mbit * M))
+            .collect()
+    };
+    println!(
+        "{:>4} {:>3} {:>7} {:>9} {:>5} {:>10} {:>7} {:>8}",
+        "seed", "rx", "step_s", "link_Mbit", "tier", "reached_s", "probes", "changes"
+    );
+    let (mut worst_up, mut worst_down, mut most_changes) = (0.0f64, 0.0f64, 0u32);
+    for seed in 1..=5 {
+        let mut cfg = TierSimConfig::new(
+            vec![
+                steps(&[(0, 200), (40, 20), (100, 200)]),
+                steps(&[(0, 40), (30, 8), (80, 100)]),
+                steps(&[(0, 8), (60, 40)]),
+                steps(&[(0, 100)]),
+            ],
+            4_000_000,
+            seed,
+        );
+        cfg.max_time = Duration::from_secs(200);
+        let t = Instant::now();
+        let r = tiers::run(&cfg);
+        for (i, x) in r.receivers.iter().enumerate() {
+            most_changes = most_changes.max(x.tier_changes);
+            for (k, s) in x.segments.iter().enumerate() {
+                let reached = s.reached_after_s.unwrap_or(f64::INFINITY);
+                if k > 0 {
+                    let prev = x.segments[k - 1].link_bps;
+                    if s.link_bps > prev {
+                        worst_up = worst_up.max(reached);
+                    } else {
+                        worst_down = worst_down.max(reached);
+                    }
+                }
+                println!(
+                    "{:>4} {:>3} {:>7.0} {:>9} {:>5} {:>10.1} {:>7} {:>8}",
+                    seed,
+                    i,
+                    s.from_s,
+                    s.link_bps / M,
+                    s.fitting_tier,
+                    reached,
+                    s.probes,
+                    if k == 0 {
+                        x.tier_changes.to_string()
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        println!(
+            "     (seed {seed}: {:.1} s to simulate)",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    println!(
+        "worst: link fell → tier reached in {worst_down:.1} s; link rose → {worst_up:.1} s; \
+         most tier changes per receiver in 200 s: {most_changes}"
+    );
 }

@@ -926,7 +926,11 @@ impl ChannelManager {
                 .expect("member's channel exists");
             c.members.remove(&rid);
             c.rebuild_dests();
-            c.linger_until = Some(now + TIER_LINGER);
+            // Only an emptied channel lingers; one that still has members just carries on
+            // (a stale linger on it would be "due" forever and spin the driver).
+            if c.members.is_empty() {
+                c.linger_until = Some(now + TIER_LINGER);
+            }
         }
         // A lingering channel that gets a member back stops lingering.
         if let Some(c) = self.channels.get_mut(&id) {
@@ -1169,13 +1173,10 @@ impl ChannelManager {
         self.close_idle(now);
     }
 
-    /// The earliest moment something is due: a packet, a SYNC, or a lease expiry.
+    /// The earliest moment something is due: a packet, a SYNC, or a lease expiry. A lingering
+    /// channel's end is not a wake-up of its own: the lease check (every `LEASE_CHECK`) closes it.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let due = self
-            .channels
-            .values()
-            .map(|c| c.linger_until.map_or(c.due(), |t| t.min(c.due())))
-            .min()?;
+        let due = self.channels.values().map(|c| c.due()).min()?;
         Some(due.min(self.next_lease_check))
     }
 

@@ -290,6 +290,70 @@ fn tiers_one_channel_each_members_move_and_empty_tiers_close() {
     assert_eq!(m.open_channels(), 1);
 }
 
+/// A tier left by one of its two members keeps its other member and must not leave a
+/// stale "linger" deadline behind: that deadline would be due forever and spin the driver.
+#[test]
+fn a_tier_left_by_one_of_two_members_sets_no_deadline_in_the_past() {
+    let (mut m, t0, id) = tiered(mcast::channel::RatePolicy::Lowest);
+    for rid in [1, 2] {
+        let reply = request(
+            &mut m,
+            t0,
+            rid,
+            Control::Join {
+                title: "sim".into(),
+            },
+        );
+        assert!(matches!(reply, Control::JoinOk { tier: 0, .. }));
+    }
+    let reply = request(
+        &mut m,
+        t0,
+        1,
+        Control::ChangeTier {
+            archive_id: id,
+            tier: 1,
+        },
+    );
+    assert!(matches!(reply, Control::JoinOk { tier: 1, .. }));
+    // Drive the manager as a driver would, well past the linger time, with both members
+    // keeping their leases: every deadline it gives must lie ahead of the clock.
+    let mut now = t0;
+    let end = t0 + Duration::from_secs(6);
+    let mut wakes = 0u32;
+    while now < end {
+        m.handle_timeout(now);
+        while m.poll_transmit(now).is_some() {}
+        if wakes % 200 == 0 {
+            for rid in [1, 2] {
+                let ka = Control::Keepalive {
+                    archive_id: id,
+                    have: 0,
+                    total: 1,
+                    rtt_us: 0,
+                    rx_bps: 0,
+                    loss_ppm: 0,
+                };
+                assert!(matches!(
+                    request(&mut m, now, rid, ka),
+                    Control::LeaseOk { .. }
+                ));
+            }
+        }
+        let next = m.poll_timeout().expect("two channels are open");
+        assert!(
+            next > now,
+            "deadline {:?} is not ahead of now {:?}",
+            next - t0,
+            now - t0
+        );
+        now = next.max(now + Duration::from_micros(1));
+        wakes += 1;
+        assert!(wakes < 1_000_000, "the manager never let the clock move");
+    }
+    assert_eq!(m.open_channels(), 2, "both tiers still have a member");
+}
+
 #[test]
 fn tier_rates_follow_member_reports_within_bounds() {
     use mcast::channel::RatePolicy;

@@ -104,3 +104,154 @@ fn thousand_receivers_complete_under_shared_and_independent_loss() {
     assert_eq!(r.completed, 1000);
     assert!(r.naks_per_loss < 4.0, "{}", r.naks_per_loss);
 }
+
+// ---- Throughput tiers (`mcast::sim::tiers`): real channel manager, NAK and tier engines,
+// receivers behind links of their own (changing) rate.
+
+mod tiers {
+    use std::time::Duration;
+
+    use mcast::sim::tiers::{run, LinkProfile, TierSimConfig, TierSimReport};
+
+    const MBIT: u64 = 1_000_000;
+
+    fn steady(mbit: u64) -> LinkProfile {
+        vec![(Duration::ZERO, mbit * MBIT)]
+    }
+
+    fn steps(s: &[(u64, u64)]) -> LinkProfile {
+        s.iter()
+            .map(|&(at, mbit)| (Duration::from_secs(at), mbit * MBIT))
+            .collect()
+    }
+
+    fn show(name: &str, r: &TierSimReport) {
+        println!(
+            "{name}: {:.1} s simulated, channels opened {} closed {}, server wake-ups {} ({} idle)",
+            r.sim_seconds,
+            r.channels_opened,
+            r.channels_closed,
+            r.server_wakeups,
+            r.idle_server_wakeups
+        );
+        for t in &r.tiers {
+            println!(
+                "  tier {}: {:.1} MB sent, rate {:.1}–{:.1} Mbit/s, up to {} members",
+                t.tier,
+                t.payload_bytes as f64 / 1e6,
+                t.rate_min_bps as f64 / 1e6,
+                t.rate_max_bps as f64 / 1e6,
+                t.max_members
+            );
+        }
+        for (i, x) in r.receivers.iter().enumerate() {
+            println!(
+                "  rx{i}: done {:?} s, final tier {}, {} tier changes ({} probes, {} failed, {} down), received/file {:.2}, link drops {}",
+                x.completed_at_s.map(|t| (t * 10.0).round() / 10.0),
+                x.final_tier,
+                x.tier_changes,
+                x.probes,
+                x.probes_failed,
+                x.moves_down,
+                x.received_per_file_byte,
+                x.link_drops
+            );
+            for s in &x.segments {
+                println!(
+                    "    from {:>5.1} s link {:>4} Mbit/s → tier {}: reached after {:?} s with {} probes, {:.0} % of the step on it",
+                    s.from_s,
+                    s.link_bps / MBIT,
+                    s.fitting_tier,
+                    s.reached_after_s,
+                    s.probes,
+                    s.share_on_fitting * 100.0
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tiers_static_links_end_on_their_fitting_tier() {
+        // 40 MB: the 8 Mbit/s receiver needs ~80 s on tier 0, the 200 Mbit/s one ~5 s on tier 2.
+        let cfg = TierSimConfig::new(vec![steady(8), steady(40), steady(200)], 32_000, 1);
+        let r = run(&cfg);
+        show("static 8/40/200", &r);
+        assert!(!r.server_spinning);
+        for (i, (x, want)) in r.receivers.iter().zip([0, 1, 2]).enumerate() {
+            assert!(x.completed_at_s.is_some(), "rx{i} did not complete");
+            let s = &x.segments[0];
+            assert_eq!(s.fitting_tier, want);
+            assert_eq!(x.final_tier, want, "rx{i}: moves {:?}", x.moves);
+            let reached = s.reached_after_s.expect("reached its tier");
+            assert!(
+                reached <= 5.0,
+                "rx{i} took {reached} s to reach tier {want}"
+            );
+            assert!(x.tier_changes <= 6, "rx{i}: moves {:?}", x.moves);
+        }
+        // The slow receiver did not hold the fast one back: tier 2 finished far sooner.
+        let t = |i: usize| r.receivers[i].completed_at_s.unwrap();
+        assert!(t(2) * 4.0 < t(0), "fast {} s, slow {} s", t(2), t(0));
+        assert_eq!(
+            r.channels_open_at_end, 0,
+            "channels close once everyone is done"
+        );
+    }
+
+    fn changing() -> TierSimConfig {
+        // Links that fall and rise mid-transfer; the file is large enough that nobody finishes.
+        TierSimConfig {
+            max_time: Duration::from_secs(200),
+            ..TierSimConfig::new(
+                vec![
+                    steps(&[(0, 200), (40, 20), (100, 200)]),
+                    steps(&[(0, 40), (30, 8), (80, 100)]),
+                    steps(&[(0, 8), (60, 40)]),
+                    steady(100),
+                ],
+                4_000_000,
+                2,
+            )
+        }
+    }
+
+    #[test]
+    fn tiers_receivers_follow_links_that_change_mid_transfer() {
+        let r = run(&changing());
+        show("changing links", &r);
+        assert!(!r.server_spinning);
+        for (i, x) in r.receivers.iter().enumerate() {
+            for s in &x.segments {
+                let reached = s.reached_after_s.unwrap_or_else(|| {
+                    panic!(
+                        "rx{i} never reached tier {} from {} s",
+                        s.fitting_tier, s.from_s
+                    )
+                });
+                // A fall is followed within a few judged intervals, a rise within the longest
+                // probe back-off (60 s) plus the probe itself.
+                let (bound, probes) = if s.from_s == 0.0 { (5.0, 3) } else { (70.0, 3) };
+                assert!(reached <= bound, "rx{i} from {} s: {reached} s", s.from_s);
+                assert!(
+                    s.probes <= probes,
+                    "rx{i} from {} s: {} probes",
+                    s.from_s,
+                    s.probes
+                );
+            }
+            assert!(
+                x.tier_changes <= 20,
+                "rx{i}: {} changes {:?}",
+                x.tier_changes,
+                x.moves
+            );
+        }
+    }
+
+    #[test]
+    fn tiers_simulation_is_deterministic() {
+        let mut cfg = TierSimConfig::new(vec![steady(8), steps(&[(0, 200), (5, 20)])], 8_000, 7);
+        cfg.max_time = Duration::from_secs(40);
+        assert_eq!(run(&cfg), run(&cfg));
+    }
+}

@@ -260,6 +260,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     let nak_out = nak_socket(opts.iface)?;
     let tag = archive_tag(&archive_id);
     let mut nak = NakEngine::new(*dl.shape(), rand::random());
+    // One data packet on the wire (the rate in SYNC counts UDP payload bytes).
+    let packet_bytes = mcast::wire::data::DATA_HEADER_LEN + head.symbol_size as usize;
     let mut tiering = Tiering::new(joined.tier, joined.tiers_bps.clone(), Instant::now());
     let mut repairs_received = 0u64;
     let mut first_packet: Option<Instant> = None;
@@ -603,6 +605,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                         DataKind::Sync => {
                             if let Ok(info) = SyncInfo::decode(payload) {
                                 nak.on_sync(info.grtt_us, info.group_size);
+                                nak.on_rate(info.rate_bps, packet_bytes);
                                 tiering.on_sync(&info, Instant::now());
                             }
                             continue;

@@ -28,7 +28,7 @@
 //! * **Unicast** receivers hear nobody: their back-off is zero (NAK at once).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
@@ -50,6 +50,11 @@ pub const RESUME_POSITION_WITHIN: Duration = Duration::from_secs(10);
 /// Bounds on the GRTT a receiver accepts from SYNC.
 pub const MIN_GRTT: Duration = Duration::from_micros(100);
 pub const MAX_GRTT: Duration = Duration::from_secs(5);
+/// Share of a channel's packets the server gives to repairs (its `repair_share` default): a
+/// NAK backlog drains at this fraction of the channel's packet rate.
+pub const ASSUMED_REPAIR_SHARE: f64 = 0.5;
+/// Longest hold-off a backlog can add: past it the loop brings the units round anyway.
+pub const MAX_BACKLOG_HOLDOFF: Duration = Duration::from_secs(30);
 /// GRTT assumed before the first SYNC says otherwise.
 pub const DEFAULT_GRTT: Duration = Duration::from_millis(20);
 
@@ -64,6 +69,9 @@ pub struct NakCounters {
     /// Units found missing (gap detection, unverifiable parked data); a unit NAKed again
     /// after its hold-off is not counted twice (the tier engine reads this as loss).
     pub units_missed: u64,
+    /// Loop packets that did not follow on from the last (reordered, or a restarted channel):
+    /// gap detection started again from them instead of marking a loop's worth missing.
+    pub position_jumps: u64,
 }
 
 /// NORM truncated-exponential back-off, in `[0, t_max]`; `u` uniform in `[0, 1)`.
@@ -84,7 +92,8 @@ pub struct NakEngine {
     multicast: bool,
     grtt: Duration,
     group_size: u32,
-    last_pos: Option<u64>,
+    /// Loop position of the last loop packet, and when it came.
+    last_pos: Option<(u64, Instant)>,
     /// Loop position on channels recently left, and when (see `switch_channel`).
     left_at: HashMap<u64, (u64, Instant)>,
     /// Where each unit stands: 0 idle, else [`BACKOFF`] or [`HOLDOFF`] with the id of the
@@ -102,6 +111,15 @@ pub struct NakEngine {
     holdoff: Timers,
     /// The batch collecting units found missing at this instant (see [`Self::mark_missing`]).
     batch: Option<(Instant, u32)>,
+    /// Runs whose timer fired but which did not fit in the NAK just sent, ascending, and
+    /// since when: the next [`Self::poll_nak`] carries on from here. Each unit is looked at
+    /// once however many NAKs a heavy loss takes (re-queueing the rest as a fresh batch cost
+    /// O(rest) per NAK: quadratic, and a receiver far behind spent its CPU there).
+    overflow: VecDeque<(u64, u32)>,
+    overflow_since: Option<Instant>,
+    /// The channel's packet rate (from SYNC), 0 before the first: sets how long a NAK backlog
+    /// takes to repair.
+    channel_pps: f64,
     rng: SmallRng,
     pub counters: NakCounters,
 }
@@ -172,6 +190,9 @@ impl NakEngine {
             backoff: Timers::default(),
             holdoff: Timers::default(),
             batch: None,
+            overflow: VecDeque::new(),
+            overflow_since: None,
+            channel_pps: 0.0,
             rng: SmallRng::seed_from_u64(seed),
             counters: NakCounters::default(),
         }
@@ -196,6 +217,27 @@ impl NakEngine {
         self.group_size = group_size.clamp(1, 1_000_000);
     }
 
+    /// The channel's rate from its SYNC (`rate_bps`, and the bytes of one data packet). A unit
+    /// NAKed (or heard NAKed) is not asked for again until the server could have repaired
+    /// everything outstanding at its repair share: without this, a receiver with a large
+    /// backlog re-NAKed all of it every few GRTTs — a NAK storm that repaired nothing faster.
+    pub fn on_rate(&mut self, rate_bps: u64, packet_bytes: usize) {
+        if rate_bps > 0 && packet_bytes > 0 {
+            self.channel_pps = rate_bps as f64 / 8.0 / packet_bytes as f64;
+        }
+    }
+
+    /// Hold-off for units just NAKed or heard, with `outstanding` units awaiting repair.
+    fn holdoff_for(&self, outstanding: usize) -> Duration {
+        let backlog = if self.channel_pps > 0.0 {
+            Duration::from_secs_f64(outstanding as f64 / (self.channel_pps * ASSUMED_REPAIR_SHARE))
+                .min(MAX_BACKLOG_HOLDOFF)
+        } else {
+            Duration::ZERO
+        };
+        self.t_data() + backlog
+    }
+
     /// The receiver moved to another channel of the title (another throughput tier): its loop
     /// position is unrelated, so gap detection starts afresh. The NAK table is kept.
     pub fn reset_position(&mut self) {
@@ -209,12 +251,12 @@ impl NakEngine {
     /// channel sent meanwhile is found missing (and NAKed) by the first packet back, not a
     /// whole loop later when the loop brings it round.
     pub fn switch_channel(&mut self, now: Instant, from: u64, to: u64) {
-        if let Some(p) = self.last_pos.take() {
+        if let Some((p, _)) = self.last_pos.take() {
             self.left_at.insert(from, (p, now));
         }
         self.left_at
             .retain(|_, (_, at)| now.saturating_duration_since(*at) <= RESUME_POSITION_WITHIN);
-        self.last_pos = self.left_at.remove(&to).map(|(p, _)| p);
+        self.last_pos = self.left_at.remove(&to);
     }
 
     /// Entries in the NAK table (back-off + hold-off).
@@ -308,20 +350,36 @@ impl NakEngine {
         }
         let len = self.shape.loop_packets();
         let pos = Self::loop_pos(&self.shape, id);
-        if let Some(last) = self.last_pos {
-            let gap = (pos + len - last - 1) % len;
-            for i in 1..=gap {
-                let q = (last + i) % len;
-                let u = self
-                    .shape
-                    .unit_index(self.shape.packet_at(q))
-                    .expect("position in range");
-                if !have(u) {
-                    self.mark_missing(now, u);
+        if let Some((last, at)) = self.last_pos {
+            let ahead = (pos + len - last) % len;
+            // What the channel can have sent since the last loop packet (with slack); 0 when its
+            // rate is not known yet.
+            let plausible = if self.channel_pps > 0.0 {
+                (now.saturating_duration_since(at).as_secs_f64() * self.channel_pps * 1.5) as u64
+                    + 64
+            } else {
+                u64::MAX
+            };
+            if ahead > len / 2 || ahead > plausible {
+                // Behind the last position (a reordered packet) or further ahead than the
+                // channel could have gone (a channel that restarted): not a loss, just a new
+                // reference point. Without this, one packet late by one position marked the
+                // whole loop missing.
+                self.counters.position_jumps += 1;
+            } else {
+                for i in 1..ahead {
+                    let q = (last + i) % len;
+                    let u = self
+                        .shape
+                        .unit_index(self.shape.packet_at(q))
+                        .expect("position in range");
+                    if !have(u) {
+                        self.mark_missing(now, u);
+                    }
                 }
             }
         }
-        self.last_pos = Some(pos);
+        self.last_pos = Some((pos, now));
     }
 
     /// A data packet arrived before its block's hash packet (it is parked, unverified): the
@@ -346,7 +404,7 @@ impl NakEngine {
 
     /// Another receiver's NAK was heard on the group: suppress ours for the same units.
     pub fn on_nak_heard(&mut self, now: Instant, units: impl IntoIterator<Item = u64>) {
-        let until = now + self.t_data();
+        let until = now + self.holdoff_for(self.table_len());
         let mut hid = None;
         for u in units {
             if self.state.get(u as usize).map(|s| s & KIND) == Some(BACKOFF) {
@@ -360,10 +418,14 @@ impl NakEngine {
 
     /// The earliest timer (may be early after units were cleared: a spurious wake is harmless).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.backoff.next_deadline(), self.holdoff.next_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.backoff.next_deadline(),
+            self.holdoff.next_deadline(),
+            self.overflow_since,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Expire hold-off timers: units still missing go back to back-off.
@@ -386,37 +448,57 @@ impl NakEngine {
     /// The NAK to send now, for every unit whose suppression timer ran out: (first, count)
     /// ranges, ascending.
     pub fn poll_nak(&mut self, now: Instant) -> Option<Vec<(u64, u32)>> {
-        let due = self.backoff.take_due(now);
-        if due.is_empty() {
-            return None;
-        }
-        // Units whose live batch is one of these, as ascending runs.
-        let mut units: Vec<u64> = Vec::new();
-        for (id, runs) in &due {
-            for &(first, len) in runs {
-                units.extend(
-                    (first..first + len as u64)
-                        .filter(|&u| self.state[u as usize] == BACKOFF | *id),
-                );
+        let mut ranges: Vec<(u64, u32)> = Vec::new();
+        while ranges.is_empty() {
+            if self.overflow.is_empty() {
+                let due = self.backoff.take_due(now);
+                if due.is_empty() {
+                    self.overflow_since = None;
+                    return None;
+                }
+                // Units whose live batch is one of these, as ascending runs.
+                let mut units: Vec<u64> = Vec::new();
+                for (id, runs) in &due {
+                    for &(first, len) in runs {
+                        units.extend(
+                            (first..first + len as u64)
+                                .filter(|&u| self.state[u as usize] == BACKOFF | *id),
+                        );
+                    }
+                }
+                units.sort_unstable();
+                self.overflow.extend(to_ranges(units.iter().copied()));
+                self.overflow_since = Some(now);
             }
-        }
-        if units.is_empty() {
-            return None;
-        }
-        units.sort_unstable();
-        let mut ranges = to_ranges(units.iter().copied());
-        if ranges.len() > MAX_NAK_RANGES {
-            // Whatever does not fit goes in the next NAK, right after this one.
-            let rest = ranges.split_off(MAX_NAK_RANGES);
-            let id = self.backoff.open(now);
-            for (first, len) in rest {
-                for u in first..first + len as u64 {
-                    self.backoff.push(id, u);
-                    self.set_state(u, BACKOFF | id);
+            // Up to MAX_NAK_RANGES runs of units still in back-off (one heard or repaired
+            // since its timer fired is skipped); whatever does not fit stays for the next NAK.
+            while ranges.len() < MAX_NAK_RANGES {
+                let Some((first, len)) = self.overflow.pop_front() else {
+                    break;
+                };
+                let end = first + len as u64;
+                let mut u = first;
+                while u < end && ranges.len() < MAX_NAK_RANGES {
+                    let start = u;
+                    while u < end && self.state[u as usize] & KIND == BACKOFF {
+                        u += 1;
+                    }
+                    if u > start {
+                        ranges.push((start, (u - start) as u32));
+                    } else {
+                        u += 1;
+                    }
+                }
+                if u < end {
+                    self.overflow.push_front((u, (end - u) as u32));
                 }
             }
+            if self.overflow.is_empty() {
+                self.overflow_since = None;
+            }
         }
-        let hid = self.holdoff.open(now + self.t_data());
+        // Everything in the table awaits repair (what is still in back-off gets NAKed soon).
+        let hid = self.holdoff.open(now + self.holdoff_for(self.table_len()));
         for &(first, len) in &ranges {
             for u in first..first + len as u64 {
                 self.holdoff.push(hid, u);
@@ -489,6 +571,107 @@ mod tests {
         // Two units were lost; NAKing one of them again is not a new loss.
         assert_eq!(e.counters.units_missed, 2);
         assert_eq!(e.counters.units_naked, 3);
+    }
+
+    #[test]
+    fn a_reordered_or_repeated_position_marks_nothing_missing() {
+        let s = shape();
+        let mut e = NakEngine::new(s, 1);
+        let t0 = Instant::now();
+        let mut have = vec![false; s.loop_packets() as usize];
+        // 0, 1, 3, 2, 4, 4: late by one position, then a repeat. Nothing was lost.
+        for q in [0u64, 1, 3, 2, 4, 4] {
+            let id = s.packet_at(q);
+            have[s.unit_index(id).unwrap() as usize] = true;
+            e.on_packet(t0, id, false, |u| have[u as usize]);
+        }
+        // Position 2 looked lost until it came (as TCP would see it), and nothing else did.
+        assert_eq!(e.table_len(), 0);
+        assert_eq!(e.counters.units_missed, 1);
+        assert_eq!(e.counters.position_jumps, 1, "a repeat is no jump");
+        // A gap after that is still found.
+        let id = s.packet_at(7);
+        e.on_packet(t0, id, false, |u| {
+            have[u as usize] || u == s.unit_index(id).unwrap()
+        });
+        assert_eq!(e.counters.units_missed, 3);
+    }
+
+    #[test]
+    fn a_jump_further_than_the_channel_could_go_is_not_loss() {
+        // 1,000 packets/s; 10 ms after position 0 a packet claims position 30 (a restarted
+        // channel): at most ~15 + slack could have been sent, and the loop here is long.
+        let s = LoopShape {
+            data_packets: 32_000,
+            n_blocks: 1000,
+            block_symbols: 32,
+        };
+        let mut e = NakEngine::new(s, 1);
+        e.on_rate(1000 * 1304 * 8, 1304);
+        let t0 = Instant::now();
+        let have = |_| false;
+        e.on_packet(t0, s.packet_at(0), false, have);
+        e.on_packet(
+            t0 + Duration::from_millis(10),
+            s.packet_at(200),
+            false,
+            have,
+        );
+        assert_eq!(e.counters.position_jumps, 1);
+        assert_eq!(
+            e.counters.units_missed, 2,
+            "only the two packets' own units"
+        );
+        // Ten more positions in 10 ms is plausible: nine are missing.
+        e.on_packet(
+            t0 + Duration::from_millis(20),
+            s.packet_at(210),
+            false,
+            have,
+        );
+        assert_eq!(e.counters.units_missed, 2 + 1 + 9);
+    }
+
+    #[test]
+    fn a_large_backlog_is_naked_once_per_repair_time_in_linear_work() {
+        // 200,000 scattered losses: ~100,000 ranges, so ~1,000 NAKs of 96 ranges in one burst.
+        let s = LoopShape {
+            data_packets: 400_000,
+            n_blocks: 12_500,
+            block_symbols: 32,
+        };
+        let mut e = NakEngine::new(s, 1);
+        e.set_unicast(true);
+        e.on_rate(10_000 * 1304 * 8, 1304);
+        let t0 = Instant::now();
+        let mut have = vec![false; s.loop_packets() as usize];
+        for q in (0..s.loop_packets()).step_by(2) {
+            let id = s.packet_at(q);
+            have[s.unit_index(id).unwrap() as usize] = true;
+            e.on_packet(t0, id, false, |u| have[u as usize]);
+        }
+        let missing = e.table_len() as u64;
+        assert!(missing > 200_000);
+        let started = std::time::Instant::now();
+        let mut naks = 0;
+        while let Some(r) = e.poll_nak(t0) {
+            assert!(r.len() <= MAX_NAK_RANGES);
+            naks += 1;
+        }
+        // Linear: the old re-queueing took minutes here.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(e.counters.units_naked, missing);
+        assert!(naks > 1000, "{naks} NAKs");
+        // At 5,000 repairs/s (half of 10,000 packets/s) the backlog takes ~40 s: nothing is
+        // asked for again before then (capped at 30 s), though hold-off alone is 80 ms.
+        let t = t0 + Duration::from_secs(29);
+        e.handle_timeout(t, |u| have[u as usize]);
+        assert!(e.poll_nak(t + Duration::from_secs(1)).is_none());
+        assert!(e.poll_timeout().unwrap() >= t0 + MAX_BACKLOG_HOLDOFF);
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //! when suppression is on, to every other receiver through the group (with loss).
 //!
 //! Same seed, same configuration → the same report, bit for bit.
+//!
+//! [`tiers`] runs the same machines across a title's throughput tiers, with receivers behind
+//! links of their own rate.
+
+pub mod tiers;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -136,19 +141,20 @@ enum Ev {
     Crash(usize),
 }
 
-struct Queued(Instant, u64, Ev);
-impl PartialEq for Queued {
+/// An event due at `.0`; `.1` (insertion order) breaks ties, so runs are reproducible.
+pub(crate) struct Queued<E>(pub(crate) Instant, pub(crate) u64, pub(crate) E);
+impl<E> PartialEq for Queued<E> {
     fn eq(&self, o: &Self) -> bool {
         (self.0, self.1) == (o.0, o.1)
     }
 }
-impl Eq for Queued {}
-impl PartialOrd for Queued {
+impl<E> Eq for Queued<E> {}
+impl<E> PartialOrd for Queued<E> {
     fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(o))
     }
 }
-impl Ord for Queued {
+impl<E> Ord for Queued<E> {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         (self.0, self.1).cmp(&(o.0, o.1))
     }
@@ -230,9 +236,9 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         // Without suppression every receiver NAKs at once and hears nobody.
         r.nak.set_unicast(!cfg.suppression);
     }
-    let mut q: BinaryHeap<Reverse<Queued>> = BinaryHeap::new();
+    let mut q: BinaryHeap<Reverse<Queued<Ev>>> = BinaryHeap::new();
     let mut seq = 0u64;
-    let mut push = |q: &mut BinaryHeap<Reverse<Queued>>, at: Instant, ev: Ev| {
+    let mut push = |q: &mut BinaryHeap<Reverse<Queued<Ev>>>, at: Instant, ev: Ev| {
         seq += 1;
         q.push(Reverse(Queued(at, seq, ev)));
     };
@@ -335,6 +341,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                     if let Some(s) = sync {
                         if !lost {
                             r.nak.on_sync(s.grtt_us, s.group_size);
+                            r.nak
+                                .on_rate(s.rate_bps, DATA_HEADER_LEN + cfg.symbol_size as usize);
                         }
                         continue;
                     }
