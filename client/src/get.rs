@@ -276,6 +276,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     let mut next_fallback_try = joined_at + opts.sync_timeout;
     let keepalive_every = (lease / 3).max(Duration::from_millis(50));
     let mut next_keepalive = Instant::now() + keepalive_every;
+    // The tier the last non-zero throughput report was about.
+    let mut reported_tier: Option<usize> = None;
     let mut next_checkpoint = Instant::now() + opts.checkpoint;
     let mut next_progress = Instant::now();
     let (mut received_bytes, mut received_packets, mut foreign, mut malformed) =
@@ -360,7 +362,13 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 return Err(e);
             }
         }
-        if now >= next_keepalive {
+        // The first measurement on a tier goes out at once, not a keepalive period later: the
+        // server sets the tier's rate (and shows its members' figures) from these reports.
+        let fresh_report = tiering.report().0 > 0 && reported_tier != tiering.tier();
+        if now >= next_keepalive || fresh_report {
+            if tiering.report().0 > 0 {
+                reported_tier = tiering.tier();
+            }
             let id = ctl.send(Control::Keepalive {
                 archive_id,
                 have: dl.have_count(),

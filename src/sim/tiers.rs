@@ -189,6 +189,8 @@ struct Rx {
     req: u32,
     timer: Option<Instant>,
     next_keepalive: Instant,
+    /// The tier the last non-zero throughput report was about.
+    reported_tier: Option<usize>,
     done_at: Option<Instant>,
     received_bytes: u64,
     link_drops: u64,
@@ -277,6 +279,7 @@ pub fn run(cfg: &TierSimConfig) -> TierSimReport {
                 req: 0,
                 timer: None,
                 next_keepalive: join_at,
+                reported_tier: None,
                 done_at: None,
                 received_bytes: 0,
                 link_drops: 0,
@@ -543,8 +546,13 @@ pub fn run(cfg: &TierSimConfig) -> TierSimReport {
             let r = &mut rx[i];
             if r.alive && r.done_at.is_none() && r.group.is_some() {
                 let tier = r.tier.as_mut().expect("joined");
-                if now >= r.next_keepalive {
+                // As in `get`: a tier's first measurement is reported at once.
+                let fresh = tier.counters.measured_bps > 0 && r.reported_tier != Some(tier.tier());
+                if now >= r.next_keepalive || fresh {
                     r.next_keepalive = now + params.lease / 3;
+                    if tier.counters.measured_bps > 0 {
+                        r.reported_tier = Some(tier.tier());
+                    }
                     let (rx_bps, loss_ppm) = (tier.counters.measured_bps, tier.counters.loss_ppm);
                     let msg = r.envelope(Control::Keepalive {
                         archive_id,
