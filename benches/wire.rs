@@ -12,7 +12,7 @@ use mcast::archive::PacketId;
 use mcast::carousel::LoopShape;
 use mcast::fastio::PacketBatch;
 use mcast::receiver::nak::NakEngine;
-use mcast::wire::data::{DataHeader, DataKind, DATA_HEADER_LEN};
+use mcast::wire::data::{DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN};
 use mcast::wire::nak::{to_ranges, Nak};
 
 fn headers(c: &mut Criterion) {
@@ -80,7 +80,16 @@ fn engine(c: &mut Criterion) {
         g.bench_function(format!("one_loop_{loss_pct}pct_loss"), |b| {
             b.iter(|| {
                 let mut e = NakEngine::new(shape, 7);
-                e.on_sync(1000, 1);
+                e.on_sync(
+                    &SyncInfo {
+                        loop_packets: 0,
+                        rate_bps: 0,
+                        grtt_us: 1000,
+                        group_size: 1,
+                        send_us: 0,
+                    },
+                    0,
+                );
                 let mut have = vec![false; loop_len as usize];
                 let t0 = Instant::now();
                 let mut naks = 0;

@@ -183,6 +183,18 @@ fn request(m: &mut ChannelManager, now: Instant, rid: u64, msg: Control) -> Cont
     Envelope::decode(&bytes).unwrap().msg
 }
 
+/// A keepalive with nothing to report.
+fn keepalive(archive_id: [u8; 16]) -> Control {
+    Control::Keepalive {
+        archive_id,
+        have: 0,
+        total: 1,
+        rtt_us: 0,
+        rx_bps: 0,
+        loss_ppm: 0,
+    }
+}
+
 fn stats(m: &ChannelManager) -> serde_json::Value {
     serde_json::to_value(m.stats()).unwrap()
 }
@@ -270,14 +282,7 @@ fn tiers_one_channel_each_members_move_and_empty_tiers_close() {
         Control::Error { .. }
     ));
     // Keepalives and completion find the member on its tier.
-    let ka = Control::Keepalive {
-        archive_id: id,
-        have: 0,
-        total: 1,
-        rtt_us: 0,
-        rx_bps: 0,
-        loss_ppm: 0,
-    };
+    let ka = keepalive(id);
     assert!(matches!(
         request(&mut m, t0, 1, ka.clone()),
         Control::LeaseOk { .. }
@@ -326,16 +331,8 @@ fn a_tier_left_by_one_of_two_members_sets_no_deadline_in_the_past() {
         while m.poll_transmit(now).is_some() {}
         if wakes % 200 == 0 {
             for rid in [1, 2] {
-                let ka = Control::Keepalive {
-                    archive_id: id,
-                    have: 0,
-                    total: 1,
-                    rtt_us: 0,
-                    rx_bps: 0,
-                    loss_ppm: 0,
-                };
                 assert!(matches!(
-                    request(&mut m, now, rid, ka),
+                    request(&mut m, now, rid, keepalive(id)),
                     Control::LeaseOk { .. }
                 ));
             }

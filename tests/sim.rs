@@ -146,7 +146,7 @@ mod tiers {
         }
         for (i, x) in r.receivers.iter().enumerate() {
             println!(
-                "  rx{i}: done {:?} s, final tier {}, {} tier changes ({} probes, {} failed, {} down), received/file {:.2}, link drops {}",
+                "  rx{i}: done {:?} s, final tier {}, {} tier changes ({} probes, {} failed, {} down), received/file {:.2}, link drops {}, {} NAKs naming {} units",
                 x.completed_at_s.map(|t| (t * 10.0).round() / 10.0),
                 x.final_tier,
                 x.tier_changes,
@@ -154,7 +154,9 @@ mod tiers {
                 x.probes_failed,
                 x.moves_down,
                 x.received_per_file_byte,
-                x.link_drops
+                x.link_drops,
+                x.naks_sent,
+                x.units_naked
             );
             for s in &x.segments {
                 println!(

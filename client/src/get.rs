@@ -364,9 +364,9 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         }
         // The first measurement on a tier goes out at once, not a keepalive period later: the
         // server sets the tier's rate (and shows its members' figures) from these reports.
-        let fresh_report = tiering.report().0 > 0 && reported_tier != tiering.tier();
-        if now >= next_keepalive || fresh_report {
-            if tiering.report().0 > 0 {
+        let (rx_bps, loss_ppm) = tiering.report();
+        if now >= next_keepalive || (rx_bps > 0 && reported_tier != tiering.tier()) {
+            if rx_bps > 0 {
                 reported_tier = tiering.tier();
             }
             let id = ctl.send(Control::Keepalive {
@@ -374,8 +374,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 have: dl.have_count(),
                 total: dl.units(),
                 rtt_us,
-                rx_bps: tiering.report().0,
-                loss_ppm: tiering.report().1,
+                rx_bps,
+                loss_ppm,
             });
             keepalive_sent = Some((id, now));
             next_keepalive = now + keepalive_every;
@@ -394,7 +394,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
             ) {
                 Ok(Control::JoinOk { group: g, .. }) => {
                     mcast = multicast_socket(g, opts.iface, opts.recv_buffer)?;
-                    nak.switch_channel(now, group_key(group), group_key(g));
+                    nak.switch_channel(now, group, g);
                     group = g;
                     tracing::info!(tier = t, group = %g, "moved to throughput tier");
                 }
@@ -612,8 +612,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                     let id = match hdr.kind {
                         DataKind::Sync => {
                             if let Ok(info) = SyncInfo::decode(payload) {
-                                nak.on_sync(info.grtt_us, info.group_size);
-                                nak.on_rate(info.rate_bps, packet_bytes);
+                                nak.on_sync(&info, packet_bytes);
                                 tiering.on_sync(&info, Instant::now());
                             }
                             continue;
@@ -1065,11 +1064,6 @@ fn open_part(
         None
     };
     Ok((file, Download::new(head.clone(), head_len, have)))
-}
-
-/// A channel's key for the NAK engine's per-channel loop positions.
-fn group_key(g: SocketAddrV4) -> u64 {
-    (u64::from(u32::from(*g.ip())) << 16) | u64::from(g.port())
 }
 
 /// Multicast data socket: several receivers on one host can bind the same group and port.

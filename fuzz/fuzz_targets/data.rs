@@ -16,7 +16,7 @@ use mcast::receiver::download::{Download, Verdict};
 use mcast::receiver::nak::NakEngine;
 use mcast::wire::data::{archive_tag, DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN};
 use mcast::wire::nak::{is_nak, Nak};
-use mcast_fuzz_common::{records, world, World};
+use mcast_fuzz_common::{records, world, World, WORLD_SYMBOL};
 
 fn the_world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
@@ -66,7 +66,7 @@ fuzz_target!(|input: &[u8]| {
             DataKind::Sync => {
                 if let Ok(info) = SyncInfo::decode(payload) {
                     assert_eq!(SyncInfo::decode(&info.encode()), Ok(info));
-                    nak.on_sync(info.grtt_us, info.group_size);
+                    nak.on_sync(&info, DATA_HEADER_LEN + WORLD_SYMBOL as usize);
                 }
                 continue;
             }

@@ -14,6 +14,7 @@ use mcast::archive::{Head, Layout, PacketId, PacketVerifier};
 use mcast::carousel::{Carousel, LoopShape};
 use mcast::receiver::download::Download;
 use mcast::receiver::nak::NakEngine;
+use mcast::wire::data::SyncInfo;
 use mcast_fuzz_common::{identity, records};
 
 fuzz_target!(|input: &[u8]| {
@@ -68,7 +69,16 @@ fuzz_target!(|input: &[u8]| {
     let pid = PacketId::Hash(block % shape.n_blocks.max(1));
     let _ = dl.on_packet(pid, hash_packet);
     let _ = dl.on_packet(PacketId::Data(serial), data_packet);
-    nak.on_sync(1, 1);
+    nak.on_sync(
+        &SyncInfo {
+            loop_packets: 0,
+            rate_bps: 0,
+            grtt_us: 1,
+            group_size: 1,
+            send_us: 0,
+        },
+        0,
+    );
     let mut c = Carousel::starting_at(shape, block);
     for _ in 0..shape.loop_packets().min(64) {
         let _ = c.next_packet();

@@ -29,6 +29,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
@@ -37,6 +38,7 @@ use serde::Serialize;
 
 use crate::archive::PacketId;
 use crate::carousel::LoopShape;
+use crate::wire::data::SyncInfo;
 use crate::wire::nak::{to_ranges, MAX_NAK_RANGES};
 
 /// Back-off factor K (see the module doc for why 8).
@@ -92,12 +94,12 @@ pub struct NakEngine {
     multicast: bool,
     grtt: Duration,
     group_size: u32,
-    /// Loop position of the last loop packet, and when it came.
-    last_pos: Option<(u64, Instant)>,
-    /// `last_pos` was restored by [`Self::switch_channel`] and no loop packet came since.
-    resumed: bool,
+    last_pos: Option<u64>,
+    /// `last_pos` was restored by [`Self::switch_channel`] from a channel left at this moment,
+    /// and no loop packet came since.
+    resumed_from: Option<Instant>,
     /// Loop position on channels recently left, and when (see `switch_channel`).
-    left_at: HashMap<u64, (u64, Instant)>,
+    left_at: HashMap<SocketAddrV4, (u64, Instant)>,
     /// Where each unit stands: 0 idle, else [`BACKOFF`] or [`HOLDOFF`] with the id of the
     /// batch whose timer it follows. One word per unit, so marking, clearing and checking a
     /// unit cost no hashing or allocation however many are missing (a heavy-loss burst must
@@ -185,7 +187,7 @@ impl NakEngine {
             grtt: DEFAULT_GRTT,
             group_size: 1,
             last_pos: None,
-            resumed: false,
+            resumed_from: None,
             left_at: HashMap::new(),
             state: vec![0; shape.loop_packets() as usize],
             in_backoff: 0,
@@ -210,23 +212,21 @@ impl NakEngine {
         self.grtt
     }
 
-    /// Parameters from the server's SYNC.
-    /// SYNC is not authenticated, so both are clamped to sane bounds (a forged SYNC can at
-    /// worst make NAKs come sooner or later, never stop them).
-    pub fn on_sync(&mut self, grtt_us: u32, group_size: u32) {
-        if grtt_us > 0 {
-            self.grtt = Duration::from_micros(grtt_us as u64).clamp(MIN_GRTT, MAX_GRTT);
+    /// Parameters from the server's SYNC: GRTT and group size for the back-off, and the
+    /// channel's rate (with `packet_bytes`, one data packet's UDP payload) for how long a
+    /// backlog takes to repair — a unit NAKed (or heard NAKed) is not asked for again until
+    /// the server could have repaired everything outstanding at its repair share; without
+    /// that, a receiver with a large backlog re-NAKed all of it every few GRTTs, a NAK storm
+    /// that repaired nothing faster. SYNC is not authenticated, so values are clamped to sane
+    /// bounds or ignored when zero (a forged SYNC can at worst make NAKs come sooner or later,
+    /// never stop them: the backlog hold-off is capped at [`MAX_BACKLOG_HOLDOFF`]).
+    pub fn on_sync(&mut self, info: &SyncInfo, packet_bytes: usize) {
+        if info.grtt_us > 0 {
+            self.grtt = Duration::from_micros(info.grtt_us as u64).clamp(MIN_GRTT, MAX_GRTT);
         }
-        self.group_size = group_size.clamp(1, 1_000_000);
-    }
-
-    /// The channel's rate from its SYNC (`rate_bps`, and the bytes of one data packet). A unit
-    /// NAKed (or heard NAKed) is not asked for again until the server could have repaired
-    /// everything outstanding at its repair share: without this, a receiver with a large
-    /// backlog re-NAKed all of it every few GRTTs — a NAK storm that repaired nothing faster.
-    pub fn on_rate(&mut self, rate_bps: u64, packet_bytes: usize) {
-        if rate_bps > 0 && packet_bytes > 0 {
-            self.channel_pps = rate_bps as f64 / 8.0 / packet_bytes as f64;
+        self.group_size = info.group_size.clamp(1, 1_000_000);
+        if info.rate_bps > 0 && packet_bytes > 0 {
+            self.channel_pps = info.rate_bps as f64 / 8.0 / packet_bytes as f64;
         }
     }
 
@@ -247,20 +247,21 @@ impl NakEngine {
         self.last_pos = None;
     }
 
-    /// The receiver moved from channel `from` to channel `to` (keys of the caller's choosing,
-    /// e.g. the group address). Loop positions are per channel: the one on the channel left is
-    /// kept, and the one last had on the channel joined is restored if the receiver left it less
-    /// than [`RESUME_POSITION_WITHIN`] ago — so after a failed join experiment, what its own
-    /// channel sent meanwhile is found missing (and NAKed) by the first packet back, not a
-    /// whole loop later when the loop brings it round.
-    pub fn switch_channel(&mut self, now: Instant, from: u64, to: u64) {
-        if let Some((p, _)) = self.last_pos.take() {
+    /// The receiver moved from the channel on group `from` to the one on group `to`. Loop
+    /// positions are per channel: the one on the channel left is kept, and the one last had on
+    /// the channel joined is restored if the receiver left it less than
+    /// [`RESUME_POSITION_WITHIN`] ago — so after a failed join experiment, what its own channel
+    /// sent meanwhile is found missing (and NAKed) by the first packet back, not a whole loop
+    /// later when the loop brings it round.
+    pub fn switch_channel(&mut self, now: Instant, from: SocketAddrV4, to: SocketAddrV4) {
+        if let Some(p) = self.last_pos.take() {
             self.left_at.insert(from, (p, now));
         }
         self.left_at
             .retain(|_, (_, at)| now.saturating_duration_since(*at) <= RESUME_POSITION_WITHIN);
-        self.last_pos = self.left_at.remove(&to);
-        self.resumed = self.last_pos.is_some();
+        let resumed = self.left_at.remove(&to);
+        self.last_pos = resumed.map(|(p, _)| p);
+        self.resumed_from = resumed.map(|(_, at)| at);
     }
 
     /// Entries in the NAK table (back-off + hold-off).
@@ -354,16 +355,18 @@ impl NakEngine {
         }
         let len = self.shape.loop_packets();
         let pos = Self::loop_pos(&self.shape, id);
-        if let Some((last, at)) = self.last_pos {
+        if let Some(last) = self.last_pos {
             let ahead = (pos + len - last) % len;
             // Back on a channel after a while: what it can have sent since we left (with
             // slack). Only then — between packets of one stream, a burst lost in a socket
             // buffer can be far longer than the time between processing them.
-            let plausible = if self.resumed && self.channel_pps > 0.0 {
-                (now.saturating_duration_since(at).as_secs_f64() * self.channel_pps * 1.5) as u64
-                    + 64
-            } else {
-                u64::MAX
+            let plausible = match self.resumed_from {
+                Some(left) if self.channel_pps > 0.0 => {
+                    (now.saturating_duration_since(left).as_secs_f64() * self.channel_pps * 1.5)
+                        as u64
+                        + 64
+                }
+                _ => u64::MAX,
             };
             if ahead > len / 2 || ahead > plausible {
                 // Behind the last position (a reordered packet) or further ahead than the
@@ -384,8 +387,8 @@ impl NakEngine {
                 }
             }
         }
-        self.last_pos = Some((pos, now));
-        self.resumed = false;
+        self.last_pos = Some(pos);
+        self.resumed_from = None;
     }
 
     /// A data packet arrived before its block's hash packet (it is parked, unverified): the
@@ -451,57 +454,69 @@ impl NakEngine {
         }
     }
 
+    /// Move the units of back-off batches now due (those still in that batch) to the
+    /// overflow, as ascending runs. False when none was due.
+    fn refill_overflow(&mut self, now: Instant) -> bool {
+        let due = self.backoff.take_due(now);
+        if due.is_empty() {
+            self.overflow_since = None;
+            return false;
+        }
+        let mut units: Vec<u64> = Vec::new();
+        for (id, runs) in &due {
+            for &(first, len) in runs {
+                units.extend(
+                    (first..first + len as u64)
+                        .filter(|&u| self.state[u as usize] == BACKOFF | *id),
+                );
+            }
+        }
+        units.sort_unstable();
+        self.overflow.extend(to_ranges(units));
+        self.overflow_since = Some(now);
+        true
+    }
+
+    /// Up to [`MAX_NAK_RANGES`] runs from the overflow of units still in back-off (one heard
+    /// or repaired since its timer fired is skipped); the rest stays for the next NAK.
+    fn take_overflow(&mut self) -> Vec<(u64, u32)> {
+        let mut ranges = Vec::new();
+        while ranges.len() < MAX_NAK_RANGES {
+            let Some((first, len)) = self.overflow.pop_front() else {
+                break;
+            };
+            let end = first + len as u64;
+            let mut u = first;
+            while u < end && ranges.len() < MAX_NAK_RANGES {
+                let start = u;
+                while u < end && self.state[u as usize] & KIND == BACKOFF {
+                    u += 1;
+                }
+                if u > start {
+                    ranges.push((start, (u - start) as u32));
+                } else {
+                    u += 1;
+                }
+            }
+            if u < end {
+                self.overflow.push_front((u, (end - u) as u32));
+            }
+        }
+        if self.overflow.is_empty() {
+            self.overflow_since = None;
+        }
+        ranges
+    }
+
     /// The NAK to send now, for every unit whose suppression timer ran out: (first, count)
     /// ranges, ascending.
     pub fn poll_nak(&mut self, now: Instant) -> Option<Vec<(u64, u32)>> {
-        let mut ranges: Vec<(u64, u32)> = Vec::new();
+        let mut ranges = self.take_overflow();
         while ranges.is_empty() {
-            if self.overflow.is_empty() {
-                let due = self.backoff.take_due(now);
-                if due.is_empty() {
-                    self.overflow_since = None;
-                    return None;
-                }
-                // Units whose live batch is one of these, as ascending runs.
-                let mut units: Vec<u64> = Vec::new();
-                for (id, runs) in &due {
-                    for &(first, len) in runs {
-                        units.extend(
-                            (first..first + len as u64)
-                                .filter(|&u| self.state[u as usize] == BACKOFF | *id),
-                        );
-                    }
-                }
-                units.sort_unstable();
-                self.overflow.extend(to_ranges(units.iter().copied()));
-                self.overflow_since = Some(now);
+            if !self.refill_overflow(now) {
+                return None;
             }
-            // Up to MAX_NAK_RANGES runs of units still in back-off (one heard or repaired
-            // since its timer fired is skipped); whatever does not fit stays for the next NAK.
-            while ranges.len() < MAX_NAK_RANGES {
-                let Some((first, len)) = self.overflow.pop_front() else {
-                    break;
-                };
-                let end = first + len as u64;
-                let mut u = first;
-                while u < end && ranges.len() < MAX_NAK_RANGES {
-                    let start = u;
-                    while u < end && self.state[u as usize] & KIND == BACKOFF {
-                        u += 1;
-                    }
-                    if u > start {
-                        ranges.push((start, (u - start) as u32));
-                    } else {
-                        u += 1;
-                    }
-                }
-                if u < end {
-                    self.overflow.push_front((u, (end - u) as u32));
-                }
-            }
-            if self.overflow.is_empty() {
-                self.overflow_since = None;
-            }
+            ranges = self.take_overflow();
         }
         // Everything in the table awaits repair (what is still in back-off gets NAKed soon).
         let hid = self.holdoff.open(now + self.holdoff_for(self.table_len()));
@@ -520,6 +535,22 @@ impl NakEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Channel `n`'s group.
+    fn ch(n: u8) -> SocketAddrV4 {
+        SocketAddrV4::new(std::net::Ipv4Addr::new(239, 0, 0, n), 7000)
+    }
+
+    /// A SYNC with these figures (0: not announced).
+    fn sync(grtt_us: u32, group_size: u32, rate_bps: u64) -> SyncInfo {
+        SyncInfo {
+            loop_packets: 0,
+            rate_bps,
+            grtt_us,
+            group_size,
+            send_us: 0,
+        }
+    }
 
     fn shape() -> LoopShape {
         LoopShape {
@@ -547,7 +578,7 @@ mod tests {
     fn gap_is_naked_after_backoff_and_cleared_by_repair() {
         let s = shape();
         let mut e = NakEngine::new(s, 1);
-        e.on_sync(10_000, 1);
+        e.on_sync(&sync(10_000, 1, 0), 0);
         let t0 = Instant::now();
         let mut have = vec![false; s.loop_packets() as usize];
         // Receive positions 0..=3 then 6: positions 4, 5 were lost.
@@ -613,13 +644,13 @@ mod tests {
             block_symbols: 32,
         };
         let mut e = NakEngine::new(s, 1);
-        e.on_rate(1000 * 1304 * 8, 1304);
+        e.on_sync(&sync(0, 1, 1000 * 1304 * 8), 1304);
         let t0 = Instant::now();
         let have = |_| false;
         e.on_packet(t0, s.packet_at(0), false, have);
-        e.switch_channel(t0, 1, 2);
+        e.switch_channel(t0, ch(1), ch(2));
         let back = t0 + Duration::from_millis(10);
-        e.switch_channel(back, 2, 1);
+        e.switch_channel(back, ch(2), ch(1));
         e.on_packet(back, s.packet_at(200), false, have);
         assert_eq!(e.counters.position_jumps, 1);
         assert_eq!(
@@ -642,7 +673,7 @@ mod tests {
         };
         let mut e = NakEngine::new(s, 1);
         e.set_unicast(true);
-        e.on_rate(10_000 * 1304 * 8, 1304);
+        e.on_sync(&sync(0, 1, 10_000 * 1304 * 8), 1304);
         let t0 = Instant::now();
         let mut have = vec![false; s.loop_packets() as usize];
         for q in (0..s.loop_packets()).step_by(2) {
@@ -690,16 +721,16 @@ mod tests {
         }
         // A join experiment on channel 2 (another loop position), then back on channel 1,
         // whose loop moved on to position 9 meanwhile: 4..=8 were sent while away.
-        e.switch_channel(t0, 1, 2);
+        e.switch_channel(t0, ch(1), ch(2));
         hear(&mut e, &mut have, 20, t0);
         let missed = e.counters.units_missed;
-        e.switch_channel(t0 + Duration::from_secs(1), 2, 1);
+        e.switch_channel(t0 + Duration::from_secs(1), ch(2), ch(1));
         hear(&mut e, &mut have, 9, t0 + Duration::from_secs(1));
         assert_eq!(e.counters.units_missed - missed, 5);
         // Left for longer than RESUME_POSITION_WITHIN: start afresh, as with a new channel.
         let later = t0 + RESUME_POSITION_WITHIN * 3;
-        e.switch_channel(later, 1, 2);
-        e.switch_channel(later + RESUME_POSITION_WITHIN * 2, 2, 1);
+        e.switch_channel(later, ch(1), ch(2));
+        e.switch_channel(later + RESUME_POSITION_WITHIN * 2, ch(2), ch(1));
         let missed = e.counters.units_missed;
         hear(&mut e, &mut have, 30, later + RESUME_POSITION_WITHIN * 2);
         assert_eq!(e.counters.units_missed, missed);
@@ -709,7 +740,7 @@ mod tests {
     fn heard_nak_suppresses_ours() {
         let s = shape();
         let mut e = NakEngine::new(s, 2);
-        e.on_sync(10_000, 100);
+        e.on_sync(&sync(10_000, 100, 0), 0);
         let t0 = Instant::now();
         let have = |u: u64| u != s.unit_index(s.packet_at(1)).unwrap();
         e.on_packet(t0, s.packet_at(0), false, have);
@@ -731,7 +762,7 @@ mod tests {
         let mut checked = 0;
         for seed in 0..200 {
             let mut e = NakEngine::new(s, seed);
-            e.on_sync(10_000, 1000);
+            e.on_sync(&sync(10_000, 1000, 0), 0);
             let t0 = Instant::now();
             let lost = s.unit_index(s.packet_at(1)).unwrap();
             let have = |u: u64| u != lost;

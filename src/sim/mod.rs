@@ -160,6 +160,39 @@ impl<E> Ord for Queued<E> {
     }
 }
 
+/// A loop packet reached a simulated receiver: hold it and drive the NAK engine as
+/// `mcast-recv get` does. Data before its block's hash packet is parked (the sim counts it
+/// held; completion still needs every hash packet) and the hash packet is missed; of
+/// duplicates only hash packets move the engine (the driver can verify those against the
+/// signed head, not unverifiable data). True when the unit is new.
+pub(crate) fn hold_packet(
+    nak: &mut NakEngine,
+    have: &mut [bool],
+    shape: &LoopShape,
+    now: Instant,
+    id: PacketId,
+    repair: bool,
+) -> bool {
+    let u = shape.unit_index(id).expect("in range") as usize;
+    if have[u] {
+        if matches!(id, PacketId::Hash(_)) {
+            nak.on_packet(now, id, repair, |x| have[x as usize]);
+        }
+        return false;
+    }
+    have[u] = true;
+    if let PacketId::Data(s) = id {
+        let h = shape
+            .unit_index(PacketId::Hash(s / shape.block_symbols))
+            .expect("in range");
+        if !have[h as usize] {
+            nak.on_parked(now, s, |x| have[x as usize]);
+        }
+    }
+    nak.on_packet(now, id, repair, |x| have[x as usize]);
+    true
+}
+
 /// A synthetic head with the requested shape (the sim never reads payloads; tests of the
 /// channel manager use it too).
 pub fn sim_head(data_packets: u64, symbol_size: u32) -> Head {
@@ -340,9 +373,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                     let lost = shared_lost || rng.gen::<f64>() < cfg.independent_loss;
                     if let Some(s) = sync {
                         if !lost {
-                            r.nak.on_sync(s.grtt_us, s.group_size);
                             r.nak
-                                .on_rate(s.rate_bps, DATA_HEADER_LEN + cfg.symbol_size as usize);
+                                .on_sync(&s, DATA_HEADER_LEN + cfg.symbol_size as usize);
                         }
                         continue;
                     }
@@ -355,30 +387,10 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                         lost_needed |= !r.have[u];
                         continue;
                     }
-                    // Data before its hash packet is parked (as the real download does); the
-                    // sim counts it held, and completion still needs every hash packet.
-                    // Like the driver, only new packets move the NAK engine.
-                    if r.have[u] {
-                        // The driver verifies duplicate hash packets (against the signed head)
-                        // and lets them drive loss detection; unverifiable data duplicates not.
-                        if matches!(id, PacketId::Hash(_)) {
-                            let have = &r.have;
-                            r.nak.on_packet(now, id, repair, |x| have[x as usize]);
-                        }
+                    if !hold_packet(&mut r.nak, &mut r.have, &shape, now, id, repair) {
                         continue;
                     }
-                    r.have[u] = true;
                     r.have_count += 1;
-                    let have = &r.have;
-                    if let PacketId::Data(s) = id {
-                        let h = shape
-                            .unit_index(PacketId::Hash(s / shape.block_symbols))
-                            .unwrap();
-                        if !have[h as usize] {
-                            r.nak.on_parked(now, s, |x| have[x as usize]);
-                        }
-                    }
-                    r.nak.on_packet(now, id, repair, |x| have[x as usize]);
                     if r.have_count == units && r.done_at.is_none() {
                         r.done_at = Some(now);
                         done += 1;

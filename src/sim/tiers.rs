@@ -24,7 +24,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::{sim_head, Queued};
+use super::{hold_packet, sim_head, Queued};
 use crate::archive::PacketId;
 use crate::carousel::LoopShape;
 use crate::channel::{ChannelManager, Params, RatePolicy, TitleInfo, TransmitPayload};
@@ -224,10 +224,6 @@ impl Rx {
         self.req += 1;
         Envelope::new(self.rid, self.req, msg).encode()
     }
-}
-
-fn group_key(g: SocketAddrV4) -> u64 {
-    (u32::from(*g.ip()) as u64) << 16 | g.port() as u64
 }
 
 /// Run one tier simulation.
@@ -435,7 +431,7 @@ pub fn run(cfg: &TierSimConfig) -> TierSimReport {
                         }
                         Some(old) if r.move_pending && old != group => {
                             r.leave(now, cfg.leave_latency);
-                            r.nak.switch_channel(now, group_key(old), group_key(group));
+                            r.nak.switch_channel(now, old, group);
                             r.group = Some(group);
                             r.move_pending = false;
                             r.moves.push(((now - t0).as_secs_f64(), tier as usize));
@@ -463,36 +459,19 @@ pub fn run(cfg: &TierSimConfig) -> TierSimReport {
                     continue;
                 };
                 if let Some(s) = sync {
-                    r.nak.on_sync(s.grtt_us, s.group_size);
                     r.nak
-                        .on_rate(s.rate_bps, DATA_HEADER_LEN + cfg.symbol_size as usize);
+                        .on_sync(&s, DATA_HEADER_LEN + cfg.symbol_size as usize);
                     let local = now.saturating_duration_since(t0).as_micros() as i64;
                     tier.on_delay(local - s.send_us as i64);
                     continue;
                 }
                 let id = id.expect("packet");
-                let u = shape.unit_index(id).expect("in range") as usize;
                 r.received_bytes += cfg.symbol_size as u64;
                 tier.on_packet(cfg.symbol_size as usize, None);
-                if r.have[u] {
-                    if matches!(id, PacketId::Hash(_)) {
-                        let have = &r.have;
-                        r.nak.on_packet(now, id, repair, |x| have[x as usize]);
-                    }
+                if !hold_packet(&mut r.nak, &mut r.have, &shape, now, id, repair) {
                     continue;
                 }
-                r.have[u] = true;
                 r.have_count += 1;
-                let have = &r.have;
-                if let PacketId::Data(s) = id {
-                    let h = shape
-                        .unit_index(PacketId::Hash(s / shape.block_symbols))
-                        .expect("in range");
-                    if !have[h as usize] {
-                        r.nak.on_parked(now, s, |x| have[x as usize]);
-                    }
-                }
-                r.nak.on_packet(now, id, repair, |x| have[x as usize]);
                 if r.have_count == units {
                     r.done_at = Some(now);
                     done += 1;
@@ -547,13 +526,12 @@ pub fn run(cfg: &TierSimConfig) -> TierSimReport {
             if r.alive && r.done_at.is_none() && r.group.is_some() {
                 let tier = r.tier.as_mut().expect("joined");
                 // As in `get`: a tier's first measurement is reported at once.
-                let fresh = tier.counters.measured_bps > 0 && r.reported_tier != Some(tier.tier());
-                if now >= r.next_keepalive || fresh {
+                let (rx_bps, loss_ppm) = (tier.counters.measured_bps, tier.counters.loss_ppm);
+                if now >= r.next_keepalive || (rx_bps > 0 && r.reported_tier != Some(tier.tier())) {
                     r.next_keepalive = now + params.lease / 3;
-                    if tier.counters.measured_bps > 0 {
+                    if rx_bps > 0 {
                         r.reported_tier = Some(tier.tier());
                     }
-                    let (rx_bps, loss_ppm) = (tier.counters.measured_bps, tier.counters.loss_ppm);
                     let msg = r.envelope(Control::Keepalive {
                         archive_id,
                         have: r.have_count,
