@@ -1,33 +1,29 @@
-//! mcast: the server side of the carousel media distribution system.
+//! mcast: the server package — `mcastd`'s drivers, configuration, ticket store and operator
+//! commands, and `mcast-director`'s driver.
 //!
-//! * [`archive`] — the pre-encrypted archive format: frames, signed manifest, pack/unpack.
+//! The protocol itself (wire formats, archive layout, carousel, channel manager, receiver
+//! engines, director routing, schedules, simulator) is the sans-I/O crate `mcast-proto`; the
+//! operating-system side shared with the receiver (batched sockets, crash-safe files, archive
+//! files) is `mcast-io`. Both are re-exported here under their old paths.
+//!
+//! * [`archive`] — packing (`mcastd pack`), plus the proto/io archive modules.
 //! * [`config`] — `mcastd.toml`.
-//! * [`codec`] — bounds-checked byte reading shared by every format.
-//! * [`fsutil`] — crash-safe file writing.
+//! * [`server`] — the server driver: sockets, archive files and the clock around the
+//!   channel manager.
 //! * [`ticket`], [`ticketdb`] — play-ticket validation and the server's validation database
 //!   (SQLite, or PostgreSQL shared by several servers: [`ticketdb_pg`]).
-//! * [`director`], [`heartbeat`], [`health`] — traffic directors: routing and server health
-//!   (sans-I/O), the server's heartbeat emitter, and plain HTTP health checks.
+//! * [`heartbeat`], [`health`] — the server's heartbeat driver and plain HTTP health checks.
 
 pub mod archive;
-pub mod carousel;
 pub mod catalog;
-pub mod channel;
-pub mod codec;
 pub mod config;
-pub mod director;
-pub mod fastio;
-pub mod fsutil;
 pub mod health;
 pub mod heartbeat;
-pub mod pacer;
-pub mod process;
-pub mod receiver;
-pub mod schedule;
 pub mod server;
-pub mod sim;
 pub mod ticket;
 pub mod ticketadmin;
 pub mod ticketdb;
 pub mod ticketdb_pg;
-pub mod wire;
+
+pub use mcast_io::{fastio, fsutil, process};
+pub use mcast_proto::{carousel, channel, codec, director, pacer, receiver, schedule, sim, wire};

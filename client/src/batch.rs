@@ -24,10 +24,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mcast::archive::{self, ArchiveFile};
-use mcast::schedule::{Window, WindowState};
-use mcast::wire::control::Control;
+use mcast_io::archive::{self, ArchiveFile};
 use mcast_keys::PublicIdentity;
+use mcast_proto::schedule::{Window, WindowState};
+use mcast_proto::wire::control::Control;
 use serde::Serialize;
 
 use crate::control::ControlClient;
@@ -249,7 +249,7 @@ struct Running {
 }
 
 fn unix_now() -> i64 {
-    mcast::process::unix_ms() as i64 / 1000
+    mcast_io::process::unix_ms() as i64 / 1000
 }
 
 /// Run the batch until every title is done, the window ends, the disk is full or `stop`.
@@ -593,7 +593,7 @@ fn finish(
 fn write_report(path: &Path, report: &BatchReport) -> Result<(), RecvError> {
     use std::io::Write;
     let json = serde_json::to_vec_pretty(report).expect("report serializes");
-    let mut f = mcast::fsutil::AtomicFile::create(path)
+    let mut f = mcast_io::fsutil::AtomicFile::create(path)
         .map_err(|e| RecvError::io("cannot write report", path, e))?;
     f.file()
         .write_all(&json)

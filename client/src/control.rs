@@ -3,7 +3,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use mcast::wire::control::{Control, Envelope, MAX_CONTROL_LEN};
+use mcast_proto::wire::control::{Control, Envelope, MAX_CONTROL_LEN};
 
 use crate::error::{Failure, RecvError};
 

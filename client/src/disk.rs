@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
-use mcast::fastio::WriteStage;
+use mcast_io::fastio::WriteStage;
 
 use crate::error::{Failure, RecvError};
 use crate::state::State;

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mcast::archive::ArchiveFile;
-use mcast::carousel::LoopShape;
-use mcast::wire::director::{DirectorMsg, NoRoute};
+use mcast_io::archive::ArchiveFile;
+use mcast_proto::carousel::LoopShape;
+use mcast_proto::wire::director::{DirectorMsg, NoRoute};
 use serde::Serialize;
 
 use crate::error::{Failure, RecvError};

@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mcast::archive::{self, ArchiveFile, Head, PacketId};
-use mcast::receiver::nak::NakEngine;
-use mcast::wire::control::{Control, Envelope, ErrorCode, HEAD_CHUNK, MAX_CONTROL_LEN};
-use mcast::wire::data::{archive_tag, DataHeader, DataKind, SyncInfo};
-use mcast::wire::nak::{is_nak, Nak};
+use mcast_io::archive::{self, ArchiveFile, Head, PacketId};
 use mcast_keys::PublicIdentity;
+use mcast_proto::receiver::nak::NakEngine;
+use mcast_proto::wire::control::{Control, Envelope, ErrorCode, HEAD_CHUNK, MAX_CONTROL_LEN};
+use mcast_proto::wire::data::{archive_tag, DataHeader, DataKind, SyncInfo};
+use mcast_proto::wire::nak::{is_nak, Nak};
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -32,7 +32,7 @@ use crate::disk::Disk;
 use crate::error::{Failure, RecvError};
 use crate::state::State;
 use crate::tiering::Tiering;
-use mcast::receiver::download::{Download, Verdict};
+use mcast_proto::receiver::download::{Download, Verdict};
 
 /// Messages per recvmmsg on the data sockets.
 const RECV_BATCH: usize = 64;
@@ -261,7 +261,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     let tag = archive_tag(&archive_id);
     let mut nak = NakEngine::new(*dl.shape(), rand::random());
     // One data packet on the wire (the rate in SYNC counts UDP payload bytes).
-    let packet_bytes = mcast::wire::data::DATA_HEADER_LEN + head.symbol_size as usize;
+    let packet_bytes = mcast_proto::wire::data::DATA_HEADER_LEN + head.symbol_size as usize;
     let mut tiering = Tiering::new(joined.tier, joined.tiers_bps.clone(), Instant::now());
     let mut repairs_received = 0u64;
     let mut first_packet: Option<Instant> = None;
@@ -299,7 +299,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     });
     // Batched receive: RECV_BATCH datagrams (or GRO super-datagrams) per recvmmsg, into
     // buffers reused for the whole run.
-    let mut rx = mcast::fastio::RecvBatch::new(RECV_BATCH, 65_536);
+    let mut rx = mcast_io::fastio::RecvBatch::new(RECV_BATCH, 65_536);
     let mut ctl_buf = vec![0u8; MAX_CONTROL_LEN + 1];
 
     // Writes and periodic checkpoints run on the disk thread, in order (a slow disk must not
@@ -434,7 +434,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 tracing::info!(
                     requested = opts.recv_buffer,
                     granted = r.recv_buffer_size().unwrap_or(0),
-                    gro = mcast::fastio::enable_gro(&s),
+                    gro = mcast_io::fastio::enable_gro(&s),
                     "unicast receive buffer"
                 );
                 s
@@ -726,7 +726,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     drop(a);
     std::fs::rename(&part_path, &final_path)
         .map_err(|e| RecvError::io("cannot rename", &part_path, e))?;
-    let _ = mcast::fsutil::sync_dir(&opts.out_dir);
+    let _ = mcast_io::fsutil::sync_dir(&opts.out_dir);
     let _ = std::fs::remove_file(&state_path);
     if let Some(b) = &bar {
         b.finish_and_clear();
@@ -1086,7 +1086,7 @@ fn multicast_socket(
     tracing::info!(
         requested = recv_buffer,
         granted = s.recv_buffer_size().unwrap_or(0),
-        gro = mcast::fastio::enable_gro(&s),
+        gro = mcast_io::fastio::enable_gro(&s),
         "multicast receive buffer (granted is capped by net.core.rmem_max)"
     );
     s.bind(&SocketAddr::V4(group).into())

@@ -1,5 +1,5 @@
 //! mcast-recv: the receiver driver. The protocol logic (what to write, when to NAK) lives in
-//! `mcast::receiver`; [`get`] owns the sockets and files; [`state`] is the crash-safe
+//! `mcast_proto::receiver`; [`get`] owns the sockets and files; [`state`] is the crash-safe
 //! progress record; [`play`] exchanges a play ticket for the key and decrypts.
 
 pub mod batch;

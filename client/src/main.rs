@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use mcast::wire::control::Control;
 use mcast_keys::PublicIdentity;
+use mcast_proto::wire::control::Control;
 use mcast_recv::control::ControlClient;
 use mcast_recv::error::{Failure, RecvError};
 use mcast_recv::get::{get, GetOptions};
@@ -230,7 +230,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             o.verify_packets = verify_packets;
             // Without signal handlers Ctrl-C still ends the process; only the clean stop is lost.
             let stop =
-                mcast::process::stop_flag().unwrap_or_else(|_| Arc::new(AtomicBool::new(false)));
+                mcast_io::process::stop_flag().unwrap_or_else(|_| Arc::new(AtomicBool::new(false)));
             let r = play(&o, stop)?;
             let line = if json {
                 serde_json::to_string(&r).unwrap()
@@ -303,7 +303,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             o.progress_bar = !o.json && std::io::stderr().is_terminal();
             // Without signal handlers Ctrl-C still ends the process; only the clean stop is lost.
             let stop =
-                mcast::process::stop_flag().unwrap_or_else(|_| Arc::new(AtomicBool::new(false)));
+                mcast_io::process::stop_flag().unwrap_or_else(|_| Arc::new(AtomicBool::new(false)));
             if !directors.is_empty() {
                 let r = mcast_recv::failover::get_via_directors(
                     &o,
@@ -373,7 +373,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             })?;
             let win = window
                 .as_deref()
-                .map(|w| mcast::schedule::Window::parse(w, &tz, &[]))
+                .map(|w| mcast_proto::schedule::Window::parse(w, &tz, &[]))
                 .transpose()
                 .map_err(|e| RecvError::new(Failure::Usage, format!("--window/--tz: {e}")))?;
             let directors: Vec<String> = director
@@ -414,7 +414,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 grace: Duration::from_millis(grace_ms),
             };
             let stop =
-                mcast::process::stop_flag().unwrap_or_else(|_| Arc::new(AtomicBool::new(false)));
+                mcast_io::process::stop_flag().unwrap_or_else(|_| Arc::new(AtomicBool::new(false)));
             let r = batch::run(&o, stop)?;
             println!("{}", serde_json::to_string(&r).unwrap());
             eprintln!(
@@ -490,7 +490,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    mcast::process::init_logging(&cli.log);
+    mcast_io::process::init_logging(&cli.log);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

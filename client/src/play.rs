@@ -21,12 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mcast::archive::{self, ArchiveFile, DecryptOptions};
-use mcast::fsutil::AtomicFile;
-use mcast::wire::control::{Control, ErrorCode};
+use mcast_io::archive::{self, ArchiveFile, DecryptOptions};
+use mcast_io::fsutil::AtomicFile;
 use mcast_keys::seal::ReceiverKey;
 use mcast_keys::ticket::{combine, TicketFile, MAX_TICKET_FILE_LEN};
 use mcast_keys::PublicIdentity;
+use mcast_proto::wire::control::{Control, ErrorCode};
 use serde::Serialize;
 
 use crate::control::ControlClient;

@@ -12,8 +12,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use mcast::codec::{Reader, Writer};
-use mcast::fsutil::AtomicFile;
+use mcast_io::fsutil::AtomicFile;
+use mcast_proto::codec::{Reader, Writer};
 
 const MAGIC: &[u8; 4] = b"MCRS";
 const VERSION: u8 = 1;

@@ -6,8 +6,8 @@
 
 use std::time::Instant;
 
-use mcast::receiver::tier::{TierEngine, TierMove, TierParams};
-use mcast::wire::data::SyncInfo;
+use mcast_proto::receiver::tier::{TierEngine, TierMove, TierParams};
+use mcast_proto::wire::data::SyncInfo;
 
 pub struct Tiering {
     engine: Option<TierEngine>,

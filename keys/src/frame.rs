@@ -17,7 +17,6 @@ use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::Aes256Gcm;
 use chacha20poly1305::ChaCha20Poly1305;
 use hkdf::Hkdf;
-use rand::RngCore;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
@@ -27,9 +26,10 @@ use crate::{Cipher, KeyError, MasterKey};
 pub const FRAME_KEY_LEN: usize = 32;
 
 /// A fresh random frame key.
+#[cfg(feature = "os")]
 pub fn random_frame_key() -> [u8; FRAME_KEY_LEN] {
     let mut k = [0u8; FRAME_KEY_LEN];
-    rand::rngs::OsRng.fill_bytes(&mut k);
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
     k
 }
 

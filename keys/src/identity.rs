@@ -15,6 +15,7 @@ pub struct Identity {
 pub struct PublicIdentity(pub [u8; PUBLIC_KEY_LEN]);
 
 impl Identity {
+    #[cfg(feature = "os")]
     pub fn generate() -> Identity {
         Identity {
             key: SigningKey::generate(&mut rand::rngs::OsRng),

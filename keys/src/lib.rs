@@ -16,15 +16,22 @@ pub mod cipher;
 pub mod error;
 pub mod frame;
 pub mod identity;
+#[cfg(feature = "os")]
 pub mod locked;
 pub mod master;
+#[cfg(feature = "os")]
 pub mod seal;
+#[cfg(feature = "os")]
 pub mod store;
+#[cfg(feature = "os")]
 pub mod ticket;
+pub mod title;
 
 pub use cipher::Cipher;
 pub use error::KeyError;
 pub use identity::{Identity, PublicIdentity, SIGNATURE_LEN};
+#[cfg(feature = "os")]
 pub use locked::LockedKey;
 pub use master::{KeyId, MasterKey};
+#[cfg(feature = "os")]
 pub use store::KeyStore;

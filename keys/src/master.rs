@@ -1,4 +1,3 @@
-use rand::RngCore;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// A title's random 256-bit master key. Wiped on drop; `Debug` never prints it.
@@ -10,9 +9,10 @@ pub struct MasterKey([u8; 32]);
 pub type KeyId = [u8; 16];
 
 impl MasterKey {
+    #[cfg(feature = "os")]
     pub fn generate() -> MasterKey {
         let mut k = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut k);
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
         MasterKey(k)
     }
 
@@ -25,6 +25,7 @@ impl MasterKey {
     }
 
     /// For building a key in place (locked memory) without a copy on the stack.
+    #[cfg(feature = "os")]
     pub(crate) fn bytes_mut(&mut self) -> &mut [u8; 32] {
         &mut self.0
     }

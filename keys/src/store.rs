@@ -31,20 +31,7 @@ pub struct KeyStore {
     dir: PathBuf,
 }
 
-/// Titles become file names, so they are restricted to a safe alphabet.
-pub fn validate_title(title: &str) -> Result<(), KeyError> {
-    let ok = !title.is_empty()
-        && title.len() <= 128
-        && !title.starts_with('.')
-        && title
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(KeyError::BadTitle(title.to_string()))
-    }
-}
+pub use crate::title::validate_title;
 
 impl KeyStore {
     /// Open (creating if missing) the key store at `dir`.

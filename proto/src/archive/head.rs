@@ -236,7 +236,7 @@ impl Head {
         let key_id = r.array("key_id")?;
         let title = String::from_utf8(r.short_bytes(MAX_TITLE_LEN, "title")?.to_vec())
             .map_err(|_| bad("title", "not UTF-8"))?;
-        mcast_keys::store::validate_title(&title).map_err(|e| bad("title", e.to_string()))?;
+        mcast_keys::title::validate_title(&title).map_err(|e| bad("title", e.to_string()))?;
         let watermark = String::from_utf8(r.short_bytes(MAX_WATERMARK_LEN, "watermark")?.to_vec())
             .map_err(|_| bad("watermark", "not UTF-8"))?;
         let created_unix = r.u64("created_unix")?;
