@@ -28,6 +28,8 @@ pub struct RecvError {
     /// server can resume it. `received_bytes` is what this run received before that.
     pub silent: bool,
     pub received_bytes: u64,
+    /// What the session held when it ended (for a resume elsewhere), if it got that far.
+    pub resume: Option<mcast_proto::receiver::ResumeInfo>,
 }
 
 impl RecvError {
@@ -37,6 +39,7 @@ impl RecvError {
             message: message.into(),
             silent: false,
             received_bytes: 0,
+            resume: None,
         }
     }
 

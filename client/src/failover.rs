@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use mcast_io::archive::ArchiveFile;
 use mcast_proto::carousel::LoopShape;
+use mcast_proto::receiver::resume;
 use mcast_proto::wire::director::{DirectorMsg, NoRoute};
 use serde::Serialize;
 
@@ -175,44 +176,10 @@ impl DirectorClient {
 /// without a usable state + part file (a fresh download starts anywhere).
 pub fn resume_block(out_dir: &Path, title: &str) -> Option<u64> {
     let (st, _, shape) = load_resume(out_dir, title)?;
-    if shape.n_blocks == 0 {
-        return None;
-    }
-    let has = |u: u64| st.has(u);
-    let k = shape.block_symbols;
-    let complete: Vec<bool> = (0..shape.n_blocks)
-        .map(|b| {
-            has(shape.data_packets + b) && (b * k..((b + 1) * k).min(shape.data_packets)).all(has)
-        })
-        .collect();
-    best_start(&complete)
+    resume::start_block(&shape, |u| st.has(u))
 }
 
-/// Start index after the longest cyclic run of `true`; `None` when all are `true`.
-pub fn best_start(complete: &[bool]) -> Option<u64> {
-    let n = complete.len();
-    if n == 0 || complete.iter().all(|c| *c) {
-        return None;
-    }
-    // Walk twice round so a run that wraps is measured whole.
-    let (mut best_len, mut best_end, mut run) = (0usize, 0usize, 0usize);
-    for i in 0..2 * n {
-        if complete[i % n] {
-            run += 1;
-            if run > best_len {
-                best_len = run;
-                best_end = i % n;
-            }
-        } else {
-            run = 0;
-        }
-    }
-    if best_len == 0 {
-        // Nothing held: start at the first block.
-        return Some(0);
-    }
-    Some(((best_end + 1) % n) as u64)
-}
+pub use resume::best_start;
 
 /// Run a download through directors: route, fetch, and on silence route again and resume.
 pub fn get_via_directors(
@@ -231,6 +198,9 @@ pub fn get_via_directors(
     let mut servers: Vec<String> = Vec::new();
     let mut switches = 0u32;
     let mut missing_at_switch: Option<u64> = None;
+    // Where the next server's loop should start: from the state file at first, then from
+    // what the lost session itself held.
+    let mut start_block = resume_block(&opts.out_dir, &opts.title);
     let mut after_switch = 0u64;
     let deadline = |t: Option<Duration>| {
         t.map(|t| started + t)
@@ -248,7 +218,7 @@ pub fn get_via_directors(
         let mut o = opts.clone();
         o.server = SocketAddr::V4(server);
         o.silence_timeout = Some(silence);
-        o.start_block = resume_block(&opts.out_dir, &opts.title);
+        o.start_block = start_block;
         if let Some(t) = opts.timeout {
             let left = t.saturating_sub(started.elapsed());
             if left.is_zero() {
@@ -283,8 +253,14 @@ pub fn get_via_directors(
                 // What the lost server delivered, over the time it was not silent: stated in
                 // the next route request, so a director avoids servers too slow for us.
                 let active = attempt.elapsed().saturating_sub(silence).as_secs_f64();
-                if e.received_bytes > 0 && active > 0.1 {
+                let measured = e.resume.as_ref().map_or(0, |r| r.measured_bps);
+                if measured > 0 {
+                    dc.rx_bps = measured;
+                } else if e.received_bytes > 0 && active > 0.1 {
                     dc.rx_bps = (e.received_bytes as f64 * 8.0 / active) as u64;
+                }
+                if let Some(r) = &e.resume {
+                    start_block = r.start_block;
                 }
                 tracing::warn!(%server, error = %e.message, rx_bps = dc.rx_bps, "server lost: asking a director for another");
                 if !exclude.contains(&server) {
@@ -292,7 +268,7 @@ pub fn get_via_directors(
                 }
                 switches += 1;
                 if missing_at_switch.is_none() {
-                    missing_at_switch = Some(missing_now(opts).unwrap_or(0));
+                    missing_at_switch = Some(e.resume.as_ref().map_or(0, |r| r.missing_bytes));
                 }
             }
             Err(e) => return Err(e),
@@ -308,21 +284,6 @@ pub(crate) fn load_resume(out_dir: &Path, title: &str) -> Option<(State, Archive
     let shape = LoopShape::of(&a.head);
     (a.head.archive_id == st.archive_id && shape.loop_packets() == st.units)
         .then_some((st, a, shape))
-}
-
-/// Payload bytes of the units the state file does not have yet.
-fn missing_now(opts: &GetOptions) -> Option<u64> {
-    let (st, a, shape) = load_resume(&opts.out_dir, &opts.title)?;
-    Some(
-        (0..st.units)
-            .filter(|&u| !st.has(u))
-            .filter_map(|u| {
-                a.layout
-                    .packet_range(shape.unit_packet(u))
-                    .map(|r| r.1 as u64)
-            })
-            .sum(),
-    )
 }
 
 #[cfg(test)]

@@ -1,43 +1,44 @@
-//! `mcast-recv get`: the receive driver. Owns the sockets, the part file, the state file and
-//! the clock; the [`Download`] state machine decides what is written.
+//! `mcast-recv get`: the receive driver. It owns the sockets, the part file, the state file,
+//! the disk thread, the clock and the progress display, and makes no protocol decision: the
+//! [`Session`] (`mcast_proto::receiver::session`) decides what to send, when, and what is
+//! written; this file moves its datagrams, carries out its events and wakes it on time.
 //!
-//! 1. Join over the control port; fetch and verify the signed head.
-//! 2. Preallocate `<title>.mca.part` (or resume it from `<title>.mca.state`).
-//! 3. Join the multicast group; write every verified packet at its offset.
-//! 4. No SYNC or data within `sync_timeout`: ask for unicast (cookie round trip) and take the
-//!    same loop packets by unicast.
-//! 5. Keepalives hold the lease; checkpoints (fdatasync + state) every `checkpoint` interval.
-//! 6. Everything held: report completion, verify the whole archive, rename it into place.
+//! 1. The session joins over the control port and fetches and verifies the signed head.
+//! 2. On [`Event::HeadReady`] the driver preallocates `<title>.mca.part` (or resumes it from
+//!    `<title>.mca.state`) and starts the session's receive phase.
+//! 3. Data sockets (the group, and the unicast socket after a fallback) are drained in
+//!    batches; every verified payload is queued for the disk thread at its offset.
+//! 4. Checkpoints (fdatasync + state file) when the session asks, behind the writes they cover.
+//! 5. [`Event::Done`]: make it durable, check the signature, rename it into place.
 
 use std::fs::{File, OpenOptions};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mcast_io::archive::{self, ArchiveFile, Head, PacketId};
+use mcast_io::archive::{self, ArchiveFile, Head};
+use mcast_io::fastio::RecvBatch;
 use mcast_keys::PublicIdentity;
-use mcast_proto::receiver::nak::NakEngine;
-use mcast_proto::wire::control::{Control, Envelope, ErrorCode, HEAD_CHUNK, MAX_CONTROL_LEN};
-use mcast_proto::wire::data::{archive_tag, DataHeader, DataKind, SyncInfo};
-use mcast_proto::wire::nak::{is_nak, Nak};
+use mcast_proto::receiver::session::Prior;
+use mcast_proto::receiver::{Event, Failure as SessionFailure, Session, SessionConfig, Via};
+use mcast_proto::wire::control::MAX_CONTROL_LEN;
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::control::ControlClient;
 use crate::disk::Disk;
 use crate::error::{Failure, RecvError};
 use crate::state::State;
-use crate::tiering::Tiering;
-use mcast_proto::receiver::download::{Download, Verdict};
 
 /// Messages per recvmmsg on the data sockets.
 const RECV_BATCH: usize = 64;
 /// Packets handled per turn of the receive loop before timers and control are looked at.
 const DRAIN_PACKETS: u64 = 4096;
+/// The longest the loop sleeps in `poll` (stop flag, overall timeout).
+const POLL_MAX: Duration = Duration::from_millis(20);
 
 #[derive(Clone, Debug)]
 pub struct GetOptions {
@@ -132,7 +133,7 @@ pub struct GetReport {
 }
 
 #[derive(Serialize)]
-struct Progress<'a> {
+struct ProgressLine<'a> {
     event: &'static str,
     title: &'a str,
     have: u64,
@@ -154,55 +155,484 @@ pub(crate) fn file_names(out_dir: &Path, title: &str) -> (PathBuf, PathBuf, Path
 /// Run a download to completion.
 pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvError> {
     let started = Instant::now();
-    mcast_keys::store::validate_title(&opts.title)
+    mcast_keys::title::validate_title(&opts.title)
         .map_err(|e| RecvError::new(Failure::Usage, e.to_string()))?;
     std::fs::create_dir_all(&opts.out_dir)
         .map_err(|e| RecvError::io("cannot create output directory", &opts.out_dir, e))?;
     let (final_path, part_path, state_path) = file_names(&opts.out_dir, &opts.title);
 
-    let receiver_id: u64 = rand::random();
-    let mut ctl = ControlClient::new(opts.server, receiver_id)?;
-    let joined = join(&mut ctl, &opts.title, opts.start_block, &stop)?;
-    let (archive_id, mut group, lease) = (joined.archive_id, joined.group, joined.lease);
-    let (head, head_bytes) = fetch_head(&mut ctl, archive_id)?;
-
-    // Trust: a pinned key, else the key a resumed download was pinned to, else first use.
-    let prior = State::load(&state_path).filter(|s| s.archive_id == archive_id);
-    let trusted = match (&opts.server_key, &prior) {
-        (Some(k), _) => *k,
-        (None, Some(s)) => PublicIdentity(s.server_key),
-        (None, None) => {
-            tracing::warn!(key = %hex::encode(head.server_key.0), "server key not pinned (--server-key): trusting it on first use");
-            head.server_key
-        }
+    let mut cfg = SessionConfig::new(&opts.title, opts.server, rand::random(), rand::random());
+    cfg.server_key = opts.server_key;
+    cfg.sync_timeout = opts.sync_timeout;
+    cfg.checkpoint = opts.checkpoint;
+    cfg.silence_timeout = opts.silence_timeout;
+    cfg.start_block = opts.start_block;
+    cfg.prior = State::load(&state_path).map(|s| Prior {
+        archive_id: s.archive_id,
+        server_key: PublicIdentity(s.server_key),
+        have: s.have,
+    });
+    let bind: SocketAddr = if opts.server.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        "[::]:0".parse().expect("address")
     };
-    head.verify_with(&trusted).map_err(|_| {
-        RecvError::new(
-            Failure::Integrity,
-            format!(
-                "archive head for {:?} is not signed by the trusted server key {}",
-                opts.title,
-                trusted.fingerprint()
-            ),
-        )
-    })?;
+    let ctl = UdpSocket::bind(bind)
+        .and_then(|s| s.set_nonblocking(true).map(|_| s))
+        .map_err(|e| RecvError::new(Failure::Other, format!("control socket: {e}")))?;
+    let mut d = Driver {
+        opts,
+        final_path,
+        part_path,
+        state_path,
+        started,
+        ctl,
+        group: None,
+        unicast: None,
+        nak_out: None,
+        files: None,
+        already: None,
+        bar: None,
+        missing_bytes_at_start: 0,
+        sockets_changed: false,
+    };
+    let mut sess = Session::new(cfg, Instant::now());
+    let result = d.run(&mut sess, &stop);
+    if let Some(b) = &d.bar {
+        b.finish_and_clear();
+    }
+    match result {
+        Ok(()) => d.finish(&sess),
+        Err(mut e) => {
+            e.received_bytes = sess.stats(Instant::now()).received_bytes;
+            e.resume = sess.resume_info();
+            Err(e)
+        }
+    }
+}
 
-    // Already complete from an earlier run?
-    if let Ok(a) = ArchiveFile::open(&final_path) {
-        if a.head.archive_id == archive_id && archive::verify(&a, &trusted).is_ok() {
-            let _ = ctl.request(
-                Control::Complete { archive_id },
-                3,
-                Duration::from_millis(300),
+/// The part file, the disk thread and the state record, once the head is known.
+struct Files {
+    part: File,
+    disk: Disk,
+    state: State,
+    head: Arc<Head>,
+    head_len: u64,
+    trusted: PublicIdentity,
+}
+
+/// The sockets, files and display of one download.
+struct Driver<'a> {
+    opts: &'a GetOptions,
+    final_path: PathBuf,
+    part_path: PathBuf,
+    state_path: PathBuf,
+    started: Instant,
+    ctl: UdpSocket,
+    /// The group joined and its socket.
+    group: Option<(SocketAddrV4, UdpSocket)>,
+    unicast: Option<UdpSocket>,
+    nak_out: Option<UdpSocket>,
+    files: Option<Files>,
+    /// The archive was already complete on disk (head, its length).
+    already: Option<(Arc<Head>, u64)>,
+    bar: Option<indicatif::ProgressBar>,
+    missing_bytes_at_start: u64,
+    /// A socket was opened or closed while draining: re-read the socket list.
+    sockets_changed: bool,
+}
+
+impl Driver<'_> {
+    /// Until the session is done (Ok) or failed, interrupted or out of time (Err).
+    fn run(&mut self, sess: &mut Session, stop: &AtomicBool) -> Result<(), RecvError> {
+        // Batched receive: RECV_BATCH datagrams (or GRO super-datagrams) per recvmmsg, into
+        // buffers reused for the whole run.
+        let mut rx = RecvBatch::new(RECV_BATCH, 65_536);
+        let mut ctl_buf = vec![0u8; MAX_CONTROL_LEN + 1];
+        let mut received = 0u64;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return self.fail_checkpointed(
+                    sess,
+                    RecvError::new(
+                        Failure::Interrupted,
+                        "interrupted; run the same command again to resume",
+                    ),
+                );
+            }
+            if let Some(t) = self.opts.timeout {
+                if self.started.elapsed() > t {
+                    let (have, total) = sess.progress_units();
+                    return self.fail_checkpointed(
+                        sess,
+                        RecvError::new(
+                            Failure::Timeout,
+                            format!("gave up after {t:?} with {have}/{total} packets; run again to resume"),
+                        ),
+                    );
+                }
+            }
+            sess.handle_timeout(Instant::now());
+            if self.service(sess)? {
+                return Ok(());
+            }
+
+            // Wait for a datagram on any socket, at most until the session's next timer.
+            let wait = sess
+                .poll_timeout()
+                .map(|t| t.saturating_duration_since(Instant::now()))
+                .unwrap_or(POLL_MAX)
+                .min(POLL_MAX);
+            self.wait(wait)?;
+
+            // Control replies.
+            while let Ok((n, from)) = self.ctl.recv_from(&mut ctl_buf) {
+                sess.handle_datagram(Instant::now(), from, &ctl_buf[..n]);
+            }
+            if self.service(sess)? {
+                return Ok(());
+            }
+
+            // Data from multicast and unicast, drained in bursts bounded by packets, not
+            // calls (a call can return 64 GRO super-datagrams of ~50 packets each): timers,
+            // keepalives and control replies are serviced every few ms, so NAKs go out on
+            // time and the RTT this receiver reports is not inflated by a long drain.
+            let drain_until = received + DRAIN_PACKETS;
+            self.sockets_changed = false;
+            for fd in self.data_fds() {
+                while received < drain_until && !self.sockets_changed {
+                    let got = match rx.recv(fd) {
+                        Ok(n) if n > 0 => n,
+                        _ => break,
+                    };
+                    let now = Instant::now();
+                    for (from, dg) in rx.datagrams_from() {
+                        received += 1;
+                        if let Some(w) = sess.handle_datagram(now, from, dg) {
+                            self.write(w.offset, &dg[w.payload])?;
+                        }
+                        if self.service(sess)? {
+                            return Ok(());
+                        }
+                    }
+                    if got < rx.capacity() {
+                        break;
+                    }
+                }
+                if self.sockets_changed {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn data_fds(&self) -> Vec<RawFd> {
+        let mut v: Vec<RawFd> = self.group.iter().map(|(_, s)| s.as_raw_fd()).collect();
+        v.extend(self.unicast.iter().map(|s| s.as_raw_fd()));
+        v
+    }
+
+    /// Sleep until a datagram arrives on any socket, or `wait` passes.
+    fn wait(&self, wait: Duration) -> Result<(), RecvError> {
+        let flags = nix::poll::PollFlags::POLLIN;
+        let mut fds = vec![nix::poll::PollFd::new(self.ctl.as_fd(), flags)];
+        if let Some((_, s)) = &self.group {
+            fds.push(nix::poll::PollFd::new(s.as_fd(), flags));
+        }
+        if let Some(u) = &self.unicast {
+            fds.push(nix::poll::PollFd::new(u.as_fd(), flags));
+        }
+        let ms = wait.as_millis().min(u16::MAX as u128) as u16;
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(RecvError::new(Failure::Other, format!("poll: {e}"))),
+        }
+    }
+
+    /// Send what the session has to send and carry out its events; true once it is done.
+    fn service(&mut self, sess: &mut Session) -> Result<bool, RecvError> {
+        while let Some(t) = sess.poll_transmit() {
+            let sock = match t.via {
+                Via::Control => Some(&self.ctl),
+                Via::Unicast => self.unicast.as_ref(),
+                Via::Group => self.nak_out.as_ref(),
+            };
+            if let Some(s) = sock {
+                let _ = s.send_to(&t.bytes, t.to);
+            }
+        }
+        while let Some(ev) = sess.poll_event() {
+            if self.on_event(sess, ev)? {
+                return Ok(true);
+            }
+            // An event may have queued transmits (a start, a restored hash).
+            while let Some(t) = sess.poll_transmit() {
+                let sock = match t.via {
+                    Via::Control => Some(&self.ctl),
+                    Via::Unicast => self.unicast.as_ref(),
+                    Via::Group => self.nak_out.as_ref(),
+                };
+                if let Some(s) = sock {
+                    let _ = s.send_to(&t.bytes, t.to);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn on_event(&mut self, sess: &mut Session, ev: Event) -> Result<bool, RecvError> {
+        let opts = self.opts;
+        match ev {
+            Event::HeadReady {
+                head,
+                head_bytes,
+                trusted,
+                prior_have,
+            } => self.open_files(sess, head, &head_bytes, trusted, prior_have)?,
+            Event::JoinGroup(g) => {
+                let s = multicast_socket(g, opts.iface, opts.recv_buffer)?;
+                if self.nak_out.is_none() {
+                    self.nak_out = Some(nak_socket(opts.iface)?);
+                }
+                self.group = Some((g, s));
+                self.sockets_changed = true;
+                tracing::debug!(group = %g, "joined");
+            }
+            Event::LeaveGroup(g) => {
+                if self.group.as_ref().is_some_and(|(x, _)| *x == g) {
+                    self.group = None;
+                    self.sockets_changed = true;
+                }
+            }
+            Event::OpenUnicast => {
+                let bind: SocketAddr = (Ipv4Addr::UNSPECIFIED, 0).into();
+                let s = UdpSocket::bind(bind)
+                    .and_then(|s| s.set_nonblocking(true).map(|_| s))
+                    .map_err(|e| RecvError::new(Failure::Other, format!("unicast socket: {e}")))?;
+                let r = socket2::SockRef::from(&s);
+                set_recv_buffer(&r, opts.recv_buffer);
+                tracing::info!(
+                    requested = opts.recv_buffer,
+                    granted = r.recv_buffer_size().unwrap_or(0),
+                    gro = mcast_io::fastio::enable_gro(&s),
+                    "unicast receive buffer"
+                );
+                self.unicast = Some(s);
+                self.sockets_changed = true;
+            }
+            Event::UnicastActive => {
+                let local = self.unicast.as_ref().and_then(|s| s.local_addr().ok());
+                tracing::info!(?local, "unicast fallback active");
+            }
+            Event::TierChanged { .. } | Event::Rejoining => {}
+            Event::Write { offset, bytes } => self.write(offset, &bytes)?,
+            Event::ReadHash { block, offset, len } => {
+                // It may still be queued for the disk: wait for that first.
+                let f = self.files.as_mut().expect("files open");
+                f.disk.barrier()?;
+                let mut hp = vec![0u8; len];
+                let ok = f.part.read_exact_at(&mut hp, offset).is_ok();
+                sess.restore_hash(Instant::now(), block, ok.then_some(hp));
+            }
+            Event::Checkpoint => {
+                if let Some(f) = self.files.as_mut() {
+                    if !f.disk.request_checkpoint(sess.have_bits())? {
+                        sess.checkpoint_deferred();
+                    }
+                }
+            }
+            Event::Progress(p) => self.progress(&p),
+            Event::Done => return Ok(true),
+            Event::Failed(f) => {
+                let e = self.failure(sess, f);
+                return self.fail_checkpointed(sess, e);
+            }
+        }
+        Ok(false)
+    }
+
+    fn write(&mut self, offset: u64, bytes: &[u8]) -> Result<(), RecvError> {
+        // No checkpoint on a write failure: queued units are marked held in memory but not on
+        // disk; the last checkpoint (taken behind its writes) is the consistent one.
+        self.files
+            .as_mut()
+            .expect("files open")
+            .disk
+            .write(offset, bytes)
+    }
+
+    /// The verified head is here: finish at once if the archive is already on disk, else open
+    /// (or resume) the part file and start receiving.
+    fn open_files(
+        &mut self,
+        sess: &mut Session,
+        head: Arc<Head>,
+        head_bytes: &[u8],
+        trusted: PublicIdentity,
+        prior_have: Option<Vec<u64>>,
+    ) -> Result<(), RecvError> {
+        let now = Instant::now();
+        if let Ok(a) = ArchiveFile::open(&self.final_path) {
+            if a.head.archive_id == head.archive_id && archive::verify(&a, &trusted).is_ok() {
+                // A run killed between the rename and the state file's removal left it behind.
+                let _ = std::fs::remove_file(&self.state_path);
+                self.already = Some((head, head_bytes.len() as u64));
+                sess.finish_already_complete(now);
+                return Ok(());
+            }
+        }
+        let (part, resumable) =
+            open_part(&self.part_path, &head, head_bytes, prior_have.is_some())?;
+        let have = if resumable { prior_have } else { None };
+        let failed = sess.start(now, have, |off, buf| part.read_exact_at(buf, off).is_ok());
+        if failed > 0 {
+            tracing::warn!(
+                units = failed,
+                "units held before the restart no longer verify on disk: fetching them again"
             );
-            // A run killed between the rename and the state file's removal left it behind.
-            let _ = std::fs::remove_file(&state_path);
-            let len = a.layout.file_len();
+        }
+        self.missing_bytes_at_start = sess.missing_bytes();
+        let (have, units) = sess.progress_units();
+        let state = State {
+            archive_id: head.archive_id,
+            server_key: trusted.0,
+            units,
+            have: sess.have_bits().to_vec(),
+        };
+        state
+            .save(&self.state_path)
+            .map_err(|e| RecvError::io("cannot write state file", &self.state_path, e))?;
+        tracing::info!(title = %self.opts.title, group = ?sess.group(), units, have, "receiving");
+        // Writes and periodic checkpoints run on the disk thread, in order (a slow disk must
+        // not stall the socket drain); the final and error-path checkpoints drain it first.
+        let disk = Disk::start(
+            &part,
+            &self.part_path,
+            &self.state_path,
+            state.clone(),
+            self.opts.direct_io,
+        )?;
+        self.bar = self.opts.progress_bar.then(|| {
+            let b = indicatif::ProgressBar::new(units);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {pos}/{len} packets {percent}% eta {eta}",
+                )
+                .unwrap()
+                .progress_chars("=> "),
+            );
+            b.set_message(self.opts.title.clone());
+            b
+        });
+        self.files = Some(Files {
+            part,
+            disk,
+            state,
+            head_len: head_bytes.len() as u64,
+            head,
+            trusted,
+        });
+        Ok(())
+    }
+
+    fn progress(&self, p: &mcast_proto::receiver::Progress) {
+        if let Some(b) = &self.bar {
+            b.set_position(p.have);
+        }
+        if self.opts.json {
+            let line = ProgressLine {
+                event: "progress",
+                title: &self.opts.title,
+                have: p.have,
+                total: p.total,
+                percent: 100.0 * p.have as f64 / p.total.max(1) as f64,
+                received_packets: p.received_packets,
+                rejected: p.rejected,
+                via: if p.unicast { "unicast" } else { "multicast" },
+            };
+            println!("{}", serde_json::to_string(&line).unwrap());
+        }
+    }
+
+    /// The session's failure, as the receiver's error (and exit code).
+    fn failure(&self, sess: &Session, f: SessionFailure) -> RecvError {
+        let server = self.opts.server;
+        let title = &self.opts.title;
+        match f {
+            SessionFailure::NotFound { redirect } => {
+                let hint = redirect
+                    .map(|r| format!(" (try --server {r})"))
+                    .unwrap_or_default();
+                RecvError::new(
+                    Failure::NotFound,
+                    format!("server {server} does not have title {title:?}{hint}; `mcast-recv catalog` lists what it has"),
+                )
+            }
+            SessionFailure::Draining => RecvError::new(
+                Failure::Unreachable,
+                format!(
+                    "server {server} is draining (finishing its receivers, taking no new ones): \
+                     use --director, or another --server"
+                ),
+            ),
+            SessionFailure::Busy => {
+                RecvError::new(Failure::Other, "server stayed busy; try again later")
+            }
+            SessionFailure::Unreachable(m) => RecvError::new(Failure::Unreachable, m),
+            SessionFailure::Silent(limit) => {
+                let (have, total) = sess.progress_units();
+                let mut e = RecvError::new(
+                    Failure::Unreachable,
+                    format!(
+                        "server {server} went silent (nothing verifiable for {limit:?}) with {have}/{total} packets; \
+                         state kept: run again, or use --director, to resume"
+                    ),
+                );
+                e.silent = true;
+                e
+            }
+            SessionFailure::Integrity(m) => RecvError::new(Failure::Integrity, m),
+            SessionFailure::Repacked => RecvError::new(
+                Failure::Other,
+                format!(
+                    "title {title:?} was re-packed on the server; remove {} and start again",
+                    self.part_path.display()
+                ),
+            ),
+            SessionFailure::Unexpected(m) => RecvError::new(Failure::Other, m),
+        }
+    }
+
+    /// Make what was written durable and save the state file.
+    fn checkpoint(&mut self, sess: &Session) -> Result<(), RecvError> {
+        let Some(f) = self.files.as_mut() else {
+            return Ok(());
+        };
+        f.disk.finish()?;
+        f.part
+            .sync_data()
+            .map_err(|e| RecvError::io("cannot sync", &self.part_path, e))?;
+        f.state.have.copy_from_slice(sess.have_bits());
+        f.state
+            .save(&self.state_path)
+            .map_err(|e| RecvError::io("cannot write state file", &self.state_path, e))
+    }
+
+    fn fail_checkpointed<T>(&mut self, sess: &Session, e: RecvError) -> Result<T, RecvError> {
+        self.checkpoint(sess)?;
+        Err(e)
+    }
+
+    /// Done: make it durable, check the signature, rename it into place.
+    fn finish(mut self, sess: &Session) -> Result<GetReport, RecvError> {
+        let now = Instant::now();
+        let st = sess.stats(now);
+        if let Some((head, head_len)) = self.already.take() {
             return Ok(GetReport {
                 event: "done",
-                title: opts.title.clone(),
-                path: final_path,
-                archive_bytes: len,
+                title: self.opts.title.clone(),
+                path: self.final_path.clone(),
+                archive_bytes: archive::Layout::of(&head, head_len).file_len(),
                 loop_units: head.loop_packets(),
                 loop_bytes: head.loop_bytes(),
                 units_at_start: head.loop_packets(),
@@ -221,805 +651,78 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
                 units_naked: 0,
                 units_suppressed: 0,
                 repairs_received: 0,
-                seconds: started.elapsed().as_secs_f64(),
+                seconds: self.started.elapsed().as_secs_f64(),
                 receive_seconds: 0.0,
                 tier: 0,
                 settled_tier: 0,
                 tier_changes: 0,
             });
         }
-    }
-
-    let head = Arc::new(head);
-    let head_len = head_bytes.len() as u64;
-    let (part, mut dl) = open_part(&part_path, &head, &head_bytes, prior.as_ref())?;
-    let mut units_failed_recheck = 0;
-    if prior.is_some() {
-        units_failed_recheck = dl.recheck_held(|off, buf| part.read_exact_at(buf, off).is_ok());
-        if units_failed_recheck > 0 {
-            tracing::warn!(
-                units = units_failed_recheck,
-                "units held before the restart no longer verify on disk: fetching them again"
-            );
-        }
-    }
-    let units_at_start = dl.have_count();
-    let missing_bytes_at_start = missing_bytes(&dl);
-    let mut state = State {
-        archive_id,
-        server_key: trusted.0,
-        units: dl.units(),
-        have: dl.have_bits().to_vec(),
-    };
-    state
-        .save(&state_path)
-        .map_err(|e| RecvError::io("cannot write state file", &state_path, e))?;
-    tracing::info!(title = %opts.title, %group, units = dl.units(), have = units_at_start, "receiving");
-
-    let mut mcast = multicast_socket(group, opts.iface, opts.recv_buffer)?;
-    let nak_out = nak_socket(opts.iface)?;
-    let tag = archive_tag(&archive_id);
-    let mut nak = NakEngine::new(*dl.shape(), rand::random());
-    // One data packet on the wire (the rate in SYNC counts UDP payload bytes).
-    let packet_bytes = mcast_proto::wire::data::DATA_HEADER_LEN + head.symbol_size as usize;
-    let mut tiering = Tiering::new(joined.tier, joined.tiers_bps.clone(), Instant::now());
-    let mut repairs_received = 0u64;
-    let mut first_packet: Option<Instant> = None;
-    let mut last_loop_no: Option<u32> = None;
-    let mut last_write = Instant::now();
-    let mut rtt_us = 0u32;
-    let mut keepalive_sent: Option<(u32, Instant)> = None;
-    let mut unicast: Option<UdpSocket> = None;
-    let mut unicast_ok = false;
-    let mut heard = false;
-    let joined_at = Instant::now();
-    let mut next_fallback_try = joined_at + opts.sync_timeout;
-    let keepalive_every = (lease / 3).max(Duration::from_millis(50));
-    let mut next_keepalive = Instant::now() + keepalive_every;
-    // The tier the last non-zero throughput report was about.
-    let mut reported_tier: Option<usize> = None;
-    let mut next_checkpoint = Instant::now() + opts.checkpoint;
-    let mut next_progress = Instant::now();
-    let (mut received_bytes, mut received_packets, mut foreign, mut malformed) =
-        (0u64, 0u64, 0u64, 0u64);
-    let mut dirty = false;
-    // Last verified packet or control reply from the server (silence detection).
-    let mut last_heard = Instant::now();
-    let bar = opts.progress_bar.then(|| {
-        let b = indicatif::ProgressBar::new(dl.units());
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:40}] {pos}/{len} packets {percent}% eta {eta}",
-            )
-            .unwrap()
-            .progress_chars("=> "),
-        );
-        b.set_message(opts.title.clone());
-        b
-    });
-    // Batched receive: RECV_BATCH datagrams (or GRO super-datagrams) per recvmmsg, into
-    // buffers reused for the whole run.
-    let mut rx = mcast_io::fastio::RecvBatch::new(RECV_BATCH, 65_536);
-    let mut ctl_buf = vec![0u8; MAX_CONTROL_LEN + 1];
-
-    // Writes and periodic checkpoints run on the disk thread, in order (a slow disk must not
-    // stall the socket drain); the final and error-path checkpoint below first drains it.
-    let mut disk = Disk::start(
-        &part,
-        &part_path,
-        &state_path,
-        state.clone(),
-        opts.direct_io,
-    )?;
-    let checkpoint =
-        |disk: &mut Disk, dl: &Download, state: &mut State, part: &File| -> Result<(), RecvError> {
-            disk.finish()?;
-            part.sync_data()
-                .map_err(|e| RecvError::io("cannot sync", &part_path, e))?;
-            state.have.copy_from_slice(dl.have_bits());
-            state
-                .save(&state_path)
-                .map_err(|e| RecvError::io("cannot write state file", &state_path, e))
-        };
-
-    while !dl.is_complete() {
-        if stop.load(Ordering::Relaxed) {
-            checkpoint(&mut disk, &dl, &mut state, &part)?;
-            return Err(RecvError::new(
-                Failure::Interrupted,
-                "interrupted; run the same command again to resume",
-            ));
-        }
-        if let Some(t) = opts.timeout {
-            if started.elapsed() > t {
-                checkpoint(&mut disk, &dl, &mut state, &part)?;
-                return Err(RecvError::new(
-                    Failure::Timeout,
-                    format!(
-                        "gave up after {t:?} with {}/{} packets; run again to resume",
-                        dl.have_count(),
-                        dl.units()
-                    ),
-                ));
-            }
-        }
-        let now = Instant::now();
-        if let Some(limit) = opts.silence_timeout {
-            if now.saturating_duration_since(last_heard) > limit {
-                checkpoint(&mut disk, &dl, &mut state, &part)?;
-                let mut e = RecvError::new(
-                    Failure::Unreachable,
-                    format!(
-                        "server {} went silent (nothing verifiable for {limit:?}) with {}/{} packets; \
-                         state kept: run again, or use --director, to resume",
-                        opts.server,
-                        dl.have_count(),
-                        dl.units()
-                    ),
-                );
-                e.silent = true;
-                e.received_bytes = received_bytes;
-                return Err(e);
-            }
-        }
-        // The first measurement on a tier goes out at once, not a keepalive period later: the
-        // server sets the tier's rate (and shows its members' figures) from these reports.
-        let (rx_bps, loss_ppm) = tiering.report();
-        if now >= next_keepalive || (rx_bps > 0 && reported_tier != tiering.tier()) {
-            if rx_bps > 0 {
-                reported_tier = tiering.tier();
-            }
-            let id = ctl.send(Control::Keepalive {
-                archive_id,
-                have: dl.have_count(),
-                total: dl.units(),
-                rtt_us,
-                rx_bps,
-                loss_ppm,
-            });
-            keepalive_sent = Some((id, now));
-            next_keepalive = now + keepalive_every;
-        }
-        // Throughput tier: the engine judges each interval; a move is a ChangeTier request and
-        // a socket on the new tier's group (the download state is the same on every tier).
-        tiering.on_missed_total(nak.counters.units_missed);
-        if let Some(t) = (!unicast_ok).then(|| tiering.poll(now)).flatten() {
-            match ctl.request(
-                Control::ChangeTier {
-                    archive_id,
-                    tier: t,
-                },
-                3,
-                Duration::from_millis(300),
-            ) {
-                Ok(Control::JoinOk { group: g, .. }) => {
-                    mcast = multicast_socket(g, opts.iface, opts.recv_buffer)?;
-                    nak.switch_channel(now, group, g);
-                    group = g;
-                    tracing::info!(tier = t, group = %g, "moved to throughput tier");
-                }
-                other => tracing::warn!(?other, tier = t, "tier change not granted"),
-            }
-        }
-        // NAK timers: hold-offs that expired, and a NAK whose back-off ran out.
-        nak.handle_timeout(now, |u| dl.has_or_parked(u));
-        // Loss during a join experiment (or just after a tier move) is congestion, not something
-        // to repair: the units stay in the table and are NAKed once the receiver settles.
-        let settling = tiering.settling(now);
-        while let Some(ranges) = (!settling).then(|| nak.poll_nak(now)).flatten() {
-            tracing::trace!(
-                first = ranges[0].0,
-                ranges = ranges.len(),
-                missing = dl.units() - dl.have_count(),
-                "NAK"
-            );
-            let bytes = Nak {
-                archive_tag: tag,
-                receiver_id,
-                ranges,
-            }
-            .encode();
-
-            let _ = ctl.sock.send_to(&bytes, opts.server);
-            if !unicast_ok {
-                // On the group too, so other receivers suppress their NAKs for these units.
-                let _ = nak_out.send_to(&bytes, group);
-            }
-        }
-        if !heard && !unicast_ok && now >= next_fallback_try {
-            let s = unicast.get_or_insert_with(|| {
-                let s = UdpSocket::bind("0.0.0.0:0").expect("bind unicast socket");
-                let r = socket2::SockRef::from(&s);
-                set_recv_buffer(&r, opts.recv_buffer);
-                tracing::info!(
-                    requested = opts.recv_buffer,
-                    granted = r.recv_buffer_size().unwrap_or(0),
-                    gro = mcast_io::fastio::enable_gro(&s),
-                    "unicast receive buffer"
-                );
-                s
-            });
-            tracing::info!(title = %opts.title, "no multicast heard: asking for unicast fallback");
-            match unicast_handshake(&mut ctl, s, archive_id) {
-                Ok(()) => {
-                    unicast_ok = true;
-                    nak.set_unicast(true);
-                    tracing::info!(local = ?s.local_addr().ok(), "unicast fallback active");
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e.message, "unicast fallback request failed; retrying")
-                }
-            }
-            next_fallback_try = Instant::now() + Duration::from_secs(1);
-        }
-        if now >= next_checkpoint && dirty {
-            // Queued behind every write made so far: when the disk thread takes it, every
-            // unit marked held is in the file, and its sync covers the snapshot.
-            if disk.request_checkpoint(dl.have_bits())? {
-                dirty = false;
-            }
-            next_checkpoint = now + opts.checkpoint;
-        }
-        if now >= next_progress {
-            let via = if unicast_ok { "unicast" } else { "multicast" };
-            if let Some(b) = &bar {
-                b.set_position(dl.have_count());
-            }
-            if opts.json {
-                let p = Progress {
-                    event: "progress",
-                    title: &opts.title,
-                    have: dl.have_count(),
-                    total: dl.units(),
-                    percent: 100.0 * dl.have_count() as f64 / dl.units().max(1) as f64,
-                    received_packets,
-                    rejected: dl.counters.rejected,
-                    via,
-                };
-                println!("{}", serde_json::to_string(&p).unwrap());
-            }
-            next_progress = now + Duration::from_millis(250);
-        }
-
-        // Wait for a datagram on any socket, at most until the next timer.
-        let mut fds = vec![
-            nix::poll::PollFd::new(mcast.as_fd(), nix::poll::PollFlags::POLLIN),
-            nix::poll::PollFd::new(ctl.sock.as_fd(), nix::poll::PollFlags::POLLIN),
-        ];
-        if let Some(u) = &unicast {
-            fds.push(nix::poll::PollFd::new(
-                u.as_fd(),
-                nix::poll::PollFlags::POLLIN,
-            ));
-        }
-        let wait_ms = nak
-            .poll_timeout()
-            .filter(|_| !settling)
-            .map(|t| {
-                t.saturating_duration_since(Instant::now())
-                    .as_millis()
-                    .min(20) as u16
-            })
-            .unwrap_or(20);
-        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait_ms)) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(RecvError::new(Failure::Other, format!("poll: {e}"))),
-        }
-        drop(fds);
-
-        // Control replies (keepalive acks, or "join again").
-        ctl.sock.set_nonblocking(true).ok();
-        while let Ok((n, from)) = ctl.sock.recv_from(&mut ctl_buf) {
-            if from != opts.server {
-                continue;
-            }
-            let env = Envelope::decode(&ctl_buf[..n]);
-            if env.is_ok() {
-                last_heard = Instant::now();
-            }
-            if let (
-                Ok(Envelope {
-                    req_id,
-                    msg: Control::LeaseOk { .. },
-                    ..
-                }),
-                Some((id, at)),
-            ) = (&env, keepalive_sent)
-            {
-                if *req_id == id {
-                    rtt_us = at.elapsed().as_micros().clamp(1, u32::MAX as u128) as u32;
-                    keepalive_sent = None;
-                }
-            }
-            if let Ok(Envelope {
-                msg:
-                    Control::Error {
-                        code: ErrorCode::UnknownSession,
-                        ..
-                    },
-                ..
-            }) = env
-            {
-                tracing::info!(
-                    "server forgot this session (restart or lease expiry): joining again"
-                );
-                ctl.sock.set_nonblocking(false).ok();
-                // A refused re-join (e.g. a scheduled window closed) still leaves a checkpoint.
-                let j = match join(&mut ctl, &opts.title, None, &stop) {
-                    Ok(j) => j,
-                    Err(e) => {
-                        checkpoint(&mut disk, &dl, &mut state, &part)?;
-                        return Err(e);
-                    }
-                };
-                if j.group != group {
-                    mcast = multicast_socket(j.group, opts.iface, opts.recv_buffer)?;
-                    group = j.group;
-                    nak.reset_position();
-                }
-                tiering = Tiering::new(j.tier, j.tiers_bps, Instant::now());
-                if j.archive_id != archive_id {
-                    checkpoint(&mut disk, &dl, &mut state, &part)?;
-                    return Err(RecvError::new(
-                        Failure::Other,
-                        format!(
-                            "title {:?} was re-packed on the server; remove {} and start again",
-                            opts.title,
-                            part_path.display()
-                        ),
-                    ));
-                }
-                unicast_ok = false;
-                next_fallback_try = Instant::now() + opts.sync_timeout;
-            }
-        }
-
-        // Data from multicast and unicast, drained in bursts.
-        let socks: Vec<&UdpSocket> = std::iter::once(&mcast).chain(unicast.as_ref()).collect();
-        // Bounded by packets, not calls (a call can return 64 GRO super-datagrams of ~50
-        // packets each): timers, keepalives and control replies are serviced every few ms,
-        // so NAKs go out on time and the RTT this receiver reports is not inflated by a
-        // long drain.
-        let drain_until = received_packets + DRAIN_PACKETS;
-        for s in socks {
-            while received_packets < drain_until {
-                let got = match rx.recv(s.as_raw_fd()) {
-                    Ok(n) if n > 0 => n,
-                    _ => break,
-                };
-                // Verified packets of this batch, written with one pwritev per contiguous run
-                // before the buffers are reused.
-                let mut complete = false;
-                for dg in rx.datagrams() {
-                    if is_nak(dg) {
-                        match Nak::decode(dg) {
-                            Ok(h) if h.archive_tag == tag && h.receiver_id != receiver_id => {
-                                nak.on_nak_heard(Instant::now(), h.units_in(dl.units()));
-                            }
-                            Ok(_) => {}
-                            Err(_) => malformed += 1,
-                        }
-                        continue;
-                    }
-                    let Ok((hdr, payload)) = DataHeader::decode(dg) else {
-                        malformed += 1;
-                        continue;
-                    };
-                    if hdr.archive_tag != tag {
-                        foreign += 1;
-                        continue;
-                    }
-                    let id = match hdr.kind {
-                        DataKind::Sync => {
-                            if let Ok(info) = SyncInfo::decode(payload) {
-                                nak.on_sync(&info, packet_bytes);
-                                tiering.on_sync(&info, Instant::now());
-                            }
-                            continue;
-                        }
-                        DataKind::Packet(id) => id,
-                    };
-                    received_packets += 1;
-                    received_bytes += payload.len() as u64;
-                    tiering.on_data(payload.len());
-                    repairs_received += hdr.repair as u64;
-                    first_packet.get_or_insert_with(Instant::now);
-                    if !hdr.repair && last_loop_no != Some(hdr.loop_no) {
-                        if last_loop_no.is_some() {
-                            tracing::debug!(
-                                loop_no = hdr.loop_no,
-                                missing = dl.units() - dl.have_count(),
-                                nak_table = nak.table_len(),
-                                "loop wrapped"
-                            );
-                        }
-                        last_loop_no = Some(hdr.loop_no);
-                    }
-                    let mut verdict = dl.on_packet(id, payload);
-                    if let Verdict::NeedHash(b) = verdict {
-                        // The block's hash packet left the in-memory cache: read it back (it may
-                        // still be queued for the disk, so wait for that first) and offer the packet again.
-                        disk.barrier()?;
-                        let (off, len) = dl
-                            .layout()
-                            .packet_range(PacketId::Hash(b))
-                            .expect("block in range");
-                        let mut hp = vec![0u8; len];
-                        let ok = part.read_exact_at(&mut hp, off).is_ok();
-                        if !(ok && dl.restore_hash(b, hp)) {
-                            tracing::warn!(
-                                block = b,
-                                "hash packet on disk no longer verifies: fetching it again"
-                            );
-                        }
-                        verdict = dl.on_packet(id, payload);
-                    }
-                    // Only verified packets may move the NAK engine (and prove the channel works):
-                    // a forged position must not mark a loop's worth of units missing.
-                    match verdict {
-                        Verdict::Write { .. } => {
-                            heard = true;
-                            last_heard = Instant::now();
-                            nak.on_packet(Instant::now(), id, hdr.repair, |u| dl.has_or_parked(u));
-                        }
-                        Verdict::Parked => {
-                            if let PacketId::Data(s) = id {
-                                nak.on_parked(Instant::now(), s, |u| dl.has_or_parked(u));
-                            }
-                        }
-                        // Genuine duplicates still tell the loop position (a loss at the end of a
-                        // loop is only seen from the next loop's packets, which are duplicates).
-                        Verdict::Duplicate if dl.duplicate_is_genuine(id, payload) => {
-                            heard = true;
-                            last_heard = Instant::now();
-                            nak.on_packet(Instant::now(), id, hdr.repair, |u| dl.has_or_parked(u));
-                        }
-                        Verdict::Duplicate => {}
-                        Verdict::NoHashYet | Verdict::Rejected | Verdict::NeedHash(_) => {}
-                    }
-                    // A parked packet that failed its check loses its unit, unless a genuine
-                    // copy was parked or written meanwhile (forgeries must not cause NAKs).
-                    for unit in dl.take_unpark_rejects() {
-                        if !dl.has_or_parked(unit) {
-                            nak.on_lost(Instant::now(), unit);
-                        }
-                    }
-                    for (offset, bytes) in dl.take_released() {
-                        disk.write(offset, &bytes)?;
-                        dirty = true;
-                    }
-                    if let Verdict::Write { offset } = verdict {
-                        last_write = Instant::now();
-                        disk.write(offset, payload)?;
-                        dirty = true;
-                        if dl.is_complete() {
-                            complete = true;
-                            break;
-                        }
-                    }
-                }
-                // No checkpoint on a write failure: queued units are marked held in memory but
-                // not on disk; the last checkpoint (taken behind its writes) is the consistent
-                // one to resume from.
-                if complete || got < rx.capacity() {
-                    break;
-                }
-            }
-        }
-    }
-
-    // Complete: say so (lets the channel close), make it durable, verify, rename.
-    let _ = ctl.sock.set_nonblocking(false);
-    let _ = ctl.request(
-        Control::Complete { archive_id },
-        3,
-        Duration::from_millis(300),
-    );
-    checkpoint(&mut disk, &dl, &mut state, &part)?;
-    drop(part);
-    let a = ArchiveFile::open(&part_path)
-        .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
-    // Every unit was verified before it was written (or re-verified from disk at resume),
-    // so the file needs only its structure and signature checked, not a second full pass.
-    a.verify_signature(&trusted)
-        .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
-    drop(a);
-    std::fs::rename(&part_path, &final_path)
-        .map_err(|e| RecvError::io("cannot rename", &part_path, e))?;
-    let _ = mcast_io::fsutil::sync_dir(&opts.out_dir);
-    let _ = std::fs::remove_file(&state_path);
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
-    let c = &dl.counters;
-    Ok(GetReport {
-        event: "done",
-        title: opts.title.clone(),
-        path: final_path,
-        archive_bytes: head_len + head.loop_bytes() + archive::PREAMBLE_LEN + archive::TAIL_LEN,
-        loop_units: dl.units(),
-        loop_bytes: head.loop_bytes(),
-        units_at_start,
-        units_failed_recheck,
-        received_bytes,
-        received_packets,
-        missing_bytes_at_start,
-        written: c.written,
-        duplicates: c.duplicates,
-        no_hash_yet: c.no_hash_yet,
-        rejected: c.rejected,
-        foreign,
-        malformed,
-        unicast: unicast_ok,
-        naks_sent: nak.counters.naks_sent,
-        units_naked: nak.counters.units_naked,
-        units_suppressed: nak.counters.units_suppressed,
-        repairs_received,
-        seconds: started.elapsed().as_secs_f64(),
-        receive_seconds: first_packet
-            .map(|f| last_write.saturating_duration_since(f).as_secs_f64())
-            .unwrap_or(0.0),
-        tier: tiering.tier().unwrap_or(0),
-        settled_tier: tiering.settled_tier(Instant::now()),
-        tier_changes: tiering.changes,
-    })
-}
-
-fn missing_bytes(dl: &Download) -> u64 {
-    (0..dl.units())
-        .filter(|&u| !dl.has(u))
-        .map(|u| {
-            dl.layout()
-                .packet_range(dl.shape().unit_packet(u))
-                .map(|r| r.1 as u64)
-                .unwrap_or(0)
+        self.checkpoint(sess)?;
+        let f = self.files.take().expect("files open");
+        drop(f.part);
+        drop(f.disk);
+        let a = ArchiveFile::open(&self.part_path)
+            .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+        // Every unit was verified before it was written (or re-verified from disk at resume),
+        // so the file needs only its structure and signature checked, not a second full pass.
+        a.verify_signature(&f.trusted)
+            .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+        drop(a);
+        std::fs::rename(&self.part_path, &self.final_path)
+            .map_err(|e| RecvError::io("cannot rename", &self.part_path, e))?;
+        let _ = mcast_io::fsutil::sync_dir(&self.opts.out_dir);
+        let _ = std::fs::remove_file(&self.state_path);
+        let head = &f.head;
+        Ok(GetReport {
+            event: "done",
+            title: self.opts.title.clone(),
+            path: self.final_path.clone(),
+            archive_bytes: f.head_len
+                + head.loop_bytes()
+                + archive::PREAMBLE_LEN
+                + archive::TAIL_LEN,
+            loop_units: head.loop_packets(),
+            loop_bytes: head.loop_bytes(),
+            units_at_start: st.units_at_start,
+            units_failed_recheck: st.units_failed_recheck,
+            received_bytes: st.received_bytes,
+            received_packets: st.received_packets,
+            missing_bytes_at_start: self.missing_bytes_at_start,
+            written: st.download.written,
+            duplicates: st.download.duplicates,
+            no_hash_yet: st.download.no_hash_yet,
+            rejected: st.download.rejected,
+            foreign: st.foreign,
+            malformed: st.malformed,
+            unicast: st.unicast,
+            naks_sent: st.nak.naks_sent,
+            units_naked: st.nak.units_naked,
+            units_suppressed: st.nak.units_suppressed,
+            repairs_received: st.repairs_received,
+            seconds: self.started.elapsed().as_secs_f64(),
+            receive_seconds: match (st.first_packet, st.last_write) {
+                (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
+                _ => 0.0,
+            },
+            tier: st.tier,
+            settled_tier: st.settled_tier,
+            tier_changes: st.tier_changes,
         })
-        .sum()
-}
-
-/// What a join reply says.
-struct Joined {
-    archive_id: [u8; 16],
-    group: SocketAddrV4,
-    lease: Duration,
-    tier: u8,
-    tiers_bps: Vec<u64>,
-}
-
-fn join(
-    ctl: &mut ControlClient,
-    title: &str,
-    start: Option<u64>,
-    stop: &AtomicBool,
-) -> Result<Joined, RecvError> {
-    let mut backoff = Duration::from_millis(200);
-    let msg = match start {
-        Some(block) => Control::JoinAt {
-            title: title.to_string(),
-            block,
-        },
-        None => Control::Join {
-            title: title.to_string(),
-        },
-    };
-    for _ in 0..10 {
-        match ctl.request(msg.clone(), 5, Duration::from_millis(400))? {
-            Control::JoinOk {
-                archive_id,
-                group,
-                lease_ms,
-                tier,
-                tiers_bps,
-                ..
-            } => {
-                return Ok(Joined {
-                    archive_id,
-                    group,
-                    lease: Duration::from_millis(lease_ms as u64),
-                    tier,
-                    tiers_bps,
-                })
-            }
-            Control::NotHere { redirect, .. } => {
-                let hint = redirect
-                    .map(|r| format!(" (try --server {r})"))
-                    .unwrap_or_default();
-                return Err(RecvError::new(
-                    Failure::NotFound,
-                    format!("server {} does not have title {title:?}{hint}; `mcast-recv catalog` lists what it has", ctl.server),
-                ));
-            }
-            Control::Error {
-                code: ErrorCode::Draining,
-                ..
-            } => {
-                return Err(RecvError::new(
-                    Failure::Unreachable,
-                    format!(
-                        "server {} is draining (finishing its receivers, taking no new ones): \
-                         use --director, or another --server",
-                        ctl.server
-                    ),
-                ));
-            }
-            Control::Error {
-                code: ErrorCode::Busy,
-                message,
-            } => {
-                tracing::warn!(%message, "server busy; retrying");
-                // Busy can last (all slots in use, a scheduled title between windows): a
-                // stop request must not wait for the retries.
-                let until = Instant::now() + backoff;
-                while Instant::now() < until {
-                    if stop.load(Ordering::Relaxed) {
-                        return Err(RecvError::new(
-                            Failure::Interrupted,
-                            "interrupted; run the same command again to resume",
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            other => {
-                return Err(RecvError::new(
-                    Failure::Other,
-                    format!("unexpected reply to join: {other:?}"),
-                ));
-            }
-        }
     }
-    Err(RecvError::new(
-        Failure::Other,
-        "server stayed busy; try again later",
-    ))
 }
-
-/// Fetch the head in chunks, with up to 32 requests in flight.
-fn fetch_head(ctl: &mut ControlClient, archive_id: [u8; 16]) -> Result<(Head, Vec<u8>), RecvError> {
-    let first = ctl.request(
-        Control::HeadRequest {
-            archive_id,
-            offset: 0,
-        },
-        5,
-        Duration::from_millis(400),
-    )?;
-    let Control::HeadChunk { total, bytes, .. } = first else {
-        return Err(RecvError::new(
-            Failure::Other,
-            format!("unexpected reply to head request: {first:?}"),
-        ));
-    };
-    let total = total as usize;
-    if total > archive::MAX_HEAD_LEN as usize {
-        return Err(RecvError::new(
-            Failure::Integrity,
-            "server announced an oversized head",
-        ));
-    }
-    let mut head = vec![0u8; total];
-    let chunks = total.div_ceil(HEAD_CHUNK).max(1);
-    let mut got = vec![false; chunks];
-    let n = bytes.len().min(total);
-    head[..n].copy_from_slice(&bytes[..n]);
-    got[0] = true;
-    let mut buf = vec![0u8; MAX_CONTROL_LEN + 1];
-    let deadline = Instant::now() + Duration::from_secs(30);
-    // A window of requests in flight: each chunk that arrives frees a slot for the next one,
-    // and requests unanswered for RETRY are sent again (lost datagrams).
-    const WINDOW: usize = 32;
-    const RETRY: Duration = Duration::from_millis(200);
-    let mut sent_at: Vec<Option<Instant>> = vec![None; chunks];
-    let mut missing = got.iter().filter(|g| !**g).count();
-    let mut in_flight = 0usize;
-    let mut cursor = 0usize;
-    let mut last_scan = Instant::now();
-    ctl.sock
-        .set_read_timeout(Some(Duration::from_millis(10)))
-        .ok();
-    while missing > 0 {
-        let now = Instant::now();
-        if now > deadline {
-            return Err(RecvError::new(
-                Failure::Unreachable,
-                "timed out fetching the archive head",
-            ));
-        }
-        if now.duration_since(last_scan) >= RETRY {
-            // Re-request what went unanswered; count what is still in flight.
-            in_flight = 0;
-            for i in 0..cursor {
-                if got[i] {
-                    continue;
-                }
-                match sent_at[i] {
-                    Some(t) if now.duration_since(t) < RETRY => in_flight += 1,
-                    _ if in_flight < WINDOW => {
-                        ctl.send(Control::HeadRequest {
-                            archive_id,
-                            offset: (i * HEAD_CHUNK) as u32,
-                        });
-                        sent_at[i] = Some(now);
-                        in_flight += 1;
-                    }
-                    _ => {}
-                }
-            }
-            last_scan = now;
-        }
-        while in_flight < WINDOW && cursor < chunks {
-            if !got[cursor] {
-                ctl.send(Control::HeadRequest {
-                    archive_id,
-                    offset: (cursor * HEAD_CHUNK) as u32,
-                });
-                sent_at[cursor] = Some(now);
-                in_flight += 1;
-            }
-            cursor += 1;
-        }
-        let Ok((n, from)) = ctl.sock.recv_from(&mut buf) else {
-            continue;
-        };
-        if from != ctl.server {
-            continue;
-        }
-        if let Ok(Envelope {
-            msg:
-                Control::HeadChunk {
-                    archive_id: a,
-                    offset,
-                    bytes,
-                    ..
-                },
-            ..
-        }) = Envelope::decode(&buf[..n])
-        {
-            let off = offset as usize;
-            if a != archive_id || off % HEAD_CHUNK != 0 || off >= total.max(1) {
-                continue;
-            }
-            let i = off / HEAD_CHUNK;
-            if got[i] {
-                continue;
-            }
-            let end = (off + bytes.len()).min(total);
-            head[off..end].copy_from_slice(&bytes[..end - off]);
-            got[i] = true;
-            missing -= 1;
-            if sent_at[i].is_some() {
-                in_flight = in_flight.saturating_sub(1);
-            }
-        }
-    }
-    ctl.sock.set_read_timeout(None).ok();
-    let h = Head::decode(&head).map_err(|e| {
-        RecvError::new(
-            Failure::Integrity,
-            format!("bad archive head from server: {e}"),
-        )
-    })?;
-    if h.archive_id != archive_id {
-        return Err(RecvError::new(
-            Failure::Integrity,
-            "head is for another archive",
-        ));
-    }
-    Ok((h, head))
-}
-
 /// Create or reopen the part file, preallocated to the archive's size, with preamble, head
 /// and tail already in place (they are known from the verified head).
+/// Returns the file and whether it can be resumed (`prior`: there is a state to resume).
 fn open_part(
     path: &Path,
-    head: &Arc<Head>,
+    head: &Head,
     head_bytes: &[u8],
-    prior: Option<&State>,
-) -> Result<(File, Download), RecvError> {
+    prior: bool,
+) -> Result<(File, bool), RecvError> {
     let head_len = head_bytes.len() as u64;
     let layout = archive::Layout::of(head, head_len);
-    let resumable = prior.is_some()
+    let resumable = prior
         && std::fs::metadata(path)
             .map(|m| m.len() == layout.file_len())
             .unwrap_or(false);
@@ -1058,12 +761,7 @@ fn open_part(
         &archive::tail_bytes(head_len),
         layout.head_offset() + head_len,
     )?;
-    let have = if resumable {
-        prior.map(|s| s.have.clone())
-    } else {
-        None
-    };
-    Ok((file, Download::new(head.clone(), head_len, have)))
+    Ok((file, resumable))
 }
 
 /// Multicast data socket: several receivers on one host can bind the same group and port.
@@ -1137,40 +835,4 @@ fn nak_socket(iface: Ipv4Addr) -> Result<UdpSocket, RecvError> {
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())
         .map_err(|e| err("bind", e))?;
     Ok(s.into())
-}
-
-/// Ask for unicast from `sock` and prove we receive there (cookie round trip).
-fn unicast_handshake(
-    ctl: &mut ControlClient,
-    sock: &UdpSocket,
-    archive_id: [u8; 16],
-) -> Result<(), RecvError> {
-    sock.set_nonblocking(false).ok();
-    let reply = ctl.request_on(
-        sock,
-        Control::UnicastRequest { archive_id },
-        3,
-        Duration::from_millis(300),
-    );
-    let cookie = match reply? {
-        Control::Cookie { cookie, .. } => cookie,
-        other => {
-            return Err(RecvError::new(
-                Failure::Other,
-                format!("unexpected reply to unicast request: {other:?}"),
-            ))
-        }
-    };
-    match ctl.request_on(
-        sock,
-        Control::UnicastConfirm { archive_id, cookie },
-        3,
-        Duration::from_millis(300),
-    )? {
-        Control::UnicastOk { .. } => Ok(()),
-        other => Err(RecvError::new(
-            Failure::Other,
-            format!("unicast refused: {other:?}"),
-        )),
-    }
 }

@@ -10,4 +10,3 @@ pub mod failover;
 pub mod get;
 pub mod play;
 pub mod state;
-pub mod tiering;

@@ -435,6 +435,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                     ),
                     silent: false,
                     received_bytes: 0,
+                    resume: None,
                 }),
             }
         }

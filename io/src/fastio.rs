@@ -12,6 +12,7 @@
 
 use std::fs::File;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 
@@ -344,8 +345,10 @@ pub struct RecvBatch {
     msgs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
     cmsgs: Vec<CmsgSpace>,
-    /// (len, segment size or 0) of each message received by the last call.
-    got: Vec<(usize, usize)>,
+    /// Source address of each message.
+    names: Vec<libc::sockaddr_storage>,
+    /// (len, segment size or 0, source) of each message received by the last call.
+    got: Vec<(usize, usize, Option<SocketAddr>)>,
 }
 
 impl RecvBatch {
@@ -356,6 +359,8 @@ impl RecvBatch {
             msgs: Vec::with_capacity(n),
             iovs: Vec::with_capacity(n),
             cmsgs: vec![[0u64; 8]; n],
+            // SAFETY: an all-zero sockaddr_storage is a valid (AF_UNSPEC) value.
+            names: vec![unsafe { std::mem::zeroed() }; n],
             got: Vec::with_capacity(n),
         }
     }
@@ -385,6 +390,8 @@ impl RecvBatch {
             h.msg_hdr.msg_iovlen = 1;
             h.msg_hdr.msg_control = self.cmsgs[k].as_mut_ptr().cast();
             h.msg_hdr.msg_controllen = std::mem::size_of::<CmsgSpace>() as _;
+            h.msg_hdr.msg_name = (&mut self.names[k] as *mut libc::sockaddr_storage).cast();
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as _;
             self.msgs.push(h);
         }
         let r = loop {
@@ -409,7 +416,8 @@ impl RecvBatch {
                 _ => return Err(e),
             }
         };
-        for h in &self.msgs[..r] {
+        for (k, h) in self.msgs[..r].iter().enumerate() {
+            let from = sockaddr_of(&self.names[k], h.msg_hdr.msg_namelen);
             let mut seg = 0usize;
             // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_* walk within it.
             unsafe {
@@ -423,21 +431,52 @@ impl RecvBatch {
                 }
             }
             let len = (h.msg_len as usize).min(self.slot);
-            self.got.push((len, seg));
+            self.got.push((len, seg, from));
         }
         Ok(r)
     }
 
     /// The datagrams of the last [`RecvBatch::recv`], GRO super-datagrams split.
     pub fn datagrams(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.datagrams_from().map(|(_, d)| d)
+    }
+
+    /// The datagrams of the last [`RecvBatch::recv`] with their source addresses
+    /// (`0.0.0.0:0` if the kernel gave none).
+    pub fn datagrams_from(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> + '_ {
         self.got
             .iter()
             .enumerate()
-            .flat_map(move |(k, &(len, seg))| {
+            .flat_map(move |(k, &(len, seg, from))| {
                 let b = &self.bufs[k * self.slot..k * self.slot + len];
                 let step = if seg == 0 { len.max(1) } else { seg };
-                b.chunks(step)
+                let from = from.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+                b.chunks(step).map(move |c| (from, c))
             })
+    }
+}
+
+/// The socket address the kernel wrote into `ss` (`None` for an unknown family).
+fn sockaddr_of(ss: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = len as usize;
+    match ss.ss_family as libc::c_int {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which it is big enough for.
+            let a = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::from((
+                u32::from_be(a.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::from((
+                a.sin6_addr.s6_addr,
+                u16::from_be(a.sin6_port),
+            )))
+        }
+        _ => None,
     }
 }
 

@@ -1,7 +1,17 @@
-//! Receiver protocol engines (sans-I/O): [`download`] decides what is verified and written,
-//! [`nak`] decides when to ask for repairs. The `mcast-recv` driver and the simulation
-//! harness both drive them.
+//! Receiver protocol engines (sans-I/O). [`session::Session`] is one download: it composes
+//! [`download`] (what is verified and written), [`nak`] (when to ask for repairs) and the
+//! tier engine ([`tier`], through [`tiering`]), and owns the join, head fetch
+//! ([`head_fetch`]), control requests ([`requests`]), keepalives, unicast fallback and
+//! re-join. `mcast-recv get` and the simulator both drive the same `Session`.
 
 pub mod download;
+pub mod head_fetch;
 pub mod nak;
+pub mod requests;
+pub mod resume;
+pub mod session;
 pub mod tier;
+pub mod tiering;
+
+pub use requests::{Transmit, Via};
+pub use session::{Event, Failure, Progress, ResumeInfo, Session, SessionConfig, SessionStats};

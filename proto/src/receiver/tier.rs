@@ -179,6 +179,12 @@ impl TierEngine {
         self.interval_start + self.p.interval
     }
 
+    /// The end of a settle after a move down (`None` during a probe: that ends when an
+    /// interval is judged).
+    pub fn settle_end(&self) -> Option<Instant> {
+        self.probe.is_none().then_some(self.settle_until)
+    }
+
     /// Just moved: losses now are the old channel's tail, not this one's (NAKs can wait).
     pub fn settling(&self, now: Instant) -> bool {
         self.probe.is_some() || now < self.settle_until

@@ -1,13 +1,13 @@
-//! Driver glue for throughput tiers: feeds the sans-I/O [`TierEngine`] from what the receive
-//! loop sees (SYNC delay samples, data bytes, losses the NAK engine found) and says when to
-//! move to another tier's channel. The move itself (a `ChangeTier` request and a new
-//! multicast socket) is the receive loop's; the download state does not depend on the
+//! The session's side of throughput tiers: feeds the [`TierEngine`] from what the session
+//! sees (SYNC delay samples, data bytes, losses the NAK engine found), says when to move to
+//! another tier's channel and keeps the time spent on each. The move itself (a `ChangeTier`
+//! request, then the new group) is the session's; the download state does not depend on the
 //! channel, so nothing already written is fetched again.
 
 use std::time::Instant;
 
-use mcast_proto::receiver::tier::{TierEngine, TierMove, TierParams};
-use mcast_proto::wire::data::SyncInfo;
+use super::tier::{TierEngine, TierMove, TierParams};
+use crate::wire::data::SyncInfo;
 
 pub struct Tiering {
     engine: Option<TierEngine>,
@@ -90,10 +90,12 @@ impl Tiering {
     }
 
     /// The tier this receiver spent the most time on so far (where it settled).
-    pub fn settled_tier(&mut self, now: Instant) -> usize {
-        let cur = self.tier().unwrap_or(0);
-        self.account(cur, now);
-        self.time_on
+    pub fn settled_tier(&self, now: Instant) -> usize {
+        let mut time_on = self.time_on.clone();
+        if let Some(x) = time_on.get_mut(self.tier().unwrap_or(0)) {
+            *x += now.saturating_duration_since(self.since).as_secs_f64();
+        }
+        time_on
             .iter()
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
@@ -113,6 +115,16 @@ impl Tiering {
     /// (or the old channel's tail), not worth repair requests yet.
     pub fn settling(&self, now: Instant) -> bool {
         self.engine.as_ref().is_some_and(|e| e.settling(now))
+    }
+
+    /// When the engine next judges an interval (`None` for a title with one tier).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.engine.as_ref().map(|e| e.next_deadline())
+    }
+
+    /// When settling ends, if it ends on its own (a probe ends at an interval's judgement).
+    pub fn settle_end(&self) -> Option<Instant> {
+        self.engine.as_ref().and_then(|e| e.settle_end())
     }
 
     pub fn tier(&self) -> Option<usize> {

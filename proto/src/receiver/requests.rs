@@ -1,0 +1,161 @@
+//! The session's control requests in flight: each is resent until answered or out of tries,
+//! and answers are matched by request id. Nothing here blocks: the data path keeps draining
+//! while a tier change, a completion or a unicast handshake waits for its reply.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::wire::control::{Control, Envelope};
+
+/// Which socket a datagram leaves from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// The control socket (requests, keepalives, NAKs to the server).
+    Control,
+    /// The unicast data socket: the unicast handshake is made from it, so the server proves
+    /// the very address it will stream to.
+    Unicast,
+    /// The NAK socket, multicast to the channel's group (other receivers suppress theirs).
+    Group,
+}
+
+/// A datagram for the driver to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub via: Via,
+    pub to: SocketAddr,
+    pub bytes: Vec<u8>,
+}
+
+/// What a request was for (its answer is handled accordingly).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    Join,
+    HeadFirst,
+    ChangeTier(u8),
+    Complete,
+    UnicastRequest,
+    UnicastConfirm,
+}
+
+struct Pending {
+    req_id: u32,
+    purpose: Purpose,
+    via: Via,
+    bytes: Vec<u8>,
+    tries_left: u32,
+    per_try: Duration,
+    next_at: Instant,
+}
+
+/// Outstanding requests of one session.
+pub struct Requests {
+    server: SocketAddr,
+    receiver_id: u64,
+    next_req: u32,
+    pending: Vec<Pending>,
+}
+
+impl Requests {
+    pub fn new(server: SocketAddr, receiver_id: u64) -> Requests {
+        Requests {
+            server,
+            receiver_id,
+            next_req: 1,
+            pending: Vec::new(),
+        }
+    }
+
+    fn next_id(&mut self) -> u32 {
+        self.next_req = self.next_req.wrapping_add(1);
+        self.next_req
+    }
+
+    /// A datagram with no answer awaited (keepalive, head chunk request): its request id.
+    pub fn send(&mut self, msg: Control, out: &mut Vec<Transmit>) -> u32 {
+        let id = self.next_id();
+        out.push(Transmit {
+            via: Via::Control,
+            to: self.server,
+            bytes: Envelope::new(self.receiver_id, id, msg).encode(),
+        });
+        id
+    }
+
+    /// Send `msg` now and again every `per_try` until answered, `tries` times in all. A new
+    /// request for the same purpose replaces the old one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn request(
+        &mut self,
+        now: Instant,
+        purpose: Purpose,
+        via: Via,
+        msg: Control,
+        tries: u32,
+        per_try: Duration,
+        out: &mut Vec<Transmit>,
+    ) {
+        self.cancel(purpose);
+        let req_id = self.next_id();
+        let bytes = Envelope::new(self.receiver_id, req_id, msg).encode();
+        out.push(Transmit {
+            via,
+            to: self.server,
+            bytes: bytes.clone(),
+        });
+        self.pending.push(Pending {
+            req_id,
+            purpose,
+            via,
+            bytes,
+            tries_left: tries.saturating_sub(1),
+            per_try,
+            next_at: now + per_try,
+        });
+    }
+
+    pub fn cancel(&mut self, purpose: Purpose) {
+        self.pending.retain(|p| p.purpose != purpose);
+    }
+
+    pub fn in_flight(&self, purpose: Purpose) -> bool {
+        self.pending.iter().any(|p| p.purpose == purpose)
+    }
+
+    /// The answer to a request of ours, taken off the table: `None` when `env` answers none.
+    pub fn answer(&mut self, env: &Envelope) -> Option<Purpose> {
+        if env.receiver_id != self.receiver_id {
+            return None;
+        }
+        let i = self.pending.iter().position(|p| p.req_id == env.req_id)?;
+        Some(self.pending.swap_remove(i).purpose)
+    }
+
+    /// Resend what is due; returns the requests that ran out of tries unanswered.
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut Vec<Transmit>) -> Vec<Purpose> {
+        let mut failed = Vec::new();
+        let server = self.server;
+        self.pending.retain_mut(|p| {
+            if now < p.next_at {
+                return true;
+            }
+            if p.tries_left == 0 {
+                failed.push(p.purpose);
+                return false;
+            }
+            p.tries_left -= 1;
+            p.next_at = now + p.per_try;
+            out.push(Transmit {
+                via: p.via,
+                to: server,
+                bytes: p.bytes.clone(),
+            });
+            true
+        });
+        failed
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.pending.iter().map(|p| p.next_at).min()
+    }
+}

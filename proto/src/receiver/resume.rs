@@ -1,0 +1,60 @@
+//! What a resume needs from what is held: the payload still missing, and the block a new
+//! loop should start at (right after the longest run of complete blocks, cyclically, so the
+//! loop passes every missing packet as soon as it can).
+
+use super::download::Download;
+use crate::carousel::LoopShape;
+
+/// Payload bytes of the units not held yet.
+pub fn missing_bytes(dl: &Download) -> u64 {
+    (0..dl.units())
+        .filter(|&u| !dl.has(u))
+        .map(|u| {
+            dl.layout()
+                .packet_range(dl.shape().unit_packet(u))
+                .map(|r| r.1 as u64)
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// The block a resumed loop should start at; `None` when every block is complete (or
+/// there are none).
+pub fn start_block(shape: &LoopShape, has: impl Fn(u64) -> bool) -> Option<u64> {
+    if shape.n_blocks == 0 {
+        return None;
+    }
+    let k = shape.block_symbols;
+    let complete: Vec<bool> = (0..shape.n_blocks)
+        .map(|b| {
+            has(shape.data_packets + b) && (b * k..((b + 1) * k).min(shape.data_packets)).all(&has)
+        })
+        .collect();
+    best_start(&complete)
+}
+
+/// Start index after the longest cyclic run of `true`; `None` when all are `true`.
+pub fn best_start(complete: &[bool]) -> Option<u64> {
+    let n = complete.len();
+    if n == 0 || complete.iter().all(|c| *c) {
+        return None;
+    }
+    // Walk twice round so a run that wraps is measured whole.
+    let (mut best_len, mut best_end, mut run) = (0usize, 0usize, 0usize);
+    for i in 0..2 * n {
+        if complete[i % n] {
+            run += 1;
+            if run > best_len {
+                best_len = run;
+                best_end = i % n;
+            }
+        } else {
+            run = 0;
+        }
+    }
+    if best_len == 0 {
+        // Nothing held: start at the first block.
+        return Some(0);
+    }
+    Some(((best_end + 1) % n) as u64)
+}
