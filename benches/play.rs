@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use mcast::archive::{decrypt_to, ArchiveFile, CompressMode, DecryptOptions};
-use mcast::ticket::TicketService;
+use mcast::ticket::service::TicketService;
+use mcast::ticket::TicketStore;
 use mcast_keys::seal::ReceiverKey;
 use mcast_keys::ticket::{Ticket, TicketSpec};
 use mcast_keys::{Cipher, KeyStore};
@@ -97,7 +98,7 @@ fn bench_grant(c: &mut Criterion) {
     let (file, part_b) = Ticket::issue(&id, &master, &spec).unwrap();
     let db_path = dir.path().join("tickets.sqlite");
     {
-        let db = mcast::ticketdb::TicketDb::open(&db_path).unwrap();
+        let db = mcast::ticket::sqlite::SqliteStore::open(&db_path).unwrap();
         let wrapped = ks.tickets_key().unwrap().wrap(
             &file.ticket().ticket_id,
             &file.ticket().archive_id,

@@ -6,9 +6,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use mcast_keys::Cipher;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use crate::archive::CompressMode;
+use crate::channel::RatePolicy;
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -128,7 +129,8 @@ pub struct ServerConfig {
     /// Empty: one tier at `rate_mbps`.
     pub tiers_mbps: Vec<f64>,
     /// How a tier's rate follows its members' reports: "lowest" or "average".
-    pub rate_policy: String,
+    #[serde(deserialize_with = "choice")]
+    pub rate_policy: RatePolicy,
     /// TCP address answering `GET /health` with JSON status ("" = off).
     pub health_listen: String,
 }
@@ -160,7 +162,8 @@ pub struct PackConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TicketsConfig {
     /// "sqlite" (the file `db`, one server) or "postgres" (`postgres_url`, shared by servers).
-    pub database: String,
+    #[serde(deserialize_with = "choice")]
+    pub database: Database,
     /// SQLite file holding every ticket's server-side key part (wrapped) and plays left.
     pub db: PathBuf,
     /// PostgreSQL connection string (libpq key=value or postgres:// URL) for `database = "postgres"`.
@@ -170,10 +173,61 @@ pub struct TicketsConfig {
     pub retry_secs: u64,
 }
 
+/// `[tickets] database`: which backend holds the validation database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Database {
+    /// The SQLite file `tickets.db` (one server).
+    Sqlite,
+    /// The PostgreSQL server at `tickets.postgres_url` (shared by several servers).
+    Postgres,
+}
+
+/// A field that takes one of a few names (a serde enum). A name that is not one of them is
+/// refused like any other bad value: naming the file, the line and the field, and the names
+/// to use (see [`choice`] and [`Config::parse`]).
+trait Choice: for<'de> Deserialize<'de> {
+    /// `section.key`
+    const FIELD: &'static str;
+    /// What to write instead.
+    const USE: &'static str;
+}
+
+impl Choice for RatePolicy {
+    const FIELD: &'static str = "server.rate_policy";
+    const USE: &'static str = "use \"lowest\" or \"average\"";
+}
+
+impl Choice for Database {
+    const FIELD: &'static str = "tickets.database";
+    const USE: &'static str = "use \"sqlite\" or \"postgres\"";
+}
+
+/// Every [`Choice`] field, for [`refused_choice`].
+const CHOICE_FIELDS: [&str; 2] = [RatePolicy::FIELD, Database::FIELD];
+
+/// Deserialize a [`Choice`] from its name; a bad name fails with `"<field>: <why>"`, which
+/// [`refused_choice`] turns back into a field error.
+fn choice<'de, D: Deserializer<'de>, T: Choice>(d: D) -> Result<T, D::Error> {
+    use serde::de::{Error, IntoDeserializer};
+    let name = String::deserialize(d)?;
+    let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+        name.as_str().into_deserializer();
+    T::deserialize(de).map_err(|_| D::Error::custom(format!("{}: {name:?}: {}", T::FIELD, T::USE)))
+}
+
+/// The field and reason of a parse error raised by [`choice`].
+fn refused_choice(message: &str) -> Option<(&'static str, String)> {
+    CHOICE_FIELDS.iter().find_map(|&f| {
+        let why = message.strip_prefix(f)?.strip_prefix(": ")?;
+        Some((f, why.to_string()))
+    })
+}
+
 impl Default for TicketsConfig {
     fn default() -> Self {
         TicketsConfig {
-            database: "sqlite".into(),
+            database: Database::Sqlite,
             db: PathBuf::from("mcast-data/tickets.sqlite"),
             postgres_url: String::new(),
             retry_secs: 60,
@@ -232,7 +286,7 @@ impl Default for ServerConfig {
             nak_rate: 5000.0,
             max_nak_units: 8192,
             tiers_mbps: Vec::new(),
-            rate_policy: "lowest".into(),
+            rate_policy: RatePolicy::Lowest,
             health_listen: String::new(),
         }
     }
@@ -404,9 +458,17 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().replace('\n', "\n  "),
+        let cfg: Config = toml::from_str(text).map_err(|e| match refused_choice(e.message()) {
+            Some((field, why)) => ConfigError::Field {
+                path: path.to_path_buf(),
+                field,
+                why,
+            }
+            .at_line(text),
+            None => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string().trim_end().replace('\n', "\n  "),
+            },
         })?;
         cfg.validate(path).map_err(|e| e.at_line(text))?;
         Ok(cfg)
@@ -425,20 +487,27 @@ impl Config {
         self.pack_leaf_hash()
             .map_err(|why| field("pack.leaf_hash", why))?;
         let p = &self.pack;
-        if p.frame_size == 0 || p.frame_size > crate::archive::head::MAX_FRAME_SIZE {
-            return Err(field(
-                "pack.frame_size",
-                format!("{} is out of range 1..=67108864", p.frame_size),
-            ));
-        }
-        if p.symbol_size % 32 != 0
-            || !(crate::archive::head::MIN_SYMBOL_SIZE..=crate::archive::head::MAX_SYMBOL_SIZE)
-                .contains(&p.symbol_size)
         {
-            return Err(field(
-                "pack.symbol_size",
-                format!("{} must be a multiple of 32 in 256..=65504", p.symbol_size),
-            ));
+            use crate::archive::head::{
+                frame_size_ok, symbol_size_ok, MAX_FRAME_SIZE, MAX_SYMBOL_SIZE, MIN_SYMBOL_SIZE,
+                SYMBOL_SIZE_STEP,
+            };
+            if !frame_size_ok(p.frame_size) {
+                return Err(field(
+                    "pack.frame_size",
+                    format!("{} is out of range 1..={MAX_FRAME_SIZE}", p.frame_size),
+                ));
+            }
+            if !symbol_size_ok(p.symbol_size) {
+                return Err(field(
+                    "pack.symbol_size",
+                    format!(
+                        "{} must be a multiple of {SYMBOL_SIZE_STEP} in \
+                         {MIN_SYMBOL_SIZE}..={MAX_SYMBOL_SIZE}",
+                        p.symbol_size
+                    ),
+                ));
+            }
         }
         if !(1..=22).contains(&p.zstd_level) {
             return Err(field(
@@ -506,12 +575,6 @@ impl Config {
                 format!("{} is above 3600", self.tickets.retry_secs),
             ));
         }
-        if !matches!(sv.rate_policy.as_str(), "lowest" | "average") {
-            return Err(field(
-                "server.rate_policy",
-                format!("{:?}: use \"lowest\" or \"average\"", sv.rate_policy),
-            ));
-        }
         if sv.tiers_mbps.len() > crate::wire::control::MAX_TIERS
             || sv.tiers_mbps.iter().any(|r| !(*r > 0.0 && r.is_finite()))
             || sv.tiers_mbps.windows(2).any(|w| w[0] >= w[1])
@@ -521,21 +584,13 @@ impl Config {
                 "must be at most 16 positive rates in ascending order".into(),
             ));
         }
-        match self.tickets.database.as_str() {
-            "sqlite" => {}
-            "postgres" if !self.tickets.postgres_url.trim().is_empty() => {}
-            "postgres" => {
-                return Err(field(
-                    "tickets.postgres_url",
-                    "must be set when database = \"postgres\"".into(),
-                ))
-            }
-            other => {
-                return Err(field(
-                    "tickets.database",
-                    format!("{other:?}: use \"sqlite\" or \"postgres\""),
-                ))
-            }
+        if self.tickets.database == Database::Postgres
+            && self.tickets.postgres_url.trim().is_empty()
+        {
+            return Err(field(
+                "tickets.postgres_url",
+                "must be set when database = \"postgres\"".into(),
+            ));
         }
         self.health_listen()
             .map_err(|e| field("server.health_listen", e.to_string()))?;
@@ -680,11 +735,7 @@ impl Config {
             nak_rate: sv.nak_rate,
             max_nak_units: sv.max_nak_units,
             tiers_bps: sv.tiers_mbps.iter().map(|m| (m * 1e6) as u64).collect(),
-            rate_policy: if sv.rate_policy == "average" {
-                crate::channel::RatePolicy::Average
-            } else {
-                crate::channel::RatePolicy::Lowest
-            },
+            rate_policy: sv.rate_policy,
             start_tier: 0,
         }
     }
@@ -862,5 +913,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("frame_size"), "{e}");
+    }
+
+    /// `rate_policy` and `database` are serde enums; a bad name still reads as a refused field
+    /// with its line, and a bad type as a TOML error.
+    #[test]
+    fn choice_fields_parse_and_bad_names_are_named() {
+        let p = Path::new("x.toml");
+        let c = Config::parse(
+            "[server]\nrate_policy = \"average\"\n[tickets]\ndatabase = \"postgres\"\n\
+             postgres_url = \"host=db\"\n",
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.server.rate_policy, RatePolicy::Average);
+        assert_eq!(c.channel_params().rate_policy, RatePolicy::Average);
+        assert_eq!(c.tickets.database, Database::Postgres);
+        let e = Config::parse("# x\n[server]\nttl = 1\nrate_policy = \"fast\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config x.toml: line 4: field server.rate_policy: \"fast\": use \"lowest\" or \"average\""
+        );
+        let e = Config::parse("[tickets]\ndatabase = \"Postgres\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config x.toml: line 2: field tickets.database: \"Postgres\": use \"sqlite\" or \"postgres\""
+        );
+        let e = Config::parse("[server]\nrate_policy = 1\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid type") && e.contains("line 2"), "{e}");
     }
 }

@@ -10,8 +10,8 @@
 //! * [`config`] — `mcastd.toml`.
 //! * [`server`] — the server driver: sockets, archive files and the clock around the
 //!   channel manager.
-//! * [`ticket`], [`ticketdb`] — play-ticket validation and the server's validation database
-//!   (SQLite, or PostgreSQL shared by several servers: [`ticketdb_pg`]).
+//! * [`ticket`] — play-ticket validation and the [`ticket::TicketStore`] validation database
+//!   (SQLite, or PostgreSQL shared by several servers), with the server's ticket desk.
 //! * [`heartbeat`], [`health`] — the server's heartbeat driver and plain HTTP health checks.
 
 pub mod archive;
@@ -22,8 +22,6 @@ pub mod heartbeat;
 pub mod server;
 pub mod ticket;
 pub mod ticketadmin;
-pub mod ticketdb;
-pub mod ticketdb_pg;
 
 pub use mcast_io::{fastio, fsutil, process};
 pub use mcast_proto::{carousel, channel, codec, director, pacer, receiver, schedule, sim, wire};

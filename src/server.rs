@@ -161,7 +161,8 @@ fn flush(
 pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let ks = mcast_keys::KeyStore::open(&cfg.store.key_dir)?;
     let trusted = ks.identity()?.public();
-    let mut tickets = crate::ticket::TicketService::open_config(&cfg.tickets, &ks, trusted)?;
+    let mut tickets =
+        crate::ticket::service::TicketService::open_config(&cfg.tickets, &ks, trusted)?;
     let (titles, files, skipped) = load_titles_counted(&cfg.store.archive_dir, &trusted)?;
     if titles.is_empty() {
         tracing::warn!(dir = %cfg.store.archive_dir.display(), "no archives to serve; pack one with `mcastd pack`");
@@ -212,7 +213,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             match ctrl.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     // Play tickets go to the ticket service; everything else to the channels.
-                    let unix = crate::ticket::unix_now();
+                    let unix = crate::process::unix_secs();
                     match tickets.handle_datagram(&buf[..n], from, unix) {
                         Some(reply) => {
                             let granted =
@@ -324,10 +325,7 @@ fn run_schedule(schedule: &mut crate::schedule::Scheduler, mgr: &mut ChannelMana
     if schedule.is_empty() {
         return;
     }
-    let unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let unix = crate::process::unix_secs() as i64;
     for a in schedule.poll(unix) {
         match a {
             crate::schedule::Action::Open {

@@ -18,7 +18,8 @@ use mcast_keys::KeyStore;
 use crate::archive::{archive_path, ArchiveFile};
 use crate::config::Config;
 use crate::fsutil::AtomicFile;
-use crate::ticketdb::{Revoked, TicketDb, TicketRow};
+use crate::ticket::service::open_store;
+use crate::ticket::{Revoked, TicketRow};
 
 /// What `ticket issue` did.
 #[derive(Clone, Debug)]
@@ -121,7 +122,7 @@ pub fn issue(
         }
     }
 
-    let db = TicketDb::open_config(&cfg.tickets)?;
+    let db = open_store(&cfg.tickets)?;
     let wrapped = ks
         .tickets_key()?
         .wrap(&ticket.ticket_id, &ticket.archive_id, &part_b);
@@ -163,7 +164,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Revoke the ticket whose id is (or starts with) `id`.
 pub fn revoke(cfg: &Config, id: &str, now_unix: u64) -> anyhow::Result<Revoked> {
-    let db = TicketDb::open_config(&cfg.tickets)?;
+    let db = open_store(&cfg.tickets)?;
     let row = db.find(id)?;
     let r = db.revoke(&row.ticket_id, now_unix)?;
     if let Revoked::Now(row) = &r {
@@ -174,7 +175,7 @@ pub fn revoke(cfg: &Config, id: &str, now_unix: u64) -> anyhow::Result<Revoked> 
 
 /// Every ticket in the database.
 pub fn list(cfg: &Config) -> anyhow::Result<Vec<TicketRow>> {
-    Ok(TicketDb::open_config(&cfg.tickets)?.list()?)
+    Ok(open_store(&cfg.tickets)?.list()?)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use mcast::ticket::unix_now;
+use mcast::process::unix_secs as unix_now;
 use mcast::wire::control::{Control, ErrorCode};
 use mcast_keys::seal::ReceiverKey;
 use mcast_keys::ticket::{KeyPart, Ticket, TicketFile, TicketSpec};

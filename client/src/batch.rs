@@ -249,7 +249,7 @@ struct Running {
 }
 
 fn unix_now() -> i64 {
-    mcast_io::process::unix_ms() as i64 / 1000
+    mcast_io::process::unix_secs() as i64
 }
 
 /// Run the batch until every title is done, the window ends, the disk is full or `stop`.

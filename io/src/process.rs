@@ -1,6 +1,7 @@
 //! What every program of the suite (`mcastd`, `mcast-director`, `mcast-recv`) sets up the same
 //! way: logs to stderr through `tracing`, a stop flag raised by SIGINT/SIGTERM, and the wall
-//! clock in milliseconds for heartbeats.
+//! clock ([`unix_ms`] for heartbeats, [`unix_secs`] for tickets, schedules and archive heads):
+//! the one place the suite reads the time of day.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -26,10 +27,19 @@ pub fn stop_flag() -> std::io::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_ms() -> u64 {
+/// Time since the Unix epoch (zero if the clock is before it).
+fn since_epoch() -> std::time::Duration {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    since_epoch().as_millis() as u64
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_secs() -> u64 {
+    since_epoch().as_secs()
 }

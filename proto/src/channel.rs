@@ -62,7 +62,8 @@ pub struct Params {
 }
 
 /// Rate policy of a tier's channel (DESIGN.md §2: "their average, or the lowest").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all(deserialize = "lowercase"))]
 pub enum RatePolicy {
     /// Follow the slowest member: nobody on the tier is overrun.
     Lowest,

@@ -3,14 +3,15 @@
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use mcast_keys::{frame as aead, Cipher, KeyStore, MasterKey};
 use rand::RngCore;
 
 use super::frame::{frame_aad, FrameHeader};
 use super::head::{
-    Compression, Head, MAX_FRAME_SIZE, MAX_SYMBOL_SIZE, MAX_WATERMARK_LEN, MIN_SYMBOL_SIZE,
+    frame_size_ok, symbol_size_ok, Compression, Head, MAX_FRAME_SIZE, MAX_SYMBOL_SIZE,
+    MAX_WATERMARK_LEN, MIN_SYMBOL_SIZE, SYMBOL_SIZE_STEP,
 };
 use super::manifest::TreeBuilder;
 use super::{archive_path, io_err, preamble_bytes, tail_bytes, ArchiveError};
@@ -105,17 +106,15 @@ pub fn pack(
         why,
     };
     mcast_keys::store::validate_title(&opts.title)?;
-    if opts.frame_size == 0 || opts.frame_size > MAX_FRAME_SIZE {
+    if !frame_size_ok(opts.frame_size) {
         return Err(bad_opt(format!(
             "frame size {} is out of range 1..={MAX_FRAME_SIZE}",
             opts.frame_size
         )));
     }
-    if !(MIN_SYMBOL_SIZE..=MAX_SYMBOL_SIZE).contains(&opts.symbol_size)
-        || opts.symbol_size % 32 != 0
-    {
+    if !symbol_size_ok(opts.symbol_size) {
         return Err(bad_opt(format!(
-            "symbol size {} must be a multiple of 32 in {MIN_SYMBOL_SIZE}..={MAX_SYMBOL_SIZE}",
+            "symbol size {} must be a multiple of {SYMBOL_SIZE_STEP} in {MIN_SYMBOL_SIZE}..={MAX_SYMBOL_SIZE}",
             opts.symbol_size
         )));
     }
@@ -241,10 +240,7 @@ pub fn pack(
         key_id,
         title: opts.title.clone(),
         watermark,
-        created_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_unix: crate::process::unix_secs(),
         plain_len,
         plain_hash: *plain_hasher.finalize().as_bytes(),
         frame_size: opts.frame_size,

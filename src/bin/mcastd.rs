@@ -331,7 +331,7 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
 
 fn run_ticket(cmd: TicketCmd, cfg: &Config) -> anyhow::Result<()> {
     use mcast::ticketadmin::{self, show_time};
-    let now = mcast::ticket::unix_now();
+    let now = mcast::process::unix_secs();
     match cmd {
         TicketCmd::Issue {
             title,
@@ -366,13 +366,13 @@ fn run_ticket(cmd: TicketCmd, cfg: &Config) -> anyhow::Result<()> {
         }
         TicketCmd::Revoke { ticket_id } => {
             match ticketadmin::revoke(cfg, &ticket_id, now)? {
-                mcast::ticketdb::Revoked::Now(r) => println!(
+                mcast::ticket::Revoked::Now(r) => println!(
                     "ticket {} ({:?}, holder {:?}) revoked",
                     hex::encode(r.ticket_id),
                     r.title,
                     r.holder
                 ),
-                mcast::ticketdb::Revoked::Already(r) => println!(
+                mcast::ticket::Revoked::Already(r) => println!(
                     "ticket {} was already revoked at {}",
                     hex::encode(r.ticket_id),
                     show_time(r.revoked_unix)
@@ -409,8 +409,8 @@ fn run_ticket(cmd: TicketCmd, cfg: &Config) -> anyhow::Result<()> {
             if rows.is_empty() {
                 println!(
                     "(no tickets in {})",
-                    if cfg.tickets.database == "postgres" {
-                        mcast::ticketdb_pg::redact(&cfg.tickets.postgres_url)
+                    if cfg.tickets.database == mcast::config::Database::Postgres {
+                        mcast::ticket::postgres::redact(&cfg.tickets.postgres_url)
                     } else {
                         cfg.tickets.db.display().to_string()
                     }

@@ -32,10 +32,26 @@ pub const FLAG_LEAF_SHA256: u8 = 2;
 /// Smallest and largest packet payloads ("symbols") an archive may use.
 pub const MIN_SYMBOL_SIZE: u32 = 256;
 pub const MAX_SYMBOL_SIZE: u32 = 65_504; // fits one UDP datagram with our header
+/// Symbol sizes are whole multiples of this (a block's hash packet, one symbol, holds its
+/// 32-byte leaf hashes).
+pub const SYMBOL_SIZE_STEP: u32 = 32;
 pub const MAX_TITLE_LEN: usize = 128;
 pub const MAX_WATERMARK_LEN: usize = 256;
 /// Largest frame (plaintext) size: frames are handled whole in memory.
 pub const MAX_FRAME_SIZE: u32 = 64 << 20;
+
+/// The frame-size rule, for head decode, `mcastd pack` and `[pack] frame_size`:
+/// 1 ..= [`MAX_FRAME_SIZE`].
+pub fn frame_size_ok(frame_size: u32) -> bool {
+    (1..=MAX_FRAME_SIZE).contains(&frame_size)
+}
+
+/// The symbol-size rule, for head decode, `mcastd pack` and `[pack] symbol_size`: a multiple
+/// of [`SYMBOL_SIZE_STEP`] in [`MIN_SYMBOL_SIZE`] ..= [`MAX_SYMBOL_SIZE`].
+pub fn symbol_size_ok(symbol_size: u32) -> bool {
+    (MIN_SYMBOL_SIZE..=MAX_SYMBOL_SIZE).contains(&symbol_size)
+        && symbol_size % SYMBOL_SIZE_STEP == 0
+}
 
 /// How the frames' payloads were compressed at pack time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,7 +259,7 @@ impl Head {
         let plain_len = r.u64("plain_len")?;
         let plain_hash = r.array("plain_hash")?;
         let frame_size = r.u32("frame_size")?;
-        if frame_size == 0 || frame_size > MAX_FRAME_SIZE {
+        if !frame_size_ok(frame_size) {
             return Err(bad("frame_size", format!("{frame_size} out of range")));
         }
         let frame_count = r.u64("frame_count")?;
@@ -252,10 +268,10 @@ impl Head {
         }
         let data_len = r.u64("data_len")?;
         let symbol_size = r.u32("symbol_size")?;
-        if !(MIN_SYMBOL_SIZE..=MAX_SYMBOL_SIZE).contains(&symbol_size) || symbol_size % 32 != 0 {
+        if !symbol_size_ok(symbol_size) {
             return Err(bad(
                 "symbol_size",
-                format!("{symbol_size} is not a multiple of 32 in {MIN_SYMBOL_SIZE}..={MAX_SYMBOL_SIZE}"),
+                format!("{symbol_size} is not a multiple of {SYMBOL_SIZE_STEP} in {MIN_SYMBOL_SIZE}..={MAX_SYMBOL_SIZE}"),
             ));
         }
         let block_symbols = r.u32("block_symbols")?;
@@ -343,6 +359,15 @@ mod tests {
             block_hashes: vec![[2; 32]],
             signature: [0; 64],
         }
+    }
+
+    #[test]
+    fn size_rules() {
+        assert!(!frame_size_ok(0) && frame_size_ok(1) && frame_size_ok(MAX_FRAME_SIZE));
+        assert!(!frame_size_ok(MAX_FRAME_SIZE + 1));
+        assert!(symbol_size_ok(MIN_SYMBOL_SIZE) && symbol_size_ok(1280));
+        assert!(symbol_size_ok(MAX_SYMBOL_SIZE) && !symbol_size_ok(MAX_SYMBOL_SIZE + 32));
+        assert!(!symbol_size_ok(MIN_SYMBOL_SIZE - 32) && !symbol_size_ok(1000));
     }
 
     #[test]

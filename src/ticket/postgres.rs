@@ -2,7 +2,7 @@
 //! shared by every `mcastd` of a site: a ticket issued through any server plays through any
 //! server, and single use holds across servers.
 //!
-//! Same rows and rules as the SQLite backend ([`crate::ticketdb`]), in tables prefixed
+//! Same rows and rules as the SQLite backend ([`super::sqlite`]), in tables prefixed
 //! `mcast_` (so a shared database stays tidy). A play is decided by one transaction: the
 //! ticket row is locked (`SELECT ... FOR UPDATE`), then one conditional `UPDATE ... SET
 //! plays_left = plays_left - 1 WHERE ... plays_left > 0 ... RETURNING` uses the play and the
@@ -18,16 +18,16 @@ use std::sync::Mutex;
 use mcast_keys::ticket::{Ticket, TicketId};
 use postgres::{Client, NoTls};
 
-use crate::ticket::{why_refused, Refusal, TicketStatus};
-use crate::ticketdb::{
-    revoke_outcome, to_i64, to_u64, Consumed, Revoked, TicketDbError, TicketRow,
+use super::{
+    revoke_outcome, to_i64, to_u64, why_refused, Consumed, Refusal, Revoked, TicketDbError,
+    TicketRow, TicketStatus, TicketStore,
 };
 
 const SCHEMA_VERSION: i64 = 1;
 /// Advisory lock key serialising schema creation by servers starting at once.
 const SCHEMA_LOCK: i64 = 0x6d63_6173_7430_0001;
 
-pub struct PgDb {
+pub struct PgStore {
     client: Mutex<Client>,
     url: String,
     /// The connection string with any password removed (for messages and logs).
@@ -65,9 +65,9 @@ pub fn redact(url: &str) -> String {
         .join(" ")
 }
 
-impl PgDb {
+impl PgStore {
     /// Connect to `url` and create the tables if they are missing.
-    pub fn open(url: &str) -> Result<PgDb, TicketDbError> {
+    pub fn open(url: &str) -> Result<PgStore, TicketDbError> {
         let label = PathBuf::from(format!("postgres[{}]", redact(url)));
         let mut client = Self::connect(url, &label)?;
         let err = |what: &'static str| {
@@ -112,7 +112,7 @@ impl PgDb {
                 why: format!("schema version {version}; this build reads version {SCHEMA_VERSION}"),
             });
         }
-        Ok(PgDb {
+        Ok(PgStore {
             client: Mutex::new(client),
             url: url.to_string(),
             label,
@@ -125,10 +125,6 @@ impl PgDb {
             what: "cannot connect (is PostgreSQL running, and is tickets.postgres_url right?)",
             source,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.label
     }
 
     fn err(&self, what: &'static str) -> impl FnOnce(postgres::Error) -> TicketDbError + '_ {
@@ -147,37 +143,6 @@ impl PgDb {
             *c = Self::connect(&self.url, &self.label)?;
         }
         Ok(c)
-    }
-
-    pub fn insert(&self, t: &Ticket, wrapped_part: &[u8]) -> Result<(), TicketDbError> {
-        self.client()?
-            .execute(
-                "INSERT INTO mcast_tickets (ticket_id, title, archive_id, holder, plays, plays_left,
-                     expires_unix, issued_unix, part_b)
-                 VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8)",
-                &[
-                    &&t.ticket_id[..],
-                    &t.title,
-                    &&t.archive_id[..],
-                    &t.holder,
-                    &(t.plays as i64),
-                    &to_i64(t.expires_unix),
-                    &to_i64(t.issued_unix),
-                    &wrapped_part,
-                ],
-            )
-            .map_err(self.err("cannot record the ticket"))?;
-        Ok(())
-    }
-
-    pub fn remove(&self, ticket_id: &TicketId) -> Result<(), TicketDbError> {
-        self.client()?
-            .execute(
-                "DELETE FROM mcast_tickets WHERE ticket_id = $1",
-                &[&&ticket_id[..]],
-            )
-            .map_err(self.err("cannot delete the ticket"))?;
-        Ok(())
     }
 
     const ROW_SQL: &'static str = "SELECT t.ticket_id, t.title, t.archive_id, t.holder, t.plays,
@@ -206,8 +171,45 @@ impl PgDb {
             grants: to_u32(r.get(9)),
         })
     }
+}
 
-    pub fn list(&self) -> Result<Vec<TicketRow>, TicketDbError> {
+impl TicketStore for PgStore {
+    fn path(&self) -> &Path {
+        &self.label
+    }
+
+    fn insert(&self, t: &Ticket, wrapped_part: &[u8]) -> Result<(), TicketDbError> {
+        self.client()?
+            .execute(
+                "INSERT INTO mcast_tickets (ticket_id, title, archive_id, holder, plays, plays_left,
+                     expires_unix, issued_unix, part_b)
+                 VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8)",
+                &[
+                    &&t.ticket_id[..],
+                    &t.title,
+                    &&t.archive_id[..],
+                    &t.holder,
+                    &(t.plays as i64),
+                    &to_i64(t.expires_unix),
+                    &to_i64(t.issued_unix),
+                    &wrapped_part,
+                ],
+            )
+            .map_err(self.err("cannot record the ticket"))?;
+        Ok(())
+    }
+
+    fn remove(&self, ticket_id: &TicketId) -> Result<(), TicketDbError> {
+        self.client()?
+            .execute(
+                "DELETE FROM mcast_tickets WHERE ticket_id = $1",
+                &[&&ticket_id[..]],
+            )
+            .map_err(self.err("cannot delete the ticket"))?;
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<TicketRow>, TicketDbError> {
         let rows = self
             .client()?
             .query(
@@ -218,7 +220,7 @@ impl PgDb {
         rows.iter().map(|r| self.row(r)).collect()
     }
 
-    pub fn get(&self, ticket_id: &TicketId) -> Result<Option<TicketRow>, TicketDbError> {
+    fn get(&self, ticket_id: &TicketId) -> Result<Option<TicketRow>, TicketDbError> {
         let r = self
             .client()?
             .query_opt(
@@ -229,7 +231,7 @@ impl PgDb {
         r.map(|r| self.row(&r)).transpose()
     }
 
-    pub fn wrapped_part(&self, ticket_id: &TicketId) -> Result<Option<Vec<u8>>, TicketDbError> {
+    fn wrapped_part(&self, ticket_id: &TicketId) -> Result<Option<Vec<u8>>, TicketDbError> {
         Ok(self
             .client()?
             .query_opt(
@@ -240,7 +242,7 @@ impl PgDb {
             .map(|r| r.get(0)))
     }
 
-    pub fn revoke(&self, ticket_id: &TicketId, now_unix: u64) -> Result<Revoked, TicketDbError> {
+    fn revoke(&self, ticket_id: &TicketId, now_unix: u64) -> Result<Revoked, TicketDbError> {
         let n = self
             .client()?
             .execute(
@@ -253,8 +255,8 @@ impl PgDb {
 
     /// Use one play, atomically across every server sharing this database (see the module
     /// docs). Same contract as the SQLite backend.
-    pub fn consume(
-        &self,
+    fn consume(
+        &mut self,
         ticket_id: &TicketId,
         archive_id: &[u8; 16],
         receiver_pub: &[u8; 32],
@@ -382,7 +384,7 @@ mod tests {
     #[test]
     fn concurrent_servers_use_exactly_the_plays_there_are() {
         let Some(url) = pg_url() else { return };
-        let db = PgDb::open(&url).unwrap();
+        let mut db = PgStore::open(&url).unwrap();
         let t = ticket(2);
         db.insert(&t, b"wrapped").unwrap();
         // 16 connections (as from 16 servers) race for 2 plays.
@@ -391,7 +393,7 @@ mod tests {
                 .map(|i| {
                     let (url, t) = (&url, &t);
                     s.spawn(move || {
-                        let db = PgDb::open(url).unwrap();
+                        let mut db = PgStore::open(url).unwrap();
                         db.consume(&t.ticket_id, &t.archive_id, &[i; 32], 50, 60)
                             .unwrap()
                             .is_ok()

@@ -1,163 +1,40 @@
-//! Play-ticket validation (DESIGN §2 "Play ticket", FIG. 10).
+//! The server's ticket desk, and the one place that knows both database backends.
 //!
-//! The decisions are pure and clock-free: [`check`] judges a presented ticket (signature,
-//! issuer, title, expiry) and [`why_refused`] explains a database row that could not give a
-//! play. [`TicketService`] is the thin part with the database and the key store: the server
-//! driver hands it every `PlayRequest` datagram together with the time, and sends back what it
-//! returns.
+//! [`open_store`] opens the validation database `[tickets]` names (SQLite or a shared
+//! PostgreSQL) as a [`TicketStore`]. [`TicketService`] is the thin part with the database and
+//! the key store: the server driver hands it every `PlayRequest` datagram together with the
+//! time, and sends back what it returns.
 //!
-//! A granted play: check → use one play in the database (atomic, see [`crate::ticketdb`]) →
-//! unwrap part B with the database key → seal it to the receiver's ephemeral key (HPKE) →
-//! `PlayGrant`. Part B exists in the clear only in memory, for the length of one request.
+//! A granted play: check → use one play in the database (atomic, see
+//! [`TicketStore::consume`]) → unwrap part B with the database key → seal it to the receiver's
+//! ephemeral key (HPKE) → `PlayGrant`. Part B exists in the clear only in memory, for the
+//! length of one request.
 
 use std::net::SocketAddr;
 use std::path::Path;
 
 use mcast_keys::seal::{seal_part, DbKey};
-use mcast_keys::ticket::{Ticket, TicketError, TicketId};
+use mcast_keys::ticket::TicketId;
 use mcast_keys::{KeyStore, PublicIdentity};
 
-use crate::ticketdb::{TicketDb, TicketDbError};
+use super::postgres::PgStore;
+use super::sqlite::SqliteStore;
+use super::{check, Refusal, TicketDbError, TicketStore};
+use crate::config::{Database, TicketsConfig};
 use crate::wire::control::{Control, Envelope, ErrorCode};
 
-/// Why a ticket is refused. `Display` is the message the receiver shows its user.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    #[error("ticket is malformed: {0}")]
-    Malformed(String),
-    #[error("bad signature: ticket was forged or tampered with")]
-    BadSignature,
-    #[error("ticket was issued by another server (key {found}); this server is {ours}")]
-    OtherServer { found: String, ours: String },
-    #[error("ticket is not for this title: it is for {ticket_title:?}, not {requested:?}")]
-    WrongTitle {
-        ticket_title: String,
-        requested: String,
-    },
-    #[error("ticket expired (at unix time {at})")]
-    Expired { at: u64 },
-    #[error("ticket has been revoked")]
-    Revoked,
-    #[error("ticket already used ({plays} of {plays} plays)")]
-    AlreadyUsed { plays: u32 },
-    #[error("unknown ticket: this server has no record of it")]
-    Unknown,
-    #[error("ticket does not match the archive it was issued for")]
-    ArchiveMismatch,
-}
-
-/// What a valid ticket grants (no key part).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Claims {
-    pub ticket_id: TicketId,
-    pub title: String,
-    pub archive_id: [u8; 16],
-    pub holder: String,
-    pub plays: u32,
-    pub expires_unix: u64,
-}
-
-/// Judge a presented ticket for `requested_title` at `now_unix`: it must decode, come from
-/// `trusted` with an intact signature, name the requested title and not be expired. Plays
-/// left and revocation are the database's part.
-pub fn check(
-    requested_title: &str,
-    ticket_bytes: &[u8],
-    now_unix: u64,
-    trusted: &PublicIdentity,
-) -> Result<Claims, Refusal> {
-    let t = Ticket::decode(ticket_bytes).map_err(|e| Refusal::Malformed(e.to_string()))?;
-    match t.verify(trusted) {
-        Ok(()) => {}
-        Err(TicketError::ForeignServer { found, trusted }) => {
-            return Err(Refusal::OtherServer {
-                found,
-                ours: trusted,
-            })
-        }
-        Err(_) => return Err(Refusal::BadSignature),
-    }
-    if t.title != requested_title {
-        return Err(Refusal::WrongTitle {
-            ticket_title: t.title.clone(),
-            requested: requested_title.to_string(),
-        });
-    }
-    if t.expires_unix != 0 && now_unix >= t.expires_unix {
-        return Err(Refusal::Expired { at: t.expires_unix });
-    }
-    Ok(Claims {
-        ticket_id: t.ticket_id,
-        title: t.title.clone(),
-        archive_id: t.archive_id,
-        holder: t.holder.clone(),
-        plays: t.plays,
-        expires_unix: t.expires_unix,
+/// Open the validation database `[tickets]` names: the SQLite file `db`, or the PostgreSQL
+/// server at `postgres_url`.
+pub fn open_store(cfg: &TicketsConfig) -> Result<Box<dyn TicketStore>, TicketDbError> {
+    Ok(match cfg.database {
+        Database::Sqlite => Box::new(SqliteStore::open(&cfg.db)?),
+        Database::Postgres => Box::new(PgStore::open(&cfg.postgres_url)?),
     })
-}
-
-/// The database's view of a ticket's validity.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TicketStatus {
-    pub revoked: bool,
-    /// 0 = never.
-    pub expires_unix: u64,
-    pub plays: u32,
-    pub plays_left: u32,
-}
-
-/// What `mcastd ticket list` shows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Valid,
-    Used,
-    Expired,
-    Revoked,
-}
-
-impl TicketStatus {
-    pub fn at(&self, now_unix: u64) -> State {
-        match why_refused(self, now_unix) {
-            Refusal::Revoked => State::Revoked,
-            Refusal::Expired { .. } => State::Expired,
-            Refusal::AlreadyUsed { .. } => State::Used,
-            _ => State::Valid,
-        }
-    }
-}
-
-/// Why a ticket with `status` cannot give a play at `now_unix`, in the order a user needs to
-/// hear it (revoked beats expired beats used up). For a ticket that can still play this
-/// returns [`Refusal::Unknown`], which callers never see: they ask only after a refusal.
-pub fn why_refused(status: &TicketStatus, now_unix: u64) -> Refusal {
-    if status.revoked {
-        Refusal::Revoked
-    } else if status.expires_unix != 0 && now_unix >= status.expires_unix {
-        Refusal::Expired {
-            at: status.expires_unix,
-        }
-    } else if status.plays_left == 0 {
-        Refusal::AlreadyUsed {
-            plays: status.plays,
-        }
-    } else {
-        Refusal::Unknown
-    }
-}
-
-/// Seconds since the Unix epoch (0 if the clock is before it): the one clock read of the
-/// ticket path, done by the driver.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The server's ticket desk: validates `PlayRequest`s and answers them.
 pub struct TicketService {
-    db: TicketDb,
+    db: Box<dyn TicketStore>,
     db_key: DbKey,
     trusted: PublicIdentity,
     retry_secs: u64,
@@ -171,7 +48,7 @@ impl TicketService {
         trusted: PublicIdentity,
         retry_secs: u64,
     ) -> anyhow::Result<TicketService> {
-        let db = TicketDb::open(db_path)?;
+        let db = Box::new(SqliteStore::open(db_path)?);
         let db_key = keys.tickets_key()?;
         Ok(TicketService {
             db,
@@ -183,11 +60,11 @@ impl TicketService {
 
     /// Open the validation database `[tickets]` names (SQLite or a shared PostgreSQL).
     pub fn open_config(
-        cfg: &crate::config::TicketsConfig,
+        cfg: &TicketsConfig,
         keys: &KeyStore,
         trusted: PublicIdentity,
     ) -> anyhow::Result<TicketService> {
-        let db = TicketDb::open_config(cfg)?;
+        let db = open_store(cfg)?;
         let db_key = keys.tickets_key()?;
         Ok(TicketService {
             db,
@@ -309,8 +186,8 @@ impl From<TicketDbError> for PlayError {
 mod tests {
     use super::*;
     use mcast_keys::seal::ReceiverKey;
-    use mcast_keys::ticket::{combine, TicketSpec};
-    use mcast_keys::{Identity, MasterKey};
+    use mcast_keys::ticket::{combine, Ticket, TicketSpec};
+    use mcast_keys::MasterKey;
 
     fn spec(expires_unix: u64) -> TicketSpec {
         TicketSpec {
@@ -321,66 +198,6 @@ mod tests {
             expires_unix,
             issued_unix: 100,
         }
-    }
-
-    #[test]
-    fn check_judges_issuer_signature_title_and_expiry() {
-        let id = Identity::generate();
-        let m = MasterKey::generate();
-        let (tf, _) = Ticket::issue(&id, &m, &spec(500)).unwrap();
-        let t = tf.ticket();
-        let bytes = t.encode();
-        let trusted = id.public();
-        let c = check("film", &bytes, 499, &trusted).unwrap();
-        assert_eq!((c.ticket_id, c.archive_id), (t.ticket_id, [4; 16]));
-        assert_eq!(
-            check("film", &bytes, 500, &trusted),
-            Err(Refusal::Expired { at: 500 })
-        );
-        let e = check("other", &bytes, 1, &trusted).unwrap_err();
-        assert!(e.to_string().contains("not for this title"), "{e}");
-        assert!(matches!(
-            check("film", &bytes, 1, &Identity::generate().public()),
-            Err(Refusal::OtherServer { .. })
-        ));
-        let mut tampered = bytes.to_vec();
-        let n = tampered.len();
-        tampered[n - 100] ^= 1; // inside the commitment to part A
-        assert_eq!(
-            check("film", &tampered, 1, &trusted),
-            Err(Refusal::BadSignature)
-        );
-        assert!(matches!(
-            check("film", b"garbage", 1, &trusted),
-            Err(Refusal::Malformed(_))
-        ));
-        // Never expires.
-        let (forever, _) = Ticket::issue(&id, &m, &spec(0)).unwrap();
-        check("film", &forever.ticket().encode(), u64::MAX, &trusted).unwrap();
-    }
-
-    #[test]
-    fn refusal_reasons_in_order() {
-        let st = |revoked, expires_unix, plays_left| TicketStatus {
-            revoked,
-            expires_unix,
-            plays: 1,
-            plays_left,
-        };
-        assert_eq!(why_refused(&st(true, 5, 0), 10), Refusal::Revoked);
-        assert_eq!(
-            why_refused(&st(false, 5, 0), 10),
-            Refusal::Expired { at: 5 }
-        );
-        assert_eq!(
-            why_refused(&st(false, 0, 0), 10),
-            Refusal::AlreadyUsed { plays: 1 }
-        );
-        assert_eq!(st(false, 11, 1).at(10), State::Valid);
-        assert_eq!(st(false, 0, 0).at(10), State::Used);
-        assert!(Refusal::AlreadyUsed { plays: 1 }
-            .to_string()
-            .contains("already used"));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The server's ticket validation database (DESIGN §2 "Play ticket"): one SQLite file
-//! (`[tickets] db`), shared by `mcastd` serving and the `mcastd ticket` commands.
+//! The ticket validation database in one SQLite file (`[tickets] db`, the default backend of
+//! [`TicketStore`]), shared by `mcastd` serving and the `mcastd ticket` commands.
 //!
 //! Crash safety: WAL journal with `synchronous = FULL`, so a play that was granted is on disk
 //! before its grant leaves the server, and a crash or `kill -9` leaves every used ticket used.
@@ -25,235 +25,22 @@ use std::time::Duration;
 use mcast_keys::ticket::{Ticket, TicketId};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::ticket::{why_refused, Refusal, State, TicketStatus};
+use super::{
+    revoke_outcome, to_i64, to_u64, why_refused, Consumed, Refusal, Revoked, TicketDbError,
+    TicketRow, TicketStatus, TicketStore,
+};
 
 const SCHEMA_VERSION: i64 = 1;
 
-/// A database problem, naming the file and what was being done.
-#[derive(Debug, thiserror::Error)]
-pub enum TicketDbError {
-    #[error("ticket database {path}: {what}: {source}")]
-    Sql {
-        path: PathBuf,
-        what: &'static str,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("ticket database {path}: {what}: {source}")]
-    Pg {
-        path: PathBuf,
-        what: &'static str,
-        #[source]
-        source: postgres::Error,
-    },
-    #[error("ticket database {path}: {why}")]
-    Invalid { path: PathBuf, why: String },
-}
-
-/// One ticket as the database knows it (no key part).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct TicketRow {
-    #[serde(serialize_with = "hex_ser")]
-    pub ticket_id: TicketId,
-    pub title: String,
-    #[serde(serialize_with = "hex_ser")]
-    pub archive_id: [u8; 16],
-    pub holder: String,
-    pub plays: u32,
-    pub plays_left: u32,
-    /// 0 = never.
-    pub expires_unix: u64,
-    pub issued_unix: u64,
-    /// 0 = not revoked.
-    pub revoked_unix: u64,
-    /// Plays granted (distinct receiver keys).
-    pub grants: u32,
-}
-
-fn hex_ser<S: serde::Serializer>(v: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&hex::encode(v))
-}
-
-impl TicketRow {
-    /// Status at `now_unix` (for `mcastd ticket list`).
-    pub fn state(&self, now_unix: u64) -> State {
-        TicketStatus {
-            revoked: self.revoked_unix != 0,
-            expires_unix: self.expires_unix,
-            plays: self.plays,
-            plays_left: self.plays_left,
-        }
-        .at(now_unix)
-    }
-}
-
-/// A play that was granted: part B (still wrapped) and what is left.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Consumed {
-    pub wrapped_part: Vec<u8>,
-    pub plays_left: u32,
-    /// True when this was a retry of a play already granted to the same receiver key (no
-    /// play was used this time).
-    pub repeated: bool,
-}
-
-/// Result of `revoke`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Revoked {
-    Now(TicketRow),
-    Already(TicketRow),
-}
-
-/// The validation database: the SQLite file (default, one server) or a PostgreSQL server
-/// shared by several (`[tickets] database`).
-pub enum TicketDb {
-    Sqlite(SqliteDb),
-    Postgres(Box<crate::ticketdb_pg::PgDb>),
-}
-
-macro_rules! both {
-    ($self:ident, $db:ident => $e:expr) => {
-        match $self {
-            TicketDb::Sqlite($db) => $e,
-            TicketDb::Postgres($db) => $e,
-        }
-    };
-}
-
-impl TicketDb {
-    /// Open (creating if missing) the SQLite database at `path`.
-    pub fn open(path: &Path) -> Result<TicketDb, TicketDbError> {
-        Ok(TicketDb::Sqlite(SqliteDb::open(path)?))
-    }
-
-    /// Open the database `[tickets]` names.
-    pub fn open_config(cfg: &crate::config::TicketsConfig) -> Result<TicketDb, TicketDbError> {
-        if cfg.database == "postgres" {
-            Ok(TicketDb::Postgres(Box::new(
-                crate::ticketdb_pg::PgDb::open(&cfg.postgres_url)?,
-            )))
-        } else {
-            Self::open(&cfg.db)
-        }
-    }
-
-    /// The SQLite file, or the PostgreSQL connection string without its password.
-    pub fn path(&self) -> &Path {
-        both!(self, db => db.path())
-    }
-
-    pub fn insert(&self, t: &Ticket, wrapped_part: &[u8]) -> Result<(), TicketDbError> {
-        both!(self, db => db.insert(t, wrapped_part))
-    }
-
-    pub fn remove(&self, ticket_id: &TicketId) -> Result<(), TicketDbError> {
-        both!(self, db => db.remove(ticket_id))
-    }
-
-    /// Every ticket, oldest first.
-    pub fn list(&self) -> Result<Vec<TicketRow>, TicketDbError> {
-        both!(self, db => db.list())
-    }
-
-    pub fn get(&self, ticket_id: &TicketId) -> Result<Option<TicketRow>, TicketDbError> {
-        both!(self, db => db.get(ticket_id))
-    }
-
-    /// The ticket whose id is, or starts with, `hex_prefix` (at least 8 hex digits; must be
-    /// unambiguous).
-    pub fn find(&self, hex_prefix: &str) -> Result<TicketRow, TicketDbError> {
-        find_in(self.list()?, hex_prefix, self.path())
-    }
-
-    /// The wrapped part B of a ticket (`None` if there is no such ticket).
-    pub fn wrapped_part(&self, ticket_id: &TicketId) -> Result<Option<Vec<u8>>, TicketDbError> {
-        both!(self, db => db.wrapped_part(ticket_id))
-    }
-
-    /// Revoke a ticket: it is refused from now on, including retries of earlier grants.
-    pub fn revoke(&self, ticket_id: &TicketId, now_unix: u64) -> Result<Revoked, TicketDbError> {
-        both!(self, db => db.revoke(ticket_id, now_unix))
-    }
-
-    /// Use one play of `ticket_id` for the receiver key `receiver_pub`, atomically (see
-    /// [`SqliteDb::consume`]).
-    pub fn consume(
-        &mut self,
-        ticket_id: &TicketId,
-        archive_id: &[u8; 16],
-        receiver_pub: &[u8; 32],
-        now_unix: u64,
-        retry_secs: u64,
-    ) -> Result<Result<Consumed, Refusal>, TicketDbError> {
-        both!(self, db => db.consume(ticket_id, archive_id, receiver_pub, now_unix, retry_secs))
-    }
-}
-
-fn find_in(
-    rows: Vec<TicketRow>,
-    hex_prefix: &str,
-    path: &Path,
-) -> Result<TicketRow, TicketDbError> {
-    let p = hex_prefix.trim().to_ascii_lowercase();
-    let invalid = |why: String| TicketDbError::Invalid {
-        path: path.to_path_buf(),
-        why,
-    };
-    if p.len() < 8 || p.len() > 32 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(invalid(format!(
-            "{hex_prefix:?} is not a ticket id (32 hex digits, or a unique prefix of 8 or more)"
-        )));
-    }
-    let matches: Vec<TicketRow> = rows
-        .into_iter()
-        .filter(|r| hex::encode(r.ticket_id).starts_with(&p))
-        .collect();
-    match matches.len() {
-        1 => Ok(matches.into_iter().next().unwrap()),
-        0 => Err(invalid(format!("no ticket with id {hex_prefix}"))),
-        n => Err(invalid(format!(
-            "{n} tickets have ids starting with {hex_prefix}; give more digits"
-        ))),
-    }
-}
-
 /// The SQLite backend (one server; the default).
-pub struct SqliteDb {
+pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
 }
 
-/// What a revoke did, from whether its conditional UPDATE changed a row and the row after
-/// it (both backends).
-pub(crate) fn revoke_outcome(
-    changed: bool,
-    row: Option<TicketRow>,
-    db: &Path,
-    ticket_id: &TicketId,
-) -> Result<Revoked, TicketDbError> {
-    let row = row.ok_or_else(|| TicketDbError::Invalid {
-        path: db.to_path_buf(),
-        why: format!("no ticket with id {}", hex::encode(ticket_id)),
-    })?;
-    Ok(if changed {
-        Revoked::Now(row)
-    } else {
-        Revoked::Already(row)
-    })
-}
-
-/// SQL integers are signed: counts and times saturate rather than wrap (both backends).
-pub(crate) fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-pub(crate) fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-impl SqliteDb {
+impl SqliteStore {
     /// Open (creating if missing) the database at `path`.
-    pub fn open(path: &Path) -> Result<SqliteDb, TicketDbError> {
+    pub fn open(path: &Path) -> Result<SqliteStore, TicketDbError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| TicketDbError::Invalid {
                 path: path.to_path_buf(),
@@ -312,14 +99,10 @@ impl SqliteDb {
                 why: format!("schema version {version}; this build reads version {SCHEMA_VERSION}"),
             });
         }
-        Ok(SqliteDb {
+        Ok(SqliteStore {
             conn,
             path: path.to_path_buf(),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn sql(&self, what: &'static str) -> impl FnOnce(rusqlite::Error) -> TicketDbError + '_ {
@@ -328,39 +111,6 @@ impl SqliteDb {
             what,
             source,
         }
-    }
-
-    /// Record a newly issued ticket with its (wrapped) part B.
-    pub fn insert(&self, t: &Ticket, wrapped_part: &[u8]) -> Result<(), TicketDbError> {
-        self.conn
-            .execute(
-                "INSERT INTO tickets (ticket_id, title, archive_id, holder, plays, plays_left,
-                     expires_unix, issued_unix, part_b)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8)",
-                params![
-                    &t.ticket_id[..],
-                    t.title,
-                    &t.archive_id[..],
-                    t.holder,
-                    t.plays,
-                    to_i64(t.expires_unix),
-                    to_i64(t.issued_unix),
-                    wrapped_part
-                ],
-            )
-            .map_err(self.sql("cannot record the ticket"))?;
-        Ok(())
-    }
-
-    /// Delete a ticket (an issue whose ticket file could not be written).
-    pub fn remove(&self, ticket_id: &TicketId) -> Result<(), TicketDbError> {
-        self.conn
-            .execute(
-                "DELETE FROM tickets WHERE ticket_id = ?1",
-                params![&ticket_id[..]],
-            )
-            .map_err(self.sql("cannot delete the ticket"))?;
-        Ok(())
     }
 
     const ROW_SQL: &'static str = "SELECT t.ticket_id, t.title, t.archive_id, t.holder, t.plays,
@@ -392,9 +142,48 @@ impl SqliteDb {
             grants: r.get(9)?,
         })
     }
+}
+
+impl TicketStore for SqliteStore {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Record a newly issued ticket with its (wrapped) part B.
+    fn insert(&self, t: &Ticket, wrapped_part: &[u8]) -> Result<(), TicketDbError> {
+        self.conn
+            .execute(
+                "INSERT INTO tickets (ticket_id, title, archive_id, holder, plays, plays_left,
+                     expires_unix, issued_unix, part_b)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8)",
+                params![
+                    &t.ticket_id[..],
+                    t.title,
+                    &t.archive_id[..],
+                    t.holder,
+                    t.plays,
+                    to_i64(t.expires_unix),
+                    to_i64(t.issued_unix),
+                    wrapped_part
+                ],
+            )
+            .map_err(self.sql("cannot record the ticket"))?;
+        Ok(())
+    }
+
+    /// Delete a ticket (an issue whose ticket file could not be written).
+    fn remove(&self, ticket_id: &TicketId) -> Result<(), TicketDbError> {
+        self.conn
+            .execute(
+                "DELETE FROM tickets WHERE ticket_id = ?1",
+                params![&ticket_id[..]],
+            )
+            .map_err(self.sql("cannot delete the ticket"))?;
+        Ok(())
+    }
 
     /// Every ticket, oldest first.
-    pub fn list(&self) -> Result<Vec<TicketRow>, TicketDbError> {
+    fn list(&self) -> Result<Vec<TicketRow>, TicketDbError> {
         let mut st = self
             .conn
             .prepare(&format!(
@@ -409,7 +198,7 @@ impl SqliteDb {
             .map_err(self.sql("cannot read a ticket row"))
     }
 
-    pub fn get(&self, ticket_id: &TicketId) -> Result<Option<TicketRow>, TicketDbError> {
+    fn get(&self, ticket_id: &TicketId) -> Result<Option<TicketRow>, TicketDbError> {
         self.conn
             .query_row(
                 &format!("{} WHERE t.ticket_id = ?1", Self::ROW_SQL),
@@ -421,7 +210,7 @@ impl SqliteDb {
     }
 
     /// The wrapped part B of a ticket (`None` if there is no such ticket).
-    pub fn wrapped_part(&self, ticket_id: &TicketId) -> Result<Option<Vec<u8>>, TicketDbError> {
+    fn wrapped_part(&self, ticket_id: &TicketId) -> Result<Option<Vec<u8>>, TicketDbError> {
         self.conn
             .query_row(
                 "SELECT part_b FROM tickets WHERE ticket_id = ?1",
@@ -433,7 +222,7 @@ impl SqliteDb {
     }
 
     /// Revoke a ticket: it is refused from now on, including retries of earlier grants.
-    pub fn revoke(&self, ticket_id: &TicketId, now_unix: u64) -> Result<Revoked, TicketDbError> {
+    fn revoke(&self, ticket_id: &TicketId, now_unix: u64) -> Result<Revoked, TicketDbError> {
         let n = self
             .conn
             .execute(
@@ -449,7 +238,7 @@ impl SqliteDb {
     /// A request repeated with the same receiver key within `retry_secs` of its grant gets the
     /// grant again and uses nothing. The outer error is a database failure; the inner one the
     /// reason the ticket is refused.
-    pub fn consume(
+    fn consume(
         &mut self,
         ticket_id: &TicketId,
         archive_id: &[u8; 16],
@@ -572,9 +361,9 @@ mod tests {
             .ticket
     }
 
-    fn db() -> (tempfile::TempDir, TicketDb) {
+    fn db() -> (tempfile::TempDir, SqliteStore) {
         let d = tempfile::tempdir().unwrap();
-        let db = TicketDb::open(&d.path().join("sub/t.sqlite")).unwrap();
+        let db = SqliteStore::open(&d.path().join("sub/t.sqlite")).unwrap();
         (d, db)
     }
 
@@ -683,7 +472,7 @@ mod tests {
                     let path = path.clone();
                     let t = &t;
                     s.spawn(move || {
-                        let mut db = TicketDb::open(&path).unwrap();
+                        let mut db = SqliteStore::open(&path).unwrap();
                         db.consume(&t.ticket_id, &t.archive_id, &[i; 32], 50, 60)
                             .unwrap()
                             .is_ok() as usize
@@ -703,14 +492,14 @@ mod tests {
         let path = d.path().join("t.sqlite");
         let (used, fresh) = (ticket(1, 0), ticket(1, 0));
         {
-            let mut db = TicketDb::open(&path).unwrap();
+            let mut db = SqliteStore::open(&path).unwrap();
             db.insert(&used, b"w").unwrap();
             db.insert(&fresh, b"w").unwrap();
             db.consume(&used.ticket_id, &used.archive_id, &[1; 32], 5, 60)
                 .unwrap()
                 .unwrap();
         }
-        let mut db = TicketDb::open(&path).unwrap();
+        let mut db = SqliteStore::open(&path).unwrap();
         assert_eq!(
             db.consume(&used.ticket_id, &used.archive_id, &[2; 32], 6, 60)
                 .unwrap(),
@@ -737,7 +526,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("t.sqlite");
         std::fs::write(&path, vec![b'x'; 4096]).unwrap();
-        let e = TicketDb::open(&path).err().unwrap().to_string();
+        let e = SqliteStore::open(&path).err().unwrap().to_string();
         assert!(e.contains("t.sqlite"), "{e}");
     }
 }
