@@ -24,4 +24,6 @@ pub mod ticket;
 pub mod ticketadmin;
 
 pub use mcast_io::{fastio, fsutil, process};
-pub use mcast_proto::{carousel, channel, codec, director, pacer, receiver, schedule, sim, wire};
+pub mod sim;
+
+pub use mcast_proto::{carousel, channel, codec, director, pacer, receiver, schedule, wire};

@@ -424,7 +424,7 @@ impl Driver<'_> {
                 let local = self.unicast.as_ref().and_then(|s| s.local_addr().ok());
                 tracing::info!(?local, "unicast fallback active");
             }
-            Event::TierChanged { .. } | Event::Rejoining => {}
+            Event::TierChanged { .. } | Event::TierJudged(_) | Event::Rejoining => {}
             Event::Write { offset, bytes } => self.write(offset, &bytes)?,
             Event::ReadHash { block, offset, len } => {
                 // It may still be queued for the disk: wait for that first.

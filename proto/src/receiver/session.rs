@@ -28,6 +28,7 @@ use super::head_fetch::{HeadFetch, HeadFetchError};
 use super::nak::{NakCounters, NakEngine};
 use super::requests::{Purpose, Requests, Transmit, Via};
 use super::resume;
+pub use super::tiering::TierSample;
 use super::tiering::Tiering;
 use crate::archive::{Head, PacketId};
 use crate::wire::control::{Control, Envelope, ErrorCode};
@@ -69,6 +70,9 @@ pub struct SessionConfig {
     pub start_block: Option<u64>,
     /// An earlier run's state: which archive, which key it was pinned to, what it held.
     pub prior: Option<Prior>,
+    /// NAK suppression (NORM back-off, NAKs multicast to the group). Off: NAK as soon as a
+    /// loss is seen, to the server only — for comparison runs.
+    pub nak_suppression: bool,
 }
 
 impl SessionConfig {
@@ -84,6 +88,7 @@ impl SessionConfig {
             silence_timeout: None,
             start_block: None,
             prior: None,
+            nak_suppression: true,
         }
     }
 }
@@ -143,6 +148,8 @@ pub enum Event {
         tier: u8,
         group: SocketAddrV4,
     },
+    /// The tier engine judged an interval.
+    TierJudged(TierSample),
     /// Verified bytes (packets released from parking) to write at `offset`.
     Write {
         offset: u64,
@@ -445,7 +452,8 @@ impl Session {
         let failed = if resumed { dl.recheck_held(read) } else { 0 };
         self.stats.units_failed_recheck = failed;
         self.stats.units_at_start = dl.have_count();
-        let nak = NakEngine::new(*dl.shape(), self.cfg.seed);
+        let mut nak = NakEngine::new(*dl.shape(), self.cfg.seed);
+        nak.set_unicast(!self.cfg.nak_suppression);
         let packet_bytes = DATA_HEADER_LEN + head.symbol_size as usize;
         let tiering = Tiering::new(j.tier, j.tiers_bps.clone(), now);
         self.keepalive_every = (j.lease / 3).max(Duration::from_millis(50));
@@ -511,6 +519,18 @@ impl Session {
     /// The driver could not take a checkpoint now (its queue is full): ask again later.
     pub fn checkpoint_deferred(&mut self) {
         self.dirty = true;
+    }
+
+    /// Whether loop unit `unit` is held.
+    pub fn has_unit(&self, unit: u64) -> bool {
+        self.eng.as_ref().is_some_and(|e| e.dl.has(unit))
+    }
+
+    /// The tier engine's counters (`None` for a title with one tier, or before the head).
+    pub fn tier_counters(&self) -> Option<super::tier::TierCounters> {
+        self.eng
+            .as_ref()
+            .and_then(|e| e.tiering.counters().cloned())
     }
 
     pub fn have_bits(&self) -> &[u64] {
@@ -645,6 +665,8 @@ impl Session {
         {
             if let Some(f) = self.head_fetch.as_mut() {
                 f.on_chunk(archive_id, *offset, bytes);
+                // Each chunk frees a slot in the window: ask for the next at once.
+                self.poll_head(now);
             }
         }
         let purpose = self.requests.answer(&env);
@@ -790,7 +812,7 @@ impl Session {
         if self.unicast_ok {
             self.unicast_ok = false;
             if let Some(e) = self.eng.as_mut() {
-                e.nak.set_unicast(false);
+                e.nak.set_unicast(!self.cfg.nak_suppression);
             }
         }
         self.heard = false;
@@ -1185,7 +1207,11 @@ impl Session {
         if self.unicast_ok {
             return;
         }
-        let Some(t) = eng.tiering.poll(now) else {
+        let mv = eng.tiering.poll(now);
+        if let Some(s) = eng.tiering.take_sample() {
+            self.events.push_back(Event::TierJudged(s));
+        }
+        let Some(t) = mv else {
             return;
         };
         let Some(archive_id) = self.archive_id() else {
@@ -1230,7 +1256,7 @@ impl Session {
                 to: self.cfg.server,
                 bytes: bytes.clone(),
             });
-            if !self.unicast_ok {
+            if !self.unicast_ok && self.cfg.nak_suppression {
                 if let Some(g) = self.group {
                     self.transmits.push_back(Transmit {
                         via: Via::Group,

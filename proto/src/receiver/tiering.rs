@@ -17,6 +17,17 @@ pub struct Tiering {
     clock0: Instant,
     last_missed: u64,
     pub changes: u32,
+    /// The last judged interval, until taken.
+    sample: Option<TierSample>,
+}
+
+/// One judged tier interval: where the receiver was and what it had tried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TierSample {
+    pub tier: usize,
+    pub probing: bool,
+    /// Join experiments so far.
+    pub probes: u32,
 }
 
 impl Tiering {
@@ -34,7 +45,18 @@ impl Tiering {
             clock0: now,
             last_missed: 0,
             changes: 0,
+            sample: None,
         }
+    }
+
+    /// The interval judged by the last [`Self::poll`], once.
+    pub fn take_sample(&mut self) -> Option<TierSample> {
+        self.sample.take()
+    }
+
+    /// The engine's counters (probes, moves down, the last measurement).
+    pub fn counters(&self) -> Option<&super::tier::TierCounters> {
+        self.engine.as_ref().map(|e| &e.counters)
     }
 
     pub fn enabled(&self) -> bool {
@@ -69,6 +91,11 @@ impl Tiering {
         let due = now >= e.next_deadline();
         let mv = e.poll(now);
         if due {
+            self.sample = Some(TierSample {
+                tier: e.tier(),
+                probing: e.probing(),
+                probes: e.counters.probes,
+            });
             tracing::debug!(
                 tier = e.tier(),
                 interval = ?e.last_interval(),
