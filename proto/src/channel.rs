@@ -1233,7 +1233,7 @@ impl ChannelManager {
             let pkt = c.carousel.next_packet().expect("non-empty loop");
             // Sent in the loop now: a queued repair of it is moot.
             c.repair_pending
-                .remove(&crate::receiver::nak::NakEngine::loop_pos(&shape, pkt));
+                .remove(&shape.loop_pos(pkt));
             let share = params.repair_share.clamp(0.0, 0.95);
             c.repair_tokens = (c.repair_tokens + share / (1.0 - share)).min(64.0);
             (pkt, false)
@@ -1318,7 +1318,7 @@ impl ChannelManager {
                     .repaired_at
                     .get(&u)
                     .is_some_and(|t| now.saturating_duration_since(*t) < grtt);
-                let pos = crate::receiver::nak::NakEngine::loop_pos(&shape, shape.unit_packet(u));
+                let pos = shape.loop_pos(shape.unit_packet(u));
                 if recent || !c.repair_pending.insert(pos) {
                     self.counters.nak_units_coalesced += 1;
                 }
