@@ -172,7 +172,11 @@ mod tests {
             for _ in 0..shape.loop_packets() {
                 let id = c.next_packet().unwrap();
                 let u = shape.unit_index(id).unwrap() as usize;
-                assert_eq!(shape.packet_at(shape.loop_pos(id)), id, "loop_pos inverts packet_at");
+                assert_eq!(
+                    shape.packet_at(shape.loop_pos(id)),
+                    id,
+                    "loop_pos inverts packet_at"
+                );
                 assert!(!seen[u], "{id:?} twice");
                 seen[u] = true;
                 assert_eq!(shape.unit_packet(u as u64), id);

@@ -116,8 +116,7 @@ impl ChannelManager {
         let Some(title) = c.by_id.remove(archive_id) else {
             return false;
         };
-        if c
-            .titles
+        if c.titles
             .get(&title)
             .is_some_and(|t| &t.head.archive_id == archive_id)
         {

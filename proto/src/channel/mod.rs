@@ -15,14 +15,14 @@
 //! This file holds the type, its public API, the control dispatch and the `poll_*` /
 //! `handle_timeout` driver interface; each concept's state and logic is a module of its own:
 //!
-//! * [`catalog`] — the titles served, catalog replies, head chunks (read by the driver).
-//! * [`loops`] — open channels: the channel record, slot pool, opening, the one close path.
-//! * [`members`] — members, joins and leases.
-//! * [`unicast`] — unicast destinations and stateless cookies.
-//! * [`repair`] — NAK intake, per-source NAK budget, the repair queue.
-//! * [`tiers`] — tier channels and the rate policy fed by members' reports.
-//! * [`schedule`] — scheduled windows: opening and closing scheduled loops.
-//! * [`stats`] — counters and the stats report.
+//! * `catalog` — the titles served, catalog replies, head chunks (read by the driver).
+//! * `loops` — open channels: the channel record, slot pool, opening, the one close path.
+//! * `members` — members, joins and leases.
+//! * `unicast` — unicast destinations and stateless cookies.
+//! * `repair` — NAK intake, per-source NAK budget, the repair queue.
+//! * `tiers` — tier channels and the rate policy fed by members' reports.
+//! * `schedule` — scheduled windows: opening and closing scheduled loops.
+//! * `stats` — counters and the stats report.
 
 mod catalog;
 mod loops;
