@@ -60,20 +60,13 @@ pub fn load_titles_counted(
         };
         // Memory must not grow with what is served: the head is kept without its block
         // hashes (the server never checks packets) and its bytes are read from the file when
-        // a receiver asks for them.
+        // a receiver asks for them (`read_head_chunks`).
         let mut a = a;
         a.head.block_hashes = Vec::new();
         a.head_bytes = Vec::new();
-        let file = Arc::new(
-            a.file
-                .try_clone()
-                .with_context(|| format!("cannot reopen {}", path.display()))?,
-        );
         titles.push(TitleInfo {
             head: Arc::new(a.head.clone()),
-            head_bytes: HeadBytes::File {
-                file,
-                offset: a.layout.head_offset(),
+            head_bytes: HeadBytes::External {
                 len: a.layout.head_len as u32,
             },
             archive_len: a.layout.file_len(),
@@ -112,6 +105,20 @@ pub fn data_socket(cfg: &Config) -> anyhow::Result<UdpSocket> {
 const BATCH: usize = 128;
 /// Packets sent per loop turn at most, so control datagrams are never starved.
 const MAX_PER_TURN: usize = 1024;
+
+/// Read the head chunks receivers asked for from the archive files, and hand them back to
+/// `mgr` (which queues the replies; a failed read becomes its error reply).
+fn read_head_chunks(files: &HashMap<ArchiveId, ArchiveFile>, mgr: &mut ChannelManager) {
+    while let Some(r) = mgr.poll_head_read() {
+        let bytes = files.get(&r.archive_id).and_then(|a| {
+            let mut v = vec![0u8; r.len as usize];
+            let at = a.layout.head_offset() + r.offset as u64;
+            std::os::unix::fs::FileExt::read_exact_at(&a.file, &mut v, at).ok()?;
+            Some(v)
+        });
+        mgr.head_read_done(r, bytes);
+    }
+}
 
 /// Read the batch's archive payloads and send it to each of `dests`; empties the batch.
 /// An archive that can no longer be read (truncated or removed under the server) is
@@ -239,6 +246,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         run_schedule(&mut schedule, &mut mgr, now);
         mgr.handle_timeout(now);
         beats.poll(now, &mut mgr, &ctrl);
+        read_head_chunks(&files, &mut mgr);
         while let Some((to, bytes)) = mgr.poll_reply() {
             if let Err(e) = ctrl.send_to(&bytes, to) {
                 tracing::debug!(%to, error = %e, "control reply not sent");

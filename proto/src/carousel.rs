@@ -39,6 +39,16 @@ impl LoopShape {
         }
     }
 
+    /// Position of a packet in the loop (inverse of [`LoopShape::packet_at`]). The server's
+    /// repair queue and the receiver's gap detection both order packets by it.
+    pub fn loop_pos(&self, id: PacketId) -> u64 {
+        let per = self.block_symbols + 1;
+        match id {
+            PacketId::Hash(b) => b * per,
+            PacketId::Data(s) => (s / self.block_symbols) * per + s % self.block_symbols + 1,
+        }
+    }
+
     /// Dense index of a packet among the loop's units: data serials first, then hash packets.
     /// Receivers use it for their have-bitmaps.
     pub fn unit_index(&self, id: PacketId) -> Option<u64> {
@@ -162,6 +172,11 @@ mod tests {
             for _ in 0..shape.loop_packets() {
                 let id = c.next_packet().unwrap();
                 let u = shape.unit_index(id).unwrap() as usize;
+                assert_eq!(
+                    shape.packet_at(shape.loop_pos(id)),
+                    id,
+                    "loop_pos inverts packet_at"
+                );
                 assert!(!seen[u], "{id:?} twice");
                 seen[u] = true;
                 assert_eq!(shape.unit_packet(u as u64), id);

@@ -277,15 +277,6 @@ impl NakEngine {
         self.grtt.mul_f64(HOLDOFF_GRTTS)
     }
 
-    /// Loop position of a packet (inverse of [`LoopShape::packet_at`]).
-    pub fn loop_pos(shape: &LoopShape, id: PacketId) -> u64 {
-        let per = shape.block_symbols + 1;
-        match id {
-            PacketId::Hash(b) => b * per,
-            PacketId::Data(s) => (s / shape.block_symbols) * per + s % shape.block_symbols + 1,
-        }
-    }
-
     /// Move a unit to `to` (0 = idle, or a kind with a batch id), keeping the counts.
     fn set_state(&mut self, unit: u64, to: u32) {
         let s = &mut self.state[unit as usize];
@@ -354,7 +345,7 @@ impl NakEngine {
             return;
         }
         let len = self.shape.loop_packets();
-        let pos = Self::loop_pos(&self.shape, id);
+        let pos = self.shape.loop_pos(id);
         if let Some(last) = self.last_pos {
             let ahead = (pos + len - last) % len;
             // Back on a channel after a while: what it can have sent since we left (with

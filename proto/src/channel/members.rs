@@ -1,0 +1,310 @@
+//! Members and their leases: joining a title (the start tier, the receiver's current tier,
+//! or another tier), keepalives that renew a lease and carry the member's reports, completion,
+//! and lease expiry. A receiver is a member of one channel of a title at a time.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::{ChannelManager, Event, Params};
+use crate::wire::control::{ArchiveId, Control, Envelope, ErrorCode};
+
+pub(super) struct Member {
+    pub(super) lease_until: Instant,
+    /// Unicast destination, once confirmed (see `unicast`).
+    pub(super) unicast: Option<SocketAddr>,
+    /// Last control RTT the receiver reported (0 = none yet).
+    rtt_us: u32,
+    /// Last throughput (bit/s) and loss (ppm) the receiver reported (0 = none yet).
+    pub(super) rx_bps: u64,
+    pub(super) loss_ppm: u32,
+}
+
+/// The members of one channel, by receiver id.
+#[derive(Default)]
+pub(super) struct Members(HashMap<u64, Member>);
+
+impl Members {
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(super) fn contains(&self, rid: u64) -> bool {
+        self.0.contains_key(&rid)
+    }
+
+    pub(super) fn get_mut(&mut self, rid: u64) -> Option<&mut Member> {
+        self.0.get_mut(&rid)
+    }
+
+    pub(super) fn remove(&mut self, rid: u64) -> Option<Member> {
+        self.0.remove(&rid)
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Member> {
+        self.0.values()
+    }
+
+    /// Group RTT: the largest RTT a member reported, within bounds (`grtt_initial` before any).
+    pub(super) fn grtt(&self, p: &Params) -> Duration {
+        let max = self.iter().map(|m| m.rtt_us).max().unwrap_or(0);
+        if max == 0 {
+            p.grtt_initial
+        } else {
+            Duration::from_micros(max as u64).clamp(p.grtt_min, p.grtt_max)
+        }
+    }
+
+    /// Mean reported (throughput, loss) over members that reported.
+    pub(super) fn mean_report(&self) -> (u64, u32) {
+        let r: Vec<&Member> = self.iter().filter(|m| m.rx_bps > 0).collect();
+        if r.is_empty() {
+            return (0, 0);
+        }
+        let n = r.len() as u64;
+        (
+            r.iter().map(|m| m.rx_bps).sum::<u64>() / n,
+            (r.iter().map(|m| m.loss_ppm as u64).sum::<u64>() / n) as u32,
+        )
+    }
+
+    /// Drop members whose lease ended by `now`; their ids.
+    fn expire(&mut self, now: Instant) -> Vec<u64> {
+        let mut expired = Vec::new();
+        self.0.retain(|rid, m| {
+            let keep = m.lease_until > now;
+            if !keep {
+                expired.push(*rid);
+            }
+            keep
+        });
+        expired
+    }
+}
+
+impl ChannelManager {
+    /// The channel of `archive_id` that receiver `rid` is a member of.
+    pub(super) fn member_channel(&self, archive_id: &ArchiveId, rid: u64) -> Option<u32> {
+        self.channels
+            .iter()
+            .find(|(_, c)| &c.archive_id == archive_id && c.members.contains(rid))
+            .map(|(id, _)| *id)
+    }
+
+    /// Join `title` (`tier: None`: the receiver's current tier, or the start tier) or move to
+    /// `tier`. A receiver is a member of one channel of a title at a time.
+    pub(super) fn join(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        env: &Envelope,
+        title: &str,
+        tier: Option<usize>,
+        start_block: Option<u64>,
+    ) {
+        let Some(info) = self.catalog.get(title).cloned() else {
+            self.counters.not_here += 1;
+            self.events.push_back(Event::NotHere {
+                title: title.to_string(),
+                from,
+            });
+            self.reply(
+                from,
+                env,
+                Control::NotHere {
+                    title: title.to_string(),
+                    redirect: None,
+                },
+            );
+            return;
+        };
+        let archive_id = info.head.archive_id;
+        let tiers = self.params.tiers();
+        let rid = env.receiver_id;
+        let current = self.member_channel(&archive_id, rid);
+        if current.is_none() && self.windows.refuses(title) {
+            self.counters.refused_outside_window += 1;
+            self.error(
+                from,
+                env,
+                ErrorCode::Busy,
+                "title loops only in its scheduled window; retry in the next one",
+            );
+            return;
+        }
+        if self.draining && current.is_none() {
+            self.counters.refused_draining += 1;
+            self.error(
+                from,
+                env,
+                ErrorCode::Draining,
+                "server is draining: ask a traffic director for another server",
+            );
+            return;
+        }
+        let tier = match (tier, current) {
+            (Some(t), _) if t >= tiers.len() => {
+                self.error(from, env, ErrorCode::BadRequest, "no such tier");
+                return;
+            }
+            (Some(t), _) => t,
+            (None, Some(id)) => self.channels[&id].tier,
+            (None, None) => self.params.start_tier.min(tiers.len() - 1),
+        };
+        let id = match self.tier_channel(&archive_id, tier) {
+            Some(id) => id,
+            None => match self.open_channel(now, &info, tier, start_block.unwrap_or(0)) {
+                Some(id) => id,
+                None => {
+                    self.error(
+                        from,
+                        env,
+                        ErrorCode::Busy,
+                        "all channel slots are in use; retry later",
+                    );
+                    return;
+                }
+            },
+        };
+        let lease = self.params.lease;
+        let c = self.channels.get_mut(&id).expect("channel exists");
+        let fresh = c
+            .members
+            .0
+            .insert(
+                env.receiver_id,
+                Member {
+                    lease_until: now + lease,
+                    unicast: None,
+                    rtt_us: 0,
+                    rx_bps: 0,
+                    loss_ppm: 0,
+                },
+            )
+            .is_none_or(|old| {
+                // A re-join drops a unicast stream: the receiver will ask again if it needs it.
+                old.unicast.is_some()
+            });
+        if fresh {
+            c.rebuild_dests();
+        }
+        let (group, rate) = (c.group, c.pacer.rate_bps());
+        if let Some(old) = current.filter(|old| *old != id) {
+            self.leave_for_tier(now, old, rid);
+        }
+        // A lingering channel that gets a member back stops lingering.
+        if let Some(c) = self.channels.get_mut(&id) {
+            c.linger_until = None;
+        }
+        self.counters.joins += 1;
+        self.events.push_back(Event::Joined {
+            channel: id,
+            receiver: env.receiver_id,
+            from,
+        });
+        self.reply(
+            from,
+            env,
+            Control::JoinOk {
+                archive_id,
+                group,
+                head_len: info.head_bytes.len() as u32,
+                loop_packets: info.head.loop_packets(),
+                rate_bps: rate,
+                lease_ms: lease.as_millis() as u32,
+                tier: tier as u8,
+                tiers_bps: tiers,
+            },
+        );
+    }
+
+    /// A keepalive renews the member's lease and records its reports: control RTT, and
+    /// (throughput, loss) as `report`.
+    pub(super) fn keepalive(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        env: &Envelope,
+        archive_id: ArchiveId,
+        rtt_us: u32,
+        (rx_bps, loss_ppm): (u64, u32),
+    ) {
+        let rid = env.receiver_id;
+        let lease = self.params.lease;
+        let member = self
+            .member_channel(&archive_id, rid)
+            .and_then(|id| self.channels.get_mut(&id))
+            .and_then(|c| c.members.get_mut(rid));
+        match member {
+            Some(m) => {
+                m.lease_until = now + lease;
+                if rtt_us > 0 {
+                    m.rtt_us = rtt_us;
+                }
+                if rx_bps > 0 {
+                    m.rx_bps = rx_bps;
+                    m.loss_ppm = loss_ppm;
+                }
+                self.reply(
+                    from,
+                    env,
+                    Control::LeaseOk {
+                        archive_id,
+                        lease_ms: lease.as_millis() as u32,
+                    },
+                );
+            }
+            None => {
+                self.unknown_session(from, env, "no such session: join again");
+            }
+        }
+    }
+
+    /// The receiver has the whole file: it leaves its channel (closed if it was the last).
+    pub(super) fn complete(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        env: &Envelope,
+        archive_id: ArchiveId,
+    ) {
+        let rid = env.receiver_id;
+        if let Some(id) = self.member_channel(&archive_id, rid) {
+            let c = self.channels.get_mut(&id).expect("channel exists");
+            if let Some(m) = c.members.remove(rid) {
+                if m.unicast.is_some() {
+                    c.rebuild_dests();
+                }
+                self.counters.completions += 1;
+                self.events.push_back(Event::Completed {
+                    channel: id,
+                    receiver: rid,
+                });
+            }
+        }
+        // Idempotent: a retried Complete is acknowledged again.
+        self.reply(from, env, Control::CompleteOk { archive_id });
+        self.close_idle(now);
+    }
+
+    /// Drop members whose lease ran out (the caller then closes channels left idle).
+    pub(super) fn expire_leases(&mut self, now: Instant) {
+        for (id, c) in self.channels.iter_mut() {
+            let expired = c.members.expire(now);
+            if !expired.is_empty() {
+                c.rebuild_dests();
+            }
+            for rid in expired {
+                self.counters.leases_expired += 1;
+                self.events.push_back(Event::LeaseExpired {
+                    channel: *id,
+                    receiver: rid,
+                });
+            }
+        }
+    }
+}

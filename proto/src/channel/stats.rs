@@ -1,0 +1,126 @@
+//! What the manager counts and reports: [`Counters`] (every decision that an operator may want
+//! to see, from joins to NAKs dropped), and the per-channel [`ChannelStats`] of a
+//! `StatsRequest` reply, heartbeats and logs.
+
+use serde::Serialize;
+
+use super::ChannelManager;
+
+/// Counters, reported by `StatsRequest` and in logs.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counters {
+    pub control_received: u64,
+    pub control_malformed: u64,
+    pub joins: u64,
+    pub not_here: u64,
+    pub channels_opened: u64,
+    pub channels_closed: u64,
+    pub completions: u64,
+    pub leases_expired: u64,
+    pub unknown_session: u64,
+    pub cookies_sent: u64,
+    pub unicast_started: u64,
+    pub bad_cookies: u64,
+    pub sync_sent: u64,
+    pub packets_sent: u64,
+    pub payload_bytes_sent: u64,
+    pub head_chunks_sent: u64,
+    /// NAK datagrams accepted, and the units they asked for.
+    pub naks_received: u64,
+    pub nak_units_received: u64,
+    /// NAKs dropped: malformed, unknown channel, or over the per-address rate.
+    pub naks_malformed: u64,
+    pub naks_unknown_channel: u64,
+    pub naks_rate_limited: u64,
+    /// Units out of range or beyond `max_nak_units` in one NAK.
+    pub nak_units_ignored: u64,
+    /// Units whose repair was already queued, or sent within the last GRTT.
+    pub nak_units_coalesced: u64,
+    pub repairs_sent: u64,
+    /// Joins refused while draining.
+    pub refused_draining: u64,
+    /// Archives left out at start-up: unreadable, truncated, or not signed by this server.
+    pub archives_skipped: u64,
+    /// Titles withdrawn while serving because their archive could no longer be read.
+    pub archives_withdrawn: u64,
+    /// Play requests answered with a grant, and refused (replayed, used up, forged, ...).
+    pub plays_granted: u64,
+    pub plays_refused: u64,
+    /// Scheduled loops opened at a window's start / closed at its end (`crate::schedule`).
+    pub scheduled_opened: u64,
+    pub scheduled_closed: u64,
+    /// Members dropped when a scheduled loop closed at its window's end.
+    pub scheduled_members_dropped: u64,
+    /// Joins turned away because the title loops only in its scheduled window.
+    pub refused_outside_window: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ChannelStats {
+    pub channel: u32,
+    pub tier: usize,
+    /// Mean of the members' reported throughput (bit/s) and loss (ppm).
+    pub reported_bps: u64,
+    pub reported_loss_ppm: u32,
+    pub payload_bytes_sent: u64,
+    pub title: String,
+    pub group: String,
+    pub members: usize,
+    pub unicast: usize,
+    pub loops: u32,
+    pub packets_sent: u64,
+    pub rate_bps: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    pub counters: Counters,
+    pub channels: Vec<ChannelStats>,
+}
+
+impl ChannelManager {
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The driver left `n` archives out at start-up (see [`Counters::archives_skipped`]).
+    pub fn count_archives_skipped(&mut self, n: u64) {
+        self.counters.archives_skipped += n;
+    }
+
+    /// The ticket service (outside this state machine) answered a play request.
+    pub fn count_play(&mut self, granted: bool) {
+        if granted {
+            self.counters.plays_granted += 1;
+        } else {
+            self.counters.plays_refused += 1;
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            counters: self.counters.clone(),
+            channels: self
+                .channels
+                .iter()
+                .map(|(id, c)| {
+                    let (reported_bps, reported_loss_ppm) = c.members.mean_report();
+                    ChannelStats {
+                        channel: *id,
+                        tier: c.tier,
+                        reported_bps,
+                        reported_loss_ppm,
+                        payload_bytes_sent: c.packets_sent * c.symbol_size as u64,
+                        title: c.title.clone(),
+                        group: c.group.to_string(),
+                        members: c.members.len(),
+                        unicast: c.members.unicast_count(),
+                        loops: c.carousel.loops(),
+                        packets_sent: c.packets_sent,
+                        rate_bps: c.pacer.rate_bps(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
