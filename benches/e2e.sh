@@ -10,6 +10,8 @@
 #   sudo benches/e2e.sh                 # everything (installs uftp/udpcast if missing)
 #   E2E_PEERS=0 benches/e2e.sh          # mcast only
 #   E2E_SIZE_MB=4096 E2E_PEERS=0 benches/e2e.sh    # memory check on a 4 GiB file
+#   E2E_OLD_BIN=/path/to/old/target/release E2E_PEERS=0 E2E_REPEAT=3 benches/e2e.sh
+#                                       # old and new binaries in one run, alternating
 #
 # mcastd loops at E2E_RATE_MBPS (default 4000 Mbit/s of payload; 0 = unlimited, which on a
 # 2-core host overruns the receiver and ends in NAK/repair rounds). UFTP runs at -R E2E_UFTP_R
@@ -27,7 +29,8 @@ bed=${E2E_BED:-0}
 rate=${E2E_RATE_MBPS:-4000}
 peerbed=${PEERBED:-/work/shared/tools/peerbed.sh}
 work=${E2E_DIR:-/tmp/mcast-e2e}
-bin=$repo/target/release
+bin=${E2E_RUN_BIN:-$repo/target/release}
+label=${E2E_LABEL:-mcast}
 
 if [[ ${1:-} != --inside ]]; then
   cargo build --release --workspace --quiet --manifest-path "$repo/Cargo.toml"
@@ -96,8 +99,14 @@ TOML
     ok=$(sed -nE 's/.*RESULT ([0-9]+)\/[0-9]+ receivers intact.*/\1/p' "$2")
     echo "$3 ${w:-0} $(awk -v a="$u" -v b="$s" 'BEGIN{print a+b}') ${r:-0} $c $m ${ok:-0}" >> "$work/results"
   }
-  # mcast: in a private net namespace with only lo.
-  unshare -n "$0" --inside mcast-lo
+  # mcast: in a private net namespace with only lo (and, with E2E_OLD_BIN, the old binaries
+  # too, alternating with the new, E2E_REPEAT times each).
+  for _ in $(seq "${E2E_REPEAT:-1}"); do
+    unshare -n "$0" --inside mcast-lo
+    if [[ -n ${E2E_OLD_BIN:-} ]]; then
+      E2E_RUN_BIN=$E2E_OLD_BIN E2E_LABEL=mcast-old unshare -n "$0" --inside mcast-lo
+    fi
+  done
   if [[ $peers == 1 ]]; then
     for enc in none aes256-gcm; do
       # shellcheck disable=SC2086 # E2E_UFTP_ARGS: extra uftp arguments, e.g. "-b 8800"
@@ -179,5 +188,5 @@ ok=0
   && cmp -s "$run/restored.bin" "$work/src.bin" && ok=1
 read -r rw ru rs rr < rcv.time
 read -r sw su ss sr < srv.time
-echo "mcast-lo-1rx $rw $(awk -v a="$su" -v b="$ss" 'BEGIN{print a+b}') $sr $(awk -v a="$ru" -v b="$rs" 'BEGIN{print a+b}') $rr $ok" >> "$work/results"
+echo "$label-lo-1rx $rw $(awk -v a="$su" -v b="$ss" 'BEGIN{print a+b}') $sr $(awk -v a="$ru" -v b="$rs" 'BEGIN{print a+b}') $rr $ok" >> "$work/results"
 tail -1 rcv.json > report.json

@@ -10,15 +10,25 @@
 //! receivers whose links change mid-transfer, over several seeds — per link step, the time
 //! to reach the tier that fits and the join experiments it took, and tier changes per
 //! receiver.
+//!
+//! `cargo bench --bench sim -- mixed` prints the mixed audience (clean, 1–10 % random loss,
+//! links of 8–1000 Mbit/s, late joiners, no multicast; everyone leaving when done) with 4 and
+//! with 200 receivers, on tiers and on one fixed rate: per receiver its completion time,
+//! bytes received per archive byte, the tier it settled on and its tier changes. Every
+//! receiver is the real `Session` that `mcast-recv` runs.
 
 use std::time::{Duration, Instant};
 
+use mcast::sim::mixed::{self, MixedConfig};
 use mcast::sim::tiers::{self, TierSimConfig};
 use mcast::sim::{run, SimConfig};
 
 fn main() {
     if std::env::args().any(|a| a == "tiers") {
         return tier_report();
+    }
+    if std::env::args().any(|a| a == "mixed") {
+        return mixed_report();
     }
     // `cargo bench` passes --bench; any other argument filters by receiver count.
     let only: Option<usize> = std::env::args().skip(1).find_map(|a| a.parse().ok());
@@ -139,4 +149,94 @@ fn tier_report() {
         "worst: link fell → tier reached in {worst_down:.1} s; link rose → {worst_up:.1} s; \
          most tier changes per receiver in 200 s: {most_changes}"
     );
+}
+
+fn mixed_report() {
+    // A 50 MB title (40,000 packets of 1280 bytes).
+    let packets: u64 = std::env::var("MIXED_PACKETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40_000);
+    for receivers in [4usize, 200] {
+        for tiered in [true, false] {
+            let mut cfg = MixedConfig::new(receivers, packets, 11);
+            if receivers > 4 {
+                // Receivers that never finish keep the simulator busy: 2 minutes of them.
+                cfg.max_time = Duration::from_secs(120);
+            }
+            if !tiered {
+                // One fixed rate, as an operator's default config (200 Mbit/s).
+                cfg.tiers_bps = vec![200_000_000];
+            }
+            let t = Instant::now();
+            let r = mixed::run(&cfg);
+            println!(
+                "\n== {receivers} receivers, {}: {} of {} complete, {:.0} s simulated in {:.1} s; one loop takes {} s ==",
+                if tiered { "tiers 8/40/200/800 Mbit/s" } else { "one channel at 200 Mbit/s" },
+                r.completed,
+                receivers,
+                r.sim_seconds,
+                t.elapsed().as_secs_f64(),
+                r.loop_seconds
+                    .iter()
+                    .map(|s| format!("{s:.1}"))
+                    .collect::<Vec<_>>()
+                    .join("/")
+            );
+            println!(
+                "{:>4} {:>13} {:>9} {:>6} {:>6} {:>9} {:>9} {:>8} {:>5} {:>7} {:>6} {:>7}",
+                "rx",
+                "kind",
+                "link_Mbit",
+                "loss%",
+                "join_s",
+                "done_s",
+                "rcvd/arch",
+                "settled",
+                "final",
+                "changes",
+                "NAKs",
+                "unicast"
+            );
+            // 200 receivers: every receiver of the first 12, then one line per kind summary.
+            let show = if receivers <= 12 { receivers } else { 12 };
+            for (i, x) in r.receivers.iter().enumerate().take(show) {
+                println!(
+                    "{:>4} {:>13} {:>9} {:>6.1} {:>6.1} {:>9} {:>9.2} {:>8} {:>5} {:>7} {:>6} {:>7}",
+                    i,
+                    x.profile.kind,
+                    if x.profile.link_bps == 0 { "-".to_string() } else { (x.profile.link_bps / 1_000_000).to_string() },
+                    x.profile.loss * 100.0,
+                    x.profile.join_s,
+                    x.seconds.map_or("-".to_string(), |s| format!("{s:.1}")),
+                    x.received_per_archive_byte,
+                    x.settled_tier,
+                    x.final_tier,
+                    x.tier_changes,
+                    x.naks_sent,
+                    x.unicast
+                );
+            }
+            if receivers > show {
+                let mut kinds: Vec<&str> = r.receivers.iter().map(|x| x.profile.kind).collect();
+                kinds.sort();
+                kinds.dedup();
+                for k in kinds {
+                    let xs: Vec<_> = r.receivers.iter().filter(|x| x.profile.kind == k).collect();
+                    let done: Vec<f64> = xs.iter().filter_map(|x| x.seconds).collect();
+                    let worst = done.iter().cloned().fold(0.0, f64::max);
+                    let mean = done.iter().sum::<f64>() / done.len().max(1) as f64;
+                    let rcvd = xs.iter().map(|x| x.received_per_archive_byte).sum::<f64>()
+                        / xs.len() as f64;
+                    let changes =
+                        xs.iter().map(|x| x.tier_changes).sum::<u32>() as f64 / xs.len() as f64;
+                    println!(
+                        "  {k:>13}: {} receivers, {} complete, done mean {mean:.1} s worst {worst:.1} s, rcvd/arch {rcvd:.2}, tier changes {changes:.1}",
+                        xs.len(),
+                        done.len()
+                    );
+                }
+            }
+        }
+    }
 }
