@@ -153,7 +153,7 @@ fi
 ip link set lo up
 ip link set lo multicast on
 ip route add 224.0.0.0/4 dev lo
-run=$work/mcast; rm -rf "$run"; mkdir -p "$run"; cd "$run"
+run=$work/$label; rm -rf "$run"; mkdir -p "$run"; cd "$run"
 cat > mcastd.toml <<TOML
 [store]
 archive_dir = "$run/archives"

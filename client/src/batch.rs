@@ -506,8 +506,9 @@ fn start(opts: &BatchOptions, title: &str, need: u64, alloc: u64) -> Result<Runn
     if let Some(out) = child.stdout.take() {
         let keep = stdout.clone();
         readers.push(std::thread::spawn(move || {
+            // The last report: "done", or "stopped" with what the session held.
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if line.contains("\"event\":\"done\"") {
+                if line.contains("\"event\":\"done\"") || line.contains("\"event\":\"stopped\"") {
                     *keep.lock().unwrap() = Some(line);
                 }
             }
@@ -576,12 +577,36 @@ fn finish(
             reason,
         };
     }
-    let mut t = partial_report(
-        &opts.out_dir,
-        &r.title,
-        sizes.get(&r.title).copied(),
-        r.held_at_start,
-    );
+    // What the stopped session said it held; the state file only when it could not say (killed).
+    let said = done_line
+        .as_deref()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "stopped");
+    let mut t = match said {
+        Some(v) => {
+            let n = |k: &str| v["resume"][k].as_u64().unwrap_or(0);
+            let have = n("loop_bytes").saturating_sub(n("missing_bytes"));
+            TitleReport {
+                title: r.title.clone(),
+                status: "partial",
+                percent: percent(have, n("loop_bytes")),
+                archive_bytes: sizes.get(&r.title).copied(),
+                bytes_this_run: have.saturating_sub(r.held_at_start),
+                received_bytes: n("received_bytes"),
+                missing_bytes_at_start: 0,
+                duplicates: 0,
+                already_complete: false,
+                exit_code: None,
+                reason: String::new(),
+            }
+        }
+        None => partial_report(
+            &opts.out_dir,
+            &r.title,
+            sizes.get(&r.title).copied(),
+            r.held_at_start,
+        ),
+    };
     t.status = state;
     t.exit_code = status.code();
     t.reason = reason;

@@ -304,13 +304,28 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             // Without signal handlers Ctrl-C still ends the process; only the clean stop is lost.
             let stop =
                 mcast_io::process::stop_flag().unwrap_or_else(|_| Arc::new(AtomicBool::new(false)));
+            // A stopped download says what it holds (JSON): `batch` reads it from there.
+            let stopped = |e: RecvError| {
+                if let (true, Some(r)) = (o.json, &e.resume) {
+                    let line = serde_json::json!({
+                        "event": "stopped",
+                        "title": &o.title,
+                        "reason": &e.message,
+                        "exit_code": e.kind as u8,
+                        "resume": r,
+                    });
+                    println!("{line}");
+                }
+                e
+            };
             if !directors.is_empty() {
                 let r = mcast_recv::failover::get_via_directors(
                     &o,
                     directors,
                     Duration::from_millis(silence_timeout_ms.max(100)),
                     stop,
-                )?;
+                )
+                .map_err(stopped)?;
                 if o.json {
                     println!("{}", serde_json::to_string(&r).unwrap());
                 } else {
@@ -332,7 +347,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 }
                 return Ok(());
             }
-            let r = get(&o, stop)?;
+            let r = get(&o, stop).map_err(stopped)?;
             if o.json {
                 println!("{}", serde_json::to_string(&r).unwrap());
             } else {

@@ -213,11 +213,13 @@ pub struct SessionStats {
 }
 
 /// What a later run (or another server) needs to resume, straight from the session.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ResumeInfo {
+    /// Loop units held and in all.
     pub have: u64,
     pub total: u64,
-    /// Payload bytes still missing.
+    /// Payload bytes of the loop in all, and still missing.
+    pub loop_bytes: u64,
     pub missing_bytes: u64,
     /// Where a new loop should start (after the longest run of complete blocks).
     pub start_block: Option<u64>,
@@ -579,6 +581,7 @@ impl Session {
         Some(ResumeInfo {
             have: e.dl.have_count(),
             total: e.dl.units(),
+            loop_bytes: e.head.loop_bytes(),
             missing_bytes: resume::missing_bytes(&e.dl),
             start_block: resume::start_block(e.dl.shape(), |u| e.dl.has(u)),
             measured_bps: e.tiering.report().0,
