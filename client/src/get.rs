@@ -130,6 +130,8 @@ pub struct GetReport {
     /// The tier it spent the most time on.
     pub settled_tier: usize,
     pub tier_changes: u32,
+    /// Times the channel went silent and its group was joined again.
+    pub silent_rejoins: u64,
 }
 
 #[derive(Serialize)]
@@ -656,6 +658,7 @@ impl Driver<'_> {
                 tier: 0,
                 settled_tier: 0,
                 tier_changes: 0,
+                silent_rejoins: 0,
             });
         }
         self.checkpoint(sess)?;
@@ -708,6 +711,7 @@ impl Driver<'_> {
             tier: st.tier,
             settled_tier: st.settled_tier,
             tier_changes: st.tier_changes,
+            silent_rejoins: st.silent_rejoins,
         })
     }
 }

@@ -46,6 +46,11 @@ const SHORT_TRIES: u32 = 3;
 const SHORT_PER_TRY: Duration = Duration::from_millis(300);
 /// After a failed unicast handshake, the next one.
 const FALLBACK_RETRY: Duration = Duration::from_secs(1);
+/// A live channel silent this long (no verified packet, no SYNC): re-join its group (a fresh
+/// IGMP/MLD report: under an IGMPv2 querier a switch may stop forwarding a group to everyone
+/// when one member leaves, until somebody reports again); silent as long again after that:
+/// fall back to unicast.
+const SILENT_REJOIN: Duration = Duration::from_secs(1);
 /// Packets held back while their block's hash packet is read from disk.
 const MAX_AWAITING_HASH: usize = 256;
 
@@ -199,6 +204,8 @@ pub struct SessionStats {
     pub foreign: u64,
     pub malformed: u64,
     pub repairs_received: u64,
+    /// Re-joins of a channel that went silent.
+    pub silent_rejoins: u64,
     pub units_at_start: u64,
     pub units_failed_recheck: u64,
     pub download: DownloadCounters,
@@ -292,6 +299,9 @@ pub struct Session {
     next_progress: Instant,
     last_heard: Instant,
     last_loop_no: Option<u32>,
+    /// Last verified packet or SYNC on the channel, and the last silent-channel re-join.
+    last_channel: Instant,
+    rejoined_at: Option<Instant>,
     awaiting_hash: Vec<(PacketId, bool, Vec<u8>)>,
 }
 
@@ -331,6 +341,8 @@ impl Session {
             next_progress: now,
             last_heard: now,
             last_loop_no: None,
+            last_channel: now,
+            rejoined_at: None,
             awaiting_hash: Vec::new(),
         };
         s.send_join(now, s.cfg.start_block);
@@ -415,6 +427,7 @@ impl Session {
                 at(Some(self.next_progress));
                 at(self.dirty.then_some(self.next_checkpoint));
                 at(self.silence_deadline());
+                at(self.silent_deadline());
                 at(self
                     .fallback_due()
                     .then_some(self.next_fallback_try)
@@ -463,6 +476,7 @@ impl Session {
         self.next_checkpoint = now + self.cfg.checkpoint;
         self.next_progress = now;
         self.last_heard = now;
+        self.last_channel = now;
         self.next_fallback_try = Some(now + self.cfg.sync_timeout);
         let group = j.group;
         self.eng = Some(Engines {
@@ -806,6 +820,8 @@ impl Session {
                 self.events.push_back(Event::JoinGroup(j.group));
                 self.group = Some(j.group);
                 e.nak.reset_position();
+                self.last_channel = now;
+                self.rejoined_at = None;
             }
             e.tiering = Tiering::new(j.tier, j.tiers_bps.clone(), now);
             self.reported_tier = None;
@@ -949,6 +965,9 @@ impl Session {
                 }
                 self.events.push_back(Event::JoinGroup(g));
                 self.group = Some(g);
+                // A new channel may still be in its SYNC lead: silence counts from now.
+                self.last_channel = now;
+                self.rejoined_at = None;
                 tracing::info!(tier, group = %g, "moved to throughput tier");
                 self.events.push_back(Event::TierChanged { tier, group: g });
             }
@@ -1018,6 +1037,7 @@ impl Session {
                 if let Ok(info) = SyncInfo::decode(payload) {
                     eng.nak.on_sync(&info, eng.packet_bytes);
                     eng.tiering.on_sync(&info, now);
+                    self.last_channel = now;
                 }
                 return None;
             }
@@ -1061,6 +1081,7 @@ impl Session {
         match verdict {
             Verdict::Write { .. } => {
                 self.heard = true;
+                self.last_channel = now;
                 self.last_heard = now;
                 eng.nak.on_packet(now, id, repair, |u| dl.has_or_parked(u));
             }
@@ -1073,6 +1094,7 @@ impl Session {
             // only seen from the next loop's packets, which are duplicates).
             Verdict::Duplicate if dl.duplicate_is_genuine(id, payload) => {
                 self.heard = true;
+                self.last_channel = now;
                 self.last_heard = now;
                 eng.nak.on_packet(now, id, repair, |u| dl.has_or_parked(u));
             }
@@ -1128,6 +1150,40 @@ impl Session {
         self.cfg.silence_timeout.map(|l| self.last_heard + l)
     }
 
+    /// When a silent channel is next looked at (`None` off multicast or before it was heard).
+    fn silent_deadline(&self) -> Option<Instant> {
+        if self.unicast_ok || !self.heard || self.group.is_none() {
+            return None;
+        }
+        let from = self
+            .rejoined_at
+            .map_or(self.last_channel, |r| r.max(self.last_channel));
+        Some(from + SILENT_REJOIN)
+    }
+
+    /// The channel went silent while it should be sending: re-join its group once, then
+    /// fall back to unicast.
+    fn silent_channel(&mut self, now: Instant) {
+        let (Some(due), Some(g)) = (self.silent_deadline(), self.group) else {
+            return;
+        };
+        if now < due {
+            return;
+        }
+        if self.rejoined_at.is_some_and(|r| r >= self.last_channel) {
+            tracing::info!(group = %g, "channel still silent after a re-join: asking for unicast");
+            self.rejoined_at = None;
+            self.heard = false;
+            self.next_fallback_try = Some(now);
+            return;
+        }
+        tracing::info!(group = %g, silent_ms = now.saturating_duration_since(self.last_channel).as_millis() as u64, "channel silent: joining its group again");
+        self.stats.silent_rejoins += 1;
+        self.rejoined_at = Some(now);
+        self.events.push_back(Event::LeaveGroup(g));
+        self.events.push_back(Event::JoinGroup(g));
+    }
+
     fn fallback_due(&self) -> bool {
         !self.heard
             && !self.unicast_ok
@@ -1143,6 +1199,7 @@ impl Session {
                 return;
             }
         }
+        self.silent_channel(now);
         self.tier_move(now);
         self.keepalive(now);
         self.naks(now);

@@ -28,6 +28,9 @@ pub struct MixedConfig {
     pub one_way_delay: Duration,
     pub queue_limit: Duration,
     pub leave_latency: Duration,
+    /// An IGMPv2 querier (general queries this often): a member leaving stops the group for
+    /// the others until they report again. `None`: IGMPv3.
+    pub igmp_v2_query: Option<Duration>,
     pub max_time: Duration,
 }
 
@@ -43,6 +46,7 @@ impl MixedConfig {
             one_way_delay: Duration::from_millis(2),
             queue_limit: Duration::from_millis(50),
             leave_latency: Duration::from_secs(1),
+            igmp_v2_query: None,
             max_time: Duration::from_secs(300),
         }
     }
@@ -158,6 +162,7 @@ pub fn run(cfg: &MixedConfig, t0: Instant) -> MixedReport {
         leave_latency: cfg.leave_latency,
         crash_downtime: Duration::ZERO,
         suppression: true,
+        igmp_v2_query: cfg.igmp_v2_query,
         max_time: cfg.max_time,
     };
     let out = world::run(&w, t0);

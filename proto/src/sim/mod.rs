@@ -184,6 +184,7 @@ pub fn run(cfg: &SimConfig, t0: Instant) -> SimReport {
         leave_latency: Duration::ZERO,
         crash_downtime: cfg.crash_downtime,
         suppression: cfg.suppression,
+        igmp_v2_query: None,
         max_time: cfg.max_time,
     };
     let out = world::run(&w, t0);

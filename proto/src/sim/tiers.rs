@@ -159,6 +159,7 @@ pub fn run(cfg: &TierSimConfig, t0: Instant) -> TierSimReport {
         leave_latency: cfg.leave_latency,
         crash_downtime: Duration::ZERO,
         suppression: true,
+        igmp_v2_query: None,
         max_time: cfg.max_time,
     };
     let out = world::run(&w, t0);

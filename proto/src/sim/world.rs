@@ -81,6 +81,10 @@ pub struct WorldConfig {
     pub crash_downtime: Duration,
     /// NAK suppression on (back-off, NAKs heard on the group) or off.
     pub suppression: bool,
+    /// An IGMPv2 querier with snooping, general queries this often: when a member's leave
+    /// takes effect, the switch stops forwarding the group to the other members until they
+    /// report again (a join) or the next general query. `None`: IGMPv3 (per-host state).
+    pub igmp_v2_query: Option<Duration>,
     pub max_time: Duration,
 }
 
@@ -158,6 +162,8 @@ enum Ev {
     Arrive(usize, Option<SocketAddrV4>, Rc<Vec<u8>>),
     /// A unicast channel packet reaching receiver `.0`'s link.
     Unicast(usize, Rc<Vec<u8>>),
+    /// Receiver `.0`'s leave of `.1` reaches the switch.
+    IgmpLeave(usize, SocketAddrV4),
     /// A NAK multicast by another receiver on `.1`, reaching receiver `.0`.
     NakHeard(usize, SocketAddrV4, Rc<Vec<u8>>),
     RxTimer(usize),
@@ -175,6 +181,10 @@ struct Host {
     group: Option<SocketAddrV4>,
     leaving: Vec<(SocketAddrV4, Instant)>,
     busy_until: Instant,
+    /// Groups the switch stopped forwarding to this host (IGMPv2), until when.
+    unforwarded: Vec<(SocketAddrV4, Instant)>,
+    /// When it last reported each group (joined it).
+    reported: Vec<(SocketAddrV4, Instant)>,
     timer: Option<Instant>,
     done_at: Option<Instant>,
     first_at: Option<Instant>,
@@ -191,14 +201,16 @@ struct Host {
 
 impl Host {
     fn subscribed(&self, g: SocketAddrV4, now: Instant) -> bool {
-        self.group == Some(g) || self.leaving.iter().any(|&(l, t)| l == g && t > now)
+        (self.group == Some(g) || self.leaving.iter().any(|&(l, t)| l == g && t > now))
+            && !self.unforwarded.iter().any(|&(u, t)| u == g && t > now)
     }
 
-    fn leave(&mut self, now: Instant, latency: Duration) {
-        if let Some(g) = self.group.take() {
-            self.leaving.retain(|&(_, t)| t > now);
-            self.leaving.push((g, now + latency));
-        }
+    /// Leaves its group; the group it left, whose leave reaches the switch `latency` later.
+    fn leave(&mut self, now: Instant, latency: Duration) -> Option<SocketAddrV4> {
+        let g = self.group.take()?;
+        self.leaving.retain(|&(_, t)| t > now);
+        self.leaving.push((g, now + latency));
+        Some(g)
     }
 
     fn link_bps(&self, since_start: Duration) -> Option<u64> {
@@ -259,6 +271,8 @@ pub fn run(cfg: &WorldConfig, t0: Instant) -> WorldOutcome {
                 group: None,
                 leaving: Vec::new(),
                 busy_until: t0,
+                unforwarded: Vec::new(),
+                reported: Vec::new(),
                 timer: None,
                 done_at: None,
                 first_at: None,
@@ -393,6 +407,7 @@ impl World<'_> {
                         self.deliver(i, now, SERVER_DATA, &bytes);
                     }
                 }
+                Ev::IgmpLeave(i, g) => self.igmp_leave(i, g, now),
                 Ev::Unicast(i, bytes) => {
                     self.through_link(i, now, None, bytes);
                 }
@@ -477,8 +492,11 @@ impl World<'_> {
             });
         }
         h.received_before += s.stats(now).received_bytes;
-        h.leave(now, latency);
+        let left = h.leave(now, latency);
         h.timer = None;
+        if let Some(g) = left {
+            self.push(now + latency, Ev::IgmpLeave(i, g));
+        }
         let back = now + self.cfg.crash_downtime;
         self.push(back, Ev::Join(i));
     }
@@ -524,8 +542,11 @@ impl World<'_> {
         if h.done_at.is_none() && total > 0 && have == total {
             h.done_at = Some(now);
             // Its socket closes: the group is left (and takes the leave latency).
-            h.leave(now, latency);
+            if let Some(g) = h.leave(now, latency) {
+                self.push(now + latency, Ev::IgmpLeave(i, g));
+            }
         }
+        let h = &mut self.hosts[i];
         if let Some(t) = h.sess.as_ref().and_then(|s| s.poll_timeout()) {
             let t = t.max(now + Duration::from_micros(1));
             if h.timer.is_none_or(|x| t < x) {
@@ -589,10 +610,15 @@ impl World<'_> {
                 }
                 h.leaving.retain(|&(l, _)| l != g);
                 h.group = Some(g);
+                // A join sends a report: the switch forwards the group to this host again.
+                h.unforwarded.retain(|&(u, _)| u != g);
+                h.reported.retain(|&(u, _)| u != g);
+                h.reported.push((g, now));
             }
             Event::LeaveGroup(g) => {
                 if h.group == Some(g) {
                     h.leave(now, latency);
+                    self.push(now + latency, Ev::IgmpLeave(i, g));
                 }
             }
             Event::ReadHash { block, offset, len } => {
@@ -605,15 +631,41 @@ impl World<'_> {
             Event::TierJudged(sample) => h.samples.push((t_s, sample)),
             Event::Failed(f) => {
                 h.failed = Some(f);
-                h.leave(now, latency);
+                if let Some(g) = h.leave(now, latency) {
+                    self.push(now + latency, Ev::IgmpLeave(i, g));
+                }
             }
-            Event::Done => h.leave(now, latency),
+            Event::Done => {
+                if let Some(g) = h.leave(now, latency) {
+                    self.push(now + latency, Ev::IgmpLeave(i, g));
+                }
+            }
             Event::OpenUnicast
             | Event::UnicastActive
             | Event::Write { .. }
             | Event::Checkpoint
             | Event::Progress(_)
             | Event::Rejoining => {}
+        }
+    }
+
+    /// Host `i`'s leave of `g` reached the switch. Under an IGMPv2 querier the others that
+    /// have not reported since stop getting the group until they do, or the next query.
+    fn igmp_leave(&mut self, i: usize, g: SocketAddrV4, now: Instant) {
+        let Some(q) = self.cfg.igmp_v2_query else {
+            return;
+        };
+        if self.hosts[i].group == Some(g) {
+            return; // it joined again meanwhile (a re-join's leave and report)
+        }
+        let since = (now - self.t0).as_secs_f64();
+        let next_query = self.t0 + q.mul_f64((since / q.as_secs_f64()).floor() + 1.0);
+        for (j, h) in self.hosts.iter_mut().enumerate() {
+            let reported_after = h.reported.iter().any(|&(u, t)| u == g && t > now);
+            if j != i && h.group == Some(g) && !reported_after {
+                h.unforwarded.retain(|&(u, _)| u != g);
+                h.unforwarded.push((g, next_query));
+            }
         }
     }
 
@@ -847,6 +899,7 @@ mod tests {
             leave_latency: Duration::ZERO,
             crash_downtime: Duration::from_millis(300),
             suppression: true,
+            igmp_v2_query: None,
             max_time: Duration::from_secs(30),
         };
         let out = run(&cfg, Instant::now());
@@ -857,5 +910,49 @@ mod tests {
             assert_eq!(r.stats.download.rejected, 0);
         }
         assert_eq!(out.channels_open_at_end, 0);
+    }
+
+    /// Under an IGMPv2 querier the first receiver's leave stops the group for the others
+    /// (they last reported before it); a silent channel is joined again within about a
+    /// second, so nobody waits for the next general query (30 s here).
+    #[test]
+    fn a_leave_under_igmp_v2_stalls_nobody_for_long() {
+        let mut params = Params::for_tests(40_000_000);
+        params.lease = Duration::from_secs(2);
+        let mut receivers = vec![RxSpec::new(Duration::ZERO)];
+        // Three more join 1.5 s later: the first finishes and leaves while they receive.
+        receivers.extend((0..3).map(|_| RxSpec::new(Duration::from_millis(1500))));
+        let cfg = WorldConfig {
+            seed: 3,
+            data_packets: 8000,
+            symbol_size: 1280,
+            params,
+            receivers,
+            shared_loss: 0.0,
+            one_way_delay: Duration::from_millis(2),
+            peer_delay: Duration::from_millis(4),
+            queue_limit: Duration::from_millis(50),
+            leave_latency: Duration::from_millis(500),
+            crash_downtime: Duration::ZERO,
+            suppression: true,
+            igmp_v2_query: Some(Duration::from_secs(30)),
+            max_time: Duration::from_secs(60),
+        };
+        let out = run(&cfg, Instant::now());
+        // One loop: 8,200 packets of 1,304 bytes at 40 Mbit/s ≈ 2.1 s.
+        let first = out.receivers[0].done_at.expect("first completes");
+        for (i, r) in out.receivers.iter().enumerate().skip(1) {
+            let done = r
+                .done_at
+                .unwrap_or_else(|| panic!("rx{i} did not complete: {r:?}"));
+            assert!(first < done, "rx{i} finished before the first left");
+            assert!(r.stats.silent_rejoins >= 1, "rx{i} never re-joined: {r:?}");
+            assert!(
+                !r.unicast,
+                "rx{i} fell back to unicast: the re-join should do"
+            );
+            // Without the re-join they would wait for the query at 30 s.
+            assert!(done < Duration::from_secs(8), "rx{i} done at {done:?}");
+        }
     }
 }
