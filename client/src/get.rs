@@ -353,6 +353,19 @@ impl Driver<'_> {
 
     /// Send what the session has to send and carry out its events; true once it is done.
     fn service(&mut self, sess: &mut Session) -> Result<bool, RecvError> {
+        self.send_transmits(sess);
+        while let Some(ev) = sess.poll_event() {
+            if self.on_event(sess, ev)? {
+                return Ok(true);
+            }
+            // An event may have queued transmits (a start, a restored hash).
+            self.send_transmits(sess);
+        }
+        Ok(false)
+    }
+
+    /// Each datagram the session queued, from the socket it names.
+    fn send_transmits(&self, sess: &mut Session) {
         while let Some(t) = sess.poll_transmit() {
             let sock = match t.via {
                 Via::Control => Some(&self.ctl),
@@ -363,23 +376,6 @@ impl Driver<'_> {
                 let _ = s.send_to(&t.bytes, t.to);
             }
         }
-        while let Some(ev) = sess.poll_event() {
-            if self.on_event(sess, ev)? {
-                return Ok(true);
-            }
-            // An event may have queued transmits (a start, a restored hash).
-            while let Some(t) = sess.poll_transmit() {
-                let sock = match t.via {
-                    Via::Control => Some(&self.ctl),
-                    Via::Unicast => self.unicast.as_ref(),
-                    Via::Group => self.nak_out.as_ref(),
-                };
-                if let Some(s) = sock {
-                    let _ = s.send_to(&t.bytes, t.to);
-                }
-            }
-        }
-        Ok(false)
     }
 
     fn on_event(&mut self, sess: &mut Session, ev: Event) -> Result<bool, RecvError> {
