@@ -157,9 +157,14 @@ fn mixed_report() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(40_000);
-    for receivers in [4usize, 200] {
+    // IGMPv3, then an IGMPv2 querier (general queries every 31 s, the Linux bridge's startup
+    // interval): a member's leave stops the group for the others until they report again.
+    for (receivers, v2) in [(4usize, false), (4, true), (200, false)] {
         for tiered in [true, false] {
             let mut cfg = MixedConfig::new(receivers, packets, 11);
+            if v2 {
+                cfg.igmp_v2_query = Some(Duration::from_secs(31));
+            }
             if receivers > 4 {
                 // Receivers that never finish keep the simulator busy (every packet reaches
                 // every receiver and is verified): 2 minutes of them on tiers, 40 s on one
@@ -173,8 +178,9 @@ fn mixed_report() {
             let t = Instant::now();
             let r = mixed::run(&cfg);
             println!(
-                "\n== {receivers} receivers, {}: {} of {} complete, {:.0} s simulated in {:.1} s; one loop takes {} s ==",
+                "\n== {receivers} receivers, {}, {}: {} of {} complete, {:.0} s simulated in {:.1} s; one loop takes {} s ==",
                 if tiered { "tiers 8/40/200/800 Mbit/s" } else { "one channel at 200 Mbit/s" },
+                if v2 { "IGMPv2 querier" } else { "IGMPv3" },
                 r.completed,
                 receivers,
                 r.sim_seconds,

@@ -86,16 +86,6 @@ impl ControlClient {
         self.next_req
     }
 
-    /// Send without waiting (keepalives); the reply is picked up by the main loop.
-    pub fn send(&mut self, msg: Control) -> u32 {
-        let id = self.next_req_id();
-        let _ = self.sock.send_to(
-            &Envelope::new(self.receiver_id, id, msg).encode(),
-            self.server,
-        );
-        id
-    }
-
     /// Send `msg` from `sock` and wait for the reply with the same request id, retrying.
     pub fn request_on(
         &mut self,

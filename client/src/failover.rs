@@ -179,6 +179,7 @@ pub fn resume_block(out_dir: &Path, title: &str) -> Option<u64> {
     resume::start_block(&shape, |u| st.has(u))
 }
 
+/// Kept under its old path for the `state` fuzz target.
 pub use resume::best_start;
 
 /// Run a download through directors: route, fetch, and on silence route again and resume.
@@ -284,23 +285,4 @@ pub(crate) fn load_resume(out_dir: &Path, title: &str) -> Option<(State, Archive
     let shape = LoopShape::of(&a.head);
     (a.head.archive_id == st.archive_id && shape.loop_packets() == st.units)
         .then_some((st, a, shape))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resume_starts_after_the_longest_complete_run() {
-        let t = true;
-        let f = false;
-        assert_eq!(best_start(&[t, t, t]), None);
-        assert_eq!(best_start(&[f, f, f]), Some(0));
-        // Held a prefix: start where it ends.
-        assert_eq!(best_start(&[t, t, t, f, f]), Some(3));
-        // Held a wrapped range (joined mid-loop): start after it.
-        assert_eq!(best_start(&[t, f, f, t, t]), Some(1));
-        // Two held runs: skip the longer one.
-        assert_eq!(best_start(&[t, f, t, t, t, f, f]), Some(5));
-    }
 }

@@ -58,3 +58,22 @@ pub fn best_start(complete: &[bool]) -> Option<u64> {
     }
     Some(((best_end + 1) % n) as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_starts_after_the_longest_complete_run() {
+        let t = true;
+        let f = false;
+        assert_eq!(best_start(&[t, t, t]), None);
+        assert_eq!(best_start(&[f, f, f]), Some(0));
+        // Held a prefix: start where it ends.
+        assert_eq!(best_start(&[t, t, t, f, f]), Some(3));
+        // Held a wrapped range (joined mid-loop): start after it.
+        assert_eq!(best_start(&[t, f, f, t, t]), Some(1));
+        // Two held runs: skip the longer one.
+        assert_eq!(best_start(&[t, f, t, t, t, f, f]), Some(5));
+    }
+}

@@ -281,7 +281,6 @@ pub struct Session {
     eng: Option<Engines>,
     /// The latest `now` the driver gave.
     now: Instant,
-    trusted: Option<PublicIdentity>,
     stats: SessionStats,
     // Receiving.
     group: Option<SocketAddrV4>,
@@ -324,7 +323,6 @@ impl Session {
             head_fetch_result: None,
             eng: None,
             now,
-            trusted: None,
             stats: SessionStats::default(),
             group: None,
             heard: false,
@@ -940,7 +938,6 @@ impl Session {
         let prior_have = prior.map(|p| p.have.clone());
         let head = Arc::new(head);
         let head_len = bytes.len() as u64;
-        self.trusted = Some(trusted);
         self.head_fetch_result = Some((head.clone(), head_len));
         self.phase = Phase::AwaitStart;
         self.events.push_back(Event::HeadReady {

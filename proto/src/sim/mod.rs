@@ -172,20 +172,20 @@ pub fn run(cfg: &SimConfig, t0: Instant) -> SimReport {
         })
         .collect();
     let w = WorldConfig {
-        seed: cfg.seed,
-        data_packets: cfg.data_packets,
-        symbol_size: cfg.symbol_size,
-        params,
-        receivers,
         shared_loss: cfg.shared_loss,
         one_way_delay: cfg.one_way_delay,
         peer_delay: cfg.peer_delay,
-        queue_limit: Duration::from_millis(50),
         leave_latency: Duration::ZERO,
         crash_downtime: cfg.crash_downtime,
         suppression: cfg.suppression,
-        igmp_v2_query: None,
         max_time: cfg.max_time,
+        ..WorldConfig::new(
+            cfg.seed,
+            cfg.data_packets,
+            cfg.symbol_size,
+            params,
+            receivers,
+        )
     };
     let out = world::run(&w, t0);
     if std::env::var_os("MCAST_SIM_DEBUG").is_some() {

@@ -147,20 +147,18 @@ pub fn run(cfg: &TierSimConfig, t0: Instant) -> TierSimReport {
         })
         .collect();
     let w = WorldConfig {
-        seed: cfg.seed,
-        data_packets: cfg.data_packets,
-        symbol_size: cfg.symbol_size,
-        params,
-        receivers,
-        shared_loss: 0.0,
         one_way_delay: cfg.one_way_delay,
         peer_delay: cfg.one_way_delay * 2,
         queue_limit: cfg.queue_limit,
         leave_latency: cfg.leave_latency,
-        crash_downtime: Duration::ZERO,
-        suppression: true,
-        igmp_v2_query: None,
         max_time: cfg.max_time,
+        ..WorldConfig::new(
+            cfg.seed,
+            cfg.data_packets,
+            cfg.symbol_size,
+            params,
+            receivers,
+        )
     };
     let out = world::run(&w, t0);
     let end_s = out.sim_seconds;

@@ -88,6 +88,36 @@ pub struct WorldConfig {
     pub max_time: Duration,
 }
 
+impl WorldConfig {
+    /// A world with these receivers on the given title and channel parameters: no shared
+    /// loss, 2 ms one way (peers 4 ms apart), a 50 ms link queue, 1 s leave latency, NAK
+    /// suppression on, IGMPv3, five minutes at most. Scenarios change what they model.
+    pub fn new(
+        seed: u64,
+        data_packets: u64,
+        symbol_size: u32,
+        params: Params,
+        receivers: Vec<RxSpec>,
+    ) -> WorldConfig {
+        WorldConfig {
+            seed,
+            data_packets,
+            symbol_size,
+            params,
+            receivers,
+            shared_loss: 0.0,
+            one_way_delay: Duration::from_millis(2),
+            peer_delay: Duration::from_millis(4),
+            queue_limit: Duration::from_millis(50),
+            leave_latency: Duration::from_secs(1),
+            crash_downtime: Duration::ZERO,
+            suppression: true,
+            igmp_v2_query: None,
+            max_time: Duration::from_secs(300),
+        }
+    }
+}
+
 /// What one receiver did.
 #[derive(Clone, Debug)]
 pub struct RxOutcome {
