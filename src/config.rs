@@ -126,7 +126,7 @@ pub struct ServerConfig {
     /// Packets one NAK may ask for.
     pub max_nak_units: u64,
     /// Throughput tiers (Mbit/s, ascending): a title loops on one channel per tier in use.
-    /// Empty: one tier at `rate_mbps`.
+    /// Empty: the adaptive default, four geometric tiers spanning a decade up to `rate_mbps`.
     pub tiers_mbps: Vec<f64>,
     /// How a tier's rate follows its members' reports: "lowest" or "average".
     #[serde(deserialize_with = "choice")]
@@ -276,7 +276,7 @@ impl Default for ServerConfig {
             rate_mbps: 200.0,
             lease_ms: 5000,
             sync_lead_ms: 200,
-            sync_interval_ms: 100,
+            sync_interval_ms: 50,
             max_unicast_per_channel: 64,
             send_buffer: 4 << 20,
             grtt_initial_ms: 20,
@@ -734,9 +734,20 @@ impl Config {
             repair_share: sv.repair_share,
             nak_rate: sv.nak_rate,
             max_nak_units: sv.max_nak_units,
-            tiers_bps: sv.tiers_mbps.iter().map(|m| (m * 1e6) as u64).collect(),
+            tiers_bps: self.tiers_bps(),
             rate_policy: sv.rate_policy,
             start_tier: 0,
+        }
+    }
+
+    /// The configured tiers, or the adaptive default ladder below `rate_mbps` when none are
+    /// (a rate of 0, unlimited, has no ladder: one channel per title).
+    pub fn tiers_bps(&self) -> Vec<u64> {
+        let sv = &self.server;
+        if sv.tiers_mbps.is_empty() && sv.rate_mbps > 0.0 {
+            crate::channel::default_ladder((sv.rate_mbps * 1e6) as u64)
+        } else {
+            sv.tiers_mbps.iter().map(|m| (m * 1e6) as u64).collect()
         }
     }
 

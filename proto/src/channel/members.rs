@@ -18,6 +18,9 @@ pub(super) struct Member {
     /// Last throughput (bit/s) and loss (ppm) the receiver reported (0 = none yet).
     pub(super) rx_bps: u64,
     pub(super) loss_ppm: u32,
+    /// What the receiver's path carries, when it found the limit (0 = none found): tier
+    /// and unicast rates follow this.
+    pub(super) capacity_bps: u64,
 }
 
 /// The members of one channel, by receiver id.
@@ -183,6 +186,7 @@ impl ChannelManager {
                     rtt_us: 0,
                     rx_bps: 0,
                     loss_ppm: 0,
+                    capacity_bps: 0,
                 },
             )
             .is_none_or(|old| {
@@ -231,7 +235,7 @@ impl ChannelManager {
         env: &Envelope,
         archive_id: ArchiveId,
         rtt_us: u32,
-        (rx_bps, loss_ppm): (u64, u32),
+        (rx_bps, loss_ppm, capacity_bps): (u64, u32, u64),
     ) {
         let rid = env.receiver_id;
         let lease = self.params.lease;
@@ -249,6 +253,7 @@ impl ChannelManager {
                     m.rx_bps = rx_bps;
                     m.loss_ppm = loss_ppm;
                 }
+                m.capacity_bps = capacity_bps;
                 self.reply(
                     from,
                     env,

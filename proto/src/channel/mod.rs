@@ -45,7 +45,7 @@ use crate::wire::data::{DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN, SYNC_LE
 pub use catalog::{HeadBytes, HeadRead, TitleInfo};
 pub use repair::MAX_REPAIR_QUEUE;
 pub use stats::{ChannelStats, Counters, Stats};
-pub use tiers::RatePolicy;
+pub use tiers::{default_ladder, RatePolicy, LADDER_TIERS};
 
 use loops::Channel;
 
@@ -89,7 +89,7 @@ impl Params {
         Params {
             lease: Duration::from_secs(5),
             sync_lead: Duration::from_millis(100),
-            sync_interval: Duration::from_millis(100),
+            sync_interval: Duration::from_millis(50),
             rate_bps,
             burst: Duration::from_millis(4),
             groups: (0..16)
@@ -317,8 +317,16 @@ impl ChannelManager {
                 rtt_us,
                 rx_bps,
                 loss_ppm,
+                capacity_bps,
                 ..
-            } => self.keepalive(now, from, &env, archive_id, rtt_us, (rx_bps, loss_ppm)),
+            } => self.keepalive(
+                now,
+                from,
+                &env,
+                archive_id,
+                rtt_us,
+                (rx_bps, loss_ppm, capacity_bps),
+            ),
             Control::Complete { archive_id } => self.complete(now, from, &env, archive_id),
             Control::UnicastRequest { archive_id } => {
                 self.unicast_request(now, from, &env, archive_id)

@@ -1,6 +1,9 @@
 //! Throughput tiers (DESIGN.md §2): a title may loop on one channel per tier, receivers move
-//! between them, and each tier's rate follows its members' reported throughput (their
-//! average, or the lowest) within the tier's bounds. A channel a member left for another tier
+//! between them, and each tier's rate follows its members' *capacity* (the lowest, or their
+//! average) within the tier's band. Capacity is what a member's path carries, found by its
+//! tier engine from rising delay, loss that grows with rate or its own socket overruns
+//! (`receiver::judge`) — never the goodput it gets at the current rate, which random loss
+//! lowers and which would spiral a rate down. A channel a member left for another tier
 //! lingers a while, so a failed probe falls back to it at its loop position.
 
 use std::time::{Duration, Instant};
@@ -22,13 +25,29 @@ pub enum RatePolicy {
 
 /// Tier rates follow member reports this often.
 const RATE_UPDATE: Duration = Duration::from_secs(1);
-/// A tier runs this much above what its members report, so they can show they keep up with
-/// more (the rate then creeps up to the tier's ceiling) or fall behind (it comes down).
-const RATE_HEADROOM: f64 = 1.05;
+/// A tier runs this far below its slowest congested member's capacity, so that member's
+/// queue drains.
+const RATE_MARGIN: f64 = 0.95;
+/// With no member reporting a limit, a tier's rate climbs back towards its ceiling by this
+/// fraction of it per update: slowly, so a member whose limit it was sees its queue grow
+/// before it loses much.
+const RATE_CLIMB: f64 = 0.03;
+/// Tiers of the adaptive ladder a server derives when none are configured, and the ratio
+/// between neighbours (a decade over the four).
+pub const LADDER_TIERS: usize = 4;
+const LADDER_STEP: f64 = 2.154_434_690_031_884; // 10^(1/3)
 /// How long a tier's channel keeps looping after its last member moved to another tier.
 const TIER_LINGER: Duration = Duration::from_secs(3);
-/// Reported loss at which a member counts as limited by its tier's rate (1%).
-const CONGESTED_PPM: u32 = 10_000;
+
+/// The adaptive default: [`LADDER_TIERS`] geometric tiers whose top is `rate_bps`, so a
+/// default install serves a receiver of a tenth of the rate (and, with the bottom tier's
+/// band, a fortieth) without holding the others to it.
+pub fn default_ladder(rate_bps: u64) -> Vec<u64> {
+    (0..LADDER_TIERS)
+        .rev()
+        .map(|k| (rate_bps as f64 / LADDER_STEP.powi(k as i32)) as u64)
+        .collect()
+}
 
 /// `rate` (0 = unlimited) under an optional cap.
 pub(super) fn capped(rate: u64, cap: Option<u64>) -> u64 {
@@ -87,40 +106,59 @@ impl ChannelManager {
         }
     }
 
-    /// Set each tier's rate from its members' reports (policy lowest/average), within the
-    /// tier's bounds: above the next tier down, at most its nominal rate.
+    /// Set each tier's rate from its members' capacity reports (policy lowest/average)
+    /// within the tier's band: above the next tier down (a quarter of its rate for the
+    /// bottom tier), at most its nominal rate. With no member limited, climb back towards the
+    /// ceiling.
     pub(super) fn adapt_rates(&mut self) {
         let tiers = self.params.tiers();
         for c in self.channels.values_mut() {
             let hi = tiers[c.tier];
-            // A member that is not losing packets is not limited by this rate: it asks for
-            // the ceiling. Only congested members (loss above CONGESTED_PPM) pull a tier down.
-            let reports: Vec<u64> = c
-                .members
-                .iter()
-                .filter(|m| m.rx_bps > 0)
-                .map(|m| {
-                    if m.loss_ppm >= CONGESTED_PPM {
-                        m.rx_bps
-                    } else {
-                        hi
-                    }
-                })
-                .collect();
-            if reports.is_empty() {
-                continue;
-            }
-            let target = match self.params.rate_policy {
-                RatePolicy::Lowest => *reports.iter().min().expect("non-empty"),
-                RatePolicy::Average => reports.iter().sum::<u64>() / reports.len() as u64,
-            };
             let lo = if c.tier == 0 {
                 hi / 4
             } else {
                 tiers[c.tier - 1] + 1
             };
-            let rate = ((target as f64 * RATE_HEADROOM) as u64).clamp(lo.min(hi), hi);
-            c.pacer.set_rate(capped(rate, c.rate_cap));
+            // A member with no limit found asks for the ceiling; one whose path showed its
+            // limit asks for a little less than that.
+            let asks: Vec<(u64, bool)> = c
+                .members
+                .iter()
+                .filter(|m| m.rx_bps > 0 || m.capacity_bps > 0)
+                .map(|m| match m.capacity_bps {
+                    0 => (hi, false),
+                    cap => ((cap as f64 * RATE_MARGIN) as u64, true),
+                })
+                .collect();
+            let now_rate = c.pacer.rate_bps();
+            let climbed = ((now_rate as f64 + hi as f64 * RATE_CLIMB) as u64).min(hi);
+            let target = if !asks.iter().any(|a| a.1) {
+                climbed
+            } else {
+                let t = match self.params.rate_policy {
+                    RatePolicy::Lowest => asks.iter().map(|a| a.0).min().expect("non-empty"),
+                    RatePolicy::Average => {
+                        asks.iter().map(|a| a.0).sum::<u64>() / asks.len() as u64
+                    }
+                };
+                t.min(climbed)
+            };
+            c.pacer
+                .set_rate(capped(target.clamp(lo.min(hi), hi), c.rate_cap));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_ladder_spans_a_decade_below_the_rate() {
+        let l = default_ladder(900_000_000);
+        assert_eq!(l.len(), LADDER_TIERS);
+        assert_eq!(l[3], 900_000_000);
+        assert!((89_000_000..91_000_000).contains(&l[0]), "{l:?}");
+        assert!(l.windows(2).all(|w| w[0] < w[1]));
     }
 }

@@ -1,11 +1,12 @@
 //! Receiver protocol engines (sans-I/O). [`session::Session`] is one download: it composes
 //! [`download`] (what is verified and written), [`nak`] (when to ask for repairs) and the
-//! tier engine ([`tier`], through [`tiering`]), and owns the join, head fetch
+//! tier engine ([`tier`] judged by [`judge`], through [`tiering`]), and owns the join, head fetch
 //! ([`head_fetch`]), control requests ([`requests`]), keepalives, unicast fallback and
 //! re-join. `mcast-recv get` and the simulator both drive the same `Session`.
 
 pub mod download;
 pub mod head_fetch;
+pub mod judge;
 pub mod nak;
 pub mod requests;
 pub mod resume;

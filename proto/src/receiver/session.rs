@@ -206,6 +206,9 @@ pub struct SessionStats {
     pub repairs_received: u64,
     /// Re-joins of a channel that went silent.
     pub silent_rejoins: u64,
+    /// Datagrams the driver's socket dropped (reported through
+    /// [`Session::on_receive_drops`]).
+    pub socket_drops: u64,
     pub units_at_start: u64,
     pub units_failed_recheck: u64,
     pub download: DownloadCounters,
@@ -293,6 +296,8 @@ pub struct Session {
     keepalive_sent: Option<(u32, Instant)>,
     rtt_us: u32,
     reported_tier: Option<usize>,
+    /// The capacity the last keepalive carried.
+    reported_capacity: u64,
     next_checkpoint: Instant,
     dirty: bool,
     next_progress: Instant,
@@ -334,6 +339,7 @@ impl Session {
             keepalive_sent: None,
             rtt_us: 0,
             reported_tier: None,
+            reported_capacity: 0,
             next_checkpoint: now,
             dirty: false,
             next_progress: now,
@@ -533,6 +539,16 @@ impl Session {
     /// The driver could not take a checkpoint now (its queue is full): ask again later.
     pub fn checkpoint_deferred(&mut self) {
         self.dirty = true;
+    }
+
+    /// The driver's receive socket dropped `dropped` datagrams since the last call (its
+    /// buffer overflowed: `SO_RXQ_OVFL`). That is congestion of this receiver's own making —
+    /// it is short of CPU for the channel's rate — and moves it down a tier.
+    pub fn on_receive_drops(&mut self, dropped: u64) {
+        self.stats.socket_drops += dropped;
+        if let Some(e) = self.eng.as_mut() {
+            e.tiering.on_overrun(dropped);
+        }
     }
 
     /// Whether loop unit `unit` is held.
@@ -1042,7 +1058,7 @@ impl Session {
         };
         self.stats.received_packets += 1;
         self.stats.received_bytes += payload.len() as u64;
-        eng.tiering.on_data(payload.len());
+        eng.tiering.on_data(dg.len());
         self.stats.repairs_received += hdr.repair as u64;
         self.stats.first_packet.get_or_insert(now);
         if !hdr.repair && self.last_loop_no != Some(hdr.loop_no) {
@@ -1233,14 +1249,20 @@ impl Session {
         let eng = self.eng.as_ref().expect("receiving");
         // The first measurement on a tier goes out at once, not a keepalive period later: the
         // server sets the tier's rate (and shows its members' figures) from these reports.
-        let (rx_bps, loss_ppm) = eng.tiering.report();
+        // So does a new capacity: the tier's (or the unicast stream's) rate follows it, and
+        // the tier engine waits only so long for that before moving down.
+        let (rx_bps, loss_ppm, capacity_bps) = eng.tiering.report();
         let tier = eng.tiering.tier();
-        if now < self.next_keepalive && !(rx_bps > 0 && self.reported_tier != tier) {
+        let new_capacity =
+            capacity_bps.abs_diff(self.reported_capacity) * 20 > self.reported_capacity;
+        if now < self.next_keepalive && !(rx_bps > 0 && self.reported_tier != tier) && !new_capacity
+        {
             return;
         }
         if rx_bps > 0 {
             self.reported_tier = tier;
         }
+        self.reported_capacity = capacity_bps;
         let msg = Control::Keepalive {
             archive_id,
             have: eng.dl.have_count(),
@@ -1248,6 +1270,7 @@ impl Session {
             rtt_us: self.rtt_us,
             rx_bps,
             loss_ppm,
+            capacity_bps,
         };
         let mut out = Vec::new();
         let id = self.requests.send(msg, &mut out);

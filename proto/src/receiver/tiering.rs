@@ -1,6 +1,8 @@
 //! The session's side of throughput tiers: feeds the [`TierEngine`] from what the session
-//! sees (SYNC delay samples, data bytes, losses the NAK engine found), says when to move to
-//! another tier's channel and keeps the time spent on each. The move itself (a `ChangeTier`
+//! sees (SYNC delay samples and rates, datagrams, losses the NAK engine found, the socket's
+//! overruns), says when to move to another tier's channel and keeps the time spent on each.
+//! A title with one tier still has an engine (it never moves): its judgement is the capacity
+//! report that a unicast stream's rate follows. The move itself (a `ChangeTier`
 //! request, then the new group) is the session's; the download state does not depend on the
 //! channel, so nothing already written is fetched again.
 
@@ -10,7 +12,9 @@ use super::tier::{TierEngine, TierMove, TierParams};
 use crate::wire::data::SyncInfo;
 
 pub struct Tiering {
-    engine: Option<TierEngine>,
+    engine: TierEngine,
+    /// More than one tier: moves are possible.
+    tiered: bool,
     /// Seconds spent on each tier, and since when on the current one.
     time_on: Vec<f64>,
     since: Instant,
@@ -33,15 +37,20 @@ pub struct TierSample {
 impl Tiering {
     /// `tier`/`tiers_bps` from the join reply; a title with one tier needs no engine.
     pub fn new(tier: u8, tiers_bps: Vec<u64>, now: Instant) -> Tiering {
-        let engine = (tiers_bps.len() > 1).then(|| {
-            let mut p = TierParams::new(tiers_bps);
-            p.start = tier as usize;
-            TierEngine::new(p, now)
-        });
+        let tiered = tiers_bps.len() > 1;
+        // One tier: an engine on a ladder of one judges the path without ever moving.
+        let tiers_bps = if tiers_bps.is_empty() {
+            vec![u64::MAX]
+        } else {
+            tiers_bps
+        };
+        let mut p = TierParams::new(tiers_bps);
+        p.start = tier as usize;
         Tiering {
-            time_on: vec![0.0; engine.as_ref().map_or(1, |_| 16)],
+            time_on: vec![0.0; if tiered { 16 } else { 1 }],
             since: now,
-            engine,
+            engine: TierEngine::new(p, now),
+            tiered,
             clock0: now,
             last_missed: 0,
             changes: 0,
@@ -56,41 +65,43 @@ impl Tiering {
 
     /// The engine's counters (probes, moves down, the last measurement).
     pub fn counters(&self) -> Option<&super::tier::TierCounters> {
-        self.engine.as_ref().map(|e| &e.counters)
+        self.tiered.then_some(&self.engine.counters)
     }
 
     pub fn enabled(&self) -> bool {
-        self.engine.is_some()
+        self.tiered
     }
 
     pub fn on_sync(&mut self, info: &SyncInfo, now: Instant) {
-        if let Some(e) = &mut self.engine {
-            let local = now.saturating_duration_since(self.clock0).as_micros() as i64;
-            e.on_delay(local - info.send_us as i64);
-        }
+        let local = now.saturating_duration_since(self.clock0).as_micros() as i64;
+        self.engine
+            .on_sync(now, local - info.send_us as i64, info.rate_bps);
     }
 
+    /// A datagram of the channel (`bytes` on the wire, header included).
     pub fn on_data(&mut self, bytes: usize) {
-        if let Some(e) = &mut self.engine {
-            e.on_packet(bytes, None);
-        }
+        self.engine.on_packet(bytes);
+    }
+
+    /// Datagrams the receiver's socket dropped since the last call (it is short of CPU).
+    pub fn on_overrun(&mut self, n: u64) {
+        self.engine.on_overrun(n);
     }
 
     /// `missed_total`: the NAK engine's running count of units found missing.
     pub fn on_missed_total(&mut self, missed_total: u64) {
-        if let Some(e) = &mut self.engine {
-            e.on_lost(missed_total.saturating_sub(self.last_missed));
-        }
+        self.engine
+            .on_lost(missed_total.saturating_sub(self.last_missed));
         self.last_missed = missed_total;
     }
 
     /// The tier to move to, if the engine decided on one.
     pub fn poll(&mut self, now: Instant) -> Option<u8> {
         let from = self.tier().unwrap_or(0);
-        let e = self.engine.as_mut()?;
+        let e = &mut self.engine;
         let due = now >= e.next_deadline();
         let mv = e.poll(now);
-        if due {
+        if due && self.tiered {
             self.sample = Some(TierSample {
                 tier: e.tier(),
                 probing: e.probing(),
@@ -130,31 +141,35 @@ impl Tiering {
             .unwrap_or(0)
     }
 
-    /// (measured throughput bit/s, loss ppm) of the last interval, for keepalives.
-    pub fn report(&self) -> (u64, u32) {
-        self.engine
-            .as_ref()
-            .map(|e| (e.counters.measured_bps, e.counters.loss_ppm))
-            .unwrap_or((0, 0))
+    /// (measured throughput bit/s, loss ppm, capacity bit/s) of the last judged interval,
+    /// for keepalives.
+    pub fn report(&self) -> (u64, u32, u64) {
+        let c = &self.engine.counters;
+        (c.measured_bps, c.loss_ppm, c.capacity_bps)
     }
 
     /// A join experiment is under way, or the receiver just moved: losses now are congestion
     /// (or the old channel's tail), not worth repair requests yet.
     pub fn settling(&self, now: Instant) -> bool {
-        self.engine.as_ref().is_some_and(|e| e.settling(now))
+        self.tiered && self.engine.settling(now)
     }
 
-    /// When the engine next judges an interval (`None` for a title with one tier).
+    /// When the engine next judges an interval.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.engine.as_ref().map(|e| e.next_deadline())
+        Some(self.engine.next_deadline())
     }
 
     /// When settling ends, if it ends on its own (a probe ends at an interval's judgement).
     pub fn settle_end(&self) -> Option<Instant> {
-        self.engine.as_ref().and_then(|e| e.settle_end())
+        if self.tiered {
+            self.engine.settle_end()
+        } else {
+            None
+        }
     }
 
+    /// The tier held (`None` for a title with one tier).
     pub fn tier(&self) -> Option<usize> {
-        self.engine.as_ref().map(|e| e.tier())
+        self.tiered.then(|| self.engine.tier())
     }
 }

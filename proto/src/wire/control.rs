@@ -126,6 +126,12 @@ pub enum Control {
         /// per million: the server sets each tier's rate from its members' reports.
         rx_bps: u64,
         loss_ppm: u32,
+        /// What the receiver's path can carry (bit/s), once it found the limit (queueing
+        /// delay rising, loss growing with rate, its own socket overrun); 0 = no limit found
+        /// at the current rate. Tier rates and unicast streams follow this, never `rx_bps`
+        /// (goodput under random loss would spiral a rate down). Absent (0) from receivers
+        /// older than step 11: decode accepts the shorter message.
+        capacity_bps: u64,
     },
     /// Move this receiver to another throughput tier of the title (answered with
     /// [`Control::JoinOk`] for that tier's channel).
@@ -285,6 +291,7 @@ impl Envelope {
                 rtt_us,
                 rx_bps,
                 loss_ppm,
+                capacity_bps,
             } => {
                 b.extend_from_slice(archive_id);
                 b.put_u64(*have);
@@ -292,6 +299,7 @@ impl Envelope {
                 b.put_u32(*rtt_us);
                 b.put_u64(*rx_bps);
                 b.put_u32(*loss_ppm);
+                b.put_u64(*capacity_bps);
                 t::KEEPALIVE
             }
             Control::Complete { archive_id } => {
@@ -456,6 +464,11 @@ impl Envelope {
                 rtt_us: r.u32("rtt_us")?,
                 rx_bps: r.u64("rx_bps")?,
                 loss_ppm: r.u32("loss_ppm")?,
+                capacity_bps: if r.remaining() >= 8 {
+                    r.u64("capacity_bps")?
+                } else {
+                    0
+                },
             },
             t::CHANGE_TIER => Control::ChangeTier {
                 archive_id: r.array("archive_id")?,
@@ -649,6 +662,7 @@ mod tests {
                 rtt_us: 250,
                 rx_bps: 1_000_000,
                 loss_ppm: 12,
+                capacity_bps: 900_000,
             },
             Control::Complete { archive_id: id },
             Control::UnicastRequest { archive_id: id },
@@ -771,9 +785,37 @@ mod tests {
             let e = Envelope::new(42, 7, msg);
             let b = e.encode();
             assert_eq!(Envelope::decode(&b).unwrap(), e);
+            // A keepalive without its capacity is an older receiver's, and valid.
+            let old = matches!(e.msg, Control::Keepalive { .. }).then(|| b.len() - 8);
             for n in 0..b.len() {
+                if Some(n) == old {
+                    continue;
+                }
                 assert!(Envelope::decode(&b[..n]).is_err(), "{e:?} truncated to {n}");
             }
         }
+    }
+
+    #[test]
+    fn a_keepalive_from_before_capacity_reports_decodes_with_none() {
+        let msg = Control::Keepalive {
+            archive_id: [3; 16],
+            have: 1,
+            total: 2,
+            rtt_us: 3,
+            rx_bps: 4,
+            loss_ppm: 5,
+            capacity_bps: 6,
+        };
+        let b = Envelope::new(1, 2, msg).encode();
+        let old = Envelope::decode(&b[..b.len() - 8]).unwrap();
+        assert!(matches!(
+            old.msg,
+            Control::Keepalive {
+                capacity_bps: 0,
+                rx_bps: 4,
+                ..
+            }
+        ));
     }
 }
