@@ -239,8 +239,8 @@ impl ChannelManager {
     ) {
         let rid = env.receiver_id;
         let lease = self.params.lease;
-        let member = self
-            .member_channel(&archive_id, rid)
+        let id = self.member_channel(&archive_id, rid);
+        let member = id
             .and_then(|id| self.channels.get_mut(&id))
             .and_then(|c| c.members.get_mut(rid));
         match member {
@@ -253,7 +253,11 @@ impl ChannelManager {
                     m.rx_bps = rx_bps;
                     m.loss_ppm = loss_ppm;
                 }
+                let new_limit = capacity_bps > 0 && capacity_bps != m.capacity_bps;
                 m.capacity_bps = capacity_bps;
+                if let (true, Some(id)) = (new_limit, id) {
+                    self.follow_capacity(id);
+                }
                 self.reply(
                     from,
                     env,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::loops::Channel;
 use super::ChannelManager;
 use crate::wire::control::ArchiveId;
 
@@ -112,41 +113,61 @@ impl ChannelManager {
     /// ceiling.
     pub(super) fn adapt_rates(&mut self) {
         let tiers = self.params.tiers();
+        let policy = self.params.rate_policy;
         for c in self.channels.values_mut() {
             let hi = tiers[c.tier];
-            let lo = if c.tier == 0 {
-                hi / 4
-            } else {
-                tiers[c.tier - 1] + 1
-            };
-            // A member with no limit found asks for the ceiling; one whose path showed its
-            // limit asks for a little less than that.
-            let asks: Vec<(u64, bool)> = c
-                .members
-                .iter()
-                .filter(|m| m.rx_bps > 0 || m.capacity_bps > 0)
-                .map(|m| match m.capacity_bps {
-                    0 => (hi, false),
-                    cap => ((cap as f64 * RATE_MARGIN) as u64, true),
-                })
-                .collect();
-            let now_rate = c.pacer.rate_bps();
-            let climbed = ((now_rate as f64 + hi as f64 * RATE_CLIMB) as u64).min(hi);
-            let target = if !asks.iter().any(|a| a.1) {
-                climbed
-            } else {
-                let t = match self.params.rate_policy {
-                    RatePolicy::Lowest => asks.iter().map(|a| a.0).min().expect("non-empty"),
-                    RatePolicy::Average => {
-                        asks.iter().map(|a| a.0).sum::<u64>() / asks.len() as u64
-                    }
-                };
-                t.min(climbed)
-            };
-            c.pacer
-                .set_rate(capped(target.clamp(lo.min(hi), hi), c.rate_cap));
+            let climbed = ((c.pacer.rate_bps() as f64 + hi as f64 * RATE_CLIMB) as u64).min(hi);
+            let target = asked_rate(c, &tiers, policy).map_or(climbed, |t| t.min(climbed));
+            c.pacer.set_rate(capped(target, c.rate_cap));
         }
     }
+
+    /// A member of channel `id` just reported a capacity: bring the rate down to it now, not
+    /// at the next update — every interval of overload costs its members repairs.
+    pub(super) fn follow_capacity(&mut self, id: u32) {
+        if self.params.tiers_bps.is_empty() {
+            return;
+        }
+        let tiers = self.params.tiers();
+        let policy = self.params.rate_policy;
+        if let Some(c) = self.channels.get_mut(&id) {
+            if let Some(t) = asked_rate(c, &tiers, policy) {
+                let t = capped(t, c.rate_cap);
+                if t < c.pacer.rate_bps() {
+                    c.pacer.set_rate(t);
+                }
+            }
+        }
+    }
+}
+
+/// The rate channel `c`'s members ask for, within its tier's band, when one of them found
+/// its path's limit (`None`: nobody did — the rate may climb). A member with no limit asks
+/// for the ceiling; one with a limit for a little under it.
+fn asked_rate(c: &Channel, tiers: &[u64], policy: RatePolicy) -> Option<u64> {
+    let hi = tiers[c.tier];
+    let lo = if c.tier == 0 {
+        hi / 4
+    } else {
+        tiers[c.tier - 1] + 1
+    };
+    let asks: Vec<(u64, bool)> = c
+        .members
+        .iter()
+        .filter(|m| m.rx_bps > 0 || m.capacity_bps > 0)
+        .map(|m| match m.capacity_bps {
+            0 => (hi, false),
+            cap => ((cap as f64 * RATE_MARGIN) as u64, true),
+        })
+        .collect();
+    if !asks.iter().any(|a| a.1) {
+        return None;
+    }
+    let t = match policy {
+        RatePolicy::Lowest => asks.iter().map(|a| a.0).min().expect("non-empty"),
+        RatePolicy::Average => asks.iter().map(|a| a.0).sum::<u64>() / asks.len() as u64,
+    };
+    Some(t.clamp(lo.min(hi), hi))
 }
 
 #[cfg(test)]

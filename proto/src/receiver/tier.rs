@@ -127,6 +127,8 @@ struct Probe {
     /// The first experiment, straight to the top tier: on failure, go where the measured
     /// capacity fits rather than back.
     discovery: bool,
+    /// The rate of the tier it came from (its channel drains for a while after the leave).
+    from_bps: u64,
 }
 
 pub struct TierEngine {
@@ -284,7 +286,19 @@ impl TierEngine {
                 // floods the path for as long as the switch takes to honour the leave); this
                 // one waits four times as long as before.
                 let (from, failed, discovery) = (probe.from, self.tier, probe.discovery);
+                let from_bps = probe.from_bps;
                 self.probe = None;
+                // Until the switch honours the leave, the old tier's channel still fills the
+                // path: what got through of the new one understates the path by up to the old
+                // rate.
+                if self.p.best_fit(capacity + from_bps) >= failed {
+                    // The probed tier's band (may) reach the path's capacity: it is this
+                    // receiver's tier, at a rate the server brings down to what the path
+                    // carries. Hold it; judge it afresh once the old channel has drained.
+                    self.settle_until = now + self.p.settle;
+                    self.stable_since = now;
+                    return None;
+                }
                 self.counters.probes_failed += 1;
                 self.probe_timer[failed] = (self.probe_timer[failed] * 4).min(self.p.probe_max);
                 for i in from + 1..self.p.tiers_bps.len() {
@@ -300,14 +314,16 @@ impl TierEngine {
                 return Some(self.switch(to, now));
             }
             if now >= probe.until {
-                // The path carries this tier: conditions changed, so the next tier up is
-                // worth trying sooner than its backed-off timer says.
+                // The path carries this tier: conditions changed, so the next tier up is than its backed-off timer says.
+                // worth trying sooner than its backed-off timer says — and the path may have
+                // grown by more than a tier: discover again, straight to the top.
                 let t = self.tier;
                 self.probe = None;
                 self.probe_timer[t] = self.p.probe_after;
                 if let Some(next) = self.probe_timer.get_mut(t + 1) {
                     *next = (*next / 2).max(self.p.probe_after);
                 }
+                self.slow_start = !discovery_done_here(&self.p, t);
             }
             return None;
         }
@@ -355,6 +371,10 @@ impl TierEngine {
         if calm >= wait {
             self.counters.probes += 1;
             self.probe = Some(Probe {
+                from_bps: self
+                    .channel_bps
+                    .unwrap_or(self.p.tiers_bps[self.tier])
+                    .min(self.p.tiers_bps[self.tier]),
                 from: self.tier,
                 until: now + self.p.probe_hold,
                 discovery: self.slow_start,
@@ -364,6 +384,11 @@ impl TierEngine {
         }
         None
     }
+}
+
+/// At the top there is nothing left to discover.
+fn discovery_done_here(p: &TierParams, tier: usize) -> bool {
+    tier + 1 >= p.tiers_bps.len()
 }
 
 #[cfg(test)]

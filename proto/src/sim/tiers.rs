@@ -59,12 +59,11 @@ impl TierSimConfig {
         }
     }
 
-    /// The fastest tier whose nominal rate the link carries (0 if none does).
+    /// The tier a receiver behind this link should hold: the highest whose band (its rate can
+    /// come down to just above the next tier's) reaches the link's rate — the tier engine's
+    /// own [`best_fit`](crate::receiver::tier::TierParams::best_fit).
     pub fn fitting_tier(&self, link_bps: u64) -> usize {
-        self.tiers_bps
-            .iter()
-            .rposition(|&t| t <= link_bps)
-            .unwrap_or(0)
+        crate::receiver::tier::TierParams::new(self.tiers_bps.clone()).best_fit(link_bps)
     }
 }
 
