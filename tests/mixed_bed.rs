@@ -17,7 +17,6 @@
 //! `MIXED_BED_TIERS` (e.g. "40,180,900"; default: the server's default) change the run;
 //! `MIXED_BED_KEEP=1` keeps its directory.
 
-use std::process::Command;
 use std::sync::Mutex;
 
 mod common;
@@ -127,14 +126,7 @@ fn mixed_audience(igmp: u8) {
     }
     let _one = ONE_BED.lock().unwrap_or_else(|e| e.into_inner());
     let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = if std::env::var_os("MIXED_BED_KEEP").is_some() {
-        let p = tmp.keep();
-        println!("keeping {}", p.display());
-        p
-    } else {
-        tmp.path().to_path_buf()
-    };
+    let (_tmp, dir) = common::test_dir("MIXED_BED_KEEP");
     let d = dir.as_path();
     let tiers = std::env::var("MIXED_BED_TIERS").unwrap_or_default();
     let tiers = if tiers.trim().is_empty() {
@@ -160,26 +152,10 @@ fn mixed_audience(igmp: u8) {
         cfg.to_str().unwrap(),
         d.to_str().unwrap(),
     );
-    let out = Command::new("timeout")
-        .args([
-            "120",
-            "unshare",
-            "--net",
-            "--mount",
-            "--propagation",
-            "private",
-        ])
-        .args(["sh", "-c", &script])
-        .output()
-        .unwrap();
+    if let Err(e) = common::run_bed_script(&script, 120) {
+        panic!("IGMPv{igmp}: {e}");
+    }
     let read = |name: &str| std::fs::read_to_string(d.join(name)).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "IGMPv{igmp} bed run failed ({:?}): {}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
     println!(
         "IGMPv{igmp} querier, {}; {:.1} Mbit/s, tiers: {}",
         read("bridge-ready.txt").trim(),

@@ -11,8 +11,6 @@
 //! The title is 16 MB (`TIERS_FILE_MB` for a longer run by hand): at 200 Mbit/s that is under
 //! a second, so the fastest receiver's climb from the bottom tier dominates its time here.
 
-use std::process::Command;
-
 mod common;
 use common::{done_report, missing_tool, skip_or_fail, BedPort};
 
@@ -67,15 +65,8 @@ fn receivers_settle_on_the_tier_their_link_carries() {
         return skip_or_fail("the tier bed needs root (network namespaces, tc, a bridge)");
     }
     let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
-    let dir = tempfile::tempdir().unwrap();
     // TIERS_KEEP=1 keeps the run's directory (logs, reports, stats) for a look afterwards.
-    let dir = if std::env::var_os("TIERS_KEEP").is_some() {
-        let p = dir.keep();
-        println!("keeping {}", p.display());
-        p
-    } else {
-        dir.path().to_path_buf()
-    };
+    let (_tmp, dir) = common::test_dir("TIERS_KEEP");
     let d = dir.as_path();
     let cfg = common::packed_server_dir(
         d,
@@ -94,27 +85,10 @@ fn receivers_settle_on_the_tier_their_link_carries() {
         cfg.to_str().unwrap(),
         d.to_str().unwrap(),
     );
-    let out = Command::new("timeout")
-        .args([
-            "300",
-            "unshare",
-            "--net",
-            "--mount",
-            "--propagation",
-            "private",
-        ])
-        .args(["sh", "-c", &script])
-        .output()
-        .unwrap();
     let err = |i: u32| std::fs::read_to_string(d.join(format!("r{i}.err"))).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "bed run failed ({:?}): {}\n{}\nreceiver 3: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        err(3)
-    );
+    if let Err(e) = common::run_bed_script(&script, 300) {
+        panic!("{e}\nreceiver 3: {}", err(3));
+    }
     println!(
         "bridge groups at the end:\n{}",
         std::fs::read_to_string(d.join("mdb.txt")).unwrap_or_default()

@@ -962,3 +962,37 @@ pub fn longest_progress_stall(stamped: &str) -> Option<f64> {
     }
     last.map(|_| worst)
 }
+
+/// Run a bed script ([`bridge_bed_prelude`] + the run) as root in a private network and mount
+/// namespace, killed after `limit_s`; `Err` with its exit status and output when it fails.
+pub fn run_bed_script(script: &str, limit_s: u32) -> Result<(), String> {
+    let out = Command::new("timeout")
+        .arg(limit_s.to_string())
+        .args(["unshare", "--net", "--mount", "--propagation", "private"])
+        .args(["sh", "-c", script])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "bed run failed ({:?}): {}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// A test's directory: removed with the returned guard, or kept (and its path printed) when
+/// the environment variable `keep_env` is set.
+pub fn test_dir(keep_env: &str) -> (Option<TempDir>, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    if std::env::var_os(keep_env).is_some() {
+        let p = tmp.keep();
+        println!("keeping {}", p.display());
+        (None, p)
+    } else {
+        let p = tmp.path().to_path_buf();
+        (Some(tmp), p)
+    }
+}
