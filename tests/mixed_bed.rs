@@ -11,9 +11,12 @@
 //! namespace per host on a veth port, a token bucket or an nftables `numgen random` drop on
 //! a receiver's port. Skips with a reason where that cannot be done; fails under `CI=true`.
 //!
-//! Only figures that do not depend on the machine's speed are asserted; the rest (seconds,
-//! bytes received per archive byte, tiers, tier changes, silent re-joins, the longest stall)
-//! is printed. `MIXED_BED_FILE_MB` (default 24), `MIXED_BED_RATE_MBPS` (default 900) and
+//! Asserted: what does not depend on the machine's speed, and a stall bound (10 s) far above
+//! any this bed shows when it works (under 1 s); printed: seconds, bytes received per archive
+//! byte, tiers, tier changes, silent re-joins and the longest stall (from the `--json`
+//! progress lines, stamped on arrival: they come every 250 ms). The title is 48 MB so that
+//! on a 2-core host the late joiner is on the group when the others leave (they finish after
+//! ~2.5 s). `MIXED_BED_FILE_MB` (default 48), `MIXED_BED_RATE_MBPS` (default 900) and
 //! `MIXED_BED_TIERS` (e.g. "40,180,900"; default: the server's default) change the run;
 //! `MIXED_BED_KEEP=1` keeps its directory.
 
@@ -142,7 +145,7 @@ fn mixed_audience(igmp: u8) {
              rate_mbps = {rate:.1}{tiers}"
         ),
         "film",
-        env_or("MIXED_BED_FILE_MB", 24usize) * 1_000_000,
+        env_or("MIXED_BED_FILE_MB", 48usize) * 1_000_000,
     );
     std::fs::write(d.join("stamp.py"), common::STAMP_LINES_PY).unwrap();
     let script = bed_script(
