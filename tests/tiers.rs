@@ -11,10 +11,8 @@
 //! The title is 16 MB (`TIERS_FILE_MB` for a longer run by hand): at 200 Mbit/s that is under
 //! a second, so the fastest receiver's climb from the bottom tier dominates its time here.
 
-use std::process::Command;
-
 mod common;
-use common::{done_report, missing_tool, skip_or_fail};
+use common::{done_report, missing_tool, skip_or_fail, BedPort};
 
 /// Link rates of the three receivers (Mbit/s) and the tier each must end on.
 const LINKS: [(u32, u64); 3] = [(8, 0), (40, 1), (200, 2)];
@@ -22,53 +20,16 @@ const TIERS_MBPS: [f64; 3] = [6.0, 32.0, 160.0];
 
 /// The bed and the run, as one shell script for `unshare --net --mount`.
 fn bed_script(mcastd: &str, recv: &str, cfg: &str, d: &str) -> String {
-    let mut s = String::from(
-        r#"set -eu
-mount -t tmpfs tmpfs /run
-ip link set lo up
-ip link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 1
-ip addr add 198.18.0.254/24 dev br0
-ip link set br0 type bridge mcast_query_use_ifaddr 1 mcast_querier 1 mcast_igmp_version 3
-ip link set br0 up
-host() { # NAME PORT ADDR
-  ip netns add "$1"
-  ip link add "$2" type veth peer name eth0 netns "$1"
-  ip link set "$2" master br0 up
-  ip -n "$1" link set lo up
-  ip netns exec "$1" sysctl -qw net.ipv4.conf.all.force_igmp_version=3
-  ip -n "$1" addr add "$3/24" dev eth0
-  ip -n "$1" link set eth0 up
-  ip -n "$1" route add 224.0.0.0/4 dev eth0
-}
-host srv s0 198.18.0.1
-"#,
-    );
-    for (i, (mbit, _)) in LINKS.iter().enumerate() {
-        let n = i + 1;
-        s += &format!(
-            "host c{n} c{n} 198.18.0.1{n}
-             tc qdisc add dev c{n} root tbf rate {mbit}mbit burst 64kb latency 50ms
-"
-        );
-    }
+    let ports: Vec<BedPort> = LINKS
+        .iter()
+        .map(|&(rate_mbit, _)| BedPort {
+            rate_mbit,
+            loss_pct: 0,
+        })
+        .collect();
+    let mut s = common::bridge_bed_prelude(3, &ports, d);
     s += &format!(
-        r#"# A Linux bridge floods every group to every port for several seconds after it comes up
-# (until its querier counts as present): start once a group nobody joined stops reaching c1.
-txp() {{ ip -s link show c1 | awk '/TX:/{{getline; print $2}}'; }}
-ready=0
-for k in $(seq 1 40); do
-  before=$(txp)
-  ip netns exec srv python3 -c "
-import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)
-s.setsockopt(socket.IPPROTO_IP,socket.IP_MULTICAST_IF,socket.inet_aton('198.18.0.1'))
-[s.sendto(b'x',('239.255.1.1',5000)) for i in range(20)]"
-  sleep 0.1
-  if [ $(( $(txp) - before )) -lt 10 ]; then ready=1; break; fi
-  sleep 0.4
-done
-[ $ready = 1 ] || {{ echo "the bridge still floods multicast after 20 s" >&2; exit 11; }}
-echo "bridge filtering after $k checks" > "{d}/bridge-ready.txt"
-set +e
+        r#"set +e
 ip netns exec srv "{mcastd}" -c "{cfg}" > "{d}/server.log" 2>&1 &
 srv=$!
 sleep 0.5
@@ -104,15 +65,8 @@ fn receivers_settle_on_the_tier_their_link_carries() {
         return skip_or_fail("the tier bed needs root (network namespaces, tc, a bridge)");
     }
     let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
-    let dir = tempfile::tempdir().unwrap();
     // TIERS_KEEP=1 keeps the run's directory (logs, reports, stats) for a look afterwards.
-    let dir = if std::env::var_os("TIERS_KEEP").is_some() {
-        let p = dir.keep();
-        println!("keeping {}", p.display());
-        p
-    } else {
-        dir.path().to_path_buf()
-    };
+    let (_tmp, dir) = common::test_dir("TIERS_KEEP");
     let d = dir.as_path();
     let cfg = common::packed_server_dir(
         d,
@@ -131,27 +85,10 @@ fn receivers_settle_on_the_tier_their_link_carries() {
         cfg.to_str().unwrap(),
         d.to_str().unwrap(),
     );
-    let out = Command::new("timeout")
-        .args([
-            "300",
-            "unshare",
-            "--net",
-            "--mount",
-            "--propagation",
-            "private",
-        ])
-        .args(["sh", "-c", &script])
-        .output()
-        .unwrap();
     let err = |i: u32| std::fs::read_to_string(d.join(format!("r{i}.err"))).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "bed run failed ({:?}): {}\n{}\nreceiver 3: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        err(3)
-    );
+    if let Err(e) = common::run_bed_script(&script, 300) {
+        panic!("{e}\nreceiver 3: {}", err(3));
+    }
     println!(
         "bridge groups at the end:\n{}",
         std::fs::read_to_string(d.join("mdb.txt")).unwrap_or_default()

@@ -669,7 +669,8 @@ pub fn skip_or_fail(why: &str) {
     eprintln!("SKIPPED: {why}");
 }
 
-/// The final `"event":"done"` JSON report in a receiver's stdout log.
+/// The final `"event":"done"` JSON report in a receiver's stdout log (lines may carry a
+/// prefix before the JSON, such as [`STAMP_LINES_PY`]'s arrival time).
 pub fn done_report(path: &Path) -> Value {
     let text = fs::read_to_string(path).unwrap_or_default();
     let line = text
@@ -677,7 +678,7 @@ pub fn done_report(path: &Path) -> Value {
         .rev()
         .find(|l| l.contains("\"event\":\"done\""))
         .unwrap_or_else(|| panic!("{} has no done report:\n{text}", path.display()));
-    serde_json::from_str(line).unwrap()
+    serde_json::from_str(&line[line.find('{').unwrap_or(0)..]).unwrap()
 }
 
 /// A server directory for a test that runs `mcastd` itself (e.g. inside a namespace):
@@ -835,4 +836,163 @@ pub fn dir_names(dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+// ---- Namespace bridge bed (tests/tiers.rs, tests/mixed_bed.rs) ----
+
+/// One receiver's port on the bridge bed: a token bucket towards it (`rate_mbit`, 0 = none)
+/// and random loss towards it (`loss_pct`, 0 = none).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BedPort {
+    pub rate_mbit: u32,
+    pub loss_pct: u32,
+}
+
+/// The start of a shell script for `unshare --net --mount` (root) that builds the bridge bed:
+/// a bridge with IGMP snooping and its own querier at IGMP version `igmp` (2 or 3; hosts are
+/// forced to the same version), so a group reaches only ports whose host joined it, as on a
+/// managed switch; namespace `srv` at 198.18.0.1 and `cI` at 198.18.0.1I (I = 1..9), each on a
+/// veth port of the same name (the server's GSO bursts cut into datagrams as they leave it,
+/// as on a wire); per port a `tc tbf` and an nftables bridge-family
+/// `numgen random` drop as `ports` says. A Linux bridge floods every group to every port for
+/// several seconds after it comes up (until its querier counts as present): the script ends
+/// once a group nobody joined stops reaching c1, and writes how long that took to
+/// `<dir>/bridge-ready.txt`. It leaves `set -eu` on.
+pub fn bridge_bed_prelude(igmp: u8, ports: &[BedPort], dir: &str) -> String {
+    assert!(matches!(igmp, 2 | 3), "IGMP version 2 or 3");
+    assert!((1..=9).contains(&ports.len()), "1 to 9 receivers");
+    let mut s = format!(
+        r#"set -eu
+mount -t tmpfs tmpfs /run
+ip link set lo up
+ip link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 1
+ip addr add 198.18.0.254/24 dev br0
+ip link set br0 type bridge mcast_query_use_ifaddr 1 mcast_querier 1 mcast_igmp_version {igmp}
+ip link set br0 up
+host() {{ # NAME PORT ADDR
+  ip netns add "$1"
+  ip link add "$2" type veth peer name eth0 netns "$1"
+  ip link set "$2" master br0 up
+  ip -n "$1" link set lo up
+  ip netns exec "$1" sysctl -qw net.ipv4.conf.all.force_igmp_version={igmp}
+  ip -n "$1" addr add "$3/24" dev eth0
+  ip -n "$1" link set eth0 up
+  ip -n "$1" route add 224.0.0.0/4 dev eth0
+}}
+host srv s0 198.18.0.1
+# The server's UDP GSO bursts are cut into datagrams as they leave it, as a NIC does on a
+# wire: a loss rule or a token bucket on the bridge then acts on datagrams, not 64 KB bursts.
+ip -n srv link set dev eth0 gso_max_segs 1
+"#
+    );
+    if ports.iter().any(|p| p.loss_pct > 0) {
+        s += "nft add table bridge bed\n\
+              nft add chain bridge bed loss '{ type filter hook forward priority 0; policy accept; }'\n";
+    }
+    for (i, p) in ports.iter().enumerate() {
+        let n = i + 1;
+        s += &format!("host c{n} c{n} 198.18.0.1{n}\n");
+        if p.rate_mbit > 0 {
+            s += &format!(
+                "tc qdisc add dev c{n} root tbf rate {}mbit burst 64kb latency 50ms\n",
+                p.rate_mbit
+            );
+        }
+        if p.loss_pct > 0 {
+            s += &format!(
+                "nft add rule bridge bed loss oifname c{n} ether type ip numgen random mod 100 \
+                 '<' {} counter drop\n",
+                p.loss_pct
+            );
+        }
+    }
+    s += &format!(
+        r#"txp() {{ ip -s link show c1 | awk '/TX:/{{getline; print $2}}'; }}
+ready=0
+for k in $(seq 1 40); do
+  before=$(txp)
+  ip netns exec srv python3 -c "
+import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP,socket.IP_MULTICAST_IF,socket.inet_aton('198.18.0.1'))
+[s.sendto(b'x',('239.255.1.1',5000)) for i in range(20)]"
+  sleep 0.1
+  if [ $(( $(txp) - before )) -lt 10 ]; then ready=1; break; fi
+  sleep 0.4
+done
+[ $ready = 1 ] || {{ echo "the bridge still floods multicast after 20 s" >&2; exit 11; }}
+echo "bridge filtering after $k checks" > "{dir}/bridge-ready.txt"
+"#
+    );
+    s
+}
+
+/// Prefix each line of stdin with the arrival time (Unix seconds): `… | python3 -u -c "$X"`.
+pub const STAMP_LINES_PY: &str =
+    "import sys,time\nfor l in sys.stdin: print('%.3f %s' % (time.time(), l), end='', flush=True)";
+
+/// From a receiver's `--json` output with arrival times ([`STAMP_LINES_PY`]): the longest
+/// time (s) between consecutive increases of the units held, from the first unit held to the
+/// `done` report (which counts as the last increase), or `None` when nothing was held.
+/// Progress lines come every 250 ms, so the figure is good to about ±0.25 s.
+pub fn longest_progress_stall(stamped: &str) -> Option<f64> {
+    let (mut last, mut have, mut worst) = (None::<f64>, 0u64, 0f64);
+    for line in stamped.lines() {
+        let Some((t, json)) = line.split_once(' ') else {
+            continue;
+        };
+        let (Ok(t), Ok(v)) = (t.parse::<f64>(), serde_json::from_str::<Value>(json)) else {
+            continue;
+        };
+        let grew = match v["event"].as_str() {
+            Some("progress") => {
+                let h = v["have"].as_u64().unwrap_or(0);
+                let grew = h > have;
+                have = have.max(h);
+                grew
+            }
+            Some("done") => last.is_some(),
+            _ => false,
+        };
+        if grew {
+            if let Some(l) = last {
+                worst = worst.max(t - l);
+            }
+            last = Some(t);
+        }
+    }
+    last.map(|_| worst)
+}
+
+/// Run a bed script ([`bridge_bed_prelude`] + the run) as root in a private network and mount
+/// namespace, killed after `limit_s`; `Err` with its exit status and output when it fails.
+pub fn run_bed_script(script: &str, limit_s: u32) -> Result<(), String> {
+    let out = Command::new("timeout")
+        .arg(limit_s.to_string())
+        .args(["unshare", "--net", "--mount", "--propagation", "private"])
+        .args(["sh", "-c", script])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "bed run failed ({:?}): {}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// A test's directory: removed with the returned guard, or kept (and its path printed) when
+/// the environment variable `keep_env` is set.
+pub fn test_dir(keep_env: &str) -> (Option<TempDir>, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    if std::env::var_os(keep_env).is_some() {
+        let p = tmp.keep();
+        println!("keeping {}", p.display());
+        (None, p)
+    } else {
+        let p = tmp.path().to_path_buf();
+        (Some(tmp), p)
+    }
 }
