@@ -150,8 +150,9 @@ impl Tiering {
 
     /// A join experiment is under way, or the receiver just moved: losses now are congestion
     /// (or the old channel's tail), not worth repair requests yet.
+    /// So is loss while the path is judged congested (the rate first has to fit).
     pub fn settling(&self, now: Instant) -> bool {
-        self.tiered && self.engine.settling(now)
+        (self.tiered && self.engine.settling(now)) || self.engine.congested()
     }
 
     /// When the engine next judges an interval.
@@ -161,7 +162,9 @@ impl Tiering {
 
     /// When settling ends, if it ends on its own (a probe ends at an interval's judgement).
     pub fn settle_end(&self) -> Option<Instant> {
-        if self.tiered {
+        if self.engine.congested() {
+            Some(self.engine.next_deadline())
+        } else if self.tiered {
             self.engine.settle_end()
         } else {
             None
