@@ -98,7 +98,6 @@ impl ChannelManager {
             .get_mut(&old)
             .expect("member's channel exists");
         c.members.remove(rid);
-        c.rebuild_dests();
         // Only an emptied channel lingers; one that still has members just carries on
         // (a stale linger on it would be "due" forever and spin the driver).
         if c.members.is_empty() {
@@ -121,9 +120,10 @@ impl ChannelManager {
             };
             // A member with no limit found asks for the ceiling; one whose path showed its
             // limit asks for a little less than that.
+            // Unicast members' reports steer their own streams, not the group.
             let asks: Vec<(u64, bool)> = c
                 .members
-                .iter()
+                .multicast()
                 .filter(|m| m.rx_bps > 0 || m.capacity_bps > 0)
                 .map(|m| match m.capacity_bps {
                     0 => (hi, false),
