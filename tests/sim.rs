@@ -263,9 +263,10 @@ mod unicast {
 
     fn show(name: &str, r: &UnicastReport) {
         println!(
-            "{name}: unicast rx {:?} s (link time {:.2} s), received/archive {:.3}, repairs {} \
+            "{name}: unicast rx first packet {:?} s, done {:?} s (link time {:.2} s), received/archive {:.3}, repairs {} \
              (stream sent {} packets, {} repairs), NAKs {}, link drops {}; multicast rx {:?} s, \
              received/archive {:.3}",
+            r.first_packet_s.map(|s| (s * 100.0).round() / 100.0),
             r.seconds.map(|s| (s * 100.0).round() / 100.0),
             r.link_seconds,
             r.received_per_archive_byte,

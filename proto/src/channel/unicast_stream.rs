@@ -6,8 +6,9 @@
 //! * its own pacer, at the rate *its* path carries, set by a TCP-friendly controller driven
 //!   by the receiver's capacity reports (`receiver::judge`): a report of a limit puts the
 //!   rate a little under it ([`MARGIN`]); with no limit reported the rate grows, fast until
-//!   the first limit (slow start, ×[`SLOW_START`] a second) and slowly after that
-//!   (+[`CLIMB`] of the rate a second) — never above the title's rate, never while the
+//!   the first limit (slow start, ×[`SLOW_START`] a second: far gentler than TCP's doubling
+//!   per RTT, since a limit shows only in the receiver's next judged half-second) and slowly
+//!   after that (+[`CLIMB`] of the rate a second) — never above the title's rate, never while the
 //!   receiver has gone quiet (growth needs fresh reports, as TCP's needs ACKs);
 //! * its own position in the loop, so it starts at once (at the block the group's loop is
 //!   at: where a receiver that lost multicast mid-way stopped hearing it);
@@ -37,7 +38,7 @@ pub const START_BPS: u64 = 20_000_000;
 /// A reported capacity sets the rate this far under it, so the path's queue drains.
 pub const MARGIN: f64 = 0.9;
 /// Slow start: with no limit found yet, the rate grows by this factor a second.
-pub const SLOW_START: f64 = 1.5;
+pub const SLOW_START: f64 = 2.0;
 /// After the first limit, with none reported now, the rate grows by this fraction of itself
 /// a second (about a tenth of the way back to a 0.9× cut every two seconds).
 pub const CLIMB: f64 = 0.05;
@@ -249,17 +250,18 @@ mod tests {
         let t0 = Instant::now();
         let mut s = stream(t0, 1_000_000_000);
         assert_eq!(s.rate_bps(), START_BPS);
-        // Slow start: ×1.5 a second.
+        // Slow start: ×SLOW_START a second.
         run(&mut s, t0, 0.0, 2.0, 0);
         let r = s.rate_bps() as f64;
-        assert!((40e6..50e6).contains(&r), "{r}");
+        let want = START_BPS as f64 * SLOW_START.powf(1.95);
+        assert!((r / want - 1.0).abs() < 0.01, "{r} {want}");
         // A limit of 50 Mbit/s: 45.
         s.on_report(t0 + Duration::from_secs(2), FRESH, 50_000_000);
         assert_eq!(s.rate_bps(), 45_000_000);
         // Held while the limit is reported.
         run(&mut s, t0, 2.0, 4.0, 50_000_000);
         assert_eq!(s.rate_bps(), 45_000_000);
-        // No limit any more: +5 % a second, not ×1.5.
+        // No limit any more: +5 % a second, not slow start.
         run(&mut s, t0, 4.0, 6.0, 0);
         let r = s.rate_bps() as f64;
         assert!((49e6..50.5e6).contains(&r), "{r}");
@@ -278,7 +280,7 @@ mod tests {
             s.adapt(t0 + Duration::from_millis(50 * i), FRESH);
         }
         let r = s.rate_bps() as f64;
-        assert!(r < START_BPS as f64 * 1.5f64.powf(2.1), "{r}");
+        assert!(r < START_BPS as f64 * SLOW_START.powf(2.1), "{r}");
         // A report of a tiny capacity never means "unlimited".
         s.on_report(t0 + Duration::from_secs(11), FRESH, 1);
         assert_eq!(s.rate_bps(), MIN_BPS);

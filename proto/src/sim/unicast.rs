@@ -54,7 +54,9 @@ pub struct UnicastReport {
     pub archive_bytes: u64,
     /// How long the link takes to carry them (payload only: a lower bound).
     pub link_seconds: f64,
-    /// The unicast receiver: from its join to holding everything.
+    /// The unicast receiver: from its join to its first loop packet (multicast never comes:
+    /// the fallback's wait and handshake), and to holding everything.
+    pub first_packet_s: Option<f64>,
     pub seconds: Option<f64>,
     pub received_per_archive_byte: f64,
     pub unicast: bool,
@@ -101,6 +103,7 @@ pub fn run(cfg: &UnicastConfig, t0: Instant) -> UnicastReport {
     UnicastReport {
         archive_bytes,
         link_seconds: archive_bytes as f64 * 8.0 / cfg.link_bps as f64,
+        first_packet_s: u.first_at.map(|t| t.as_secs_f64()),
         seconds: u.done_at.map(|t| t.as_secs_f64()),
         received_per_archive_byte: per(u.received_bytes),
         unicast: u.unicast,
