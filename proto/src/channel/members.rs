@@ -68,10 +68,10 @@ impl Members {
     }
 
     /// Add or replace a member; a replaced member's unicast stream ends (a re-join: the
-    /// receiver asks again if it still needs one). True if it was not a member before.
-    fn insert(&mut self, rid: u64, m: Member) -> bool {
+    /// receiver asks again if it still needs one).
+    fn insert(&mut self, rid: u64, m: Member) {
         self.streams.remove(&rid);
-        self.all.insert(rid, m).is_none()
+        self.all.insert(rid, m);
     }
 
     pub(super) fn remove(&mut self, rid: u64) -> Option<Member> {

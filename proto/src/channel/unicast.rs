@@ -353,6 +353,18 @@ mod tests {
         assert_eq!(rate(group), Some(GROUP_RATE));
         let st = b.m.stats();
         assert_eq!(st.channels[0].unicast_rates_bps, vec![9_000_000]);
+
+        // A tier change asked for meanwhile (it was in flight) leaves the stream as it is.
+        let r = b.ask(
+            2,
+            "10.0.0.2:5000",
+            Control::ChangeTier {
+                archive_id,
+                tier: 0,
+            },
+        );
+        assert!(matches!(r, Some(Control::JoinOk { .. })), "{r:?}");
+        assert_eq!(b.m.stats().channels[0].unicast_rates_bps, vec![9_000_000]);
     }
 
     /// With every member on a stream of its own the group's loop waits (it would reach
