@@ -29,3 +29,13 @@ pub mod mixed {
         mcast_proto::sim::mixed::run(cfg, std::time::Instant::now())
     }
 }
+
+/// The unicast-fallback simulation (a no-multicast receiver's own stream), from now.
+pub mod unicast {
+    pub use mcast_proto::sim::unicast::*;
+
+    /// [`mcast_proto::sim::unicast::run`] from now.
+    pub fn run(cfg: &UnicastConfig) -> UnicastReport {
+        mcast_proto::sim::unicast::run(cfg, std::time::Instant::now())
+    }
+}

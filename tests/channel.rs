@@ -192,6 +192,7 @@ fn keepalive(archive_id: [u8; 16]) -> Control {
         rtt_us: 0,
         rx_bps: 0,
         loss_ppm: 0,
+        capacity_bps: 0,
     }
 }
 
@@ -420,6 +421,7 @@ fn tier_rates_follow_member_reports_within_bounds() {
                 rtt_us: 500,
                 rx_bps: rx,
                 loss_ppm: loss,
+                capacity_bps: 0,
             };
             request(&mut m, t0, rid, ka);
         }
@@ -483,6 +485,7 @@ fn draining_refuses_new_receivers_and_a_resume_starts_where_asked() {
         rtt_us: 0,
         rx_bps: 0,
         loss_ppm: 0,
+        capacity_bps: 0,
     };
     assert!(matches!(
         request(&mut m, t0, 1, ka),

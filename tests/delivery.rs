@@ -389,6 +389,7 @@ fn unicast_fallback_requires_cookie_round_trip() {
         rtt_us: 0,
         rx_bps: 0,
         loss_ppm: 0,
+        capacity_bps: 0,
     });
     let (data, other) = count_arrivals(&s.sock, Duration::from_secs(1));
     assert_eq!(data + s.data_seen, 0, "data after a bad cookie");
@@ -636,6 +637,7 @@ fn malformed_control_datagrams_are_counted_and_ignored() {
             rtt_us: 0,
             rx_bps: 0,
             loss_ppm: 0,
+            capacity_bps: 0,
         },
         Control::Complete { archive_id: id },
         Control::UnicastRequest { archive_id: id },

@@ -259,3 +259,51 @@ mod tiers {
         assert_eq!(run(&cfg), run(&cfg));
     }
 }
+
+mod unicast {
+    use mcast::sim::unicast::{run, UnicastConfig, UnicastReport};
+
+    fn show(name: &str, r: &UnicastReport) {
+        println!(
+            "{name}: unicast rx first packet {:?} s, done {:?} s (link time {:.2} s), received/archive {:.3}, repairs {} \
+             (stream sent {} packets, {} repairs), NAKs {}, link drops {}; multicast rx {:?} s, \
+             received/archive {:.3}",
+            r.first_packet_s.map(|s| (s * 100.0).round() / 100.0),
+            r.seconds.map(|s| (s * 100.0).round() / 100.0),
+            r.link_seconds,
+            r.received_per_archive_byte,
+            r.repairs_received,
+            r.unicast_packets_sent,
+            r.unicast_repairs_sent,
+            r.naks_sent,
+            r.link_drops,
+            r.multicast_seconds.map(|s| (s * 100.0).round() / 100.0),
+            r.multicast_received_per_archive_byte,
+        );
+    }
+
+    /// Step 11 (6): behind a 50 Mbit/s link a no-multicast receiver's own stream fills the
+    /// link and not much more — done within 1.3× the link's time for the archive (+ 2 s to
+    /// notice that multicast is dropped and ask for unicast), having received at most 1.15×
+    /// the archive — while a clean multicast receiver of the same title is not slowed.
+    #[test]
+    fn unicast_stream_fills_a_50_mbit_link_and_not_more() {
+        let r = run(&UnicastConfig::new(50_000_000, 11));
+        show("unicast behind 50 Mbit/s", &r);
+        assert!(r.unicast, "{r:?}");
+        let done = r.seconds.expect("the unicast receiver completes");
+        let bound = 1.3 * r.link_seconds + 2.0;
+        assert!(done <= bound, "{done:.2} s > {bound:.2} s: {r:?}");
+        assert!(
+            r.received_per_archive_byte <= 1.15,
+            "received {:.3}× the archive: {r:?}",
+            r.received_per_archive_byte
+        );
+        // The multicast receiver loops at the title's rate (200 Mbit/s: ~2 s) after its
+        // discovery probe, as if the unicast one were not there.
+        let m = r
+            .multicast_seconds
+            .expect("the multicast receiver completes");
+        assert!(m < 6.0, "multicast receiver took {m:.2} s: {r:?}");
+    }
+}

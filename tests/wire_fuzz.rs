@@ -44,6 +44,7 @@ fn valid_samples() -> Vec<Vec<u8>> {
                 rtt_us: 3,
                 rx_bps: 0,
                 loss_ppm: 0,
+                capacity_bps: 0,
             },
         )
         .encode(),

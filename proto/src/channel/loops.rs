@@ -31,7 +31,7 @@ pub(super) struct Channel {
     pub(super) data_start: Instant,
     pub(super) next_sync: Instant,
     pub(super) members: Members,
-    /// Where its packets go: the group, then members' unicast addresses.
+    /// Where its loop goes: the group (unicast members have streams of their own).
     pub(super) dests: Arc<[SocketAddr]>,
     pub(super) symbol_size: usize,
     pub(super) packets_sent: u64,
@@ -43,15 +43,40 @@ pub(super) struct Channel {
 }
 
 impl Channel {
-    /// When this channel next has something to send: SYNCs until `data_start`, then loop
-    /// packets (with a SYNC in place of one every `sync_interval`), never before the pacer allows.
-    pub(super) fn due(&self) -> Instant {
+    /// When the group's loop next has something to send: SYNCs until `data_start`, then loop
+    /// packets (with a SYNC in place of one every `sync_interval`), never before the pacer
+    /// allows. `None` while every member has a unicast stream of its own: the group's loop
+    /// would reach nobody, so it waits where it is.
+    pub(super) fn group_due(&self) -> Option<Instant> {
+        if !self.scheduled && !self.members.group_wanted() {
+            return None;
+        }
         let wanted = if self.carousel.shape().loop_packets() == 0 {
             self.next_sync
         } else {
             self.next_sync.min(self.data_start)
         };
-        wanted.max(self.pacer.next_send())
+        Some(wanted.max(self.pacer.next_send()))
+    }
+
+    /// The unicast stream due first, and when.
+    pub(super) fn stream_due(&self) -> Option<(u64, Instant)> {
+        self.members
+            .streams
+            .iter()
+            .map(|(rid, s)| (*rid, s.due()))
+            .min_by_key(|(_, due)| *due)
+    }
+
+    /// When this channel (its group loop or one of its unicast streams) next sends.
+    pub(super) fn due(&self) -> Instant {
+        match (self.group_due(), self.stream_due()) {
+            (Some(g), Some((_, s))) => g.min(s),
+            (Some(g), None) => g,
+            (None, Some((_, s))) => s,
+            // Not reached (no member means the group is wanted); a far deadline, never a spin.
+            (None, None) => self.pacer.next_send().max(self.next_sync),
+        }
     }
 }
 
@@ -98,7 +123,7 @@ impl ChannelManager {
         s.slots[slot] = Some(id);
         let group = self.params.groups[slot];
         let rate = self.params.tiers()[tier];
-        let mut c = Channel {
+        let c = Channel {
             tier,
             linger_until: None,
             title: info.head.title.clone(),
@@ -111,14 +136,13 @@ impl ChannelManager {
             data_start: now + self.params.sync_lead,
             next_sync: now,
             members: Members::default(),
-            dests: Arc::from(Vec::new()),
+            dests: Arc::from(vec![SocketAddr::V4(group)]),
             symbol_size: info.head.symbol_size as usize,
             packets_sent: 0,
             repair: RepairQueue::default(),
             scheduled: false,
             rate_cap: None,
         };
-        c.rebuild_dests();
         self.channels.insert(id, c);
         self.counters.channels_opened += 1;
         self.events.push_back(Event::ChannelOpened {

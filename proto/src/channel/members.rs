@@ -2,17 +2,16 @@
 //! or another tier), keepalives that renew a lease and carry the member's reports, completion,
 //! and lease expiry. A receiver is a member of one channel of a title at a time.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::unicast_stream::UnicastStream;
 use super::{ChannelManager, Event, Params};
 use crate::wire::control::{ArchiveId, Control, Envelope, ErrorCode};
 
 pub(super) struct Member {
     pub(super) lease_until: Instant,
-    /// Unicast destination, once confirmed (see `unicast`).
-    pub(super) unicast: Option<SocketAddr>,
     /// Last control RTT the receiver reported (0 = none yet).
     rtt_us: u32,
     /// Last throughput (bit/s) and loss (ppm) the receiver reported (0 = none yet).
@@ -23,43 +22,86 @@ pub(super) struct Member {
     pub(super) capacity_bps: u64,
 }
 
-/// The members of one channel, by receiver id.
+impl Member {
+    /// This member's RTT within bounds (`grtt_initial` before it reported one).
+    pub(super) fn rtt(&self, p: &Params) -> Duration {
+        rtt_within(self.rtt_us, p)
+    }
+}
+
+fn rtt_within(rtt_us: u32, p: &Params) -> Duration {
+    if rtt_us == 0 {
+        p.grtt_initial
+    } else {
+        Duration::from_micros(rtt_us as u64).clamp(p.grtt_min, p.grtt_max)
+    }
+}
+
+/// The members of one channel, by receiver id, and the unicast streams of those that
+/// receive by unicast (kept here so a member that goes takes its stream with it).
 #[derive(Default)]
-pub(super) struct Members(HashMap<u64, Member>);
+pub(super) struct Members {
+    all: HashMap<u64, Member>,
+    /// Unicast streams by receiver id (ordered: a stable order to serve them in).
+    pub(super) streams: BTreeMap<u64, UnicastStream>,
+}
 
 impl Members {
     pub(super) fn len(&self) -> usize {
-        self.0.len()
+        self.all.len()
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.all.is_empty()
     }
 
     pub(super) fn contains(&self, rid: u64) -> bool {
-        self.0.contains_key(&rid)
+        self.all.contains_key(&rid)
+    }
+
+    pub(super) fn get(&self, rid: u64) -> Option<&Member> {
+        self.all.get(&rid)
     }
 
     pub(super) fn get_mut(&mut self, rid: u64) -> Option<&mut Member> {
-        self.0.get_mut(&rid)
+        self.all.get_mut(&rid)
+    }
+
+    /// Add or replace a member; a replaced member's unicast stream ends (a re-join: the
+    /// receiver asks again if it still needs one).
+    fn insert(&mut self, rid: u64, m: Member) {
+        self.streams.remove(&rid);
+        self.all.insert(rid, m);
     }
 
     pub(super) fn remove(&mut self, rid: u64) -> Option<Member> {
-        self.0.remove(&rid)
+        self.streams.remove(&rid);
+        self.all.remove(&rid)
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = &Member> {
-        self.0.values()
+        self.all.values()
     }
 
-    /// Group RTT: the largest RTT a member reported, within bounds (`grtt_initial` before any).
+    /// Members that receive the group (not by a unicast stream of their own): the group's
+    /// rate and GRTT follow only them.
+    pub(super) fn multicast(&self) -> impl Iterator<Item = &Member> {
+        self.all
+            .iter()
+            .filter(|(rid, _)| !self.streams.contains_key(rid))
+            .map(|(_, m)| m)
+    }
+
+    /// Whether the group's loop has anyone to serve: a member that is not on a stream of its
+    /// own, or no member at all (a lingering or scheduled channel loops empty).
+    pub(super) fn group_wanted(&self) -> bool {
+        self.all.len() > self.streams.len() || self.all.is_empty()
+    }
+
+    /// Group RTT: the largest RTT a multicast member reported, within bounds (`grtt_initial`
+    /// before any).
     pub(super) fn grtt(&self, p: &Params) -> Duration {
-        let max = self.iter().map(|m| m.rtt_us).max().unwrap_or(0);
-        if max == 0 {
-            p.grtt_initial
-        } else {
-            Duration::from_micros(max as u64).clamp(p.grtt_min, p.grtt_max)
-        }
+        rtt_within(self.multicast().map(|m| m.rtt_us).max().unwrap_or(0), p)
     }
 
     /// Mean reported (throughput, loss) over members that reported.
@@ -78,13 +120,16 @@ impl Members {
     /// Drop members whose lease ended by `now`; their ids.
     fn expire(&mut self, now: Instant) -> Vec<u64> {
         let mut expired = Vec::new();
-        self.0.retain(|rid, m| {
+        self.all.retain(|rid, m| {
             let keep = m.lease_until > now;
             if !keep {
                 expired.push(*rid);
             }
             keep
         });
+        for rid in &expired {
+            self.streams.remove(rid);
+        }
         expired
     }
 }
@@ -149,11 +194,17 @@ impl ChannelManager {
             );
             return;
         }
+        // A unicast member's rate is its own stream's: a tier change would only end that
+        // stream, so it stays where it is (and keeps the stream).
+        let streaming =
+            current.is_some_and(|id| self.channels[&id].members.streams.contains_key(&rid));
+        let change_tier = tier.is_some();
         let tier = match (tier, current) {
             (Some(t), _) if t >= tiers.len() => {
                 self.error(from, env, ErrorCode::BadRequest, "no such tier");
                 return;
             }
+            (Some(_), Some(id)) if streaming => self.channels[&id].tier,
             (Some(t), _) => t,
             (None, Some(id)) => self.channels[&id].tier,
             (None, None) => self.params.start_tier.min(tiers.len() - 1),
@@ -175,26 +226,20 @@ impl ChannelManager {
         };
         let lease = self.params.lease;
         let c = self.channels.get_mut(&id).expect("channel exists");
-        let fresh = c
-            .members
-            .0
-            .insert(
-                env.receiver_id,
-                Member {
-                    lease_until: now + lease,
-                    unicast: None,
-                    rtt_us: 0,
-                    rx_bps: 0,
-                    loss_ppm: 0,
-                    capacity_bps: 0,
-                },
-            )
-            .is_none_or(|old| {
-                // A re-join drops a unicast stream: the receiver will ask again if it needs it.
-                old.unicast.is_some()
-            });
-        if fresh {
-            c.rebuild_dests();
+        match c.members.get_mut(rid) {
+            Some(m) if change_tier && streaming => m.lease_until = now + lease,
+            _ => {
+                c.members.insert(
+                    rid,
+                    Member {
+                        lease_until: now + lease,
+                        rtt_us: 0,
+                        rx_bps: 0,
+                        loss_ppm: 0,
+                        capacity_bps: 0,
+                    },
+                );
+            }
         }
         let (group, rate) = (c.group, c.pacer.rate_bps());
         if let Some(old) = current.filter(|old| *old != id) {
@@ -240,10 +285,15 @@ impl ChannelManager {
         let rid = env.receiver_id;
         let lease = self.params.lease;
         let id = self.member_channel(&archive_id, rid);
-        let member = id
-            .and_then(|id| self.channels.get_mut(&id))
-            .and_then(|c| c.members.get_mut(rid));
-        match member {
+        let mut channel = id.and_then(|id| self.channels.get_mut(&id));
+        // A unicast member's own stream follows its report.
+        if let Some(s) = channel
+            .as_deref_mut()
+            .and_then(|c| c.members.streams.get_mut(&rid))
+        {
+            s.on_report(now, super::unicast::report_fresh(lease), capacity_bps);
+        }
+        match channel.and_then(|c| c.members.get_mut(rid)) {
             Some(m) => {
                 m.lease_until = now + lease;
                 if rtt_us > 0 {
@@ -284,10 +334,7 @@ impl ChannelManager {
         let rid = env.receiver_id;
         if let Some(id) = self.member_channel(&archive_id, rid) {
             let c = self.channels.get_mut(&id).expect("channel exists");
-            if let Some(m) = c.members.remove(rid) {
-                if m.unicast.is_some() {
-                    c.rebuild_dests();
-                }
+            if c.members.remove(rid).is_some() {
                 self.counters.completions += 1;
                 self.events.push_back(Event::Completed {
                     channel: id,
@@ -304,9 +351,6 @@ impl ChannelManager {
     pub(super) fn expire_leases(&mut self, now: Instant) {
         for (id, c) in self.channels.iter_mut() {
             let expired = c.members.expire(now);
-            if !expired.is_empty() {
-                c.rebuild_dests();
-            }
             for rid in expired {
                 self.counters.leases_expired += 1;
                 self.events.push_back(Event::LeaseExpired {

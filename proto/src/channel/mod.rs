@@ -11,6 +11,8 @@
 //! * The loop runs while any member holds a lease and has not completed; then it closes.
 //! * Unicast fallback uses a stateless cookie (keyed BLAKE3 over address, receiver, archive and
 //!   a time epoch): the stream starts only once the requester proved it receives at that address.
+//!   Each unicast member gets a stream of its own (own pacer, loop position, repairs, SYNCs),
+//!   whose rate follows that receiver's capacity reports.
 //!
 //! This file holds the type, its public API, the control dispatch and the `poll_*` /
 //! `handle_timeout` driver interface; each concept's state and logic is a module of its own:
@@ -18,7 +20,8 @@
 //! * `catalog` — the titles served, catalog replies, head chunks (read by the driver).
 //! * `loops` — open channels: the channel record, slot pool, opening, the one close path.
 //! * `members` — members, joins and leases.
-//! * `unicast` — unicast destinations and stateless cookies.
+//! * `unicast` — unicast requests and stateless cookies.
+//! * `unicast_stream` — a unicast member's own stream and its rate controller.
 //! * `repair` — NAK intake, per-source NAK budget, the repair queue.
 //! * `tiers` — tier channels and the rate policy fed by members' reports.
 //! * `schedule` — scheduled windows: opening and closing scheduled loops.
@@ -32,6 +35,7 @@ mod schedule;
 mod stats;
 mod tiers;
 mod unicast;
+mod unicast_stream;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{SocketAddr, SocketAddrV4};
@@ -352,6 +356,12 @@ impl ChannelManager {
         if !self.params.tiers_bps.is_empty() && self.rates.due(now) {
             self.adapt_rates();
         }
+        let fresh = unicast::report_fresh(self.params.lease);
+        for c in self.channels.values_mut() {
+            for s in c.members.streams.values_mut() {
+                s.adapt(now, fresh);
+            }
+        }
         self.expire_leases(now);
         self.close_idle(now);
     }
@@ -364,14 +374,45 @@ impl ChannelManager {
     }
 
     /// The next data-channel packet due by `now` (+ [`SEND_AHEAD`]), if any. Call until `None`.
+    /// A channel's group loop and its unicast members' streams are paced apart; whichever is
+    /// due first goes first.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         let params = &self.params;
         let horizon = now + SEND_AHEAD;
         let (&id, c) = self
             .channels
             .iter_mut()
-            .filter(|(_, c)| c.due() <= horizon)
-            .min_by_key(|(_, c)| c.due())?;
+            .map(|(id, c)| {
+                let due = c.due();
+                (id, c, due)
+            })
+            .filter(|(_, _, due)| *due <= horizon)
+            .min_by_key(|(_, _, due)| *due)
+            .map(|(id, c, _)| (id, c))?;
+        let stream = c
+            .stream_due()
+            .filter(|(_, s)| c.group_due().is_none_or(|g| *s < g));
+        if let Some((rid, _)) = stream {
+            let ctx = unicast_stream::StreamCtx {
+                tag: c.tag,
+                symbol_size: c.symbol_size,
+                sync_interval: params.sync_interval,
+                grtt: c
+                    .members
+                    .get(rid)
+                    .map_or(params.grtt_initial, |m| m.rtt(params)),
+                send_us: now.saturating_duration_since(self.origin).as_micros() as u64,
+            };
+            let s = c.members.streams.get_mut(&rid).expect("due stream exists");
+            let (header, payload, dests) = s.transmit(now, &ctx, &mut self.counters);
+            return Some(Transmit {
+                channel: id,
+                archive_id: c.archive_id,
+                header,
+                payload,
+                dests,
+            });
+        }
         let mut header = [0u8; DATA_HEADER_LEN];
         if c.next_sync <= now {
             c.next_sync = now + params.sync_interval;

@@ -93,7 +93,7 @@ impl RepairQueue {
 
     /// Queue the units `nak` asks for (at most `max_units` of them), counting what is
     /// ignored or coalesced.
-    fn add(
+    pub(super) fn add(
         &mut self,
         now: Instant,
         nak: &Nak,
@@ -169,6 +169,23 @@ impl ChannelManager {
         };
         self.counters.naks_received += 1;
         let shape = *c.carousel.shape();
+        // A unicast member's NAK is repaired on its own stream, to it alone.
+        let rid = nak.receiver_id;
+        let rtt = c
+            .members
+            .get(rid)
+            .map_or(self.params.grtt_initial, |m| m.rtt(&self.params));
+        if let Some(s) = c.members.streams.get_mut(&rid) {
+            s.repair.add(
+                now,
+                &nak,
+                &shape,
+                rtt,
+                self.params.max_nak_units,
+                &mut self.counters,
+            );
+            return;
+        }
         let grtt = c.members.grtt(&self.params);
         c.repair.add(
             now,

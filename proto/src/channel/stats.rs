@@ -37,6 +37,9 @@ pub struct Counters {
     /// Units whose repair was already queued, or sent within the last GRTT.
     pub nak_units_coalesced: u64,
     pub repairs_sent: u64,
+    /// Of `packets_sent` and `repairs_sent`: those of unicast members' own streams.
+    pub unicast_packets_sent: u64,
+    pub unicast_repairs_sent: u64,
     /// Joins refused while draining.
     pub refused_draining: u64,
     /// Archives left out at start-up: unreadable, truncated, or not signed by this server.
@@ -67,6 +70,8 @@ pub struct ChannelStats {
     pub group: String,
     pub members: usize,
     pub unicast: usize,
+    /// Rates of the unicast members' own streams (bit/s).
+    pub unicast_rates_bps: Vec<u64>,
     pub loops: u32,
     pub packets_sent: u64,
     pub rate_bps: u64,
@@ -115,6 +120,12 @@ impl ChannelManager {
                         group: c.group.to_string(),
                         members: c.members.len(),
                         unicast: c.members.unicast_count(),
+                        unicast_rates_bps: c
+                            .members
+                            .streams
+                            .values()
+                            .map(|s| s.rate_bps())
+                            .collect(),
                         loops: c.carousel.loops(),
                         packets_sent: c.packets_sent,
                         rate_bps: c.pacer.rate_bps(),

@@ -99,7 +99,6 @@ impl ChannelManager {
             .get_mut(&old)
             .expect("member's channel exists");
         c.members.remove(rid);
-        c.rebuild_dests();
         // Only an emptied channel lingers; one that still has members just carries on
         // (a stale linger on it would be "due" forever and spin the driver).
         if c.members.is_empty() {
@@ -151,9 +150,10 @@ fn asked_rate(c: &Channel, tiers: &[u64], policy: RatePolicy) -> Option<u64> {
     } else {
         tiers[c.tier - 1] + 1
     };
+    // Unicast members' reports steer their own streams, not the group.
     let asks: Vec<(u64, bool)> = c
         .members
-        .iter()
+        .multicast()
         .filter(|m| m.rx_bps > 0 || m.capacity_bps > 0)
         .map(|m| match m.capacity_bps {
             0 => (hi, false),

@@ -723,6 +723,7 @@ impl Session {
                     self.unicast_ok = true;
                     if let Some(e) = self.eng.as_mut() {
                         e.nak.set_unicast(true);
+                        e.tiering.hold_for_unicast(now);
                     }
                     self.events.push_back(Event::UnicastActive);
                 }
@@ -1284,14 +1285,13 @@ impl Session {
     fn tier_move(&mut self, now: Instant) {
         let eng = self.eng.as_mut().expect("receiving");
         eng.tiering.on_missed_total(eng.nak.counters.units_missed);
-        if self.unicast_ok {
-            return;
-        }
+        // On unicast the engine still judges (its capacity reports set the stream's rate)
+        // but never moves: the stream's rate is the receiver's own.
         let mv = eng.tiering.poll(now);
         if let Some(s) = eng.tiering.take_sample() {
             self.events.push_back(Event::TierJudged(s));
         }
-        let Some(t) = mv else {
+        let Some(t) = mv.filter(|_| !self.unicast_ok) else {
             return;
         };
         let Some(archive_id) = self.archive_id() else {

@@ -23,6 +23,8 @@ pub struct Tiering {
     pub changes: u32,
     /// The last judged interval, until taken.
     sample: Option<TierSample>,
+    /// Receiving by unicast since on this tier: the engine judges the stream, never moves.
+    unicast_from: Option<usize>,
 }
 
 /// One judged tier interval: where the receiver was and what it had tried.
@@ -55,7 +57,20 @@ impl Tiering {
             last_missed: 0,
             changes: 0,
             sample: None,
+            unicast_from: None,
         }
+    }
+
+    /// The session now receives by unicast, on a stream of its own whose rate follows this
+    /// engine's capacity reports (`channel::unicast_stream`): from now on it judges that
+    /// stream as a title of one tier — it never moves, since no group's rate is its to pick —
+    /// and starts afresh, since the group's delay base and loss floor say nothing about it.
+    pub fn hold_for_unicast(&mut self, now: Instant) {
+        if self.unicast_from.is_some() {
+            return;
+        }
+        self.unicast_from = Some(self.engine.tier());
+        self.engine = TierEngine::new(TierParams::new(vec![u64::MAX]), now);
     }
 
     /// The interval judged by the last [`Self::poll`], once.
@@ -101,7 +116,7 @@ impl Tiering {
         let e = &mut self.engine;
         let due = now >= e.next_deadline();
         let mv = e.poll(now);
-        if due && self.tiered {
+        if due && self.tiered && self.unicast_from.is_none() {
             self.sample = Some(TierSample {
                 tier: e.tier(),
                 probing: e.probing(),
@@ -171,8 +186,9 @@ impl Tiering {
         }
     }
 
-    /// The tier held (`None` for a title with one tier).
+    /// The tier held (`None` for a title with one tier); on unicast, the one left for it.
     pub fn tier(&self) -> Option<usize> {
-        self.tiered.then(|| self.engine.tier())
+        self.tiered
+            .then(|| self.unicast_from.unwrap_or(self.engine.tier()))
     }
 }

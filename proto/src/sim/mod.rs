@@ -6,8 +6,9 @@
 //! receiver logic of its own: it moves bytes and time, as the drivers do.
 //!
 //! Scenarios: [`run`] (NAK suppression and repair at 10–1,000 receivers), [`tiers`]
-//! (throughput tiers behind links that change rate) and [`mixed`] (a mixed audience: clean,
-//! lossy, rate-limited, late and leaving receivers together). Same seed, same configuration
+//! (throughput tiers behind links that change rate), [`mixed`] (a mixed audience: clean,
+//! lossy, rate-limited, late and leaving receivers together) and [`unicast`] (a
+//! no-multicast receiver's own stream behind a slow link). Same seed, same configuration
 //! → the same report, bit for bit. The archive is real ([`archive`]): every packet is
 //! verified by the sessions as on a real network.
 //!
@@ -16,6 +17,7 @@
 pub mod archive;
 pub mod mixed;
 pub mod tiers;
+pub mod unicast;
 pub mod world;
 
 use std::time::{Duration, Instant};

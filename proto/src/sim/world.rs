@@ -167,6 +167,9 @@ pub struct WorldOutcome {
     pub channels_open_at_end: usize,
     pub naks_at_server: u64,
     pub nak_units_at_server: u64,
+    /// Packets (and of them, repairs) unicast members' own streams carried.
+    pub unicast_packets_sent: u64,
+    pub unicast_repairs_sent: u64,
     pub sim_seconds: f64,
     pub loop_units: u64,
 }
@@ -353,6 +356,8 @@ pub fn run(cfg: &WorldConfig, t0: Instant) -> WorldOutcome {
             channels_open_at_end: 0,
             naks_at_server: 0,
             nak_units_at_server: 0,
+            unicast_packets_sent: 0,
+            unicast_repairs_sent: 0,
             sim_seconds: 0.0,
             loop_units: shape.loop_packets(),
         },
@@ -868,6 +873,8 @@ impl World<'_> {
         self.out.channels_closed = c.channels_closed;
         self.out.naks_at_server = c.naks_received;
         self.out.nak_units_at_server = c.nak_units_received;
+        self.out.unicast_packets_sent = c.unicast_packets_sent;
+        self.out.unicast_repairs_sent = c.unicast_repairs_sent;
         self.out.channels_open_at_end = self.mgr.open_channels();
         for s in self
             .out
