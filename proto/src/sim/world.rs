@@ -35,9 +35,11 @@ use crate::wire::nak::is_nak;
 /// IPv4 + UDP header bytes: a link carries them too.
 pub const IP_UDP: usize = 28;
 
-/// How much work a CPU-limited receiver's socket buffer holds ([`RxSpec::cpu_bps`]): a small
-/// buffer, so it overruns soon after the rate passes what it processes.
-pub const SOCKET_BUFFER: Duration = Duration::from_millis(2);
+/// Datagram bytes (headers included) a CPU-limited receiver's socket buffer holds
+/// ([`RxSpec::cpu_bps`]): a small buffer (256 KiB, as `mcast-recv --recv-buffer 262144`), so
+/// it overruns soon after the rate passes what it processes, but large enough for a pacer
+/// burst: the server sends in bursts, which a buffer sized in time would cut short.
+pub const SOCKET_BUFFER: usize = 256 << 10;
 
 /// A receiver's link: `(from, rate bit/s)` steps, the first from zero. Empty: no limit.
 pub type LinkProfile = Vec<(Duration, u64)>;
@@ -55,7 +57,7 @@ pub struct RxSpec {
     pub multicast: bool,
     /// Channel datagram bits (headers included) it can process per second; `None`: as fast
     /// as they come. Datagrams arriving faster wait in its socket buffer
-    /// ([`SOCKET_BUFFER`] of processing); when that is full they are dropped and counted,
+    /// ([`SOCKET_BUFFER`] bytes); when that is full they are dropped and counted,
     /// and the count reaches its session with the next datagram it takes, as the driver
     /// reports `SO_RXQ_OVFL`.
     pub cpu_bps: Option<u64>,
@@ -560,8 +562,15 @@ impl World<'_> {
             return;
         }
         if let (Some(cpu), true) = (h.spec.cpu_bps, from == SERVER_DATA) {
-            // Its socket buffer: full when the work queued ahead exceeds SOCKET_BUFFER.
-            if h.cpu_busy_until.saturating_duration_since(now) > SOCKET_BUFFER {
+            // Its socket buffer: full when the datagrams queued ahead (the work not yet done,
+            // in bytes at its processing rate) and this one exceed SOCKET_BUFFER.
+            let queued = h
+                .cpu_busy_until
+                .saturating_duration_since(now)
+                .as_secs_f64()
+                * cpu as f64
+                / 8.0;
+            if queued + (bytes.len() + IP_UDP) as f64 > SOCKET_BUFFER as f64 {
                 h.socket_drops += 1;
                 h.unreported_drops += 1;
                 return;
