@@ -307,3 +307,92 @@ mod unicast {
         assert!(m < 6.0, "multicast receiver took {m:.2} s: {r:?}");
     }
 }
+
+/// Receivers short of CPU (step 11, item 3): their socket overflows, the overruns reach the
+/// session (`SO_RXQ_OVFL` in the real driver), and they move down to a tier they can process
+/// instead of living on repairs.
+mod cpu {
+    use std::time::{Duration, Instant};
+
+    use mcast::channel::{default_ladder, Params};
+    use mcast::sim::world::{run, RxSpec, WorldConfig};
+
+    const MBIT: u64 = 1_000_000;
+
+    #[test]
+    fn a_receiver_short_of_cpu_moves_down_and_does_not_live_on_repairs() {
+        // The adaptive default ladder below 400 Mbit/s: about 40, 86, 186 and 400.
+        let top = 400 * MBIT;
+        let ladder = default_ladder(top);
+        let mut params = Params::for_tests(top);
+        params.tiers_bps = ladder.clone();
+        params.lease = Duration::from_secs(2);
+        // rx0 processes 120 Mbit/s (its capacity fits tier 1); rx1 has CPU to spare.
+        let mut starved = RxSpec::new(Duration::ZERO);
+        starved.cpu_bps = Some(120 * MBIT);
+        let receivers = vec![starved, RxSpec::new(Duration::from_millis(50))];
+        // 128 MB. Finding the limit costs a fixed amount — the discovery probe to the top tier
+        // overruns for one judged interval (0.5 s), leaving holes all over the loop that the
+        // fitting tier's loop fills — about 6 % of this file, 18 % of a 51 MB one.
+        let (data_packets, symbol) = (100_000u64, 1280u32);
+        let cfg = WorldConfig {
+            max_time: Duration::from_secs(120),
+            ..WorldConfig::new(11, data_packets, symbol, params, receivers)
+        };
+        let out = run(&cfg, Instant::now());
+        let file = (data_packets * symbol as u64) as f64;
+        println!(
+            "ladder {:?} Mbit/s, {:.1} MB file, {:.1} s simulated",
+            ladder.iter().map(|t| t / MBIT).collect::<Vec<_>>(),
+            file / 1e6,
+            out.sim_seconds
+        );
+        for (i, r) in out.receivers.iter().enumerate() {
+            println!(
+                "  rx{i}: done {:?}, received/file {:.3}, socket drops {}, final tier {} (settled {}), moves {:?}, moves down {}, overrun intervals {}, repairs received {}, duplicates {}",
+                r.done_at,
+                r.received_bytes as f64 / file,
+                r.socket_drops,
+                r.stats.tier,
+                r.stats.settled_tier,
+                r.moves,
+                r.tier_counters.moves_down,
+                r.tier_counters.congested_overrun,
+                r.stats.repairs_received,
+                r.stats.download.duplicates
+            );
+        }
+        for (t, x) in out.tiers.iter().enumerate() {
+            println!(
+                "  tier {t}: {:.1} MB sent, rate {:.1}–{:.1} Mbit/s",
+                x.payload_bytes as f64 / 1e6,
+                x.rate_min_bps as f64 / 1e6,
+                x.rate_max_bps as f64 / 1e6
+            );
+        }
+        assert!(!out.server_spinning);
+        let (s, fast) = (&out.receivers[0], &out.receivers[1]);
+        assert!(
+            s.done_at.is_some() && s.failed.is_none(),
+            "starved rx: {s:?}"
+        );
+        assert_eq!(s.stats.download.written, out.loop_units);
+        assert!(s.socket_drops > 0, "the starved receiver never overran");
+        assert_eq!(s.stats.socket_drops, s.socket_drops, "every drop reported");
+        assert!(
+            s.tier_counters.congested_overrun >= 1,
+            "overruns not judged"
+        );
+        // It settles below the top, on a tier it can process, and not on repairs.
+        assert!(s.stats.settled_tier < ladder.len() - 1, "{:?}", s.moves);
+        let ratio = s.received_bytes as f64 / file;
+        assert!(
+            ratio <= 1.15,
+            "starved receiver received {ratio:.3}× the file"
+        );
+        // The receiver with CPU to spare is not held down by it.
+        assert!(fast.done_at.is_some(), "fast rx: {fast:?}");
+        assert_eq!(fast.socket_drops, 0);
+        assert!(fast.done_at < s.done_at, "fast {fast:?}");
+    }
+}

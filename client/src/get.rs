@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mcast_io::archive::{self, ArchiveFile, Head};
-use mcast_io::fastio::RecvBatch;
+use mcast_io::fastio::{OverflowCounter, RecvBatch};
 use mcast_keys::PublicIdentity;
 use mcast_proto::receiver::session::Prior;
 use mcast_proto::receiver::{Event, Failure as SessionFailure, Session, SessionConfig, Via};
@@ -132,6 +132,10 @@ pub struct GetReport {
     pub tier_changes: u32,
     /// Times the channel went silent and its group was joined again.
     pub silent_rejoins: u64,
+    /// Datagrams the data sockets dropped because their buffer was full (`SO_RXQ_OVFL`):
+    /// this receiver was short of CPU for the channel's rate, and its tier engine moved it
+    /// down on them.
+    pub socket_drops: u64,
 }
 
 #[derive(Serialize)]
@@ -197,6 +201,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         bar: None,
         missing_bytes_at_start: 0,
         sockets_changed: false,
+        group_ovfl: OverflowCounter::default(),
+        unicast_ovfl: OverflowCounter::default(),
     };
     let mut sess = Session::new(cfg, Instant::now());
     let result = d.run(&mut sess, &stop);
@@ -242,6 +248,9 @@ struct Driver<'a> {
     missing_bytes_at_start: u64,
     /// A socket was opened or closed while draining: re-read the socket list.
     sockets_changed: bool,
+    /// The drop counters of the group and unicast sockets (fresh with each new socket).
+    group_ovfl: OverflowCounter,
+    unicast_ovfl: OverflowCounter,
 }
 
 impl Driver<'_> {
@@ -308,6 +317,13 @@ impl Driver<'_> {
                         _ => break,
                     };
                     let now = Instant::now();
+                    // Datagrams the socket dropped before these (its buffer was full): this
+                    // receiver is short of CPU for the rate, and the session moves down.
+                    let dropped = self.overflow(fd).delta(rx.overflow_count());
+                    if dropped > 0 {
+                        tracing::debug!(fd, dropped, "receive socket overrun");
+                        sess.on_receive_drops(dropped);
+                    }
                     for (from, dg) in rx.datagrams_from() {
                         received += 1;
                         if let Some(w) = sess.handle_datagram(now, from, dg) {
@@ -325,6 +341,19 @@ impl Driver<'_> {
                     break;
                 }
             }
+        }
+    }
+
+    /// The drop counter of data socket `fd`.
+    fn overflow(&mut self, fd: RawFd) -> &mut OverflowCounter {
+        if self
+            .group
+            .as_ref()
+            .is_some_and(|(_, s)| s.as_raw_fd() == fd)
+        {
+            &mut self.group_ovfl
+        } else {
+            &mut self.unicast_ovfl
         }
     }
 
@@ -393,6 +422,7 @@ impl Driver<'_> {
                     self.nak_out = Some(nak_socket(opts.iface)?);
                 }
                 self.group = Some((g, s));
+                self.group_ovfl = OverflowCounter::default();
                 self.sockets_changed = true;
                 tracing::debug!(group = %g, "joined");
             }
@@ -413,9 +443,11 @@ impl Driver<'_> {
                     requested = opts.recv_buffer,
                     granted = r.recv_buffer_size().unwrap_or(0),
                     gro = mcast_io::fastio::enable_gro(&s),
+                    drop_counter = mcast_io::fastio::enable_rxq_ovfl(&s),
                     "unicast receive buffer"
                 );
                 self.unicast = Some(s);
+                self.unicast_ovfl = OverflowCounter::default();
                 self.sockets_changed = true;
             }
             Event::UnicastActive => {
@@ -655,6 +687,7 @@ impl Driver<'_> {
                 settled_tier: 0,
                 tier_changes: 0,
                 silent_rejoins: 0,
+                socket_drops: 0,
             });
         }
         self.checkpoint(sess)?;
@@ -708,6 +741,7 @@ impl Driver<'_> {
             settled_tier: st.settled_tier,
             tier_changes: st.tier_changes,
             silent_rejoins: st.silent_rejoins,
+            socket_drops: st.socket_drops,
         })
     }
 }
@@ -785,6 +819,7 @@ fn multicast_socket(
         requested = recv_buffer,
         granted = s.recv_buffer_size().unwrap_or(0),
         gro = mcast_io::fastio::enable_gro(&s),
+        drop_counter = mcast_io::fastio::enable_rxq_ovfl(&s),
         "multicast receive buffer (granted is capped by net.core.rmem_max)"
     );
     s.bind(&SocketAddr::V4(group).into())

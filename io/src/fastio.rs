@@ -5,7 +5,8 @@
 //! * [`BatchSender`]: sends a batch to one destination with one `sendmmsg`, each message a
 //!   UDP GSO super-datagram (`UDP_SEGMENT`) of up to 64 equal-size packets. If the kernel
 //!   refuses GSO the sender logs it once and sends one datagram per message from then on.
-//! * [`RecvBatch`]: `recvmmsg` into reusable buffers, splitting `UDP_GRO` super-datagrams.
+//! * [`RecvBatch`]: `recvmmsg` into reusable buffers, splitting `UDP_GRO` super-datagrams, and
+//!   reading the socket's drop counter (`SO_RXQ_OVFL`, see [`enable_rxq_ovfl`]).
 //! * [`WriteStage`]: received data written in large contiguous runs.
 //!
 //! Nothing here allocates once the buffers have grown to their working size.
@@ -25,7 +26,8 @@ const UDP_GRO: libc::c_int = 104;
 pub const MAX_GSO_SEGMENTS: usize = 64;
 /// Bytes per GSO send: under the 65507-byte UDP/IPv4 payload limit.
 const MAX_GSO_BYTES: usize = 65_000;
-/// Aligned control-message space (CMSG_SPACE of an int is 24 bytes on 64-bit Linux).
+/// Aligned control-message space per message: room for the two a receive socket may carry,
+/// `UDP_GRO` and `SO_RXQ_OVFL` (CMSG_SPACE of an int is 24 bytes on 64-bit Linux: 48 in all).
 type CmsgSpace = [u64; 8];
 
 /// Packets of one send batch, back to back in one buffer.
@@ -338,6 +340,47 @@ pub fn enable_gro(sock: &impl AsRawFd) -> bool {
     }
 }
 
+/// Ask the kernel to carry the socket's drop counter (`SO_RXQ_OVFL`) on received datagrams;
+/// true if it accepted. The counter is how a receiver learns it is short of CPU: datagrams
+/// that arrived while its receive buffer was full never reach it, so they look like network
+/// loss unless the socket says it dropped them itself.
+pub fn enable_rxq_ovfl(sock: &impl AsRawFd) -> bool {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `one`.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RXQ_OVFL,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+/// One socket's `SO_RXQ_OVFL` counter, turned into drops since the last look.
+///
+/// The kernel's counter is cumulative since the socket was created, a `u32` that wraps, and
+/// rides only on datagrams queued after a drop (none at all while nothing was dropped). Keep
+/// one per socket, fresh for a new socket (a reused file descriptor restarts from zero).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OverflowCounter {
+    last: u32,
+}
+
+impl OverflowCounter {
+    /// Drops since the previous call, given the counter a batch carried
+    /// ([`RecvBatch::overflow_count`]; `None`: no news, no drops).
+    pub fn delta(&mut self, count: Option<u32>) -> u64 {
+        let Some(c) = count else {
+            return 0;
+        };
+        let d = c.wrapping_sub(self.last);
+        self.last = c;
+        d as u64
+    }
+}
+
 /// `recvmmsg` into `n` reusable slots of `slot` bytes, splitting GRO super-datagrams.
 pub struct RecvBatch {
     bufs: Vec<u8>,
@@ -349,6 +392,8 @@ pub struct RecvBatch {
     names: Vec<libc::sockaddr_storage>,
     /// (len, segment size or 0, source) of each message received by the last call.
     got: Vec<(usize, usize, Option<SocketAddr>)>,
+    /// The socket's cumulative drop counter as carried by the last call's newest datagram.
+    ovfl: Option<u32>,
 }
 
 impl RecvBatch {
@@ -362,6 +407,7 @@ impl RecvBatch {
             // SAFETY: an all-zero sockaddr_storage is a valid (AF_UNSPEC) value.
             names: vec![unsafe { std::mem::zeroed() }; n],
             got: Vec::with_capacity(n),
+            ovfl: None,
         }
     }
 
@@ -377,6 +423,7 @@ impl RecvBatch {
         self.iovs.clear();
         self.msgs.clear();
         self.got.clear();
+        self.ovfl = None;
         for k in 0..n {
             self.iovs.push(libc::iovec {
                 iov_base: self.bufs[k * self.slot..].as_mut_ptr().cast(),
@@ -426,6 +473,13 @@ impl RecvBatch {
                     if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
                         seg = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>())
                             as usize;
+                    } else if (*c).cmsg_level == libc::SOL_SOCKET
+                        && (*c).cmsg_type == libc::SO_RXQ_OVFL
+                    {
+                        // Messages come in queue order and the counter only grows (mod 2^32):
+                        // the last one carried is the newest.
+                        self.ovfl =
+                            Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>()));
                     }
                     c = libc::CMSG_NXTHDR(&h.msg_hdr, c);
                 }
@@ -434,6 +488,13 @@ impl RecvBatch {
             self.got.push((len, seg, from));
         }
         Ok(r)
+    }
+
+    /// The socket's cumulative drop counter (`SO_RXQ_OVFL`) as of the last
+    /// [`RecvBatch::recv`]'s newest datagram; `None` if none carried it (nothing dropped yet,
+    /// or the option is off). Feed it to the socket's [`OverflowCounter`].
+    pub fn overflow_count(&self) -> Option<u32> {
+        self.ovfl
     }
 
     /// The datagrams of the last [`RecvBatch::recv`], GRO super-datagrams split.
@@ -726,6 +787,60 @@ mod tests {
         b.clear();
         b.push_file(b"x", 9995, 10);
         assert!(b.fill(&f).is_err(), "reading past the end is an error");
+    }
+
+    #[test]
+    fn overflow_counter_reports_deltas_across_a_wrap() {
+        let mut c = OverflowCounter::default();
+        assert_eq!(c.delta(None), 0);
+        assert_eq!(c.delta(Some(5)), 5);
+        assert_eq!(c.delta(None), 0, "no news is no drops");
+        assert_eq!(c.delta(Some(5)), 0);
+        assert_eq!(c.delta(Some(u32::MAX - 1)), (u32::MAX - 6) as u64);
+        assert_eq!(c.delta(Some(3)), 5, "the kernel's u32 wrapped");
+    }
+
+    /// A socket with a tiny buffer that is not read overflows: every datagram sent is either
+    /// received or counted as dropped by the socket itself. The count rides on the datagrams
+    /// queued after the drops, so one more is sent once the burst is drained.
+    #[test]
+    fn socket_overruns_are_counted() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let _ = socket2::SockRef::from(&rx).set_recv_buffer_size(4096);
+        assert!(enable_rxq_ovfl(&rx), "SO_RXQ_OVFL refused");
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let mut r = RecvBatch::new(16, 2048);
+        let mut c = OverflowCounter::default();
+        let (mut got, mut dropped) = (0u64, 0u64);
+        let mut drain = |r: &mut RecvBatch, c: &mut OverflowCounter| loop {
+            let n = r.recv(rx.as_raw_fd()).unwrap();
+            if n == 0 {
+                break;
+            }
+            got += r.datagrams().count() as u64;
+            dropped += c.delta(r.overflow_count());
+        };
+        let burst = 300u64;
+        for i in 0..burst {
+            tx.send_to(&[i as u8; 1200], to).unwrap();
+        }
+        drain(&mut r, &mut c);
+        for _ in 0..2 {
+            // Loopback delivers on send: the datagram is queued when send_to returns.
+            tx.send_to(b"after", to).unwrap();
+            drain(&mut r, &mut c);
+        }
+        println!(
+            "sent {}: received {got}, socket dropped {dropped}",
+            burst + 2
+        );
+        assert!(dropped > 0, "a 4 KiB buffer took {got} datagrams");
+        assert_eq!(
+            got + dropped,
+            burst + 2,
+            "each datagram received or counted once"
+        );
     }
 
     #[test]

@@ -327,6 +327,11 @@ pub struct Report {
     pub naks_sent: u64,
     pub units_naked: u64,
     pub repairs_received: u64,
+    /// Datagrams the receiver's data sockets dropped (`SO_RXQ_OVFL`).
+    pub socket_drops: u64,
+    pub tier: usize,
+    pub settled_tier: usize,
+    pub tier_changes: u32,
 }
 
 /// A running `mcast-recv get` (or a shell wrapping one); stdout lines are collected live.

@@ -109,6 +109,23 @@ impl Judge {
         self.overruns += n;
     }
 
+    /// The socket overran in this interval so far (the interval will be judged
+    /// [`Cause::Overrun`] whatever else happens in it).
+    pub fn overrunning(&self) -> bool {
+        self.overruns >= OVERRUN_MIN
+            && self.overruns as f64 >= OVERRUN_FRACTION * (self.received + self.overruns) as f64
+    }
+
+    /// Forget this interval's counts (not the base delay or the loss floors): a new
+    /// interval starts now.
+    pub fn restart(&mut self) {
+        self.bytes = 0;
+        self.received = 0;
+        self.lost = 0;
+        self.overruns = 0;
+        self.delays.clear();
+    }
+
     /// A one-way delay sample: `arrival − send time` in µs on any pair of clocks.
     pub fn on_delay(&mut self, now: Instant, delay_us: i64) {
         self.delays.push(delay_us);
@@ -157,8 +174,7 @@ impl Judge {
             _ => 0,
         };
         let floor = self.floor().unwrap_or(0.0);
-        let overrun = self.overruns >= OVERRUN_MIN
-            && self.overruns as f64 >= OVERRUN_FRACTION * (self.received + self.overruns) as f64;
+        let overrun = self.overrunning();
         let delayed = rise_us > self.delay_rise.as_micros() as i64;
         // Loss judged against the floor only once a floor exists; three standard deviations
         // of the floor's binomial noise keep a small sample from looking like congestion.
@@ -192,11 +208,7 @@ impl Judge {
                 (throughput_bps as f64 / (1.0 - floor).max(0.5)) as u64
             }
         });
-        self.bytes = 0;
-        self.received = 0;
-        self.lost = 0;
-        self.overruns = 0;
-        self.delays.clear();
+        self.restart();
         Verdict {
             cause,
             throughput_bps,

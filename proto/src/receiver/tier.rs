@@ -55,6 +55,13 @@ pub struct TierParams {
     /// A capacity found is reported this long after congestion last showed it (the server
     /// then lets the rate climb back towards the tier's ceiling).
     pub capacity_hold: Duration,
+    /// A join experiment whose socket overruns is judged this soon into its interval instead
+    /// of at its end. An overrun is unambiguous (the receiver is short of CPU for the rate),
+    /// and every further moment at the probed rate scatters holes over the whole loop — the
+    /// receiver processes a fraction of what arrives — which the fitting tier's loop must
+    /// then fill, arriving again as duplicates: on one core at 4 Gbit/s a full 0.5 s
+    /// interval cost 0.8× the archive of a 64 MiB title.
+    pub overrun_cut: Duration,
 }
 
 impl TierParams {
@@ -72,6 +79,7 @@ impl TierParams {
             settle: Duration::from_millis(2500),
             follow_wait: Duration::from_secs(3),
             capacity_hold: Duration::from_secs(5),
+            overrun_cut: Duration::from_millis(50),
         }
     }
 
@@ -83,6 +91,14 @@ impl TierParams {
         } else {
             self.tiers_bps[i - 1]
         }
+    }
+
+    /// The highest tier whose full (nominal) rate fits `capacity` with a 5 % margin.
+    pub fn nominal_fit(&self, capacity: u64) -> usize {
+        (0..self.tiers_bps.len())
+            .rev()
+            .find(|&i| self.tiers_bps[i] as f64 <= capacity as f64 * 0.95)
+            .unwrap_or(0)
     }
 
     /// The highest tier whose band reaches `capacity` with a 10 % margin.
@@ -151,6 +167,10 @@ pub struct TierEngine {
     /// The last interval was judged congested.
     congested: bool,
     last: (u64, u32, i64),
+    /// The probe's interval was restarted at its first overruns ([`TierParams::overrun_cut`]).
+    overrun_window: bool,
+    /// Intervals judged (or measured) so far.
+    intervals: u64,
     pub counters: TierCounters,
 }
 
@@ -174,6 +194,8 @@ impl TierEngine {
             capacity: None,
             congested: false,
             last: (0, 0, 0),
+            overrun_window: false,
+            intervals: 0,
             counters: TierCounters::default(),
         }
     }
@@ -214,8 +236,26 @@ impl TierEngine {
     }
 
     /// When the engine next wants [`Self::poll`].
+    ///
+    /// A probe whose socket overruns wants a poll at once: its interval restarts there, so
+    /// the capacity it measures (what was processed) covers only the probed channel's flood,
+    /// not the request and join before it; it is judged `overrun_cut` later.
     pub fn next_deadline(&self) -> Instant {
-        self.interval_start + self.p.interval
+        let full = self.interval_start + self.p.interval;
+        if self.probe.is_some() {
+            if self.overrun_window {
+                return full.min(self.interval_start + self.p.overrun_cut);
+            }
+            if self.judge.overrunning() {
+                return self.interval_start;
+            }
+        }
+        full
+    }
+
+    /// Intervals judged (or measured while settling) so far.
+    pub fn intervals(&self) -> u64 {
+        self.intervals
     }
 
     /// The end of a settle after a move down (`None` during a probe: that ends when an
@@ -240,6 +280,7 @@ impl TierEngine {
             self.settle_until = now + self.p.settle;
         }
         self.tier = to;
+        self.overrun_window = false;
         self.channel_bps = None;
         self.congested_run = 0;
         self.congested_since = None;
@@ -254,6 +295,14 @@ impl TierEngine {
         if now < self.next_deadline() {
             return None;
         }
+        if self.probe.is_some() && !self.overrun_window && self.judge.overrunning() {
+            self.judge.restart();
+            self.interval_start = now;
+            self.overrun_window = true;
+            return None;
+        }
+        self.overrun_window = false;
+        self.intervals += 1;
         let secs = now
             .saturating_duration_since(self.interval_start)
             .as_secs_f64();
@@ -316,10 +365,16 @@ impl TierEngine {
                         self.probe_timer[i] = self.p.probe_max;
                     }
                 }
-                let to = if discovery {
-                    self.p.best_fit(capacity).clamp(from, failed - 1)
-                } else {
+                let to = if !discovery {
                     from
+                } else if v.cause == Cause::Overrun {
+                    // Short of CPU: land on a tier whose full rate it processes. A tier whose
+                    // band merely reaches the capacity would overrun it until the server's
+                    // rate came down (and again each time it climbs back), and every overrun
+                    // scatters holes over the loop that only repairs or another loop fill.
+                    self.p.nominal_fit(capacity).clamp(from, failed - 1)
+                } else {
+                    self.p.best_fit(capacity).clamp(from, failed - 1)
                 };
                 return Some(self.switch(to, now));
             }
@@ -481,6 +536,54 @@ mod tests {
         256_000_000,
         1_024_000_000,
     ];
+
+    /// A receiver short of CPU: a clean network, but its socket overruns whenever the channel
+    /// is faster than `cpu` bit/s. The discovery probe to the top tier fails as soon as the
+    /// overruns show — within `overrun_cut`, not a whole interval — and lands on the tier
+    /// that fits what it processed.
+    #[test]
+    fn a_probe_that_overruns_the_socket_fails_within_the_cut() {
+        let t0 = Instant::now();
+        let p = TierParams::new(TIERS.to_vec());
+        let mut e = TierEngine::new(p.clone(), t0);
+        let cpu = 100_000_000.0;
+        let mut probe_at = None;
+        let step = 0.005;
+        let mut t = 0.0;
+        while t < 5.0 {
+            let now = t0 + Duration::from_secs_f64(t);
+            let rate = TIERS[e.tier()] as f64;
+            let pkts = (rate * step / (1304.0 * 8.0)).round();
+            let taken = (rate.min(cpu) * step / (1304.0 * 8.0)).round();
+            for _ in 0..taken as u64 {
+                e.on_packet(1304);
+            }
+            e.on_overrun((pkts - taken) as u64);
+            e.on_lost((pkts - taken) as u64);
+            e.on_sync(now, 100, rate as u64);
+            match e.poll(now) {
+                Some(TierMove::To(x)) if e.probing() => {
+                    assert_eq!(x, TIERS.len() - 1, "discovery goes to the top");
+                    probe_at = Some(t);
+                }
+                Some(TierMove::To(x)) => {
+                    let started = probe_at.expect("a probe came first");
+                    // The fastest tier whose full rate 100 Mbit/s of CPU processes.
+                    assert_eq!(x, 2, "64 Mbit/s fits, 256 does not");
+                    assert!(
+                        t - started <= p.overrun_cut.as_secs_f64() + 2.0 * step,
+                        "the overrunning probe lasted {:.3} s",
+                        t - started
+                    );
+                    assert_eq!(e.counters.congested_overrun, 1);
+                    return;
+                }
+                None => {}
+            }
+            t += step;
+        }
+        panic!("never probed and fell back: {:?}", e.counters);
+    }
 
     #[test]
     fn settles_on_the_fastest_tier_the_link_carries_within_two_probes() {

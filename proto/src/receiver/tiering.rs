@@ -114,8 +114,9 @@ impl Tiering {
     pub fn poll(&mut self, now: Instant) -> Option<u8> {
         let from = self.tier().unwrap_or(0);
         let e = &mut self.engine;
-        let due = now >= e.next_deadline();
+        let judged_before = e.intervals();
         let mv = e.poll(now);
+        let due = e.intervals() > judged_before;
         if due && self.tiered && self.unicast_from.is_none() {
             self.sample = Some(TierSample {
                 tier: e.tier(),

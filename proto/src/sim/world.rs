@@ -8,9 +8,10 @@
 //! What a real network adds, modelled per receiver: a link of its own rate (a drop-tail
 //! queue like `tc tbf`, rate steps over time), random loss on the link, one-way delay, a
 //! shared upstream loss, IGMP leave latency (a left group keeps filling the link), late
-//! joins, crashes (a new session resumes from what was written), and receivers whose network
-//! drops multicast (they fall back to unicast). Same seed, same configuration → the same
-//! outcome, bit for bit.
+//! joins, crashes (a new session resumes from what was written), receivers whose network
+//! drops multicast (they fall back to unicast), and receivers short of CPU (their socket
+//! buffer overflows and the socket counts the drops, as `SO_RXQ_OVFL` does). Same seed, same
+//! configuration → the same outcome, bit for bit.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -34,6 +35,12 @@ use crate::wire::nak::is_nak;
 /// IPv4 + UDP header bytes: a link carries them too.
 pub const IP_UDP: usize = 28;
 
+/// Datagram bytes (headers included) a CPU-limited receiver's socket buffer holds
+/// ([`RxSpec::cpu_bps`]): a small buffer (256 KiB, as `mcast-recv --recv-buffer 262144`), so
+/// it overruns soon after the rate passes what it processes, but large enough for a pacer
+/// burst: the server sends in bursts, which a buffer sized in time would cut short.
+pub const SOCKET_BUFFER: usize = 256 << 10;
+
 /// A receiver's link: `(from, rate bit/s)` steps, the first from zero. Empty: no limit.
 pub type LinkProfile = Vec<(Duration, u64)>;
 
@@ -48,6 +55,12 @@ pub struct RxSpec {
     pub crash_at: Option<Duration>,
     /// Its network delivers multicast (false: it must fall back to unicast).
     pub multicast: bool,
+    /// Channel datagram bits (headers included) it can process per second; `None`: as fast
+    /// as they come. Datagrams arriving faster wait in its socket buffer
+    /// ([`SOCKET_BUFFER`] bytes); when that is full they are dropped and counted,
+    /// and the count reaches its session with the next datagram it takes, as the driver
+    /// reports `SO_RXQ_OVFL`.
+    pub cpu_bps: Option<u64>,
 }
 
 impl RxSpec {
@@ -58,6 +71,7 @@ impl RxSpec {
             loss: 0.0,
             crash_at: None,
             multicast: true,
+            cpu_bps: None,
         }
     }
 }
@@ -131,6 +145,8 @@ pub struct RxOutcome {
     /// Payload bytes that reached its sessions (all sessions).
     pub received_bytes: u64,
     pub link_drops: u64,
+    /// Datagrams its socket dropped for want of CPU ([`RxSpec::cpu_bps`]).
+    pub socket_drops: u64,
     /// (time s, tier) after each granted tier move.
     pub moves: Vec<(f64, usize)>,
     /// (time s, judged interval).
@@ -226,6 +242,11 @@ struct Host {
     held: Option<Prior>,
     received_before: u64,
     link_drops: u64,
+    /// Until when its CPU is busy with datagrams already taken from the socket.
+    cpu_busy_until: Instant,
+    socket_drops: u64,
+    /// Socket drops its session has not been told of yet.
+    unreported_drops: u64,
     moves: Vec<(f64, usize)>,
     samples: Vec<(f64, TierSample)>,
     last_stats: SessionStats,
@@ -313,6 +334,9 @@ pub fn run(cfg: &WorldConfig, t0: Instant) -> WorldOutcome {
                 held: None,
                 received_before: 0,
                 link_drops: 0,
+                cpu_busy_until: t0,
+                socket_drops: 0,
+                unreported_drops: 0,
                 moves: Vec::new(),
                 samples: Vec::new(),
                 last_stats: SessionStats::default(),
@@ -542,7 +566,28 @@ impl World<'_> {
         if !h.active() {
             return;
         }
+        if let (Some(cpu), true) = (h.spec.cpu_bps, from == SERVER_DATA) {
+            // Its socket buffer: full when the datagrams queued ahead (the work not yet done,
+            // in bytes at its processing rate) and this one exceed SOCKET_BUFFER.
+            let queued = h
+                .cpu_busy_until
+                .saturating_duration_since(now)
+                .as_secs_f64()
+                * cpu as f64
+                / 8.0;
+            if queued + (bytes.len() + IP_UDP) as f64 > SOCKET_BUFFER as f64 {
+                h.socket_drops += 1;
+                h.unreported_drops += 1;
+                return;
+            }
+            let work = (bytes.len() + IP_UDP) as f64 * 8.0 / cpu.max(1) as f64;
+            h.cpu_busy_until = h.cpu_busy_until.max(now) + Duration::from_secs_f64(work);
+        }
         let s = h.sess.as_mut().expect("active");
+        if h.unreported_drops > 0 {
+            // The drop counter rides on the next datagram taken, as SO_RXQ_OVFL's does.
+            s.on_receive_drops(std::mem::take(&mut h.unreported_drops));
+        }
         s.handle_datagram(now, from, bytes);
         if from == SERVER_DATA && h.first_at.is_none() {
             if let Ok((hdr, _)) = DataHeader::decode(bytes) {
@@ -905,6 +950,7 @@ impl World<'_> {
                     unicast: stats.unicast,
                     stats,
                     link_drops: h.link_drops,
+                    socket_drops: h.socket_drops,
                     moves: std::mem::take(&mut h.moves),
                     samples: std::mem::take(&mut h.samples),
                     tier_counters: h.tier_counters.clone(),
