@@ -164,8 +164,6 @@ pub struct TierEngine {
     /// No congestion seen yet: the discovery probe comes after one calm interval.
     slow_start: bool,
     capacity: Option<(u64, Instant)>,
-    /// The last interval was judged congested.
-    congested: bool,
     last: (u64, u32, i64),
     /// The probe's interval was restarted at its first overruns ([`TierParams::overrun_cut`]).
     overrun_window: bool,
@@ -192,7 +190,6 @@ impl TierEngine {
             settle_until: now,
             slow_start: true,
             capacity: None,
-            congested: false,
             last: (0, 0, 0),
             overrun_window: false,
             intervals: 0,
@@ -264,12 +261,6 @@ impl TierEngine {
         self.probe.is_none().then_some(self.settle_until)
     }
 
-    /// The last interval was congested: its losses are the path's limit, and repairing them
-    /// at once would only add to the overload (and to every other member's duplicates).
-    pub fn congested(&self) -> bool {
-        self.congested
-    }
-
     /// Just moved: losses now are the old channel's tail, not this one's (NAKs can wait).
     pub fn settling(&self, now: Instant) -> bool {
         self.probe.is_some() || now < self.settle_until
@@ -332,7 +323,6 @@ impl TierEngine {
         }
         self.counters.capacity_bps = self.capacity.map_or(0, |c| c.0);
         let congested = v.congested();
-        self.congested = congested;
         if congested {
             self.slow_start = false;
         }

@@ -166,9 +166,8 @@ impl Tiering {
 
     /// A join experiment is under way, or the receiver just moved: losses now are congestion
     /// (or the old channel's tail), not worth repair requests yet.
-    /// So is loss while the path is judged congested (the rate first has to fit).
     pub fn settling(&self, now: Instant) -> bool {
-        (self.tiered && self.engine.settling(now)) || self.engine.congested()
+        self.tiered && self.engine.settling(now)
     }
 
     /// When the engine next judges an interval.
@@ -178,9 +177,7 @@ impl Tiering {
 
     /// When settling ends, if it ends on its own (a probe ends at an interval's judgement).
     pub fn settle_end(&self) -> Option<Instant> {
-        if self.engine.congested() {
-            Some(self.engine.next_deadline())
-        } else if self.tiered {
+        if self.tiered {
             self.engine.settle_end()
         } else {
             None
