@@ -380,7 +380,11 @@ fn tier_rates_follow_member_reports_within_bounds() {
             12_750_000,
         ),
         // Goodput below the rate (random loss) with no limit found: the ceiling.
-        (RatePolicy::Lowest, [(9_000_000, 0), (12_000_000, 0)], 16_000_000),
+        (
+            RatePolicy::Lowest,
+            [(9_000_000, 0), (12_000_000, 0)],
+            16_000_000,
+        ),
         // Never above the tier's rate, never down into the tier below.
         (
             RatePolicy::Lowest,

@@ -6,6 +6,10 @@
 //! `client` package). The namespace tests (multicast blocked by nftables, disk full on a
 //! small tmpfs) need root or unprivileged user namespaces; they are skipped with a printed
 //! reason elsewhere, and fail instead when `CI=true`.
+//!
+//! Each site sets `tiers_mbps = [rate]`: one channel per title, so counts of channels opened
+//! and closed are the loop's own (the adaptive default ladder is tested in `tiers`,
+//! `mixed_bed`, `cpu_starved` and the simulator).
 
 mod common;
 
@@ -43,7 +47,7 @@ fn ratio(a: u64, b: u64) -> f64 {
 #[test]
 fn staggered_joiners_get_identical_archives() {
     // 6 MB: 4806 packets of 1304 bytes = 50 Mbit per loop; at 33 Mbit/s a loop lasts ~1.5 s.
-    let site = Site::new(1, "rate_mbps = 33.0\nlease_ms = 5000");
+    let site = Site::new(1, "rate_mbps = 33.0\ntiers_mbps = [33.0]\nlease_ms = 5000");
     let archive = site.pack("film", 6 * MB, 1);
     let mut srv = site.serve();
 
@@ -86,7 +90,7 @@ fn staggered_joiners_get_identical_archives() {
 #[test]
 fn several_titles_loop_at_once() {
     // 3 MB each: ~25 Mbit per loop; at 12.5 Mbit/s ~2 s per loop.
-    let site = Site::new(2, "rate_mbps = 12.5\nlease_ms = 5000");
+    let site = Site::new(2, "rate_mbps = 12.5\ntiers_mbps = [12.5]\nlease_ms = 5000");
     let titles = ["alpha", "bravo", "charlie"];
     let archives: Vec<_> = titles
         .iter()
@@ -146,7 +150,7 @@ fn several_titles_loop_at_once() {
 #[test]
 fn killed_receiver_resumes() {
     // 3 MB: ~25 Mbit per loop; at 4.2 Mbit/s ~6 s per loop.
-    let site = Site::new(3, "rate_mbps = 4.2\nlease_ms = 5000");
+    let site = Site::new(3, "rate_mbps = 4.2\ntiers_mbps = [4.2]\nlease_ms = 5000");
     let archive = site.pack("film", 3 * MB, 3);
     let mut srv = site.serve();
     let out = site.out_dir("out");
@@ -200,7 +204,7 @@ fn killed_receiver_resumes() {
 /// fetches it again, so the result is still byte-identical.
 #[test]
 fn damaged_part_is_refetched_on_resume() {
-    let site = Site::new(14, "rate_mbps = 4.2\nlease_ms = 5000");
+    let site = Site::new(14, "rate_mbps = 4.2\ntiers_mbps = [4.2]\nlease_ms = 5000");
     let archive = site.pack("film", 3 * MB, 3);
     let mut srv = site.serve();
     let out = site.out_dir("out");
@@ -232,7 +236,7 @@ fn damaged_part_is_refetched_on_resume() {
 #[test]
 fn channel_closes_after_last_completion() {
     // Long lease: a close by lease expiry would take 5 s and show in leases_expired.
-    let site = Site::new(4, "rate_mbps = 20.0\nlease_ms = 5000");
+    let site = Site::new(4, "rate_mbps = 20.0\ntiers_mbps = [20.0]\nlease_ms = 5000");
     let archive = site.pack("clip", 2 * MB, 4);
     let mut srv = site.serve();
     let a = site.get("clip", &site.out_dir("a"), &[]);
@@ -269,7 +273,10 @@ fn channel_closes_after_last_completion() {
 fn channel_closes_after_last_lease_expires() {
     const LEASE_MS: u64 = 1000;
     // 4 MB at 8 Mbit/s: a ~4 s loop, so the receiver is killed early in it.
-    let site = Site::new(5, &format!("rate_mbps = 8.0\nlease_ms = {LEASE_MS}"));
+    let site = Site::new(
+        5,
+        &format!("rate_mbps = 8.0\ntiers_mbps = [8.0]\nlease_ms = {LEASE_MS}"),
+    );
     site.pack("clip", 4 * MB, 5);
     let mut srv = site.serve();
     let mut r = site.get("clip", &site.out_dir("out"), &[]);
@@ -310,7 +317,7 @@ fn channel_closes_after_last_lease_expires() {
 ///    a wrong one, or one issued to another address) gets no data. Positive control at the end.
 #[test]
 fn unicast_fallback_requires_cookie_round_trip() {
-    let site = Site::new(6, "rate_mbps = 10.0\nlease_ms = 5000");
+    let site = Site::new(6, "rate_mbps = 10.0\ntiers_mbps = [10.0]\nlease_ms = 5000");
     let archive = site.pack("clip", 2 * MB, 6);
     let tag = archive_tag(&ArchiveFile::open(&archive).unwrap().head.archive_id);
     let mut srv = site.serve();
@@ -529,7 +536,7 @@ fn spawn_forger(
 #[test]
 fn forged_data_is_rejected() {
     // 6 MB at 25 Mbit/s: ~2 s loop.
-    let site = Site::new(7, "rate_mbps = 25.0\nlease_ms = 5000");
+    let site = Site::new(7, "rate_mbps = 25.0\ntiers_mbps = [25.0]\nlease_ms = 5000");
     let archive = site.pack("film", 6 * MB, 7);
     let head = ArchiveFile::open(&archive).unwrap().head;
     let mut srv = site.serve();
@@ -572,7 +579,7 @@ fn forged_data_is_rejected() {
 #[test]
 fn forged_data_does_not_drive_naks() {
     // Two ~2 s loops (6 MB each at 25 Mbit/s).
-    let site = Site::new(13, "rate_mbps = 25.0\nlease_ms = 5000");
+    let site = Site::new(13, "rate_mbps = 25.0\ntiers_mbps = [25.0]\nlease_ms = 5000");
     let forged = site.pack("film", 6 * MB, 13);
     let calm = site.pack("calm", 6 * MB, 14);
     let head = ArchiveFile::open(&forged).unwrap().head;
@@ -617,7 +624,7 @@ fn forged_data_does_not_drive_naks() {
 /// 7. Garbage on the control port is counted, never answered, and does not disturb service.
 #[test]
 fn malformed_control_datagrams_are_counted_and_ignored() {
-    let site = Site::new(8, "rate_mbps = 20.0\nlease_ms = 5000");
+    let site = Site::new(8, "rate_mbps = 20.0\ntiers_mbps = [20.0]\nlease_ms = 5000");
     let archive = site.pack("clip", 2 * MB, 8);
     let mut srv = site.serve();
     let id = [7u8; 16];
@@ -653,9 +660,13 @@ fn malformed_control_datagrams_are_counted_and_ignored() {
     .collect();
 
     let mut garbage: Vec<Vec<u8>> = vec![Vec::new()];
-    // Every truncation of every valid request.
+    // Every truncation of every valid request (but a keepalive without its capacity, which
+    // is an older receiver's and valid).
     for v in &valid {
         for n in 1..v.len() {
+            if v[1] == 4 && n == v.len() - 8 {
+                continue;
+            }
             garbage.push(v[..n].to_vec());
         }
     }
@@ -815,7 +826,7 @@ fn unicast_fallback_when_multicast_is_blocked() {
         return;
     };
     // Inside the namespace nothing else listens: the site's ports cannot clash.
-    let site = Site::new(11, "rate_mbps = 30.0\nlease_ms = 5000");
+    let site = Site::new(11, "rate_mbps = 30.0\ntiers_mbps = [30.0]\nlease_ms = 5000");
     let archive = site.pack("film", 4 * MB, 11);
     let run = |block: bool| {
         let name = if block { "blocked" } else { "open" };
@@ -896,7 +907,7 @@ fn disk_full_exits_6() {
     let Some(prefix) = namespace_or_skip(test, "--mount", &["mount"]) else {
         return;
     };
-    let site = Site::new(12, "rate_mbps = 40.0\nlease_ms = 2000");
+    let site = Site::new(12, "rate_mbps = 40.0\ntiers_mbps = [40.0]\nlease_ms = 2000");
     let archive = site.pack("film", 6 * MB, 12);
     assert!(std::fs::metadata(&archive).unwrap().len() > 4 << 20);
     let _srv = site.serve();

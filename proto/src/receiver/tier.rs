@@ -339,8 +339,8 @@ impl TierEngine {
                 self.probe = None;
                 // Until the switch honours the leave, the old tier's channel still fills the
                 // path: what got through of the new one understates the path by up to the old
-                // rate.
-                if self.p.best_fit(capacity + from_bps) >= failed {
+                // rate. (Not so for overruns: what the receiver processed is exact.)
+                if v.cause != Cause::Overrun && self.p.best_fit(capacity + from_bps) >= failed {
                     // The probed tier's band (may) reach the path's capacity: it is this
                     // receiver's tier, at a rate the server brings down to what the path
                     // carries. Hold it; judge it afresh once the old channel has drained.
@@ -369,7 +369,7 @@ impl TierEngine {
                 return Some(self.switch(to, now));
             }
             if now >= probe.until {
-                // The path carries this tier: conditions changed, so the next tier up is than its backed-off timer says.
+                // The path carries this tier: conditions changed, so the next tier up is
                 // worth trying sooner than its backed-off timer says — and the path may have
                 // grown by more than a tier: discover again, straight to the top.
                 let t = self.tier;
