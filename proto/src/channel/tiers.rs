@@ -30,9 +30,10 @@ const RATE_UPDATE: Duration = Duration::from_secs(1);
 /// queue drains.
 const RATE_MARGIN: f64 = 0.95;
 /// With no member reporting a limit, a tier's rate climbs back towards its ceiling by this
-/// fraction of it per update: slowly, so a member whose limit it was sees its queue grow
-/// before it loses much.
-const RATE_CLIMB: f64 = 0.03;
+/// fraction of the current rate per update (at least 1 % of the ceiling): gently, so a member
+/// whose limit it was sees its queue grow before it loses much, yet back at the ceiling within
+/// seconds when the limit is gone.
+const RATE_CLIMB: f64 = 0.10;
 /// Tiers of the adaptive ladder a server derives when none are configured, and the ratio
 /// between neighbours (a decade over the four).
 pub const LADDER_TIERS: usize = 4;
@@ -115,7 +116,9 @@ impl ChannelManager {
         let policy = self.params.rate_policy;
         for c in self.channels.values_mut() {
             let hi = tiers[c.tier];
-            let climbed = ((c.pacer.rate_bps() as f64 + hi as f64 * RATE_CLIMB) as u64).min(hi);
+            let now_rate = c.pacer.rate_bps() as f64;
+            let climbed =
+                ((now_rate + (now_rate * RATE_CLIMB).max(hi as f64 * 0.01)) as u64).min(hi);
             let target = asked_rate(c, &tiers, policy).map_or(climbed, |t| t.min(climbed));
             c.pacer.set_rate(capped(target, c.rate_cap));
         }

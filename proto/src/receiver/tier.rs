@@ -76,7 +76,7 @@ impl TierParams {
             probe_after: Duration::from_secs(1),
             probe_hold: Duration::from_secs(1),
             probe_max: Duration::from_secs(60),
-            settle: Duration::from_millis(2500),
+            settle: Duration::from_millis(3000),
             follow_wait: Duration::from_secs(3),
             capacity_hold: Duration::from_secs(5),
             overrun_cut: Duration::from_millis(50),
@@ -164,6 +164,8 @@ pub struct TierEngine {
     /// No congestion seen yet: the discovery probe comes after one calm interval.
     slow_start: bool,
     capacity: Option<(u64, Instant)>,
+    /// A congested interval's capacity, waiting for a second one to confirm it.
+    pending_capacity: Option<u64>,
     last: (u64, u32, i64),
     /// The probe's interval was restarted at its first overruns ([`TierParams::overrun_cut`]).
     overrun_window: bool,
@@ -190,6 +192,7 @@ impl TierEngine {
             settle_until: now,
             slow_start: true,
             capacity: None,
+            pending_capacity: None,
             last: (0, 0, 0),
             overrun_window: false,
             intervals: 0,
@@ -311,8 +314,16 @@ impl TierEngine {
             self.counters.measured_bps = v.throughput_bps;
             self.counters.loss_ppm = (v.loss * 1e6) as u32;
             match v.capacity_bps {
-                Some(c) => self.capacity = Some((c, now)),
+                // One congested interval may be a transient (a left group still draining into
+                // the path, a burst of cross traffic): a capacity is reported once two in a
+                // row show it, and then the smaller of the two.
+                Some(c) => {
+                    if let Some(before) = self.pending_capacity.replace(c) {
+                        self.capacity = Some((c.min(before), now));
+                    }
+                }
                 None => {
+                    self.pending_capacity = None;
                     if self.capacity.is_some_and(|(_, at)| {
                         now.saturating_duration_since(at) >= self.p.capacity_hold
                     }) {
