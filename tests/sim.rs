@@ -400,3 +400,97 @@ mod cpu {
         assert!(fast.done_at < s.done_at, "fast {fast:?}");
     }
 }
+
+/// The mixed audience at scale (step 11, item 7): 200 real `Session`s on one title — clean,
+/// 1–10 % random loss, links of 8–1000 Mbit/s, late joiners, a few that never hear multicast —
+/// against the real channel manager with tiers of 8, 40, 200 and 800 Mbit/s.
+mod mixed {
+    use mcast::sim::mixed::{run, MixedConfig, MixedRx};
+    use std::time::Duration;
+
+    fn worst(rx: &[&MixedRx], f: impl Fn(&MixedRx) -> f64) -> f64 {
+        rx.iter().map(|x| f(x)).fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn two_hundred_receivers_each_get_what_their_link_carries() {
+        let mut cfg = MixedConfig::new(200, 40_000, 11);
+        cfg.max_time = Duration::from_secs(150);
+        // The default ladder's spacing (a decade per three steps) from 8 to 800 Mbit/s.
+        cfg.tiers_bps = (0..7)
+            .map(|k| (8_000_000.0 * 10f64.powf(k as f64 / 3.0)) as u64)
+            .collect();
+        let r = run(&cfg);
+        let archive_bits = r.loop_seconds[0] * cfg.tiers_bps[0] as f64;
+        let mut kinds: Vec<&str> = r.receivers.iter().map(|x| x.profile.kind).collect();
+        kinds.sort();
+        kinds.dedup();
+        for kind in &kinds {
+            let rx: Vec<&MixedRx> = r
+                .receivers
+                .iter()
+                .filter(|x| x.profile.kind == *kind)
+                .collect();
+            let done: Vec<f64> = rx.iter().filter_map(|x| x.seconds).collect();
+            println!(
+                "{kind:>13}: {} receivers, {} complete, done mean {:.1} s worst {:.1} s, \
+                 received/archive worst {:.2}, worst time / link time {:.2}, tier changes worst {}",
+                rx.len(),
+                done.len(),
+                done.iter().sum::<f64>() / done.len().max(1) as f64,
+                done.iter().copied().fold(0.0, f64::max),
+                worst(&rx, |x| x.received_per_archive_byte),
+                worst(&rx, |x| match (x.seconds, x.profile.link_bps) {
+                    (Some(s), l) if l > 0 => s / (archive_bits / l as f64),
+                    _ => 0.0,
+                }),
+                rx.iter().map(|x| x.tier_changes).max().unwrap_or(0),
+            );
+        }
+        for x in r
+            .receivers
+            .iter()
+            .filter(|x| x.profile.kind == "rate-limited")
+            .take(5)
+        {
+            println!(
+                "  rate-limited {} Mbit/s: {:.1} s, received/archive {:.2} ({} repairs, {} \
+                 duplicates), settled on tier {}, {} changes",
+                x.profile.link_bps / 1_000_000,
+                x.seconds.unwrap_or(f64::NAN),
+                x.received_per_archive_byte,
+                x.repairs_received,
+                x.duplicates,
+                x.settled_tier,
+                x.tier_changes
+            );
+        }
+        assert_eq!(r.completed, r.receivers.len(), "everyone completes");
+        let top = cfg.tiers_bps.len() - 1;
+        for (i, x) in r.receivers.iter().enumerate() {
+            let what = format!("rx{i} {:?}: {x:?}", x.profile.kind);
+            match x.profile.kind {
+                // Clean and late receivers: the top tier at once, one copy of the archive.
+                "clean" | "late" => {
+                    assert_eq!(x.settled_tier, top, "{what}");
+                    assert!(x.received_per_archive_byte <= 1.05, "{what}");
+                    assert!(x.seconds.unwrap() < 2.0, "{what}");
+                }
+                // Random loss is not congestion: no move down, the top tier, repaired there.
+                "lossy" => {
+                    assert_eq!(x.settled_tier, top, "{what}");
+                    assert!(x.tier_changes <= 1, "{what}");
+                    assert!(x.seconds.unwrap() < 5.0, "{what}");
+                }
+                // Settled within at most two probes (discovery, and one more).
+                "rate-limited" => assert!(x.tier_changes <= 4, "{what}"),
+                // Their own unicast stream: one copy of the archive.
+                "no-multicast" => {
+                    assert!(x.unicast, "{what}");
+                    assert!(x.received_per_archive_byte <= 1.10, "{what}");
+                }
+                _ => {}
+            }
+        }
+    }
+}

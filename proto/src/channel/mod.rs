@@ -49,7 +49,7 @@ use crate::wire::data::{DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN, SYNC_LE
 pub use catalog::{HeadBytes, HeadRead, TitleInfo};
 pub use repair::MAX_REPAIR_QUEUE;
 pub use stats::{ChannelStats, Counters, Stats};
-pub use tiers::{default_ladder, RatePolicy, LADDER_TIERS};
+pub use tiers::{band, default_ladder, RatePolicy, LADDER_TIERS};
 
 use loops::Channel;
 

@@ -41,6 +41,22 @@ const LADDER_STEP: f64 = 2.154_434_690_031_884; // 10^(1/3)
 /// How long a tier's channel keeps looping after its last member moved to another tier.
 const TIER_LINGER: Duration = Duration::from_secs(3);
 
+/// The rates tier `i`'s channel may run at, `(lowest, nominal)`: its members' capacity moves
+/// it within this band. Never down into the tier below, and never below half its nominal
+/// rate: a member that needs less belongs a tier down (pulling the tier further would hold
+/// every other member to it, the very thing tiers exist to avoid). The bottom tier has no tier
+/// below and may go down to a quarter. Receivers choose their tier by the same band
+/// ([`TierParams::floor`](crate::receiver::tier::TierParams::floor)).
+pub fn band(tiers: &[u64], i: usize) -> (u64, u64) {
+    let hi = tiers[i];
+    let lo = if i == 0 {
+        hi / 4
+    } else {
+        (tiers[i - 1] + 1).max(hi / 2)
+    };
+    (lo.min(hi), hi)
+}
+
 /// The adaptive default: [`LADDER_TIERS`] geometric tiers whose top is `rate_bps`, so a
 /// default install serves a receiver of a tenth of the rate (and, with the bottom tier's
 /// band, a fortieth) without holding the others to it.
@@ -147,12 +163,7 @@ impl ChannelManager {
 /// its path's limit (`None`: nobody did — the rate may climb). A member with no limit asks
 /// for the ceiling; one with a limit for a little under it.
 fn asked_rate(c: &Channel, tiers: &[u64], policy: RatePolicy) -> Option<u64> {
-    let hi = tiers[c.tier];
-    let lo = if c.tier == 0 {
-        hi / 4
-    } else {
-        tiers[c.tier - 1] + 1
-    };
+    let (lo, hi) = band(tiers, c.tier);
     // Unicast members' reports steer their own streams, not the group.
     let asks: Vec<(u64, bool)> = c
         .members

@@ -83,14 +83,10 @@ impl TierParams {
         }
     }
 
-    /// The lowest rate tier `i`'s channel may run at (the server's band, `channel::tiers`):
-    /// just above the next tier down; a quarter of its rate for the bottom tier.
+    /// The lowest rate tier `i`'s channel may run at (the server's band,
+    /// [`crate::channel::band`]).
     pub fn floor(&self, i: usize) -> u64 {
-        if i == 0 {
-            self.tiers_bps[0] / 4
-        } else {
-            self.tiers_bps[i - 1]
-        }
+        crate::channel::band(&self.tiers_bps, i).0
     }
 
     /// The highest tier whose full (nominal) rate fits `capacity` with a 5 % margin.

@@ -74,6 +74,9 @@ pub struct MixedRx {
     pub final_tier: usize,
     pub tier_changes: u32,
     pub naks_sent: u64,
+    /// Repair packets and packets already held, among those received.
+    pub repairs_received: u64,
+    pub duplicates: u64,
     pub unicast: bool,
     pub failed: Option<String>,
 }
@@ -181,6 +184,8 @@ pub fn run(cfg: &MixedConfig, t0: Instant) -> MixedReport {
             final_tier: r.stats.tier,
             tier_changes: r.moves.len() as u32,
             naks_sent: r.stats.nak.naks_sent,
+            repairs_received: r.stats.repairs_received,
+            duplicates: r.stats.download.duplicates,
             unicast: r.unicast,
             failed: r.failed.as_ref().map(|f| format!("{f:?}")),
         })
