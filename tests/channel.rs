@@ -385,7 +385,8 @@ fn tier_rates_follow_member_reports_within_bounds() {
             [(9_000_000, 0), (12_000_000, 0)],
             16_000_000,
         ),
-        // Never above the tier's rate, never down into the tier below.
+        // Never above the tier's rate, never down into the tier below nor under half its
+        // rate (a member that needs less belongs a tier down).
         (
             RatePolicy::Lowest,
             [(40_000_000, 40_000_000), (50_000_000, 50_000_000)],
@@ -394,7 +395,7 @@ fn tier_rates_follow_member_reports_within_bounds() {
         (
             RatePolicy::Lowest,
             [(1_000_000, 1_000_000), (15_000_000, 15_000_000)],
-            4_000_001,
+            8_000_000,
         ),
     ] {
         let (mut m, t0, id) = tiered(policy);

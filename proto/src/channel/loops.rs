@@ -160,6 +160,10 @@ impl ChannelManager {
         let c = self.channels.remove(&id).expect("closing an open channel");
         self.slots.slots[c.slot] = None;
         self.counters.channels_closed += 1;
+        if why == Close::Idle && !c.scheduled {
+            self.stopped_at
+                .insert((c.archive_id, c.tier), c.carousel.block());
+        }
         if why == Close::WindowEnd {
             if c.scheduled {
                 self.windows.stopped_at(c.archive_id, c.carousel.block());

@@ -211,7 +211,14 @@ impl ChannelManager {
         };
         let id = match self.tier_channel(&archive_id, tier) {
             Some(id) => id,
-            None => match self.open_channel(now, &info, tier, start_block.unwrap_or(0)) {
+            None => match self.open_channel(
+                now,
+                &info,
+                tier,
+                start_block
+                    .or_else(|| self.stopped_at.get(&(archive_id, tier)).copied())
+                    .unwrap_or(0),
+            ) {
                 Some(id) => id,
                 None => {
                     self.error(

@@ -200,6 +200,10 @@ pub struct ChannelManager {
     cookies: unicast::Cookies,
     rates: tiers::RateClock,
     windows: schedule::Windows,
+    /// Where each (archive, tier) loop stood when its channel last closed idle: a channel
+    /// opened again carries on from there, so a receiver that left for a probe (its channel
+    /// emptied and closed meanwhile) is not sent the loop's start again and again.
+    stopped_at: std::collections::HashMap<(ArchiveId, usize), u64>,
     /// Leases are checked at most this often (a scan of every member), so expiry is
     /// noticed up to `LEASE_CHECK` late.
     next_lease_check: Instant,
@@ -229,6 +233,7 @@ impl ChannelManager {
             naks: repair::NakLimiter::default(),
             rates: tiers::RateClock::new(now),
             windows: schedule::Windows::default(),
+            stopped_at: std::collections::HashMap::new(),
             next_lease_check: now,
             draining: false,
         };

@@ -264,6 +264,19 @@ impl NakEngine {
         self.resumed_from = resumed.map(|(_, at)| at);
     }
 
+    /// Drop every entry of the NAK table: those losses are left to the loop (see the
+    /// session's move down). Counters are kept.
+    pub fn forget_losses(&mut self) {
+        self.state.iter_mut().for_each(|s| *s = 0);
+        self.in_backoff = 0;
+        self.in_holdoff = 0;
+        self.backoff = Timers::default();
+        self.holdoff = Timers::default();
+        self.batch = None;
+        self.overflow.clear();
+        self.overflow_since = None;
+    }
+
     /// Entries in the NAK table (back-off + hold-off).
     pub fn table_len(&self) -> usize {
         self.in_backoff + self.in_holdoff

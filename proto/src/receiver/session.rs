@@ -1287,6 +1287,7 @@ impl Session {
         eng.tiering.on_missed_total(eng.nak.counters.units_missed);
         // On unicast the engine still judges (its capacity reports set the stream's rate)
         // but never moves: the stream's rate is the receiver's own.
+        let from = eng.tiering.tier();
         let mv = eng.tiering.poll(now);
         if let Some(s) = eng.tiering.take_sample() {
             self.events.push_back(Event::TierJudged(s));
@@ -1294,6 +1295,13 @@ impl Session {
         let Some(t) = mv.filter(|_| !self.unicast_ok) else {
             return;
         };
+        if from.is_some_and(|f| (t as usize) < f) {
+            // A move down (a failed probe, or congestion): what was found missing was lost
+            // to a rate the path could not carry — on a probed tier, a scatter over its whole
+            // loop. The slower tier's loop brings it anyway; asking for it would only fill
+            // that tier with repairs every member already gets from the loop.
+            eng.nak.forget_losses();
+        }
         let Some(archive_id) = self.archive_id() else {
             return;
         };

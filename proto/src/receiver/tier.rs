@@ -348,9 +348,10 @@ impl TierEngine {
                 // path: what got through of the new one understates the path by up to the old
                 // rate. (Not so for overruns: what the receiver processed is exact.)
                 if v.cause != Cause::Overrun && self.p.best_fit(capacity + from_bps) >= failed {
-                    // The probed tier's band (may) reach the path's capacity: it is this
+                    // The probed tier's band reaches the path's capacity: it is this
                     // receiver's tier, at a rate the server brings down to what the path
                     // carries. Hold it; judge it afresh once the old channel has drained.
+                    // (Overruns never: the receiver itself cannot take that tier's rate.)
                     self.settle_until = now + self.p.settle;
                     self.stable_since = now;
                     return None;
@@ -373,6 +374,12 @@ impl TierEngine {
                 } else {
                     self.p.best_fit(capacity).clamp(from, failed - 1)
                 };
+                if discovery && to + 1 < failed && self.p.floor(to + 1) < capacity {
+                    // A capacity read in one interval, with the join still settling, can be
+                    // low: when only the margin kept the tier above the landing out, it gets
+                    // one early try.
+                    self.probe_timer[to + 1] = self.p.probe_after * 4;
+                }
                 return Some(self.switch(to, now));
             }
             if now >= probe.until {
