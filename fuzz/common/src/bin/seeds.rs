@@ -117,6 +117,7 @@ fn control_seeds(o: &Out) {
             rtt_us: 300,
             rx_bps: 1_000_000,
             loss_ppm: 5,
+            capacity_bps: 900_000,
         },
         Control::ChangeTier {
             archive_id: id,
