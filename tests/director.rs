@@ -298,8 +298,20 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
 fn receivers_fail_over_when_their_server_is_killed() {
     let c = Cluster::new(0, 2);
     // 24 MB at 40 Mbit/s: a ~5 s loop.
-    let mut a = c.server(0, "film", 24 * MB, "rate_mbps = 40.0\nlease_ms = 3000", "");
-    let mut b = c.server(1, "film", 0, "rate_mbps = 40.0\nlease_ms = 3000", "");
+    let mut a = c.server(
+        0,
+        "film",
+        24 * MB,
+        "rate_mbps = 40.0\ntiers_mbps = [40.0]\nlease_ms = 3000",
+        "",
+    );
+    let mut b = c.server(
+        1,
+        "film",
+        0,
+        "rate_mbps = 40.0\ntiers_mbps = [40.0]\nlease_ms = 3000",
+        "",
+    );
     let reference = a.root.join("archives/film.mca");
     c.start(&mut a);
     c.start(&mut b);
@@ -397,7 +409,13 @@ fn receivers_fail_over_when_their_server_is_killed() {
 #[test]
 fn requests_are_routed_when_a_director_is_killed() {
     let mut c = Cluster::new(1, 2);
-    let mut a = c.server(0, "doc", 2 * MB, "rate_mbps = 100.0", "");
+    let mut a = c.server(
+        0,
+        "doc",
+        2 * MB,
+        "rate_mbps = 100.0\ntiers_mbps = [100.0]",
+        "",
+    );
     let reference = a.root.join("archives/doc.mca");
     c.start(&mut a);
     c.wait_state(1, &[&a], "online");
@@ -435,8 +453,20 @@ fn requests_are_routed_when_a_director_is_killed() {
 fn draining_server_finishes_its_receivers_but_gets_no_new_ones() {
     let c = Cluster::new(2, 1);
     // 6 MB at 12 Mbit/s: a ~4 s loop.
-    let mut a = c.server(0, "show", 6 * MB, "rate_mbps = 12.0\nlease_ms = 3000", "");
-    let mut b = c.server(1, "show", 0, "rate_mbps = 12.0\nlease_ms = 3000", "");
+    let mut a = c.server(
+        0,
+        "show",
+        6 * MB,
+        "rate_mbps = 12.0\ntiers_mbps = [12.0]\nlease_ms = 3000",
+        "",
+    );
+    let mut b = c.server(
+        1,
+        "show",
+        0,
+        "rate_mbps = 12.0\ntiers_mbps = [12.0]\nlease_ms = 3000",
+        "",
+    );
     let reference = a.root.join("archives/show.mca");
     c.start(&mut a);
     c.start(&mut b);
@@ -581,7 +611,13 @@ fn single_use_ticket_on_two_servers_plays_once() {
     };
     let c = Cluster::new(4, 0);
     let db = format!("[tickets]\ndatabase = \"postgres\"\npostgres_url = \"{url}\"\n");
-    let mut a = c.server(0, "film", 2 * MB, "rate_mbps = 100.0", &db);
+    let mut a = c.server(
+        0,
+        "film",
+        2 * MB,
+        "rate_mbps = 100.0\ntiers_mbps = [100.0]",
+        &db,
+    );
     // Tickets first, so the copied key store holds the ticket database key too.
     let mut tickets = Vec::new();
     let mut ids = Vec::new();
@@ -607,7 +643,7 @@ fn single_use_ticket_on_two_servers_plays_once() {
         ids.push(out.split_whitespace().nth(1).unwrap().to_string());
         tickets.push(t);
     }
-    let mut b = c.server(1, "film", 0, "rate_mbps = 100.0", &db);
+    let mut b = c.server(1, "film", 0, "rate_mbps = 100.0\ntiers_mbps = [100.0]", &db);
     c.start(&mut a);
     c.start(&mut b);
     // A receiver that has the archive (any server's copy is the same file).
