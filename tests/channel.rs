@@ -544,3 +544,50 @@ fn draining_refuses_new_receivers_and_a_resume_starts_where_asked() {
     assert_eq!(first.0, PacketId::Hash(5), "{:?}", &sent[..3]);
     assert!(shape.n_blocks > 5);
 }
+
+/// A resumed receiver that moves tier keeps its place in the loop: the tier's channel, opened
+/// for it, starts where the receiver's channel was, not at block 0 (which it already holds).
+#[test]
+fn a_tier_opened_for_a_moving_receiver_starts_where_its_channel_was() {
+    let (mut m, t0, archive_id) = tiered(mcast::channel::RatePolicy::Lowest);
+    let r = request(
+        &mut m,
+        t0,
+        7,
+        Control::JoinAt {
+            title: "sim".into(),
+            block: 40,
+        },
+    );
+    assert!(matches!(r, Control::JoinOk { tier: 0, .. }), "{r:?}");
+    let sent = run(&mut m, t0, t0 + Duration::from_millis(200), |_, _| {});
+    let block_of = |id: PacketId| match id {
+        PacketId::Hash(b) => b,
+        PacketId::Data(s) => s / 40,
+    };
+    let last = sent
+        .iter()
+        .rev()
+        .find(|(_, rep)| !rep)
+        .expect("loop packets");
+    let at = block_of(last.0);
+    assert!(at >= 40, "the resume starts at block 40, got {at}");
+    let t1 = t0 + Duration::from_millis(200);
+    let r = request(
+        &mut m,
+        t1,
+        7,
+        Control::ChangeTier {
+            archive_id,
+            tier: 2,
+        },
+    );
+    assert!(matches!(r, Control::JoinOk { tier: 2, .. }), "{r:?}");
+    let sent = run(&mut m, t1, t1 + Duration::from_millis(50), |_, _| {});
+    let first = sent.iter().find(|(_, rep)| !rep).expect("loop packets");
+    let b = block_of(first.0);
+    assert!(
+        (at..at + 2).contains(&b),
+        "tier 2 opened at block {b}, the receiver was at {at}"
+    );
+}

@@ -41,7 +41,7 @@ fn a_receiver_short_of_cpu_moves_down_a_tier() {
     };
     // 4000 Mbit/s and no tiers configured: the server derives the 4-tier default ladder.
     let site = Site::new(97, "rate_mbps = 4000.0\nlease_ms = 3000");
-    let archive = site.pack("film", 64 << 20, 97);
+    let archive = site.pack("film", 256 << 20, 97);
     let out = site.out_dir("out");
     let mut cmd = Command::new(&prefix[0]);
     cmd.args(&prefix[1..])

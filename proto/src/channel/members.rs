@@ -215,7 +215,12 @@ impl ChannelManager {
                 now,
                 &info,
                 tier,
-                start_block
+                // A receiver moving tiers carries on where its channel is (it holds what
+                // came before: a resumed receiver's start block, then the loop since); a
+                // new receiver starts where asked, else where the tier's loop last stopped.
+                current
+                    .map(|old| self.channels[&old].carousel.block())
+                    .or(start_block)
                     .or_else(|| self.stopped_at.get(&(archive_id, tier)).copied())
                     .unwrap_or(0),
             ) {

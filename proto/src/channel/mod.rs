@@ -28,6 +28,7 @@
 //! * `stats` — counters and the stats report.
 
 mod catalog;
+mod emit;
 mod loops;
 mod members;
 mod repair;
@@ -44,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use crate::archive::PacketId;
 use crate::wire::control::{ArchiveId, Control, Envelope, ErrorCode};
-use crate::wire::data::{DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN, SYNC_LEN};
+use crate::wire::data::{DATA_HEADER_LEN, SYNC_LEN};
 
 pub use catalog::{HeadBytes, HeadRead, TitleInfo};
 pub use repair::MAX_REPAIR_QUEUE;
@@ -397,19 +398,20 @@ impl ChannelManager {
         let stream = c
             .stream_due()
             .filter(|(_, s)| c.group_due().is_none_or(|g| *s < g));
+        let ctx = emit::EmitCtx {
+            tag: c.tag,
+            symbol_size: c.symbol_size,
+            sync_interval: params.sync_interval,
+            repair_share: params.repair_share,
+            send_us: now.saturating_duration_since(self.origin).as_micros() as u64,
+        };
         if let Some((rid, _)) = stream {
-            let ctx = unicast_stream::StreamCtx {
-                tag: c.tag,
-                symbol_size: c.symbol_size,
-                sync_interval: params.sync_interval,
-                grtt: c
-                    .members
-                    .get(rid)
-                    .map_or(params.grtt_initial, |m| m.rtt(params)),
-                send_us: now.saturating_duration_since(self.origin).as_micros() as u64,
-            };
+            let rtt = c
+                .members
+                .get(rid)
+                .map_or(params.grtt_initial, |m| m.rtt(params));
             let s = c.members.streams.get_mut(&rid).expect("due stream exists");
-            let (header, payload, dests) = s.transmit(now, &ctx, &mut self.counters);
+            let (header, payload, dests) = s.transmit(now, ctx, rtt, &mut self.counters);
             return Some(Transmit {
                 channel: id,
                 archive_id: c.archive_id,
@@ -418,62 +420,24 @@ impl ChannelManager {
                 dests,
             });
         }
-        let mut header = [0u8; DATA_HEADER_LEN];
-        if c.next_sync <= now {
-            c.next_sync = now + params.sync_interval;
-            let info = SyncInfo {
-                loop_packets: c.carousel.shape().loop_packets(),
-                rate_bps: c.pacer.rate_bps(),
-                grtt_us: c.members.grtt(params).as_micros().min(u32::MAX as u128) as u32,
-                group_size: c.members.len().max(1) as u32,
-                send_us: now.saturating_duration_since(self.origin).as_micros() as u64,
-            };
-            DataHeader {
-                kind: DataKind::Sync,
-                repair: false,
-                archive_tag: c.tag,
-                loop_no: c.carousel.loops(),
-            }
-            .encode_into(&mut header);
-            c.pacer.on_send(now, DATA_HEADER_LEN + SYNC_LEN);
-            self.counters.sync_sent += 1;
-            return Some(Transmit {
-                channel: id,
-                archive_id: c.archive_id,
-                header,
-                payload: TransmitPayload::Sync(info.encode()),
-                dests: c.dests.clone(),
-            });
-        }
-        let loop_no = c.carousel.loops();
-        let shape = *c.carousel.shape();
-        let (pkt, repair) = match c.repair.take(now, &shape) {
-            Some(pkt) => {
-                self.counters.repairs_sent += 1;
-                (pkt, true)
-            }
-            None => {
-                let pkt = c.carousel.next_packet().expect("non-empty loop");
-                c.repair.looped(&shape, pkt, params.repair_share);
-                (pkt, false)
-            }
+        let parts = emit::LoopParts {
+            carousel: &mut c.carousel,
+            repair: &mut c.repair,
+            pacer: &mut c.pacer,
+            next_sync: &mut c.next_sync,
         };
-        DataHeader {
-            kind: DataKind::Packet(pkt),
-            repair,
-            archive_tag: c.tag,
-            loop_no,
+        let members = &c.members;
+        let group = || (members.grtt(params), members.len().max(1) as u32);
+        let (header, payload, sent) =
+            emit::next_datagram(now, parts, &ctx, group, &mut self.counters);
+        if sent != emit::Sent::Sync {
+            c.packets_sent += 1;
         }
-        .encode_into(&mut header);
-        c.pacer.on_send(now, DATA_HEADER_LEN + c.symbol_size);
-        c.packets_sent += 1;
-        self.counters.packets_sent += 1;
-        self.counters.payload_bytes_sent += c.symbol_size as u64;
         Some(Transmit {
             channel: id,
             archive_id: c.archive_id,
             header,
-            payload: TransmitPayload::Packet(pkt),
+            payload,
             dests: c.dests.clone(),
         })
     }

@@ -24,11 +24,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::emit::{next_datagram, EmitCtx, LoopParts, Sent};
 use super::repair::RepairQueue;
 use super::Counters;
 use crate::carousel::{Carousel, LoopShape};
 use crate::pacer::Pacer;
-use crate::wire::data::{DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN, SYNC_LEN};
+use crate::wire::data::DATA_HEADER_LEN;
 
 use super::TransmitPayload;
 
@@ -67,16 +68,6 @@ pub(super) struct UnicastStream {
     /// Growth is applied up to here.
     last_adapt: Instant,
     pub(super) packets_sent: u64,
-}
-
-/// What a stream needs from its channel to build a packet.
-pub(super) struct StreamCtx {
-    pub(super) tag: [u8; 8],
-    pub(super) symbol_size: usize,
-    pub(super) sync_interval: Duration,
-    pub(super) grtt: Duration,
-    /// `send_us` of a SYNC sent at `now`.
-    pub(super) send_us: u64,
 }
 
 impl UnicastStream {
@@ -155,65 +146,35 @@ impl UnicastStream {
     }
 
     /// The stream's next datagram (call when [`Self::due`]): a SYNC if one is due, else a
-    /// repair if one is due, else the next loop packet.
+    /// repair if one is due, else the next loop packet. `ctx` is the channel's; the stream's
+    /// SYNCs are for a group of one, with the receiver's round trip `rtt`, and most of the
+    /// stream may be repairs (all of them are this receiver's).
     pub(super) fn transmit(
         &mut self,
         now: Instant,
-        ctx: &StreamCtx,
+        mut ctx: EmitCtx,
+        rtt: Duration,
         counters: &mut Counters,
     ) -> ([u8; DATA_HEADER_LEN], TransmitPayload, Arc<[SocketAddr]>) {
-        let mut header = [0u8; DATA_HEADER_LEN];
-        if self.next_sync <= now {
-            self.next_sync = now + ctx.sync_interval;
-            let info = SyncInfo {
-                loop_packets: self.carousel.shape().loop_packets(),
-                rate_bps: self.pacer.rate_bps(),
-                grtt_us: ctx.grtt.as_micros().min(u32::MAX as u128) as u32,
-                group_size: 1,
-                send_us: ctx.send_us,
-            };
-            DataHeader {
-                kind: DataKind::Sync,
-                repair: false,
-                archive_tag: ctx.tag,
-                loop_no: self.carousel.loops(),
-            }
-            .encode_into(&mut header);
-            self.pacer.on_send(now, DATA_HEADER_LEN + SYNC_LEN);
-            counters.sync_sent += 1;
-            return (
-                header,
-                TransmitPayload::Sync(info.encode()),
-                self.dests.clone(),
-            );
-        }
-        let loop_no = self.carousel.loops();
-        let shape = *self.carousel.shape();
-        let (pkt, repair) = match self.repair.take(now, &shape) {
-            Some(pkt) => {
-                counters.repairs_sent += 1;
-                counters.unicast_repairs_sent += 1;
-                (pkt, true)
-            }
-            None => {
-                let pkt = self.carousel.next_packet().expect("non-empty loop");
-                self.repair.looped(&shape, pkt, REPAIR_SHARE);
-                (pkt, false)
-            }
+        ctx.repair_share = REPAIR_SHARE;
+        let parts = LoopParts {
+            carousel: &mut self.carousel,
+            repair: &mut self.repair,
+            pacer: &mut self.pacer,
+            next_sync: &mut self.next_sync,
         };
-        DataHeader {
-            kind: DataKind::Packet(pkt),
-            repair,
-            archive_tag: ctx.tag,
-            loop_no,
+        let (header, payload, sent) = next_datagram(now, parts, &ctx, || (rtt, 1), counters);
+        match sent {
+            Sent::Sync => {}
+            Sent::Repair | Sent::Loop => {
+                self.packets_sent += 1;
+                counters.unicast_packets_sent += 1;
+                if sent == Sent::Repair {
+                    counters.unicast_repairs_sent += 1;
+                }
+            }
         }
-        .encode_into(&mut header);
-        self.pacer.on_send(now, DATA_HEADER_LEN + ctx.symbol_size);
-        self.packets_sent += 1;
-        counters.packets_sent += 1;
-        counters.unicast_packets_sent += 1;
-        counters.payload_bytes_sent += ctx.symbol_size as u64;
-        (header, TransmitPayload::Packet(pkt), self.dests.clone())
+        (header, payload, self.dests.clone())
     }
 }
 

@@ -23,10 +23,31 @@ use std::time::{Duration, Instant};
 /// How long the base (smallest) one-way delay is remembered: long enough to span a tier move
 /// and its queue draining, short enough to follow clock drift and route changes.
 const BASE_WINDOW: Duration = Duration::from_secs(30);
-/// Smoothing of a tier's loss (weight of the newest interval).
+/// Smoothing of a tier's loss: the share of its tally an interval's decay takes.
 const FLOOR_ALPHA: f64 = 0.3;
+
+/// A tier's calm-interval loss, as packets lost of packets sent, older intervals decayed.
+#[derive(Clone, Copy, Debug)]
+struct LossTally {
+    lost: f64,
+    n: f64,
+}
+
+impl LossTally {
+    /// An upper bound (two standard deviations) on the loss rate the tally estimates: a
+    /// floor learned from a few hundred packets on a slow tier is noisy, and taking the
+    /// smallest of several noisy floors would pick a lucky one — and then judge honest
+    /// random loss on the next tier as congestion.
+    fn upper(&self) -> f64 {
+        let f = self.lost / self.n.max(1.0);
+        (f + 2.0 * (f.max(0.001) * (1.0 - f).max(0.0) / self.n.max(1.0)).sqrt()).min(1.0)
+    }
+}
 /// Socket overruns that count as "short of CPU" in one interval: at least this many and
-/// at least [`OVERRUN_FRACTION`] of what arrived.
+/// at least [`OVERRUN_FRACTION`] of what arrived. The kernel counts dropped buffers, and
+/// with GRO one buffer holds up to ~45 datagrams, so a small fraction of buffers can be a
+/// large share of the packets (at 1 % a receiver holding a 4 Gbit/s probe lost a third of
+/// it and received the archive three times).
 const OVERRUN_MIN: u64 = 4;
 const OVERRUN_FRACTION: f64 = 0.002;
 
@@ -39,6 +60,30 @@ pub enum Cause {
     Loss,
     /// The receiver's socket overflowed.
     Overrun,
+}
+
+/// Loss above the floor that a join's first interval must show to count (see
+/// [`Scope::Joining`]).
+const JOINING_LOSS: f64 = 0.25;
+
+/// What an interval may be judged on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything: delay, loss, overruns.
+    All,
+    /// A join's first interval: it carries the switch's own losses (a channel picked up
+    /// mid-block, the old one's last packets), which weigh heavily in a probe's short
+    /// interval, so loss counts only above [`JOINING_LOSS`] — a path that cannot carry the
+    /// probed rate at all still shows at once (a 200 Mbit/s link loses ~80 % of 900).
+    Joining,
+    /// Only the receiver's own socket overruns: just after a move down the old channel's
+    /// traffic still drains through the path (delay and loss say nothing about the new
+    /// tier), but it no longer reaches the socket — the kernel drops a group it left — so an
+    /// overrun is this tier's, and waiting out the settle would leave a receiver short of
+    /// CPU overrunning for seconds.
+    OverrunsOnly,
+    /// Nothing (measured only).
+    Nothing,
 }
 
 /// One interval's judgement.
@@ -75,7 +120,7 @@ pub struct Judge {
     /// Smallest delay per 5-second bucket over [`BASE_WINDOW`]: (bucket start, min).
     base: Vec<(Instant, i64)>,
     /// Smoothed calm-interval loss per tier.
-    floor_by_tier: Vec<Option<f64>>,
+    floor_by_tier: Vec<Option<LossTally>>,
 }
 
 impl Judge {
@@ -145,19 +190,21 @@ impl Judge {
         self.base.iter().map(|b| b.1).min()
     }
 
-    /// The random-loss floor: the smallest smoothed calm loss on any tier (`None` before a
-    /// calm interval was seen).
+    /// The random-loss floor: the smallest smoothed calm loss on any tier, each taken at its
+    /// upper bound (`None` before a calm interval was seen).
     pub fn floor(&self) -> Option<f64> {
         self.floor_by_tier
             .iter()
             .flatten()
-            .copied()
+            .map(LossTally::upper)
             .min_by(f64::total_cmp)
     }
 
-    /// Close the interval of `secs` seconds spent on `tier`. `judged`: false while a move's
-    /// old channel still drains (measured, not judged; it teaches nothing about this tier).
-    pub fn judge(&mut self, tier: usize, secs: f64, judged: bool) -> Verdict {
+    /// Close the interval of `secs` seconds spent on `tier`, judged within `scope` (less than
+    /// [`Scope::All`] while a move's old channel still drains: it teaches nothing about this
+    /// tier).
+    pub fn judge(&mut self, tier: usize, secs: f64, scope: Scope) -> Verdict {
+        let judged = matches!(scope, Scope::All | Scope::Joining);
         let secs = secs.max(1e-3);
         let n = self.received + self.lost;
         let loss = if n == 0 {
@@ -180,12 +227,18 @@ impl Judge {
         // of the floor's binomial noise keep a small sample from looking like congestion.
         let excess = self.floor().is_some_and(|f| {
             let sd = (f.max(0.001) * (1.0 - f) / n.max(1) as f64).sqrt();
-            n >= 50 && loss - f > self.loss_down.max(3.0 * sd)
+            let margin = match scope {
+                Scope::Joining => JOINING_LOSS,
+                _ => self.loss_down,
+            };
+            n >= 50 && loss - f > margin.max(3.0 * sd)
         });
-        let cause = if !judged || n == 0 {
+        let cause = if n == 0 || scope == Scope::Nothing {
             Cause::Calm
         } else if overrun {
             Cause::Overrun
+        } else if !judged {
+            Cause::Calm
         } else if delayed {
             Cause::Delay
         } else if excess {
@@ -193,13 +246,11 @@ impl Judge {
         } else {
             Cause::Calm
         };
-        if judged && n >= 50 && !overrun && !delayed && !excess {
+        if scope == Scope::All && n >= 50 && !overrun && !delayed && !excess {
             let slot = tier.min(self.floor_by_tier.len() - 1);
-            let f = &mut self.floor_by_tier[slot];
-            *f = Some(match *f {
-                Some(old) => old + FLOOR_ALPHA * (loss - old),
-                None => loss,
-            });
+            let t = self.floor_by_tier[slot].get_or_insert(LossTally { lost: 0.0, n: 0.0 });
+            t.lost = t.lost * (1.0 - FLOOR_ALPHA) + self.lost as f64;
+            t.n = t.n * (1.0 - FLOOR_ALPHA) + n as f64;
         }
         let capacity_bps = (cause != Cause::Calm).then(|| {
             if cause == Cause::Overrun {
@@ -245,9 +296,9 @@ mod tests {
         let mut j = judge();
         // 5 % loss on tier 0, then the same 5 % on tier 3 at ten times the packets.
         interval(&mut j, t0, 0.0, 950, 50, 0);
-        assert!(!j.judge(0, 0.5, true).congested());
+        assert!(!j.judge(0, 0.5, Scope::All).congested());
         interval(&mut j, t0, 0.5, 9500, 500, 0);
-        let v = j.judge(3, 0.5, true);
+        let v = j.judge(3, 0.5, Scope::All);
         assert!(!v.congested(), "{v:?}");
         assert_eq!(v.capacity_bps, None);
     }
@@ -257,10 +308,10 @@ mod tests {
         let t0 = Instant::now();
         let mut j = judge();
         interval(&mut j, t0, 0.0, 990, 10, 0);
-        assert!(!j.judge(0, 0.5, true).congested());
+        assert!(!j.judge(0, 0.5, Scope::All).congested());
         // A policer: 60 % lost on the faster tier, no queue.
         interval(&mut j, t0, 0.5, 4000, 6000, 0);
-        let v = j.judge(2, 0.5, true);
+        let v = j.judge(2, 0.5, Scope::All);
         assert_eq!(v.cause, Cause::Loss);
         // 4000 × 1000 B in 0.5 s = 64 Mbit/s, over (1 − 1 % floor).
         let c = v.capacity_bps.unwrap();
@@ -272,9 +323,9 @@ mod tests {
         let t0 = Instant::now();
         let mut j = judge();
         interval(&mut j, t0, 0.0, 1000, 0, 0);
-        assert!(!j.judge(0, 0.5, true).congested());
+        assert!(!j.judge(0, 0.5, Scope::All).congested());
         interval(&mut j, t0, 0.5, 1000, 0, 40);
-        let v = j.judge(1, 0.5, true);
+        let v = j.judge(1, 0.5, Scope::All);
         assert_eq!(v.cause, Cause::Delay);
         assert!(v.rise_us >= 39_000, "{v:?}");
     }
@@ -284,7 +335,7 @@ mod tests {
         let t0 = Instant::now();
         let mut j = judge();
         interval(&mut j, t0, 0.0, 1000, 0, 0);
-        j.judge(0, 0.5, true);
+        j.judge(0, 0.5, Scope::All);
         for _ in 0..1000 {
             j.on_packet(1000);
         }
@@ -292,7 +343,7 @@ mod tests {
         for d in [0, 0, 90, 0, 1, 0, 0, 80, 0, 0] {
             j.on_delay(now, 5_000 + d * 1000);
         }
-        assert!(!j.judge(0, 0.5, true).congested());
+        assert!(!j.judge(0, 0.5, Scope::All).congested());
     }
 
     #[test]
@@ -301,7 +352,7 @@ mod tests {
         let mut j = judge();
         interval(&mut j, t0, 0.0, 1000, 0, 0);
         j.on_overrun(300);
-        let v = j.judge(0, 0.5, true);
+        let v = j.judge(0, 0.5, Scope::All);
         assert_eq!(v.cause, Cause::Overrun);
         assert_eq!(v.capacity_bps, Some(16_000_000));
     }
@@ -311,8 +362,38 @@ mod tests {
         let t0 = Instant::now();
         let mut j = judge();
         interval(&mut j, t0, 0.0, 500, 500, 60);
-        let v = j.judge(0, 0.5, false);
+        let v = j.judge(0, 0.5, Scope::Nothing);
         assert!(!v.congested());
         assert_eq!(j.floor(), None);
+        // While settling only overruns count: the old channel's loss and queue do not.
+        interval(&mut j, t0, 0.5, 500, 500, 60);
+        assert!(!j.judge(0, 0.5, Scope::OverrunsOnly).congested());
+        interval(&mut j, t0, 1.0, 1000, 0, 0);
+        j.on_overrun(300);
+        assert_eq!(j.judge(0, 0.5, Scope::OverrunsOnly).cause, Cause::Overrun);
+        assert_eq!(j.floor(), None);
+    }
+
+    /// A floor learned from a few hundred packets is taken at its upper bound: honest random
+    /// loss a little above a lucky low estimate is not congestion.
+    #[test]
+    fn a_floor_from_a_small_sample_is_not_trusted_to_the_decimal() {
+        let t0 = Instant::now();
+        let mut j = judge();
+        // 300 packets on a slow tier, 2 % lost (the path loses 5 %).
+        interval(&mut j, t0, 0.0, 294, 6, 0);
+        assert!(!j.judge(0, 0.5, Scope::All).congested());
+        let f = j.floor().unwrap();
+        assert!(f > 0.03, "floor {f}");
+        // 8,000 packets on the top tier at the path's real 5 %.
+        interval(&mut j, t0, 0.5, 7600, 400, 0);
+        assert!(!j.judge(3, 0.5, Scope::All).congested());
+        // A join's first interval counts only gross loss: not 12.5 %, but 80 %.
+        interval(&mut j, t0, 1.0, 7000, 1000, 0);
+        assert!(!j.judge(3, 0.5, Scope::Joining).congested());
+        interval(&mut j, t0, 1.0, 2000, 8000, 0);
+        assert_eq!(j.judge(3, 0.5, Scope::Joining).cause, Cause::Loss);
+        interval(&mut j, t0, 1.5, 7000, 1000, 0);
+        assert_eq!(j.judge(3, 0.5, Scope::All).cause, Cause::Loss);
     }
 }

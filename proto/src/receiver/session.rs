@@ -51,6 +51,9 @@ const FALLBACK_RETRY: Duration = Duration::from_secs(1);
 /// when one member leaves, until somebody reports again); silent as long again after that:
 /// fall back to unicast.
 const SILENT_REJOIN: Duration = Duration::from_secs(1);
+/// Loss, over the interval that made a receiver move down, above which its holes are left to
+/// the slower tier's loop rather than repaired (see `tier_move`).
+const DENSE_LOSS: f64 = 0.3;
 /// Packets held back while their block's hash packet is read from disk.
 const MAX_AWAITING_HASH: usize = 256;
 
@@ -287,6 +290,8 @@ pub struct Session {
     stats: SessionStats,
     // Receiving.
     group: Option<SocketAddrV4>,
+    /// The group left at a move down, before the new tier's was granted.
+    left_early: Option<SocketAddrV4>,
     heard: bool,
     unicast_opened: bool,
     unicast_ok: bool,
@@ -330,6 +335,7 @@ impl Session {
             now,
             stats: SessionStats::default(),
             group: None,
+            left_early: None,
             heard: false,
             unicast_opened: false,
             unicast_ok: false,
@@ -474,7 +480,7 @@ impl Session {
         let mut nak = NakEngine::new(*dl.shape(), self.cfg.seed);
         nak.set_unicast(!self.cfg.nak_suppression);
         let packet_bytes = DATA_HEADER_LEN + head.symbol_size as usize;
-        let tiering = Tiering::new(j.tier, j.tiers_bps.clone(), now);
+        let tiering = Tiering::new(j.tier, j.tiers_bps.clone(), head.loop_bytes(), now);
         self.keepalive_every = (j.lease / 3).max(Duration::from_millis(50));
         self.next_keepalive = now + self.keepalive_every;
         self.next_checkpoint = now + self.cfg.checkpoint;
@@ -759,6 +765,7 @@ impl Session {
             ))),
             Purpose::ChangeTier(t) => {
                 tracing::warn!(tier = t, "tier change not granted (no answer)");
+                self.back_on_group();
             }
             Purpose::Complete => self.finish(),
             Purpose::UnicastRequest | Purpose::UnicastConfirm => {
@@ -838,7 +845,7 @@ impl Session {
                 self.last_channel = now;
                 self.rejoined_at = None;
             }
-            e.tiering = Tiering::new(j.tier, j.tiers_bps.clone(), now);
+            e.tiering = Tiering::new(j.tier, j.tiers_bps.clone(), e.head.loop_bytes(), now);
             self.reported_tier = None;
         }
         self.keepalive_every = (j.lease / 3).max(Duration::from_millis(50));
@@ -971,9 +978,10 @@ impl Session {
                 let Some(e) = self.eng.as_mut() else {
                     return;
                 };
+                let left = self.left_early.take();
                 if let Some(old) = self.group {
                     e.nak.switch_channel(now, old, g);
-                    if old != g {
+                    if old != g && left != Some(old) {
                         self.events.push_back(Event::LeaveGroup(old));
                     }
                 }
@@ -985,7 +993,17 @@ impl Session {
                 tracing::info!(tier, group = %g, "moved to throughput tier");
                 self.events.push_back(Event::TierChanged { tier, group: g });
             }
-            other => tracing::warn!(?other, tier, "tier change not granted"),
+            other => {
+                tracing::warn!(?other, tier, "tier change not granted");
+                self.back_on_group();
+            }
+        }
+    }
+
+    /// A move down was refused: back on the group left early.
+    fn back_on_group(&mut self) {
+        if let Some(g) = self.left_early.take() {
+            self.events.push_back(Event::JoinGroup(g));
         }
     }
 
@@ -1298,9 +1316,20 @@ impl Session {
         if from.is_some_and(|f| (t as usize) < f) {
             // A move down (a failed probe, or congestion): what was found missing was lost
             // to a rate the path could not carry — on a probed tier, a scatter over its whole
-            // loop. The slower tier's loop brings it anyway; asking for it would only fill
-            // that tier with repairs every member already gets from the loop.
-            eng.nak.forget_losses();
+            // loop. When most of it was lost, the slower tier's loop brings it anyway, and
+            // asking for it would only fill that tier with repairs every member already gets
+            // from the loop. Sparse holes are cheaper to repair: waiting for the loop would
+            // bring every packet around them again.
+            if eng.tiering.last_loss() > DENSE_LOSS {
+                eng.nak.forget_losses();
+            }
+            // Leave the faster group now, not when the slower one is granted: until the
+            // leave, the channel the path (or the CPU) cannot carry keeps flooding it and
+            // scattering holes over the loop — on a loaded host the reply can take a while.
+            if let Some(g) = self.group.filter(|_| self.left_early.is_none()) {
+                self.events.push_back(Event::LeaveGroup(g));
+                self.left_early = Some(g);
+            }
         }
         let Some(archive_id) = self.archive_id() else {
             return;

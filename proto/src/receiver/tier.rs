@@ -26,7 +26,18 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::judge::{Cause, Judge};
+use super::judge::{Cause, Judge, Scope};
+
+/// A receiver whose probe overran lands on a tier whose full rate is at most this share of what
+/// it processed during the probe's flood: sharing a CPU, it processes in bursts (while the sender is
+/// descheduled), so a flood's processed rate overstates what it sustains — on one core at
+/// 4 Gbit/s it processed 3.3 Gbit/s in a probe and could keep up with 0.4. Landing a tier
+/// too low costs a probe back up (it gets an early one); landing too high costs every
+/// overrun's holes again.
+const OVERRUN_MARGIN: u64 = 2;
+
+/// A probe is judged over at least this long: a few SYNCs' delay samples.
+pub const PROBE_INTERVAL_MIN: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Debug)]
 pub struct TierParams {
@@ -62,6 +73,11 @@ pub struct TierParams {
     /// then fill, arriving again as duplicates: on one core at 4 Gbit/s a full 0.5 s
     /// interval cost 0.8× the archive of a 64 MiB title.
     pub overrun_cut: Duration,
+    /// Bytes of one loop of the title (0: unknown). A probe is judged over at most an eighth
+    /// of a loop at the probed tier's rate ([`Self::probe_interval`]): on a small title at a
+    /// high rate a whole interval would run through the loop, so a failed probe left holes
+    /// everywhere and its fall-back tier had to send the whole loop again to fill them.
+    pub loop_bytes: u64,
 }
 
 impl TierParams {
@@ -80,6 +96,7 @@ impl TierParams {
             follow_wait: Duration::from_secs(3),
             capacity_hold: Duration::from_secs(5),
             overrun_cut: Duration::from_millis(50),
+            loop_bytes: 0,
         }
     }
 
@@ -87,6 +104,17 @@ impl TierParams {
     /// [`crate::channel::band`]).
     pub fn floor(&self, i: usize) -> u64 {
         crate::channel::band(&self.tiers_bps, i).0
+    }
+
+    /// How long a probe of `tier` is judged over: an eighth of a loop at its rate, within
+    /// [`PROBE_INTERVAL_MIN`] and `interval`.
+    pub fn probe_interval(&self, tier: usize) -> Duration {
+        let rate = self.tiers_bps[tier.min(self.tiers_bps.len() - 1)];
+        if self.loop_bytes == 0 || rate == 0 {
+            return self.interval;
+        }
+        let eighth = Duration::from_secs_f64(self.loop_bytes as f64 / rate as f64);
+        eighth.clamp(PROBE_INTERVAL_MIN.min(self.interval), self.interval)
     }
 
     /// The highest tier whose full (nominal) rate fits `capacity` with a 5 % margin.
@@ -157,6 +185,12 @@ pub struct TierEngine {
     probe_timer: Vec<Duration>,
     probe: Option<Probe>,
     settle_until: Instant,
+    /// When the receiver last changed tier.
+    moved_at: Instant,
+    /// The settle holds NAKs back: not after a move for overruns, whose holes are the
+    /// receiver's own (the path is not draining into them) and cheaper to repair than to
+    /// wait a loop for.
+    settle_naks: bool,
     /// No congestion seen yet: the discovery probe comes after one calm interval.
     slow_start: bool,
     capacity: Option<(u64, Instant)>,
@@ -186,6 +220,8 @@ impl TierEngine {
             stable_since: now,
             probe: None,
             settle_until: now,
+            moved_at: now,
+            settle_naks: true,
             slow_start: true,
             capacity: None,
             pending_capacity: None,
@@ -237,16 +273,17 @@ impl TierEngine {
     /// the capacity it measures (what was processed) covers only the probed channel's flood,
     /// not the request and join before it; it is judged `overrun_cut` later.
     pub fn next_deadline(&self) -> Instant {
-        let full = self.interval_start + self.p.interval;
         if self.probe.is_some() {
+            let full = self.interval_start + self.p.probe_interval(self.tier);
             if self.overrun_window {
                 return full.min(self.interval_start + self.p.overrun_cut);
             }
             if self.judge.overrunning() {
                 return self.interval_start;
             }
+            return full;
         }
-        full
+        self.interval_start + self.p.interval
     }
 
     /// Intervals judged (or measured while settling) so far.
@@ -262,14 +299,16 @@ impl TierEngine {
 
     /// Just moved: losses now are the old channel's tail, not this one's (NAKs can wait).
     pub fn settling(&self, now: Instant) -> bool {
-        self.probe.is_some() || now < self.settle_until
+        self.probe.is_some() || (self.settle_naks && now < self.settle_until)
     }
 
     fn switch(&mut self, to: usize, now: Instant) -> TierMove {
         if to < self.tier {
             self.settle_until = now + self.p.settle;
         }
+        self.settle_naks = true;
         self.tier = to;
+        self.moved_at = now;
         self.overrun_window = false;
         self.channel_bps = None;
         self.congested_run = 0;
@@ -297,7 +336,19 @@ impl TierEngine {
             .saturating_duration_since(self.interval_start)
             .as_secs_f64();
         let judged = now >= self.settle_until;
-        let v = self.judge.judge(self.tier, secs, judged);
+        // A probe's first interval is judged on delay, overruns and gross loss only (not the
+        // switch's own); while a move down settles only overruns count, from its second
+        // interval on (the first may still count datagrams dropped before the move).
+        let scope = if judged && self.probe.is_some() && self.interval_start <= self.moved_at {
+            Scope::Joining
+        } else if judged {
+            Scope::All
+        } else if self.interval_start > self.moved_at {
+            Scope::OverrunsOnly
+        } else {
+            Scope::Nothing
+        };
+        let v = self.judge.judge(self.tier, secs, scope);
         self.interval_start = now;
         self.last = (v.throughput_bps, (v.loss * 1e6) as u32, v.rise_us);
         match v.cause {
@@ -370,17 +421,22 @@ impl TierEngine {
                     // band merely reaches the capacity would overrun it until the server's
                     // rate came down (and again each time it climbs back), and every overrun
                     // scatters holes over the loop that only repairs or another loop fill.
-                    self.p.nominal_fit(capacity).clamp(from, failed - 1)
+                    self.p
+                        .nominal_fit(capacity / OVERRUN_MARGIN)
+                        .clamp(from, failed - 1)
                 } else {
                     self.p.best_fit(capacity).clamp(from, failed - 1)
                 };
+                let overrun = v.cause == Cause::Overrun;
                 if discovery && to + 1 < failed && self.p.floor(to + 1) < capacity {
                     // A capacity read in one interval, with the join still settling, can be
                     // low: when only the margin kept the tier above the landing out, it gets
                     // one early try.
                     self.probe_timer[to + 1] = self.p.probe_after * 4;
                 }
-                return Some(self.switch(to, now));
+                let mv = self.switch(to, now);
+                self.settle_naks = !overrun;
+                return Some(mv);
             }
             if now >= probe.until {
                 // The path carries this tier: conditions changed, so the next tier up is
@@ -420,8 +476,17 @@ impl TierEngine {
                         self.probe_timer[i] = self.p.probe_max;
                     }
                 }
-                let to = self.p.best_fit(capacity).min(self.tier - 1);
-                return Some(self.switch(to, now));
+                let fit = if v.cause == Cause::Overrun {
+                    // Overrunning steadily (not a probe's flood): what it processed over the
+                    // interval is what it sustains.
+                    self.p.nominal_fit(capacity)
+                } else {
+                    self.p.best_fit(capacity)
+                };
+                let to = fit.min(self.tier - 1);
+                let mv = self.switch(to, now);
+                self.settle_naks = v.cause != Cause::Overrun;
+                return Some(mv);
             }
             return None;
         }
@@ -543,8 +608,8 @@ mod tests {
 
     /// A receiver short of CPU: a clean network, but its socket overruns whenever the channel
     /// is faster than `cpu` bit/s. The discovery probe to the top tier fails as soon as the
-    /// overruns show — within `overrun_cut`, not a whole interval — and lands on the tier
-    /// that fits what it processed.
+    /// overruns show — within `overrun_cut`, not a whole interval — and lands on the fastest
+    /// tier whose full rate is at most half what it processed ([`OVERRUN_MARGIN`]).
     #[test]
     fn a_probe_that_overruns_the_socket_fails_within_the_cut() {
         let t0 = Instant::now();
@@ -572,8 +637,8 @@ mod tests {
                 }
                 Some(TierMove::To(x)) => {
                     let started = probe_at.expect("a probe came first");
-                    // The fastest tier whose full rate 100 Mbit/s of CPU processes.
-                    assert_eq!(x, 2, "64 Mbit/s fits, 256 does not");
+                    // Half of 100 Mbit/s processed: 16 Mbit/s fits, 64 does not.
+                    assert_eq!(x, 1, "landed on tier {x}");
                     assert!(
                         t - started <= p.overrun_cut.as_secs_f64() + 2.0 * step,
                         "the overrunning probe lasted {:.3} s",
@@ -587,6 +652,46 @@ mod tests {
             t += step;
         }
         panic!("never probed and fell back: {:?}", e.counters);
+    }
+
+    /// Held on a tier it cannot process (a busy host) and below that tier's band: the
+    /// receiver moves down after two overrunning intervals, to the tier whose full rate fits
+    /// what it processed, and repairs its holes at once (NAKs are not held: the holes are its
+    /// own, not the path draining).
+    #[test]
+    fn a_held_receiver_that_overruns_moves_to_the_tier_it_processes() {
+        let t0 = Instant::now();
+        let mut p = TierParams::new(TIERS.to_vec());
+        p.start = 4;
+        let mut e = TierEngine::new(p, t0);
+        e.slow_start = false;
+        let cpu = 300_000_000.0;
+        let step = 0.01;
+        let mut t = 0.0;
+        let mut moved = None;
+        while t < 3.0 && moved.is_none() {
+            let now = t0 + Duration::from_secs_f64(t);
+            let rate = TIERS[e.tier()] as f64;
+            let pkts = (rate * step / (1304.0 * 8.0)).round();
+            let taken = (rate.min(cpu) * step / (1304.0 * 8.0)).round();
+            for _ in 0..taken as u64 {
+                e.on_packet(1304);
+            }
+            e.on_overrun((pkts - taken) as u64);
+            e.on_lost((pkts - taken) as u64);
+            e.on_sync(now, 100, rate as u64);
+            if let Some(TierMove::To(x)) = e.poll(now) {
+                moved = Some((t, x));
+            }
+            t += step;
+        }
+        let (at, x) = moved.expect("moved down");
+        // Two intervals, no follow wait.
+        assert!(at <= 1.0 + 2.0 * step, "moved at {at}");
+        // 300 Mbit/s processed: 256 fits.
+        assert_eq!(x, 3);
+        assert!(!e.settling(t0 + Duration::from_secs_f64(at + 0.1)));
+        assert_eq!(e.counters.congested_overrun, 2);
     }
 
     #[test]

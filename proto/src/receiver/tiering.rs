@@ -37,8 +37,9 @@ pub struct TierSample {
 }
 
 impl Tiering {
-    /// `tier`/`tiers_bps` from the join reply; a title with one tier needs no engine.
-    pub fn new(tier: u8, tiers_bps: Vec<u64>, now: Instant) -> Tiering {
+    /// `tier`/`tiers_bps` from the join reply, `loop_bytes` the title's loop; a title with
+    /// one tier needs no engine.
+    pub fn new(tier: u8, tiers_bps: Vec<u64>, loop_bytes: u64, now: Instant) -> Tiering {
         let tiered = tiers_bps.len() > 1;
         // One tier: an engine on a ladder of one judges the path without ever moving.
         let tiers_bps = if tiers_bps.is_empty() {
@@ -48,6 +49,7 @@ impl Tiering {
         };
         let mut p = TierParams::new(tiers_bps);
         p.start = tier as usize;
+        p.loop_bytes = loop_bytes;
         Tiering {
             time_on: vec![0.0; if tiered { 16 } else { 1 }],
             since: now,
@@ -162,6 +164,11 @@ impl Tiering {
     pub fn report(&self) -> (u64, u32, u64) {
         let c = &self.engine.counters;
         (c.measured_bps, c.loss_ppm, c.capacity_bps)
+    }
+
+    /// Loss of the last interval, judged or not (a fraction).
+    pub fn last_loss(&self) -> f64 {
+        self.engine.last_interval().1 as f64 / 1e6
     }
 
     /// A join experiment is under way, or the receiver just moved: losses now are congestion
