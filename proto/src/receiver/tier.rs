@@ -302,11 +302,13 @@ impl TierEngine {
         self.probe.is_some() || (self.settle_naks && now < self.settle_until)
     }
 
-    fn switch(&mut self, to: usize, now: Instant) -> TierMove {
+    /// Move to tier `to`; `cause` is what made a move down (NAKs wait out its settle unless
+    /// the receiver overran: those holes are its own).
+    fn switch(&mut self, to: usize, now: Instant, cause: Cause) -> TierMove {
         if to < self.tier {
             self.settle_until = now + self.p.settle;
         }
-        self.settle_naks = true;
+        self.settle_naks = cause != Cause::Overrun;
         self.tier = to;
         self.moved_at = now;
         self.overrun_window = false;
@@ -427,16 +429,13 @@ impl TierEngine {
                 } else {
                     self.p.best_fit(capacity).clamp(from, failed - 1)
                 };
-                let overrun = v.cause == Cause::Overrun;
                 if discovery && to + 1 < failed && self.p.floor(to + 1) < capacity {
                     // A capacity read in one interval, with the join still settling, can be
                     // low: when only the margin kept the tier above the landing out, it gets
                     // one early try.
                     self.probe_timer[to + 1] = self.p.probe_after * 4;
                 }
-                let mv = self.switch(to, now);
-                self.settle_naks = !overrun;
-                return Some(mv);
+                return Some(self.switch(to, now, v.cause));
             }
             if now >= probe.until {
                 // The path carries this tier: conditions changed, so the next tier up is
@@ -484,9 +483,7 @@ impl TierEngine {
                     self.p.best_fit(capacity)
                 };
                 let to = fit.min(self.tier - 1);
-                let mv = self.switch(to, now);
-                self.settle_naks = v.cause != Cause::Overrun;
-                return Some(mv);
+                return Some(self.switch(to, now, v.cause));
             }
             return None;
         }
@@ -514,7 +511,7 @@ impl TierEngine {
                 discovery: self.slow_start,
             });
             self.slow_start = false;
-            return Some(self.switch(to, now));
+            return Some(self.switch(to, now, v.cause));
         }
         None
     }
@@ -606,6 +603,20 @@ mod tests {
         1_024_000_000,
     ];
 
+    /// `step` seconds of the current tier's channel to a receiver that processes `cpu` bit/s
+    /// on a clean network: its socket drops the rest.
+    fn feed_short_of_cpu(e: &mut TierEngine, now: Instant, step: f64, cpu: f64) {
+        let rate = TIERS[e.tier()] as f64;
+        let pkts = (rate * step / (1304.0 * 8.0)).round();
+        let taken = (rate.min(cpu) * step / (1304.0 * 8.0)).round();
+        for _ in 0..taken as u64 {
+            e.on_packet(1304);
+        }
+        e.on_overrun((pkts - taken) as u64);
+        e.on_lost((pkts - taken) as u64);
+        e.on_sync(now, 100, rate as u64);
+    }
+
     /// A receiver short of CPU: a clean network, but its socket overruns whenever the channel
     /// is faster than `cpu` bit/s. The discovery probe to the top tier fails as soon as the
     /// overruns show — within `overrun_cut`, not a whole interval — and lands on the fastest
@@ -621,15 +632,7 @@ mod tests {
         let mut t = 0.0;
         while t < 5.0 {
             let now = t0 + Duration::from_secs_f64(t);
-            let rate = TIERS[e.tier()] as f64;
-            let pkts = (rate * step / (1304.0 * 8.0)).round();
-            let taken = (rate.min(cpu) * step / (1304.0 * 8.0)).round();
-            for _ in 0..taken as u64 {
-                e.on_packet(1304);
-            }
-            e.on_overrun((pkts - taken) as u64);
-            e.on_lost((pkts - taken) as u64);
-            e.on_sync(now, 100, rate as u64);
+            feed_short_of_cpu(&mut e, now, step, cpu);
             match e.poll(now) {
                 Some(TierMove::To(x)) if e.probing() => {
                     assert_eq!(x, TIERS.len() - 1, "discovery goes to the top");
@@ -671,15 +674,7 @@ mod tests {
         let mut moved = None;
         while t < 3.0 && moved.is_none() {
             let now = t0 + Duration::from_secs_f64(t);
-            let rate = TIERS[e.tier()] as f64;
-            let pkts = (rate * step / (1304.0 * 8.0)).round();
-            let taken = (rate.min(cpu) * step / (1304.0 * 8.0)).round();
-            for _ in 0..taken as u64 {
-                e.on_packet(1304);
-            }
-            e.on_overrun((pkts - taken) as u64);
-            e.on_lost((pkts - taken) as u64);
-            e.on_sync(now, 100, rate as u64);
+            feed_short_of_cpu(&mut e, now, step, cpu);
             if let Some(TierMove::To(x)) = e.poll(now) {
                 moved = Some((t, x));
             }
