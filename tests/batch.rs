@@ -109,7 +109,7 @@ fn window_end_stops_batch_and_next_window_completes() {
     let site = Site::new(
         60,
         &format!(
-            "rate_mbps = 40.0\ntiers_mbps = [40.0]\nlease_ms = 1500\n{}{}",
+            "rate_mbps = 40.0\nlease_ms = 1500\n{}{}",
             sched(w1),
             sched(w2)
         ),
@@ -291,7 +291,7 @@ fn make_partial(dir: &Path, title: &str, keep: impl Fn(u64, u64) -> bool) -> u64
 /// 2. Twenty titles: 6 complete, 5 partial, 9 new. Only the missing bytes travel.
 #[test]
 fn twenty_titles_only_missing_bytes_travel() {
-    let site = Site::new(61, "rate_mbps = 40.0\ntiers_mbps = [40.0]\nlease_ms = 1500");
+    let site = Site::new(61, "rate_mbps = 40.0\nlease_ms = 1500");
     let names: Vec<String> = (0..20).map(|i| format!("t{i:02}")).collect();
     let archives: Vec<_> = names
         .iter()
@@ -440,7 +440,7 @@ fn disk_full_stops_cleanly_and_next_run_continues() {
     let Some(prefix) = namespace_or_skip(test, "--mount", &["mount"]) else {
         return;
     };
-    let site = Site::new(62, "rate_mbps = 40.0\ntiers_mbps = [40.0]\nlease_ms = 1500");
+    let site = Site::new(62, "rate_mbps = 40.0\nlease_ms = 1500");
     let names = ["px", "d0", "d1", "d2", "d3"];
     let archives: Vec<_> = names
         .iter()

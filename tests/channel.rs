@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mcast::archive::PacketId;
 use mcast::carousel::LoopShape;
-use mcast::channel::{ChannelManager, Params, TitleInfo};
+use mcast::channel::{ChannelManager, Params, TitleInfo, TIER_LINGER};
 use mcast::wire::control::{Control, Envelope};
 use mcast::wire::data::{archive_tag, DataHeader, DataKind};
 use mcast::wire::nak::Nak;
@@ -246,9 +246,12 @@ fn tiers_one_channel_each_members_move_and_empty_tiers_close() {
     };
     assert_eq!((tier, rate_bps), (2, 64_000_000));
     assert_ne!(g0, g2);
-    // The tier left empty lingers a moment (a failed probe falls back to it), then closes.
+    // The tier left empty by a move up lingers a moment (a failed probe falls back to it),
+    // then closes.
     assert_eq!(m.open_channels(), 2);
-    m.handle_timeout(t0 + Duration::from_millis(3100));
+    m.handle_timeout(t0 + TIER_LINGER - Duration::from_millis(100));
+    assert_eq!(m.open_channels(), 2);
+    m.handle_timeout(t0 + TIER_LINGER + Duration::from_millis(100));
     assert_eq!(m.open_channels(), 1);
     assert_eq!(m.counters().channels_closed, 1);
     // Another receiver starts low: now two channels of one title, at different rates.
@@ -294,6 +297,108 @@ fn tiers_one_channel_each_members_move_and_empty_tiers_close() {
     ));
     request(&mut m, t0, 1, Control::Complete { archive_id: id });
     assert_eq!(m.open_channels(), 1);
+}
+
+/// A tier emptied by a move down closes at once: its receiver found it too fast, and it is the
+/// dearest channel to keep looping for nobody.
+#[test]
+fn a_tier_emptied_by_a_move_down_closes_at_once() {
+    let (mut m, t0, id) = tiered(mcast::channel::RatePolicy::Lowest);
+    let change = |m: &mut ChannelManager, tier| {
+        request(
+            m,
+            t0,
+            1,
+            Control::ChangeTier {
+                archive_id: id,
+                tier,
+            },
+        )
+    };
+    let Control::JoinOk { tier: 0, .. } = request(
+        &mut m,
+        t0,
+        1,
+        Control::Join {
+            title: "sim".into(),
+        },
+    ) else {
+        panic!("joins on tier 0")
+    };
+    let Control::JoinOk { tier: 2, .. } = change(&mut m, 2) else {
+        panic!("moves up")
+    };
+    let Control::JoinOk { tier: 1, .. } = change(&mut m, 1) else {
+        panic!("moves down")
+    };
+    // Tier 0 (left by the move up) still lingers; tier 2 (left by the move down) is gone.
+    m.handle_timeout(t0 + Duration::from_millis(1));
+    let s = stats(&m);
+    let mut tiers: Vec<u64> = s["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["tier"].as_u64().unwrap())
+        .collect();
+    tiers.sort();
+    assert_eq!(tiers, vec![0, 1]);
+    assert_eq!(m.counters().channels_closed, 1);
+}
+
+/// A window's rate cap holds for the whole title: joins are told of one tier (the scheduled
+/// loop's, at the capped rate), and a receiver asking for a faster tier stays on that loop
+/// instead of opening an uncapped channel. After the window the ladder is back.
+#[test]
+fn a_capped_window_holds_every_receiver_on_its_one_loop() {
+    let (mut m, t0, id) = tiered(mcast::channel::RatePolicy::Lowest);
+    let ch = m
+        .open_scheduled(t0, "sim", Some(2_000_000))
+        .expect("opened");
+    let join = |m: &mut ChannelManager, rid| {
+        request(
+            m,
+            t0,
+            rid,
+            Control::Join {
+                title: "sim".into(),
+            },
+        )
+    };
+    let Control::JoinOk {
+        tier,
+        tiers_bps,
+        rate_bps,
+        ..
+    } = join(&mut m, 1)
+    else {
+        panic!()
+    };
+    assert_eq!((tier, rate_bps, tiers_bps), (0, 2_000_000, vec![2_000_000]));
+    let Control::JoinOk { rate_bps, .. } = request(
+        &mut m,
+        t0,
+        1,
+        Control::ChangeTier {
+            archive_id: id,
+            tier: 2,
+        },
+    ) else {
+        panic!()
+    };
+    assert_eq!(rate_bps, 2_000_000);
+    assert_eq!(m.open_channels(), 1);
+    let s = stats(&m);
+    let c = &s["channels"][0];
+    assert_eq!(
+        (c["channel"].as_u64(), c["members"].as_u64()),
+        (Some(ch as u64), Some(1))
+    );
+    // The window ends; the next join sees the whole ladder again.
+    m.close_scheduled("sim", false);
+    let Control::JoinOk { tiers_bps, .. } = join(&mut m, 2) else {
+        panic!()
+    };
+    assert_eq!(tiers_bps.len(), 3);
 }
 
 /// A tier left by one of its two members keeps its other member and must not leave a

@@ -76,10 +76,16 @@ fn copy_dir(src: &Path, dst: &Path) {
 impl Cluster {
     /// `n` picks the ports: directors 19100+20n.., servers 19500+20n.., data 41000+400n...
     fn new(n: u16, directors: usize) -> Cluster {
+        // `MCAST_TEST_KEEP` keeps the cluster's directory (logs, archives) to debug a test.
+        let keep = std::env::var_os("MCAST_TEST_KEEP").is_some();
         let dir = tempfile::Builder::new()
             .prefix(&format!("mcast-director-{n}-"))
+            .disable_cleanup(keep)
             .tempdir()
             .unwrap();
+        if keep {
+            println!("keeping {}", dir.path().display());
+        }
         let key = dir.path().join("heartbeat.key");
         let o = Command::new(director_bin())
             .args(["genkey", "-o"])
@@ -157,7 +163,7 @@ impl Cluster {
             .collect();
         let server_toml = format!(
             "control = \"{control}\"\nmulticast_iface = \"127.0.0.1\"\n\
-             group_base = \"239.255.{group}.1\"\nport_base = {port}\nchannels = 16\nttl = 1\n\
+             group_base = \"239.255.{group}.1\"\nport_base = {port}\nchannels = 64\nttl = 1\n\
              sync_lead_ms = 200\nsync_interval_ms = 100\nhealth_listen = \"{health}\"\n{extra}\n\
              [directors]\naddrs = [{}]\nheartbeat_ms = 200\nkey_file = '{}'\n\
              capacity_mbps = 10000.0\n{sections}\n[log]\nlevel = \"info\"\n",
@@ -298,20 +304,8 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
 fn receivers_fail_over_when_their_server_is_killed() {
     let c = Cluster::new(0, 2);
     // 24 MB at 40 Mbit/s: a ~5 s loop.
-    let mut a = c.server(
-        0,
-        "film",
-        24 * MB,
-        "rate_mbps = 40.0\ntiers_mbps = [40.0]\nlease_ms = 3000",
-        "",
-    );
-    let mut b = c.server(
-        1,
-        "film",
-        0,
-        "rate_mbps = 40.0\ntiers_mbps = [40.0]\nlease_ms = 3000",
-        "",
-    );
+    let mut a = c.server(0, "film", 24 * MB, "rate_mbps = 40.0\nlease_ms = 3000", "");
+    let mut b = c.server(1, "film", 0, "rate_mbps = 40.0\nlease_ms = 3000", "");
     let reference = a.root.join("archives/film.mca");
     c.start(&mut a);
     c.start(&mut b);
@@ -409,13 +403,7 @@ fn receivers_fail_over_when_their_server_is_killed() {
 #[test]
 fn requests_are_routed_when_a_director_is_killed() {
     let mut c = Cluster::new(1, 2);
-    let mut a = c.server(
-        0,
-        "doc",
-        2 * MB,
-        "rate_mbps = 100.0\ntiers_mbps = [100.0]",
-        "",
-    );
+    let mut a = c.server(0, "doc", 2 * MB, "rate_mbps = 100.0", "");
     let reference = a.root.join("archives/doc.mca");
     c.start(&mut a);
     c.wait_state(1, &[&a], "online");
@@ -453,20 +441,8 @@ fn requests_are_routed_when_a_director_is_killed() {
 fn draining_server_finishes_its_receivers_but_gets_no_new_ones() {
     let c = Cluster::new(2, 1);
     // 6 MB at 12 Mbit/s: a ~4 s loop.
-    let mut a = c.server(
-        0,
-        "show",
-        6 * MB,
-        "rate_mbps = 12.0\ntiers_mbps = [12.0]\nlease_ms = 3000",
-        "",
-    );
-    let mut b = c.server(
-        1,
-        "show",
-        0,
-        "rate_mbps = 12.0\ntiers_mbps = [12.0]\nlease_ms = 3000",
-        "",
-    );
+    let mut a = c.server(0, "show", 6 * MB, "rate_mbps = 12.0\nlease_ms = 3000", "");
+    let mut b = c.server(1, "show", 0, "rate_mbps = 12.0\nlease_ms = 3000", "");
     let reference = a.root.join("archives/show.mca");
     c.start(&mut a);
     c.start(&mut b);
@@ -611,13 +587,7 @@ fn single_use_ticket_on_two_servers_plays_once() {
     };
     let c = Cluster::new(4, 0);
     let db = format!("[tickets]\ndatabase = \"postgres\"\npostgres_url = \"{url}\"\n");
-    let mut a = c.server(
-        0,
-        "film",
-        2 * MB,
-        "rate_mbps = 100.0\ntiers_mbps = [100.0]",
-        &db,
-    );
+    let mut a = c.server(0, "film", 2 * MB, "rate_mbps = 100.0", &db);
     // Tickets first, so the copied key store holds the ticket database key too.
     let mut tickets = Vec::new();
     let mut ids = Vec::new();
@@ -643,7 +613,7 @@ fn single_use_ticket_on_two_servers_plays_once() {
         ids.push(out.split_whitespace().nth(1).unwrap().to_string());
         tickets.push(t);
     }
-    let mut b = c.server(1, "film", 0, "rate_mbps = 100.0\ntiers_mbps = [100.0]", &db);
+    let mut b = c.server(1, "film", 0, "rate_mbps = 100.0", &db);
     c.start(&mut a);
     c.start(&mut b);
     // A receiver that has the archive (any server's copy is the same file).

@@ -109,10 +109,16 @@ pub struct Site {
 impl Site {
     /// `server_extra` is appended to `[server]` (e.g. `rate_mbps = 20.0`).
     pub fn new(n: u16, server_extra: &str) -> Site {
+        // `MCAST_TEST_KEEP` keeps the site's directory (logs, archives) to debug a test.
+        let keep = std::env::var_os("MCAST_TEST_KEEP").is_some();
         let dir = tempfile::Builder::new()
             .prefix(&format!("mcast-delivery-{n}-"))
+            .disable_cleanup(keep)
             .tempdir()
             .expect("temp dir");
+        if keep {
+            println!("keeping {}", dir.path().display());
+        }
         let control: SocketAddr = format!("127.0.0.1:{}", 17600 + n * 10).parse().unwrap();
         let cfg = dir.path().join("mcastd.toml");
         let site = Site { cfg, control, dir };
@@ -364,8 +370,12 @@ impl Receiver {
                 .as_nanos()
         ));
         fs::create_dir_all(stderr.parent().unwrap()).unwrap();
-        cmd.env_remove("RUST_LOG")
-            .stdin(Stdio::null())
+        // `MCAST_TEST_RECV_LOG` sets the receivers' log filter, to debug a test.
+        match std::env::var("MCAST_TEST_RECV_LOG") {
+            Ok(filter) => cmd.env("RUST_LOG", filter),
+            Err(_) => cmd.env_remove("RUST_LOG"),
+        };
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(fs::File::create(&stderr).unwrap());
         let mut guard = Guard::spawn(&mut cmd, group);

@@ -199,6 +199,13 @@ impl ChannelManager {
         let streaming =
             current.is_some_and(|id| self.channels[&id].members.streams.contains_key(&rid));
         let change_tier = tier.is_some();
+        // A window's rate cap holds for the whole title: one tier, the scheduled loop's.
+        let capped = self.windows.capped(title);
+        let tier = if capped {
+            Some(self.params.start_tier.min(tiers.len() - 1))
+        } else {
+            tier
+        };
         let tier = match (tier, current) {
             (Some(t), _) if t >= tiers.len() => {
                 self.error(from, env, ErrorCode::BadRequest, "no such tier");
@@ -255,13 +262,17 @@ impl ChannelManager {
         }
         let (group, rate) = (c.group, c.pacer.rate_bps());
         if let Some(old) = current.filter(|old| *old != id) {
-            self.leave_for_tier(now, old, rid);
+            self.leave_for_tier(now, old, rid, tier);
         }
         // A lingering channel that gets a member back stops lingering.
         if let Some(c) = self.channels.get_mut(&id) {
             c.linger_until = None;
         }
-        self.counters.joins += 1;
+        if current.is_some_and(|old| old != id) {
+            self.counters.tier_changes += 1;
+        } else if current.is_none() {
+            self.counters.joins += 1;
+        }
         self.events.push_back(Event::Joined {
             channel: id,
             receiver: env.receiver_id,
@@ -277,8 +288,8 @@ impl ChannelManager {
                 loop_packets: info.head.loop_packets(),
                 rate_bps: rate,
                 lease_ms: lease.as_millis() as u32,
-                tier: tier as u8,
-                tiers_bps: tiers,
+                tier: if capped { 0 } else { tier as u8 },
+                tiers_bps: if capped { vec![rate] } else { tiers },
             },
         );
     }

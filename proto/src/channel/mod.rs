@@ -50,7 +50,7 @@ use crate::wire::data::{DATA_HEADER_LEN, SYNC_LEN};
 pub use catalog::{HeadBytes, HeadRead, TitleInfo};
 pub use repair::MAX_REPAIR_QUEUE;
 pub use stats::{ChannelStats, Counters, Stats};
-pub use tiers::{band, default_ladder, RatePolicy, LADDER_TIERS};
+pub use tiers::{band, default_ladder, RatePolicy, LADDER_TIERS, TIER_LINGER};
 
 use loops::Channel;
 

@@ -19,12 +19,21 @@ pub(super) struct Windows {
     /// Where a scheduled loop stopped (block), so the next window carries on from there and
     /// receivers that held the first part get the rest first.
     resume_block: HashMap<ArchiveId, u64>,
+    /// Titles in a window with a rate cap: one loop, on the start tier, for every receiver.
+    /// Tiers would run the title faster than the window allows (a receiver probing up
+    /// opens an uncapped channel), so joins are told of that one tier only.
+    capped: HashSet<String>,
 }
 
 impl Windows {
     /// True if `title` is outside its window and refuses joins.
     pub(super) fn refuses(&self, title: &str) -> bool {
         self.closed.contains(title)
+    }
+
+    /// True if `title` is in a window with a rate cap (one tier only).
+    pub(super) fn capped(&self, title: &str) -> bool {
+        self.capped.contains(title)
     }
 
     /// A scheduled loop of `archive_id` stopped before `block`.
@@ -58,6 +67,11 @@ impl ChannelManager {
                 self.open_channel(now, &info, tier, start)?
             }
         };
+        if rate_cap.is_some() {
+            self.windows.capped.insert(title.to_string());
+        } else {
+            self.windows.capped.remove(title);
+        }
         let c = self.channels.get_mut(&id).expect("just found or opened");
         c.scheduled = true;
         c.rate_cap = rate_cap;
@@ -74,6 +88,7 @@ impl ChannelManager {
         if refuse {
             self.windows.closed.insert(title.to_string());
         }
+        self.windows.capped.remove(title);
         let ids: Vec<u32> = self
             .channels
             .iter()

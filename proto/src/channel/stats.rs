@@ -11,7 +11,10 @@ use super::ChannelManager;
 pub struct Counters {
     pub control_received: u64,
     pub control_malformed: u64,
+    /// Receivers that joined a title (a tier change is counted in `tier_changes`).
     pub joins: u64,
+    /// Members moved from one tier's channel of a title to another's.
+    pub tier_changes: u64,
     pub not_here: u64,
     pub channels_opened: u64,
     pub channels_closed: u64,

@@ -38,8 +38,12 @@ const RATE_CLIMB: f64 = 0.10;
 /// between neighbours (a decade over the four).
 pub const LADDER_TIERS: usize = 4;
 const LADDER_STEP: f64 = 2.154_434_690_031_884; // 10^(1/3)
-/// How long a tier's channel keeps looping after its last member moved to another tier.
-const TIER_LINGER: Duration = Duration::from_secs(3);
+/// How long a tier's channel keeps looping after its last member moved up to probe a faster
+/// tier: long enough for a failed probe to come back to it (a probe is judged within two
+/// intervals of at most 0.5 s), short enough that a probe that holds wastes little. A
+/// channel emptied by a move *down* closes at once: its receiver will not be back soon, and
+/// it is the dearest channel to keep looping.
+pub const TIER_LINGER: Duration = Duration::from_millis(1500);
 
 /// The rates tier `i`'s channel may run at, `(lowest, nominal)`: its members' capacity moves
 /// it within this band. Never down into the tier below, and never below half its nominal
@@ -107,10 +111,10 @@ impl ChannelManager {
             .map(|(id, _)| *id)
     }
 
-    /// Receiver `rid` moved from channel `old` to another tier's. Called only once it is in
-    /// the new channel, so the two never share a group; an emptied `old` lingers (and is
-    /// closed by the idle check after [`TIER_LINGER`]).
-    pub(super) fn leave_for_tier(&mut self, now: Instant, old: u32, rid: u64) {
+    /// Receiver `rid` moved from channel `old` to tier `to`'s. Called only once it is in the
+    /// new channel, so the two never share a group; an `old` emptied by a move up lingers
+    /// (and is closed by the idle check after [`TIER_LINGER`]).
+    pub(super) fn leave_for_tier(&mut self, now: Instant, old: u32, rid: u64, to: usize) {
         let c = self
             .channels
             .get_mut(&old)
@@ -118,7 +122,7 @@ impl ChannelManager {
         c.members.remove(rid);
         // Only an emptied channel lingers; one that still has members just carries on
         // (a stale linger on it would be "due" forever and spin the driver).
-        if c.members.is_empty() {
+        if c.members.is_empty() && to > c.tier {
             c.linger_until = Some(now + TIER_LINGER);
         }
     }

@@ -1303,6 +1303,10 @@ impl Session {
     fn tier_move(&mut self, now: Instant) {
         let eng = self.eng.as_mut().expect("receiving");
         eng.tiering.on_missed_total(eng.nak.counters.units_missed);
+        eng.tiering.on_missing(
+            eng.dl.units().saturating_sub(eng.dl.have_count()),
+            eng.dl.units(),
+        );
         // On unicast the engine still judges (its capacity reports set the stream's rate)
         // but never moves: the stream's rate is the receiver's own.
         let from = eng.tiering.tier();

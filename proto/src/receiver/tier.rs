@@ -38,6 +38,11 @@ const OVERRUN_MARGIN: u64 = 2;
 
 /// A probe is judged over at least this long: a few SYNCs' delay samples.
 pub const PROBE_INTERVAL_MIN: Duration = Duration::from_millis(100);
+/// No probe when what is missing takes less than this at the current tier's rate: a probe
+/// is judged over up to two intervals (and its tier's channel may need opening), so it
+/// cannot pay for itself, and it costs the server a lingering channel
+/// ([`crate::channel::TIER_LINGER`]). Small titles and the tail of a download stay put.
+pub const PROBE_WORTH: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct TierParams {
@@ -201,6 +206,8 @@ pub struct TierEngine {
     overrun_window: bool,
     /// Intervals judged (or measured) so far.
     intervals: u64,
+    /// Bytes still missing (`None`: unknown, treated as plenty).
+    missing_bytes: Option<u64>,
     pub counters: TierCounters,
 }
 
@@ -228,12 +235,18 @@ impl TierEngine {
             last: (0, 0, 0),
             overrun_window: false,
             intervals: 0,
+            missing_bytes: None,
             counters: TierCounters::default(),
         }
     }
 
     pub fn tier(&self) -> usize {
         self.tier
+    }
+
+    /// Bytes of one loop of the title (0: unknown).
+    pub fn loop_bytes(&self) -> u64 {
+        self.p.loop_bytes
     }
 
     /// (throughput bit/s, loss ppm, delay rise µs) of the last interval, judged or not (logs).
@@ -243,6 +256,22 @@ impl TierEngine {
 
     pub fn probing(&self) -> bool {
         self.probe.is_some()
+    }
+
+    /// Bytes the download still misses (for [`PROBE_WORTH`]).
+    pub fn on_missing(&mut self, bytes: u64) {
+        self.missing_bytes = Some(bytes);
+    }
+
+    /// Whether what is missing takes long enough at the current tier to be worth a probe.
+    fn worth_probing(&self) -> bool {
+        let rate = self
+            .channel_bps
+            .unwrap_or(self.p.tiers_bps[self.tier])
+            .min(self.p.tiers_bps[self.tier])
+            .max(1);
+        self.missing_bytes
+            .is_none_or(|b| b as f64 * 8.0 / rate as f64 > PROBE_WORTH.as_secs_f64())
     }
 
     /// A datagram of the current channel arrived (`bytes` on the wire).
@@ -499,7 +528,7 @@ impl TierEngine {
         } else {
             (up, self.probe_timer[up])
         };
-        if calm >= wait {
+        if calm >= wait && self.worth_probing() {
             self.counters.probes += 1;
             self.probe = Some(Probe {
                 from_bps: self
@@ -615,6 +644,33 @@ mod tests {
         e.on_overrun((pkts - taken) as u64);
         e.on_lost((pkts - taken) as u64);
         e.on_sync(now, 100, rate as u64);
+    }
+
+    /// A download whose missing bytes take less than [`PROBE_WORTH`] at its tier does not
+    /// probe (a small title, or the tail of a download); with more missing it probes as usual.
+    #[test]
+    fn a_probe_is_made_only_when_enough_is_missing_to_pay_for_it() {
+        let t0 = Instant::now();
+        let calm = |e: &mut TierEngine, from: f64, to: f64| {
+            let mut t = from;
+            while t < to {
+                let now = t0 + Duration::from_secs_f64(t);
+                feed_short_of_cpu(e, now, 0.01, f64::MAX);
+                if let Some(TierMove::To(x)) = e.poll(now) {
+                    return Some(x);
+                }
+                t += 0.01;
+            }
+            None
+        };
+        let mut e = TierEngine::new(TierParams::new(TIERS.to_vec()), t0);
+        // Tier 0 runs at 4 Mbit/s: 400 kB take 0.8 s.
+        e.on_missing(400_000);
+        assert_eq!(calm(&mut e, 0.0, 5.0), None);
+        assert_eq!(e.counters.probes, 0);
+        e.on_missing(4_000_000);
+        assert_eq!(calm(&mut e, 5.0, 7.0), Some(TIERS.len() - 1));
+        assert_eq!(e.counters.probes, 1);
     }
 
     /// A receiver short of CPU: a clean network, but its socket overruns whenever the channel

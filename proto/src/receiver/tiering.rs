@@ -112,6 +112,15 @@ impl Tiering {
         self.last_missed = missed_total;
     }
 
+    /// `missing` of the title's `units` are still to come (a probe must be worth its cost).
+    pub fn on_missing(&mut self, missing: u64, units: u64) {
+        let loop_bytes = self.engine.loop_bytes();
+        if loop_bytes > 0 {
+            let bytes = loop_bytes as u128 * missing as u128 / units.max(1) as u128;
+            self.engine.on_missing(bytes as u64);
+        }
+    }
+
     /// The tier to move to, if the engine decided on one.
     pub fn poll(&mut self, now: Instant) -> Option<u8> {
         let from = self.tier().unwrap_or(0);
