@@ -21,6 +21,7 @@ fn headers(c: &mut Criterion) {
     let h = DataHeader {
         kind: DataKind::Packet(PacketId::Data(123_456)),
         repair: false,
+        probe: false,
         archive_tag: *b"abcdefgh",
         loop_no: 7,
     };

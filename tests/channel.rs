@@ -696,3 +696,118 @@ fn a_tier_opened_for_a_moving_receiver_starts_where_its_channel_was() {
         "tier 2 opened at block {b}, the receiver was at {at}"
     );
 }
+
+/// A discovery burst (`channel::burst`) goes only to an address that echoed its cookie, is
+/// flagged PROBE, runs at the asked tier's rate for at most `MAX_BURST`, is granted once per
+/// `BURST_EVERY`, and a tier channel the receiver then moves to starts where the burst ended
+/// (the receiver holds what it brought).
+#[test]
+fn a_discovery_burst_is_bounded_flagged_and_goes_only_to_a_proven_address() {
+    let (mut m, t0, archive_id) = tiered(mcast::channel::RatePolicy::Lowest);
+    let r = request(
+        &mut m,
+        t0,
+        7,
+        Control::Join {
+            title: "sim".into(),
+        },
+    );
+    assert!(matches!(r, Control::JoinOk { tier: 0, .. }), "{r:?}");
+    let uni: SocketAddr = "10.0.1.7:6000".parse().unwrap();
+    let ask = |m: &mut ChannelManager, now: Instant, msg: Control| {
+        m.handle_control(now, uni, &Envelope::new(7, 3, msg).encode());
+        let (to, bytes) = m.poll_reply().expect("a reply");
+        assert_eq!(to, uni);
+        Envelope::decode(&bytes).unwrap().msg
+    };
+    let burst = |cookie| Control::ProbeBurst {
+        archive_id,
+        cookie,
+        tier: 2,
+        ms: 60_000,
+    };
+    // No cookie, no burst.
+    let r = ask(&mut m, t0, burst([9; 16]));
+    assert!(matches!(r, Control::Error { .. }), "{r:?}");
+    assert_eq!(m.counters().bursts_started, 0);
+    let Control::Cookie { cookie, .. } = ask(&mut m, t0, Control::UnicastRequest { archive_id })
+    else {
+        panic!("no cookie")
+    };
+    let r = ask(&mut m, t0, burst(cookie));
+    assert!(matches!(r, Control::UnicastOk { .. }), "{r:?}");
+    // Once per BURST_EVERY.
+    let r = ask(&mut m, t0, burst(cookie));
+    assert!(matches!(r, Control::Error { .. }), "{r:?}");
+    assert_eq!(m.counters().bursts_refused, 1);
+
+    let (mut now, end) = (t0, t0 + Duration::from_millis(700));
+    let (mut first, mut last, mut bytes, mut last_block) = (None, None, 0u64, 0u64);
+    while now < end {
+        m.handle_timeout(now);
+        while let Some(t) = m.poll_transmit(now) {
+            let (h, _) = DataHeader::decode(&t.header).unwrap();
+            if t.dests[..] != [uni] {
+                assert!(!h.probe, "only the burst is flagged");
+                continue;
+            }
+            assert!(h.probe, "the burst's datagrams are flagged");
+            first.get_or_insert(now);
+            last = Some(now);
+            if let DataKind::Packet(id) = h.kind {
+                bytes += 1280;
+                last_block = match id {
+                    PacketId::Hash(b) => b,
+                    PacketId::Data(s) => s / 40,
+                };
+            }
+        }
+        now += Duration::from_micros(100);
+    }
+    let took = last.unwrap() - first.unwrap();
+    assert!(took <= mcast::channel::MAX_BURST, "burst ran {took:?}");
+    // Tier 2's 64 Mbit/s for half a second: 4 MB, within the pacer's slack.
+    assert!(bytes <= 64_000_000 / 8 / 2 + 64 * 1280, "{bytes} B");
+    assert!(bytes >= 64_000_000 / 8 / 4, "{bytes} B");
+    assert_eq!(m.counters().bursts_started, 1);
+
+    // Moving to tier 2 opens its channel where the burst ended.
+    let r = request(
+        &mut m,
+        now,
+        7,
+        Control::ChangeTier {
+            archive_id,
+            tier: 2,
+        },
+    );
+    let Control::JoinOk {
+        tier: 2, group: g2, ..
+    } = r
+    else {
+        panic!("{r:?}")
+    };
+    let mut first_block = None;
+    let end = now + Duration::from_millis(50);
+    while now < end && first_block.is_none() {
+        m.handle_timeout(now);
+        while let Some(t) = m.poll_transmit(now) {
+            let (h, _) = DataHeader::decode(&t.header).unwrap();
+            match h.kind {
+                DataKind::Packet(id) if t.dests[..] == [SocketAddr::V4(g2)] && !h.repair => {
+                    first_block.get_or_insert(match id {
+                        PacketId::Hash(b) => b,
+                        PacketId::Data(s) => s / 40,
+                    });
+                }
+                _ => {}
+            }
+        }
+        now += Duration::from_micros(100);
+    }
+    let first_block = first_block.expect("tier 2 loop packets");
+    assert!(
+        (last_block..last_block + 2).contains(&first_block),
+        "tier 2 opened at block {first_block}, the burst ended at {last_block}"
+    );
+}

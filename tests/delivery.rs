@@ -466,6 +466,7 @@ fn spawn_forger(
             DataHeader {
                 kind,
                 repair,
+                probe: false,
                 archive_tag: tag,
                 loop_no: 0,
             }

@@ -95,6 +95,7 @@ fn data_packet(kind: DataKind, tag: [u8; 8], repair: bool, payload: &[u8]) -> Ve
     DataHeader {
         kind,
         repair,
+        probe: false,
         archive_tag: tag,
         loop_no: 0,
     }

@@ -344,9 +344,8 @@ mod cpu {
         let mut starved = RxSpec::new(Duration::ZERO);
         starved.cpu_bps = Some(120 * MBIT);
         let receivers = vec![starved, RxSpec::new(Duration::from_millis(50))];
-        // 128 MB. Finding the limit costs a fixed amount — the discovery probe to the top tier
-        // overruns for one judged interval (0.5 s), leaving holes all over the loop that the
-        // fitting tier's loop fills — about 6 % of this file, 18 % of a 51 MB one.
+        // 128 MB. Finding the limit costs a fixed amount: the discovery burst's holes, which
+        // the fitting tier's loop fills.
         let (data_packets, symbol) = (100_000u64, 1280u32);
         let cfg = WorldConfig {
             max_time: Duration::from_secs(120),
@@ -392,19 +391,21 @@ mod cpu {
         assert_eq!(s.stats.download.written, out.loop_units);
         assert!(s.socket_drops > 0, "the starved receiver never overran");
         assert_eq!(s.stats.socket_drops, s.socket_drops, "every drop reported");
+        // Its overruns are judged: in its discovery burst (which then lands it on a tier it
+        // processes) or in an interval on a tier.
         assert!(
-            s.tier_counters.congested_overrun >= 1,
-            "overruns not judged"
+            s.tier_counters.congested_overrun >= 1 || s.tier_counters.bursts_failed >= 1,
+            "overruns not judged: {:?}",
+            s.tier_counters
         );
         // It settles below the top, on a tier it can process, and not on repairs.
         assert!(s.stats.settled_tier < ladder.len() - 1, "{:?}", s.moves);
         let ratio = s.received_bytes as f64 / file;
-        // The target is 1.15; merged with the capacity-following engine this run
-        // measures 1.18 (the discovery probe's holes are received again on the tier it lands
-        // on). Bound at 1.25 until that is fixed: it still catches a receiver living on
-        // repairs (1.5–2×).
+        // The bound. (A discovery probe that joined the top tier's group left holes
+        // all over the loop and measured 1.18; the burst leaves only its own.) A receiver
+        // living on repairs receives 1.5–2×.
         assert!(
-            ratio <= 1.25,
+            ratio <= 1.15,
             "starved receiver received {ratio:.3}× the file"
         );
         // The receiver with CPU to spare is not held down by it.

@@ -120,6 +120,9 @@ pub struct GetReport {
     pub units_suppressed: u64,
     /// Repair packets received (including ones for units already held).
     pub repairs_received: u64,
+    /// Datagrams of discovery bursts received (a short unicast burst at the top tier's
+    /// rate that told the tier engine what the path carries).
+    pub burst_packets: u64,
     /// Whole run, from start-up (join, head download) to the verified archive.
     pub seconds: f64,
     /// From the first loop packet to the last missing one (the part the loop and repairs
@@ -393,9 +396,15 @@ impl Driver<'_> {
         Ok(false)
     }
 
-    /// Each datagram the session queued, from the socket it names.
-    fn send_transmits(&self, sess: &mut Session) {
+    /// Each datagram the session queued, from the socket it names. The unicast socket may
+    /// be asked for by an event still queued behind this datagram: it is opened now.
+    fn send_transmits(&mut self, sess: &mut Session) {
         while let Some(t) = sess.poll_transmit() {
+            if t.via == Via::Unicast {
+                if let Err(e) = self.open_unicast() {
+                    tracing::warn!(error = %e.message, "cannot open the unicast socket");
+                }
+            }
             let sock = match t.via {
                 Via::Control => Some(&self.ctl),
                 Via::Unicast => self.unicast.as_ref(),
@@ -405,6 +414,30 @@ impl Driver<'_> {
                 let _ = s.send_to(&t.bytes, t.to);
             }
         }
+    }
+
+    /// The unicast socket (fallback stream, discovery bursts), opened once.
+    fn open_unicast(&mut self) -> Result<(), RecvError> {
+        if self.unicast.is_some() {
+            return Ok(());
+        }
+        let bind: SocketAddr = (Ipv4Addr::UNSPECIFIED, 0).into();
+        let s = UdpSocket::bind(bind)
+            .and_then(|s| s.set_nonblocking(true).map(|_| s))
+            .map_err(|e| RecvError::new(Failure::Other, format!("unicast socket: {e}")))?;
+        let r = socket2::SockRef::from(&s);
+        set_recv_buffer(&r, self.opts.recv_buffer);
+        tracing::info!(
+            requested = self.opts.recv_buffer,
+            granted = r.recv_buffer_size().unwrap_or(0),
+            gro = mcast_io::fastio::enable_gro(&s),
+            drop_counter = mcast_io::fastio::enable_rxq_ovfl(&s),
+            "unicast receive buffer"
+        );
+        self.unicast = Some(s);
+        self.unicast_ovfl = OverflowCounter::default();
+        self.sockets_changed = true;
+        Ok(())
     }
 
     fn on_event(&mut self, sess: &mut Session, ev: Event) -> Result<bool, RecvError> {
@@ -432,24 +465,7 @@ impl Driver<'_> {
                     self.sockets_changed = true;
                 }
             }
-            Event::OpenUnicast => {
-                let bind: SocketAddr = (Ipv4Addr::UNSPECIFIED, 0).into();
-                let s = UdpSocket::bind(bind)
-                    .and_then(|s| s.set_nonblocking(true).map(|_| s))
-                    .map_err(|e| RecvError::new(Failure::Other, format!("unicast socket: {e}")))?;
-                let r = socket2::SockRef::from(&s);
-                set_recv_buffer(&r, opts.recv_buffer);
-                tracing::info!(
-                    requested = opts.recv_buffer,
-                    granted = r.recv_buffer_size().unwrap_or(0),
-                    gro = mcast_io::fastio::enable_gro(&s),
-                    drop_counter = mcast_io::fastio::enable_rxq_ovfl(&s),
-                    "unicast receive buffer"
-                );
-                self.unicast = Some(s);
-                self.unicast_ovfl = OverflowCounter::default();
-                self.sockets_changed = true;
-            }
+            Event::OpenUnicast => self.open_unicast()?,
             Event::UnicastActive => {
                 let local = self.unicast.as_ref().and_then(|s| s.local_addr().ok());
                 tracing::info!(?local, "unicast fallback active");
@@ -681,6 +697,7 @@ impl Driver<'_> {
                 units_naked: 0,
                 units_suppressed: 0,
                 repairs_received: 0,
+                burst_packets: 0,
                 seconds: self.started.elapsed().as_secs_f64(),
                 receive_seconds: 0.0,
                 tier: 0,
@@ -732,6 +749,7 @@ impl Driver<'_> {
             units_naked: st.nak.units_naked,
             units_suppressed: st.nak.units_suppressed,
             repairs_received: st.repairs_received,
+            burst_packets: st.burst_packets,
             seconds: self.started.elapsed().as_secs_f64(),
             receive_seconds: match (st.first_packet, st.last_write) {
                 (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),

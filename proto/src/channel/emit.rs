@@ -27,6 +27,8 @@ pub(super) struct EmitCtx {
     pub(super) repair_share: f64,
     /// `send_us` of a SYNC sent now.
     pub(super) send_us: u64,
+    /// A discovery burst's datagram (the PROBE header flag).
+    pub(super) probe: bool,
 }
 
 /// What [`next_datagram`] sent.
@@ -62,6 +64,7 @@ pub(super) fn next_datagram(
         DataHeader {
             kind: DataKind::Sync,
             repair: false,
+            probe: ctx.probe,
             archive_tag: ctx.tag,
             loop_no: l.carousel.loops(),
         }
@@ -86,6 +89,7 @@ pub(super) fn next_datagram(
     DataHeader {
         kind: DataKind::Packet(pkt),
         repair: sent == Sent::Repair,
+        probe: ctx.probe,
         archive_tag: ctx.tag,
         loop_no,
     }

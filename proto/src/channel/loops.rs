@@ -59,21 +59,23 @@ impl Channel {
         Some(wanted.max(self.pacer.next_send()))
     }
 
-    /// The unicast stream due first, and when.
-    pub(super) fn stream_due(&self) -> Option<(u64, Instant)> {
-        self.members
-            .streams
-            .iter()
-            .map(|(rid, s)| (*rid, s.due()))
-            .min_by_key(|(_, due)| *due)
+    /// The unicast stream or discovery burst due first, and when (`true`: a burst).
+    pub(super) fn stream_due(&self) -> Option<(u64, Instant, bool)> {
+        let streams = self.members.streams.iter().map(|(rid, s)| (rid, s, false));
+        let bursts = self.members.bursts.iter().map(|(rid, s)| (rid, s, true));
+        streams
+            .chain(bursts)
+            .filter(|(_, s, _)| s.live())
+            .map(|(rid, s, burst)| (*rid, s.due(), burst))
+            .min_by_key(|(_, due, _)| *due)
     }
 
     /// When this channel (its group loop or one of its unicast streams) next sends.
     pub(super) fn due(&self) -> Instant {
         match (self.group_due(), self.stream_due()) {
-            (Some(g), Some((_, s))) => g.min(s),
+            (Some(g), Some((_, s, _))) => g.min(s),
             (Some(g), None) => g,
-            (None, Some((_, s))) => s,
+            (None, Some((_, s, _))) => s,
             // Not reached (no member means the group is wanted); a far deadline, never a spin.
             (None, None) => self.pacer.next_send().max(self.next_sync),
         }

@@ -20,6 +20,8 @@ pub(super) struct Member {
     /// What the receiver's path carries, when it found the limit (0 = none found): tier
     /// and unicast rates follow this.
     pub(super) capacity_bps: u64,
+    /// When this member's last discovery burst was granted.
+    pub(super) burst_at: Option<Instant>,
 }
 
 impl Member {
@@ -44,6 +46,9 @@ pub(super) struct Members {
     all: HashMap<u64, Member>,
     /// Unicast streams by receiver id (ordered: a stable order to serve them in).
     pub(super) streams: BTreeMap<u64, UnicastStream>,
+    /// Discovery bursts running, by receiver id (`burst`): a member with one still
+    /// receives the group.
+    pub(super) bursts: BTreeMap<u64, UnicastStream>,
 }
 
 impl Members {
@@ -71,11 +76,13 @@ impl Members {
     /// receiver asks again if it still needs one).
     fn insert(&mut self, rid: u64, m: Member) {
         self.streams.remove(&rid);
+        self.bursts.remove(&rid);
         self.all.insert(rid, m);
     }
 
     pub(super) fn remove(&mut self, rid: u64) -> Option<Member> {
         self.streams.remove(&rid);
+        self.bursts.remove(&rid);
         self.all.remove(&rid)
     }
 
@@ -129,6 +136,7 @@ impl Members {
         });
         for rid in &expired {
             self.streams.remove(rid);
+            self.bursts.remove(rid);
         }
         expired
     }
@@ -223,10 +231,17 @@ impl ChannelManager {
                 &info,
                 tier,
                 // A receiver moving tiers carries on where its channel is (it holds what
-                // came before: a resumed receiver's start block, then the loop since); a
-                // new receiver starts where asked, else where the tier's loop last stopped.
+                // came before: a resumed receiver's start block, then the loop since), or
+                // where its discovery burst ended, which ran ahead of its channel; a new
+                // receiver starts where asked, else where the tier's loop last stopped.
                 current
-                    .map(|old| self.channels[&old].carousel.block())
+                    .map(|old| {
+                        let c = &self.channels[&old];
+                        c.members
+                            .bursts
+                            .get(&rid)
+                            .map_or(c.carousel.block(), |b| b.block())
+                    })
                     .or(start_block)
                     .or_else(|| self.stopped_at.get(&(archive_id, tier)).copied())
                     .unwrap_or(0),
@@ -256,6 +271,7 @@ impl ChannelManager {
                         rx_bps: 0,
                         loss_ppm: 0,
                         capacity_bps: 0,
+                        burst_at: None,
                     },
                 );
             }

@@ -22,11 +22,14 @@
 //! * `members` — members, joins and leases.
 //! * `unicast` — unicast requests and stateless cookies.
 //! * `unicast_stream` — a unicast member's own stream and its rate controller.
+//! * `burst` — discovery bursts: a short unicast burst at a faster tier's rate, so a receiver
+//!   can judge that tier without joining its group.
 //! * `repair` — NAK intake, per-source NAK budget, the repair queue.
 //! * `tiers` — tier channels and the rate policy fed by members' reports.
 //! * `schedule` — scheduled windows: opening and closing scheduled loops.
 //! * `stats` — counters and the stats report.
 
+mod burst;
 mod catalog;
 mod emit;
 mod loops;
@@ -47,6 +50,7 @@ use crate::archive::PacketId;
 use crate::wire::control::{ArchiveId, Control, Envelope, ErrorCode};
 use crate::wire::data::{DATA_HEADER_LEN, SYNC_LEN};
 
+pub use burst::{BURST_EVERY, MAX_BURST, MAX_BURSTS};
 pub use catalog::{HeadBytes, HeadRead, TitleInfo};
 pub use repair::MAX_REPAIR_QUEUE;
 pub use stats::{ChannelStats, Counters, Stats};
@@ -344,6 +348,12 @@ impl ChannelManager {
             Control::UnicastConfirm { archive_id, cookie } => {
                 self.unicast_confirm(now, from, &env, archive_id, cookie)
             }
+            Control::ProbeBurst {
+                archive_id,
+                cookie,
+                tier,
+                ms,
+            } => self.probe_burst(now, from, &env, archive_id, cookie, tier, ms),
             Control::StatsRequest => {
                 let json = serde_json::to_string(&self.stats()).unwrap_or_default();
                 self.reply(from, &env, Control::StatsReply { json });
@@ -367,6 +377,10 @@ impl ChannelManager {
             for s in c.members.streams.values_mut() {
                 s.adapt(now, fresh);
             }
+            // An ended burst is kept a moment: a move it leads to starts after it.
+            c.members
+                .bursts
+                .retain(|_, b| b.until().is_some_and(|u| now < u + burst::BURST_KEEP));
         }
         self.expire_leases(now);
         self.close_idle(now);
@@ -397,20 +411,26 @@ impl ChannelManager {
             .map(|(id, c, _)| (id, c))?;
         let stream = c
             .stream_due()
-            .filter(|(_, s)| c.group_due().is_none_or(|g| *s < g));
+            .filter(|(_, s, _)| c.group_due().is_none_or(|g| *s < g));
         let ctx = emit::EmitCtx {
             tag: c.tag,
             symbol_size: c.symbol_size,
             sync_interval: params.sync_interval,
             repair_share: params.repair_share,
             send_us: now.saturating_duration_since(self.origin).as_micros() as u64,
+            probe: false,
         };
-        if let Some((rid, _)) = stream {
+        if let Some((rid, _, burst)) = stream {
             let rtt = c
                 .members
                 .get(rid)
                 .map_or(params.grtt_initial, |m| m.rtt(params));
-            let s = c.members.streams.get_mut(&rid).expect("due stream exists");
+            let s = if burst {
+                c.members.bursts.get_mut(&rid)
+            } else {
+                c.members.streams.get_mut(&rid)
+            };
+            let s = s.expect("due stream exists");
             let (header, payload, dests) = s.transmit(now, ctx, rtt, &mut self.counters);
             return Some(Transmit {
                 channel: id,

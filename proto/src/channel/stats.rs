@@ -23,6 +23,11 @@ pub struct Counters {
     pub unknown_session: u64,
     pub cookies_sent: u64,
     pub unicast_started: u64,
+    /// Discovery bursts started ([`crate::wire::control::Control::ProbeBurst`]), refused
+    /// (too soon after the member's last one, or too many running), and their packets.
+    pub bursts_started: u64,
+    pub bursts_refused: u64,
+    pub burst_packets_sent: u64,
     pub bad_cookies: u64,
     pub sync_sent: u64,
     pub packets_sent: u64,

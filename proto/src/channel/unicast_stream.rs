@@ -45,6 +45,8 @@ pub const SLOW_START: f64 = 2.0;
 pub const CLIMB: f64 = 0.05;
 /// The stream never runs slower than this (a pacer rate of 0 would mean unlimited).
 const MIN_BPS: u64 = 64_000;
+/// A discovery burst sends a SYNC at least this often.
+const BURST_SYNCS: Duration = Duration::from_millis(8);
 /// Share of the stream's packets that may be repairs. Every repair is for its one receiver,
 /// so most of the stream may be repairs; the rest keeps the loop moving whatever NAKs come.
 const REPAIR_SHARE: f64 = 0.9;
@@ -68,6 +70,10 @@ pub(super) struct UnicastStream {
     /// Growth is applied up to here.
     last_adapt: Instant,
     pub(super) packets_sent: u64,
+    /// A discovery burst (`channel::burst`): a fixed rate that never adapts, and an end.
+    until: Option<Instant>,
+    /// The burst's closing SYNC went out.
+    final_sync: bool,
 }
 
 impl UnicastStream {
@@ -94,7 +100,42 @@ impl UnicastStream {
             last_report: now,
             last_adapt: now,
             packets_sent: 0,
+            until: None,
+            final_sync: false,
         }
+    }
+
+    /// A discovery burst to `to`: the loop from `start_block` at exactly `rate` bit/s until
+    /// `until`, its datagrams flagged PROBE.
+    pub(super) fn burst(
+        now: Instant,
+        to: SocketAddr,
+        shape: LoopShape,
+        start_block: u64,
+        rate: u64,
+        burst: Duration,
+        until: Instant,
+    ) -> UnicastStream {
+        let mut s = UnicastStream::new(now, to, shape, start_block, rate, burst);
+        s.slow_start = false;
+        s.set_rate(rate as f64);
+        s.until = Some(until);
+        s
+    }
+
+    /// Whether this burst still has time to send (always true for a stream).
+    pub(super) fn live(&self) -> bool {
+        self.until.is_none_or(|u| self.due() < u)
+    }
+
+    /// When this burst ends (`None` for a stream).
+    pub(super) fn until(&self) -> Option<Instant> {
+        self.until
+    }
+
+    /// The block the stream's loop is at.
+    pub(super) fn block(&self) -> u64 {
+        self.carousel.block()
     }
 
     pub(super) fn rate_bps(&self) -> u64 {
@@ -128,7 +169,10 @@ impl UnicastStream {
     pub(super) fn adapt(&mut self, now: Instant, fresh: Duration) {
         let dt = now.saturating_duration_since(self.last_adapt).as_secs_f64();
         self.last_adapt = now;
-        if self.capacity > 0 || now.saturating_duration_since(self.last_report) > fresh {
+        if self.until.is_some()
+            || self.capacity > 0
+            || now.saturating_duration_since(self.last_report) > fresh
+        {
             return;
         }
         let r = self.pacer.rate_bps() as f64;
@@ -157,6 +201,16 @@ impl UnicastStream {
         counters: &mut Counters,
     ) -> ([u8; DATA_HEADER_LEN], TransmitPayload, Arc<[SocketAddr]>) {
         ctx.repair_share = REPAIR_SHARE;
+        ctx.probe = self.until.is_some();
+        if let Some(until) = self.until {
+            // A burst says SYNC a few times over its length, the last time just before it
+            // ends: their delays show a queue building on the path.
+            ctx.sync_interval = BURST_SYNCS;
+            if !self.final_sync && until.saturating_duration_since(now) <= BURST_SYNCS / 4 {
+                self.final_sync = true;
+                self.next_sync = now;
+            }
+        }
         let parts = LoopParts {
             carousel: &mut self.carousel,
             repair: &mut self.repair,
@@ -166,6 +220,7 @@ impl UnicastStream {
         let (header, payload, sent) = next_datagram(now, parts, &ctx, || (rtt, 1), counters);
         match sent {
             Sent::Sync => {}
+            Sent::Repair | Sent::Loop if ctx.probe => counters.burst_packets_sent += 1,
             Sent::Repair | Sent::Loop => {
                 self.packets_sent += 1;
                 counters.unicast_packets_sent += 1;

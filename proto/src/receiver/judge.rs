@@ -49,7 +49,7 @@ impl LossTally {
 /// large share of the packets (at 1 % a receiver holding a 4 Gbit/s probe lost a third of
 /// it and received the archive three times).
 const OVERRUN_MIN: u64 = 4;
-const OVERRUN_FRACTION: f64 = 0.002;
+pub(super) const OVERRUN_FRACTION: f64 = 0.002;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Cause {

@@ -36,6 +36,10 @@ pub enum Purpose {
     Complete,
     UnicastRequest,
     UnicastConfirm,
+    /// The cookie for a discovery burst of (tier, ms).
+    BurstCookie(u8, u16),
+    /// The discovery burst itself.
+    Burst,
 }
 
 struct Pending {

@@ -28,6 +28,7 @@ use super::head_fetch::{HeadFetch, HeadFetchError};
 use super::nak::{NakCounters, NakEngine};
 use super::requests::{Purpose, Requests, Transmit, Via};
 use super::resume;
+use super::tier::TierMove;
 pub use super::tiering::TierSample;
 use super::tiering::Tiering;
 use crate::archive::{Head, PacketId};
@@ -207,6 +208,8 @@ pub struct SessionStats {
     pub foreign: u64,
     pub malformed: u64,
     pub repairs_received: u64,
+    /// Datagrams of discovery bursts (`channel::burst`) received.
+    pub burst_packets: u64,
     /// Re-joins of a channel that went silent.
     pub silent_rejoins: u64,
     /// Datagrams the driver's socket dropped (reported through
@@ -311,7 +314,7 @@ pub struct Session {
     /// Last verified packet or SYNC on the channel, and the last silent-channel re-join.
     last_channel: Instant,
     rejoined_at: Option<Instant>,
-    awaiting_hash: Vec<(PacketId, bool, Vec<u8>)>,
+    awaiting_hash: Vec<(PacketId, Source, Vec<u8>)>,
 }
 
 impl Session {
@@ -526,13 +529,13 @@ impl Session {
             );
         }
         let held: Vec<_> = std::mem::take(&mut self.awaiting_hash);
-        for (id, repair, payload) in held {
+        for (id, source, payload) in held {
             let b = eng_block(self.eng.as_ref().expect("engines"), id);
             if b != Some(block) {
-                self.awaiting_hash.push((id, repair, payload));
+                self.awaiting_hash.push((id, source, payload));
                 continue;
             }
-            if let Some(w) = self.on_loop_packet(now, id, repair, &payload, 0) {
+            if let Some(w) = self.on_loop_packet(now, id, source, &payload, 0) {
                 let offset = w.offset;
                 self.events.push_back(Event::Write {
                     offset,
@@ -629,6 +632,17 @@ impl Session {
             .as_ref()
             .map_or(0, |e| resume::missing_bytes(&e.dl))
     }
+}
+
+/// Where a loop packet came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The channel's loop (or the unicast stream's).
+    Loop,
+    /// A repair, sent ahead of the loop.
+    Repair,
+    /// A discovery burst.
+    Burst,
 }
 
 /// The block a packet belongs to.
@@ -735,6 +749,29 @@ impl Session {
                 }
                 other => self.unicast_failed(now, &format!("unicast refused: {other:?}")),
             },
+            Some(Purpose::BurstCookie(tier, ms)) => match env.msg {
+                Control::Cookie { archive_id, cookie } => self.request(
+                    now,
+                    Purpose::Burst,
+                    Via::Unicast,
+                    Control::ProbeBurst {
+                        archive_id,
+                        cookie,
+                        tier,
+                        ms,
+                    },
+                ),
+                other => self.burst_refused(now, &other),
+            },
+            Some(Purpose::Burst) => match env.msg {
+                Control::UnicastOk { .. } => {
+                    tracing::debug!("discovery burst granted");
+                    if let Some(e) = self.eng.as_mut() {
+                        e.tiering.on_burst_granted(now);
+                    }
+                }
+                other => self.burst_refused(now, &other),
+            },
             None => {
                 if let Control::Error {
                     code: ErrorCode::UnknownSession,
@@ -772,7 +809,41 @@ impl Session {
                 let server = self.cfg.server;
                 self.unicast_failed(now, &format!("server {server} did not answer ({SHORT_TRIES} tries)"))
             }
+            Purpose::BurstCookie(..) | Purpose::Burst => {
+                self.burst_refused(now, &"no answer")
+            }
         }
+    }
+
+    /// A discovery burst was refused or got no answer (an older server; a busy one, already
+    /// running a few for receivers that started together; unicast filtered): the tier
+    /// engine probes the group instead, at once.
+    fn burst_refused(&mut self, now: Instant, why: &dyn std::fmt::Debug) {
+        tracing::debug!(
+            ?why,
+            "discovery burst not granted: probing the group instead"
+        );
+        if let Some(e) = self.eng.as_mut() {
+            e.tiering.on_burst_refused(now);
+        }
+    }
+
+    /// Ask for a discovery burst (cookie first: it goes to the unicast socket).
+    fn ask_burst(&mut self, now: Instant, tier: u8, ms: u16) {
+        let Some(archive_id) = self.archive_id() else {
+            return;
+        };
+        if !self.unicast_opened {
+            self.unicast_opened = true;
+            self.events.push_back(Event::OpenUnicast);
+        }
+        tracing::debug!(tier, ms, "asking for a discovery burst");
+        self.request(
+            now,
+            Purpose::BurstCookie(tier, ms),
+            Via::Unicast,
+            Control::UnicastRequest { archive_id },
+        );
     }
 
     fn on_join_reply(&mut self, now: Instant, msg: Control) {
@@ -1064,6 +1135,27 @@ impl Session {
             self.stats.foreign += 1;
             return None;
         }
+        if hdr.probe {
+            // A discovery burst: judged apart from the channel; its loop packets are kept
+            // (verified like any) but, like repairs, do not move the loop position.
+            let id = match hdr.kind {
+                DataKind::Packet(id) => id,
+                DataKind::Sync => {
+                    if let Ok(info) = SyncInfo::decode(payload) {
+                        eng.tiering.on_burst_sync(&info, now);
+                    }
+                    return None;
+                }
+            };
+            let shape = eng.dl.shape();
+            eng.tiering
+                .on_burst_packet(now, dg.len(), shape.loop_pos(id), shape.loop_packets());
+            self.stats.received_packets += 1;
+            self.stats.received_bytes += payload.len() as u64;
+            self.stats.burst_packets += 1;
+            let start = dg.len() - payload.len();
+            return self.on_loop_packet(now, id, Source::Burst, payload, start);
+        }
         let id = match hdr.kind {
             DataKind::Sync => {
                 if let Ok(info) = SyncInfo::decode(payload) {
@@ -1092,7 +1184,12 @@ impl Session {
             self.last_loop_no = Some(hdr.loop_no);
         }
         let start = dg.len() - payload.len();
-        self.on_loop_packet(now, id, hdr.repair, payload, start)
+        let source = if hdr.repair {
+            Source::Repair
+        } else {
+            Source::Loop
+        };
+        self.on_loop_packet(now, id, source, payload, start)
     }
 
     /// A loop packet of this archive: verify it, move the NAK engine, say what to write.
@@ -1101,19 +1198,24 @@ impl Session {
         &mut self,
         now: Instant,
         id: PacketId,
-        repair: bool,
+        source: Source,
         payload: &[u8],
         start: usize,
     ) -> Option<Write> {
         let eng = self.eng.as_mut().expect("receiving");
         let verdict = eng.dl.on_packet(id, payload);
         // Only verified packets may move the NAK engine (and prove the channel works): a
-        // forged position must not mark a loop's worth of units missing.
+        // forged position must not mark a loop's worth of units missing. A burst's proves
+        // nothing about the channel, and like a repair's is no loop position.
         let dl = &eng.dl;
+        let repair = source != Source::Loop;
+        let channel = source != Source::Burst;
         match verdict {
             Verdict::Write { .. } => {
-                self.heard = true;
-                self.last_channel = now;
+                if channel {
+                    self.heard = true;
+                    self.last_channel = now;
+                }
                 self.last_heard = now;
                 eng.nak.on_packet(now, id, repair, |u| dl.has_or_parked(u));
             }
@@ -1125,8 +1227,10 @@ impl Session {
             // Genuine duplicates still tell the loop position (a loss at the end of a loop is
             // only seen from the next loop's packets, which are duplicates).
             Verdict::Duplicate if dl.duplicate_is_genuine(id, payload) => {
-                self.heard = true;
-                self.last_channel = now;
+                if channel {
+                    self.heard = true;
+                    self.last_channel = now;
+                }
                 self.last_heard = now;
                 eng.nak.on_packet(now, id, repair, |u| dl.has_or_parked(u));
             }
@@ -1145,7 +1249,7 @@ impl Session {
                         self.events
                             .push_back(Event::ReadHash { block, offset, len });
                     }
-                    self.awaiting_hash.push((id, repair, payload.to_vec()));
+                    self.awaiting_hash.push((id, source, payload.to_vec()));
                 }
             }
             Verdict::Duplicate | Verdict::NoHashYet | Verdict::Rejected => {}
@@ -1314,8 +1418,19 @@ impl Session {
         if let Some(s) = eng.tiering.take_sample() {
             self.events.push_back(Event::TierJudged(s));
         }
-        let Some(t) = mv.filter(|_| !self.unicast_ok) else {
-            return;
+        let t = match mv.filter(|_| !self.unicast_ok) {
+            None => return,
+            Some(TierMove::Burst { .. }) if !self.heard => {
+                // Nothing heard on the channel yet (it may be in its SYNC lead, or multicast
+                // may not reach us at all): no path to compare a burst with.
+                eng.tiering.on_burst_not_asked();
+                return;
+            }
+            Some(TierMove::Burst { tier, ms }) => {
+                self.ask_burst(now, tier as u8, ms);
+                return;
+            }
+            Some(TierMove::To(t)) => t as u8,
         };
         if from.is_some_and(|f| (t as usize) < f) {
             // A move down (a failed probe, or congestion): what was found missing was lost

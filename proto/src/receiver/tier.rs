@@ -78,6 +78,9 @@ pub struct TierParams {
     /// then fill, arriving again as duplicates: on one core at 4 Gbit/s a full 0.5 s
     /// interval cost 0.8× the archive of a 64 MiB title.
     pub overrun_cut: Duration,
+    /// Discover with a unicast burst (`channel::burst`) rather than by joining the top
+    /// tier's group; off, or when a burst gets no answer, the group is probed.
+    pub bursts: bool,
     /// Bytes of one loop of the title (0: unknown). A probe is judged over at most an eighth
     /// of a loop at the probed tier's rate ([`Self::probe_interval`]): on a small title at a
     /// high rate a whole interval would run through the loop, so a failed probe left holes
@@ -101,6 +104,7 @@ impl TierParams {
             follow_wait: Duration::from_secs(3),
             capacity_hold: Duration::from_secs(5),
             overrun_cut: Duration::from_millis(50),
+            bursts: true,
             loop_bytes: 0,
         }
     }
@@ -145,6 +149,59 @@ pub enum TierMove {
     /// Leave the current channel and join this tier's channel (progress is kept: the download
     /// state does not depend on the channel).
     To(usize),
+    /// Ask the server for a discovery burst of this tier's rate, `ms` long, by unicast
+    /// (`channel::burst`), and report it: [`TierEngine::on_burst_granted`],
+    /// [`TierEngine::on_burst_packet`], [`TierEngine::on_burst_refused`].
+    Burst { tier: usize, ms: u16 },
+}
+
+/// How long a discovery burst runs: enough for a bottleneck to show its rate in the
+/// arrivals (a queue that absorbs the excess stretches them; one that overflows drops it),
+/// little enough that the burst's bytes cost little. A receiver that then joins a loop
+/// already running hears them again: at most a 32nd of the loop, down to [`BURST_MIN`].
+pub const BURST_LEN: Duration = Duration::from_millis(50);
+pub const BURST_MIN: Duration = Duration::from_millis(10);
+/// After a burst's end, how long its last datagrams may still be queued on the path.
+const BURST_GRACE: Duration = Duration::from_millis(100);
+/// A burst not granted within this is given up (the group probe is made instead).
+const BURST_ASK: Duration = Duration::from_secs(1);
+/// A path carries the burst's tier when at most this share of the burst's positions went
+/// missing, over and above the random-loss floor (and its SYNCs saw no queue build up): a
+/// bottleneck below the rate drops the excess, or queues it.
+const BURST_LOSS: f64 = 0.15;
+/// ... and its SYNCs' delay rose by less than this share of the time they were sent over
+/// (the path took the burst at least two-thirds as fast as it was sent), or by less than
+/// the jitter of a busy host. A receiver sharing a core with others processes a burst in
+/// spurts, which looks like a queue a third as long as the burst; a bottleneck at a fifth
+/// of the rate queues it for four times as long.
+const BURST_QUEUE: f64 = 0.5;
+const BURST_JITTER: Duration = Duration::from_millis(5);
+
+/// A discovery burst asked for, or running.
+struct Burst {
+    tier: usize,
+    from: usize,
+    from_bps: u64,
+    rate: u64,
+    len: Duration,
+    asked_at: Instant,
+    /// When it is judged (`None` until granted).
+    judge_at: Option<Instant>,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    bytes: u64,
+    packets: u64,
+    overruns: u64,
+    /// Loop position of the first datagram, and the run of positions seen since.
+    first_pos: Option<u64>,
+    span: u64,
+    /// Send times and one-way delays of its SYNCs: a queue filling shows as a rise, and a
+    /// rise that is a good part of the time they were sent over means the path takes the
+    /// burst more slowly than the server sent it, whatever rate that was.
+    sent_first: u64,
+    sent_last: u64,
+    delay_min: i64,
+    delay_max: i64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -152,6 +209,9 @@ pub struct TierCounters {
     pub moves_down: u32,
     pub probes: u32,
     pub probes_failed: u32,
+    /// Discovery bursts judged, and those whose rate the path did not carry.
+    pub bursts: u32,
+    pub bursts_failed: u32,
     /// Throughput of the last judged interval on a held tier, bit/s (reported to the server;
     /// 0: nothing to report yet since the last move).
     pub measured_bps: u64,
@@ -208,6 +268,12 @@ pub struct TierEngine {
     intervals: u64,
     /// Bytes still missing (`None`: unknown, treated as plenty).
     missing_bytes: Option<u64>,
+    burst: Option<Burst>,
+    /// A burst got no answer or nothing through: probe the group from now on.
+    bursts_ok: bool,
+    /// A burst was refused: the group probe it stood for is due now (the rate of the tier
+    /// it leaves).
+    group_probe_now: Option<u64>,
     pub counters: TierCounters,
 }
 
@@ -236,6 +302,9 @@ impl TierEngine {
             overrun_window: false,
             intervals: 0,
             missing_bytes: None,
+            burst: None,
+            bursts_ok: true,
+            group_probe_now: None,
             counters: TierCounters::default(),
         }
     }
@@ -293,7 +362,11 @@ impl TierEngine {
 
     /// Datagrams the receiver's own socket dropped.
     pub fn on_overrun(&mut self, n: u64) {
-        self.judge.on_overrun(n);
+        match self.burst.as_mut() {
+            // During a burst the flood is the burst's: it is judged on its own.
+            Some(b) => b.overruns += n,
+            None => self.judge.on_overrun(n),
+        }
     }
 
     /// When the engine next wants [`Self::poll`].
@@ -302,6 +375,12 @@ impl TierEngine {
     /// the capacity it measures (what was processed) covers only the probed channel's flood,
     /// not the request and join before it; it is judged `overrun_cut` later.
     pub fn next_deadline(&self) -> Instant {
+        if self.group_probe_now.is_some() {
+            return self.interval_start;
+        }
+        if let Some(b) = &self.burst {
+            return b.judge_at.unwrap_or(b.asked_at + BURST_ASK);
+        }
         if self.probe.is_some() {
             let full = self.interval_start + self.p.probe_interval(self.tier);
             if self.overrun_window {
@@ -350,10 +429,203 @@ impl TierEngine {
         TierMove::To(to)
     }
 
+    /// The server granted the burst asked for: it runs from now.
+    pub fn on_burst_granted(&mut self, now: Instant) {
+        if let Some(b) = self.burst.as_mut().filter(|b| b.judge_at.is_none()) {
+            b.judge_at = Some(now + b.len + BURST_GRACE);
+        }
+    }
+
+    /// The server refused the burst (busy, or an older server) or never answered: probe the
+    /// group instead, at once (the interval before the burst was calm).
+    pub fn on_burst_refused(&mut self, now: Instant) {
+        if let Some(b) = self.burst.take() {
+            self.bursts_ok = false;
+            self.restart_interval(now);
+            self.group_probe_now = Some(b.from_bps);
+        }
+    }
+
+    /// The burst was not asked for (the channel has not been heard yet, so the path is
+    /// unknown either way): ask again after the next calm interval.
+    pub fn on_burst_not_asked(&mut self) {
+        self.burst = None;
+    }
+
+    /// A datagram of the discovery burst arrived (`bytes` on the wire), at loop position
+    /// `pos` of `loop_len`: the burst is a run of consecutive positions, so the run it
+    /// spans says how many were sent.
+    pub fn on_burst_packet(&mut self, now: Instant, bytes: usize, pos: u64, loop_len: u64) {
+        if let Some(b) = self.burst.as_mut() {
+            b.first.get_or_insert(now);
+            b.last = Some(now);
+            b.bytes += bytes as u64;
+            b.packets += 1;
+            let first = *b.first_pos.get_or_insert(pos);
+            let ahead = (pos + loop_len - first) % loop_len.max(1);
+            // Reordered ahead of the first one seen: not a run of a whole loop.
+            if ahead < loop_len / 2 {
+                b.span = b.span.max(ahead + 1);
+            }
+        }
+    }
+
+    /// A SYNC of the burst: its send time (µs, the server's clock) and one-way delay
+    /// (`arrival − send time`, µs, any clocks).
+    pub fn on_burst_sync(&mut self, send_us: u64, delay_us: i64) {
+        if let Some(b) = self.burst.as_mut() {
+            b.sent_first = b.sent_first.min(send_us);
+            b.sent_last = b.sent_last.max(send_us);
+            b.delay_min = b.delay_min.min(delay_us);
+            b.delay_max = b.delay_max.max(delay_us);
+        }
+    }
+
+    /// The interval a burst disturbed (its flood shares the path with the channel) is not
+    /// judged: measuring starts afresh.
+    fn restart_interval(&mut self, now: Instant) {
+        self.judge.restart();
+        self.interval_start = now;
+    }
+
+    /// Ask for a discovery burst of the top tier instead of joining its group.
+    fn ask_burst(&mut self, now: Instant, from_bps: u64) -> TierMove {
+        let tier = self.p.tiers_bps.len() - 1;
+        let rate = self.p.tiers_bps[tier];
+        let share = Duration::from_secs_f64(self.p.loop_bytes as f64 * 8.0 / 32.0 / rate as f64);
+        let len = if self.p.loop_bytes == 0 {
+            BURST_LEN
+        } else {
+            share.clamp(BURST_MIN, BURST_LEN)
+        };
+        self.burst = Some(Burst {
+            tier,
+            from: self.tier,
+            from_bps,
+            rate,
+            len,
+            asked_at: now,
+            judge_at: None,
+            first: None,
+            last: None,
+            bytes: 0,
+            packets: 0,
+            overruns: 0,
+            first_pos: None,
+            span: 0,
+            sent_first: u64::MAX,
+            sent_last: 0,
+            delay_min: i64::MAX,
+            delay_max: i64::MIN,
+        });
+        TierMove::Burst {
+            tier,
+            ms: len.as_millis().min(u16::MAX as u128) as u16,
+        }
+    }
+
+    /// The burst is over (or was never granted): what got through says whether the path
+    /// carries its tier. If so, join that tier (still judged as a probe); if not, go straight
+    /// to the tier its capacity fits, without the probed group ever reaching the path.
+    fn judge_burst(&mut self, now: Instant) -> Option<TierMove> {
+        let b = self.burst.take().expect("a burst to judge");
+        self.restart_interval(now);
+        let (Some(first), Some(last)) = (b.first, b.last) else {
+            // Nothing came (unicast filtered, or never granted): the group probe instead.
+            self.bursts_ok = false;
+            return None;
+        };
+        self.counters.bursts += 1;
+        self.slow_start = false;
+        // What got through, over the time it took to arrive: a bottleneck slower than the
+        // burst drops the excess or queues it (stretching the arrivals), so this is its rate.
+        let secs = last
+            .saturating_duration_since(first)
+            .max(b.len)
+            .as_secs_f64();
+        let got = b.bytes as f64 * 8.0 / secs;
+        let floor = self.judge.floor().unwrap_or(0.0);
+        let overran = b.overruns as f64 > b.packets as f64 * super::judge::OVERRUN_FRACTION;
+        // Carried: few of the positions sent are missing (beyond random loss), and no queue
+        // built up. Judged on what the server sent, not the tier's nominal rate: a sender
+        // short of CPU sends fewer, and they all arrive.
+        let lost = 1.0 - b.packets as f64 / b.span.max(1) as f64;
+        let rise = b.delay_max.saturating_sub(b.delay_min).max(0);
+        let window = b.sent_last.saturating_sub(b.sent_first) as i64;
+        let queued = rise >= self.p.delay_rise.as_micros() as i64
+            || (rise > BURST_JITTER.as_micros() as i64
+                && rise as f64 > BURST_QUEUE * window as f64);
+        let carried = lost <= BURST_LOSS + floor && !queued;
+        let probe = |from: usize, discovery: bool| Probe {
+            from,
+            until: now + self.p.probe_hold,
+            discovery,
+            from_bps: b.from_bps,
+        };
+        // The channel's own traffic shared the bottleneck with the burst and lost in the same
+        // proportion: the path carries what got through of both.
+        let shared = got * (b.rate + b.from_bps) as f64 / b.rate as f64;
+        let reaches = self.p.best_fit(shared as u64) >= b.tier;
+        tracing::debug!(
+            got_bps = got as u64,
+            lost,
+            rise_us = rise,
+            window_us = window,
+            packets = b.packets,
+            overruns = b.overruns,
+            carried,
+            reaches,
+            "discovery burst judged"
+        );
+        if !overran && (carried || reaches) {
+            // It carries the tier, or at least the tier's band (the server brings the rate
+            // down to what members report): join it, judged as a discovery probe.
+            self.counters.probes += 1;
+            self.probe = Some(probe(b.from, true));
+            return Some(self.switch(b.tier, now, Cause::Calm));
+        }
+        self.counters.bursts_failed += 1;
+        // A receiver that overran processed `got` in a burst it cannot keep up
+        // ([`OVERRUN_MARGIN`]).
+        let (capacity, to) = if overran {
+            let c = got / OVERRUN_MARGIN as f64;
+            (c, self.p.nominal_fit(c as u64))
+        } else {
+            (shared, self.p.best_fit(shared as u64))
+        };
+        for i in b.from + 1..self.p.tiers_bps.len() {
+            if self.p.floor(i) as f64 >= capacity * 0.9 {
+                self.probe_timer[i] = self.p.probe_max;
+            }
+        }
+        // Where the capacity fits, as a failed discovery probe lands: held unless congestion
+        // says otherwise.
+        let to = to.clamp(b.from, b.tier - 1);
+        if to == b.from {
+            return None;
+        }
+        let mv = self.switch(to, now, Cause::Calm);
+        // The group left still reaches the path until the switch honours the leave (~2 s):
+        // the capacity is known from the burst, so that overlap is not judged.
+        self.settle_until = now + self.p.settle;
+        Some(mv)
+    }
+
     /// Judge the interval if it is over; maybe move.
     pub fn poll(&mut self, now: Instant) -> Option<TierMove> {
         if now < self.next_deadline() {
             return None;
+        }
+        if let Some(b) = &self.burst {
+            if b.judge_at.is_none() {
+                self.on_burst_refused(now);
+            } else {
+                return self.judge_burst(now);
+            }
+        }
+        if let Some(from_bps) = self.group_probe_now.take() {
+            let top = self.p.tiers_bps.len() - 1;
+            return Some(self.start_probe(now, top, from_bps, Cause::Calm));
         }
         if self.probe.is_some() && !self.overrun_window && self.judge.overrunning() {
             self.judge.restart();
@@ -529,20 +801,29 @@ impl TierEngine {
             (up, self.probe_timer[up])
         };
         if calm >= wait && self.worth_probing() {
-            self.counters.probes += 1;
-            self.probe = Some(Probe {
-                from_bps: self
-                    .channel_bps
-                    .unwrap_or(self.p.tiers_bps[self.tier])
-                    .min(self.p.tiers_bps[self.tier]),
-                from: self.tier,
-                until: now + self.p.probe_hold,
-                discovery: self.slow_start,
-            });
-            self.slow_start = false;
-            return Some(self.switch(to, now, v.cause));
+            let from_bps = self
+                .channel_bps
+                .unwrap_or(self.p.tiers_bps[self.tier])
+                .min(self.p.tiers_bps[self.tier]);
+            if self.slow_start && self.p.bursts && self.bursts_ok {
+                return Some(self.ask_burst(now, from_bps));
+            }
+            return Some(self.start_probe(now, to, from_bps, v.cause));
         }
         None
+    }
+
+    /// Join tier `to` as an experiment (a discovery probe while nothing is known yet).
+    fn start_probe(&mut self, now: Instant, to: usize, from_bps: u64, cause: Cause) -> TierMove {
+        self.counters.probes += 1;
+        self.probe = Some(Probe {
+            from_bps,
+            from: self.tier,
+            until: now + self.p.probe_hold,
+            discovery: self.slow_start,
+        });
+        self.slow_start = false;
+        self.switch(to, now, cause)
     }
 }
 
@@ -562,6 +843,8 @@ mod tests {
     struct Bed {
         e: TierEngine,
         moves: Vec<(f64, usize)>,
+        /// When discovery bursts were asked for.
+        bursts: Vec<f64>,
         rate: Vec<f64>,
     }
 
@@ -571,6 +854,7 @@ mod tests {
         let mut b = Bed {
             e: TierEngine::new(p.clone(), t0),
             moves: Vec::new(),
+            bursts: Vec::new(),
             rate: tiers.iter().map(|&r| r as f64).collect(),
         };
         let step = 0.01;
@@ -578,14 +862,32 @@ mod tests {
         let mut queue_ms = 0.0f64;
         let mut lost_acc = 0.0;
         let mut since_sync = 0.0;
+        // A discovery burst running: (until, rate); granted at once.
+        let mut burst: Option<(f64, f64)> = None;
+        let mut bpos = 0u64;
         while t < secs {
             let now = t0 + Duration::from_secs_f64(t);
             let tier = b.e.tier();
             let rate = b.rate[tier];
             let c = cap(t) as f64;
+            let brate = burst.filter(|&(end, _)| t < end).map_or(0.0, |(_, r)| r);
+            // Channel and burst share the path in proportion to what they offer.
+            let offered = rate + brate;
+            let share = (c / offered).min(1.0);
             let pkts = (rate * step / (1304.0 * 8.0)).round();
-            let through = ((c.min(rate) * step) / (1304.0 * 8.0)).round();
-            queue_ms = if rate > c {
+            let through = ((rate * share * step) / (1304.0 * 8.0)).round();
+            let burst_sent = (brate * step / (1304.0 * 8.0)).round() as u64;
+            let burst_through = ((brate * share * step) / (1304.0 * 8.0) * (1.0 - loss)).round();
+            // Consecutive loop positions; what is lost is spread over the step's run.
+            for k in 0..burst_through as u64 {
+                let pos = bpos + k * burst_sent / (burst_through as u64).max(1);
+                b.e.on_burst_packet(now, 1304, pos, 1 << 40);
+            }
+            bpos += burst_sent;
+            if brate > 0.0 {
+                b.e.on_burst_sync((t * 1e6) as u64, (queue_ms * 1000.0) as i64);
+            }
+            queue_ms = if offered > c {
                 (queue_ms + 10.0).min(50.0)
             } else {
                 (queue_ms - 10.0).max(0.0)
@@ -607,8 +909,16 @@ mod tests {
                 since_sync = 0.0;
                 b.e.on_sync(now, (queue_ms * 1000.0) as i64, rate as u64);
             }
-            if let Some(TierMove::To(x)) = b.e.poll(now) {
-                b.moves.push((t, x));
+            match b.e.poll(now) {
+                Some(TierMove::To(x)) => b.moves.push((t, x)),
+                Some(TierMove::Burst { tier, ms }) => {
+                    b.e.on_burst_granted(now);
+                    // It arrives over the next `ms` of steps.
+                    let end = t + step / 2.0 + ms as f64 / 1000.0;
+                    burst = Some((end, tiers[tier] as f64));
+                    b.bursts.push(t);
+                }
+                None => {}
             }
             if follow && b.e.probe.is_none() {
                 let cap = b.e.counters.capacity_bps as f64;
@@ -663,7 +973,9 @@ mod tests {
             }
             None
         };
-        let mut e = TierEngine::new(TierParams::new(TIERS.to_vec()), t0);
+        let mut p = TierParams::new(TIERS.to_vec());
+        p.bursts = false;
+        let mut e = TierEngine::new(p, t0);
         // Tier 0 runs at 4 Mbit/s: 400 kB take 0.8 s.
         e.on_missing(400_000);
         assert_eq!(calm(&mut e, 0.0, 5.0), None);
@@ -680,7 +992,8 @@ mod tests {
     #[test]
     fn a_probe_that_overruns_the_socket_fails_within_the_cut() {
         let t0 = Instant::now();
-        let p = TierParams::new(TIERS.to_vec());
+        let mut p = TierParams::new(TIERS.to_vec());
+        p.bursts = false; // the group probe's own cut (a burst is judged on its own)
         let mut e = TierEngine::new(p.clone(), t0);
         let cpu = 100_000_000.0;
         let mut probe_at = None;
@@ -706,6 +1019,7 @@ mod tests {
                     assert_eq!(e.counters.congested_overrun, 1);
                     return;
                 }
+                Some(TierMove::Burst { .. }) => panic!("bursts are off"),
                 None => {}
             }
             t += step;
@@ -743,6 +1057,75 @@ mod tests {
         assert_eq!(x, 3);
         assert!(!e.settling(t0 + Duration::from_secs_f64(at + 0.1)));
         assert_eq!(e.counters.congested_overrun, 2);
+    }
+
+    /// Discovery is a unicast burst: a receiver behind a slow link goes straight to a tier
+    /// its link carries and never joins the top tier's group (whose leave a switch would
+    /// take seconds to honour); a fast one, clean or with random loss, joins the top.
+    #[test]
+    fn a_discovery_burst_never_joins_a_group_the_link_cannot_carry() {
+        for (cap, loss, top) in [
+            (40_000_000u64, 0.0, false),
+            (200_000_000, 0.0, false),
+            (200_000_000, 0.05, false),
+            (2_000_000_000, 0.0, true),
+            (2_000_000_000, 0.05, true),
+            (2_000_000_000, 0.10, true),
+        ] {
+            let b = run(&TIERS, |_| cap, loss, false, 5.0);
+            let what = format!(
+                "link {cap}, loss {loss}: moves {:?}, {:?}",
+                b.moves, b.e.counters
+            );
+            assert_eq!(b.bursts.len(), 1, "{what}");
+            assert_eq!(b.e.counters.bursts, 1, "{what}");
+            assert_eq!(b.e.counters.bursts_failed, u32::from(!top), "{what}");
+            let first = b.moves.first().map(|m| m.1);
+            if top {
+                assert_eq!(first, Some(4), "{what}");
+            } else {
+                assert!(b.moves.iter().all(|m| m.1 < 4), "{what}");
+                assert_eq!(
+                    first,
+                    Some(TierParams::new(TIERS.to_vec()).best_fit(cap)),
+                    "{what}"
+                );
+            }
+        }
+    }
+
+    /// A burst the server never grants (an older server, unicast filtered) is given up after
+    /// [`BURST_ASK`], and the group is probed instead.
+    #[test]
+    fn a_burst_never_granted_falls_back_to_the_group_probe() {
+        let t0 = Instant::now();
+        let mut e = TierEngine::new(TierParams::new(TIERS.to_vec()), t0);
+        let mut asked = None;
+        let mut t = 0.0;
+        while t < 4.0 {
+            let now = t0 + Duration::from_secs_f64(t);
+            feed_short_of_cpu(&mut e, now, 0.01, f64::MAX);
+            match e.poll(now) {
+                Some(TierMove::Burst { tier, ms }) => {
+                    assert_eq!((tier, ms), (4, BURST_LEN.as_millis() as u16));
+                    assert!(asked.replace(t).is_none(), "one burst asked for");
+                }
+                Some(TierMove::To(x)) => {
+                    let asked = asked.expect("a burst was asked for first");
+                    assert_eq!(x, 4);
+                    assert!(e.probing());
+                    assert!(t >= asked + BURST_ASK.as_secs_f64(), "{t} {asked}");
+                    assert_eq!(e.counters.bursts, 0);
+                    return;
+                }
+                None => {}
+            }
+            t += 0.01;
+        }
+        panic!(
+            "no group probe after the burst went unanswered: {:?}",
+            e.counters
+        );
     }
 
     #[test]

@@ -121,8 +121,8 @@ impl Tiering {
         }
     }
 
-    /// The tier to move to, if the engine decided on one.
-    pub fn poll(&mut self, now: Instant) -> Option<u8> {
+    /// The tier to move to (or a discovery burst to ask for), if the engine decided on one.
+    pub fn poll(&mut self, now: Instant) -> Option<TierMove> {
         let from = self.tier().unwrap_or(0);
         let e = &mut self.engine;
         let judged_before = e.intervals();
@@ -141,10 +141,38 @@ impl Tiering {
                 "tier interval"
             );
         }
-        let TierMove::To(t) = mv?;
-        self.account(from, now);
-        self.changes += 1;
-        Some(t as u8)
+        match mv? {
+            TierMove::To(t) => {
+                self.account(from, now);
+                self.changes += 1;
+                Some(TierMove::To(t))
+            }
+            burst @ TierMove::Burst { .. } => Some(burst),
+        }
+    }
+
+    /// The discovery burst asked for was granted, refused, or one of its datagrams came.
+    pub fn on_burst_granted(&mut self, now: Instant) {
+        self.engine.on_burst_granted(now);
+    }
+
+    pub fn on_burst_refused(&mut self, now: Instant) {
+        self.engine.on_burst_refused(now);
+    }
+
+    pub fn on_burst_not_asked(&mut self) {
+        self.engine.on_burst_not_asked();
+    }
+
+    /// A burst datagram at loop position `pos` of a loop of `loop_len` packets.
+    pub fn on_burst_packet(&mut self, now: Instant, bytes: usize, pos: u64, loop_len: u64) {
+        self.engine.on_burst_packet(now, bytes, pos, loop_len);
+    }
+
+    pub fn on_burst_sync(&mut self, info: &SyncInfo, now: Instant) {
+        let local = now.saturating_duration_since(self.clock0).as_micros() as i64;
+        self.engine
+            .on_burst_sync(info.send_us, local - info.send_us as i64);
     }
 
     fn account(&mut self, tier: usize, now: Instant) {

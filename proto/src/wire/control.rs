@@ -152,6 +152,16 @@ pub enum Control {
         archive_id: ArchiveId,
         cookie: Cookie,
     },
+    /// A discovery burst: send me `ms` milliseconds of the loop at tier `tier`'s rate, by
+    /// unicast to this address (the cookie from [`Control::Cookie`] proves it is mine), so I
+    /// can tell whether my path carries that tier without joining its group. Answered with
+    /// [`Control::UnicastOk`]; the burst's datagrams carry the PROBE flag.
+    ProbeBurst {
+        archive_id: ArchiveId,
+        cookie: Cookie,
+        tier: u8,
+        ms: u16,
+    },
     /// Counters, as JSON (operators and tests).
     StatsRequest,
     /// Present a play ticket for `title` (the encoded ticket, not its armor) and ask for the
@@ -237,6 +247,7 @@ mod t {
     pub const PLAY_REQ: u8 = 9;
     pub const CHANGE_TIER: u8 = 10;
     pub const JOIN_AT: u8 = 11;
+    pub const PROBE_BURST: u8 = 12;
     pub const CATALOG: u8 = 64;
     pub const JOIN_OK: u8 = 65;
     pub const NOT_HERE: u8 = 66;
@@ -314,6 +325,18 @@ impl Envelope {
                 b.extend_from_slice(archive_id);
                 b.extend_from_slice(cookie);
                 t::UNICAST_CONFIRM
+            }
+            Control::ProbeBurst {
+                archive_id,
+                cookie,
+                tier,
+                ms,
+            } => {
+                b.extend_from_slice(archive_id);
+                b.extend_from_slice(cookie);
+                b.put_u8(*tier);
+                b.put_u16(*ms);
+                t::PROBE_BURST
             }
             Control::ChangeTier { archive_id, tier } => {
                 b.extend_from_slice(archive_id);
@@ -483,6 +506,12 @@ impl Envelope {
             t::UNICAST_CONFIRM => Control::UnicastConfirm {
                 archive_id: r.array("archive_id")?,
                 cookie: r.array("cookie")?,
+            },
+            t::PROBE_BURST => Control::ProbeBurst {
+                archive_id: r.array("archive_id")?,
+                cookie: r.array("cookie")?,
+                tier: r.u8("tier")?,
+                ms: r.u16("ms")?,
             },
             t::STATS_REQ => Control::StatsRequest,
             t::PLAY_REQ => Control::PlayRequest {
@@ -669,6 +698,12 @@ mod tests {
             Control::UnicastConfirm {
                 archive_id: id,
                 cookie: [4; 16],
+            },
+            Control::ProbeBurst {
+                archive_id: id,
+                cookie: [5; 16],
+                tier: 3,
+                ms: 250,
             },
             Control::StatsRequest,
             Control::CatalogReply {

@@ -19,6 +19,9 @@ pub const DATA_HEADER_LEN: usize = 24;
 const KIND_SYNC: u8 = 0;
 /// Header flag: this packet is a repair.
 const FLAG_REPAIR: u16 = 1;
+/// Header flag: this datagram belongs to a discovery burst to one receiver
+/// ([`crate::wire::control::Control::ProbeBurst`]). Older receivers ignore it.
+const FLAG_PROBE: u16 = 2;
 const KIND_HASH: u8 = 1;
 const KIND_DATA: u8 = 2;
 
@@ -34,6 +37,9 @@ pub struct DataHeader {
     pub kind: DataKind,
     /// A repair sent ahead of the loop in answer to NAKs (not part of the loop order).
     pub repair: bool,
+    /// Part of a discovery burst: judged apart from the channel, and (like a repair) not
+    /// part of the loop order the receiver tracks.
+    pub probe: bool,
     pub archive_tag: [u8; 8],
     /// Number of completed loops when this packet was sent (receivers use it for statistics).
     pub loop_no: u32,
@@ -68,7 +74,9 @@ impl DataHeader {
         };
         out[0] = WIRE_VERSION;
         out[1] = kind;
-        out[2..4].copy_from_slice(&(if self.repair { FLAG_REPAIR } else { 0 }).to_le_bytes());
+        let flags =
+            if self.repair { FLAG_REPAIR } else { 0 } | if self.probe { FLAG_PROBE } else { 0 };
+        out[2..4].copy_from_slice(&flags.to_le_bytes());
         out[4..12].copy_from_slice(&self.archive_tag);
         out[12..20].copy_from_slice(&index.to_le_bytes());
         out[20..24].copy_from_slice(&self.loop_no.to_le_bytes());
@@ -94,6 +102,7 @@ impl DataHeader {
             DataHeader {
                 kind,
                 repair: flags & FLAG_REPAIR != 0,
+                probe: flags & FLAG_PROBE != 0,
                 archive_tag,
                 loop_no,
             },
@@ -136,9 +145,26 @@ mod tests {
             DataKind::Packet(PacketId::Hash(7)),
             DataKind::Packet(PacketId::Data(u64::MAX)),
         ] {
+            for (repair, probe) in [(true, false), (false, true), (true, true)] {
+                let h = DataHeader {
+                    kind,
+                    repair,
+                    probe,
+                    archive_tag: [3; 8],
+                    loop_no: 9,
+                };
+                let mut b = [0u8; DATA_HEADER_LEN];
+                h.encode_into(&mut b);
+                let mut pkt = b.to_vec();
+                pkt.extend_from_slice(b"xyz");
+                let (d, p) = DataHeader::decode(&pkt).unwrap();
+                assert_eq!(d, h);
+                assert_eq!(p, b"xyz");
+            }
             let h = DataHeader {
                 kind,
                 repair: true,
+                probe: false,
                 archive_tag: [3; 8],
                 loop_no: 9,
             };

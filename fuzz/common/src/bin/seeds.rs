@@ -35,6 +35,7 @@ fn data_packet(kind: DataKind, repair: bool, loop_no: u32, payload: &[u8]) -> Ve
     let h = DataHeader {
         kind,
         repair,
+        probe: false,
         archive_tag: archive_tag(&mcast_fuzz_common::WORLD_ARCHIVE_ID),
         loop_no,
     };
