@@ -50,18 +50,7 @@ impl ChannelManager {
         ms: u16,
     ) {
         let rid = env.receiver_id;
-        if !self.cookies.verify(now, from, rid, &archive_id, cookie) {
-            self.counters.bad_cookies += 1;
-            self.error(
-                from,
-                env,
-                ErrorCode::BadCookie,
-                "cookie does not verify for this address",
-            );
-            return;
-        }
-        let Some(id) = self.member_channel(&archive_id, rid) else {
-            self.unknown_session(from, env, "no such session: join again");
+        let Some(id) = self.proven_member(now, from, env, archive_id, cookie) else {
             return;
         };
         let tiers = self.params.tiers();

@@ -44,7 +44,7 @@ impl Cookies {
     }
 
     /// A cookie of this epoch or the previous one.
-    pub(super) fn verify(
+    fn verify(
         &self,
         now: Instant,
         from: SocketAddr,
@@ -92,6 +92,35 @@ impl ChannelManager {
         self.reply(from, env, Control::Cookie { archive_id, cookie });
     }
 
+    /// The channel of the member whose cookie `from` echoed; `None` (answered, and counted)
+    /// when the cookie does not verify for that address or there is no such member. Nothing
+    /// is sent to an address that has not proven it receives there.
+    pub(super) fn proven_member(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        env: &Envelope,
+        archive_id: ArchiveId,
+        cookie: Cookie,
+    ) -> Option<u32> {
+        let rid = env.receiver_id;
+        if !self.cookies.verify(now, from, rid, &archive_id, cookie) {
+            self.counters.bad_cookies += 1;
+            self.error(
+                from,
+                env,
+                ErrorCode::BadCookie,
+                "cookie does not verify for this address",
+            );
+            return None;
+        }
+        let id = self.member_channel(&archive_id, rid);
+        if id.is_none() {
+            self.unknown_session(from, env, "no such session: join again");
+        }
+        id
+    }
+
     /// The cookie came back from `from`: start the member's own stream there (within the
     /// channel's limit of streams). It loops from where the group's loop is, at a rate of
     /// its own, up to the title's rate (its top tier's: a unicast member makes no tier moves).
@@ -104,21 +133,10 @@ impl ChannelManager {
         cookie: Cookie,
     ) {
         let rid = env.receiver_id;
-        if !self.cookies.verify(now, from, rid, &archive_id, cookie) {
-            self.counters.bad_cookies += 1;
-            self.error(
-                from,
-                env,
-                ErrorCode::BadCookie,
-                "cookie does not verify for this address",
-            );
-            return;
-        }
-        let max = self.params.max_unicast_per_channel;
-        let Some(id) = self.member_channel(&archive_id, rid) else {
-            self.unknown_session(from, env, "no such session: join again");
+        let Some(id) = self.proven_member(now, from, env, archive_id, cookie) else {
             return;
         };
+        let max = self.params.max_unicast_per_channel;
         let ceiling = *self.params.tiers().last().expect("at least one tier");
         let (lease, burst) = (self.params.lease, self.params.burst);
         let c = self.channels.get_mut(&id).expect("channel exists");
