@@ -44,14 +44,7 @@ impl Cookies {
     }
 
     /// A cookie of this epoch or the previous one.
-    fn verify(
-        &self,
-        now: Instant,
-        from: SocketAddr,
-        rid: u64,
-        id: &ArchiveId,
-        c: Cookie,
-    ) -> bool {
+    fn verify(&self, now: Instant, from: SocketAddr, rid: u64, id: &ArchiveId, c: Cookie) -> bool {
         let e = self.epoch(now);
         c == self.cookie(from, rid, id, e) || (e > 0 && c == self.cookie(from, rid, id, e - 1))
     }
