@@ -183,6 +183,26 @@ fn request(m: &mut ChannelManager, now: Instant, rid: u64, msg: Control) -> Cont
     Envelope::decode(&bytes).unwrap().msg
 }
 
+/// Receiver `rid` joins the test title.
+fn join_sim(m: &mut ChannelManager, now: Instant, rid: u64) -> Control {
+    request(
+        m,
+        now,
+        rid,
+        Control::Join {
+            title: "sim".into(),
+        },
+    )
+}
+
+/// The block a packet of the test title (40 symbols a block) belongs to.
+fn block_of(id: PacketId) -> u64 {
+    match id {
+        PacketId::Hash(b) => b,
+        PacketId::Data(s) => s / 40,
+    }
+}
+
 /// A keepalive with nothing to report.
 fn keepalive(archive_id: [u8; 16]) -> Control {
     Control::Keepalive {
@@ -203,16 +223,7 @@ fn stats(m: &ChannelManager) -> serde_json::Value {
 #[test]
 fn tiers_one_channel_each_members_move_and_empty_tiers_close() {
     let (mut m, t0, id) = tiered(mcast::channel::RatePolicy::Lowest);
-    let join = |m: &mut ChannelManager, rid| {
-        request(
-            m,
-            t0,
-            rid,
-            Control::Join {
-                title: "sim".into(),
-            },
-        )
-    };
+    let join = |m: &mut ChannelManager, rid| join_sim(m, t0, rid);
     // New receivers start on the conservative tier.
     let Control::JoinOk {
         tier,
@@ -315,14 +326,7 @@ fn a_tier_emptied_by_a_move_down_closes_at_once() {
             },
         )
     };
-    let Control::JoinOk { tier: 0, .. } = request(
-        &mut m,
-        t0,
-        1,
-        Control::Join {
-            title: "sim".into(),
-        },
-    ) else {
+    let Control::JoinOk { tier: 0, .. } = join_sim(&mut m, t0, 1) else {
         panic!("joins on tier 0")
     };
     let Control::JoinOk { tier: 2, .. } = change(&mut m, 2) else {
@@ -354,16 +358,7 @@ fn a_capped_window_holds_every_receiver_on_its_one_loop() {
     let ch = m
         .open_scheduled(t0, "sim", Some(2_000_000))
         .expect("opened");
-    let join = |m: &mut ChannelManager, rid| {
-        request(
-            m,
-            t0,
-            rid,
-            Control::Join {
-                title: "sim".into(),
-            },
-        )
-    };
+    let join = |m: &mut ChannelManager, rid| join_sim(m, t0, rid);
     let Control::JoinOk {
         tier,
         tiers_bps,
@@ -666,10 +661,6 @@ fn a_tier_opened_for_a_moving_receiver_starts_where_its_channel_was() {
     );
     assert!(matches!(r, Control::JoinOk { tier: 0, .. }), "{r:?}");
     let sent = run(&mut m, t0, t0 + Duration::from_millis(200), |_, _| {});
-    let block_of = |id: PacketId| match id {
-        PacketId::Hash(b) => b,
-        PacketId::Data(s) => s / 40,
-    };
     let last = sent
         .iter()
         .rev()
@@ -704,14 +695,7 @@ fn a_tier_opened_for_a_moving_receiver_starts_where_its_channel_was() {
 #[test]
 fn a_discovery_burst_is_bounded_flagged_and_goes_only_to_a_proven_address() {
     let (mut m, t0, archive_id) = tiered(mcast::channel::RatePolicy::Lowest);
-    let r = request(
-        &mut m,
-        t0,
-        7,
-        Control::Join {
-            title: "sim".into(),
-        },
-    );
+    let r = join_sim(&mut m, t0, 7);
     assert!(matches!(r, Control::JoinOk { tier: 0, .. }), "{r:?}");
     let uni: SocketAddr = "10.0.1.7:6000".parse().unwrap();
     let ask = |m: &mut ChannelManager, now: Instant, msg: Control| {
@@ -756,10 +740,7 @@ fn a_discovery_burst_is_bounded_flagged_and_goes_only_to_a_proven_address() {
             last = Some(now);
             if let DataKind::Packet(id) = h.kind {
                 bytes += 1280;
-                last_block = match id {
-                    PacketId::Hash(b) => b,
-                    PacketId::Data(s) => s / 40,
-                };
+                last_block = block_of(id);
             }
         }
         now += Duration::from_micros(100);
@@ -795,10 +776,7 @@ fn a_discovery_burst_is_bounded_flagged_and_goes_only_to_a_proven_address() {
             let (h, _) = DataHeader::decode(&t.header).unwrap();
             match h.kind {
                 DataKind::Packet(id) if t.dests[..] == [SocketAddr::V4(g2)] && !h.repair => {
-                    first_block.get_or_insert(match id {
-                        PacketId::Hash(b) => b,
-                        PacketId::Data(s) => s / 40,
-                    });
+                    first_block.get_or_insert(block_of(id));
                 }
                 _ => {}
             }
