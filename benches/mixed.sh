@@ -11,6 +11,8 @@
 #       its bridge port, in the switch namespace) behind a MIXED_UNICAST_RATE (50mbit) link;
 #       MIXED_UNICAST=0 leaves it out. UFTP is multicast-only: it cannot serve c5.
 #
+# The title is packed with the built-in `[pack]` defaults (FEC 5 %), or `--fec-overhead
+# MIXED_FEC` when set (0 = no FEC).
 # On each bed: mcastd in the server namespace (control and multicast_iface on the server's bed
 # address, rate_mbps = MIXED_RATE_MBPS, tiers_mbps = [MIXED_TIERS] when set, else the
 # server's default), one `mcast-recv get --json` per receiver; then UFTP on the same bed via
@@ -88,7 +90,10 @@ archive_dir = "$pack/archives"
 key_dir = "$pack/keys"
 TOML
 key=$("$bin/mcastd" -c "$pack/store.toml" keygen 2> "$pack/keygen.log" | awk '{print $3}')
-"$bin/mcastd" -c "$pack/store.toml" pack "$src" --title mixed --compress none > "$pack/pack.log" 2>&1
+fec_args=()
+[[ -n ${MIXED_FEC:-} ]] && fec_args=(--fec-overhead "$MIXED_FEC")
+"$bin/mcastd" -c "$pack/store.toml" pack "$src" --title mixed --compress none "${fec_args[@]}" \
+  > "$pack/pack.log" 2>&1
 archive=$pack/archives/mixed.mca
 abytes=$(stat -c %s "$archive")
 sync

@@ -62,11 +62,7 @@ fn naks(c: &mut Criterion) {
 }
 
 fn engine(c: &mut Criterion) {
-    let shape = LoopShape {
-        data_packets: 64_000,
-        n_blocks: 1000,
-        block_symbols: 64,
-    };
+    let shape = LoopShape::data_only(64_000, 64);
     let loop_len = shape.loop_packets();
     let mut g = c.benchmark_group("nak_engine");
     g.throughput(Throughput::Elements(loop_len));

@@ -155,6 +155,10 @@ pub struct PackConfig {
     /// Manifest leaf hash: "auto" (SHA-256 below 4 KiB symbols, BLAKE3 above), "sha256",
     /// "blake3".
     pub leaf_hash: String,
+    /// FEC repair symbols per data packet (0 = no FEC, up to 1.0), pre-encoded at pack time.
+    pub fec_overhead: f64,
+    /// FEC source block size to aim for, in data packets (blocks are balanced around it).
+    pub fec_block: u32,
 }
 
 /// `[tickets]`: the play-ticket validation database.
@@ -260,6 +264,8 @@ impl Default for PackConfig {
             compress: "auto".into(),
             zstd_level: 3,
             leaf_hash: "auto".into(),
+            fec_overhead: crate::archive::pack::DEFAULT_FEC_OVERHEAD,
+            fec_block: crate::archive::fec::DEFAULT_SOURCE_BLOCK,
         }
     }
 }
@@ -508,6 +514,25 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if !(0.0..=1.0).contains(&p.fec_overhead) {
+            return Err(field(
+                "pack.fec_overhead",
+                format!(
+                    "{} is out of range 0 (no FEC) ..= 1.0 (one repair symbol per data packet)",
+                    p.fec_overhead
+                ),
+            ));
+        }
+        if !(16..=crate::archive::fec::MAX_SOURCE_BLOCK).contains(&p.fec_block) {
+            return Err(field(
+                "pack.fec_block",
+                format!(
+                    "{} is out of range 16..={}",
+                    p.fec_block,
+                    crate::archive::fec::MAX_SOURCE_BLOCK
+                ),
+            ));
         }
         if !(1..=22).contains(&p.zstd_level) {
             return Err(field(

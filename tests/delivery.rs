@@ -72,7 +72,11 @@ fn staggered_joiners_get_identical_archives() {
             r.no_hash_yet,
             r.seconds
         );
-        assert_eq!(r.written, r.loop_units, "every unit written exactly once");
+        assert_eq!(
+            r.written - r.fec_repairs_written,
+            r.needed_units,
+            "every needed unit written exactly once"
+        );
         assert!(!r.unicast, "loopback multicast works: no unicast fallback");
     }
     let last = ratio(reports[2].received_bytes, reports[2].loop_bytes);
@@ -171,13 +175,13 @@ fn killed_receiver_resumes() {
     let second = site.get("film", &out, &[]).wait(RECV_LIMIT);
     srv.assert_running();
     let r = second.assert_complete(&archive);
-    let held = ratio(r.units_at_start, r.loop_units);
+    let held = ratio(r.units_at_start, r.needed_units);
     let rm = ratio(r.received_bytes, r.missing_bytes_at_start);
     println!(
         "resume: killed at {at_kill:.1} %, units_at_start {} / {} ({:.1} %), missing {} bytes, \
          received {} bytes => received/missing = {rm:.3}, received/loop = {:.3}, duplicates {}",
         r.units_at_start,
-        r.loop_units,
+        r.needed_units,
         100.0 * held,
         r.missing_bytes_at_start,
         r.received_bytes,
@@ -186,8 +190,8 @@ fn killed_receiver_resumes() {
     );
     assert!(r.units_at_start > 0, "nothing resumed: {r:?}");
     assert_eq!(
-        r.written + r.units_at_start,
-        r.loop_units,
+        r.written - r.fec_repairs_written + r.units_at_start,
+        r.needed_units,
         "a resumed run writes exactly the missing units: {r:?}"
     );
     assert!(
@@ -229,7 +233,11 @@ fn damaged_part_is_refetched_on_resume() {
         r.units_failed_recheck >= 40,
         "64 KiB of zeros should fail ~51 units: {r:?}"
     );
-    assert_eq!(r.written + r.units_at_start, r.loop_units, "{r:?}");
+    assert_eq!(
+        r.written - r.fec_repairs_written + r.units_at_start,
+        r.needed_units,
+        "{r:?}"
+    );
 }
 
 /// 4a. The channel closes as soon as its last receiver reports completion.
@@ -565,7 +573,11 @@ fn forged_data_is_rejected() {
         r.seconds
     );
     assert!(sent.iter().all(|n| *n > 0), "forger sent nothing: {sent:?}");
-    assert_eq!(r.written, r.loop_units, "only genuine packets written");
+    assert_eq!(
+        r.written - r.fec_repairs_written,
+        r.needed_units,
+        "only genuine packets written"
+    );
     assert!(
         r.rejected > 0,
         "no forged packet counted as rejected: {r:?}"

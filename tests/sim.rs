@@ -508,3 +508,42 @@ mod mixed {
         }
     }
 }
+
+// ---- FEC (`[pack] fec_overhead`): repair symbols pre-encoded in the archive and looped.
+
+mod fec {
+    use mcast::sim::{run, SimConfig};
+
+    use super::show;
+
+    #[test]
+    fn five_percent_loss_with_ten_percent_fec_completes_in_one_loop_without_naks() {
+        let mut cfg = SimConfig::new(20, 0.05, 31);
+        cfg.fec_overhead = 0.10;
+        let r = run(&cfg);
+        show("fec 10%, loss 5%", &r);
+        assert_eq!(r.completed, 20, "{r:?}");
+        assert_eq!(r.naks_at_server, 0, "{r:?}");
+        assert!(r.loops_max <= 1.05, "{r:?}");
+        assert!(r.channel_closed);
+    }
+
+    #[test]
+    fn twenty_percent_loss_100_receivers_fec_against_none() {
+        let mut cfg = SimConfig::new(100, 0.20, 41);
+        cfg.data_packets = 8000;
+        let without = run(&cfg);
+        cfg.fec_overhead = 0.10;
+        let with = run(&cfg);
+        show("20% loss, no FEC ", &without);
+        show("20% loss, FEC 10%", &with);
+        assert_eq!(with.completed, 100);
+        assert_eq!(without.completed, 100);
+        println!(
+            "repairs sent: {} without FEC, {} with ({:.1}x fewer)",
+            without.repairs_sent,
+            with.repairs_sent,
+            without.repairs_sent as f64 / with.repairs_sent.max(1) as f64
+        );
+    }
+}

@@ -585,11 +585,16 @@ fn finish(
     let mut t = match said {
         Some(v) => {
             let n = |k: &str| v["resume"][k].as_u64().unwrap_or(0);
-            let have = n("loop_bytes").saturating_sub(n("missing_bytes"));
+            // Older receivers' reports have no `needed_bytes`: the loop is what they need.
+            let needed = match n("needed_bytes") {
+                0 => n("loop_bytes"),
+                x => x,
+            };
+            let have = needed.saturating_sub(n("missing_bytes"));
             TitleReport {
                 title: r.title.clone(),
                 status: "partial",
-                percent: percent(have, n("loop_bytes")),
+                percent: percent(have, needed),
                 archive_bytes: sizes.get(&r.title).copied(),
                 bytes_this_run: have.saturating_sub(r.held_at_start),
                 received_bytes: n("received_bytes"),

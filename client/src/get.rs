@@ -97,6 +97,9 @@ pub struct GetReport {
     pub path: PathBuf,
     pub archive_bytes: u64,
     pub loop_units: u64,
+    /// Units a complete download holds: data and data hash packets (`loop_units` less FEC
+    /// repair symbols and their hash packets).
+    pub needed_units: u64,
     pub loop_bytes: u64,
     /// Units already held when this run started (resume).
     pub units_at_start: u64,
@@ -123,6 +126,11 @@ pub struct GetReport {
     /// Datagrams of discovery bursts received (a short unicast burst at the top tier's
     /// rate that told the tier engine what the path carries).
     pub burst_packets: u64,
+    /// FEC source blocks decoded, and data packets (and hash packets) they restored.
+    pub fec_decodes: u64,
+    pub fec_restored: u64,
+    /// FEC repair symbols written to the part file (counted in `written`).
+    pub fec_repairs_written: u64,
     /// Whole run, from start-up (join, head download) to the verified archive.
     pub seconds: f64,
     /// From the first loop packet to the last missing one (the part the loop and repairs
@@ -480,6 +488,20 @@ impl Driver<'_> {
                 let ok = f.part.read_exact_at(&mut hp, offset).is_ok();
                 sess.restore_hash(Instant::now(), block, ok.then_some(hp));
             }
+            Event::ReadFec { block, reads } => {
+                // The symbols may still be queued for the disk: wait for that first.
+                let f = self.files.as_mut().expect("files open");
+                f.disk.barrier()?;
+                let symbols = reads
+                    .into_iter()
+                    .map(|(id, offset, len)| {
+                        let mut b = vec![0u8; len];
+                        let ok = f.part.read_exact_at(&mut b, offset).is_ok();
+                        (id, ok.then_some(b))
+                    })
+                    .collect();
+                sess.fec_symbols(Instant::now(), block, symbols);
+            }
             Event::Checkpoint => {
                 if let Some(f) = self.files.as_mut() {
                     if !f.disk.request_checkpoint(sess.have_bits())? {
@@ -538,7 +560,10 @@ impl Driver<'_> {
             );
         }
         self.missing_bytes_at_start = sess.missing_bytes();
-        let (have, units) = sess.progress_units();
+        let (have, needed) = sess.progress_units();
+        // The bitmap covers every unit of the loop (FEC repair symbols too), not only the
+        // `needed` ones progress counts.
+        let units = head.loop_packets();
         let state = State {
             archive_id: head.archive_id,
             server_key: trusted.0,
@@ -548,7 +573,7 @@ impl Driver<'_> {
         state
             .save(&self.state_path)
             .map_err(|e| RecvError::io("cannot write state file", &self.state_path, e))?;
-        tracing::info!(title = %self.opts.title, group = ?sess.group(), units, have, "receiving");
+        tracing::info!(title = %self.opts.title, group = ?sess.group(), units = needed, have, "receiving");
         // Writes and periodic checkpoints run on the disk thread, in order (a slow disk must
         // not stall the socket drain); the final and error-path checkpoints drain it first.
         let disk = Disk::start(
@@ -680,8 +705,9 @@ impl Driver<'_> {
                 path: self.final_path.clone(),
                 archive_bytes: archive::Layout::of(&head, head_len).file_len(),
                 loop_units: head.loop_packets(),
+                needed_units: mcast_proto::carousel::LoopShape::of(&head).required_units(),
                 loop_bytes: head.loop_bytes(),
-                units_at_start: head.loop_packets(),
+                units_at_start: mcast_proto::carousel::LoopShape::of(&head).required_units(),
                 units_failed_recheck: 0,
                 received_bytes: 0,
                 received_packets: 0,
@@ -698,6 +724,9 @@ impl Driver<'_> {
                 units_suppressed: 0,
                 repairs_received: 0,
                 burst_packets: 0,
+                fec_decodes: 0,
+                fec_restored: 0,
+                fec_repairs_written: 0,
                 seconds: self.started.elapsed().as_secs_f64(),
                 receive_seconds: 0.0,
                 tier: 0,
@@ -709,8 +738,20 @@ impl Driver<'_> {
         }
         self.checkpoint(sess)?;
         let f = self.files.take().expect("files open");
-        drop(f.part);
         drop(f.disk);
+        // A FEC archive finished by decoding holds only some repair symbols: re-encode them
+        // all from the (complete, verified) data so the copy equals the server's archive.
+        archive::fec_file::fill_repairs(
+            &f.part,
+            &self.part_path,
+            &f.head,
+            &archive::Layout::of(&f.head, f.head_len),
+        )
+        .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+        f.part
+            .sync_data()
+            .map_err(|e| RecvError::io("cannot sync", &self.part_path, e))?;
+        drop(f.part);
         let a = ArchiveFile::open(&self.part_path)
             .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
         // Every unit was verified before it was written (or re-verified from disk at resume),
@@ -732,6 +773,7 @@ impl Driver<'_> {
                 + archive::PREAMBLE_LEN
                 + archive::TAIL_LEN,
             loop_units: head.loop_packets(),
+            needed_units: mcast_proto::carousel::LoopShape::of(head).required_units(),
             loop_bytes: head.loop_bytes(),
             units_at_start: st.units_at_start,
             units_failed_recheck: st.units_failed_recheck,
@@ -750,6 +792,9 @@ impl Driver<'_> {
             units_suppressed: st.nak.units_suppressed,
             repairs_received: st.repairs_received,
             burst_packets: st.burst_packets,
+            fec_decodes: st.download.fec_decodes,
+            fec_restored: st.download.fec_restored,
+            fec_repairs_written: st.download.fec_repairs_written,
             seconds: self.started.elapsed().as_secs_f64(),
             receive_seconds: match (st.first_packet, st.last_write) {
                 (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),

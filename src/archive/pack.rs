@@ -21,6 +21,13 @@ use crate::fsutil::AtomicFile;
 pub const DEFAULT_FRAME_SIZE: u32 = 1 << 20;
 /// Default packet payload: 1280 + our 32-byte data header + IP/UDP = 1340 bytes on the wire.
 pub const DEFAULT_SYMBOL_SIZE: u32 = 1280;
+/// Default FEC overhead (`[pack] fec_overhead`): none. Measured on the 2-core mixed bed at
+/// 10 %, a receiver behind 5 % random loss finished in one loop with no NAK when it had the
+/// CPU (4.3 s against 4.8 s), but clean receivers took 10–15 % longer and the lossy one that
+/// was also short of CPU gained nothing (7.1–7.6 s, 1.7× the archive, against 6.4–7.4 s
+/// without FEC). Until NAKs are answered with fresh symbols, FEC is the operator's choice for
+/// audiences with random loss.
+pub const DEFAULT_FEC_OVERHEAD: f64 = 0.0;
 /// `auto` compresses a sample of this many bytes first and skips frames that do not shrink.
 const AUTO_SAMPLE: usize = 64 << 10;
 
@@ -63,6 +70,10 @@ pub struct PackOptions {
     pub leaf_hash: Option<super::manifest::LeafHash>,
     /// Replace an existing archive of the same title.
     pub force: bool,
+    /// FEC repair symbols per data packet (0: none); see [`super::fec`].
+    pub fec_overhead: f64,
+    /// FEC source block size to aim for, in data packets.
+    pub fec_block: u32,
 }
 
 impl PackOptions {
@@ -78,6 +89,8 @@ impl PackOptions {
             advert: false,
             leaf_hash: None,
             force: false,
+            fec_overhead: DEFAULT_FEC_OVERHEAD,
+            fec_block: super::fec::DEFAULT_SOURCE_BLOCK,
         }
     }
 }
@@ -225,6 +238,54 @@ pub fn pack(
         }
     }
 
+    // FEC: the frames region is on disk; read it back a source block at a time and append
+    // each block's repair symbols (they follow the data in the file and in the manifest).
+    w.flush().map_err(io_err(&tmp_path))?;
+    let data_packets = data_len.div_ceil(opts.symbol_size as u64);
+    // An empty title has nothing to protect.
+    let fec = if opts.fec_overhead > 0.0 && data_packets > 0 {
+        let fec = super::fec::FecShape::choose(
+            data_packets,
+            opts.fec_block,
+            opts.fec_overhead,
+            opts.symbol_size / 32,
+        )
+        .ok_or_else(|| {
+            bad_opt(format!(
+                "no FEC code for {data_packets} packets at overhead {}",
+                opts.fec_overhead
+            ))
+        })?;
+        let shape = super::fec::FecShape {
+            source: fec.0 as u64,
+            repair: fec.1 as u64,
+            data_packets,
+            blocks: data_packets.div_ceil(fec.0 as u64),
+        };
+        let s = opts.symbol_size as u64;
+        let mut buf = Vec::new();
+        for f in 0..shape.blocks {
+            let r = shape.data_range(f);
+            let (a, b) = (r.start * s, (r.end * s).min(data_len));
+            buf.resize((b - a) as usize, 0);
+            std::os::unix::fs::FileExt::read_exact_at(
+                &**w.get_ref(),
+                &mut buf,
+                super::PREAMBLE_LEN + a,
+            )
+            .map_err(io_err(&tmp_path))?;
+            let refs: Vec<&[u8]> = buf.chunks(s as usize).collect();
+            let repairs = super::fec::encode_block(&refs, s as usize, shape.repair as usize)
+                .map_err(|e| bad_opt(e.to_string()))?;
+            for sym in &repairs {
+                tree.push_repair(sym, shape.repair as usize);
+                w.write_all(sym).map_err(io_err(&tmp_path))?;
+            }
+        }
+        Some(fec)
+    } else {
+        None
+    };
     let (hash_region, block_hashes) = tree.finish();
     w.write_all(&hash_region).map_err(io_err(&tmp_path))?;
     let mut head = Head {
@@ -248,7 +309,8 @@ pub fn pack(
         data_len,
         symbol_size: opts.symbol_size,
         block_symbols: opts.symbol_size / 32,
-        repair_symbols: 0,
+        repair_symbols: fec.map_or(0, |f| f.1),
+        fec_source: fec.map_or(0, |f| f.0),
         server_key: identity.public(),
         block_hashes,
         signature: [0; 64],

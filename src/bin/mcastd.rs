@@ -70,6 +70,11 @@ enum Cmd {
         /// Packet payload bytes, multiple of 32 (default from config).
         #[arg(long)]
         symbol_size: Option<u32>,
+        /// FEC repair symbols per data packet, 0 (none) ..= 1.0 (default from config
+        /// `[pack] fec_overhead`): receivers that lose up to about this share finish in one
+        /// loop without NAKs; the archive and the loop grow by it.
+        #[arg(long)]
+        fec_overhead: Option<f64>,
         /// Replace an existing archive of this title.
         #[arg(long)]
         force: bool,
@@ -152,6 +157,7 @@ fn main() -> ExitCode {
                             | ArchiveError::ForeignServer { .. }
                             | ArchiveError::HashPacket { .. }
                             | ArchiveError::Packet { .. }
+                            | ArchiveError::Repair { .. }
                             | ArchiveError::Frame { .. }
                             | ArchiveError::FrameOrder { .. }
                             | ArchiveError::FrameAuth { .. }
@@ -201,6 +207,7 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
             advert,
             frame_size,
             symbol_size,
+            fec_overhead,
             force,
         } => {
             let ks = KeyStore::open(&cfg.store.key_dir)?;
@@ -225,6 +232,15 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
             opts.frame_size = frame_size.unwrap_or(cfg.pack.frame_size);
             opts.symbol_size = symbol_size.unwrap_or(cfg.pack.symbol_size);
             opts.leaf_hash = cfg.pack_leaf_hash().map_err(UsageError)?;
+            opts.fec_overhead = fec_overhead.unwrap_or(cfg.pack.fec_overhead);
+            if !(0.0..=1.0).contains(&opts.fec_overhead) {
+                return Err(UsageError(format!(
+                    "--fec-overhead {}: use 0 (no FEC) ..= 1.0",
+                    opts.fec_overhead
+                ))
+                .into());
+            }
+            opts.fec_block = cfg.pack.fec_block;
             opts.watermark = watermark;
             opts.advert = advert;
             opts.force = force;

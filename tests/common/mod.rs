@@ -323,6 +323,14 @@ pub struct Report {
     pub received_packets: u64,
     pub missing_bytes_at_start: u64,
     pub written: u64,
+    /// Units a complete download holds (data and data hash packets; `loop_units` less FEC
+    /// repair symbols and their hash packets).
+    pub needed_units: u64,
+    /// FEC repair symbols written (among `written`): they help decode, and are not needed.
+    #[serde(default)]
+    pub fec_repairs_written: u64,
+    #[serde(default)]
+    pub fec_restored: u64,
     pub duplicates: u64,
     pub no_hash_yet: u64,
     pub rejected: u64,

@@ -80,6 +80,7 @@ pub fn world() -> World {
         symbol_size: WORLD_SYMBOL,
         block_symbols: WORLD_SYMBOL / 32,
         repair_symbols: 0,
+        fec_source: 0,
         server_key: mcast_keys::PublicIdentity([0; 32]),
         block_hashes,
         signature: [0; 64],

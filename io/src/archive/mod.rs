@@ -1,6 +1,7 @@
 //! Archives on disk: opening and reading an archive file, verifying and decrypting it
 //! ([`unpack`]). The layout, head and manifest themselves are `mcast_proto::archive`.
 
+pub mod fec_file;
 pub mod unpack;
 
 use std::fs::File;
@@ -53,6 +54,12 @@ pub enum ArchiveError {
         serial: u64,
         block: u64,
         symbol: u64,
+        offset: u64,
+    },
+    #[error("{path}: FEC repair symbol {index} (offset {offset}) does not match its manifest hash: archive modified")]
+    Repair {
+        path: PathBuf,
+        index: u64,
         offset: u64,
     },
     #[error("{path}: frame {index}: {why}")]

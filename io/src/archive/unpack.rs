@@ -160,7 +160,8 @@ impl<'a> VerifiedStream<'a> {
 /// Check the signature and every packet of the manifest (no key needed).
 pub fn verify(a: &ArchiveFile, trusted: &PublicIdentity) -> Result<(), ArchiveError> {
     a.verify_signature(trusted)?;
-    VerifiedStream::new(a, true).drain()
+    VerifiedStream::new(a, true).drain()?;
+    super::fec_file::verify_repairs(a)
 }
 
 /// Options of [`decrypt_to`].

@@ -5,23 +5,27 @@
 //! its data packets (see [`super::manifest`]). It also names the title, cipher, sizes, the
 //! plaintext hash and the key id that lets a wrong key be told apart from tampering.
 //!
-//! Encoding (version 1, little-endian):
+//! Encoding (little-endian; version 1 without FEC, version 2 with it):
 //!
 //! ```text
 //! "MCHD" version:u8 flags:u8 cipher:u8 compression:u8
 //! archive_id:[16] key_id:[16] title:str16 watermark:str16 created_unix:u64
 //! plain_len:u64 plain_hash:[32] frame_size:u32 frame_count:u64 data_len:u64
-//! symbol_size:u32 block_symbols:u32 repair_symbols:u32 n_blocks:u64 server_key:[32]
-//! block_hashes:[32; n_blocks] signature:[64]
+//! symbol_size:u32 block_symbols:u32 repair_symbols:u32 [fec_source:u32 — v2 only]
+//! n_blocks:u64 server_key:[32] block_hashes:[32; n_blocks] signature:[64]
 //! ```
-//! The signature covers `"mcast head v1" || every byte before it`.
+//! `n_blocks` counts every hash packet: the data blocks', then the repair symbols' (see
+//! [`super::fec`]). The signature covers `"mcast head v1" || every byte before it`.
 
 use mcast_keys::{Cipher, PublicIdentity, SIGNATURE_LEN};
 
 use crate::codec::{Reader, Short, Writer};
 
 pub const HEAD_MAGIC: &[u8; 4] = b"MCHD";
-pub const HEAD_VERSION: u8 = 1;
+/// Newest head version this build writes and reads (2: FEC fields); 1 is still read and
+/// written for archives without repair symbols, so older receivers keep loading them.
+pub const HEAD_VERSION: u8 = 2;
+pub const HEAD_VERSION_NO_FEC: u8 = 1;
 const SIGN_CONTEXT: &[u8] = b"mcast head v1";
 
 /// Flag bit: an unencrypted advertisement archive.
@@ -109,8 +113,11 @@ pub struct Head {
     /// Data packets ("source symbols") per block: `symbol_size / 32`, so that one hash packet
     /// holds the leaf hashes of a whole block.
     pub block_symbols: u32,
-    /// Repair symbols per block (0: no erasure code yet; reserved for RaptorQ).
+    /// Repair symbols per FEC source block (0: no FEC; see [`super::fec`]).
     pub repair_symbols: u32,
+    /// Data packets per FEC source block (0: no FEC). The last block may hold fewer; every
+    /// block has `repair_symbols` repair symbols.
+    pub fec_source: u32,
     pub server_key: PublicIdentity,
     /// BLAKE3 of each block's hash packet.
     pub block_hashes: Vec<[u8; 32]>,
@@ -138,7 +145,41 @@ fn bad(field: &'static str, why: impl Into<String>) -> HeadError {
 }
 
 impl Head {
-    /// Number of blocks (computed, so a head kept without its block hashes, as the server
+    /// Head version this head encodes as (1 unless it carries FEC).
+    pub fn version(&self) -> u8 {
+        if self.fec_source == 0 {
+            HEAD_VERSION_NO_FEC
+        } else {
+            HEAD_VERSION
+        }
+    }
+
+    /// FEC source blocks (0 without FEC).
+    pub fn fec_blocks(&self) -> u64 {
+        if self.fec_source == 0 {
+            return 0;
+        }
+        self.data_packets().div_ceil(self.fec_source as u64)
+    }
+
+    /// Repair symbols in all (each a full symbol).
+    pub fn repair_packets(&self) -> u64 {
+        self.fec_blocks() * self.repair_symbols as u64
+    }
+
+    /// Hash packets that cover repair symbols (after the data blocks' hash packets): each
+    /// FEC block's repair symbols start a hash packet of their own.
+    pub fn repair_hash_blocks(&self) -> u64 {
+        self.fec_blocks()
+            * (self.repair_symbols as u64).div_ceil((self.block_symbols as u64).max(1))
+    }
+
+    /// Every hash packet: data blocks' and repair symbols'.
+    pub fn hash_blocks(&self) -> u64 {
+        self.n_blocks() + self.repair_hash_blocks()
+    }
+
+    /// Number of data blocks (computed, so a head kept without its block hashes, as the server
     /// keeps it, still describes the loop).
     pub fn n_blocks(&self) -> u64 {
         self.data_packets()
@@ -150,26 +191,38 @@ impl Head {
         self.data_len.div_ceil(self.symbol_size as u64)
     }
 
-    /// Number of packets that travel in one loop: data packets plus one hash packet per block.
+    /// Number of packets that travel in one loop: data and repair packets plus one hash
+    /// packet per block of either.
     pub fn loop_packets(&self) -> u64 {
-        self.data_packets() + self.n_blocks()
+        self.data_packets() + self.repair_packets() + self.hash_blocks()
     }
 
-    /// Bytes of the hash region (one full symbol per block).
+    /// Bytes of the repair region (one full symbol per repair symbol).
+    pub fn repair_region_len(&self) -> u64 {
+        self.repair_packets() * self.symbol_size as u64
+    }
+
+    /// Bytes of the hash region (one full symbol per hash packet).
     pub fn hash_region_len(&self) -> u64 {
-        self.n_blocks() * self.symbol_size as u64
+        self.hash_blocks() * self.symbol_size as u64
+    }
+
+    /// Payload bytes a complete download holds (data and data hash packets; a FEC
+    /// archive's repair symbols only help get there).
+    pub fn needed_bytes(&self) -> u64 {
+        self.data_len + self.n_blocks() * self.symbol_size as u64
     }
 
     /// Bytes sent in one loop (payloads only).
     pub fn loop_bytes(&self) -> u64 {
-        self.data_len + self.hash_region_len()
+        self.data_len + self.repair_region_len() + self.hash_region_len()
     }
 
     /// Bytes covered by the signature.
     fn signed_part(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(256 + self.block_hashes.len() * 32);
         b.extend_from_slice(HEAD_MAGIC);
-        b.put_u8(HEAD_VERSION);
+        b.put_u8(self.version());
         let leaf = match self.leaf_hash {
             super::manifest::LeafHash::Sha256 => FLAG_LEAF_SHA256,
             super::manifest::LeafHash::Blake3 => 0,
@@ -190,6 +243,9 @@ impl Head {
         b.put_u32(self.symbol_size);
         b.put_u32(self.block_symbols);
         b.put_u32(self.repair_symbols);
+        if self.fec_source != 0 {
+            b.put_u32(self.fec_source);
+        }
         b.put_u64(self.block_hashes.len() as u64);
         b.extend_from_slice(&self.server_key.0);
         for h in &self.block_hashes {
@@ -235,7 +291,7 @@ impl Head {
             return Err(HeadError::Magic);
         }
         let version = r.u8("version")?;
-        if version != HEAD_VERSION {
+        if version != HEAD_VERSION && version != HEAD_VERSION_NO_FEC {
             return Err(HeadError::Version(version));
         }
         let flags = r.u8("flags")?;
@@ -279,16 +335,40 @@ impl Head {
             return Err(bad("block_symbols", "must equal symbol_size / 32"));
         }
         let repair_symbols = r.u32("repair_symbols")?;
-        if repair_symbols != 0 {
-            return Err(bad(
-                "repair_symbols",
-                "erasure coding is not supported by this build",
-            ));
-        }
+        let fec_source = if version == HEAD_VERSION {
+            let k = r.u32("fec_source")?;
+            if !super::fec::supported(k, repair_symbols) {
+                return Err(bad(
+                    "fec_source",
+                    format!("{k} source and {repair_symbols} repair symbols per block are not a supported code"),
+                ));
+            }
+            k
+        } else {
+            if repair_symbols != 0 {
+                return Err(bad("repair_symbols", "must be 0 in a version 1 head"));
+            }
+            0
+        };
         let n_blocks = r.u64("n_blocks")?;
         let data_packets = data_len.div_ceil(symbol_size as u64);
-        if n_blocks != data_packets.div_ceil(block_symbols as u64) {
-            return Err(bad("n_blocks", "does not match data_len"));
+        if fec_source % block_symbols != 0 {
+            return Err(bad(
+                "fec_source",
+                "must be a whole number of hash blocks (block_symbols)",
+            ));
+        }
+        let repair_hash_blocks = if fec_source == 0 {
+            0
+        } else {
+            data_packets.div_ceil(fec_source as u64)
+                * (repair_symbols as u64).div_ceil(block_symbols as u64)
+        };
+        if n_blocks != data_packets.div_ceil(block_symbols as u64) + repair_hash_blocks {
+            return Err(bad(
+                "n_blocks",
+                "does not match data_len and the FEC fields",
+            ));
         }
         // Bound allocation by what is actually present.
         if n_blocks > (r.remaining() / 32) as u64 {
@@ -325,6 +405,7 @@ impl Head {
             symbol_size,
             block_symbols,
             repair_symbols,
+            fec_source,
             server_key,
             block_hashes,
             signature,
@@ -355,6 +436,7 @@ mod tests {
             symbol_size: 1280,
             block_symbols: 40,
             repair_symbols: 0,
+            fec_source: 0,
             server_key: PublicIdentity([0; 32]),
             block_hashes: vec![[2; 32]],
             signature: [0; 64],

@@ -93,6 +93,8 @@ pub enum PacketCheck {
     HashPacket(u64),
     #[error("data packet {0} does not match its manifest hash")]
     DataPacket(u64),
+    #[error("repair symbol {0} does not match its manifest hash")]
+    RepairPacket(u64),
     #[error("packet address out of range")]
     OutOfRange,
     #[error("packet has the wrong length")]
@@ -106,6 +108,10 @@ pub struct PacketVerifier {
     symbol_size: usize,
     block_symbols: u64,
     data_len: u64,
+    data_blocks: u64,
+    repair_packets: u64,
+    /// Repair symbols per FEC block (each block's start a hash packet of their own).
+    repair_group: u64,
 }
 
 impl PacketVerifier {
@@ -115,6 +121,65 @@ impl PacketVerifier {
             symbol_size: head.symbol_size as usize,
             block_symbols: head.block_symbols as u64,
             data_len: head.data_len,
+            data_blocks: head.n_blocks(),
+            repair_packets: head.repair_packets(),
+            repair_group: (head.repair_symbols as u64).max(1),
+        }
+    }
+
+    /// Hash block and leaf position of repair symbol `r`.
+    fn repair_leaf(&self, r: u64) -> (u64, u64) {
+        let k = self.block_symbols;
+        let per_group = self.repair_group.div_ceil(k);
+        let (g, i) = (r / self.repair_group, r % self.repair_group);
+        (self.data_blocks + g * per_group + i / k, i % k)
+    }
+
+    /// The hash block whose packet lists the leaf of `id` (`None` for a hash packet).
+    pub fn leaf_block(&self, id: super::PacketId) -> Option<u64> {
+        match id {
+            super::PacketId::Data(s) => Some(s / self.block_symbols),
+            super::PacketId::Repair(r) => Some(self.repair_leaf(r).0),
+            super::PacketId::Hash(_) => None,
+        }
+    }
+
+    /// Check repair symbol `r` against the (already verified) hash packet of its block.
+    pub fn check_repair_packet(
+        &self,
+        verified_hash_packet: &[u8],
+        r: u64,
+        payload: &[u8],
+    ) -> Result<(), PacketCheck> {
+        if r >= self.repair_packets {
+            return Err(PacketCheck::OutOfRange);
+        }
+        if payload.len() != self.symbol_size {
+            return Err(PacketCheck::Length);
+        }
+        let s = self.repair_leaf(r).1 as usize * HASH_LEN;
+        let expected = verified_hash_packet
+            .get(s..s + HASH_LEN)
+            .ok_or(PacketCheck::OutOfRange)?;
+        if self.keys.leaf(payload) != expected {
+            return Err(PacketCheck::RepairPacket(r));
+        }
+        Ok(())
+    }
+
+    /// Check a data or repair packet against its (already verified) hash packet.
+    pub fn check_leaf(
+        &self,
+        verified_hash_packet: &[u8],
+        id: super::PacketId,
+        payload: &[u8],
+    ) -> Result<(), PacketCheck> {
+        match id {
+            super::PacketId::Data(s) => self.check_data_packet(verified_hash_packet, s, payload),
+            super::PacketId::Repair(r) => {
+                self.check_repair_packet(verified_hash_packet, r, payload)
+            }
+            super::PacketId::Hash(_) => Err(PacketCheck::OutOfRange),
         }
     }
 
@@ -178,6 +243,8 @@ pub struct TreeBuilder {
     symbol_size: usize,
     pending: Vec<u8>,
     leaves: Vec<[u8; HASH_LEN]>,
+    repair_leaves: Vec<[u8; HASH_LEN]>,
+    repair_group: usize,
 }
 
 impl TreeBuilder {
@@ -187,7 +254,16 @@ impl TreeBuilder {
             symbol_size: symbol_size as usize,
             pending: Vec::with_capacity(symbol_size as usize),
             leaves: Vec::new(),
+            repair_leaves: Vec::new(),
+            repair_group: 1,
         }
+    }
+
+    /// A repair symbol, in index order, after every data byte ([`Self::update`]);
+    /// `per_block`: repair symbols per FEC block (each block's start a hash packet).
+    pub fn push_repair(&mut self, symbol: &[u8], per_block: usize) {
+        self.repair_group = per_block.max(1);
+        self.repair_leaves.push(self.keys.leaf(symbol));
     }
 
     pub fn update(&mut self, mut bytes: &[u8]) {
@@ -207,22 +283,58 @@ impl TreeBuilder {
         self.pending.extend_from_slice(chunks.remainder());
     }
 
-    /// The hash packets (each exactly one symbol) and their block hashes.
+    /// The hash packets (each exactly one symbol: the data blocks', then the repair
+    /// symbols') and their block hashes.
     pub fn finish(mut self) -> (Vec<u8>, Vec<[u8; HASH_LEN]>) {
         if !self.pending.is_empty() {
             self.leaves.push(self.keys.leaf(&self.pending));
         }
-        let per_block = self.symbol_size / HASH_LEN;
-        let n_blocks = self.leaves.len().div_ceil(per_block);
-        let mut region = vec![0u8; n_blocks * self.symbol_size];
-        let mut block_hashes = Vec::with_capacity(n_blocks);
-        for (b, leaves) in self.leaves.chunks(per_block).enumerate() {
-            let packet = &mut region[b * self.symbol_size..(b + 1) * self.symbol_size];
-            for (i, l) in leaves.iter().enumerate() {
-                packet[i * HASH_LEN..(i + 1) * HASH_LEN].copy_from_slice(l);
-            }
-            block_hashes.push(self.keys.block(packet));
-        }
-        (region, block_hashes)
+        let (mut region, mut hashes) = hash_packets(&self.keys, &self.leaves, self.symbol_size);
+        let (r, h) = repair_hash_packets(
+            &self.keys,
+            &self.repair_leaves,
+            self.repair_group,
+            self.symbol_size,
+        );
+        region.extend_from_slice(&r);
+        hashes.extend_from_slice(&h);
+        (region, hashes)
     }
+}
+
+/// Hash packets of repair symbols: each FEC block's `per_block` leaves start a packet.
+pub fn repair_hash_packets(
+    keys: &TreeKeys,
+    leaves: &[[u8; HASH_LEN]],
+    per_block: usize,
+    symbol_size: usize,
+) -> (Vec<u8>, Vec<[u8; HASH_LEN]>) {
+    let (mut region, mut hashes) = (Vec::new(), Vec::new());
+    for group in leaves.chunks(per_block.max(1)) {
+        let (r, h) = hash_packets(keys, group, symbol_size);
+        region.extend_from_slice(&r);
+        hashes.extend_from_slice(&h);
+    }
+    (region, hashes)
+}
+
+/// Hash packets (one symbol each, `symbol_size / 32` leaves per packet) and their block
+/// hashes.
+pub fn hash_packets(
+    keys: &TreeKeys,
+    leaves: &[[u8; HASH_LEN]],
+    symbol_size: usize,
+) -> (Vec<u8>, Vec<[u8; HASH_LEN]>) {
+    let per_block = symbol_size / HASH_LEN;
+    let n_blocks = leaves.len().div_ceil(per_block);
+    let mut region = vec![0u8; n_blocks * symbol_size];
+    let mut block_hashes = Vec::with_capacity(n_blocks);
+    for (b, leaves) in leaves.chunks(per_block).enumerate() {
+        let packet = &mut region[b * symbol_size..(b + 1) * symbol_size];
+        for (i, l) in leaves.iter().enumerate() {
+            packet[i * HASH_LEN..(i + 1) * HASH_LEN].copy_from_slice(l);
+        }
+        block_hashes.push(keys.block(packet));
+    }
+    (region, block_hashes)
 }

@@ -6,17 +6,20 @@
 //! ```text
 //! preamble   16 bytes  "MCASTARC" version:u8 0*7
 //! frames     data_len bytes; data packet i is bytes [i*S, (i+1)*S) of this region
-//! hashes     n_blocks * S bytes; hash packet b is bytes [b*S, (b+1)*S) of this region
+//! repairs    repair_packets * S bytes; repair symbol r is bytes [r*S, (r+1)*S) (FEC only)
+//! hashes     hash_blocks * S bytes; hash packet b is bytes [b*S, (b+1)*S) of this region
 //! head       head_len bytes (see [`head`]), signed
 //! tail       16 bytes  head_len:u64 "MCASTEND"
 //! ```
 //!
 //! Packets are addressed by [`PacketId`]: a data packet by its serial (`block = serial / K`,
-//! `symbol = serial % K`, with `K = S / 32` source symbols per block) and a hash packet by its
-//! block. An erasure code (RaptorQ) would add repair symbols `K..K+R` to each block: the head
-//! already carries `repair_symbols` (0 today) and the hash packet has room to list their
-//! hashes, so the format takes it without a new version of the data layout.
+//! `symbol = serial % K`, with `K = S / 32` leaves per hash packet), a repair symbol by its
+//! index `r` (hash block `n_blocks + r / K`, leaf `r % K`: repair symbols are verified exactly
+//! like data) and a hash packet by its block. FEC ([`fec`]) groups data packets into larger
+//! source blocks of their own; an archive without it has no repair region and a version-1
+//! head, as before.
 
+pub mod fec;
 pub mod frame;
 pub mod head;
 pub mod manifest;
@@ -37,8 +40,10 @@ pub const MAX_HEAD_LEN: u64 = 64 << 20;
 pub enum PacketId {
     /// Data packet by serial (block = serial / K, symbol = serial % K).
     Data(u64),
-    /// The hash packet of a block.
+    /// The hash packet of a block (data blocks first, then the repair symbols' blocks).
     Hash(u64),
+    /// A FEC repair symbol by index (`fec block = r / repair_symbols`).
+    Repair(u64),
 }
 
 /// Byte offsets of the regions of one archive.
@@ -46,6 +51,9 @@ pub enum PacketId {
 pub struct Layout {
     pub symbol_size: u64,
     pub data_len: u64,
+    /// Repair symbols (each a full symbol).
+    pub repair_packets: u64,
+    /// Hash packets of data and repair blocks.
     pub n_blocks: u64,
     pub head_len: u64,
 }
@@ -55,7 +63,8 @@ impl Layout {
         Layout {
             symbol_size: head.symbol_size as u64,
             data_len: head.data_len,
-            n_blocks: head.n_blocks(),
+            repair_packets: head.repair_packets(),
+            n_blocks: head.hash_blocks(),
             head_len,
         }
     }
@@ -64,8 +73,12 @@ impl Layout {
         PREAMBLE_LEN
     }
 
-    pub fn hash_offset(&self) -> u64 {
+    pub fn repair_offset(&self) -> u64 {
         PREAMBLE_LEN + self.data_len
+    }
+
+    pub fn hash_offset(&self) -> u64 {
+        self.repair_offset() + self.repair_packets * self.symbol_size
     }
 
     pub fn head_offset(&self) -> u64 {
@@ -96,14 +109,27 @@ impl Layout {
                     self.symbol_size as usize,
                 ))
             }
+            PacketId::Repair(r) => {
+                if r >= self.repair_packets {
+                    return None;
+                }
+                Some((
+                    self.repair_offset() + r * self.symbol_size,
+                    self.symbol_size as usize,
+                ))
+            }
         }
     }
 }
 
+/// Version of the file layout in the preamble. The layout is fully described by the head
+/// (a FEC archive's repair region included), so it stays 1 across head versions.
+pub const PREAMBLE_VERSION: u8 = 1;
+
 pub fn preamble_bytes() -> [u8; PREAMBLE_LEN as usize] {
     let mut p = [0u8; PREAMBLE_LEN as usize];
     p[..8].copy_from_slice(PREAMBLE);
-    p[8] = head::HEAD_VERSION;
+    p[8] = PREAMBLE_VERSION;
     p
 }
 

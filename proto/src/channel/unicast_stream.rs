@@ -238,11 +238,7 @@ mod tests {
     use super::*;
 
     fn stream(now: Instant, ceiling: u64) -> UnicastStream {
-        let shape = LoopShape {
-            data_packets: 1000,
-            n_blocks: 25,
-            block_symbols: 40,
-        };
+        let shape = LoopShape::data_only(1000, 40);
         let to = "10.0.0.9:6000".parse().unwrap();
         UnicastStream::new(now, to, shape, 0, ceiling, Duration::from_millis(4))
     }

@@ -9,10 +9,18 @@
 //! a lost hash packet) are *parked* in memory, bounded by [`MAX_PARKED_BYTES`], and written
 //! as soon as the hash packet arrives; so losing one hash packet costs one repair, not a
 //! block's worth.
+//!
+//! A FEC archive's repair symbols are verified and written the same way (into the repair
+//! region). [`FecTally`] counts the symbols held per source block: once a block holds as
+//! many as it has data packets, [`Download::take_decodable`] names it and the session has it
+//! decoded ([`crate::archive::fec::decode_block`]); the restored packets come back through
+//! [`Download::accept_decoded`]. The download is complete when every data packet and data
+//! hash packet is held; repair symbols only help get there.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::archive::fec::FecShape;
 use crate::archive::{Head, Layout, PacketId, PacketVerifier};
 use crate::carousel::LoopShape;
 use serde::Serialize;
@@ -38,6 +46,14 @@ pub enum Verdict {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DownloadCounters {
     pub written: u64,
+    /// Data packets restored by FEC decoding.
+    pub fec_restored: u64,
+    /// FEC source blocks decoded.
+    pub fec_decodes: u64,
+    /// Repair symbols that arrived for a block already complete.
+    pub fec_unneeded: u64,
+    /// Repair symbols and their hash packets written (they count in `written`).
+    pub fec_repairs_written: u64,
     pub duplicates: u64,
     pub no_hash_yet: u64,
     pub parked: u64,
@@ -50,16 +66,28 @@ pub struct Download {
     layout: Layout,
     verifier: PacketVerifier,
     have: Vec<u64>,
-    have_count: u64,
+    /// Units held, of every kind (FEC repair symbols and their hash packets too).
+    held_all: u64,
+    /// Held units a complete download needs (data and data hash packets).
+    have_required: u64,
+    fec: Option<FecTally>,
+    /// Verified symbols of the FEC blocks in flight, kept so that a block is decoded from
+    /// memory, without reading the part file back (which waits for the disk thread and
+    /// stalls the socket drain). At most [`FEC_MEM_BLOCKS`] blocks; a block that was evicted,
+    /// or held symbols before this run, is decoded from the file instead.
+    fec_mem: HashMap<u64, Vec<(PacketId, Vec<u8>)>>,
+    fec_mem_order: VecDeque<u64>,
+    /// Per FEC block: every held symbol is in `fec_mem`.
+    fec_mem_whole: Vec<bool>,
     /// Verified hash packets of blocks that still miss data, at most `hash_cache_max` (the
     /// rest are re-read from the file when needed: memory stays bounded whatever the loss).
     hash_cache: HashMap<u64, Vec<u8>>,
     hash_order: VecDeque<u64>,
     hash_cache_max: usize,
-    /// Data packets still missing per block.
+    /// Leaves (data or repair packets) still missing per hash block.
     block_missing: Vec<u32>,
-    /// Unverifiable data packets waiting for their block's hash packet.
-    parked: HashMap<u64, Vec<(u64, Vec<u8>)>>,
+    /// Unverifiable leaves waiting for their hash block's packet.
+    parked: HashMap<u64, Vec<(PacketId, Vec<u8>)>>,
     parked_order: VecDeque<u64>,
     parked_bytes: usize,
     /// Writes made possible by the last hash packet (see [`Download::take_released`]).
@@ -68,6 +96,63 @@ pub struct Download {
     unpark_rejects: Vec<u64>,
     pub counters: DownloadCounters,
 }
+
+/// Per FEC source block: symbols held, and which blocks can be decoded now.
+#[derive(Clone, Debug)]
+pub struct FecTally {
+    pub shape: FecShape,
+    data_held: Vec<u32>,
+    repair_held: Vec<u32>,
+    /// Symbols parked (unverified, their hash packet missing) per block: a decode may use
+    /// them, and checks what it restores against the signed manifest.
+    parked: Vec<u32>,
+    /// Blocks named by [`Download::take_decodable`] and not yet decoded.
+    pending: Vec<bool>,
+    ready: Vec<u64>,
+}
+
+impl FecTally {
+    fn new(shape: FecShape) -> FecTally {
+        let n = shape.blocks as usize;
+        FecTally {
+            shape,
+            data_held: vec![0; n],
+            repair_held: vec![0; n],
+            parked: vec![0; n],
+            pending: vec![false; n],
+            ready: Vec::new(),
+        }
+    }
+
+    /// Symbols of block `f` held (data and repair).
+    pub fn held(&self, f: u64) -> u64 {
+        (self.data_held[f as usize] + self.repair_held[f as usize]) as u64
+    }
+
+    /// Whether block `f`'s data is all held.
+    pub fn complete(&self, f: u64) -> bool {
+        self.data_held[f as usize] as u64 == self.shape.source_count(f)
+    }
+
+    /// Symbols block `f` still needs before it can be decoded (0: complete or decodable),
+    /// counting parked ones.
+    pub fn deficit(&self, f: u64) -> u64 {
+        self.shape
+            .source_count(f)
+            .saturating_sub(self.held(f) + self.parked[f as usize] as u64)
+    }
+
+    fn check(&mut self, f: u64) {
+        let i = f as usize;
+        if !self.pending[i] && !self.complete(f) && self.deficit(f) == 0 {
+            self.pending[i] = true;
+            self.ready.push(f);
+        }
+    }
+}
+
+/// FEC blocks whose symbols are kept in memory (the loop has about two in flight).
+pub const FEC_MEM_BLOCKS: usize = 4;
 
 /// Memory for parked packets (a few blocks' worth at any symbol size).
 pub const MAX_PARKED_BYTES: usize = 8 << 20;
@@ -88,32 +173,435 @@ impl Download {
                 *last &= (1u64 << (units % 64)) - 1;
             }
         }
-        let have_count = have.iter().map(|w| w.count_ones() as u64).sum();
-        let k = shape.block_symbols;
-        let mut block_missing = vec![0u32; shape.n_blocks as usize];
-        for s in 0..shape.data_packets {
-            if have[(s / 64) as usize] & (1 << (s % 64)) == 0 {
-                block_missing[(s / k) as usize] += 1;
-            }
-        }
-        Download {
+        let mut dl = Download {
             verifier: PacketVerifier::new(&head),
             layout: Layout::of(&head, head_len),
             head,
             shape,
             have,
-            have_count,
+            held_all: 0,
+            have_required: 0,
+            fec: None,
+            fec_mem: HashMap::new(),
+            fec_mem_order: VecDeque::new(),
+            fec_mem_whole: Vec::new(),
             hash_cache: HashMap::new(),
             hash_order: VecDeque::new(),
             hash_cache_max,
-            block_missing,
+            block_missing: Vec::new(),
             parked: HashMap::new(),
             parked_order: VecDeque::new(),
             parked_bytes: 0,
             released: Vec::new(),
             unpark_rejects: Vec::new(),
             counters: DownloadCounters::default(),
+        };
+        dl.recount();
+        dl
+    }
+
+    /// Rebuild every count from the have-bitmap (at start, and after units were forgotten).
+    fn recount(&mut self) {
+        let shape = self.shape;
+        self.held_all = self.have.iter().map(|w| w.count_ones() as u64).sum();
+        self.have_required = (0..shape.loop_packets())
+            .filter(|&u| shape.required(u) && self.has(u))
+            .count() as u64;
+        self.block_missing = vec![0u32; shape.all_blocks() as usize];
+        let mut fec = FecShape::of(&self.head).map(FecTally::new);
+        for u in 0..shape.data_packets + shape.repair_packets {
+            let id = shape.unit_packet(u);
+            if !self.has(u) {
+                self.block_missing[shape.hash_block_of(id) as usize] += 1;
+            } else if let Some(t) = fec.as_mut() {
+                match id {
+                    PacketId::Data(s) => t.data_held[t.shape.block_of_data(s) as usize] += 1,
+                    PacketId::Repair(r) => t.repair_held[t.shape.block_of_repair(r) as usize] += 1,
+                    PacketId::Hash(_) => {}
+                }
+            }
         }
+        self.fec_mem.clear();
+        self.fec_mem_order.clear();
+        self.fec_mem_whole = fec
+            .as_ref()
+            .map(|t| (0..t.shape.blocks).map(|f| t.held(f) == 0).collect())
+            .unwrap_or_default();
+        self.fec = fec;
+        let parked: Vec<(u64, usize)> = self
+            .parked
+            .iter()
+            .map(|(b, v)| {
+                let mut ids: Vec<PacketId> = v.iter().map(|(id, _)| *id).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                (*b, ids.len())
+            })
+            .collect();
+        for (b, n) in parked {
+            self.parked_delta(b, true, n);
+        }
+        if let Some(t) = self.fec.as_mut() {
+            for f in 0..t.shape.blocks {
+                t.check(f);
+            }
+        }
+    }
+
+    /// The FEC tally (`None` without FEC).
+    pub fn fec(&self) -> Option<&FecTally> {
+        self.fec.as_ref()
+    }
+
+    /// FEC blocks that now hold enough symbols to decode: the session reads their held
+    /// symbols back and decodes them.
+    pub fn take_decodable(&mut self) -> Vec<u64> {
+        self.fec
+            .as_mut()
+            .map(|t| std::mem::take(&mut t.ready))
+            .unwrap_or_default()
+    }
+
+    /// What to read to decode block `f`: its held data packets, enough held repair symbols,
+    /// and its held data hash packets (to check what the decode restores), as (packet, file
+    /// offset, length).
+    pub fn decode_reads(&self, f: u64) -> Vec<(PacketId, u64, usize)> {
+        let Some(t) = &self.fec else {
+            return Vec::new();
+        };
+        let unit = |id| self.shape.unit_index(id).expect("in range");
+        let mut out: Vec<PacketId> = t
+            .shape
+            .data_range(f)
+            .map(PacketId::Data)
+            .filter(|&id| self.has(unit(id)))
+            .collect();
+        let need = t.shape.source_count(f).saturating_sub(out.len() as u64);
+        out.extend(
+            t.shape
+                .repair_range(f)
+                .map(PacketId::Repair)
+                .filter(|&id| self.has(unit(id)))
+                .take(need as usize),
+        );
+        out.extend(
+            self.data_hash_blocks(f)
+                .map(PacketId::Hash)
+                .filter(|&id| self.has(unit(id))),
+        );
+        out.into_iter()
+            .filter_map(|id| self.layout.packet_range(id).map(|(o, l)| (id, o, l)))
+            .collect()
+    }
+
+    /// Data hash blocks of FEC block `f` (FEC blocks are whole hash blocks).
+    fn data_hash_blocks(&self, f: u64) -> std::ops::Range<u64> {
+        let Some(t) = &self.fec else {
+            return 0..0;
+        };
+        let k = self.shape.block_symbols;
+        let r = t.shape.data_range(f);
+        r.start / k..r.end.div_ceil(k)
+    }
+
+    /// Hash blocks (data and repair) whose leaves belong to FEC block `f`.
+    fn fec_hash_blocks(&self, f: u64) -> Vec<u64> {
+        let Some(t) = &self.fec else {
+            return Vec::new();
+        };
+        let q = t.shape.repair.div_ceil(self.shape.block_symbols);
+        let first = self.shape.n_blocks + f * q;
+        self.data_hash_blocks(f).chain(first..first + q).collect()
+    }
+
+    /// The FEC block of a hash block's leaves.
+    fn fec_block_of_hash(&self, b: u64) -> Option<u64> {
+        let t = self.fec.as_ref()?;
+        let k = self.shape.block_symbols;
+        Some(if b < self.shape.n_blocks {
+            b * k / t.shape.source
+        } else {
+            (b - self.shape.n_blocks) / t.shape.repair.div_ceil(k)
+        })
+    }
+
+    fn parked_delta(&mut self, b: u64, added: bool, n: usize) {
+        let Some(f) = self.fec_block_of_hash(b) else {
+            return;
+        };
+        if let Some(t) = self.fec.as_mut() {
+            let c = &mut t.parked[f as usize];
+            if added {
+                *c += n as u32;
+                t.check(f);
+            } else {
+                *c = c.saturating_sub(n as u32);
+            }
+        }
+    }
+
+    /// Decode FEC block `f` from the symbols [`Self::decode_reads`] named (read back from
+    /// the part file; `None`: unreadable) and any parked ones. Every restored packet, and
+    /// every parked one used, is checked against its data hash packet — held, or rebuilt
+    /// from the decoded block and checked against the signed head (that is how a lost hash
+    /// packet is recovered without a NAK) — before anything is accepted. Returns the writes
+    /// (file offset, bytes) to make; empty when the block could not be decoded yet.
+    pub fn decode(
+        &mut self,
+        f: u64,
+        symbols: Vec<(PacketId, Option<Vec<u8>>)>,
+    ) -> Vec<(u64, Vec<u8>)> {
+        let writes = self.try_decode(f, symbols).unwrap_or_else(|why| {
+            tracing::debug!(block = f, why, "FEC decode deferred");
+            Vec::new()
+        });
+        if let Some(t) = self.fec.as_mut() {
+            if let Some(p) = t.pending.get_mut(f as usize) {
+                *p = false;
+            }
+        }
+        if !writes.is_empty() {
+            self.counters.fec_decodes += 1;
+        }
+        writes
+    }
+
+    fn try_decode(
+        &mut self,
+        f: u64,
+        symbols: Vec<(PacketId, Option<Vec<u8>>)>,
+    ) -> Result<Vec<(u64, Vec<u8>)>, &'static str> {
+        let shape = self.fec.as_ref().ok_or("no FEC")?.shape;
+        if f >= shape.blocks || self.fec.as_ref().is_some_and(|t| t.complete(f)) {
+            return Err("nothing to decode");
+        }
+        let (first, rfirst) = (shape.data_range(f).start, shape.repair_range(f).start);
+        let k = shape.source_count(f) as usize;
+        let ss = self.head.symbol_size as usize;
+        // Inputs: verified symbols first, then parked ones (first candidate per packet).
+        let mut data: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
+        let mut repairs: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
+        let mut hashes: HashMap<u64, Vec<u8>> = HashMap::new();
+        for (id, bytes) in symbols {
+            let bytes = bytes.ok_or("a held symbol could not be read back")?;
+            match id {
+                PacketId::Data(s) if shape.data_range(f).contains(&s) => {
+                    data.insert(s - first, bytes);
+                }
+                PacketId::Repair(r) if shape.repair_range(f).contains(&r) => {
+                    repairs.insert(r - rfirst, bytes);
+                }
+                PacketId::Hash(b) => {
+                    hashes.insert(b, bytes);
+                }
+                _ => return Err("a symbol of another block"),
+            }
+        }
+        let verified: std::collections::HashSet<u64> = data.keys().copied().collect();
+        for b in self.fec_hash_blocks(f) {
+            for (id, p) in self.parked.get(&b).into_iter().flatten() {
+                match *id {
+                    PacketId::Data(s) => {
+                        data.entry(s - first).or_insert_with(|| p.clone());
+                    }
+                    PacketId::Repair(r) => {
+                        repairs.entry(r - rfirst).or_insert_with(|| p.clone());
+                    }
+                    PacketId::Hash(_) => {}
+                }
+            }
+        }
+        if data.len() + repairs.len() < k {
+            return Err("too few symbols");
+        }
+        let d: Vec<(u64, &[u8])> = data.iter().map(|(i, p)| (*i, p.as_slice())).collect();
+        let r: Vec<(u64, &[u8])> = repairs.iter().map(|(i, p)| (*i, p.as_slice())).collect();
+        let restored = crate::archive::fec::decode_block(&shape, f, ss, &d, &r)
+            .map_err(|_| "the code could not decode")?;
+        let decoded: std::collections::HashSet<u64> = restored.iter().map(|(i, _)| *i).collect();
+        for (i, mut sym) in restored {
+            let len = self
+                .verifier
+                .data_packet_len(first + i)
+                .ok_or("restored packet out of range")?;
+            sym.truncate(len);
+            data.insert(i, sym);
+        }
+        // Check every packet not verified before, hash block by hash block.
+        let mut new_hashes = Vec::new();
+        for b in self.data_hash_blocks(f) {
+            let leaves = self.shape.leaves_of(b);
+            let hp = match hashes.get(&b).or_else(|| self.hash_cache.get(&b)) {
+                Some(hp) => hp.clone(),
+                None => {
+                    let keys = crate::archive::manifest::TreeKeys::new(
+                        &self.head.archive_id,
+                        self.head.leaf_hash,
+                    );
+                    let mut leaf_hashes = Vec::with_capacity(leaves.len());
+                    for id in &leaves {
+                        let PacketId::Data(s) = *id else { continue };
+                        leaf_hashes.push(keys.leaf(data.get(&(s - first)).ok_or("data missing")?));
+                    }
+                    let (hp, _) = crate::archive::manifest::hash_packets(&keys, &leaf_hashes, ss);
+                    new_hashes.push(b);
+                    hp
+                }
+            };
+            if self.verifier.check_hash_packet(&self.head, b, &hp).is_err() {
+                self.drop_parked_of(f);
+                self.counters.rejected += 1;
+                return Err(
+                    "a rebuilt hash packet does not match the signed head (a forged parked symbol)",
+                );
+            }
+            for id in leaves {
+                let PacketId::Data(s) = id else { continue };
+                if verified.contains(&(s - first)) {
+                    continue;
+                }
+                let p = data.get(&(s - first)).ok_or("data missing")?;
+                if self.verifier.check_data_packet(&hp, s, p).is_err() {
+                    self.drop_parked_of(f);
+                    self.counters.rejected += 1;
+                    return Err("a decoded packet does not match its manifest hash");
+                }
+            }
+            hashes.insert(b, hp);
+        }
+        // All checked: accept.
+        let mut writes = Vec::new();
+        for b in new_hashes {
+            let unit = self.shape.unit_index(PacketId::Hash(b)).expect("in range");
+            if !self.has(unit) {
+                self.mark(unit);
+                self.counters.written += 1;
+                self.counters.fec_restored += 1;
+                let (o, _) = self
+                    .layout
+                    .packet_range(PacketId::Hash(b))
+                    .expect("in range");
+                writes.push((o, hashes.remove(&b).expect("checked")));
+            }
+        }
+        for (i, p) in data {
+            let s = first + i;
+            // Held already: read back for the decode, or accepted since it was asked for
+            // (a hash packet that arrived meanwhile released parked packets).
+            if verified.contains(&i) || self.has(s) {
+                continue;
+            }
+            self.accept_leaf(PacketId::Data(s));
+            self.counters.fec_restored += decoded.contains(&i) as u64;
+            let (o, _) = self
+                .layout
+                .packet_range(PacketId::Data(s))
+                .expect("in range");
+            writes.push((o, p));
+        }
+        self.drop_parked_of(f);
+        Ok(writes)
+    }
+
+    /// Keep a verified symbol of an incomplete FEC block in memory (see `fec_mem`).
+    fn keep_symbol(&mut self, id: PacketId, payload: &[u8]) {
+        let Some(t) = &self.fec else {
+            return;
+        };
+        let f = match id {
+            PacketId::Data(s) => t.shape.block_of_data(s),
+            PacketId::Repair(r) => t.shape.block_of_repair(r),
+            PacketId::Hash(_) => return,
+        };
+        if t.complete(f) || !self.fec_mem_whole.get(f as usize).copied().unwrap_or(false) {
+            return;
+        }
+        if !self.fec_mem.contains_key(&f) {
+            while self.fec_mem.len() >= FEC_MEM_BLOCKS {
+                let Some(old) = self.fec_mem_order.pop_front() else {
+                    break;
+                };
+                if self.fec_mem.remove(&old).is_some() {
+                    self.fec_mem_whole[old as usize] = false;
+                }
+            }
+            self.fec_mem_order.push_back(f);
+        }
+        self.fec_mem
+            .entry(f)
+            .or_default()
+            .push((id, payload.to_vec()));
+    }
+
+    /// Decode block `f` from the symbols kept in memory, when they are all there (`None`:
+    /// read them from the file, [`Self::decode_reads`]). Returns the writes to make.
+    pub fn decode_from_memory(&mut self, f: u64) -> Option<Vec<(u64, Vec<u8>)>> {
+        if !self.fec_mem_whole.get(f as usize).copied().unwrap_or(false) {
+            return None;
+        }
+        let mut symbols: Vec<(PacketId, Option<Vec<u8>>)> = self
+            .fec_mem
+            .remove(&f)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, p)| (id, Some(p)))
+            .collect();
+        // The held data hash packets of the block, from the cache (a held one that left the
+        // cache is rebuilt from the decoded data and checked against the head like a lost one).
+        for b in self.data_hash_blocks(f) {
+            if let Some(hp) = self.hash_cache.get(&b) {
+                symbols.push((PacketId::Hash(b), Some(hp.clone())));
+            }
+        }
+        let writes = self.decode(f, symbols);
+        if writes.is_empty() {
+            // Not decoded (a forged parked symbol, say): the file has what is held.
+            self.fec_mem_whole[f as usize] = false;
+        }
+        self.fec_mem_order.retain(|x| *x != f);
+        Some(writes)
+    }
+
+    /// Forget every parked symbol of FEC block `f` (decoded, or suspected forged).
+    fn drop_parked_of(&mut self, f: u64) {
+        for b in self.fec_hash_blocks(f) {
+            if let Some(v) = self.parked.remove(&b) {
+                self.parked_bytes -= v.iter().map(|(_, p)| p.len()).sum::<usize>();
+                self.parked_order.retain(|x| *x != b);
+                self.parked_delta(b, false, v.len());
+            }
+        }
+    }
+
+    /// Whether the NAK engine should leave `unit` alone: held or parked, or covered by FEC
+    /// (repair symbols and their hash packets are never asked for; a data packet of a FEC
+    /// block only when the session decided the block is short, see [`Self::fec_wanted`]).
+    pub fn settled(&self, unit: u64, wanted: impl Fn(u64) -> bool) -> bool {
+        if self.has_or_parked(unit) {
+            return true;
+        }
+        if self.fec.is_none() {
+            return false;
+        }
+        match self.shape.unit_packet(unit) {
+            // A lost hash packet is rebuilt from its decoded block (see `Self::decode`).
+            PacketId::Repair(_) | PacketId::Hash(_) => true,
+            PacketId::Data(_) => !wanted(unit),
+        }
+    }
+
+    /// Missing data units of FEC block `f` to ask for: as many as it is short of decoding,
+    /// lowest first (the server's repair of any of them serves every receiver short there).
+    pub fn fec_wanted(&self, f: u64) -> Vec<u64> {
+        let Some(t) = &self.fec else {
+            return Vec::new();
+        };
+        let need = t.deficit(f) as usize;
+        t.shape
+            .data_range(f)
+            .filter(|&s| !self.has_or_parked(s))
+            .take(need)
+            .collect()
     }
 
     /// Bound the hash-packet cache to `blocks` (tests; the default is
@@ -139,12 +627,19 @@ impl Download {
         &self.shape
     }
 
+    /// Units a complete download holds (data and data hash packets).
     pub fn units(&self) -> u64 {
+        self.shape.required_units()
+    }
+
+    /// Every unit of the loop (repair symbols and their hash packets too).
+    pub fn all_units(&self) -> u64 {
         self.shape.loop_packets()
     }
 
+    /// Required units held (see [`Self::units`]).
     pub fn have_count(&self) -> u64 {
-        self.have_count
+        self.have_required
     }
 
     pub fn have_bits(&self) -> &[u64] {
@@ -152,7 +647,7 @@ impl Download {
     }
 
     pub fn is_complete(&self) -> bool {
-        self.have_count == self.units()
+        self.have_required == self.units()
     }
 
     /// Held, or parked waiting for its hash packet (the NAK engine need not ask for it).
@@ -161,11 +656,11 @@ impl Download {
             return true;
         }
         match self.shape.unit_packet(unit) {
-            PacketId::Data(s) => self
-                .parked
-                .get(&(s / self.shape.block_symbols))
-                .is_some_and(|v| v.iter().any(|(x, _)| *x == s)),
             PacketId::Hash(_) => false,
+            id => self
+                .parked
+                .get(&self.shape.hash_block_of(id))
+                .is_some_and(|v| v.iter().any(|(x, _)| *x == id)),
         }
     }
 
@@ -179,10 +674,10 @@ impl Download {
                 .verifier
                 .check_hash_packet(&self.head, b, payload)
                 .is_ok(),
-            PacketId::Data(s) => self
+            id => self
                 .hash_cache
-                .get(&(s / self.shape.block_symbols))
-                .is_some_and(|hp| self.verifier.check_data_packet(hp, s, payload).is_ok()),
+                .get(&self.shape.hash_block_of(id))
+                .is_some_and(|hp| self.verifier.check_leaf(hp, id, payload).is_ok()),
         }
     }
 
@@ -201,8 +696,8 @@ impl Download {
         v
     }
 
-    fn park(&mut self, s: u64, payload: &[u8]) -> Verdict {
-        let b = s / self.shape.block_symbols;
+    fn park(&mut self, s: PacketId, payload: &[u8]) -> Verdict {
+        let b = self.shape.hash_block_of(s);
         // Several candidates per serial may wait (a forgery parked first must not shadow the
         // genuine packet); only byte-identical copies are duplicates.
         if self
@@ -224,15 +719,20 @@ impl Download {
             if let Some(v) = self.parked.remove(&old) {
                 self.parked_bytes -= v.iter().map(|(_, p)| p.len()).sum::<usize>();
                 self.counters.no_hash_yet += v.len() as u64;
+                self.parked_delta(old, false, v.len());
             }
         }
         let v = self.parked.entry(b).or_default();
         if v.is_empty() {
             self.parked_order.push_back(b);
         }
+        let fresh = !v.iter().any(|(x, _)| *x == s);
         v.push((s, payload.to_vec()));
         self.parked_bytes += payload.len();
         self.counters.parked += 1;
+        if fresh {
+            self.parked_delta(b, true, 1);
+        }
         Verdict::Parked
     }
 
@@ -242,9 +742,13 @@ impl Download {
             return;
         };
         self.parked_order.retain(|x| *x != b);
-        for (s, payload) in list {
+        let mut distinct: Vec<PacketId> = list.iter().map(|(id, _)| *id).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        self.parked_delta(b, false, distinct.len());
+        for (id, payload) in list {
             self.parked_bytes -= payload.len();
-            let unit = s;
+            let unit = self.shape.unit_index(id).expect("parked in range");
             if self.has(unit) {
                 continue;
             }
@@ -252,27 +756,67 @@ impl Download {
                 .hash_cache
                 .get(&b)
                 .expect("hash cached while data missing");
-            if self.verifier.check_data_packet(hp, s, &payload).is_err() {
+            if self.verifier.check_leaf(hp, id, &payload).is_err() {
                 self.counters.rejected += 1;
-                self.unpark_rejects.push(s);
+                self.unpark_rejects.push(unit);
                 continue;
             }
-            self.accept_data(s);
-            let (offset, _) = self
-                .layout
-                .packet_range(PacketId::Data(s))
-                .expect("in range");
+            if self.repair_unneeded(id) {
+                self.counters.fec_unneeded += 1;
+                continue;
+            }
+            self.accept_leaf(id);
+            self.keep_symbol(id, &payload);
+            let (offset, _) = self.layout.packet_range(id).expect("in range");
             self.released.push((offset, payload));
         }
     }
 
-    fn accept_data(&mut self, s: u64) {
-        self.mark(s);
+    /// A repair symbol of a FEC block whose data is all held (or being decoded).
+    fn repair_unneeded(&self, id: PacketId) -> bool {
+        match (id, &self.fec) {
+            (PacketId::Repair(r), Some(t)) => {
+                let f = t.shape.block_of_repair(r);
+                t.complete(f) || t.deficit(f) == 0
+            }
+            (PacketId::Hash(b), Some(t)) if b >= self.shape.n_blocks => self
+                .fec_block_of_hash(b)
+                .is_some_and(|f| t.complete(f) || t.deficit(f) == 0),
+            _ => false,
+        }
+    }
+
+    /// A verified data packet or repair symbol is held from now on.
+    fn accept_leaf(&mut self, id: PacketId) {
+        let unit = self.shape.unit_index(id).expect("in range");
+        self.mark(unit);
         self.counters.written += 1;
-        let b = (s / self.shape.block_symbols) as usize;
+        if let PacketId::Repair(_) = id {
+            self.counters.fec_repairs_written += 1;
+        }
+        let b = self.shape.hash_block_of(id) as usize;
         self.block_missing[b] -= 1;
         if self.block_missing[b] == 0 {
             self.hash_cache.remove(&(b as u64));
+        }
+        if let Some(t) = self.fec.as_mut() {
+            let f = match id {
+                PacketId::Data(s) => {
+                    let f = t.shape.block_of_data(s);
+                    t.data_held[f as usize] += 1;
+                    f
+                }
+                PacketId::Repair(r) => {
+                    let f = t.shape.block_of_repair(r);
+                    t.repair_held[f as usize] += 1;
+                    f
+                }
+                PacketId::Hash(_) => return,
+            };
+            t.check(f);
+            if t.complete(f) && self.fec_mem.remove(&f).is_some() {
+                self.fec_mem_order.retain(|x| *x != f);
+            }
         }
     }
 
@@ -282,7 +826,10 @@ impl Download {
 
     fn mark(&mut self, unit: u64) {
         self.have[(unit / 64) as usize] |= 1 << (unit % 64);
-        self.have_count += 1;
+        self.held_all += 1;
+        if self.shape.required(unit) {
+            self.have_required += 1;
+        }
     }
 
     /// Keep a verified hash packet for a block that still misses data, evicting the oldest.
@@ -325,19 +872,15 @@ impl Download {
         } else {
             if let Some(u) = self.shape.unit_index(PacketId::Hash(block)) {
                 self.unmark(u);
+                self.recount();
             }
             false
         }
     }
 
+    /// Forget a unit (only the bit: callers [`Self::recount`] when done).
     fn unmark(&mut self, unit: u64) {
-        if self.has(unit) {
-            self.have[(unit / 64) as usize] &= !(1 << (unit % 64));
-            self.have_count -= 1;
-            if let PacketId::Data(s) = self.shape.unit_packet(unit) {
-                self.block_missing[(s / self.shape.block_symbols) as usize] += 1;
-            }
-        }
+        self.have[(unit / 64) as usize] &= !(1 << (unit % 64));
     }
 
     /// After a resume: read back every unit the state file says is held and verify it again
@@ -347,19 +890,23 @@ impl Download {
     /// the finished file needs no second full pass. `read(offset, buf)` fills `buf` from the
     /// part file. Returns the number of units forgotten.
     pub fn recheck_held(&mut self, mut read: impl FnMut(u64, &mut [u8]) -> bool) -> u64 {
-        let before = self.have_count;
-        let k = self.shape.block_symbols;
+        let before = self.held_all;
         let mut hash = vec![0u8; self.head.symbol_size as usize];
         let mut data = Vec::new();
-        for b in 0..self.shape.n_blocks {
+        for b in 0..self.shape.all_blocks() {
             let hu = self.shape.unit_index(PacketId::Hash(b)).expect("in range");
-            let first = b * k;
-            let last = ((b + 1) * k).min(self.shape.data_packets);
-            let held_data = (first..last).any(|s| self.has(s));
+            let leaves = self.shape.leaves_of(b);
+            let unit = |id| self.shape.unit_index(id).expect("in range");
+            let held: Vec<PacketId> = leaves
+                .iter()
+                .copied()
+                .filter(|&id| self.has(unit(id)))
+                .collect();
             if !self.has(hu) {
-                // Data is only ever accepted after its hash packet: without it, start over.
-                for s in first..last {
-                    self.unmark(s);
+                // Leaves are only ever accepted after their hash packet: without it, start
+                // over. (A packet restored by FEC may precede it: it comes round again.)
+                for id in held {
+                    self.unmark(self.shape.unit_index(id).expect("in range"));
                 }
                 continue;
             }
@@ -374,46 +921,46 @@ impl Download {
                     .is_ok();
             if !hash_ok {
                 self.unmark(hu);
-                for s in first..last {
-                    self.unmark(s);
+                for id in held {
+                    self.unmark(self.shape.unit_index(id).expect("in range"));
                 }
                 continue;
             }
-            if held_data {
-                let (off0, _) = self
-                    .layout
-                    .packet_range(PacketId::Data(first))
-                    .expect("in range");
-                let (offn, lenn) = self
-                    .layout
-                    .packet_range(PacketId::Data(last - 1))
-                    .expect("in range");
-                data.resize((offn - off0) as usize + lenn, 0);
-                let ok = read(off0, &mut data);
-                for s in first..last {
-                    if !self.has(s) {
-                        continue;
-                    }
-                    let (o, l) = self
-                        .layout
-                        .packet_range(PacketId::Data(s))
-                        .expect("in range");
-                    let at = (o - off0) as usize;
-                    if !ok
-                        || self
-                            .verifier
-                            .check_data_packet(&hash, s, &data[at..at + l])
-                            .is_err()
-                    {
-                        self.unmark(s);
+            if let (Some(&first), Some(&last)) = (leaves.first(), leaves.last()) {
+                if !held.is_empty() {
+                    let (off0, _) = self.layout.packet_range(first).expect("in range");
+                    let (offn, lenn) = self.layout.packet_range(last).expect("in range");
+                    data.resize((offn - off0) as usize + lenn, 0);
+                    let ok = read(off0, &mut data);
+                    for id in held {
+                        let (o, l) = self.layout.packet_range(id).expect("in range");
+                        let at = (o - off0) as usize;
+                        if !ok
+                            || self
+                                .verifier
+                                .check_leaf(&hash, id, &data[at..at + l])
+                                .is_err()
+                        {
+                            self.unmark(self.shape.unit_index(id).expect("in range"));
+                        }
                     }
                 }
             }
-            if self.block_missing[b as usize] > 0 {
-                self.cache_hash(b, hash.clone());
+        }
+        self.recount();
+        for b in 0..self.shape.all_blocks() {
+            let hu = self.shape.unit_index(PacketId::Hash(b)).expect("in range");
+            if self.has(hu) && self.block_missing[b as usize] > 0 {
+                let (hoff, _) = self
+                    .layout
+                    .packet_range(PacketId::Hash(b))
+                    .expect("in range");
+                if self.hash_cache.len() < self.hash_cache_max && read(hoff, &mut hash) {
+                    self.cache_hash(b, hash.clone());
+                }
             }
         }
-        before - self.have_count
+        before - self.held_all
     }
 
     /// Judge one packet from the channel.
@@ -426,18 +973,22 @@ impl Download {
             self.counters.duplicates += 1;
             return Verdict::Duplicate;
         }
+        if self.repair_unneeded(id) {
+            self.counters.fec_unneeded += 1;
+            return Verdict::Duplicate;
+        }
         let check = match id {
             PacketId::Hash(b) => self.verifier.check_hash_packet(&self.head, b, payload),
-            PacketId::Data(s) => {
-                let b = s / self.shape.block_symbols;
+            leaf => {
+                let b = self.shape.hash_block_of(leaf);
                 match self.hash_cache.get(&b) {
                     None if self
                         .has(self.shape.unit_index(PacketId::Hash(b)).expect("in range")) =>
                     {
                         return Verdict::NeedHash(b)
                     }
-                    None => return self.park(s, payload),
-                    Some(hp) => self.verifier.check_data_packet(hp, s, payload),
+                    None => return self.park(leaf, payload),
+                    Some(hp) => self.verifier.check_leaf(hp, leaf, payload),
                 }
             }
         };
@@ -450,12 +1001,18 @@ impl Download {
             PacketId::Hash(b) => {
                 self.mark(unit);
                 self.counters.written += 1;
+                if b >= self.shape.n_blocks {
+                    self.counters.fec_repairs_written += 1;
+                }
                 if self.block_missing[b as usize] > 0 {
                     self.cache_hash(b, payload.to_vec());
                     self.unpark(b);
                 }
             }
-            PacketId::Data(s) => self.accept_data(s),
+            leaf => {
+                self.accept_leaf(leaf);
+                self.keep_symbol(leaf, payload);
+            }
         }
         let (offset, _) = self.layout.packet_range(id).expect("unit in range");
         Verdict::Write { offset }

@@ -557,11 +557,7 @@ mod tests {
     }
 
     fn shape() -> LoopShape {
-        LoopShape {
-            data_packets: 40,
-            n_blocks: 5,
-            block_symbols: 8,
-        }
+        LoopShape::data_only(40, 8)
     }
 
     #[test]
@@ -642,11 +638,7 @@ mod tests {
     fn back_on_a_channel_a_jump_further_than_it_could_go_is_not_loss() {
         // 1,000 packets/s; back on channel 1 10 ms after leaving it, a packet claims position
         // 200 (the channel restarted): at most ~15 + slack could have been sent meanwhile.
-        let s = LoopShape {
-            data_packets: 32_000,
-            n_blocks: 1000,
-            block_symbols: 32,
-        };
+        let s = LoopShape::data_only(32_000, 32);
         let mut e = NakEngine::new(s, 1);
         e.on_sync(&sync(0, 1, 1000 * 1304 * 8), 1304);
         let t0 = Instant::now();
@@ -670,11 +662,7 @@ mod tests {
     #[test]
     fn a_large_backlog_is_naked_once_per_repair_time_in_linear_work() {
         // 200,000 scattered losses: ~100,000 ranges, so ~1,000 NAKs of 96 ranges in one burst.
-        let s = LoopShape {
-            data_packets: 400_000,
-            n_blocks: 12_500,
-            block_symbols: 32,
-        };
+        let s = LoopShape::data_only(400_000, 32);
         let mut e = NakEngine::new(s, 1);
         e.set_unicast(true);
         e.on_sync(&sync(0, 1, 10_000 * 1304 * 8), 1304);

@@ -5,10 +5,12 @@
 use super::download::Download;
 use crate::carousel::LoopShape;
 
-/// Payload bytes of the units not held yet.
+/// Payload bytes of the required units not held yet (a FEC archive's repair symbols are
+/// not counted: the data they stand in for is).
 pub fn missing_bytes(dl: &Download) -> u64 {
-    (0..dl.units())
-        .filter(|&u| !dl.has(u))
+    let shape = dl.shape();
+    (0..dl.all_units())
+        .filter(|&u| shape.required(u) && !dl.has(u))
         .map(|u| {
             dl.layout()
                 .packet_range(dl.shape().unit_packet(u))
@@ -27,7 +29,10 @@ pub fn start_block(shape: &LoopShape, has: impl Fn(u64) -> bool) -> Option<u64> 
     let k = shape.block_symbols;
     let complete: Vec<bool> = (0..shape.n_blocks)
         .map(|b| {
-            has(shape.data_packets + b) && (b * k..((b + 1) * k).min(shape.data_packets)).all(&has)
+            has(shape
+                .unit_index(crate::archive::PacketId::Hash(b))
+                .expect("in range"))
+                && (b * k..((b + 1) * k).min(shape.data_packets)).all(&has)
         })
         .collect();
     best_start(&complete)

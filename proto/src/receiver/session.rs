@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use mcast_keys::PublicIdentity;
 
 use super::download::{Download, DownloadCounters, Verdict};
+use super::fec_gate::FecGate;
 use super::head_fetch::{HeadFetch, HeadFetchError};
 use super::nak::{NakCounters, NakEngine};
 use super::requests::{Purpose, Requests, Transmit, Via};
@@ -171,6 +172,13 @@ pub enum Event {
         offset: u64,
         len: usize,
     },
+    /// A FEC source block holds enough symbols to decode: read each (packet, offset, len)
+    /// from the part file (after the writes queued so far) and pass them, in this order, to
+    /// [`Session::fec_symbols`].
+    ReadFec {
+        block: u64,
+        reads: Vec<(PacketId, u64, usize)>,
+    },
     /// Make what was written durable and save [`Session::have_bits`] as the state file.
     Checkpoint,
     Progress(Progress),
@@ -237,6 +245,8 @@ pub struct ResumeInfo {
     /// Payload bytes of the loop in all, and still missing.
     pub loop_bytes: u64,
     pub missing_bytes: u64,
+    /// Payload bytes a complete download holds (`loop_bytes` less FEC repair symbols).
+    pub needed_bytes: u64,
     /// Where a new loop should start (after the longest run of complete blocks).
     pub start_block: Option<u64>,
     /// Throughput measured on the last tier interval, bit/s (0 if unmeasured).
@@ -270,6 +280,17 @@ struct Engines {
     nak: NakEngine,
     tiering: Tiering,
     packet_bytes: usize,
+    /// FEC archives: when a source block is judged short ([`FecGate`]), and the data units
+    /// picked to NAK for it (the NAK engine leaves every other FEC-covered unit alone).
+    gate: Option<FecGate>,
+    wanted: std::collections::HashSet<u64>,
+}
+
+impl Engines {
+    /// What the NAK engine must not ask for (see [`Download::settled`]).
+    fn settled(dl: &Download, wanted: &std::collections::HashSet<u64>, u: u64) -> bool {
+        dl.settled(u, |x| wanted.contains(&x))
+    }
 }
 
 pub struct Session {
@@ -492,6 +513,7 @@ impl Session {
         self.last_channel = now;
         self.next_fallback_try = Some(now + self.cfg.sync_timeout);
         let group = j.group;
+        let gate = dl.fec().map(|t| FecGate::new(t.shape, *dl.shape()));
         self.eng = Some(Engines {
             tag: archive_tag(&head.archive_id),
             head,
@@ -499,7 +521,10 @@ impl Session {
             nak,
             tiering,
             packet_bytes,
+            gate,
+            wanted: Default::default(),
         });
+        self.fec_reads();
         self.group = Some(group);
         self.events.push_back(Event::JoinGroup(group));
         self.phase = Phase::Receiving;
@@ -541,6 +566,59 @@ impl Session {
                     offset,
                     bytes: payload,
                 });
+            }
+        }
+    }
+
+    /// The symbols asked for by [`Event::ReadFec`] (`None`: unreadable): decode the block
+    /// ([`Download::decode`]) and queue what it restored as writes.
+    pub fn fec_symbols(
+        &mut self,
+        now: Instant,
+        block: u64,
+        symbols: Vec<(PacketId, Option<Vec<u8>>)>,
+    ) {
+        let Some(eng) = self.eng.as_mut() else {
+            return;
+        };
+        let writes = eng.dl.decode(block, symbols);
+        if !writes.is_empty() {
+            self.dirty = true;
+            self.stats.last_write = Some(now);
+        }
+        for (offset, bytes) in writes {
+            self.events.push_back(Event::Write { offset, bytes });
+        }
+        eng.wanted.retain(|&u| !eng.dl.has(u));
+        self.fec_reads();
+        if self.eng.as_ref().is_some_and(|e| e.dl.is_complete()) {
+            self.complete(now);
+        }
+    }
+
+    /// Ask the driver for the symbols of every FEC block that became decodable.
+    fn fec_reads(&mut self) {
+        let Some(eng) = self.eng.as_mut() else {
+            return;
+        };
+        let mut decodable = eng.dl.take_decodable();
+        while let Some(block) = decodable.pop() {
+            match eng.dl.decode_from_memory(block) {
+                Some(writes) => {
+                    if !writes.is_empty() {
+                        self.dirty = true;
+                    }
+                    for (offset, bytes) in writes {
+                        self.events.push_back(Event::Write { offset, bytes });
+                    }
+                    eng.wanted.retain(|&u| !eng.dl.has(u));
+                    // A failed decode from memory is tried again from the file.
+                    decodable.extend(eng.dl.take_decodable());
+                }
+                None => {
+                    let reads = eng.dl.decode_reads(block);
+                    self.events.push_back(Event::ReadFec { block, reads });
+                }
             }
         }
     }
@@ -620,6 +698,7 @@ impl Session {
             total: e.dl.units(),
             loop_bytes: e.head.loop_bytes(),
             missing_bytes: resume::missing_bytes(&e.dl),
+            needed_bytes: e.head.needed_bytes(),
             start_block: resume::start_block(e.dl.shape(), |u| e.dl.has(u)),
             measured_bps: e.tiering.report().0,
             received_bytes: self.stats.received_bytes,
@@ -647,10 +726,7 @@ enum Source {
 
 /// The block a packet belongs to.
 fn eng_block(e: &Engines, id: PacketId) -> Option<u64> {
-    match id {
-        PacketId::Data(s) => Some(s / e.dl.shape().block_symbols),
-        PacketId::Hash(b) => Some(b),
-    }
+    Some(e.dl.shape().hash_block_of(id))
 }
 
 // ----- control: join, head, replies --------------------------------------------------------
@@ -1120,7 +1196,7 @@ impl Session {
         if is_nak(dg) {
             match Nak::decode(dg) {
                 Ok(h) if h.archive_tag == eng.tag && h.receiver_id != self.cfg.receiver_id => {
-                    eng.nak.on_nak_heard(now, h.units_in(eng.dl.units()));
+                    eng.nak.on_nak_heard(now, h.units_in(eng.dl.all_units()));
                 }
                 Ok(_) => {}
                 Err(_) => self.stats.malformed += 1,
@@ -1210,6 +1286,7 @@ impl Session {
         let dl = &eng.dl;
         let repair = source != Source::Loop;
         let channel = source != Source::Burst;
+        let mut positioned = matches!(verdict, Verdict::Write { .. } | Verdict::Parked);
         match verdict {
             Verdict::Write { .. } => {
                 if channel {
@@ -1217,22 +1294,28 @@ impl Session {
                     self.last_channel = now;
                 }
                 self.last_heard = now;
-                eng.nak.on_packet(now, id, repair, |u| dl.has_or_parked(u));
+                let w = &eng.wanted;
+                eng.nak
+                    .on_packet(now, id, repair, |u| Engines::settled(dl, w, u));
             }
             Verdict::Parked => {
+                let w = &eng.wanted;
                 if let PacketId::Data(s) = id {
-                    eng.nak.on_parked(now, s, |u| dl.has_or_parked(u));
+                    eng.nak.on_parked(now, s, |u| Engines::settled(dl, w, u));
                 }
             }
             // Genuine duplicates still tell the loop position (a loss at the end of a loop is
             // only seen from the next loop's packets, which are duplicates).
             Verdict::Duplicate if dl.duplicate_is_genuine(id, payload) => {
+                positioned = true;
                 if channel {
                     self.heard = true;
                     self.last_channel = now;
                 }
                 self.last_heard = now;
-                eng.nak.on_packet(now, id, repair, |u| dl.has_or_parked(u));
+                let w = &eng.wanted;
+                eng.nak
+                    .on_packet(now, id, repair, |u| Engines::settled(dl, w, u));
             }
             Verdict::NeedHash(block) => {
                 // Read back from disk by the driver; the packet waits for it.
@@ -1257,14 +1340,31 @@ impl Session {
         // A parked packet that failed its check loses its unit, unless a genuine copy was
         // parked or written meanwhile (forgeries must not cause NAKs).
         for unit in eng.dl.take_unpark_rejects() {
-            if !eng.dl.has_or_parked(unit) {
+            if !Engines::settled(&eng.dl, &eng.wanted, unit) {
                 eng.nak.on_lost(now, unit);
+            }
+        }
+        // FEC: a loop packet may make source blocks due for judging; NAK what each is short.
+        if source == Source::Loop && positioned {
+            if let Some(gate) = eng.gate.as_mut() {
+                for f in gate.on_loop_packet(id) {
+                    let wanted = eng.dl.fec_wanted(f);
+                    if !wanted.is_empty() {
+                        tracing::debug!(block = f, short = wanted.len(), "FEC block short");
+                    }
+                    for u in wanted {
+                        eng.wanted.insert(u);
+                        eng.nak.on_lost(now, u);
+                    }
+                }
             }
         }
         for (offset, bytes) in eng.dl.take_released() {
             self.events.push_back(Event::Write { offset, bytes });
             self.dirty = true;
         }
+        self.fec_reads();
+        let eng = self.eng.as_mut().expect("receiving");
         let Verdict::Write { offset } = verdict else {
             if eng.dl.is_complete() {
                 self.complete(now);
@@ -1469,8 +1569,8 @@ impl Session {
     /// a tier move) is congestion, not something to repair: it waits until the move settles.
     fn naks(&mut self, now: Instant) {
         let eng = self.eng.as_mut().expect("receiving");
-        let dl = &eng.dl;
-        eng.nak.handle_timeout(now, |u| dl.has_or_parked(u));
+        let (dl, w) = (&eng.dl, &eng.wanted);
+        eng.nak.handle_timeout(now, |u| Engines::settled(dl, w, u));
         if eng.tiering.settling(now) {
             return;
         }

@@ -24,6 +24,8 @@ pub struct SimArchive {
     seed: u64,
     symbol_size: usize,
     data_len: u64,
+    /// FEC repair region (empty without FEC).
+    repairs: Vec<u8>,
     hashes: Vec<u8>,
 }
 
@@ -35,6 +37,18 @@ fn fill_packet(seed: u64, serial: u64, buf: &mut [u8]) {
 impl SimArchive {
     /// `data_packets` packets of `symbol_size` bytes of seeded random data.
     pub fn new(data_packets: u64, symbol_size: u32, seed: u64) -> SimArchive {
+        SimArchive::with_fec(data_packets, symbol_size, seed, 0.0)
+    }
+
+    /// As [`SimArchive::new`], with `fec_overhead` repair symbols per data packet in source
+    /// blocks of [`crate::archive::fec::DEFAULT_SOURCE_BLOCK`] (0: no FEC), encoded as
+    /// `mcastd pack` does.
+    pub fn with_fec(
+        data_packets: u64,
+        symbol_size: u32,
+        seed: u64,
+        fec_overhead: f64,
+    ) -> SimArchive {
         let archive_id = {
             let mut id = [0x5a; 16];
             id[..8].copy_from_slice(&seed.to_le_bytes());
@@ -47,6 +61,32 @@ impl SimArchive {
         for serial in 0..data_packets {
             fill_packet(seed, serial, &mut buf);
             tree.update(&buf);
+        }
+        let fec = crate::archive::fec::FecShape::choose(
+            data_packets,
+            crate::archive::fec::DEFAULT_SOURCE_BLOCK,
+            fec_overhead,
+            symbol_size / 32,
+        );
+        let mut repairs = Vec::new();
+        if let Some((k, r)) = fec {
+            let (k, ss) = (k as u64, symbol_size as usize);
+            for f in 0..data_packets.div_ceil(k) {
+                let block: Vec<Vec<u8>> = (f * k..((f + 1) * k).min(data_packets))
+                    .map(|serial| {
+                        let mut b = vec![0u8; ss];
+                        fill_packet(seed, serial, &mut b);
+                        b
+                    })
+                    .collect();
+                let refs: Vec<&[u8]> = block.iter().map(|b| b.as_slice()).collect();
+                for sym in crate::archive::fec::encode_block(&refs, ss, r as usize)
+                    .expect("supported code")
+                {
+                    tree.push_repair(&sym, r as usize);
+                    repairs.extend_from_slice(&sym);
+                }
+            }
         }
         let (hashes, block_hashes) = tree.finish();
         let id = sim_identity();
@@ -67,7 +107,8 @@ impl SimArchive {
             data_len,
             symbol_size,
             block_symbols: symbol_size / 32,
-            repair_symbols: 0,
+            repair_symbols: fec.map_or(0, |f| f.1),
+            fec_source: fec.map_or(0, |f| f.0),
             server_key: id.public(),
             block_hashes,
             signature: [0; 64],
@@ -82,6 +123,7 @@ impl SimArchive {
             seed,
             symbol_size: symbol_size as usize,
             data_len,
+            repairs,
             hashes,
         }
     }
@@ -94,7 +136,20 @@ impl SimArchive {
         v
     }
 
-    /// Read as a receiver's intact part file would (data and hash regions).
+    /// Bytes of the regions after the data (repairs, then hashes), from `at` on.
+    fn after_data(&self, at: usize, buf: &mut [u8]) {
+        let r = self.repairs.len();
+        for (i, b) in buf.iter_mut().enumerate() {
+            let p = at + i;
+            *b = if p < r {
+                self.repairs[p]
+            } else {
+                self.hashes[p - r]
+            };
+        }
+    }
+
+    /// Read as a receiver's intact part file would (data, repair and hash regions).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> bool {
         let end = offset + buf.len() as u64;
         if offset < PREAMBLE_LEN || end > self.layout.head_offset() {
@@ -102,8 +157,7 @@ impl SimArchive {
         }
         let off = offset - PREAMBLE_LEN;
         if off >= self.data_len {
-            let h = (off - self.data_len) as usize;
-            buf.copy_from_slice(&self.hashes[h..h + buf.len()]);
+            self.after_data((off - self.data_len) as usize, buf);
             return true;
         }
         // Whole or partial data packets.
@@ -113,9 +167,7 @@ impl SimArchive {
         while done < buf.len() {
             let pos = off + done as u64;
             if pos >= self.data_len {
-                let h = (pos - self.data_len) as usize;
-                let n = buf.len() - done;
-                buf[done..].copy_from_slice(&self.hashes[h..h + n]);
+                self.after_data((pos - self.data_len) as usize, &mut buf[done..]);
                 break;
             }
             fill_packet(self.seed, pos / s, &mut pkt);

@@ -37,6 +37,8 @@ pub struct SimConfig {
     /// Data packets in the archive (hash packets are added: one per `symbol_size / 32`).
     pub data_packets: u64,
     pub symbol_size: u32,
+    /// FEC repair symbols per data packet (0: none), pre-encoded as `mcastd pack` does.
+    pub fec_overhead: f64,
     pub rate_bps: u64,
     /// Probability a packet is lost for every receiver (e.g. an upstream link).
     pub shared_loss: f64,
@@ -66,6 +68,7 @@ impl SimConfig {
             receivers,
             data_packets: 16000,
             symbol_size: 1280,
+            fec_overhead: 0.0,
             rate_bps: 100_000_000,
             shared_loss: 0.0,
             independent_loss: loss,
@@ -145,6 +148,7 @@ pub fn sim_head(data_packets: u64, symbol_size: u32) -> Head {
         symbol_size,
         block_symbols: k as u32,
         repair_symbols: 0,
+        fec_source: 0,
         server_key: mcast_keys::PublicIdentity([0; 32]),
         block_hashes: vec![[0; 32]; n_blocks as usize],
         signature: [0; 64],
@@ -157,7 +161,18 @@ pub fn run(cfg: &SimConfig, t0: Instant) -> SimReport {
     let mut params = Params::for_tests(cfg.rate_bps);
     params.lease = Duration::from_secs(2);
     let k = (cfg.symbol_size / 32) as u64;
-    let units = cfg.data_packets + cfg.data_packets.div_ceil(k);
+    let shape = match crate::archive::fec::FecShape::choose(
+        cfg.data_packets,
+        crate::archive::fec::DEFAULT_SOURCE_BLOCK,
+        cfg.fec_overhead,
+        k as u32,
+    ) {
+        Some((src, rep)) => {
+            crate::carousel::LoopShape::with_fec(cfg.data_packets, k, src as u64, rep as u64)
+        }
+        None => crate::carousel::LoopShape::data_only(cfg.data_packets, k),
+    };
+    let units = shape.loop_packets();
     let pkt_bytes = (crate::wire::data::DATA_HEADER_LEN + cfg.symbol_size as usize) as f64;
     let loop_seconds = units as f64 * pkt_bytes * 8.0 / cfg.rate_bps as f64;
     let receivers = (0..cfg.receivers)
@@ -181,6 +196,7 @@ pub fn run(cfg: &SimConfig, t0: Instant) -> SimReport {
         crash_downtime: cfg.crash_downtime,
         suppression: cfg.suppression,
         max_time: cfg.max_time,
+        fec_overhead: cfg.fec_overhead,
         ..WorldConfig::new(
             cfg.seed,
             cfg.data_packets,

@@ -81,6 +81,9 @@ pub struct WorldConfig {
     pub seed: u64,
     pub data_packets: u64,
     pub symbol_size: u32,
+    /// FEC repair symbols per data packet in the title (0: none), as `mcastd pack
+    /// --fec-overhead`.
+    pub fec_overhead: f64,
     pub params: Params,
     pub receivers: Vec<RxSpec>,
     /// Probability a channel packet is lost for every receiver (an upstream link).
@@ -117,6 +120,7 @@ impl WorldConfig {
             seed,
             data_packets,
             symbol_size,
+            fec_overhead: 0.0,
             params,
             receivers,
             shared_loss: 0.0,
@@ -301,7 +305,12 @@ struct World<'a> {
 /// Run a world from `t0` until every receiver is done (and the channels closed) or
 /// `max_time` passed.
 pub fn run(cfg: &WorldConfig, t0: Instant) -> WorldOutcome {
-    let arc = SimArchive::new(cfg.data_packets, cfg.symbol_size, cfg.seed);
+    let arc = SimArchive::with_fec(
+        cfg.data_packets,
+        cfg.symbol_size,
+        cfg.seed,
+        cfg.fec_overhead,
+    );
     let shape = LoopShape::of(&arc.head);
     let info = TitleInfo {
         head: arc.head.clone(),
@@ -707,6 +716,18 @@ impl World<'_> {
                 let s = h.sess.as_mut().expect("session");
                 s.restore_hash(now, block, ok.then_some(bytes));
             }
+            Event::ReadFec { block, reads } => {
+                let symbols = reads
+                    .into_iter()
+                    .map(|(id, offset, len)| {
+                        let mut bytes = vec![0u8; len];
+                        let ok = self.arc.read(offset, &mut bytes);
+                        (id, ok.then_some(bytes))
+                    })
+                    .collect();
+                let s = h.sess.as_mut().expect("session");
+                s.fec_symbols(now, block, symbols);
+            }
             Event::TierChanged { tier, .. } => h.moves.push((t_s, tier as usize)),
             Event::TierJudged(sample) => h.samples.push((t_s, sample)),
             Event::Failed(f) => {
@@ -973,6 +994,7 @@ mod tests {
             seed: 1,
             data_packets: 2000,
             symbol_size: 1280,
+            fec_overhead: 0.0,
             params,
             receivers: vec![RxSpec::new(Duration::ZERO); 3],
             shared_loss: 0.0,
@@ -1009,6 +1031,7 @@ mod tests {
             seed: 3,
             data_packets: 8000,
             symbol_size: 1280,
+            fec_overhead: 0.0,
             params,
             receivers,
             shared_loss: 0.0,

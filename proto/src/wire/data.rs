@@ -5,7 +5,9 @@
 //! payload
 //! ```
 //! `kind` is SYNC (payload: [`SyncInfo`]), HASH (`index` = block, payload = the block's hash
-//! packet) or DATA (`index` = serial, payload = one symbol of the frames region).
+//! packet), DATA (`index` = serial, payload = one symbol of the frames region) or REPAIR
+//! (`index` = repair symbol, payload = one FEC repair symbol; receivers older than FEC drop
+//! the unknown kind as malformed, which costs them nothing).
 //! `archive_tag` is the first 8 bytes of the archive id: a receiver drops packets of any other
 //! archive before hashing them.
 
@@ -24,6 +26,7 @@ const FLAG_REPAIR: u16 = 1;
 const FLAG_PROBE: u16 = 2;
 const KIND_HASH: u8 = 1;
 const KIND_DATA: u8 = 2;
+const KIND_REPAIR: u8 = 3;
 
 /// What a data-channel packet carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +74,7 @@ impl DataHeader {
             DataKind::Sync => (KIND_SYNC, 0),
             DataKind::Packet(PacketId::Hash(b)) => (KIND_HASH, b),
             DataKind::Packet(PacketId::Data(s)) => (KIND_DATA, s),
+            DataKind::Packet(PacketId::Repair(r)) => (KIND_REPAIR, r),
         };
         out[0] = WIRE_VERSION;
         out[1] = kind;
@@ -96,6 +100,7 @@ impl DataHeader {
             KIND_SYNC => DataKind::Sync,
             KIND_HASH => DataKind::Packet(PacketId::Hash(index)),
             KIND_DATA => DataKind::Packet(PacketId::Data(index)),
+            KIND_REPAIR => DataKind::Packet(PacketId::Repair(index)),
             k => return Err(WireError::Kind(k)),
         };
         Ok((
@@ -144,6 +149,7 @@ mod tests {
             DataKind::Sync,
             DataKind::Packet(PacketId::Hash(7)),
             DataKind::Packet(PacketId::Data(u64::MAX)),
+            DataKind::Packet(PacketId::Repair(3)),
         ] {
             for (repair, probe) in [(false, false), (true, false), (false, true), (true, true)] {
                 let h = DataHeader {
