@@ -13,6 +13,11 @@ use mcast_keys::KeyStore;
 
 /// A packed archive without FEC (symbol 256 bytes: 8 data packets per block).
 fn fixture(len: usize) -> (tempfile::TempDir, ArchiveFile) {
+    packed(len, 0.0, 0)
+}
+
+/// `len` bytes packed with 256-byte symbols, `fec_overhead` and `fec_block`.
+fn packed(len: usize, fec_overhead: f64, fec_block: u32) -> (tempfile::TempDir, ArchiveFile) {
     let dir = tempfile::tempdir().unwrap();
     let ks = KeyStore::open(dir.path().join("keys")).unwrap();
     ks.create_identity(false).unwrap();
@@ -23,7 +28,10 @@ fn fixture(len: usize) -> (tempfile::TempDir, ArchiveFile) {
     o.compress = CompressMode::None;
     o.symbol_size = 256;
     o.frame_size = 4096;
-    o.fec_overhead = 0.0;
+    o.fec_overhead = fec_overhead;
+    if fec_block > 0 {
+        o.fec_block = fec_block;
+    }
     let r = pack(&input, &dir.path().join("a"), &ks, &o, &mut |_| {}).unwrap();
     let a = ArchiveFile::open(&r.path).unwrap();
     (dir, a)
@@ -179,20 +187,7 @@ fn recheck_forgets_units_that_no_longer_verify() {
 /// A FEC archive: 256-byte symbols (8 packets a hash block), source blocks of 32 packets
 /// with 8 repair symbols each.
 fn fec_fixture(len: usize) -> (tempfile::TempDir, ArchiveFile) {
-    let dir = tempfile::tempdir().unwrap();
-    let ks = KeyStore::open(dir.path().join("keys")).unwrap();
-    ks.create_identity(false).unwrap();
-    let input = dir.path().join("in.raw");
-    let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
-    std::fs::write(&input, data).unwrap();
-    let mut o = PackOptions::new("dl");
-    o.compress = CompressMode::None;
-    o.symbol_size = 256;
-    o.frame_size = 4096;
-    o.fec_overhead = 0.25;
-    o.fec_block = 32;
-    let r = pack(&input, &dir.path().join("a"), &ks, &o, &mut |_| {}).unwrap();
-    let a = ArchiveFile::open(&r.path).unwrap();
+    let (dir, a) = packed(len, 0.25, 32);
     assert_eq!((a.head.fec_source, a.head.repair_symbols), (32, 8));
     (dir, a)
 }
