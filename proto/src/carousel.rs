@@ -258,6 +258,19 @@ impl LoopShape {
         }
     }
 
+    /// The FEC source block whose data or repair symbols hash block `b` lists (`None`
+    /// without FEC or out of range).
+    pub fn fec_block_of_hash(&self, b: u64) -> Option<u64> {
+        if !self.fec() || b >= self.all_blocks() {
+            return None;
+        }
+        Some(if b < self.n_blocks {
+            b / self.per_fec().0
+        } else {
+            (b - self.n_blocks) / self.per_fec().1
+        })
+    }
+
     /// Leaves (data or repair packets) of hash block `b`.
     pub fn leaves_of(&self, b: u64) -> Vec<PacketId> {
         let k = self.block_symbols;

@@ -33,7 +33,7 @@ pub const MAX_REPAIR: u32 = 32_768;
 pub fn supported(k: u32, r: u32) -> bool {
     (1..=MAX_SOURCE_BLOCK).contains(&k)
         && (1..=MAX_REPAIR.min(k.max(1))).contains(&r)
-        && ReedSolomonEncoder::supports(k as usize, code_size(k as usize, r as usize))
+        && ReedSolomonEncoder::supports(k as usize, code_size(r as usize))
 }
 
 /// Recovery symbols of the code of a block of `k` data packets whose archive stores `r`:
@@ -42,8 +42,7 @@ pub fn supported(k: u32, r: u32) -> bool {
 /// are new to every receiver. Twice the next power of two of `r` costs nothing in decoding
 /// speed here (the coder works in power-of-two chunks). Part of the archive format: never
 /// change it for head version 2.
-pub fn code_size(k: usize, r: usize) -> usize {
-    let _ = k;
+pub fn code_size(r: usize) -> usize {
     (2 * r.max(1).next_power_of_two()).min(MAX_REPAIR as usize)
 }
 
@@ -152,7 +151,7 @@ pub fn encode_range(
     range: Range<usize>,
 ) -> Result<Vec<Vec<u8>>, FecError> {
     let code = |e: reed_solomon_simd::Error| FecError::Code(e.to_string());
-    let n = code_size(data.len(), repair);
+    let n = code_size(repair);
     if range.end > n {
         return Err(FecError::Code(format!(
             "recovery index {} past the code's {n}",
@@ -204,7 +203,7 @@ pub fn decode_block(
         return Ok(Vec::new());
     }
     let code = |e: reed_solomon_simd::Error| FecError::Code(e.to_string());
-    let n = code_size(k, shape.repair as usize);
+    let n = code_size(shape.repair as usize);
     if repairs.iter().any(|(i, _)| *i as usize >= n) {
         return Err(FecError::Code(format!(
             "recovery index past the code's {n}"
@@ -314,9 +313,9 @@ mod tests {
         let data: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; s]).collect();
         let refs: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
         let stored = encode_block(&refs, s, 10).unwrap();
-        let more = encode_range(&refs, s, 10, 10..code_size(100, 10)).unwrap();
+        let more = encode_range(&refs, s, 10, 10..code_size(10)).unwrap();
         assert_eq!(stored.len(), 10);
-        assert_eq!(more.len(), code_size(100, 10) - 10);
+        assert_eq!(more.len(), code_size(10) - 10);
         let shape = FecShape {
             source: 100,
             repair: 10,

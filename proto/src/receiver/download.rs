@@ -314,19 +314,8 @@ impl Download {
         self.data_hash_blocks(f).chain(first..first + q).collect()
     }
 
-    /// The FEC block of a hash block's leaves.
-    fn fec_block_of_hash(&self, b: u64) -> Option<u64> {
-        let t = self.fec.as_ref()?;
-        let k = self.shape.block_symbols;
-        Some(if b < self.shape.n_blocks {
-            b * k / t.shape.source
-        } else {
-            (b - self.shape.n_blocks) / t.shape.repair.div_ceil(k)
-        })
-    }
-
     fn parked_delta(&mut self, b: u64, added: bool, n: usize) {
-        let Some(f) = self.fec_block_of_hash(b) else {
+        let Some(f) = self.shape.fec_block_of_hash(b) else {
             return;
         };
         if let Some(t) = self.fec.as_mut() {
@@ -780,6 +769,7 @@ impl Download {
                 t.complete(f) || t.deficit(f) == 0
             }
             (PacketId::Hash(b), Some(t)) if b >= self.shape.n_blocks => self
+                .shape
                 .fec_block_of_hash(b)
                 .is_some_and(|f| t.complete(f) || t.deficit(f) == 0),
             _ => false,

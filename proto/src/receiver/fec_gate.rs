@@ -16,7 +16,6 @@ use crate::archive::PacketId;
 use crate::carousel::LoopShape;
 
 pub struct FecGate {
-    shape: FecShape,
     loop_shape: LoopShape,
     /// Per source block: some of its data heard, and its repair range heard.
     started: Vec<bool>,
@@ -29,7 +28,6 @@ impl FecGate {
     pub fn new(shape: FecShape, loop_shape: LoopShape) -> FecGate {
         let n = shape.blocks as usize;
         FecGate {
-            shape,
             loop_shape,
             started: vec![false; n],
             repair_heard: vec![false; n],
@@ -44,18 +42,15 @@ impl FecGate {
         if b < self.loop_shape.n_blocks {
             // A data segment: its block was heard, and every block whose repairs were heard
             // is now past them.
-            let f = b * self.loop_shape.block_symbols / self.shape.source;
-            if let Some(s) = self.started.get_mut(f as usize) {
-                *s = true;
+            if let Some(f) = self.loop_shape.fec_block_of_hash(b) {
+                self.started[f as usize] = true;
             }
             return self.take_due(u64::MAX);
         }
-        let q = self
-            .shape
-            .repair
-            .div_ceil(self.loop_shape.block_symbols)
-            .max(1);
-        self.repair_at((b - self.loop_shape.n_blocks) / q)
+        match self.loop_shape.fec_block_of_hash(b) {
+            Some(g) => self.repair_at(g),
+            None => Vec::new(),
+        }
     }
 
     /// The repair section is at source block `g`: `g` heard its repairs; blocks before it
