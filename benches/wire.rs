@@ -51,6 +51,7 @@ fn naks(c: &mut Criterion) {
         archive_tag: *b"abcdefgh",
         receiver_id: 42,
         ranges,
+        symbols: Vec::new(),
     };
     let bytes = nak.encode();
     g.throughput(Throughput::Elements(1));

@@ -213,6 +213,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut sender = BatchSender::new(&data, true);
     tracing::info!(gso = sender.gso(), batch = BATCH, "data send path");
     let mut cur: Option<(ArchiveId, Arc<[SocketAddr]>)> = None;
+    let mut extras = crate::archive::extras::ExtraCache::default();
     let mut send_errors = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -275,6 +276,19 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
             match &t.payload {
                 TransmitPayload::Sync(s) => batch.push(&t.header, s),
+                TransmitPayload::Packet(crate::archive::PacketId::Extra(e)) => {
+                    let a = files
+                        .get(&t.archive_id)
+                        .expect("channels only loop loaded archives");
+                    match extra_symbol(&mut extras, a, *e) {
+                        Some(sym) => batch.push(&t.header, &sym),
+                        None => tracing::warn!(
+                            archive = %a.path.display(),
+                            extra = e,
+                            "extra FEC symbol not made: the archive's data could not be read"
+                        ),
+                    }
+                }
                 TransmitPayload::Packet(id) => {
                     let a = files
                         .get(&t.archive_id)
@@ -326,6 +340,34 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     beats.stopping(&mgr, &ctrl);
     tracing::info!(counters = ?mgr.counters(), "mcastd stopping");
     Ok(())
+}
+
+/// Extra FEC symbol `e` of `a`, made from its data on demand (see
+/// [`crate::archive::extras`]); `None` if the data could not be read.
+fn extra_symbol(
+    cache: &mut crate::archive::extras::ExtraCache,
+    a: &ArchiveFile,
+    e: u64,
+) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let shape = crate::archive::fec::FecShape::of(&a.head)?;
+    let ss = a.layout.symbol_size;
+    cache.symbol(
+        &a.head.archive_id,
+        &shape,
+        ss as usize,
+        e,
+        |serials, buf| {
+            let (x, y) = (
+                serials.start * ss,
+                (serials.end * ss).min(a.layout.data_len),
+            );
+            buf.resize((y - x) as usize, 0);
+            a.file
+                .read_exact_at(buf, a.layout.data_offset() + x)
+                .is_ok()
+        },
+    )
 }
 
 /// Apply the schedule's due open/close actions to the channels.

@@ -881,8 +881,14 @@ fn fec_repair_symbols_and_their_hash_packets_are_verified() {
     o.fec_overhead = 0.1;
     o.fec_block = 64;
     let r = env.pack(&data, &o);
-    assert_eq!(r.head.version(), 2);
+    assert_eq!(r.head.version(), 3);
     assert!(r.head.repair_packets() > 0);
+    // A version-2 head (one development landing; its repair hash packets listed only the
+    // stored symbols) is refused with what to do.
+    let mut v2 = r.head.encode();
+    v2[4] = 2;
+    let e = mcast::archive::Head::decode(&v2).unwrap_err();
+    assert!(e.to_string().contains("repack"), "{e}");
     let a = ArchiveFile::open(&r.path).unwrap();
     archive::verify(&a, &env.trusted).unwrap();
     let l = a.layout;

@@ -83,6 +83,7 @@ fn a_naked_packet_is_repaired_ahead_of_the_loop() {
         archive_tag: tag,
         receiver_id: 1,
         ranges: vec![(unit, 1)],
+        symbols: Vec::new(),
     }
     .encode();
     let t1 = t0 + Duration::from_millis(150);
@@ -122,12 +123,14 @@ fn hostile_naks_are_bounded_and_cannot_stall_the_loop() {
         receiver_id: 666,
         // The whole loop, and far beyond it, in every NAK.
         ranges: vec![(0, units as u32), (units + 10, u32::MAX), (u64::MAX - 5, 5)],
+        symbols: Vec::new(),
     }
     .encode();
     let other_channel = Nak {
         archive_tag: [0xee; 8],
         receiver_id: 666,
         ranges: vec![(0, 1)],
+        symbols: Vec::new(),
     }
     .encode();
     let sent = run(&mut m, t0, t0 + Duration::from_secs(1), |m, now| {
@@ -200,7 +203,7 @@ fn block_of(id: PacketId) -> u64 {
     match id {
         PacketId::Hash(b) => b,
         PacketId::Data(s) => s / 40,
-        PacketId::Repair(_) => unreachable!("the test title has no FEC"),
+        PacketId::Repair(_) | PacketId::Extra(_) => unreachable!("the test title has no FEC"),
     }
 }
 

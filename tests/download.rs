@@ -389,3 +389,141 @@ fn a_forged_repair_symbol_is_dropped_and_a_forged_parked_one_never_corrupts_a_bl
     assert!(dl.is_complete(), "{:?}", dl.counters);
     assert_required_match(&a, &file);
 }
+
+/// Extra symbol `e` of `a`, made from its data as `mcastd` makes it.
+fn extra_payload(a: &ArchiveFile, e: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let shape = mcast::archive::fec::FecShape::of(&a.head).unwrap();
+    let ss = a.layout.symbol_size;
+    mcast::archive::extras::ExtraCache::default()
+        .symbol(
+            &a.head.archive_id,
+            &shape,
+            ss as usize,
+            e,
+            |serials, buf| {
+                let (x, y) = (
+                    serials.start * ss,
+                    (serials.end * ss).min(a.layout.data_len),
+                );
+                buf.resize((y - x) as usize, 0);
+                a.file
+                    .read_exact_at(buf, a.layout.data_offset() + x)
+                    .is_ok()
+            },
+        )
+        .unwrap()
+}
+
+#[test]
+fn extra_symbols_are_verified_kept_in_memory_and_fill_a_block_the_loop_left_short() {
+    let (_d, a) = fec_fixture(50_000);
+    let shape = LoopShape::of(&a.head);
+    assert_eq!(shape.fec_extras(), 24, "RS(32, 32): 8 stored, 24 extras");
+    let mut dl = Download::new(Arc::new(a.head.clone()), a.layout.head_len, None);
+    let mut file = HashMap::new();
+    // Block 0 loses 12 data packets in its pass: its 8 repair symbols cannot cover that.
+    for q in 0..shape.loop_packets() {
+        let id = shape.packet_at(q);
+        if matches!(id, PacketId::Data(0..=11)) {
+            continue;
+        }
+        let p = payload(&a, id);
+        if let Verdict::Write { offset } = dl.on_packet(id, &p) {
+            file.insert(offset, p);
+        }
+        decode_ready(&mut dl, &mut file);
+    }
+    assert!(!dl.is_complete());
+    assert_eq!(dl.fec().unwrap().deficit(0), 4);
+    // It asks for an amount: the 4 it is short, inflated by the loss it saw (12 of 40).
+    let n = dl.fec_amount(0).unwrap();
+    assert!((5..=24).contains(&n), "{n}");
+    // A forged extra symbol, one out of range, and one of a complete block are refused
+    // before they count.
+    let mut forged = extra_payload(&a, 0);
+    forged[3] ^= 1;
+    assert_eq!(dl.on_packet(PacketId::Extra(0), &forged), Verdict::Rejected);
+    assert_eq!(
+        dl.on_packet(PacketId::Extra(u64::MAX), &forged),
+        Verdict::Rejected
+    );
+    assert_eq!(
+        dl.on_packet(PacketId::Extra(24), &extra_payload(&a, 24)),
+        Verdict::Duplicate,
+        "block 1 is complete"
+    );
+    assert_eq!(dl.fec().unwrap().deficit(0), 4);
+    // Genuine extras are kept (nothing to write: the archive does not store them) and the
+    // fourth makes the block decodable.
+    for e in 0..4 {
+        assert_eq!(
+            dl.on_packet(PacketId::Extra(e), &extra_payload(&a, e)),
+            Verdict::Kept
+        );
+    }
+    assert_eq!(
+        dl.on_packet(PacketId::Extra(1), &extra_payload(&a, 1)),
+        Verdict::Duplicate
+    );
+    assert_eq!(decode_ready(&mut dl, &mut file), 12);
+    assert!(dl.is_complete(), "{:?}", dl.counters);
+    assert_eq!(dl.counters.fec_extras_kept, 4);
+    assert_required_match(&a, &file);
+}
+
+#[test]
+fn an_extra_symbol_before_its_hash_packet_is_parked_and_checked_when_it_comes() {
+    let (_d, a) = fec_fixture(50_000);
+    let shape = LoopShape::of(&a.head);
+    let mut dl = Download::new(Arc::new(a.head.clone()), a.layout.head_len, None);
+    let mut file = HashMap::new();
+    // Block 0 short by 4, and the hash packet listing extras 0.. lost too.
+    let extra_hash = shape.hash_block_of(PacketId::Extra(0));
+    for q in 0..shape.loop_packets() {
+        let id = shape.packet_at(q);
+        if matches!(id, PacketId::Data(0..=11)) || id == PacketId::Hash(extra_hash) {
+            continue;
+        }
+        let p = payload(&a, id);
+        if let Verdict::Write { offset } = dl.on_packet(id, &p) {
+            file.insert(offset, p);
+        }
+        decode_ready(&mut dl, &mut file);
+    }
+    // Unverifiable yet: parked, a forgery among them. The four make the block look
+    // decodable; the decode restores garbage, the check against the data hash packets
+    // refuses all of it, and the suspect parked symbols are dropped.
+    let mut forged = extra_payload(&a, 0);
+    forged[0] ^= 1;
+    assert_eq!(dl.on_packet(PacketId::Extra(0), &forged), Verdict::Parked);
+    for e in 1..4 {
+        assert_eq!(
+            dl.on_packet(PacketId::Extra(e), &extra_payload(&a, e)),
+            Verdict::Parked
+        );
+    }
+    assert_eq!(decode_ready(&mut dl, &mut file), 0);
+    assert!(dl.counters.rejected >= 1);
+    assert_eq!(dl.fec().unwrap().deficit(0), 4);
+    for s in 0..12u64 {
+        assert!(!dl.has(s), "a forged decode was accepted for {s}");
+    }
+    // The hash packet comes round: now the forgery is refused on arrival, and genuine
+    // extras (asked for again) decode the block.
+    let p = payload(&a, PacketId::Hash(extra_hash));
+    assert!(matches!(
+        dl.on_packet(PacketId::Hash(extra_hash), &p),
+        Verdict::Write { .. }
+    ));
+    assert_eq!(dl.on_packet(PacketId::Extra(0), &forged), Verdict::Rejected);
+    for e in 1..5 {
+        assert_eq!(
+            dl.on_packet(PacketId::Extra(e), &extra_payload(&a, e)),
+            Verdict::Kept
+        );
+    }
+    assert_eq!(decode_ready(&mut dl, &mut file), 12);
+    assert!(dl.is_complete(), "{:?}", dl.counters);
+    assert_required_match(&a, &file);
+}

@@ -155,6 +155,7 @@ fn control_port_garbage() {
         archive_tag: [1; 8],
         receiver_id: 9,
         ranges: vec![(0, 4), (10, 1)],
+        symbols: Vec::new(),
     }
     .encode();
     let (mut ctl_garbage, mut nak_garbage) = (Vec::new(), Vec::new());
@@ -263,6 +264,7 @@ fn data_group_garbage() {
             archive_tag: tag,
             receiver_id: i,
             ranges: vec![(serial, 1)],
+            symbols: Vec::new(),
         }
         .encode()[..12]
             .to_vec();
@@ -816,6 +818,7 @@ fn nak_flood() {
                 archive_tag: tag,
                 receiver_id: i,
                 ranges,
+                symbols: Vec::new(),
             }
             .encode();
             if s.send_to(&b, control).is_ok() {

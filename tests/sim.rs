@@ -7,9 +7,10 @@ use mcast::sim::{run, SimConfig};
 
 fn show(name: &str, r: &mcast::sim::SimReport) {
     println!(
-        "{name}: {}/{} complete, loops mean {:.2} max {:.2}, loss events {}, NAK units at server {} ({:.2}/loss), repairs {} (dup {}), wire/file {:.3}",
-        r.completed, r.receivers, r.loops_mean, r.loops_max, r.loss_events, r.nak_units_at_server,
-        r.naks_per_loss, r.repairs_sent, r.duplicate_repairs, r.wire_per_file_byte
+        "{name}: {}/{} complete, loops mean {:.2} max {:.2}, loss events {}, NAKs at server {} asking {} units + {} FEC symbols ({:.2}/loss), repairs {} (extra symbols {}, dup {}), wire/file {:.3}",
+        r.completed, r.receivers, r.loops_mean, r.loops_max, r.loss_events, r.naks_at_server,
+        r.nak_units_at_server, r.nak_symbols_at_server, r.naks_per_loss, r.repairs_sent,
+        r.extras_sent, r.duplicate_repairs, r.wire_per_file_byte
     );
 }
 
@@ -539,11 +540,17 @@ mod fec {
         show("20% loss, FEC 10%", &with);
         assert_eq!(with.completed, 100);
         assert_eq!(without.completed, 100);
+        let fewer = without.repairs_sent as f64 / with.repairs_sent.max(1) as f64;
         println!(
-            "repairs sent: {} without FEC, {} with ({:.1}x fewer)",
-            without.repairs_sent,
-            with.repairs_sent,
-            without.repairs_sent as f64 / with.repairs_sent.max(1) as f64
+            "repairs sent: {} without FEC, {} with ({fewer:.1}x fewer)",
+            without.repairs_sent, with.repairs_sent,
         );
+        // Step 12: repairs fall at least 5x, and what reaches the server per loss (units
+        // and symbols asked for) stays at most 2.
+        assert!(fewer >= 5.0, "{with:?}");
+        assert!(with.naks_per_loss <= 2.0, "{with:?}");
+        // The repairs are answers to amounts: extra symbols, each new to every receiver.
+        assert!(with.extras_sent * 10 >= with.repairs_sent * 9, "{with:?}");
+        assert!(with.loops_max < without.loops_max, "{with:?}");
     }
 }

@@ -63,6 +63,7 @@ fn valid_samples() -> Vec<Vec<u8>> {
             archive_tag: [1; 8],
             receiver_id: 5,
             ranges: vec![(1, 2), (9, 1)],
+            symbols: Vec::new(),
         }
         .encode(),
         mcast::sim::sim_head(100, 1280).encode(),

@@ -131,6 +131,13 @@ pub struct GetReport {
     pub fec_restored: u64,
     /// FEC repair symbols written to the part file (counted in `written`).
     pub fec_repairs_written: u64,
+    /// FEC amounts asked for ("block f: n more symbols", one per block per NAK), the
+    /// symbols they asked for, amounts left unsent because another receiver asked for as
+    /// many, and extra symbols received and kept for decoding.
+    pub amounts_naked: u64,
+    pub symbols_naked: u64,
+    pub amounts_suppressed: u64,
+    pub fec_extras_kept: u64,
     /// Whole run, from start-up (join, head download) to the verified archive.
     pub seconds: f64,
     /// From the first loop packet to the last missing one (the part the loop and repairs
@@ -727,6 +734,10 @@ impl Driver<'_> {
                 fec_decodes: 0,
                 fec_restored: 0,
                 fec_repairs_written: 0,
+                amounts_naked: 0,
+                symbols_naked: 0,
+                amounts_suppressed: 0,
+                fec_extras_kept: 0,
                 seconds: self.started.elapsed().as_secs_f64(),
                 receive_seconds: 0.0,
                 tier: 0,
@@ -795,6 +806,10 @@ impl Driver<'_> {
             fec_decodes: st.download.fec_decodes,
             fec_restored: st.download.fec_restored,
             fec_repairs_written: st.download.fec_repairs_written,
+            amounts_naked: st.symbol_naks.amounts_naked,
+            symbols_naked: st.symbol_naks.symbols_naked,
+            amounts_suppressed: st.symbol_naks.amounts_suppressed,
+            fec_extras_kept: st.download.fec_extras_kept,
             seconds: self.started.elapsed().as_secs_f64(),
             receive_seconds: match (st.first_packet, st.last_write) {
                 (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),

@@ -27,6 +27,9 @@ pub struct LoopShape {
     pub fec_source: u64,
     /// Repair symbols per FEC source block.
     pub fec_repair: u64,
+    /// Symbols per FEC source block the repair hash packets list: the stored repairs, then
+    /// the extras a server makes on demand ([`crate::archive::fec::hashed_symbols`]).
+    pub fec_hashed: u64,
 }
 
 impl LoopShape {
@@ -43,6 +46,7 @@ impl LoopShape {
                 head.fec_source as u64
             },
             fec_repair: head.repair_symbols as u64,
+            fec_hashed: crate::archive::fec::hashed_symbols(head.repair_symbols as usize) as u64,
         }
     }
 
@@ -56,6 +60,7 @@ impl LoopShape {
             repair_blocks: 0,
             fec_source: 0,
             fec_repair: 0,
+            fec_hashed: 0,
         }
     }
 
@@ -63,11 +68,13 @@ impl LoopShape {
     /// `block_symbols`), each with `repair` repair symbols.
     pub fn with_fec(data_packets: u64, block_symbols: u64, source: u64, repair: u64) -> LoopShape {
         let fec_blocks = data_packets.div_ceil(source.max(1));
+        let hashed = crate::archive::fec::hashed_symbols(repair as usize) as u64;
         LoopShape {
             repair_packets: fec_blocks * repair,
-            repair_blocks: fec_blocks * repair.div_ceil(block_symbols.max(1)),
+            repair_blocks: fec_blocks * hashed.div_ceil(block_symbols.max(1)),
             fec_source: source,
             fec_repair: repair,
+            fec_hashed: hashed,
             ..LoopShape::data_only(data_packets, block_symbols)
         }
     }
@@ -103,8 +110,19 @@ impl LoopShape {
     fn per_fec(&self) -> (u64, u64) {
         (
             self.fec_source / self.block_symbols,
-            self.fec_repair.div_ceil(self.block_symbols),
+            self.fec_hashed.div_ceil(self.block_symbols),
         )
+    }
+
+    /// Repair hash blocks per FEC block that list stored repair symbols (the rest list
+    /// extras only, and travel as bare hash packets at the end of the repair segment).
+    fn stored_hash_blocks(&self) -> u64 {
+        self.fec_repair.div_ceil(self.block_symbols)
+    }
+
+    /// Extra symbols per FEC block.
+    pub fn fec_extras(&self) -> u64 {
+        self.fec_hashed.saturating_sub(self.fec_repair)
     }
 
     /// Packets of FEC block `f`'s data segment (its data and data hash packets).
@@ -151,9 +169,15 @@ impl LoopShape {
         }
     }
 
-    /// Packet at `o` within FEC block `g`'s repair segment.
+    /// Packet at `o` within FEC block `g`'s repair segment: each hash packet listing stored
+    /// repairs followed by them, then the hash packets that list extras only.
     fn repair_seg_packet(&self, g: u64, o: u64) -> PacketId {
         let per = self.block_symbols + 1;
+        let stored = self.fec_repair + self.stored_hash_blocks();
+        if o >= stored {
+            let u = self.stored_hash_blocks() + (o - stored);
+            return PacketId::Hash(self.n_blocks + g * self.per_fec().1 + u);
+        }
         let (u, p) = (o / per, o % per);
         match p {
             0 => PacketId::Hash(self.n_blocks + g * self.per_fec().1 + u),
@@ -216,7 +240,7 @@ impl LoopShape {
             return match id {
                 PacketId::Hash(b) => b * per,
                 PacketId::Data(s) => (s / k) * per + s % k + 1,
-                PacketId::Repair(_) => 0,
+                PacketId::Repair(_) | PacketId::Extra(_) => 0,
             };
         }
         let (m, q) = self.per_fec();
@@ -232,8 +256,16 @@ impl LoopShape {
             }
             PacketId::Hash(b) => {
                 let j = b - self.n_blocks;
-                self.repair_seg_start(j / q) + (j % q) * per
+                let (g, u) = (j / q, j % q);
+                let qs = self.stored_hash_blocks();
+                if u < qs {
+                    self.repair_seg_start(g) + u * per
+                } else {
+                    self.repair_seg_start(g) + self.fec_repair + qs + (u - qs)
+                }
             }
+            // Never in the loop: where its hash packet is.
+            PacketId::Extra(_) => self.loop_pos(PacketId::Hash(self.hash_block_of(id))),
             PacketId::Repair(r) => {
                 let (g, i) = (r / self.fec_repair, r % self.fec_repair);
                 self.repair_seg_start(g) + (i / k) * per + i % k + 1
@@ -254,6 +286,11 @@ impl LoopShape {
                 let (g, i) = (r / self.fec_repair.max(1), r % self.fec_repair.max(1));
                 self.n_blocks + g * self.per_fec().1 + i / self.block_symbols
             }
+            PacketId::Extra(e) => {
+                let x = self.fec_extras().max(1);
+                let (g, j) = (e / x, self.fec_repair + e % x);
+                self.n_blocks + g * self.per_fec().1 + j / self.block_symbols
+            }
             PacketId::Hash(b) => b,
         }
     }
@@ -271,7 +308,7 @@ impl LoopShape {
         })
     }
 
-    /// Leaves (data or repair packets) of hash block `b`.
+    /// Leaves (data packets or stored repair symbols: the loop's units) of hash block `b`.
     pub fn leaves_of(&self, b: u64) -> Vec<PacketId> {
         let k = self.block_symbols;
         if b < self.n_blocks {

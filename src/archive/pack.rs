@@ -275,11 +275,15 @@ pub fn pack(
             )
             .map_err(io_err(&tmp_path))?;
             let refs: Vec<&[u8]> = buf.chunks(s as usize).collect();
-            let repairs = super::fec::encode_block(&refs, s as usize, shape.repair as usize)
+            // Every symbol of the code is hashed (extras too, for answers to NAKs); the
+            // first `repair` are stored.
+            let symbols = super::fec::encode_hashed(&refs, s as usize, shape.repair as usize)
                 .map_err(|e| bad_opt(e.to_string()))?;
-            for sym in &repairs {
-                tree.push_repair(sym, shape.repair as usize);
-                w.write_all(sym).map_err(io_err(&tmp_path))?;
+            for (j, sym) in symbols.iter().enumerate() {
+                tree.push_repair(sym, symbols.len());
+                if (j as u64) < shape.repair {
+                    w.write_all(sym).map_err(io_err(&tmp_path))?;
+                }
             }
         }
         Some(fec)

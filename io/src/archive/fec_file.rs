@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use mcast_proto::archive::fec::{encode_block, FecShape};
+use mcast_proto::archive::fec::{encode_hashed, FecShape};
 use mcast_proto::archive::manifest::{repair_hash_packets, TreeKeys};
 use mcast_proto::archive::{Head, Layout, PacketId, PacketVerifier};
 
@@ -70,18 +70,21 @@ pub fn fill_repairs(
         file.read_exact_at(&mut buf, layout.data_offset() + a)
             .map_err(io_err(path))?;
         let refs: Vec<&[u8]> = buf.chunks(s as usize).collect();
-        for sym in encode_block(&refs, s as usize, shape.repair as usize).map_err(|e| {
+        let symbols = encode_hashed(&refs, s as usize, shape.repair as usize).map_err(|e| {
             ArchiveError::Input {
                 path: path.to_path_buf(),
                 why: e.to_string(),
             }
-        })? {
-            leaves.push(keys.leaf(&sym));
-            region.extend_from_slice(&sym);
+        })?;
+        for (j, sym) in symbols.iter().enumerate() {
+            leaves.push(keys.leaf(sym));
+            if (j as u64) < shape.repair {
+                region.extend_from_slice(sym);
+            }
         }
     }
     let (hashes, block_hashes) =
-        repair_hash_packets(&keys, &leaves, shape.repair as usize, s as usize);
+        repair_hash_packets(&keys, &leaves, shape.hashed() as usize, s as usize);
     let n = head.n_blocks() as usize;
     if head.block_hashes.get(n..) != Some(&block_hashes[..]) {
         return Err(ArchiveError::HashPacket {

@@ -16,6 +16,14 @@
 //! its data, data hash packets, repair symbols and repair hash packets.
 //!
 //! A data packet shorter than a symbol (the archive's last) is coded as if zero-padded.
+//!
+//! **Extra symbols.** The code of a block is RS(`K_f`, [`code_size`]`(R)`), of which the
+//! archive stores the first `R`. The other `code_size − R` ("extras") are never stored, but
+//! their leaf hashes are: each block's repair hash packets list all `code_size` symbols
+//! (head version 3). A server answers a NAK for "`n` more symbols of block `f`" with extras
+//! it encodes on demand ([`SymbolCache`]); they are new to every receiver, so one answer
+//! fills different losses at different receivers, and each is verified before use like any
+//! stored symbol.
 
 use std::ops::Range;
 
@@ -38,12 +46,20 @@ pub fn supported(k: u32, r: u32) -> bool {
 
 /// Recovery symbols of the code of a block of `k` data packets whose archive stores `r`:
 /// the code is RS(k, code_size), of which the archive holds the first `r`, and a server can
-/// make more of the *same* code (indices `r..code_size`) to answer NAKs with symbols that
-/// are new to every receiver. Twice the next power of two of `r` costs nothing in decoding
-/// speed here (the coder works in power-of-two chunks). Part of the archive format: never
-/// change it for head version 2.
+/// make more of the *same* code (indices `r..code_size`, the extras) to answer NAKs with
+/// symbols that are new to every receiver. Four times the next power of two of `r`: at 20 %
+/// loss and 10 % overhead a block's receivers are short by up to ~1.5 `r` after a loop, and
+/// answers must not wrap round to extras they already hold for two or three NAK rounds (at
+/// twice, the second round re-sent what most receivers had). Part of the archive format
+/// (head version 3).
 pub fn code_size(r: usize) -> usize {
-    (2 * r.max(1).next_power_of_two()).min(MAX_REPAIR as usize)
+    (4 * r.max(1).next_power_of_two()).min(MAX_REPAIR as usize)
+}
+
+/// Symbols of a block's code whose leaves the manifest lists (stored and extra): part of the
+/// archive format of head version 3.
+pub fn hashed_symbols(r: usize) -> usize {
+    code_size(r).max(r)
 }
 
 /// Why a block could not be coded.
@@ -124,6 +140,30 @@ impl FecShape {
         f * self.repair..(f + 1) * self.repair
     }
 
+    /// Symbols of each block's code that the manifest lists (see [`hashed_symbols`]).
+    pub fn hashed(&self) -> u64 {
+        hashed_symbols(self.repair as usize) as u64
+    }
+
+    /// Extra symbols per block (made on demand, never stored).
+    pub fn extras(&self) -> u64 {
+        self.hashed() - self.repair
+    }
+
+    /// Block and code index (`R..hashed`) of extra symbol `e` (`e = f · extras + i`).
+    pub fn extra_of(&self, e: u64) -> Option<(u64, u64)> {
+        let x = self.extras();
+        if x == 0 || e / x >= self.blocks {
+            return None;
+        }
+        Some((e / x, self.repair + e % x))
+    }
+
+    /// Extra symbol index of code index `j` (`R <= j < hashed`) of block `f`.
+    pub fn extra_index(&self, f: u64, j: u64) -> u64 {
+        f * self.extras() + (j - self.repair)
+    }
+
     /// Data packets in block `f` (symbols needed to decode it).
     pub fn source_count(&self, f: u64) -> u64 {
         let r = self.data_range(f);
@@ -140,6 +180,16 @@ pub fn encode_block(
     repair: usize,
 ) -> Result<Vec<Vec<u8>>, FecError> {
     encode_range(data, symbol_size, repair, 0..repair)
+}
+
+/// Every symbol of a block's code whose leaf the manifest lists: the `repair` the archive
+/// stores, then the extras (see the module doc).
+pub fn encode_hashed(
+    data: &[&[u8]],
+    symbol_size: usize,
+    repair: usize,
+) -> Result<Vec<Vec<u8>>, FecError> {
+    encode_range(data, symbol_size, repair, 0..hashed_symbols(repair))
 }
 
 /// Recovery symbols `range` of the code of a block whose archive stores `repair` (see

@@ -5,26 +5,27 @@
 //! its data packets (see [`super::manifest`]). It also names the title, cipher, sizes, the
 //! plaintext hash and the key id that lets a wrong key be told apart from tampering.
 //!
-//! Encoding (little-endian; version 1 without FEC, version 2 with it):
+//! Encoding (little-endian; version 1 without FEC, version 3 with it):
 //!
 //! ```text
 //! "MCHD" version:u8 flags:u8 cipher:u8 compression:u8
 //! archive_id:[16] key_id:[16] title:str16 watermark:str16 created_unix:u64
 //! plain_len:u64 plain_hash:[32] frame_size:u32 frame_count:u64 data_len:u64
-//! symbol_size:u32 block_symbols:u32 repair_symbols:u32 [fec_source:u32 — v2 only]
+//! symbol_size:u32 block_symbols:u32 repair_symbols:u32 [fec_source:u32 — v3 only]
 //! n_blocks:u64 server_key:[32] block_hashes:[32; n_blocks] signature:[64]
 //! ```
 //! `n_blocks` counts every hash packet: the data blocks', then the repair symbols' (see
-//! [`super::fec`]). The signature covers `"mcast head v1" || every byte before it`.
+//! [`super::fec`]). Version 2 (one development release) hashed only the stored repair
+//! symbols; version 3 hashes every symbol of the code, extras too, and 2 is refused. The signature covers `"mcast head v1" || every byte before it`.
 
 use mcast_keys::{Cipher, PublicIdentity, SIGNATURE_LEN};
 
 use crate::codec::{Reader, Short, Writer};
 
 pub const HEAD_MAGIC: &[u8; 4] = b"MCHD";
-/// Newest head version this build writes and reads (2: FEC fields); 1 is still read and
+/// Newest head version this build writes and reads (3: FEC fields, extras hashed); 1 is still read and
 /// written for archives without repair symbols, so older receivers keep loading them.
-pub const HEAD_VERSION: u8 = 2;
+pub const HEAD_VERSION: u8 = 3;
 pub const HEAD_VERSION_NO_FEC: u8 = 1;
 const SIGN_CONTEXT: &[u8] = b"mcast head v1";
 
@@ -129,7 +130,7 @@ pub struct Head {
 pub enum HeadError {
     #[error("not an mcast archive head (bad magic)")]
     Magic,
-    #[error("archive head version {0} is not supported by this build (supports {HEAD_VERSION})")]
+    #[error("archive head version {0} is not supported by this build (it reads {HEAD_VERSION_NO_FEC} and {HEAD_VERSION}): repack the title with this build's `mcastd pack`")]
     Version(u8),
     #[error("archive head is truncated: {0}")]
     Short(#[from] Short),
@@ -168,10 +169,12 @@ impl Head {
     }
 
     /// Hash packets that cover repair symbols (after the data blocks' hash packets): each
-    /// FEC block's repair symbols start a hash packet of their own.
+    /// FEC block's symbols, stored and extra ([`super::fec::hashed_symbols`]), start a hash
+    /// packet of their own.
     pub fn repair_hash_blocks(&self) -> u64 {
         self.fec_blocks()
-            * (self.repair_symbols as u64).div_ceil((self.block_symbols as u64).max(1))
+            * (super::fec::hashed_symbols(self.repair_symbols as usize) as u64)
+                .div_ceil((self.block_symbols as u64).max(1))
     }
 
     /// Every hash packet: data blocks' and repair symbols'.
@@ -362,7 +365,8 @@ impl Head {
             0
         } else {
             data_packets.div_ceil(fec_source as u64)
-                * (repair_symbols as u64).div_ceil(block_symbols as u64)
+                * (super::fec::hashed_symbols(repair_symbols as usize) as u64)
+                    .div_ceil(block_symbols as u64)
         };
         if n_blocks != data_packets.div_ceil(block_symbols as u64) + repair_hash_blocks {
             return Err(bad(

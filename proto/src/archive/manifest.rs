@@ -95,6 +95,8 @@ pub enum PacketCheck {
     DataPacket(u64),
     #[error("repair symbol {0} does not match its manifest hash")]
     RepairPacket(u64),
+    #[error("extra FEC symbol {0} does not match its manifest hash")]
+    ExtraPacket(u64),
     #[error("packet address out of range")]
     OutOfRange,
     #[error("packet has the wrong length")]
@@ -110,8 +112,12 @@ pub struct PacketVerifier {
     data_len: u64,
     data_blocks: u64,
     repair_packets: u64,
-    /// Repair symbols per FEC block (each block's start a hash packet of their own).
+    /// Stored repair symbols per FEC block.
     repair_group: u64,
+    /// Symbols per FEC block the repair hash packets list (stored, then extra); each
+    /// block's start a hash packet of their own.
+    hashed_group: u64,
+    fec: Option<super::fec::FecShape>,
 }
 
 impl PacketVerifier {
@@ -124,15 +130,27 @@ impl PacketVerifier {
             data_blocks: head.n_blocks(),
             repair_packets: head.repair_packets(),
             repair_group: (head.repair_symbols as u64).max(1),
+            hashed_group: super::fec::hashed_symbols(head.repair_symbols.max(1) as usize) as u64,
+            fec: super::fec::FecShape::of(head),
         }
+    }
+
+    /// Hash block and leaf position of symbol `j` of FEC block `g`'s code.
+    fn code_leaf(&self, g: u64, j: u64) -> (u64, u64) {
+        let k = self.block_symbols;
+        let per_group = self.hashed_group.div_ceil(k);
+        (self.data_blocks + g * per_group + j / k, j % k)
     }
 
     /// Hash block and leaf position of repair symbol `r`.
     fn repair_leaf(&self, r: u64) -> (u64, u64) {
-        let k = self.block_symbols;
-        let per_group = self.repair_group.div_ceil(k);
-        let (g, i) = (r / self.repair_group, r % self.repair_group);
-        (self.data_blocks + g * per_group + i / k, i % k)
+        self.code_leaf(r / self.repair_group, r % self.repair_group)
+    }
+
+    /// Hash block and leaf position of extra symbol `e` (`None` out of range).
+    fn extra_leaf(&self, e: u64) -> Option<(u64, u64)> {
+        let (g, j) = self.fec?.extra_of(e)?;
+        Some(self.code_leaf(g, j))
     }
 
     /// The hash block whose packet lists the leaf of `id` (`None` for a hash packet).
@@ -140,8 +158,30 @@ impl PacketVerifier {
         match id {
             super::PacketId::Data(s) => Some(s / self.block_symbols),
             super::PacketId::Repair(r) => Some(self.repair_leaf(r).0),
+            super::PacketId::Extra(e) => self.extra_leaf(e).map(|l| l.0),
             super::PacketId::Hash(_) => None,
         }
+    }
+
+    /// Check extra symbol `e` against the (already verified) hash packet of its block.
+    pub fn check_extra_packet(
+        &self,
+        verified_hash_packet: &[u8],
+        e: u64,
+        payload: &[u8],
+    ) -> Result<(), PacketCheck> {
+        let (_, leaf) = self.extra_leaf(e).ok_or(PacketCheck::OutOfRange)?;
+        if payload.len() != self.symbol_size {
+            return Err(PacketCheck::Length);
+        }
+        let s = leaf as usize * HASH_LEN;
+        let expected = verified_hash_packet
+            .get(s..s + HASH_LEN)
+            .ok_or(PacketCheck::OutOfRange)?;
+        if self.keys.leaf(payload) != expected {
+            return Err(PacketCheck::ExtraPacket(e));
+        }
+        Ok(())
     }
 
     /// Check repair symbol `r` against the (already verified) hash packet of its block.
@@ -179,6 +219,7 @@ impl PacketVerifier {
             super::PacketId::Repair(r) => {
                 self.check_repair_packet(verified_hash_packet, r, payload)
             }
+            super::PacketId::Extra(e) => self.check_extra_packet(verified_hash_packet, e, payload),
             super::PacketId::Hash(_) => Err(PacketCheck::OutOfRange),
         }
     }
@@ -259,8 +300,9 @@ impl TreeBuilder {
         }
     }
 
-    /// A repair symbol, in index order, after every data byte ([`Self::update`]);
-    /// `per_block`: repair symbols per FEC block (each block's start a hash packet).
+    /// A symbol of a FEC block's code, in index order, after every data byte
+    /// ([`Self::update`]): each block's [`super::fec::hashed_symbols`] (stored repairs, then
+    /// extras); `per_block` is that count (each block's start a hash packet).
     pub fn push_repair(&mut self, symbol: &[u8], per_block: usize) {
         self.repair_group = per_block.max(1);
         self.repair_leaves.push(self.keys.leaf(symbol));

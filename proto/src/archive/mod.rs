@@ -19,6 +19,7 @@
 //! source blocks of their own; an archive without it has no repair region and a version-1
 //! head, as before.
 
+pub mod extras;
 pub mod fec;
 pub mod frame;
 pub mod head;
@@ -44,6 +45,9 @@ pub enum PacketId {
     Hash(u64),
     /// A FEC repair symbol by index (`fec block = r / repair_symbols`).
     Repair(u64),
+    /// An extra FEC symbol, never stored: made by the server on demand
+    /// ([`extras::ExtraCache`]); `fec block = e / extras`, see [`fec::FecShape::extra_of`].
+    Extra(u64),
 }
 
 /// Byte offsets of the regions of one archive.
@@ -109,6 +113,7 @@ impl Layout {
                     self.symbol_size as usize,
                 ))
             }
+            PacketId::Extra(_) => None,
             PacketId::Repair(r) => {
                 if r >= self.repair_packets {
                     return None;

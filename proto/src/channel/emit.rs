@@ -78,6 +78,7 @@ pub(super) fn next_datagram(
     let (pkt, sent) = match l.repair.take(now, &shape) {
         Some(pkt) => {
             counters.repairs_sent += 1;
+            counters.extras_sent += matches!(pkt, crate::archive::PacketId::Extra(_)) as u64;
             (pkt, Sent::Repair)
         }
         None => {

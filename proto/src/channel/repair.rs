@@ -2,8 +2,13 @@
 //! address from flooding the server, and each channel's repair queue, which sends NAKed
 //! packets ahead of the loop after a one-GRTT aggregation window, bounded so that repairs
 //! never take more than `repair_share` of the channel and no NAK pattern can stall the loop.
+//!
+//! A FEC archive's receivers ask for *amounts* ("block `f`: `n` more symbols"). The queue
+//! owes each block the largest amount asked in the window and pays it in extra symbols
+//! ([`PacketId::Extra`]), taken in turn from the block's extras: each one is new to every
+//! receiver short in that block, so one answer serves them all.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -61,26 +66,58 @@ pub(super) struct RepairQueue {
     tokens: f64,
     /// Unit → when it was last repaired (NAKs for it within a GRTT are stale).
     repaired_at: HashMap<u64, Instant>,
+    /// FEC block → (extra symbols still owed, the amount being answered: the largest asked
+    /// since the answer began).
+    owed: BTreeMap<u64, (u32, u32)>,
+    /// FEC block → its next extra symbol (they are sent in turn, wrapping).
+    cursor: HashMap<u64, u64>,
+    /// FEC block → when its last answer went out, and how many symbols it had.
+    answered: HashMap<u64, (Instant, u32)>,
 }
+
+/// Most FEC blocks owed symbols at once per channel (bounds memory like
+/// [`MAX_REPAIR_QUEUE`]).
+pub const MAX_OWED_BLOCKS: usize = 4096;
 
 impl RepairQueue {
     fn ready(&self, now: Instant) -> bool {
-        self.tokens >= 1.0 && self.due.is_some_and(|t| t <= now) && !self.pending.is_empty()
+        self.tokens >= 1.0
+            && self.due.is_some_and(|t| t <= now)
+            && !(self.pending.is_empty() && self.owed.is_empty())
     }
 
-    /// The repair to send now in place of a loop packet, if one is due and within credit.
+    /// The repair to send now in place of a loop packet, if one is due and within credit:
+    /// NAKed units first (in loop order), then the symbols owed.
     pub(super) fn take(&mut self, now: Instant, shape: &LoopShape) -> Option<PacketId> {
         if !self.ready(now) {
             return None;
         }
-        let pos = self.pending.pop_first().expect("ready checked");
-        if self.pending.is_empty() {
+        self.tokens -= 1.0;
+        let pkt = match self.pending.pop_first() {
+            Some(pos) => {
+                let pkt = shape.packet_at(pos);
+                self.repaired_at
+                    .insert(shape.unit_index(pkt).expect("in range"), now);
+                pkt
+            }
+            None => {
+                let mut first = self.owed.first_entry().expect("ready checked");
+                let f = *first.key();
+                first.get_mut().0 -= 1;
+                if first.get().0 == 0 {
+                    let (_, amount) = first.remove();
+                    self.answered.insert(f, (now, amount));
+                }
+                let x = shape.fec_extras();
+                let c = self.cursor.entry(f).or_insert(0);
+                let e = f * x + *c;
+                *c = (*c + 1) % x;
+                PacketId::Extra(e)
+            }
+        };
+        if self.pending.is_empty() && self.owed.is_empty() {
             self.due = None;
         }
-        self.tokens -= 1.0;
-        let pkt = shape.packet_at(pos);
-        self.repaired_at
-            .insert(shape.unit_index(pkt).expect("in range"), now);
         Some(pkt)
     }
 
@@ -126,13 +163,62 @@ impl RepairQueue {
                 }
             }
         }
-        if !self.pending.is_empty() && self.due.is_none() {
+        self.add_symbols(now, nak, shape, grtt, counters);
+        if !(self.pending.is_empty() && self.owed.is_empty()) && self.due.is_none() {
             // Aggregate NAKs for one GRTT before repairing.
             self.due = Some(now + grtt);
         }
         if self.repaired_at.len() > 65_536 {
             self.repaired_at
                 .retain(|_, t| now.saturating_duration_since(*t) < grtt);
+        }
+    }
+
+    /// Owe the symbol amounts `nak` asks for: per block the largest asked, at most the
+    /// block's extras. An amount no larger than an answer sent within the last GRTT is
+    /// stale (asked before that answer arrived) and coalesced.
+    fn add_symbols(
+        &mut self,
+        now: Instant,
+        nak: &Nak,
+        shape: &LoopShape,
+        grtt: Duration,
+        counters: &mut Counters,
+    ) {
+        let x = shape.fec_extras();
+        for &(f, n) in &nak.symbols {
+            if x == 0 || f >= shape.fec_blocks() {
+                counters.nak_symbols_ignored += n as u64;
+                continue;
+            }
+            let n = (n as u64).min(x) as u32;
+            counters.nak_symbols_received += n as u64;
+            let recent = self
+                .answered
+                .get(&f)
+                .is_some_and(|(t, m)| now.saturating_duration_since(*t) < grtt && *m >= n);
+            let full = self.owed.len() >= MAX_OWED_BLOCKS;
+            match self.owed.get_mut(&f) {
+                // Being answered: raise the answer to the largest amount asked.
+                Some((left, amount)) => {
+                    counters.nak_symbols_coalesced += n.min(*amount) as u64;
+                    if n > *amount {
+                        *left += n - *amount;
+                        *amount = n;
+                    }
+                }
+                None if recent => counters.nak_symbols_coalesced += n as u64,
+                None if full => {
+                    counters.nak_symbols_ignored += n as u64;
+                }
+                None => {
+                    self.owed.insert(f, (n, n));
+                }
+            }
+        }
+        if self.answered.len() > MAX_OWED_BLOCKS {
+            self.answered
+                .retain(|_, (t, _)| now.saturating_duration_since(*t) < grtt);
         }
     }
 }
@@ -195,5 +281,58 @@ impl ChannelManager {
             self.params.max_nak_units,
             &mut self.counters,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nak(symbols: Vec<(u64, u32)>) -> Nak {
+        Nak {
+            archive_tag: [0; 8],
+            receiver_id: 1,
+            ranges: Vec::new(),
+            symbols,
+        }
+    }
+
+    #[test]
+    fn amounts_are_answered_once_with_the_largest_asked_in_fresh_extra_symbols() {
+        // 3 FEC blocks of 1000 data packets, 100 stored repairs each, of RS(1000, 512):
+        // 412 extras per block.
+        let shape = LoopShape::with_fec(3000, 40, 1000, 100);
+        assert_eq!(shape.fec_extras(), 412);
+        let (t0, grtt) = (Instant::now(), Duration::from_millis(10));
+        let mut q = RepairQueue {
+            tokens: 64.0,
+            ..Default::default()
+        };
+        let mut c = Counters::default();
+        q.add(t0, &nak(vec![(1, 5)]), &shape, grtt, 8192, &mut c);
+        q.add(t0, &nak(vec![(1, 3)]), &shape, grtt, 8192, &mut c);
+        q.add(t0, &nak(vec![(1, 8), (7, 4)]), &shape, grtt, 8192, &mut c);
+        assert_eq!(c.nak_symbols_received, 16);
+        assert_eq!(
+            c.nak_symbols_coalesced, 8,
+            "3 and 5 of the 8 were asked already"
+        );
+        assert_eq!(c.nak_symbols_ignored, 4, "block 7 does not exist");
+        // Nothing before the aggregation window ends; then 8 distinct extras of block 1.
+        assert_eq!(q.take(t0, &shape), None);
+        let t1 = t0 + grtt;
+        let sent: Vec<PacketId> = std::iter::from_fn(|| q.take(t1, &shape)).collect();
+        assert_eq!(sent, (412..420).map(PacketId::Extra).collect::<Vec<_>>());
+        // The same amount again within a GRTT was asked before the answer arrived: stale.
+        q.add(t1, &nak(vec![(1, 8)]), &shape, grtt, 8192, &mut c);
+        assert_eq!(q.take(t1 + grtt, &shape), None);
+        // Asked again later (the answer was lost too): the next extras, never the same ones.
+        let t2 = t1 + 2 * grtt;
+        q.add(t2, &nak(vec![(1, 2)]), &shape, grtt, 8192, &mut c);
+        let sent: Vec<PacketId> = std::iter::from_fn(|| q.take(t2 + grtt, &shape)).collect();
+        assert_eq!(sent, vec![PacketId::Extra(420), PacketId::Extra(421)]);
+        // An amount beyond the block's extras is capped at them.
+        q.add(t2, &nak(vec![(0, 100_000)]), &shape, grtt, 8192, &mut c);
+        assert_eq!(q.owed.get(&0), Some(&(412, 412)));
     }
 }

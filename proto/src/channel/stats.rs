@@ -44,6 +44,13 @@ pub struct Counters {
     pub nak_units_ignored: u64,
     /// Units whose repair was already queued, or sent within the last GRTT.
     pub nak_units_coalesced: u64,
+    /// FEC symbols asked for by amount (capped at a block's extras), those already owed or
+    /// answered within the last GRTT, and those for no FEC block of the archive.
+    pub nak_symbols_received: u64,
+    pub nak_symbols_coalesced: u64,
+    pub nak_symbols_ignored: u64,
+    /// Of `repairs_sent`: extra FEC symbols made on demand.
+    pub extras_sent: u64,
     pub repairs_sent: u64,
     /// Of `packets_sent` and `repairs_sent`: those of unicast members' own streams.
     pub unicast_packets_sent: u64,

@@ -259,6 +259,7 @@ mod tests {
                 archive_tag: self.tag,
                 receiver_id: rid,
                 ranges: vec![(first, len)],
+                symbols: Vec::new(),
             };
             self.m.handle_control(self.now, addr(from), &nak.encode());
         }

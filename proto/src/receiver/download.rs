@@ -16,6 +16,11 @@
 //! decoded ([`crate::archive::fec::decode_block`]); the restored packets come back through
 //! [`Download::accept_decoded`]. The download is complete when every data packet and data
 //! hash packet is held; repair symbols only help get there.
+//!
+//! Extra symbols ([`PacketId::Extra`], the server's answers to amount NAKs) are verified the
+//! same way, against the repair hash packets that list them, but never written: the archive
+//! does not store them. They are kept in memory ([`MAX_EXTRA_BYTES`]) until their block
+//! decodes, and count towards it like any symbol.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -41,6 +46,9 @@ pub enum Verdict {
     /// Its block's hash packet is held but was evicted from memory: the driver reads it back
     /// from the file, passes it to [`Download::restore_hash`] and offers the packet again.
     NeedHash(u64),
+    /// An extra FEC symbol, verified and kept in memory until its block decodes: nothing to
+    /// write.
+    Kept,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -54,6 +62,10 @@ pub struct DownloadCounters {
     pub fec_unneeded: u64,
     /// Repair symbols and their hash packets written (they count in `written`).
     pub fec_repairs_written: u64,
+    /// Extra symbols verified and kept for decoding (answers to amount NAKs), and those
+    /// dropped for want of memory.
+    pub fec_extras_kept: u64,
+    pub fec_extras_dropped: u64,
     pub duplicates: u64,
     pub no_hash_yet: u64,
     pub parked: u64,
@@ -94,6 +106,9 @@ pub struct Download {
     released: Vec<(u64, Vec<u8>)>,
     /// Parked units that turned out forged (still missing, and now known to be).
     unpark_rejects: Vec<u64>,
+    /// Verified extra symbols per FEC block, as (code index, payload), until it decodes.
+    extras: HashMap<u64, Vec<(u64, Vec<u8>)>>,
+    extras_bytes: usize,
     pub counters: DownloadCounters,
 }
 
@@ -103,6 +118,8 @@ pub struct FecTally {
     pub shape: FecShape,
     data_held: Vec<u32>,
     repair_held: Vec<u32>,
+    /// Extra symbols kept in memory (see [`Download::extras_held`]).
+    extra_held: Vec<u32>,
     /// Symbols parked (unverified, their hash packet missing) per block: a decode may use
     /// them, and checks what it restores against the signed manifest.
     parked: Vec<u32>,
@@ -118,15 +135,22 @@ impl FecTally {
             shape,
             data_held: vec![0; n],
             repair_held: vec![0; n],
+            extra_held: vec![0; n],
             parked: vec![0; n],
             pending: vec![false; n],
             ready: Vec::new(),
         }
     }
 
-    /// Symbols of block `f` held (data and repair).
+    /// Symbols of block `f` held (data, repair and extra).
     pub fn held(&self, f: u64) -> u64 {
-        (self.data_held[f as usize] + self.repair_held[f as usize]) as u64
+        let i = f as usize;
+        (self.data_held[i] + self.repair_held[i] + self.extra_held[i]) as u64
+    }
+
+    /// Extra symbols of block `f` held.
+    pub fn extras_held(&self, f: u64) -> u64 {
+        self.extra_held[f as usize] as u64
     }
 
     /// Whether block `f`'s data is all held.
@@ -153,6 +177,9 @@ impl FecTally {
 
 /// FEC blocks whose symbols are kept in memory (the loop has about two in flight).
 pub const FEC_MEM_BLOCKS: usize = 4;
+
+/// Memory for extra symbols waiting for their block to decode (~50,000 at 1280 bytes).
+pub const MAX_EXTRA_BYTES: usize = 64 << 20;
 
 /// Memory for parked packets (a few blocks' worth at any symbol size).
 pub const MAX_PARKED_BYTES: usize = 8 << 20;
@@ -194,6 +221,8 @@ impl Download {
             parked_bytes: 0,
             released: Vec::new(),
             unpark_rejects: Vec::new(),
+            extras: HashMap::new(),
+            extras_bytes: 0,
             counters: DownloadCounters::default(),
         };
         dl.recount();
@@ -217,8 +246,13 @@ impl Download {
                 match id {
                     PacketId::Data(s) => t.data_held[t.shape.block_of_data(s) as usize] += 1,
                     PacketId::Repair(r) => t.repair_held[t.shape.block_of_repair(r) as usize] += 1,
-                    PacketId::Hash(_) => {}
+                    PacketId::Hash(_) | PacketId::Extra(_) => {}
                 }
+            }
+        }
+        if let Some(t) = fec.as_mut() {
+            for (f, v) in &self.extras {
+                t.extra_held[*f as usize] = v.len() as u32;
             }
         }
         self.fec_mem.clear();
@@ -309,7 +343,7 @@ impl Download {
         let Some(t) = &self.fec else {
             return Vec::new();
         };
-        let q = t.shape.repair.div_ceil(self.shape.block_symbols);
+        let q = t.shape.hashed().div_ceil(self.shape.block_symbols);
         let first = self.shape.n_blocks + f * q;
         self.data_hash_blocks(f).chain(first..first + q).collect()
     }
@@ -387,14 +421,23 @@ impl Download {
             }
         }
         let verified: std::collections::HashSet<u64> = data.keys().copied().collect();
+        for (j, p) in self.extras.get(&f).into_iter().flatten() {
+            repairs.entry(*j).or_insert_with(|| p.clone());
+        }
         for b in self.fec_hash_blocks(f) {
             for (id, p) in self.parked.get(&b).into_iter().flatten() {
                 match *id {
-                    PacketId::Data(s) => {
+                    PacketId::Data(s) if shape.data_range(f).contains(&s) => {
                         data.entry(s - first).or_insert_with(|| p.clone());
                     }
-                    PacketId::Repair(r) => {
+                    PacketId::Repair(r) if shape.repair_range(f).contains(&r) => {
                         repairs.entry(r - rfirst).or_insert_with(|| p.clone());
+                    }
+                    PacketId::Data(_) | PacketId::Repair(_) => {}
+                    PacketId::Extra(e) => {
+                        if let Some((_, j)) = shape.extra_of(e).filter(|&(g, _)| g == f) {
+                            repairs.entry(j).or_insert_with(|| p.clone());
+                        }
                     }
                     PacketId::Hash(_) => {}
                 }
@@ -405,8 +448,10 @@ impl Download {
         }
         let d: Vec<(u64, &[u8])> = data.iter().map(|(i, p)| (*i, p.as_slice())).collect();
         let r: Vec<(u64, &[u8])> = repairs.iter().map(|(i, p)| (*i, p.as_slice())).collect();
-        let restored = crate::archive::fec::decode_block(&shape, f, ss, &d, &r)
-            .map_err(|_| "the code could not decode")?;
+        let restored = crate::archive::fec::decode_block(&shape, f, ss, &d, &r).map_err(|e| {
+            tracing::debug!(block = f, error = %e, "FEC decode failed");
+            "the code could not decode"
+        })?;
         let decoded: std::collections::HashSet<u64> = restored.iter().map(|(i, _)| *i).collect();
         for (i, mut sym) in restored {
             let len = self
@@ -489,7 +534,86 @@ impl Download {
             writes.push((o, p));
         }
         self.drop_parked_of(f);
+        self.drop_extras_of(f);
         Ok(writes)
+    }
+
+    /// Forget block `f`'s extra symbols (decoded or complete).
+    fn drop_extras_of(&mut self, f: u64) {
+        if let Some(v) = self.extras.remove(&f) {
+            self.extras_bytes -= v.iter().map(|(_, p)| p.len()).sum::<usize>();
+            if let Some(t) = self.fec.as_mut() {
+                t.extra_held[f as usize] = 0;
+            }
+        }
+    }
+
+    /// An extra symbol arrived (see the module doc).
+    fn on_extra(&mut self, e: u64, payload: &[u8]) -> Verdict {
+        let Some((f, j)) = self.fec.as_ref().and_then(|t| t.shape.extra_of(e)) else {
+            self.counters.rejected += 1;
+            return Verdict::Rejected;
+        };
+        let t = self.fec.as_ref().expect("checked");
+        if t.complete(f) || t.deficit(f) == 0 {
+            self.counters.fec_unneeded += 1;
+            return Verdict::Duplicate;
+        }
+        if self
+            .extras
+            .get(&f)
+            .is_some_and(|v| v.iter().any(|(x, _)| *x == j))
+        {
+            self.counters.duplicates += 1;
+            return Verdict::Duplicate;
+        }
+        let id = PacketId::Extra(e);
+        let b = self.shape.hash_block_of(id);
+        let hash_unit = self.shape.unit_index(PacketId::Hash(b)).expect("in range");
+        let check = match self.hash_cache.get(&b) {
+            None if self.has(hash_unit) => return Verdict::NeedHash(b),
+            None => return self.park(id, payload),
+            Some(hp) => self.verifier.check_leaf(hp, id, payload),
+        };
+        if let Err(err) = check {
+            tracing::debug!(?id, error = %err, "extra symbol rejected");
+            self.counters.rejected += 1;
+            return Verdict::Rejected;
+        }
+        self.keep_extra(f, j, payload)
+    }
+
+    /// Keep a verified extra symbol of block `f` (code index `j`) for its decode.
+    fn keep_extra(&mut self, f: u64, j: u64, payload: &[u8]) -> Verdict {
+        if self.extras_bytes + payload.len() > MAX_EXTRA_BYTES {
+            self.counters.fec_extras_dropped += 1;
+            return Verdict::NoHashYet;
+        }
+        self.extras
+            .entry(f)
+            .or_default()
+            .push((j, payload.to_vec()));
+        self.extras_bytes += payload.len();
+        self.counters.fec_extras_kept += 1;
+        if let Some(t) = self.fec.as_mut() {
+            t.extra_held[f as usize] += 1;
+            t.check(f);
+        }
+        Verdict::Kept
+    }
+
+    /// Whether hash packet `b` is worth keeping in memory: its block misses leaves, or it
+    /// lists extra symbols of a FEC block that is not complete yet.
+    fn wants_hash(&self, b: u64) -> bool {
+        if self.block_missing.get(b as usize).is_some_and(|&m| m > 0) {
+            return true;
+        }
+        match (&self.fec, self.shape.fec_block_of_hash(b)) {
+            (Some(t), Some(f)) if b >= self.shape.n_blocks => {
+                !t.complete(f) && t.shape.extras() > 0
+            }
+            _ => false,
+        }
     }
 
     /// Keep a verified symbol of an incomplete FEC block in memory (see `fec_mem`).
@@ -500,7 +624,7 @@ impl Download {
         let f = match id {
             PacketId::Data(s) => t.shape.block_of_data(s),
             PacketId::Repair(r) => t.shape.block_of_repair(r),
-            PacketId::Hash(_) => return,
+            PacketId::Hash(_) | PacketId::Extra(_) => return,
         };
         if t.complete(f) || !self.fec_mem_whole.get(f as usize).copied().unwrap_or(false) {
             return;
@@ -574,9 +698,34 @@ impl Download {
         }
         match self.shape.unit_packet(unit) {
             // A lost hash packet is rebuilt from its decoded block (see `Self::decode`).
-            PacketId::Repair(_) | PacketId::Hash(_) => true,
+            PacketId::Repair(_) | PacketId::Hash(_) | PacketId::Extra(_) => true,
             PacketId::Data(_) => !wanted(unit),
         }
+    }
+
+    /// How many symbols FEC block `f` should ask for by amount: what it is short of
+    /// decoding, inflated by the loss it saw on the block's pass (the answer is lost as
+    /// often), plus one. `Some(0)`: nothing to ask; `None`: the block's extras this receiver
+    /// does not hold cannot cover it, so it asks for data packets ([`Self::fec_wanted`]).
+    pub fn fec_amount(&self, f: u64) -> Option<u32> {
+        let t = self.fec.as_ref()?;
+        if f >= t.shape.blocks {
+            return Some(0);
+        }
+        let short = t.deficit(f);
+        if short == 0 || t.complete(f) {
+            return Some(0);
+        }
+        let free = t.shape.extras().saturating_sub(t.extras_held(f));
+        if free < short {
+            return None;
+        }
+        let i = f as usize;
+        let looped = t.shape.source_count(f) + t.shape.repair;
+        let got = (t.data_held[i] + t.repair_held[i]) as f64;
+        let loss = (1.0 - got / looped as f64).clamp(0.0, 0.5);
+        let n = (short as f64 / (1.0 - loss)).ceil() as u64 + 1;
+        Some(n.min(free).min(u32::MAX as u64) as u32)
     }
 
     /// Missing data units of FEC block `f` to ask for: as many as it is short of decoding,
@@ -737,6 +886,27 @@ impl Download {
         self.parked_delta(b, false, distinct.len());
         for (id, payload) in list {
             self.parked_bytes -= payload.len();
+            if let PacketId::Extra(e) = id {
+                let hp = self.hash_cache.get(&b).expect("hash cached for extras");
+                let Some((f, j)) = self.fec.as_ref().and_then(|t| t.shape.extra_of(e)) else {
+                    continue;
+                };
+                if self.verifier.check_leaf(hp, id, &payload).is_err() {
+                    self.counters.rejected += 1;
+                    continue;
+                }
+                let t = self.fec.as_ref().expect("extra_of checked");
+                let held = self
+                    .extras
+                    .get(&f)
+                    .is_some_and(|v| v.iter().any(|(x, _)| *x == j));
+                if t.complete(f) || t.deficit(f) == 0 || held {
+                    self.counters.fec_unneeded += 1;
+                    continue;
+                }
+                self.keep_extra(f, j, &payload);
+                continue;
+            }
             let unit = self.shape.unit_index(id).expect("parked in range");
             if self.has(unit) {
                 continue;
@@ -786,7 +956,7 @@ impl Download {
         }
         let b = self.shape.hash_block_of(id) as usize;
         self.block_missing[b] -= 1;
-        if self.block_missing[b] == 0 {
+        if self.block_missing[b] == 0 && !self.wants_hash(b as u64) {
             self.hash_cache.remove(&(b as u64));
         }
         if let Some(t) = self.fec.as_mut() {
@@ -801,11 +971,14 @@ impl Download {
                     t.repair_held[f as usize] += 1;
                     f
                 }
-                PacketId::Hash(_) => return,
+                PacketId::Hash(_) | PacketId::Extra(_) => return,
             };
             t.check(f);
-            if t.complete(f) && self.fec_mem.remove(&f).is_some() {
-                self.fec_mem_order.retain(|x| *x != f);
+            if t.complete(f) {
+                if self.fec_mem.remove(&f).is_some() {
+                    self.fec_mem_order.retain(|x| *x != f);
+                }
+                self.drop_extras_of(f);
             }
         }
     }
@@ -851,11 +1024,7 @@ impl Download {
             .check_hash_packet(&self.head, block, &payload)
             .is_ok()
         {
-            if self
-                .block_missing
-                .get(block as usize)
-                .is_some_and(|&m| m > 0)
-            {
+            if self.wants_hash(block) {
                 self.cache_hash(block, payload);
             }
             true
@@ -940,7 +1109,7 @@ impl Download {
         self.recount();
         for b in 0..self.shape.all_blocks() {
             let hu = self.shape.unit_index(PacketId::Hash(b)).expect("in range");
-            if self.has(hu) && self.block_missing[b as usize] > 0 {
+            if self.has(hu) && self.wants_hash(b) {
                 let (hoff, _) = self
                     .layout
                     .packet_range(PacketId::Hash(b))
@@ -955,6 +1124,9 @@ impl Download {
 
     /// Judge one packet from the channel.
     pub fn on_packet(&mut self, id: PacketId, payload: &[u8]) -> Verdict {
+        if let PacketId::Extra(e) = id {
+            return self.on_extra(e, payload);
+        }
         let Some(unit) = self.shape.unit_index(id) else {
             self.counters.rejected += 1;
             return Verdict::Rejected;
@@ -994,7 +1166,7 @@ impl Download {
                 if b >= self.shape.n_blocks {
                     self.counters.fec_repairs_written += 1;
                 }
-                if self.block_missing[b as usize] > 0 {
+                if self.wants_hash(b) {
                     self.cache_hash(b, payload.to_vec());
                     self.unpark(b);
                 }

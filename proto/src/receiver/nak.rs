@@ -230,8 +230,19 @@ impl NakEngine {
         }
     }
 
+    /// The suppression back-off's bounds, as the unit NAKs use them (also for the FEC
+    /// amount NAKs, [`super::symbol_naks`]): `T_max` (zero on unicast, where nobody hears
+    /// a NAK) and the group size.
+    pub fn backoff_bounds(&self) -> (Duration, u32) {
+        if self.multicast {
+            (self.grtt.mul_f64(BACKOFF_K), self.group_size)
+        } else {
+            (Duration::ZERO, 1)
+        }
+    }
+
     /// Hold-off for units just NAKed or heard, with `outstanding` units awaiting repair.
-    fn holdoff_for(&self, outstanding: usize) -> Duration {
+    pub fn holdoff_for(&self, outstanding: usize) -> Duration {
         let backlog = if self.channel_pps > 0.0 {
             Duration::from_secs_f64(outstanding as f64 / (self.channel_pps * ASSUMED_REPAIR_SHARE))
                 .min(MAX_BACKLOG_HOLDOFF)

@@ -29,13 +29,14 @@ use super::head_fetch::{HeadFetch, HeadFetchError};
 use super::nak::{NakCounters, NakEngine};
 use super::requests::{Purpose, Requests, Transmit, Via};
 use super::resume;
+use super::symbol_naks::SymbolNaks;
 use super::tier::TierMove;
 pub use super::tiering::TierSample;
 use super::tiering::Tiering;
 use crate::archive::{Head, PacketId};
 use crate::wire::control::{Control, Envelope, ErrorCode};
 use crate::wire::data::{archive_tag, DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN};
-use crate::wire::nak::{is_nak, Nak};
+use crate::wire::nak::{is_nak, Nak, MAX_NAK_RANGES};
 
 /// How often progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -227,6 +228,8 @@ pub struct SessionStats {
     pub units_failed_recheck: u64,
     pub download: DownloadCounters,
     pub nak: NakCounters,
+    /// FEC amounts asked for ([`SymbolNaks`]).
+    pub symbol_naks: super::symbol_naks::SymbolNakCounters,
     pub unicast: bool,
     pub tier: usize,
     pub settled_tier: usize,
@@ -284,12 +287,43 @@ struct Engines {
     /// picked to NAK for it (the NAK engine leaves every other FEC-covered unit alone).
     gate: Option<FecGate>,
     wanted: std::collections::HashSet<u64>,
+    /// FEC archives: blocks short by an amount of symbols, asked for as such.
+    symbols: SymbolNaks,
 }
 
 impl Engines {
     /// What the NAK engine must not ask for (see [`Download::settled`]).
     fn settled(dl: &Download, wanted: &std::collections::HashSet<u64>, u: u64) -> bool {
         dl.settled(u, |x| wanted.contains(&x))
+    }
+
+    /// FEC block `f` is short after its loop pass (or after an answer did not cover it):
+    /// ask for an amount of symbols while the block's extras can cover it, else for that
+    /// many of its missing data packets.
+    fn fec_short(&mut self, now: Instant, f: u64) {
+        match self.dl.fec_amount(f) {
+            Some(0) => {}
+            Some(n) => {
+                tracing::debug!(
+                    block = f,
+                    symbols = n,
+                    "FEC block short: asking for symbols"
+                );
+                self.symbols.short(now, f, n, self.nak.backoff_bounds());
+            }
+            None => {
+                let wanted = self.dl.fec_wanted(f);
+                tracing::debug!(
+                    block = f,
+                    short = wanted.len(),
+                    "FEC block short: asking for data"
+                );
+                for u in wanted {
+                    self.wanted.insert(u);
+                    self.nak.on_lost(now, u);
+                }
+            }
+        }
     }
 }
 
@@ -472,6 +506,7 @@ impl Session {
                     at(eng.tiering.settle_end());
                 } else {
                     at(eng.nak.poll_timeout());
+                    at(eng.symbols.poll_timeout());
                 }
             }
             _ => {}
@@ -523,6 +558,7 @@ impl Session {
             packet_bytes,
             gate,
             wanted: Default::default(),
+            symbols: SymbolNaks::new(self.cfg.receiver_id),
         });
         self.fec_reads();
         self.group = Some(group);
@@ -643,6 +679,15 @@ impl Session {
         self.eng.as_ref().is_some_and(|e| e.dl.has(unit))
     }
 
+    /// Whether a symbol of FEC block `f` would still help (its data is not all held and it
+    /// cannot be decoded yet).
+    pub fn fec_block_short(&self, f: u64) -> bool {
+        self.eng
+            .as_ref()
+            .and_then(|e| e.dl.fec())
+            .is_some_and(|t| f < t.shape.blocks && t.deficit(f) > 0)
+    }
+
     /// The tier engine's counters (`None` for a title with one tier, or before the head).
     pub fn tier_counters(&self) -> Option<super::tier::TierCounters> {
         self.eng
@@ -682,6 +727,7 @@ impl Session {
         if let Some(e) = &self.eng {
             s.download = e.dl.counters.clone();
             s.nak = e.nak.counters.clone();
+            s.symbol_naks = e.symbols.counters.clone();
             s.tier = e.tiering.tier().unwrap_or(0);
             s.settled_tier = e.tiering.settled_tier(now);
             s.tier_changes = e.tiering.changes;
@@ -1197,6 +1243,9 @@ impl Session {
             match Nak::decode(dg) {
                 Ok(h) if h.archive_tag == eng.tag && h.receiver_id != self.cfg.receiver_id => {
                     eng.nak.on_nak_heard(now, h.units_in(eng.dl.all_units()));
+                    let nak = &eng.nak;
+                    eng.symbols
+                        .on_heard(now, &h.symbols, |n| nak.holdoff_for(n as usize));
                 }
                 Ok(_) => {}
                 Err(_) => self.stats.malformed += 1,
@@ -1335,6 +1384,8 @@ impl Session {
                     self.awaiting_hash.push((id, source, payload.to_vec()));
                 }
             }
+            // An extra FEC symbol, kept for its block's decode: the channel works.
+            Verdict::Kept => self.last_heard = now,
             Verdict::Duplicate | Verdict::NoHashYet | Verdict::Rejected => {}
         }
         // A parked packet that failed its check loses its unit, unless a genuine copy was
@@ -1346,17 +1397,13 @@ impl Session {
         }
         // FEC: a loop packet may make source blocks due for judging; NAK what each is short.
         if source == Source::Loop && positioned {
-            if let Some(gate) = eng.gate.as_mut() {
-                for f in gate.on_loop_packet(id) {
-                    let wanted = eng.dl.fec_wanted(f);
-                    if !wanted.is_empty() {
-                        tracing::debug!(block = f, short = wanted.len(), "FEC block short");
-                    }
-                    for u in wanted {
-                        eng.wanted.insert(u);
-                        eng.nak.on_lost(now, u);
-                    }
-                }
+            let due = eng
+                .gate
+                .as_mut()
+                .map(|g| g.on_loop_packet(id))
+                .unwrap_or_default();
+            for f in due {
+                eng.fec_short(now, f);
             }
         }
         for (offset, bytes) in eng.dl.take_released() {
@@ -1585,6 +1632,51 @@ impl Session {
                 archive_tag: eng.tag,
                 receiver_id: self.cfg.receiver_id,
                 ranges,
+                symbols: Vec::new(),
+            }
+            .encode();
+            self.transmits.push_back(Transmit {
+                via: Via::Control,
+                to: self.cfg.server,
+                bytes: bytes.clone(),
+            });
+            if !self.unicast_ok && self.cfg.nak_suppression {
+                if let Some(g) = self.group {
+                    self.transmits.push_back(Transmit {
+                        via: Via::Group,
+                        to: SocketAddr::V4(g),
+                        bytes,
+                    });
+                }
+            }
+        }
+        self.symbol_naks(now);
+    }
+
+    /// FEC amounts: blocks whose answer did not make them decodable are asked about again;
+    /// amounts whose back-off ran out go in one NAK, to the server and the group.
+    fn symbol_naks(&mut self, now: Instant) {
+        let eng = self.eng.as_mut().expect("receiving");
+        for f in eng.symbols.expired(now) {
+            eng.fec_short(now, f);
+        }
+        loop {
+            let (dl, nak) = (&eng.dl, &eng.nak);
+            let symbols = eng.symbols.poll(
+                now,
+                MAX_NAK_RANGES,
+                |f| dl.fec_amount(f).unwrap_or(0),
+                |n| nak.holdoff_for(n as usize),
+            );
+            if symbols.is_empty() {
+                break;
+            }
+            tracing::trace!(blocks = symbols.len(), first = ?symbols[0], "symbol NAK");
+            let bytes = Nak {
+                archive_tag: eng.tag,
+                receiver_id: self.cfg.receiver_id,
+                ranges: Vec::new(),
+                symbols,
             }
             .encode();
             self.transmits.push_back(Transmit {

@@ -27,6 +27,8 @@ pub struct SimArchive {
     /// FEC repair region (empty without FEC).
     repairs: Vec<u8>,
     hashes: Vec<u8>,
+    /// Extra FEC symbols made on demand, as `mcastd` makes them.
+    extras: std::cell::RefCell<crate::archive::extras::ExtraCache>,
 }
 
 /// Data packet `serial`'s bytes.
@@ -80,11 +82,13 @@ impl SimArchive {
                     })
                     .collect();
                 let refs: Vec<&[u8]> = block.iter().map(|b| b.as_slice()).collect();
-                for sym in crate::archive::fec::encode_block(&refs, ss, r as usize)
-                    .expect("supported code")
-                {
-                    tree.push_repair(&sym, r as usize);
-                    repairs.extend_from_slice(&sym);
+                let symbols = crate::archive::fec::encode_hashed(&refs, ss, r as usize)
+                    .expect("supported code");
+                for (j, sym) in symbols.iter().enumerate() {
+                    tree.push_repair(sym, symbols.len());
+                    if j < r as usize {
+                        repairs.extend_from_slice(sym);
+                    }
                 }
             }
         }
@@ -125,11 +129,31 @@ impl SimArchive {
             data_len,
             repairs,
             hashes,
+            extras: Default::default(),
         }
     }
 
     /// A packet's payload.
     pub fn payload(&self, id: PacketId) -> Vec<u8> {
+        if let PacketId::Extra(e) = id {
+            let shape = crate::archive::fec::FecShape::of(&self.head).expect("extras of FEC");
+            return self
+                .extras
+                .borrow_mut()
+                .symbol(
+                    &self.head.archive_id,
+                    &shape,
+                    self.symbol_size,
+                    e,
+                    |serials, buf| {
+                        let s = self.symbol_size as u64;
+                        let (a, b) = (serials.start * s, (serials.end * s).min(self.data_len));
+                        buf.resize((b - a) as usize, 0);
+                        self.read(PREAMBLE_LEN + a, buf)
+                    },
+                )
+                .expect("extra symbol in range");
+        }
         let (off, len) = self.layout.packet_range(id).expect("packet in range");
         let mut v = vec![0u8; len];
         assert!(self.read(off, &mut v));

@@ -95,7 +95,10 @@ pub struct SimReport {
     pub loss_events: u64,
     pub naks_at_server: u64,
     pub nak_units_at_server: u64,
-    /// NAKed units reaching the server per loss event.
+    /// FEC symbols asked for by amount (FEC archives), and extra symbols sent in answer.
+    pub nak_symbols_at_server: u64,
+    pub extras_sent: u64,
+    /// Units and FEC symbols asked for at the server, per loss event.
     pub naks_per_loss: f64,
     pub repairs_sent: u64,
     /// Repairs that no active receiver needed when they went out.
@@ -240,7 +243,10 @@ pub fn run(cfg: &SimConfig, t0: Instant) -> SimReport {
         loss_events: out.loss_events,
         naks_at_server: out.naks_at_server,
         nak_units_at_server: out.nak_units_at_server,
-        naks_per_loss: out.nak_units_at_server as f64 / out.loss_events.max(1) as f64,
+        nak_symbols_at_server: out.nak_symbols_at_server,
+        extras_sent: out.extras_sent,
+        naks_per_loss: (out.nak_units_at_server + out.nak_symbols_at_server) as f64
+            / out.loss_events.max(1) as f64,
         repairs_sent: out.repairs_sent,
         duplicate_repairs: out.duplicate_repairs,
         wire_per_file_byte: out.wire_bytes / loop_bytes,

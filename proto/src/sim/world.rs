@@ -187,6 +187,9 @@ pub struct WorldOutcome {
     pub channels_open_at_end: usize,
     pub naks_at_server: u64,
     pub nak_units_at_server: u64,
+    /// FEC symbols asked for by amount, and extra symbols sent in answer.
+    pub nak_symbols_at_server: u64,
+    pub extras_sent: u64,
     /// Packets (and of them, repairs) unicast members' own streams carried.
     pub unicast_packets_sent: u64,
     pub unicast_repairs_sent: u64,
@@ -389,6 +392,8 @@ pub fn run(cfg: &WorldConfig, t0: Instant) -> WorldOutcome {
             channels_open_at_end: 0,
             naks_at_server: 0,
             nak_units_at_server: 0,
+            nak_symbols_at_server: 0,
+            extras_sent: 0,
             unicast_packets_sent: 0,
             unicast_repairs_sent: 0,
             sim_seconds: 0.0,
@@ -814,11 +819,22 @@ impl World<'_> {
             };
             if hdr.repair {
                 self.out.repairs_sent += 1;
-                let u = self.shape.unit_index(id.expect("repairs carry packets"));
-                let needed = u.is_some_and(|u| {
-                    self.hosts
-                        .iter()
-                        .any(|h| h.active() && !h.sess.as_ref().is_some_and(|s| s.has_unit(u)))
+                let id = id.expect("repairs carry packets");
+                let u = self.shape.unit_index(id);
+                // An extra FEC symbol is needed by a receiver whose block is still short.
+                let extra_block = match id {
+                    PacketId::Extra(e) => Some(e / self.shape.fec_extras().max(1)),
+                    _ => None,
+                };
+                let needed = self.hosts.iter().any(|h| {
+                    h.active()
+                        && match (u, extra_block) {
+                            (Some(u), _) => !h.sess.as_ref().is_some_and(|s| s.has_unit(u)),
+                            (None, Some(f)) => {
+                                h.sess.as_ref().is_some_and(|s| s.fec_block_short(f))
+                            }
+                            _ => false,
+                        }
                 });
                 if !needed {
                     self.out.duplicate_repairs += 1;
@@ -939,6 +955,8 @@ impl World<'_> {
         self.out.channels_closed = c.channels_closed;
         self.out.naks_at_server = c.naks_received;
         self.out.nak_units_at_server = c.nak_units_received;
+        self.out.nak_symbols_at_server = c.nak_symbols_received;
+        self.out.extras_sent = c.extras_sent;
         self.out.unicast_packets_sent = c.unicast_packets_sent;
         self.out.unicast_repairs_sent = c.unicast_repairs_sent;
         self.out.channels_open_at_end = self.mgr.open_channels();

@@ -5,9 +5,10 @@
 //! payload
 //! ```
 //! `kind` is SYNC (payload: [`SyncInfo`]), HASH (`index` = block, payload = the block's hash
-//! packet), DATA (`index` = serial, payload = one symbol of the frames region) or REPAIR
-//! (`index` = repair symbol, payload = one FEC repair symbol; receivers older than FEC drop
-//! the unknown kind as malformed, which costs them nothing).
+//! packet), DATA (`index` = serial, payload = one symbol of the frames region), REPAIR
+//! (`index` = repair symbol, payload = one stored FEC repair symbol) or EXTRA (`index` =
+//! extra symbol, payload = an FEC symbol the server made on demand, always flagged a repair).
+//! Receivers older than a kind drop it as malformed, which costs them nothing.
 //! `archive_tag` is the first 8 bytes of the archive id: a receiver drops packets of any other
 //! archive before hashing them.
 
@@ -27,6 +28,7 @@ const FLAG_PROBE: u16 = 2;
 const KIND_HASH: u8 = 1;
 const KIND_DATA: u8 = 2;
 const KIND_REPAIR: u8 = 3;
+const KIND_EXTRA: u8 = 4;
 
 /// What a data-channel packet carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +77,7 @@ impl DataHeader {
             DataKind::Packet(PacketId::Hash(b)) => (KIND_HASH, b),
             DataKind::Packet(PacketId::Data(s)) => (KIND_DATA, s),
             DataKind::Packet(PacketId::Repair(r)) => (KIND_REPAIR, r),
+            DataKind::Packet(PacketId::Extra(e)) => (KIND_EXTRA, e),
         };
         out[0] = WIRE_VERSION;
         out[1] = kind;
@@ -101,6 +104,7 @@ impl DataHeader {
             KIND_HASH => DataKind::Packet(PacketId::Hash(index)),
             KIND_DATA => DataKind::Packet(PacketId::Data(index)),
             KIND_REPAIR => DataKind::Packet(PacketId::Repair(index)),
+            KIND_EXTRA => DataKind::Packet(PacketId::Extra(index)),
             k => return Err(WireError::Kind(k)),
         };
         Ok((
@@ -150,6 +154,7 @@ mod tests {
             DataKind::Packet(PacketId::Hash(7)),
             DataKind::Packet(PacketId::Data(u64::MAX)),
             DataKind::Packet(PacketId::Repair(3)),
+            DataKind::Packet(PacketId::Extra(11)),
         ] {
             for (repair, probe) in [(false, false), (true, false), (false, true), (true, true)] {
                 let h = DataHeader {

@@ -5,8 +5,12 @@
 //! ```text
 //! version:u8 kind:u8(=0x80) flags:u16 archive_tag:[8] receiver_id:u64 count:u16
 //! count × (first_unit:u64 len:u32)
+//! [flags & SYMBOLS: count2:u16 count2 × (fec_block:u64 symbols:u32)]
 //! ```
 //! Units are the loop's dense unit indices ([`crate::carousel::LoopShape::unit_index`]).
+//! The symbols section asks for *amounts* (FEC archives): "block `f`: `n` more symbols, any";
+//! the server answers with extra symbols nobody has yet ([`crate::archive::extras`]), and a
+//! receiver that overhears a request for at least what it is short of suppresses its own.
 //! `kind` 0x80 never collides with a data-packet kind (0..=2) or a control type (1..=127), so
 //! both ports tell a NAK apart by its second byte.
 
@@ -15,8 +19,10 @@ use crate::codec::{Reader, Writer};
 use super::{check_version, WireError, WIRE_VERSION};
 
 pub const NAK_KIND: u8 = 0x80;
-/// Most ranges one NAK carries (keeps it under ~1.2 KB).
+/// Most ranges one NAK carries (keeps it under ~1.2 KB), symbol requests included.
 pub const MAX_NAK_RANGES: usize = 96;
+/// Header flag: a symbols section follows the ranges.
+const FLAG_SYMBOLS: u16 = 1;
 /// Most units a receiver takes from a NAK it overhears (the server repairs at most its
 /// `max_nak_units`, 8192 by default, per NAK anyway).
 pub const MAX_HEARD_UNITS: usize = 65_536;
@@ -27,6 +33,8 @@ pub struct Nak {
     pub receiver_id: u64,
     /// (first unit, count), ascending and non-overlapping when built by [`to_ranges`].
     pub ranges: Vec<(u64, u32)>,
+    /// (FEC source block, symbols wanted): amounts, answered with fresh symbols.
+    pub symbols: Vec<(u64, u32)>,
 }
 
 /// True if a datagram is a NAK (cheap check before decoding).
@@ -36,17 +44,25 @@ pub fn is_nak(buf: &[u8]) -> bool {
 
 impl Nak {
     pub fn encode(&self) -> Vec<u8> {
-        let n = self.ranges.len().min(MAX_NAK_RANGES);
-        let mut b = Vec::with_capacity(22 + n * 12);
+        let m = self.symbols.len().min(MAX_NAK_RANGES);
+        let n = self.ranges.len().min(MAX_NAK_RANGES - m);
+        let mut b = Vec::with_capacity(24 + (n + m) * 12);
         b.put_u8(WIRE_VERSION);
         b.put_u8(NAK_KIND);
-        b.put_u16(0);
+        b.put_u16(if m > 0 { FLAG_SYMBOLS } else { 0 });
         b.extend_from_slice(&self.archive_tag);
         b.put_u64(self.receiver_id);
         b.put_u16(n as u16);
         for &(first, len) in &self.ranges[..n] {
             b.put_u64(first);
             b.put_u32(len);
+        }
+        if m > 0 {
+            b.put_u16(m as u16);
+            for &(block, k) in &self.symbols[..m] {
+                b.put_u64(block);
+                b.put_u32(k);
+            }
         }
         b
     }
@@ -59,7 +75,7 @@ impl Nak {
         if kind != NAK_KIND {
             return Err(WireError::Kind(kind));
         }
-        let _flags = r.u16("flags")?;
+        let flags = r.u16("flags")?;
         let archive_tag = r.array("archive_tag")?;
         let receiver_id = r.u64("receiver_id")?;
         let n = r.u16("count")? as usize;
@@ -75,6 +91,21 @@ impl Nak {
             }
             ranges.push((first, len));
         }
+        let mut symbols = Vec::new();
+        if flags & FLAG_SYMBOLS != 0 {
+            let m = r.u16("symbols count")? as usize;
+            if m == 0 || n + m > MAX_NAK_RANGES {
+                return Err(WireError::Field("symbols count"));
+            }
+            for _ in 0..m {
+                let block = r.u64("fec_block")?;
+                let k = r.u32("symbols")?;
+                if k == 0 {
+                    return Err(WireError::Field("symbols"));
+                }
+                symbols.push((block, k));
+            }
+        }
         if r.remaining() != 0 {
             return Err(WireError::Field("trailing bytes"));
         }
@@ -82,6 +113,7 @@ impl Nak {
             archive_tag,
             receiver_id,
             ranges,
+            symbols,
         })
     }
 
@@ -128,6 +160,7 @@ mod tests {
             archive_tag: [1; 8],
             receiver_id: 77,
             ranges: to_ranges([1, 2, 3, 7, 9, 10]),
+            symbols: Vec::new(),
         };
         assert_eq!(n.ranges, vec![(1, 3), (7, 1), (9, 2)]);
         let b = n.encode();
@@ -140,6 +173,40 @@ mod tests {
     }
 
     #[test]
+    fn round_trip_symbol_amounts() {
+        let n = Nak {
+            archive_tag: [2; 8],
+            receiver_id: 5,
+            ranges: vec![(4, 2)],
+            symbols: vec![(0, 17), (9, 130)],
+        };
+        let b = n.encode();
+        assert_eq!(Nak::decode(&b).unwrap(), n);
+        for k in 0..b.len() {
+            assert!(Nak::decode(&b[..k]).is_err());
+        }
+        // Amounts only, and a zero amount refused.
+        let only = Nak {
+            ranges: Vec::new(),
+            ..n.clone()
+        };
+        assert_eq!(Nak::decode(&only.encode()).unwrap(), only);
+        let mut zero = only.encode();
+        let at = zero.len() - 4;
+        zero[at..].copy_from_slice(&0u32.to_le_bytes());
+        assert!(Nak::decode(&zero).is_err());
+        // Ranges and amounts together stay within one NAK's bound.
+        let many = Nak {
+            ranges: (0..200).map(|i| (i * 3, 1)).collect(),
+            symbols: (0..10).map(|f| (f, 1)).collect(),
+            ..n
+        };
+        let d = Nak::decode(&many.encode()).unwrap();
+        assert_eq!(d.symbols.len(), 10);
+        assert_eq!(d.ranges.len() + d.symbols.len(), MAX_NAK_RANGES);
+    }
+
+    #[test]
     fn overheard_units_are_bounded_by_the_loop_and_a_cap() {
         // A forged NAK: 96 ranges of 2^32 - 1 units each (~4e11 units in all).
         let huge = Nak {
@@ -148,6 +215,7 @@ mod tests {
             ranges: (0..MAX_NAK_RANGES as u64)
                 .map(|i| (i * 7, u32::MAX))
                 .collect(),
+            symbols: Vec::new(),
         };
         let huge = Nak::decode(&huge.encode()).unwrap();
         let t = std::time::Instant::now();
@@ -160,6 +228,7 @@ mod tests {
             archive_tag: [1; 8],
             receiver_id: 1,
             ranges: vec![(3, 2), (98, 5), (u64::MAX - 10, 10)],
+            symbols: Vec::new(),
         };
         assert_eq!(n.units_in(100).collect::<Vec<_>>(), vec![3, 4, 98, 99]);
     }

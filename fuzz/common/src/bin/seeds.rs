@@ -85,6 +85,7 @@ fn data_seeds(o: &Out) {
             archive_tag: archive_tag(&w.head.archive_id),
             receiver_id: 9,
             ranges: to_ranges([2, 4, 6, 7]),
+            symbols: Vec::new(),
         }
         .encode(),
         pkt(PacketId::Data(3), true),
@@ -211,16 +212,19 @@ fn nak_seeds(o: &Out) {
             archive_tag: tag,
             receiver_id: 1,
             ranges: vec![(0, 1)],
+            symbols: Vec::new(),
         },
         Nak {
             archive_tag: tag,
             receiver_id: 2,
             ranges: to_ranges([1, 2, 3, 7, 9, 10, 28]),
+            symbols: Vec::new(),
         },
         Nak {
             archive_tag: [1; 8],
             receiver_id: 3,
             ranges: (0..96).map(|i| (i * 10, 3)).collect(),
+            symbols: Vec::new(),
         },
     ];
     for (i, n) in naks.iter().enumerate() {
