@@ -131,6 +131,10 @@ pub struct ServerConfig {
     /// How a tier's rate follows its members' reports: "lowest" or "average".
     #[serde(deserialize_with = "choice")]
     pub rate_policy: RatePolicy,
+    /// Extra FEC symbols each tier's loop sends unasked after every FEC block's repair
+    /// symbols, as a share (0 ..= 1) of the block's data packets, by tier from the slowest;
+    /// tiers past the list's end send none. Only for titles packed with FEC.
+    pub tier_fec_extra: Vec<f64>,
     /// TCP address answering `GET /health` with JSON status ("" = off).
     pub health_listen: String,
 }
@@ -292,6 +296,7 @@ impl Default for ServerConfig {
             nak_rate: 5000.0,
             max_nak_units: 8192,
             tiers_mbps: Vec::new(),
+            tier_fec_extra: Vec::new(),
             rate_policy: RatePolicy::Lowest,
             health_listen: String::new(),
         }
@@ -609,6 +614,14 @@ impl Config {
                 "must be at most 16 positive rates in ascending order".into(),
             ));
         }
+        if sv.tier_fec_extra.len() > crate::wire::control::MAX_TIERS
+            || sv.tier_fec_extra.iter().any(|x| !(0.0..=1.0).contains(x))
+        {
+            return Err(field(
+                "server.tier_fec_extra",
+                "must be at most 16 shares, each 0 ..= 1 (0.05 = 5 % of a block's packets)".into(),
+            ));
+        }
         if self.tickets.database == Database::Postgres
             && self.tickets.postgres_url.trim().is_empty()
         {
@@ -762,6 +775,7 @@ impl Config {
             tiers_bps: self.tiers_bps(),
             rate_policy: sv.rate_policy,
             start_tier: 0,
+            tier_fec_extra: sv.tier_fec_extra.clone(),
         }
     }
 
@@ -844,6 +858,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("server.grtt_min_us"), "{e}");
+    }
+
+    #[test]
+    fn tier_fec_extra_is_checked_and_reaches_the_channel_params() {
+        let p = Path::new("x.toml");
+        for bad in ["[1.5]", "[-0.1]", "[nan]"] {
+            let e = Config::parse(&format!("[server]\ntier_fec_extra = {bad}\n"), p)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("server.tier_fec_extra"), "{bad}: {e}");
+        }
+        let c = Config::parse("[server]\ntier_fec_extra = [0.1, 0.05]\n", p).unwrap();
+        assert_eq!(c.channel_params().tier_fec_extra, vec![0.1, 0.05]);
     }
 
     #[test]

@@ -553,4 +553,33 @@ mod fec {
         assert!(with.extras_sent * 10 >= with.repairs_sent * 9, "{with:?}");
         assert!(with.loops_max < without.loops_max, "{with:?}");
     }
+
+    #[test]
+    fn a_lossy_tier_gets_extra_symbols_unasked_and_needs_fewer_nak_rounds() {
+        let mut cfg = SimConfig::new(50, 0.20, 43);
+        cfg.data_packets = 8000;
+        cfg.fec_overhead = 0.10;
+        // A distant audience: every NAK round costs a round trip of 80 ms.
+        cfg.one_way_delay = std::time::Duration::from_millis(40);
+        let asked = run(&cfg);
+        // 15 % more symbols per block sent after each block's repairs, made on demand.
+        cfg.fec_extra = 0.15;
+        let unasked = run(&cfg);
+        show("20% loss, FEC 10%, answers only   ", &asked);
+        show("20% loss, FEC 10% + 15% unasked   ", &unasked);
+        assert_eq!(unasked.completed, 50);
+        assert!(unasked.extras_sent > 0, "{unasked:?}");
+        // 10 % + 15 % covers most blocks at 20 % loss: half the NAKs or fewer reach the
+        // server, asking for a third of the symbols, and receivers are done sooner on the
+        // whole (the last one waits for the part of its first block it joined too late for).
+        assert!(
+            unasked.naks_at_server * 2 < asked.naks_at_server.max(1),
+            "{unasked:?}"
+        );
+        assert!(
+            unasked.nak_symbols_at_server * 2 < asked.nak_symbols_at_server,
+            "{unasked:?}"
+        );
+        assert!(unasked.loops_mean < asked.loops_mean, "{unasked:?}");
+    }
 }

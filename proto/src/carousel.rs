@@ -120,6 +120,23 @@ impl LoopShape {
         self.fec_repair.div_ceil(self.block_symbols)
     }
 
+    /// Data packets of FEC block `f` (0 past the last).
+    pub fn fec_source_count(&self, f: u64) -> u64 {
+        let a = (f * self.fec_source).min(self.data_packets);
+        ((f + 1) * self.fec_source).min(self.data_packets) - a
+    }
+
+    /// The FEC block whose repair segment `id` is the last packet of, if it is.
+    pub fn ends_repair_segment(&self, id: PacketId) -> Option<u64> {
+        let b = self.hash_block_of(id);
+        if b < self.n_blocks || matches!(id, PacketId::Data(_) | PacketId::Extra(_)) {
+            return None;
+        }
+        let g = self.fec_block_of_hash(b)?;
+        let last = self.repair_seg_start(g) + self.repair_seg_len() - 1;
+        (self.loop_pos(id) == last).then_some(g)
+    }
+
     /// Extra symbols per FEC block.
     pub fn fec_extras(&self) -> u64 {
         self.fec_hashed.saturating_sub(self.fec_repair)
@@ -513,6 +530,43 @@ mod tests {
             assert!(seen.iter().all(|s| *s));
             assert!(c.at_loop_start());
             assert_eq!(c.loops(), if data == 0 { 0 } else { 1 });
+            // Each FEC block's repair segment ends once per loop, with a packet of its own
+            // (a hash packet listing extras only, or its last stored repair).
+            let ends: Vec<u64> = (0..shape.loop_packets())
+                .filter_map(|j| shape.ends_repair_segment(shape.packet_at(j)))
+                .collect();
+            let mut sorted = ends.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..shape.fec_blocks()).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn extra_symbols_map_to_the_hash_packets_that_list_them() {
+        // 8 leaves per hash packet, 10 stored repairs of RS(24, 64): 54 extras per block,
+        // listed after the stored ones (hash packets 0-1 of the block's 8 list stored ones).
+        let shape = LoopShape::with_fec(100, 8, 24, 10);
+        assert_eq!((shape.fec_hashed, shape.fec_extras()), (64, 54));
+        let first_repair_hash = shape.n_blocks;
+        assert_eq!(
+            shape.hash_block_of(PacketId::Extra(0)),
+            first_repair_hash + 1,
+            "code index 10: the second hash packet, after stored 8 and 9"
+        );
+        assert_eq!(
+            shape.hash_block_of(PacketId::Extra(53)),
+            first_repair_hash + 7
+        );
+        // Block 1's first extra: its own second repair hash packet.
+        assert_eq!(
+            shape.hash_block_of(PacketId::Extra(54)),
+            first_repair_hash + 9
+        );
+        assert_eq!(shape.fec_block_of_hash(first_repair_hash + 8), Some(1));
+        assert_eq!(
+            shape.unit_index(PacketId::Extra(0)),
+            None,
+            "never a loop unit"
+        );
     }
 }

@@ -29,6 +29,9 @@ pub(super) struct EmitCtx {
     pub(super) send_us: u64,
     /// A discovery burst's datagram (the PROBE header flag).
     pub(super) probe: bool,
+    /// Extra FEC symbols to send unasked after each FEC block's repair segment, as a share
+    /// of the block's data packets ([`super::Params::tier_fec_extra`]).
+    pub(super) fec_extra: f64,
 }
 
 /// What [`next_datagram`] sent.
@@ -84,6 +87,12 @@ pub(super) fn next_datagram(
         None => {
             let pkt = l.carousel.next_packet().expect("non-empty loop");
             l.repair.looped(&shape, pkt, ctx.repair_share);
+            if ctx.fec_extra > 0.0 {
+                if let Some(g) = shape.ends_repair_segment(pkt) {
+                    let n = (ctx.fec_extra * shape.fec_source_count(g) as f64).ceil() as u32;
+                    l.repair.owe_now(now, &shape, g, n);
+                }
+            }
             (pkt, Sent::Loop)
         }
     };

@@ -90,6 +90,11 @@ pub struct Params {
     pub rate_policy: RatePolicy,
     /// Tier a new receiver starts on (conservative: 0, the slowest).
     pub start_tier: usize,
+    /// Extra FEC symbols each tier's loop sends unasked after every FEC block's repair
+    /// segment, as a share of the block's data packets, by tier from the slowest (missing:
+    /// none). Lossier tiers get more without repacking: the archive's stored repairs serve
+    /// every tier, these are made on demand like answers to amount NAKs.
+    pub tier_fec_extra: Vec<f64>,
 }
 
 impl Params {
@@ -121,6 +126,7 @@ impl Params {
             tiers_bps: Vec::new(),
             rate_policy: RatePolicy::Lowest,
             start_tier: 0,
+            tier_fec_extra: Vec::new(),
         }
     }
 
@@ -419,6 +425,7 @@ impl ChannelManager {
             repair_share: params.repair_share,
             send_us: now.saturating_duration_since(self.origin).as_micros() as u64,
             probe: false,
+            fec_extra: params.tier_fec_extra.get(c.tier).copied().unwrap_or(0.0),
         };
         if let Some((rid, _, burst)) = stream {
             let rtt = c

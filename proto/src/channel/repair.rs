@@ -73,7 +73,18 @@ pub(super) struct RepairQueue {
     cursor: HashMap<u64, u64>,
     /// FEC block → when its last answer went out, and how many symbols it had.
     answered: HashMap<u64, (Instant, u32)>,
+    /// The block the last extra symbol was of, and the budget for starting on another
+    /// (see [`EXTRA_BLOCKS_PER_SEC`]).
+    last_extra_block: Option<u64>,
+    block_budget: Option<(f64, Instant)>,
 }
+
+/// FEC blocks per second a channel starts answering with extra symbols (burst: 16). Each
+/// new block costs the server reading and coding it (about a millisecond at 1,024 packets),
+/// so amounts for many blocks at once — a forged NAK naming thousands — must not become a
+/// CPU flood: at most ~0.2 s of coding per second, while a 1 Gbit/s loop passes ~90 blocks
+/// a second. Owed blocks past the budget wait, they are not dropped.
+pub const EXTRA_BLOCKS_PER_SEC: f64 = 200.0;
 
 /// Most FEC blocks owed symbols at once per channel (bounds memory like
 /// [`MAX_REPAIR_QUEUE`]).
@@ -86,11 +97,40 @@ impl RepairQueue {
             && !(self.pending.is_empty() && self.owed.is_empty())
     }
 
+    /// Whether an extra symbol of `f` may go now: more of the block being answered always,
+    /// a new block within [`EXTRA_BLOCKS_PER_SEC`].
+    fn may_start(&mut self, now: Instant, f: u64) -> bool {
+        if self.last_extra_block == Some(f) {
+            return true;
+        }
+        let (tokens, at) = self.block_budget.get_or_insert((16.0, now));
+        *tokens = (*tokens
+            + now.saturating_duration_since(*at).as_secs_f64() * EXTRA_BLOCKS_PER_SEC)
+            .min(16.0);
+        *at = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        self.last_extra_block = Some(f);
+        true
+    }
+
     /// The repair to send now in place of a loop packet, if one is due and within credit:
     /// NAKed units first (in loop order), then the symbols owed.
     pub(super) fn take(&mut self, now: Instant, shape: &LoopShape) -> Option<PacketId> {
         if !self.ready(now) {
             return None;
+        }
+        if self.pending.is_empty() {
+            // Owed symbols only: the block under way first, else the lowest owed.
+            let f = match self.last_extra_block.filter(|f| self.owed.contains_key(f)) {
+                Some(f) => f,
+                None => *self.owed.keys().next().expect("ready checked"),
+            };
+            if !self.may_start(now, f) {
+                return None;
+            }
         }
         self.tokens -= 1.0;
         let pkt = match self.pending.pop_first() {
@@ -101,11 +141,11 @@ impl RepairQueue {
                 pkt
             }
             None => {
-                let mut first = self.owed.first_entry().expect("ready checked");
-                let f = *first.key();
-                first.get_mut().0 -= 1;
-                if first.get().0 == 0 {
-                    let (_, amount) = first.remove();
+                let f = self.last_extra_block.expect("may_start set it");
+                let owed = self.owed.get_mut(&f).expect("owed");
+                owed.0 -= 1;
+                if owed.0 == 0 {
+                    let (_, amount) = self.owed.remove(&f).expect("owed");
                     self.answered.insert(f, (now, amount));
                 }
                 let x = shape.fec_extras();
@@ -171,6 +211,31 @@ impl RepairQueue {
         if self.repaired_at.len() > 65_536 {
             self.repaired_at
                 .retain(|_, t| now.saturating_duration_since(*t) < grtt);
+        }
+    }
+
+    /// Owe FEC block `g` `n` extra symbols now, unasked (a tier's proactive extras,
+    /// [`super::Params::tier_fec_extra`]): sent within repair credit like any answer, and
+    /// an amount NAK for the block meanwhile is coalesced with it.
+    pub(super) fn owe_now(&mut self, now: Instant, shape: &LoopShape, g: u64, n: u32) {
+        let n = (n as u64).min(shape.fec_extras()) as u32;
+        if n == 0 || g >= shape.fec_blocks() {
+            return;
+        }
+        let full = self.owed.len() >= MAX_OWED_BLOCKS;
+        match self.owed.get_mut(&g) {
+            Some((left, amount)) if n > *amount => {
+                *left += n - *amount;
+                *amount = n;
+            }
+            Some(_) => {}
+            None if full => return,
+            None => {
+                self.owed.insert(g, (n, n));
+            }
+        }
+        if self.due.is_none_or(|t| t > now) {
+            self.due = Some(now);
         }
     }
 
@@ -334,5 +399,42 @@ mod tests {
         // An amount beyond the block's extras is capped at them.
         q.add(t2, &nak(vec![(0, 100_000)]), &shape, grtt, 8192, &mut c);
         assert_eq!(q.owed.get(&0), Some(&(412, 412)));
+    }
+
+    #[test]
+    fn amounts_for_many_blocks_are_answered_within_a_coding_budget() {
+        // A forged NAK stream naming 2,000 blocks, one symbol each: every answer would cost
+        // the server a block read and encode. At most EXTRA_BLOCKS_PER_SEC (+ the burst)
+        // blocks a second are started; the rest wait, owed.
+        let shape = LoopShape::with_fec(2_000_000, 40, 1000, 100);
+        let (t0, grtt) = (Instant::now(), Duration::from_millis(1));
+        let mut q = RepairQueue::default();
+        let mut c = Counters::default();
+        for chunk in (0..2000u64).collect::<Vec<_>>().chunks(96) {
+            q.add(
+                t0,
+                &nak(chunk.iter().map(|&f| (f, 1)).collect()),
+                &shape,
+                grtt,
+                8192,
+                &mut c,
+            );
+        }
+        let mut blocks = std::collections::HashSet::new();
+        // One second of a channel sending 100,000 packets a second, half of them repairs.
+        for i in 0..100_000u64 {
+            q.tokens = 64.0;
+            let now = t0 + grtt + Duration::from_micros(10 * i);
+            if let Some(PacketId::Extra(e)) = q.take(now, &shape) {
+                blocks.insert(e / shape.fec_extras());
+            }
+        }
+        assert!(blocks.len() >= 200, "{}", blocks.len());
+        assert!(
+            blocks.len() <= 16 + EXTRA_BLOCKS_PER_SEC as usize + 1,
+            "{}",
+            blocks.len()
+        );
+        assert_eq!(q.owed.len(), 2000 - blocks.len(), "the rest still owed");
     }
 }

@@ -202,6 +202,9 @@ impl UnicastStream {
     ) -> ([u8; DATA_HEADER_LEN], TransmitPayload, Arc<[SocketAddr]>) {
         ctx.repair_share = REPAIR_SHARE;
         ctx.probe = self.until.is_some();
+        if ctx.probe {
+            ctx.fec_extra = 0.0;
+        }
         if let Some(until) = self.until {
             // A burst says SYNC a few times over its length, the last time just before it
             // ends: their delays show a queue building on the path.

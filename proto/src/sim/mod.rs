@@ -39,6 +39,9 @@ pub struct SimConfig {
     pub symbol_size: u32,
     /// FEC repair symbols per data packet (0: none), pre-encoded as `mcastd pack` does.
     pub fec_overhead: f64,
+    /// Extra FEC symbols the (one-tier) channel sends unasked per block, as a share of its
+    /// packets (`[server] tier_fec_extra`).
+    pub fec_extra: f64,
     pub rate_bps: u64,
     /// Probability a packet is lost for every receiver (e.g. an upstream link).
     pub shared_loss: f64,
@@ -69,6 +72,7 @@ impl SimConfig {
             data_packets: 16000,
             symbol_size: 1280,
             fec_overhead: 0.0,
+            fec_extra: 0.0,
             rate_bps: 100_000_000,
             shared_loss: 0.0,
             independent_loss: loss,
@@ -163,6 +167,7 @@ pub fn run(cfg: &SimConfig, t0: Instant) -> SimReport {
     let mut rng = SmallRng::seed_from_u64(cfg.seed ^ 0x5eed);
     let mut params = Params::for_tests(cfg.rate_bps);
     params.lease = Duration::from_secs(2);
+    params.tier_fec_extra = vec![cfg.fec_extra];
     let k = (cfg.symbol_size / 32) as u64;
     let shape = match crate::archive::fec::FecShape::choose(
         cfg.data_packets,

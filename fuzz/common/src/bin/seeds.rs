@@ -226,6 +226,19 @@ fn nak_seeds(o: &Out) {
             ranges: (0..96).map(|i| (i * 10, 3)).collect(),
             symbols: Vec::new(),
         },
+        // FEC amounts ("block f: n more symbols"), alone and with ranges.
+        Nak {
+            archive_tag: tag,
+            receiver_id: 4,
+            ranges: Vec::new(),
+            symbols: vec![(0, 12), (1, 400)],
+        },
+        Nak {
+            archive_tag: tag,
+            receiver_id: 5,
+            ranges: vec![(3, 2)],
+            symbols: vec![(u64::MAX, u32::MAX)],
+        },
     ];
     for (i, n) in naks.iter().enumerate() {
         o.put("nak", &format!("nak-{i}"), n.encode());
