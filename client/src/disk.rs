@@ -16,7 +16,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
@@ -33,8 +33,12 @@ pub const MAX_RUNS: usize = 8;
 const STAGE_BYTES: usize = 4 << 20;
 
 enum Job {
-    Write { offset: u64, buf: Vec<u8> },
-    Checkpoint(Vec<u64>),
+    Write {
+        offset: u64,
+        buf: Vec<u8>,
+    },
+    /// The have-bitmap to save, and the units it counts (for [`Disk::saved_units`]).
+    Checkpoint(Vec<u64>, u64),
     Barrier(SyncSender<()>),
 }
 
@@ -45,6 +49,8 @@ pub struct Disk {
     cur: Vec<u8>,
     cur_start: u64,
     checkpoint_busy: Arc<AtomicBool>,
+    /// Units the last completed checkpoint made durable.
+    saved: Arc<AtomicU64>,
     failed: Arc<Mutex<Option<RecvError>>>,
     handle: Option<std::thread::JoinHandle<()>>,
     part_path: PathBuf,
@@ -68,7 +74,8 @@ impl Disk {
         let (free_tx, free) = sync_channel::<Vec<u8>>(MAX_RUNS + 1);
         let failed = Arc::new(Mutex::new(None));
         let checkpoint_busy = Arc::new(AtomicBool::new(false));
-        let (f2, busy2) = (failed.clone(), checkpoint_busy.clone());
+        let saved = Arc::new(AtomicU64::new(0));
+        let (f2, busy2, saved2) = (failed.clone(), checkpoint_busy.clone(), saved.clone());
         let (pp, sp) = (part_path.to_path_buf(), state_path.to_path_buf());
         let handle = std::thread::Builder::new()
             .name("disk".into())
@@ -98,7 +105,7 @@ impl Disk {
                             }
                             let _ = free_tx.try_send(buf);
                         }
-                        Job::Checkpoint(have) => {
+                        Job::Checkpoint(have, units) => {
                             if ok {
                                 let r = out
                                     .flush()
@@ -114,8 +121,9 @@ impl Disk {
                                             RecvError::io("cannot write state file", &sp, e)
                                         })
                                     });
-                                if let Err(e) = r {
-                                    fail(e, &mut ok);
+                                match r {
+                                    Ok(()) => saved2.store(units, Ordering::Release),
+                                    Err(e) => fail(e, &mut ok),
                                 }
                             }
                             busy2.store(false, Ordering::Release);
@@ -145,6 +153,7 @@ impl Disk {
             cur: Vec::with_capacity(RUN_BYTES),
             cur_start: 0,
             checkpoint_busy,
+            saved,
             failed,
             handle: Some(handle),
             part_path: part_path.to_path_buf(),
@@ -213,16 +222,22 @@ impl Disk {
         Ok(())
     }
 
-    /// Queue a checkpoint of `have` behind the writes queued so far; false (nothing queued)
-    /// while the previous one is still pending.
-    pub fn request_checkpoint(&mut self, have: &[u64]) -> Result<bool, RecvError> {
+    /// Queue a checkpoint of `have` (counting `units` held) behind the writes queued so
+    /// far; false (nothing queued) while the previous one is still pending.
+    pub fn request_checkpoint(&mut self, have: &[u64], units: u64) -> Result<bool, RecvError> {
         self.check()?;
         if self.checkpoint_busy.swap(true, Ordering::AcqRel) {
             return Ok(false);
         }
         self.submit()?;
-        self.send(Job::Checkpoint(have.to_vec()))?;
+        self.send(Job::Checkpoint(have.to_vec(), units))?;
         Ok(true)
+    }
+
+    /// Units the last completed checkpoint made durable (a resume starts with at least
+    /// these): reported in `--json` progress lines as `saved`.
+    pub fn saved_units(&self) -> u64 {
+        self.saved.load(Ordering::Acquire)
     }
 
     /// Wait until everything queued so far is in the file (for reading it back).

@@ -166,6 +166,9 @@ struct ProgressLine<'a> {
     received_packets: u64,
     rejected: u64,
     via: &'static str,
+    /// Units the last completed checkpoint made durable: a restart after a crash resumes
+    /// with at least these.
+    saved: u64,
 }
 
 /// The finished archive, its part file and its state file for `title` in `out_dir`.
@@ -511,7 +514,8 @@ impl Driver<'_> {
             }
             Event::Checkpoint => {
                 if let Some(f) = self.files.as_mut() {
-                    if !f.disk.request_checkpoint(sess.have_bits())? {
+                    let (units, _) = sess.progress_units();
+                    if !f.disk.request_checkpoint(sess.have_bits(), units)? {
                         sess.checkpoint_deferred();
                     }
                 }
@@ -627,6 +631,7 @@ impl Driver<'_> {
                 received_packets: p.received_packets,
                 rejected: p.rejected,
                 via: if p.unicast { "unicast" } else { "multicast" },
+                saved: self.files.as_ref().map_or(0, |f| f.disk.saved_units()),
             };
             println!("{}", serde_json::to_string(&line).unwrap());
         }

@@ -89,9 +89,20 @@ impl SymbolNaks {
         );
     }
 
+    /// Symbols asked for (or heard asked) whose answers are still awaited: the server pays
+    /// amounts one block after another, so a block's answer waits behind the others'.
+    fn awaited(&self) -> u32 {
+        self.blocks
+            .values()
+            .filter(|s| matches!(s.stage, Stage::Holdoff(_)))
+            .map(|s| s.need)
+            .fold(0u32, u32::saturating_add)
+    }
+
     /// Another receiver's NAK asked for these (block, amount)s: an amount at least ours, for
     /// a block still in back-off, is as good as ours (the server answers the largest asked),
-    /// so ours holds off for that answer. `holdoff(n)` is the wait for an answer of `n`.
+    /// so ours holds off for that answer. `holdoff(n)` is the wait for answers of `n`
+    /// symbols in all (those already awaited included).
     pub fn on_heard(
         &mut self,
         now: Instant,
@@ -99,9 +110,10 @@ impl SymbolNaks {
         holdoff: impl Fn(u32) -> Duration,
     ) {
         for &(f, m) in heard {
+            let awaited = self.awaited();
             if let Some(s) = self.blocks.get_mut(&f) {
                 if matches!(s.stage, Stage::Backoff(_)) && m >= s.need {
-                    s.stage = Stage::Holdoff(now + holdoff(m));
+                    s.stage = Stage::Holdoff(now + holdoff(awaited.saturating_add(m)));
                     self.counters.amounts_suppressed += 1;
                 }
             }
@@ -109,8 +121,9 @@ impl SymbolNaks {
     }
 
     /// Amounts whose back-off ran out, at most `max` (the rest go in the next NAK): they go
-    /// in one NAK and hold off for their answers. `still_short(f)` is what block `f` is short
-    /// by now (0: decoded or complete meanwhile; it is forgotten).
+    /// in one NAK and hold off for their answers, behind those already awaited.
+    /// `still_short(f)` is what block `f` is short by now (0: decoded or complete meanwhile;
+    /// it is forgotten).
     pub fn poll(
         &mut self,
         now: Instant,
@@ -126,6 +139,7 @@ impl SymbolNaks {
             .take(max)
             .collect();
         let mut out = Vec::with_capacity(due.len());
+        let mut awaited = self.awaited();
         for f in due {
             let now_short = still_short(f);
             if now_short == 0 {
@@ -134,7 +148,9 @@ impl SymbolNaks {
             }
             let s = self.blocks.get_mut(&f).expect("listed");
             let n = s.need.min(now_short.max(1)).max(1);
-            s.stage = Stage::Holdoff(now + holdoff(n));
+            s.need = n;
+            awaited = awaited.saturating_add(n);
+            s.stage = Stage::Holdoff(now + holdoff(awaited));
             self.counters.amounts_naked += 1;
             self.counters.symbols_naked += n as u64;
             out.push((f, n));
@@ -219,6 +235,22 @@ mod tests {
         assert_eq!(s.counters.amounts_suppressed, 1);
         let naks = s.poll(t0 + 80 * MS, 96, |_| 30, |_| 40 * MS);
         assert_eq!(naks, vec![(1, 30)]);
+    }
+
+    #[test]
+    fn a_block_asked_behind_others_waits_for_their_answers_too() {
+        // The server pays one block after another: the second of two amounts sent together
+        // holds off for both answers (1 ms per symbol here), so it is not asked again while
+        // its answer is still queued behind the first.
+        let t0 = Instant::now();
+        let mut s = SymbolNaks::new(4);
+        s.short(t0, 1, 100, (Duration::ZERO, 1));
+        s.short(t0, 2, 100, (Duration::ZERO, 1));
+        let per = |n: u32| MS * n;
+        assert_eq!(s.poll(t0, 96, |_| 100, per), vec![(1, 100), (2, 100)]);
+        assert_eq!(s.expired(t0 + 100 * MS), vec![1]);
+        assert_eq!(s.expired(t0 + 199 * MS), Vec::<u64>::new());
+        assert_eq!(s.expired(t0 + 200 * MS), vec![2]);
     }
 
     #[test]
