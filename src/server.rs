@@ -280,7 +280,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     let a = files
                         .get(&t.archive_id)
                         .expect("channels only loop loaded archives");
-                    match extra_symbol(&mut extras, a, *e) {
+                    match crate::archive::fec_file::extra_symbol(&mut extras, a, *e) {
                         Some(sym) => batch.push(&t.header, &sym),
                         None => tracing::warn!(
                             archive = %a.path.display(),
@@ -340,34 +340,6 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     beats.stopping(&mgr, &ctrl);
     tracing::info!(counters = ?mgr.counters(), "mcastd stopping");
     Ok(())
-}
-
-/// Extra FEC symbol `e` of `a`, made from its data on demand (see
-/// [`crate::archive::extras`]); `None` if the data could not be read.
-fn extra_symbol(
-    cache: &mut crate::archive::extras::ExtraCache,
-    a: &ArchiveFile,
-    e: u64,
-) -> Option<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let shape = crate::archive::fec::FecShape::of(&a.head)?;
-    let ss = a.layout.symbol_size;
-    cache.symbol(
-        &a.head.archive_id,
-        &shape,
-        ss as usize,
-        e,
-        |serials, buf| {
-            let (x, y) = (
-                serials.start * ss,
-                (serials.end * ss).min(a.layout.data_len),
-            );
-            buf.resize((y - x) as usize, 0);
-            a.file
-                .read_exact_at(buf, a.layout.data_offset() + x)
-                .is_ok()
-        },
-    )
 }
 
 /// Apply the schedule's due open/close actions to the channels.

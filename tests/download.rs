@@ -392,27 +392,8 @@ fn a_forged_repair_symbol_is_dropped_and_a_forged_parked_one_never_corrupts_a_bl
 
 /// Extra symbol `e` of `a`, made from its data as `mcastd` makes it.
 fn extra_payload(a: &ArchiveFile, e: u64) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let shape = mcast::archive::fec::FecShape::of(&a.head).unwrap();
-    let ss = a.layout.symbol_size;
-    mcast::archive::extras::ExtraCache::default()
-        .symbol(
-            &a.head.archive_id,
-            &shape,
-            ss as usize,
-            e,
-            |serials, buf| {
-                let (x, y) = (
-                    serials.start * ss,
-                    (serials.end * ss).min(a.layout.data_len),
-                );
-                buf.resize((y - x) as usize, 0);
-                a.file
-                    .read_exact_at(buf, a.layout.data_offset() + x)
-                    .is_ok()
-            },
-        )
-        .unwrap()
+    let mut cache = mcast::archive::extras::ExtraCache::default();
+    mcast::archive::fec_file::extra_symbol(&mut cache, a, e).unwrap()
 }
 
 #[test]

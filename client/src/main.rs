@@ -79,7 +79,9 @@ enum Cmd {
         /// Give up after this many seconds (state kept; run again to resume).
         #[arg(long)]
         timeout: Option<u64>,
-        /// Progress as JSON lines on stdout (default when stdout is not a terminal).
+        /// Progress as JSON lines on stdout (default when stdout is not a terminal): units
+        /// held (`have`), and made durable by the last checkpoint (`saved`: a restart after a
+        /// crash resumes with at least these); then a `done` report.
         #[arg(long)]
         json: bool,
         /// On a resume, ask for the loop to start right after the longest run already held

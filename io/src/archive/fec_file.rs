@@ -99,3 +99,31 @@ pub fn fill_repairs(
         .map_err(io_err(path))?;
     Ok(())
 }
+
+/// Extra FEC symbol `e` of `a`, made from its data region on demand (what `mcastd` sends in
+/// answer to amount NAKs, see [`mcast_proto::archive::extras`]); `None` if `e` is out of
+/// range, the archive has no FEC, or its data could not be read.
+pub fn extra_symbol(
+    cache: &mut mcast_proto::archive::extras::ExtraCache,
+    a: &ArchiveFile,
+    e: u64,
+) -> Option<Vec<u8>> {
+    let shape = FecShape::of(&a.head)?;
+    let ss = a.layout.symbol_size;
+    cache.symbol(
+        &a.head.archive_id,
+        &shape,
+        ss as usize,
+        e,
+        |serials, buf| {
+            let (x, y) = (
+                serials.start * ss,
+                (serials.end * ss).min(a.layout.data_len),
+            );
+            buf.resize((y - x) as usize, 0);
+            a.file
+                .read_exact_at(buf, a.layout.data_offset() + x)
+                .is_ok()
+        },
+    )
+}

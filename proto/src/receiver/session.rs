@@ -1615,6 +1615,7 @@ impl Session {
     /// group so other receivers suppress theirs. Loss during a join experiment (or just after
     /// a tier move) is congestion, not something to repair: it waits until the move settles.
     fn naks(&mut self, now: Instant) {
+        let to = self.nak_destinations();
         let eng = self.eng.as_mut().expect("receiving");
         let (dl, w) = (&eng.dl, &eng.wanted);
         eng.nak.handle_timeout(now, |u| Engines::settled(dl, w, u));
@@ -1628,34 +1629,30 @@ impl Session {
                 missing = eng.dl.units() - eng.dl.have_count(),
                 "NAK"
             );
-            let bytes = Nak {
+            let nak = Nak {
                 archive_tag: eng.tag,
                 receiver_id: self.cfg.receiver_id,
                 ranges,
                 symbols: Vec::new(),
-            }
-            .encode();
-            self.transmits.push_back(Transmit {
-                via: Via::Control,
-                to: self.cfg.server,
-                bytes: bytes.clone(),
-            });
-            if !self.unicast_ok && self.cfg.nak_suppression {
-                if let Some(g) = self.group {
-                    self.transmits.push_back(Transmit {
-                        via: Via::Group,
-                        to: SocketAddr::V4(g),
-                        bytes,
-                    });
-                }
-            }
+            };
+            send_nak(&mut self.transmits, to, &nak);
         }
         self.symbol_naks(now);
+    }
+
+    /// Where a NAK goes: the server, and the group so other receivers suppress theirs (not
+    /// on unicast, where nobody hears it, nor with suppression off).
+    fn nak_destinations(&self) -> (SocketAddr, Option<SocketAddrV4>) {
+        let group = (!self.unicast_ok && self.cfg.nak_suppression)
+            .then_some(self.group)
+            .flatten();
+        (self.cfg.server, group)
     }
 
     /// FEC amounts: blocks whose answer did not make them decodable are asked about again;
     /// amounts whose back-off ran out go in one NAK, to the server and the group.
     fn symbol_naks(&mut self, now: Instant) {
+        let to = self.nak_destinations();
         let eng = self.eng.as_mut().expect("receiving");
         for f in eng.symbols.expired(now) {
             eng.fec_short(now, f);
@@ -1672,27 +1669,13 @@ impl Session {
                 break;
             }
             tracing::trace!(blocks = symbols.len(), first = ?symbols[0], "symbol NAK");
-            let bytes = Nak {
+            let nak = Nak {
                 archive_tag: eng.tag,
                 receiver_id: self.cfg.receiver_id,
                 ranges: Vec::new(),
                 symbols,
-            }
-            .encode();
-            self.transmits.push_back(Transmit {
-                via: Via::Control,
-                to: self.cfg.server,
-                bytes: bytes.clone(),
-            });
-            if !self.unicast_ok && self.cfg.nak_suppression {
-                if let Some(g) = self.group {
-                    self.transmits.push_back(Transmit {
-                        via: Via::Group,
-                        to: SocketAddr::V4(g),
-                        bytes,
-                    });
-                }
-            }
+            };
+            send_nak(&mut self.transmits, to, &nak);
         }
     }
 
@@ -1714,5 +1697,22 @@ impl Session {
             Via::Unicast,
             Control::UnicastRequest { archive_id },
         );
+    }
+}
+
+/// Queue `nak` to the server and, when `to.1` names one, to the channel's group.
+fn send_nak(transmits: &mut VecDeque<Transmit>, to: (SocketAddr, Option<SocketAddrV4>), nak: &Nak) {
+    let bytes = nak.encode();
+    transmits.push_back(Transmit {
+        via: Via::Control,
+        to: to.0,
+        bytes: bytes.clone(),
+    });
+    if let Some(g) = to.1 {
+        transmits.push_back(Transmit {
+            via: Via::Group,
+            to: SocketAddr::V4(g),
+            bytes,
+        });
     }
 }
