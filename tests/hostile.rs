@@ -18,8 +18,9 @@
 //! | unreadable archives | [`unreadable_archives`] |
 //! | an archive truncated while it is served | [`archive_truncated_while_served`] |
 //! | config errors | [`config_errors`] |
+//! | a join rewritten on the way to another title's archive | [`a_join_answered_with_another_titles_archive_is_refused`] |
 //!
-//! Sites use numbers 83..=95 (control ports 18430.., groups 239.255.183.., data ports 35300..).
+//! Sites use numbers 83..=96 (control ports 18430.., groups 239.255.183.., data ports 35300..).
 
 mod common;
 
@@ -1136,4 +1137,76 @@ fn config_errors() {
     for (tail, line, want) in cases {
         assert_config_refused(&db, &[], d, &format!("{head}{tail}"), *line, want);
     }
+}
+
+/// 14. A join rewritten on the way (issue 20's table: "`get` does not check that the signed
+///     head's title is the one asked for"). A man in the middle of the control path turns a
+///     join for `film-1` into one for `film-2` (same length, so nothing else changes): the
+///     server answers with film-2's validly signed archive. The receiver must refuse it —
+///     exit 3 naming both titles, no `film-1.mca` — instead of saving it under the name asked
+///     for. (Authenticated control messages, issue 20 item 2, will stop the rewrite itself.)
+#[test]
+fn a_join_answered_with_another_titles_archive_is_refused() {
+    let site = Site::new(96, "rate_mbps = 40.0");
+    site.pack("film-1", MB, 11);
+    site.pack("film-2", MB, 12);
+    let mut srv = site.serve();
+    // The man in the middle: one socket between the receiver and the server.
+    let mitm = UdpSocket::bind("127.0.0.1:0").unwrap();
+    mitm.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let proxy = mitm.local_addr().unwrap();
+    let server = site.control;
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let stopped = stop.0.clone();
+    let rewritten = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = rewritten.clone();
+    let relay = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        let mut client: Option<SocketAddr> = None;
+        while !stopped.load(Ordering::Relaxed) {
+            let Ok((n, from)) = mitm.recv_from(&mut buf) else {
+                continue;
+            };
+            let msg = &mut buf[..n];
+            if from == server {
+                if let Some(c) = client {
+                    let _ = mitm.send_to(msg, c);
+                }
+                continue;
+            }
+            client = Some(from);
+            if let Some(at) = msg.windows(6).position(|w| w == b"film-1") {
+                msg[at..at + 6].copy_from_slice(b"film-2");
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = mitm.send_to(msg, server);
+        }
+    });
+    let out = site.out_dir("mitm");
+    let mut cmd = Command::new(recv_bin());
+    cmd.arg("get")
+        .arg("film-1")
+        .arg("--server")
+        .arg(proxy.to_string())
+        .arg("-o")
+        .arg(&out)
+        .args(["--timeout", "30"]);
+    let f = Receiver::spawn(cmd, &out, "film-1", false).wait(Duration::from_secs(40));
+    drop(stop);
+    relay.join().unwrap();
+    println!(
+        "join rewritten {} time(s) on the way: exit {:?}: {}",
+        rewritten.load(Ordering::Relaxed),
+        f.code,
+        f.stderr.lines().last().unwrap_or("")
+    );
+    assert!(rewritten.load(Ordering::Relaxed) >= 1);
+    f.assert_code(3);
+    assert!(
+        f.stderr.contains("\"film-1\"") && f.stderr.contains("\"film-2\""),
+        "{f:#?}"
+    );
+    assert!(!mcast::archive::archive_path(&out, "film-1").exists());
+    srv.assert_running();
 }

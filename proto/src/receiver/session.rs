@@ -1152,6 +1152,15 @@ impl Session {
             )));
             return;
         }
+        // A validly signed head of *another* title (a join rewritten on the way, or a
+        // server that mapped the name wrongly) must not be saved under the name asked for.
+        if head.title != self.cfg.title {
+            self.fail(Failure::Integrity(format!(
+                "asked for {:?}, but the server answered with the signed archive of {:?}: refused (a control message was altered on the way, or the server's catalog is wrong)",
+                self.cfg.title, head.title
+            )));
+            return;
+        }
         let prior_have = prior.map(|p| p.have.clone());
         let head = Arc::new(head);
         let head_len = bytes.len() as u64;
