@@ -145,25 +145,8 @@ now() { date +%s.%N; }
 # (corrupt: receivers that ended as done but without the exact bytes: a broken run)
 result() { local IFS='|'; echo "$*" >> "$work/results"; }
 
-# Wait until the bridge stops flooding a group nobody joined (it floods for a while after it
-# comes up, until its querier counts as present). As benches/mixed.sh.
-wait_filtering() {
-  local k before after
-  txp() { "$peerbed" exec sw ip -s link show c1 | awk '/TX:/{getline; print $2}'; }
-  for k in $(seq 1 60); do
-    before=$(txp)
-    "$peerbed" exec srv python3 -c "
-import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)
-s.setsockopt(socket.IPPROTO_IP,socket.IP_MULTICAST_IF,socket.inet_aton('$net.1'))
-[s.sendto(b'x',('239.255.1.1',5000)) for i in range(20)]"
-    sleep 0.1
-    after=$(txp)
-    if (( after - before < 10 )); then echo "$k"; return 0; fi
-    sleep 0.4
-  done
-  echo "fec_peers.sh: the bridge still floods multicast after 30 s" >&2
-  return 1
-}
+# Wait until the bridge stops flooding a group nobody joined (benches/common/bed.sh).
+. "$repo/benches/common/bed.sh"
 
 run_mcast() {  # LOSS TITLE(fec|plain) DIR
   local loss=$1 t=$2 m=$3 i ok=0 worst=0 s rc w0 w1 spid rb maxrb=0

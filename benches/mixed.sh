@@ -126,25 +126,8 @@ stall() {
 }
 field() { sed -nE "s/.*\"$2\":([^,}]*).*/\1/p" "$1" | tail -1 | tr -d '"'; }
 
-# Wait until the bridge stops flooding a group nobody joined (it floods for a while after it
-# comes up, until its querier counts as present).
-wait_filtering() {
-  local k before after
-  txp() { "$peerbed" exec sw ip -s link show c1 | awk '/TX:/{getline; print $2}'; }
-  for k in $(seq 1 60); do
-    before=$(txp)
-    "$peerbed" exec srv python3 -c "
-import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)
-s.setsockopt(socket.IPPROTO_IP,socket.IP_MULTICAST_IF,socket.inet_aton('$net.1'))
-[s.sendto(b'x',('239.255.1.1',5000)) for i in range(20)]"
-    sleep 0.1
-    after=$(txp)
-    if (( after - before < 10 )); then echo "$k"; return 0; fi
-    sleep 0.4
-  done
-  echo "mixed.sh: the bridge still floods multicast after 30 s" >&2
-  return 1
-}
+# Wait until the bridge stops flooding a group nobody joined (benches/common/bed.sh).
+. "$repo/benches/common/bed.sh"
 
 broken=0
 for v in $igmps; do

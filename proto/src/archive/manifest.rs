@@ -171,17 +171,8 @@ impl PacketVerifier {
         payload: &[u8],
     ) -> Result<(), PacketCheck> {
         let (_, leaf) = self.extra_leaf(e).ok_or(PacketCheck::OutOfRange)?;
-        if payload.len() != self.symbol_size {
-            return Err(PacketCheck::Length);
-        }
-        let s = leaf as usize * HASH_LEN;
-        let expected = verified_hash_packet
-            .get(s..s + HASH_LEN)
-            .ok_or(PacketCheck::OutOfRange)?;
-        if self.keys.leaf(payload) != expected {
-            return Err(PacketCheck::ExtraPacket(e));
-        }
-        Ok(())
+        self.check_symbol(verified_hash_packet, leaf, payload)
+            .map_err(|c| c.unwrap_or(PacketCheck::ExtraPacket(e)))
     }
 
     /// Check repair symbol `r` against the (already verified) hash packet of its block.
@@ -194,15 +185,27 @@ impl PacketVerifier {
         if r >= self.repair_packets {
             return Err(PacketCheck::OutOfRange);
         }
+        self.check_symbol(verified_hash_packet, self.repair_leaf(r).1, payload)
+            .map_err(|c| c.unwrap_or(PacketCheck::RepairPacket(r)))
+    }
+
+    /// A full-size FEC symbol against leaf `leaf` of a verified hash packet: `Err(None)` when
+    /// the hash differs (the caller names the symbol), `Err(Some(_))` for the other refusals.
+    fn check_symbol(
+        &self,
+        verified_hash_packet: &[u8],
+        leaf: u64,
+        payload: &[u8],
+    ) -> Result<(), Option<PacketCheck>> {
         if payload.len() != self.symbol_size {
-            return Err(PacketCheck::Length);
+            return Err(Some(PacketCheck::Length));
         }
-        let s = self.repair_leaf(r).1 as usize * HASH_LEN;
+        let s = leaf as usize * HASH_LEN;
         let expected = verified_hash_packet
             .get(s..s + HASH_LEN)
-            .ok_or(PacketCheck::OutOfRange)?;
+            .ok_or(Some(PacketCheck::OutOfRange))?;
         if self.keys.leaf(payload) != expected {
-            return Err(PacketCheck::RepairPacket(r));
+            return Err(None);
         }
         Ok(())
     }
