@@ -79,6 +79,8 @@ work=${FECP_DIR:-/tmp/mcast-fecpeers}
 peerbed=${PEERBED:-/work/shared/tools/peerbed.sh}
 target=${CARGO_TARGET_DIR:-$repo/target}
 bin=$target/release
+# make_store, wait_filtering
+. "$repo/benches/common/bed.sh"
 export PB_PREFIX=fecpeers PB_DIR=$work/peerbed PB_TIMEOUT=$limit
 export PB_UDPCAST_BITRATE=${FECP_UDPC_BITRATE:-}
 net=${PB_NET:-198.18.0}
@@ -120,13 +122,7 @@ if [[ ! -f $src || $(stat -c %s "$src") != "$bytes" ]]; then
 fi
 src_sum=$(sha256sum "$src" | cut -d' ' -f1)
 pack=$work/pack
-rm -rf "$pack/archives" "$pack/keys"
-cat > "$pack/store.toml" <<TOML
-[store]
-archive_dir = "$pack/archives"
-key_dir = "$pack/keys"
-TOML
-key=$("$bin/mcastd" -c "$pack/store.toml" keygen 2> "$pack/keygen.log" | awk '{print $3}')
+key=$(make_store "$pack")
 "$bin/mcastd" -c "$pack/store.toml" pack "$src" --title fec --compress none --fec-overhead "$mfec" \
   > "$pack/pack-fec.log" 2>&1
 "$bin/mcastd" -c "$pack/store.toml" pack "$src" --title plain --compress none --fec-overhead 0 \
@@ -145,8 +141,6 @@ now() { date +%s.%N; }
 # (corrupt: receivers that ended as done but without the exact bytes: a broken run)
 result() { local IFS='|'; echo "$*" >> "$work/results"; }
 
-# Wait until the bridge stops flooding a group nobody joined (benches/common/bed.sh).
-. "$repo/benches/common/bed.sh"
 
 run_mcast() {  # LOSS TITLE(fec|plain) DIR
   local loss=$1 t=$2 m=$3 i ok=0 worst=0 s rc w0 w1 spid rb maxrb=0

@@ -60,6 +60,8 @@ segment=${MIXED_WIRE_SEGMENT:-1}
 work=${MIXED_DIR:-/tmp/mcast-mixed}
 peerbed=${PEERBED:-/work/shared/tools/peerbed.sh}
 bin=${CARGO_TARGET_DIR:-$repo/target}/release
+# make_store, wait_filtering
+. "$repo/benches/common/bed.sh"
 export PB_PREFIX=mixed PB_DIR=$work/peerbed PB_TIMEOUT=$limit
 net=${PB_NET:-198.18.0}
 
@@ -83,13 +85,7 @@ if [[ ! -f $src || $(stat -c %s "$src") != $((size_mb * 1000000)) ]]; then
   head -c $((size_mb * 1000000)) /dev/urandom > "$src"
 fi
 pack=$work/pack
-rm -rf "$pack/archives" "$pack/keys"
-cat > "$pack/store.toml" <<TOML
-[store]
-archive_dir = "$pack/archives"
-key_dir = "$pack/keys"
-TOML
-key=$("$bin/mcastd" -c "$pack/store.toml" keygen 2> "$pack/keygen.log" | awk '{print $3}')
+key=$(make_store "$pack")
 fec_args=()
 [[ -n ${MIXED_FEC:-} ]] && fec_args=(--fec-overhead "$MIXED_FEC")
 "$bin/mcastd" -c "$pack/store.toml" pack "$src" --title mixed --compress none "${fec_args[@]}" \
@@ -126,8 +122,6 @@ stall() {
 }
 field() { sed -nE "s/.*\"$2\":([^,}]*).*/\1/p" "$1" | tail -1 | tr -d '"'; }
 
-# Wait until the bridge stops flooding a group nobody joined (benches/common/bed.sh).
-. "$repo/benches/common/bed.sh"
 
 broken=0
 for v in $igmps; do

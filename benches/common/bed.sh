@@ -1,5 +1,20 @@
 # Shared by the namespace-bed benches (benches/mixed.sh, benches/fec_peers.sh); sourced, not run.
-# Needs $peerbed (shared/tools/peerbed.sh) and $net (the bed's /24 prefix, PB_NET).
+# Needs $bin (mcastd's directory), $peerbed (shared/tools/peerbed.sh) and $net (the bed's /24
+# prefix, PB_NET).
+
+# A fresh key store under DIR (DIR/store.toml, archives and keys below it) and a new server
+# identity; prints the identity's public key (what `mcast-recv --server-key` pins).
+make_store() {
+  local dir=$1
+  mkdir -p "$dir"
+  rm -rf "$dir/archives" "$dir/keys"
+  cat > "$dir/store.toml" <<TOML
+[store]
+archive_dir = "$dir/archives"
+key_dir = "$dir/keys"
+TOML
+  "$bin/mcastd" -c "$dir/store.toml" keygen 2> "$dir/keygen.log" | awk '{print $3}'
+}
 
 # Wait until the bridge stops flooding a group nobody joined (it floods for a while after it
 # comes up, until its querier counts as present). Prints the tries it took; fails after 30 s.

@@ -111,12 +111,8 @@ pub struct PacketVerifier {
     block_symbols: u64,
     data_len: u64,
     data_blocks: u64,
-    repair_packets: u64,
-    /// Stored repair symbols per FEC block.
-    repair_group: u64,
-    /// Symbols per FEC block the repair hash packets list (stored, then extra); each
-    /// block's start a hash packet of their own.
-    hashed_group: u64,
+    /// The FEC geometry: which repair and extra symbols exist, and where their leaves are
+    /// (each block's [`super::fec::FecShape::hashed`] symbols start a hash packet).
     fec: Option<super::fec::FecShape>,
 }
 
@@ -128,39 +124,28 @@ impl PacketVerifier {
             block_symbols: head.block_symbols as u64,
             data_len: head.data_len,
             data_blocks: head.n_blocks(),
-            repair_packets: head.repair_packets(),
-            repair_group: (head.repair_symbols as u64).max(1),
-            hashed_group: super::fec::hashed_symbols(head.repair_symbols.max(1) as usize) as u64,
             fec: super::fec::FecShape::of(head),
         }
     }
 
     /// Hash block and leaf position of symbol `j` of FEC block `g`'s code.
-    fn code_leaf(&self, g: u64, j: u64) -> (u64, u64) {
+    fn code_leaf(&self, fec: &super::fec::FecShape, g: u64, j: u64) -> (u64, u64) {
         let k = self.block_symbols;
-        let per_group = self.hashed_group.div_ceil(k);
+        let per_group = fec.hashed().div_ceil(k);
         (self.data_blocks + g * per_group + j / k, j % k)
     }
 
-    /// Hash block and leaf position of repair symbol `r`.
-    fn repair_leaf(&self, r: u64) -> (u64, u64) {
-        self.code_leaf(r / self.repair_group, r % self.repair_group)
+    /// Hash block and leaf position of repair symbol `r` (`None` out of range).
+    fn repair_leaf(&self, r: u64) -> Option<(u64, u64)> {
+        let fec = self.fec?;
+        (r < fec.blocks * fec.repair).then(|| self.code_leaf(&fec, r / fec.repair, r % fec.repair))
     }
 
     /// Hash block and leaf position of extra symbol `e` (`None` out of range).
     fn extra_leaf(&self, e: u64) -> Option<(u64, u64)> {
-        let (g, j) = self.fec?.extra_of(e)?;
-        Some(self.code_leaf(g, j))
-    }
-
-    /// The hash block whose packet lists the leaf of `id` (`None` for a hash packet).
-    pub fn leaf_block(&self, id: super::PacketId) -> Option<u64> {
-        match id {
-            super::PacketId::Data(s) => Some(s / self.block_symbols),
-            super::PacketId::Repair(r) => Some(self.repair_leaf(r).0),
-            super::PacketId::Extra(e) => self.extra_leaf(e).map(|l| l.0),
-            super::PacketId::Hash(_) => None,
-        }
+        let fec = self.fec?;
+        let (g, j) = fec.extra_of(e)?;
+        Some(self.code_leaf(&fec, g, j))
     }
 
     /// Check extra symbol `e` against the (already verified) hash packet of its block.
@@ -182,10 +167,8 @@ impl PacketVerifier {
         r: u64,
         payload: &[u8],
     ) -> Result<(), PacketCheck> {
-        if r >= self.repair_packets {
-            return Err(PacketCheck::OutOfRange);
-        }
-        self.check_symbol(verified_hash_packet, self.repair_leaf(r).1, payload)
+        let (_, leaf) = self.repair_leaf(r).ok_or(PacketCheck::OutOfRange)?;
+        self.check_symbol(verified_hash_packet, leaf, payload)
             .map_err(|c| c.unwrap_or(PacketCheck::RepairPacket(r)))
     }
 

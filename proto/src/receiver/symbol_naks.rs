@@ -183,17 +183,7 @@ impl SymbolNaks {
             .min()
     }
 
-    /// Forget every outstanding amount (a move to another channel: the answers would come
-    /// on the old one).
-    pub fn clear(&mut self) {
-        self.blocks.clear();
-    }
-
-    /// Blocks with an amount outstanding.
-    pub fn len(&self) -> usize {
-        self.blocks.len()
-    }
-
+    /// No amount outstanding.
     pub fn is_empty(&self) -> bool {
         self.blocks.is_empty()
     }
