@@ -147,6 +147,7 @@ run_mcast() {  # LOSS TITLE(fec|plain) DIR
   mkdir -p "$m"
   printf '[store]\narchive_dir = "%s"\nkey_dir = "%s"\n[server]\n' "$pack/archives" "$pack/keys" > "$m/mcastd.toml"
   printf 'control = "%s.1:7600"\nmulticast_iface = "%s.1"\nrate_mbps = %s\n' "$net" "$net" "$rate" >> "$m/mcastd.toml"
+  printf 'admin = ["%s.0/24"]\n' "$net" >> "$m/mcastd.toml"  # stats are read from the bed
   printf '[tickets]\ndb = "%s/tickets.sqlite"\n' "$m" >> "$m/mcastd.toml"
   ip netns exec fecpeers-srv "$bin/mcastd" -c "$m/mcastd.toml" > "$m/server.log" 2>&1 &
   spid=$!

@@ -152,6 +152,7 @@ NFT
   {
     printf '[store]\narchive_dir = "%s"\nkey_dir = "%s"\n[server]\n' "$pack/archives" "$pack/keys"
     printf 'control = "%s.1:7600"\nmulticast_iface = "%s.1"\nrate_mbps = %s\n' "$net" "$net" "$rate"
+    printf 'admin = ["%s.0/24"]\n' "$net"  # stats are read from c1's namespace
     [[ -n $tiers ]] && printf 'tiers_mbps = [%s]\n' "$tiers"
     printf '[tickets]\ndb = "%s/tickets.sqlite"\n' "$m"
   } > "$m/mcastd.toml"

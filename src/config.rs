@@ -112,6 +112,8 @@ pub struct ServerConfig {
     pub sync_interval_ms: u64,
     /// Unicast fallback streams allowed per channel.
     pub max_unicast_per_channel: usize,
+    /// Sessions one source address may hold at once (receivers behind one NAT share one).
+    pub max_sessions_per_address: usize,
     /// Send buffer requested for the data socket (the kernel may grant less; it is logged).
     pub send_buffer: usize,
     /// Group RTT advertised before receivers report theirs, in milliseconds.
@@ -137,6 +139,9 @@ pub struct ServerConfig {
     pub tier_fec_extra: Vec<f64>,
     /// TCP address answering `GET /health` with JSON status ("" = off).
     pub health_listen: String,
+    /// Addresses or ranges (`198.18.0.0/24`, `::1`) whose `mcast-recv stats` are answered:
+    /// the counters say who is joined where. Default: this host only (loopback).
+    pub admin: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -288,6 +293,7 @@ impl Default for ServerConfig {
             sync_lead_ms: 200,
             sync_interval_ms: 50,
             max_unicast_per_channel: 64,
+            max_sessions_per_address: 256,
             send_buffer: 4 << 20,
             grtt_initial_ms: 20,
             grtt_min_us: 1000,
@@ -299,6 +305,7 @@ impl Default for ServerConfig {
             tier_fec_extra: Vec::new(),
             rate_policy: RatePolicy::Lowest,
             health_listen: String::new(),
+            admin: default_admin(),
         }
     }
 }
@@ -324,12 +331,40 @@ pub struct DirectorConfig {
 pub struct DirectorSection {
     /// UDP address for heartbeats from servers and requests from receivers.
     pub listen: SocketAddr,
-    /// The shared heartbeat key (64 hex characters), the same file the servers use.
+    /// The heartbeat key (64 hex characters) of servers not listed in `servers` (the file
+    /// those servers name in `[directors] key_file`); "" = only listed servers are heard.
     pub key_file: PathBuf,
+    /// Servers with their own heartbeat key: a heartbeat naming `addr` must verify under
+    /// `key_file`, so one compromised server cannot speak for the others.
+    pub servers: Vec<ServerKeyConfig>,
     /// A server is marked down after this many of its heartbeat intervals without one.
     pub down_after: u32,
     /// Heartbeats stamped further than this from the director's clock are refused (ms).
     pub max_skew_ms: u64,
+    /// Addresses or ranges whose stats requests are answered (default: loopback only).
+    pub admin: Vec<String>,
+}
+
+/// `[[director.servers]]`: one server's own heartbeat key.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerKeyConfig {
+    /// The server's control address, as its heartbeats carry it (`[directors] advertise`).
+    pub addr: std::net::SocketAddrV4,
+    /// Its key (`mcast-director genkey -o FILE`; the server names the same file).
+    pub key_file: PathBuf,
+}
+
+/// The default admin list: the host itself.
+fn default_admin() -> Vec<String> {
+    vec!["127.0.0.0/8".into(), "::1/128".into()]
+}
+
+/// `[…] admin` parsed, or why not (the first bad entry).
+pub fn admin_prefixes(
+    list: &[String],
+) -> Result<Vec<mcast_proto::address_token::IpPrefix>, String> {
+    list.iter().map(|s| s.parse()).collect()
 }
 
 impl Default for DirectorSection {
@@ -337,8 +372,10 @@ impl Default for DirectorSection {
         DirectorSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 7650)),
             key_file: PathBuf::from("mcast-data/heartbeat.key"),
+            servers: Vec::new(),
             down_after: 3,
             max_skew_ms: 30_000,
+            admin: default_admin(),
         }
     }
 }
@@ -371,6 +408,7 @@ impl DirectorConfig {
             why,
         };
         let d = &cfg.director;
+        admin_prefixes(&d.admin).map_err(|why| field("director.admin", why))?;
         if !(1..=100).contains(&d.down_after) {
             return Err(field(
                 "director.down_after",
@@ -383,8 +421,20 @@ impl DirectorConfig {
                 format!("{} is outside 100 ..= 3600000", d.max_skew_ms),
             ));
         }
-        if d.key_file.as_os_str().is_empty() {
-            return Err(field("director.key_file", "must name a file".into()));
+        if d.key_file.as_os_str().is_empty() && d.servers.is_empty() {
+            return Err(field(
+                "director.key_file",
+                "must name a file (or list [[director.servers]] with their own keys)".into(),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &d.servers {
+            if !seen.insert(s.addr) {
+                return Err(field(
+                    "director.servers",
+                    format!("{} is listed twice", s.addr),
+                ));
+            }
         }
         Ok(cfg)
     }
@@ -493,6 +543,7 @@ impl Config {
         };
         self.pack_cipher()
             .map_err(|why| field("pack.cipher", why))?;
+        admin_prefixes(&self.server.admin).map_err(|why| field("server.admin", why))?;
         self.pack_compress()
             .map_err(|why| field("pack.compress", why))?;
         self.pack_leaf_hash()
@@ -764,8 +815,13 @@ impl Config {
                 })
                 .collect(),
             max_unicast_per_channel: sv.max_unicast_per_channel,
+            max_sessions_per_address: sv.max_sessions_per_address.max(1),
+            // The server identity, set by the driver from the key store.
+            sync_signer: None,
             cookie_epoch: Duration::from_secs(10),
             cookie_secret,
+            admin: admin_prefixes(&sv.admin)
+                .unwrap_or_else(|_| mcast_proto::address_token::IpPrefix::loopback()),
             grtt_initial: Duration::from_millis(sv.grtt_initial_ms),
             grtt_min: Duration::from_micros(sv.grtt_min_us),
             grtt_max: Duration::from_millis(sv.grtt_max_ms),
@@ -845,6 +901,25 @@ mod tests {
             e.contains("director.down_after") && e.contains("d.toml"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn admin_ranges_parse_and_bad_ones_are_named() {
+        let p = Path::new("x.toml");
+        let c = Config::parse("[server]\nadmin = [\"198.18.0.0/24\", \"::1\"]\n", p).unwrap();
+        let admin = c.channel_params().admin;
+        assert!(admin[0].contains("198.18.0.9".parse().unwrap()));
+        assert!(!admin
+            .iter()
+            .any(|a| a.contains("127.0.0.1".parse().unwrap())));
+        let e = Config::parse("[server]\nadmin = [\"10.0.0.0/40\"]\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.admin") && e.contains("0..=32"), "{e}");
+        let e = DirectorConfig::parse("[director]\nadmin = [\"lan\"]\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("director.admin") && e.contains("\"lan\""), "{e}");
     }
 
     /// Found by the `config` fuzz target: `grtt_max_ms * 1000` overflowed (a panic with

@@ -167,9 +167,9 @@ fn flush(
 /// Run the server until `stop` is set.
 pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let ks = mcast_keys::KeyStore::open(&cfg.store.key_dir)?;
-    let trusted = ks.identity()?.public();
-    let mut tickets =
-        crate::ticket::service::TicketService::open_config(&cfg.tickets, &ks, trusted)?;
+    let identity = Arc::new(ks.identity()?);
+    let trusted = identity.public();
+    let tickets = crate::ticket::service::TicketService::open_config(&cfg.tickets, &ks, trusted)?;
     let (titles, files, skipped) = load_titles_counted(&cfg.store.archive_dir, &trusted)?;
     if titles.is_empty() {
         tracing::warn!(dir = %cfg.store.archive_dir.display(), "no archives to serve; pack one with `mcastd pack`");
@@ -190,7 +190,11 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     tracing::info!(control = %ctrl.local_addr()?, titles = titles.len(), identity = %trusted.fingerprint(),
         tickets = %tickets.db_path().display(), "mcastd serving");
 
-    let mut mgr = ChannelManager::new(cfg.channel_params(), titles, Instant::now());
+    // Ticket checks run on their own thread; replies leave from the control socket.
+    let tickets = crate::ticket::worker::TicketWorker::start(tickets, ctrl.try_clone()?)?;
+    let mut params = cfg.channel_params();
+    params.sync_signer = Some(identity);
+    let mut mgr = ChannelManager::new(params, titles, Instant::now());
     mgr.count_archives_skipped(skipped);
     // Scheduled loops (overnight pre-load): opened at their window's start, closed at its end.
     let mut schedule = crate::schedule::Scheduler::new(
@@ -220,20 +224,12 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         for _ in 0..256 {
             match ctrl.recv_from(&mut buf) {
                 Ok((n, from)) => {
-                    // Play tickets go to the ticket service; everything else to the channels.
-                    let unix = crate::process::unix_secs();
-                    match tickets.handle_datagram(&buf[..n], from, unix) {
-                        Some(reply) => {
-                            let granted =
-                                crate::wire::control::Envelope::decode(&reply).is_ok_and(|e| {
-                                    matches!(e.msg, crate::wire::control::Control::PlayGrant { .. })
-                                });
-                            mgr.count_play(granted);
-                            if let Err(e) = ctrl.send_to(&reply, from) {
-                                tracing::debug!(to = %from, error = %e, "play reply not sent");
-                            }
+                    mgr.handle_control(now, from, &buf[..n]);
+                    // Play tickets (from proven addresses only) go to the ticket worker.
+                    while let Some((from, dg)) = mgr.poll_play() {
+                        if !tickets.submit(from, dg) {
+                            mgr.count_play_shed();
                         }
-                        None => mgr.handle_control(now, from, &buf[..n]),
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -243,6 +239,9 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     break;
                 }
             }
+        }
+        while let Some(o) = tickets.poll_outcome() {
+            mgr.count_play(o == crate::ticket::worker::Outcome::Granted);
         }
         run_schedule(&mut schedule, &mut mgr, now);
         mgr.handle_timeout(now);

@@ -15,6 +15,28 @@ use mcast::wire::nak::Nak;
 
 const RATE: u64 = 100_000_000;
 
+/// `env` encoded with the address token the manager would give `from` by Retry (as
+/// receivers send every request once their address is proven); a session's own messages
+/// are sealed with its key, as its receiver seals them.
+fn proven(m: &ChannelManager, now: Instant, from: SocketAddr, env: Envelope) -> Vec<u8> {
+    let key = env
+        .msg
+        .session_archive()
+        .map(|a| m.session_key(env.receiver_id, a, from.ip()));
+    let env = env.with_token(Some(m.address_token(from.ip(), now)));
+    match key {
+        Some(k) => env.encode_sealed(&k),
+        None => env.encode(),
+    }
+}
+
+/// `nak` sealed with the key of receiver `rid`'s session on [`setup`]'s title from `from`.
+fn sealed(m: &ChannelManager, nak: &Nak, from: &str) -> Vec<u8> {
+    let id = mcast::sim::sim_head(4000, 1280).archive_id;
+    let from: SocketAddr = from.parse().unwrap();
+    nak.encode_sealed(&m.session_key(nak.receiver_id, &id, from.ip()))
+}
+
 fn setup() -> (ChannelManager, Instant, LoopShape, [u8; 8]) {
     let head = mcast::sim::sim_head(4000, 1280);
     let shape = LoopShape::of(&head);
@@ -27,18 +49,19 @@ fn setup() -> (ChannelManager, Instant, LoopShape, [u8; 8]) {
     };
     let mut m = ChannelManager::new(Params::for_tests(RATE), vec![info], t0);
     let from: SocketAddr = "10.0.0.1:5000".parse().unwrap();
-    m.handle_control(
+    let join = proven(
+        &m,
         t0,
         from,
-        &Envelope::new(
+        Envelope::new(
             1,
             1,
             Control::Join {
                 title: "sim".into(),
             },
-        )
-        .encode(),
+        ),
     );
+    m.handle_control(t0, from, &join);
     assert_eq!(m.open_channels(), 1);
     (m, t0, shape, tag)
 }
@@ -84,8 +107,8 @@ fn a_naked_packet_is_repaired_ahead_of_the_loop() {
         receiver_id: 1,
         ranges: vec![(unit, 1)],
         symbols: Vec::new(),
-    }
-    .encode();
+    };
+    let nak = sealed(&m, &nak, "10.0.0.1:5000");
     let t1 = t0 + Duration::from_millis(150);
     m.handle_control(t1, "10.0.0.1:5000".parse().unwrap(), &nak);
     // The same NAK again 5 ms later (another receiver, say): coalesced into the queued repair.
@@ -118,11 +141,20 @@ fn hostile_naks_are_bounded_and_cannot_stall_the_loop() {
     let (mut m, t0, shape, tag) = setup();
     let attacker: SocketAddr = "10.9.9.9:666".parse().unwrap();
     let units = shape.loop_packets();
+    // A member gone rogue (receiver 1, joined in `setup`): its NAKs carry its MAC.
     let absurd = Nak {
         archive_tag: tag,
-        receiver_id: 666,
+        receiver_id: 1,
         // The whole loop, and far beyond it, in every NAK.
         ranges: vec![(0, units as u32), (units + 10, u32::MAX), (u64::MAX - 5, 5)],
+        symbols: Vec::new(),
+    };
+    let absurd = sealed(&m, &absurd, "10.0.0.1:5000");
+    // Anyone else on the LAN: the receiver id is in every NAK on the group, the key is not.
+    let unsealed = Nak {
+        archive_tag: tag,
+        receiver_id: 1,
+        ranges: vec![(0, units as u32)],
         symbols: Vec::new(),
     }
     .encode();
@@ -136,6 +168,7 @@ fn hostile_naks_are_bounded_and_cannot_stall_the_loop() {
     let sent = run(&mut m, t0, t0 + Duration::from_secs(1), |m, now| {
         for _ in 0..50 {
             m.handle_control(now, attacker, &absurd); // 50 000 NAKs/s
+            m.handle_control(now, "10.9.9.8:1".parse().unwrap(), &unsealed);
         }
         m.handle_control(now, attacker, &other_channel);
         m.handle_control(now, attacker, &[1, 0x80, 0, 0, 1, 2]); // truncated NAK
@@ -161,6 +194,16 @@ fn hostile_naks_are_bounded_and_cannot_stall_the_loop() {
     assert!(c.naks_malformed > 0);
     // One NAK can ask for at most max_nak_units.
     assert!(c.nak_units_received <= c.naks_received * Params::for_tests(RATE).max_nak_units);
+    // The member may ask for no more than its channel sends in a second (and one NAK's worth
+    // at once): ~9,600 packets/s here, where 1,000 NAKs of 8,192 units asked for 8 million.
+    println!(
+        "rogue member: {} units taken, {} over its budget; {} unsealed NAKs dropped",
+        c.nak_units_received, c.nak_units_over_budget, c.naks_unauthenticated
+    );
+    let pps = RATE as f64 / (1304.0 * 8.0);
+    assert!(c.nak_units_received as f64 <= 2.0 * pps + 8192.0, "{c:?}");
+    assert!(c.nak_units_over_budget > 0);
+    assert!(c.naks_unauthenticated >= 1000, "{c:?}");
 }
 
 fn tiered(policy: mcast::channel::RatePolicy) -> (ChannelManager, Instant, [u8; 16]) {
@@ -180,7 +223,8 @@ fn tiered(policy: mcast::channel::RatePolicy) -> (ChannelManager, Instant, [u8; 
 
 fn request(m: &mut ChannelManager, now: Instant, rid: u64, msg: Control) -> Control {
     let from: SocketAddr = format!("10.0.1.{}:5000", rid % 250).parse().unwrap();
-    m.handle_control(now, from, &Envelope::new(rid, 9, msg).encode());
+    let req = proven(m, now, from, Envelope::new(rid, 9, msg));
+    m.handle_control(now, from, &req);
     let (_, bytes) = m.poll_reply().expect("a reply");
     while m.poll_reply().is_some() {}
     Envelope::decode(&bytes).unwrap().msg
@@ -703,7 +747,8 @@ fn a_discovery_burst_is_bounded_flagged_and_goes_only_to_a_proven_address() {
     assert!(matches!(r, Control::JoinOk { tier: 0, .. }), "{r:?}");
     let uni: SocketAddr = "10.0.1.7:6000".parse().unwrap();
     let ask = |m: &mut ChannelManager, now: Instant, msg: Control| {
-        m.handle_control(now, uni, &Envelope::new(7, 3, msg).encode());
+        let req = proven(m, now, uni, Envelope::new(7, 3, msg));
+        m.handle_control(now, uni, &req);
         let (to, bytes) = m.poll_reply().expect("a reply");
         assert_eq!(to, uni);
         Envelope::decode(&bytes).unwrap().msg

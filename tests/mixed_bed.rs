@@ -142,7 +142,7 @@ fn mixed_audience(igmp: u8) {
         d,
         &format!(
             "control = \"198.18.0.1:7600\"\nmulticast_iface = \"198.18.0.1\"\n\
-             rate_mbps = {rate:.1}{tiers}"
+             admin = [\"198.18.0.0/24\"]\nrate_mbps = {rate:.1}{tiers}"
         ),
         "film",
         env_or("MIXED_BED_FILE_MB", 48usize) * 1_000_000,

@@ -71,7 +71,7 @@ fn receivers_settle_on_the_tier_their_link_carries() {
     let cfg = common::packed_server_dir(
         d,
         "control = \"198.18.0.1:7600\"\nmulticast_iface = \"198.18.0.1\"\n\
-         tiers_mbps = [6.0, 32.0, 160.0]\nrate_policy = \"lowest\"",
+         admin = [\"198.18.0.0/24\"]\ntiers_mbps = [6.0, 32.0, 160.0]\nrate_policy = \"lowest\"",
         "film",
         std::env::var("TIERS_FILE_MB")
             .ok()

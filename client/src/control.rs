@@ -3,7 +3,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use mcast_proto::wire::control::{Control, Envelope, MAX_CONTROL_LEN};
+use mcast_proto::wire::control::{AddressToken, Control, Envelope, MAX_CONTROL_LEN};
 
 use crate::error::{Failure, RecvError};
 
@@ -62,6 +62,8 @@ pub struct ControlClient {
     pub server: SocketAddr,
     pub receiver_id: u64,
     next_req: u32,
+    /// The server's address token for us, once a Retry gave one (`address_token`).
+    token: Option<AddressToken>,
 }
 
 impl ControlClient {
@@ -78,6 +80,7 @@ impl ControlClient {
             server,
             receiver_id,
             next_req: 1,
+            token: None,
         })
     }
 
@@ -86,7 +89,9 @@ impl ControlClient {
         self.next_req
     }
 
-    /// Send `msg` from `sock` and wait for the reply with the same request id, retrying.
+    /// Send `msg` from `sock` and wait for the reply with the same request id, retrying. A
+    /// [`Control::Retry`] (the server wants our address proven) is answered by sending the
+    /// request again with its token.
     pub fn request_on(
         &mut self,
         sock: &UdpSocket,
@@ -94,8 +99,32 @@ impl ControlClient {
         tries: u32,
         per_try: Duration,
     ) -> Result<Control, RecvError> {
+        for _ in 0..3 {
+            match self.request_once(sock, msg.clone(), tries, per_try)? {
+                Control::Retry { token } => self.token = Some(token),
+                reply => return Ok(reply),
+            }
+        }
+        Err(RecvError::new(
+            Failure::Unreachable,
+            format!(
+                "server {} kept refusing our address token: is something rewriting our source address?",
+                self.server
+            ),
+        ))
+    }
+
+    fn request_once(
+        &mut self,
+        sock: &UdpSocket,
+        msg: Control,
+        tries: u32,
+        per_try: Duration,
+    ) -> Result<Control, RecvError> {
         let id = self.next_req_id();
-        let bytes = Envelope::new(self.receiver_id, id, msg).encode();
+        let bytes = Envelope::new(self.receiver_id, id, msg)
+            .with_token(self.token)
+            .encode_request();
         let rid = self.receiver_id;
         let answer = exchange(sock, self.server, &bytes, tries, per_try, per_try, |b| {
             Envelope::decode(b)

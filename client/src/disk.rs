@@ -68,7 +68,7 @@ impl Disk {
             .try_clone()
             .map_err(|e| RecvError::io("cannot open", part_path, e))?;
         let direct = direct_io
-            .then(|| WriteStage::open_direct(part_path))
+            .then(|| WriteStage::open_direct(part_path, part))
             .flatten();
         let (tx, rx) = sync_channel::<Job>(MAX_RUNS + 2);
         let (free_tx, free) = sync_channel::<Vec<u8>>(MAX_RUNS + 1);

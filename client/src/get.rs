@@ -11,7 +11,7 @@
 //! 4. Checkpoints (fdatasync + state file) when the session asks, behind the writes they cover.
 //! 5. [`Event::Done`]: make it durable, check the signature, rename it into place.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
@@ -31,6 +31,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::disk::Disk;
 use crate::error::{Failure, RecvError};
+use crate::known_servers::KnownServers;
 use crate::state::State;
 
 /// Messages per recvmmsg on the data sockets.
@@ -66,6 +67,9 @@ pub struct GetOptions {
     /// Ask the server to start a new loop at this block (a resume: where this receiver's
     /// missing units begin; see `crate::failover::resume_block`).
     pub start_block: Option<u64>,
+    /// The known-servers store (`crate::known_servers`): a server's key seen once is
+    /// required from then on. `None`: trust on first use, pinned per title only.
+    pub known_servers: Option<PathBuf>,
 }
 
 impl GetOptions {
@@ -76,6 +80,7 @@ impl GetOptions {
             out_dir: out_dir.to_path_buf(),
             iface: Ipv4Addr::LOCALHOST,
             server_key: None,
+            known_servers: None,
             sync_timeout: Duration::from_millis(1500),
             checkpoint: Duration::from_millis(250),
             timeout: None,
@@ -116,6 +121,9 @@ pub struct GetReport {
     pub rejected: u64,
     pub foreign: u64,
     pub malformed: u64,
+    /// SYNCs dropped: not signed by the archive's server, or replayed.
+    pub syncs_forged: u64,
+    pub syncs_stale: u64,
     pub unicast: bool,
     /// NAK datagrams sent, units asked for, units whose NAK another receiver's suppressed.
     pub naks_sent: u64,
@@ -190,6 +198,18 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
 
     let mut cfg = SessionConfig::new(&opts.title, opts.server, rand::random(), rand::random());
     cfg.server_key = opts.server_key;
+    let known = opts
+        .known_servers
+        .as_deref()
+        .map(KnownServers::load)
+        .transpose()?;
+    let known_line = known
+        .as_ref()
+        .and_then(|k| k.get(&opts.server.to_string()))
+        .filter(|_| opts.server_key.is_none());
+    if let Some((k, _)) = known_line {
+        cfg.server_key = Some(k);
+    }
     cfg.sync_timeout = opts.sync_timeout;
     cfg.checkpoint = opts.checkpoint;
     cfg.silence_timeout = opts.silence_timeout;
@@ -224,6 +244,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         sockets_changed: false,
         group_ovfl: OverflowCounter::default(),
         unicast_ovfl: OverflowCounter::default(),
+        known,
     };
     let mut sess = Session::new(cfg, Instant::now());
     let result = d.run(&mut sess, &stop);
@@ -235,6 +256,14 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         Err(mut e) => {
             e.received_bytes = sess.stats(Instant::now()).received_bytes;
             e.resume = sess.resume_info();
+            if let (Failure::Integrity, Some((_, line)), Some(k)) = (e.kind, known_line, &d.known) {
+                e.message.push_str(&format!(
+                    "; that key is the one known for {} ({}, line {line}): if the server's key \
+                     was changed on purpose, delete that line",
+                    opts.server,
+                    k.path().display()
+                ));
+            }
             Err(e)
         }
     }
@@ -272,6 +301,7 @@ struct Driver<'a> {
     /// The drop counters of the group and unicast sockets (fresh with each new socket).
     group_ovfl: OverflowCounter,
     unicast_ovfl: OverflowCounter,
+    known: Option<KnownServers>,
 }
 
 impl Driver<'_> {
@@ -551,6 +581,17 @@ impl Driver<'_> {
         prior_have: Option<Vec<u64>>,
     ) -> Result<(), RecvError> {
         let now = Instant::now();
+        let server = self.opts.server.to_string();
+        if let Some(k) = self.known.as_mut() {
+            if k.get(&server).is_none_or(|(known, _)| known != trusted) {
+                match k.remember(&server, trusted) {
+                    Ok(()) => {
+                        tracing::info!(%server, key = %hex::encode(trusted.0), file = %k.path().display(), "server key remembered: a head signed by another key will be refused")
+                    }
+                    Err(e) => tracing::warn!(%server, error = %e, "server key not remembered"),
+                }
+            }
+        }
         if let Ok(a) = ArchiveFile::open(&self.final_path) {
             if a.head.archive_id == head.archive_id && archive::verify(&a, &trusted).is_ok() {
                 // A run killed between the rename and the state file's removal left it behind.
@@ -730,6 +771,8 @@ impl Driver<'_> {
                 rejected: 0,
                 foreign: 0,
                 malformed: 0,
+                syncs_forged: 0,
+                syncs_stale: 0,
                 unicast: false,
                 naks_sent: 0,
                 units_naked: 0,
@@ -802,6 +845,8 @@ impl Driver<'_> {
             rejected: st.download.rejected,
             foreign: st.foreign,
             malformed: st.malformed,
+            syncs_forged: st.syncs_forged,
+            syncs_stale: st.syncs_stale,
             unicast: st.unicast,
             naks_sent: st.nak.naks_sent,
             units_naked: st.nak.units_naked,
@@ -843,12 +888,8 @@ fn open_part(
         && std::fs::metadata(path)
             .map(|m| m.len() == layout.file_len())
             .unwrap_or(false);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(!resumable)
-        .open(path)
+    // Never through a symbolic link; a part that is not resumed is a new file.
+    let file = mcast_io::fsutil::open_part(path, resumable)
         .map_err(|e| RecvError::io("cannot open", path, e))?;
     if !resumable {
         if let Err(e) = nix::fcntl::posix_fallocate(

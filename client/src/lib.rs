@@ -8,5 +8,6 @@ pub mod disk;
 pub mod error;
 pub mod failover;
 pub mod get;
+pub mod known_servers;
 pub mod play;
 pub mod state;

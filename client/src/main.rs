@@ -60,10 +60,17 @@ enum Cmd {
         /// Interface address to join multicast on.
         #[arg(long, default_value = "127.0.0.1")]
         iface: Ipv4Addr,
-        /// Server identity (64 hex chars, from `mcastd keygen`). Without it the first key seen
-        /// is trusted and pinned for resumes.
+        /// Server identity (64 hex chars, from `mcastd keygen`). Without it the key the
+        /// known-servers file holds for this server is required, or, for a server never seen,
+        /// the first key seen is trusted and remembered there.
         #[arg(long)]
         server_key: Option<String>,
+        /// Server keys remembered across downloads (like SSH's known_hosts): once a server's
+        /// key is seen, a head signed by another key is refused. Default: $MCAST_KNOWN_SERVERS,
+        /// else $XDG_DATA_HOME/mcast/known_servers, else ~/.local/share/mcast/known_servers;
+        /// "none" remembers nothing (trust on first use per title).
+        #[arg(long, value_name = "FILE")]
+        known_servers: Option<PathBuf>,
         /// Ask for unicast if nothing arrives by multicast within this many milliseconds.
         #[arg(long, default_value_t = 1500)]
         sync_timeout_ms: u64,
@@ -135,6 +142,10 @@ enum Cmd {
         /// already on disk.
         #[arg(long)]
         server_key: Option<String>,
+        /// The known-servers file every `get` uses (see `mcast-recv get --help`); the systemd
+        /// unit keeps it in its state directory.
+        #[arg(long, value_name = "FILE")]
+        known_servers: Option<PathBuf>,
         /// At the window's end a fetch gets SIGINT (it checkpoints and stops); one still running
         /// after this many milliseconds is killed (its state file still resumes it).
         #[arg(long, default_value_t = 3000)]
@@ -191,6 +202,15 @@ fn resolve(s: &str) -> Result<SocketAddr, RecvError> {
                 format!("--server {s:?}: not a HOST:PORT that resolves to IPv4"),
             )
         })
+}
+
+/// `--known-servers`: the file given, "none" for no store, else the default path.
+fn known_servers_path(arg: Option<PathBuf>) -> Option<PathBuf> {
+    match arg {
+        Some(p) if p.as_os_str() == "none" => None,
+        Some(p) => Some(p),
+        None => mcast_recv::known_servers::default_path(),
+    }
 }
 
 fn parse_server_key(k: &str) -> Result<PublicIdentity, RecvError> {
@@ -257,6 +277,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             output,
             iface,
             server_key,
+            known_servers,
             sync_timeout_ms,
             recv_buffer,
             direct_io,
@@ -293,6 +314,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 }
                 None => None,
             };
+            o.known_servers = known_servers_path(known_servers);
             o.sync_timeout = Duration::from_millis(sync_timeout_ms);
             o.recv_buffer = recv_buffer;
             o.direct_io = direct_io;
@@ -379,6 +401,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             report,
             iface,
             server_key,
+            known_servers,
             grace_ms,
         } => {
             use mcast_recv::batch;
@@ -413,6 +436,9 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             let key = server_key.as_deref().map(parse_server_key).transpose()?;
             if let Some(k) = &server_key {
                 get_args.extend(["--server-key".into(), k.into()]);
+            }
+            if let Some(f) = &known_servers {
+                get_args.extend(["--known-servers".into(), f.into()]);
             }
             let exe = std::env::current_exe().map_err(|e| {
                 RecvError::new(Failure::Other, format!("cannot find own executable: {e}"))

@@ -9,8 +9,8 @@
 //!    Retries reuse the same key, so a lost reply costs no second play.
 //! 3. The grant (part B, HPKE-sealed to that key) is opened, combined with the ticket's part
 //!    A into locked memory, and checked against the archive's key id.
-//! 4. Every frame is authenticated and decrypted straight into OUT (atomically: temp file,
-//!    renamed into place only when the whole file and its plaintext hash checked out) or to
+//! 4. Every frame is authenticated and decrypted straight into OUT (atomically: a new 0600 temp
+//!    file, renamed into place only when the whole file and its plaintext hash checked out) or to
 //!    stdout for a player. Then the key, both parts and the ephemeral secret are wiped; none
 //!    of them was ever written anywhere.
 
@@ -201,11 +201,13 @@ pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, Rec
         )));
     }
 
-    // Make sure the output can be written before a play is spent on it.
+    // Make sure the output can be written before a play is spent on it. Plaintext: the temp
+    // file is a new 0600 file (never through a link planted at its path), renamed into place.
     let mut file_out = match &opts.output {
-        PlayOutput::File(p) => {
-            Some(AtomicFile::create(p).map_err(|e| RecvError::io("cannot create output", p, e))?)
-        }
+        PlayOutput::File(p) => Some(
+            AtomicFile::create_private(p)
+                .map_err(|e| RecvError::io("cannot create output", p, e))?,
+        ),
         PlayOutput::Stdout => None,
     };
 

@@ -588,14 +588,18 @@ impl WriteStage {
         }
     }
 
-    /// Open `path` for direct writes, if the file system allows it.
-    pub fn open_direct(path: &std::path::Path) -> Option<File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
+    /// Open `path` for direct writes, if the file system allows it: a second descriptor of
+    /// `same_as` (already open). Never through a symbolic link, and `None` unless `path` is
+    /// still the very file `same_as` is (not one swapped in at that path meanwhile).
+    pub fn open_direct(path: &std::path::Path, same_as: &File) -> Option<File> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let f = std::fs::OpenOptions::new()
             .write(true)
-            .custom_flags(libc::O_DIRECT)
+            .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
             .open(path)
-            .ok()
+            .ok()?;
+        let (a, b) = (f.metadata().ok()?, same_as.metadata().ok()?);
+        (a.dev() == b.dev() && a.ino() == b.ino()).then_some(f)
     }
 
     pub fn is_direct(&self) -> bool {
@@ -713,6 +717,25 @@ mod tests {
         assert_eq!(&got[20..], b"xy0123456789");
     }
 
+    /// The direct descriptor is only ever a second one of the same file: not through a
+    /// symbolic link, not another file swapped in at the path.
+    #[test]
+    fn direct_open_is_the_same_file_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, other) = (dir.path().join("f"), dir.path().join("g"));
+        let f = std::fs::File::create(&path).unwrap();
+        std::fs::write(&other, b"other").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&other, &path).unwrap();
+        assert!(
+            WriteStage::open_direct(&path, &f).is_none(),
+            "through a link"
+        );
+        std::fs::remove_file(&path).unwrap();
+        std::fs::copy(&other, &path).unwrap();
+        assert!(WriteStage::open_direct(&path, &f).is_none(), "another file");
+    }
+
     /// Direct writes of the aligned middle, page-cache writes of the edges, carried tails and
     /// gaps: the file ends up exactly as if every piece had been written where it belongs.
     #[test]
@@ -728,7 +751,7 @@ mod tests {
             .unwrap();
         let total = 300_000usize;
         f.set_len(total as u64).unwrap();
-        let direct = WriteStage::open_direct(&path);
+        let direct = WriteStage::open_direct(&path, &f);
         let mut w = WriteStage::new(16 << 10, direct);
         let data: Vec<u8> = (0..total).map(|i| (i * 7 % 251) as u8).collect();
         // 1280-byte pieces from offset 16, in order, with a hole and a late fill of it.

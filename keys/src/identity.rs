@@ -14,6 +14,13 @@ pub struct Identity {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PublicIdentity(pub [u8; PUBLIC_KEY_LEN]);
 
+/// Shows the public half only: a secret never reaches a log.
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({})", self.public().fingerprint())
+    }
+}
+
 impl Identity {
     #[cfg(feature = "os")]
     pub fn generate() -> Identity {

@@ -35,3 +35,27 @@ pub use locked::LockedKey;
 pub use master::{KeyId, MasterKey};
 #[cfg(feature = "os")]
 pub use store::KeyStore;
+
+/// The crypto crates are built with their `zeroize` features (keys/Cargo.toml): the types that
+/// hold key material wipe it on drop. A compile-time check: without the features these types
+/// do not implement `ZeroizeOnDrop` and this test does not build.
+#[cfg(test)]
+mod zeroize_features {
+    fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+
+    #[test]
+    fn key_holding_types_wipe_on_drop() {
+        // Frames: AES-256 round keys (aes-gcm's own `zeroize` wipes its GHASH key), ChaCha20.
+        wiped_on_drop::<aes::Aes256>();
+        wiped_on_drop::<chacha20poly1305::ChaCha20Poly1305>();
+        // Tickets (HPKE): ChaCha20-Poly1305 0.11, and the SHA-256 states its HKDF's HMAC holds.
+        #[cfg(feature = "os")]
+        {
+            wiped_on_drop::<hpke_chacha20poly1305::ChaCha20Poly1305>();
+            wiped_on_drop::<hpke_sha2::Sha256>();
+            // HMAC (hmac 0.13, `zeroize` -> digest's) keeps its keyed inner and outer states
+            // as these SHA-256 cores.
+            wiped_on_drop::<hpke_sha2::block_api::Sha256VarCore>();
+        }
+    }
+}

@@ -221,11 +221,17 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
         std::process::id()
     ));
     let res = (|| {
+        // A temp of this name left by a crashed process with our pid, or planted: removed
+        // (unlink does not follow a link), then the temp is a new 0600 file, never a link.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
@@ -254,6 +260,7 @@ fn create_secret(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
@@ -346,6 +353,35 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+    }
+
+    /// A symbolic link planted at the identity's temp path (the key store dir is shared, or
+    /// a stale temp of a crashed writer with our pid): removed, never written through; the
+    /// key lands in a new 0600 file.
+    #[test]
+    fn secret_temp_file_is_new_and_never_a_link() {
+        let d = tempfile::tempdir().unwrap();
+        let ks = KeyStore::open(d.path().join("ks")).unwrap();
+        let victim = d.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let tmp = ks
+            .dir()
+            .join(format!(".{IDENTITY_FILE}.tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let id = ks.create_identity(false).unwrap();
+        assert_eq!(
+            fs::read(&victim).unwrap(),
+            b"precious",
+            "written through the link"
+        );
+        assert_eq!(ks.identity().unwrap().public(), id.public());
+        let key = ks.dir().join(IDENTITY_FILE);
+        assert!(fs::symlink_metadata(&key).unwrap().is_file());
+        assert_eq!(
+            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(!tmp.exists() && fs::symlink_metadata(&tmp).is_err());
     }
 
     #[test]

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::wire::control::{Control, Envelope};
+use crate::address_token::{AddressTokens, IpPrefix};
+use crate::wire::control::{Control, Envelope, ErrorCode};
 use crate::wire::director::{
     is_director_msg, is_heartbeat, DirectorMsg, Heartbeat, HeartbeatError, NoRoute, ServerState,
 };
@@ -35,12 +36,21 @@ use crate::wire::director::{
 /// Director parameters (from `conf/director.toml`).
 #[derive(Clone, Debug)]
 pub struct Params {
-    /// Shared heartbeat key.
-    pub key: [u8; 32],
+    /// The heartbeat key of servers not listed in `server_keys` (`None`: only listed
+    /// servers are heard). Every server holding it can speak for every other such server.
+    pub key: Option<[u8; 32]>,
+    /// Each listed server's own heartbeat key, by the control address its heartbeats carry:
+    /// a heartbeat naming that address verifies under that key only, so a server that is
+    /// compromised cannot mark the others stopping or pull their receivers to itself.
+    pub server_keys: BTreeMap<SocketAddrV4, [u8; 32]>,
     /// A server is down after this many of its heartbeat intervals without one.
     pub down_after: u32,
     /// Heartbeats whose timestamp is further than this from the director's clock are refused.
     pub max_skew: Duration,
+    /// Secret for address tokens (random per start, drawn by the driver).
+    pub token_secret: [u8; 32],
+    /// Source addresses whose stats requests are answered.
+    pub admin: Vec<IpPrefix>,
 }
 
 /// Load added per new channel routed to a server since its last heartbeat.
@@ -101,6 +111,12 @@ pub struct Counters {
     pub routes_busy: u64,
     pub joins_redirected: u64,
     pub requests_malformed: u64,
+    /// Requests needing a proven address without a valid token: answered with a Retry, or
+    /// dropped when even that would be larger than the request.
+    pub retries_sent: u64,
+    pub unvalidated_dropped: u64,
+    /// Stats requests from outside `[director] admin`.
+    pub stats_refused: u64,
     pub servers_marked_down: u64,
 }
 
@@ -184,6 +200,8 @@ pub struct Director {
     servers: BTreeMap<SocketAddrV4, Entry>,
     counters: Counters,
     events: VecDeque<Event>,
+    /// Made at the first datagram (its `now` is the tokens' clock origin).
+    tokens: Option<AddressTokens>,
 }
 
 impl Director {
@@ -193,6 +211,7 @@ impl Director {
             servers: BTreeMap::new(),
             counters: Counters::default(),
             events: VecDeque::new(),
+            tokens: None,
         }
     }
 
@@ -233,7 +252,18 @@ impl Director {
         from: SocketAddr,
         buf: &[u8],
     ) -> Verdict {
-        let hb = match Heartbeat::open(buf, &self.params.key) {
+        // The key of the server the heartbeat names (read before the MAC is checked: it only
+        // chooses the key, and a heartbeat that lies about it fails that key's MAC).
+        let named = crate::wire::director::heartbeat_server(buf);
+        let key = match named.and_then(|a| self.params.server_keys.get(&a)) {
+            Some(k) => k,
+            None => match &self.params.key {
+                Some(k) => k,
+                None if named.is_none() => return self.reject(from, Verdict::Malformed),
+                None => return self.reject(from, Verdict::Forged),
+            },
+        };
+        let hb = match Heartbeat::open(buf, key) {
             Ok(hb) => hb,
             Err(HeartbeatError::Malformed(_)) => return self.reject(from, Verdict::Malformed),
             Err(HeartbeatError::BadMac) => return self.reject(from, Verdict::Forged),
@@ -413,33 +443,33 @@ impl Director {
             return None;
         }
         if is_director_msg(buf) {
-            return match DirectorMsg::decode(buf) {
+            let reply = match DirectorMsg::decode(buf) {
                 Ok(DirectorMsg::RouteRequest {
                     req_id,
                     title,
                     rx_bps,
                     exclude,
-                }) => Some(
-                    match self.route(now, &title, rx_bps, &exclude) {
-                        Ok(server) => DirectorMsg::RouteOk {
-                            req_id,
-                            title,
-                            server,
-                        },
-                        Err((reason, message)) => DirectorMsg::RouteNone {
-                            req_id,
-                            title,
-                            reason,
-                            message,
-                        },
-                    }
-                    .encode(),
-                ),
+                }) => match self.route(now, &title, rx_bps, &exclude) {
+                    Ok(server) => DirectorMsg::RouteOk {
+                        req_id,
+                        title,
+                        server,
+                    },
+                    Err((reason, message)) => DirectorMsg::RouteNone {
+                        req_id,
+                        title,
+                        reason,
+                        message,
+                    },
+                },
                 _ => {
                     self.counters.requests_malformed += 1;
-                    None
+                    return None;
                 }
             };
+            // A route request proves no address: its answer is never larger than it is (an
+            // answer is its title plus an address, or a reason whose text is cut to fit).
+            return fit_route_reply(reply, buf.len());
         }
         let env = match Envelope::decode(buf) {
             Ok(e) => e,
@@ -448,7 +478,29 @@ impl Director {
                 return None;
             }
         };
+        let tokens = self
+            .tokens
+            .get_or_insert_with(|| AddressTokens::new(&self.params.token_secret, now));
+        let proven = env.token.is_some_and(|t| tokens.check(from.ip(), &t, now));
+        if !proven {
+            let token = tokens.issue(from.ip(), now);
+            let retry = Envelope::new(env.receiver_id, env.req_id, Control::Retry { token });
+            let bytes = retry.encode();
+            if !env.msg.needs_token() || bytes.len() > buf.len() {
+                self.counters.unvalidated_dropped += 1;
+                return None;
+            }
+            self.counters.retries_sent += 1;
+            return Some(bytes);
+        }
         let reply = match &env.msg {
+            Control::StatsRequest if !self.params.admin.iter().any(|p| p.contains(from.ip())) => {
+                self.counters.stats_refused += 1;
+                Control::Error {
+                    code: ErrorCode::BadRequest,
+                    message: "stats are answered only to [director] admin addresses".into(),
+                }
+            }
             Control::StatsRequest => Control::StatsReply {
                 json: serde_json::to_string(&self.stats(now)).unwrap_or_default(),
             },
@@ -496,6 +548,38 @@ impl Director {
     }
 }
 
+/// A route reply encoded no larger than `cap` (its request's length): a refusal's message is
+/// cut to fit, at a character boundary; `None` if even that cannot fit.
+fn fit_route_reply(reply: DirectorMsg, cap: usize) -> Option<Vec<u8>> {
+    let bytes = reply.encode();
+    if bytes.len() <= cap {
+        return Some(bytes);
+    }
+    let DirectorMsg::RouteNone {
+        req_id,
+        title,
+        reason,
+        message,
+    } = reply
+    else {
+        return None;
+    };
+    let over = bytes.len() - cap;
+    let mut keep = message.len().checked_sub(over)?;
+    while !message.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    Some(
+        DirectorMsg::RouteNone {
+            req_id,
+            title,
+            reason,
+            message: message[..keep].to_string(),
+        }
+        .encode(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -506,10 +590,28 @@ mod tests {
 
     fn params() -> Params {
         Params {
-            key: KEY,
+            key: Some(KEY),
+            server_keys: BTreeMap::new(),
             down_after: 3,
             max_skew: Duration::from_secs(30),
+            token_secret: [3; 32],
+            admin: IpPrefix::loopback(),
         }
+    }
+
+    /// A control request as a receiver makes it: without a token first (padded), then again
+    /// with the token the Retry carried.
+    fn ask(d: &mut Director, t: Instant, msg: Control) -> Control {
+        let first = Envelope::new(5, 6, msg.clone()).encode_request();
+        let r = d.handle_datagram(t, T0, from(), &first).expect("a Retry");
+        assert!(r.len() <= first.len(), "a reply larger than its request");
+        let Control::Retry { token } = Envelope::decode(&r).unwrap().msg else {
+            panic!("not a Retry")
+        };
+        let again = Envelope::new(5, 7, msg).with_token(Some(token)).encode();
+        Envelope::decode(&d.handle_datagram(t, T0, from(), &again).expect("an answer"))
+            .unwrap()
+            .msg
     }
 
     fn addr(n: u8) -> SocketAddrV4 {
@@ -553,6 +655,41 @@ mod tests {
     }
 
     #[test]
+    fn a_server_with_its_own_key_cannot_be_spoken_for_with_another() {
+        let t = Instant::now();
+        let (ka, kb) = ([1u8; 32], [2u8; 32]);
+        let mut p = params();
+        p.key = None;
+        p.server_keys = [(addr(1), ka), (addr(2), kb)].into_iter().collect();
+        let mut d = Director::new(p);
+        let feed_with = |d: &mut Director, h: &Heartbeat, k: &[u8; 32]| {
+            d.handle_heartbeat(t, h.unix_ms, from(), &h.encode(k))
+        };
+        assert_eq!(feed_with(&mut d, &hb(1, 1, &["a"]), &ka), Verdict::Accepted);
+        assert_eq!(feed_with(&mut d, &hb(2, 1, &["a"]), &kb), Verdict::Accepted);
+        // Server 1, compromised, marks server 2 stopping with its own key, or with the key
+        // every server shared before: refused.
+        let mut lie = hb(2, 2, &["a"]);
+        lie.state = ServerState::Stopping;
+        assert_eq!(feed_with(&mut d, &lie, &ka), Verdict::Forged);
+        assert_eq!(feed_with(&mut d, &lie, &KEY), Verdict::Forged);
+        // A server nobody listed, with no shared key configured: not heard.
+        assert_eq!(feed_with(&mut d, &hb(3, 1, &["a"]), &ka), Verdict::Forged);
+        assert_eq!(d.up_servers().len(), 2);
+        assert_eq!(d.counters().heartbeats_forged, 3);
+        // With a shared key as well, unlisted servers use it; listed ones still need theirs.
+        let mut p = params();
+        p.server_keys = [(addr(2), kb)].into_iter().collect();
+        let mut d = Director::new(p);
+        assert_eq!(
+            feed_with(&mut d, &hb(1, 1, &["a"]), &KEY),
+            Verdict::Accepted
+        );
+        assert_eq!(feed_with(&mut d, &hb(2, 1, &["a"]), &KEY), Verdict::Forged);
+        assert_eq!(feed_with(&mut d, &hb(2, 1, &["a"]), &kb), Verdict::Accepted);
+    }
+
+    #[test]
     fn routes_only_to_servers_holding_the_title() {
         let t = Instant::now();
         let mut d = Director::new(params());
@@ -564,10 +701,8 @@ mod tests {
         assert_eq!(route(&mut d, t, "zzz"), Err(NoRoute::NotFound));
         assert_eq!(d.counters().routes_not_found, 1);
         // Redirect: a plain join at the director gets NotHere with the server to use.
-        let j = Envelope::new(5, 6, Control::Join { title: "b".into() }).encode();
-        let r = d.handle_datagram(t, T0, from(), &j).unwrap();
         assert_eq!(
-            Envelope::decode(&r).unwrap().msg,
+            ask(&mut d, t, Control::Join { title: "b".into() }),
             Control::NotHere {
                 title: "b".into(),
                 redirect: Some(addr(2))
@@ -827,9 +962,7 @@ mod tests {
                 server: addr(1)
             }
         );
-        let s = Envelope::new(1, 2, Control::StatsRequest).encode();
-        let r = d.handle_datagram(t, T0, from(), &s).unwrap();
-        let Control::StatsReply { json } = Envelope::decode(&r).unwrap().msg else {
+        let Control::StatsReply { json } = ask(&mut d, t, Control::StatsRequest) else {
             panic!("not stats")
         };
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();

@@ -6,6 +6,7 @@
 //! (`mcast` crate), `mcast-recv` (`mcast-recv` crate) and the simulator ([`sim`]) — move
 //! bytes, files and time, and run the very same engines.
 //!
+//! * [`address_token`] — stateless proof of a source address before any large reply.
 //! * [`wire`] — every datagram format (`encode`/`decode`, versioned; decode never panics).
 //! * [`archive`] — archive layout, signed head, manifest verification.
 //! * [`carousel`], [`pacer`] — loop order and rate pacing.
@@ -15,6 +16,7 @@
 //! * [`schedule`] — time windows for scheduled loops and overnight batches.
 //! * [`sim`] — deterministic simulation of many receivers against one server.
 
+pub mod address_token;
 pub mod archive;
 pub mod carousel;
 pub mod channel;

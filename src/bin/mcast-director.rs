@@ -46,13 +46,21 @@ struct Cli {
 enum Cmd {
     /// Run the director (the default when no command is given).
     Serve,
-    /// Write a new shared heartbeat key (64 hex characters, mode 0600) for the servers'
-    /// [directors] key_file and the directors' [director] key_file.
+    /// Write a new shared heartbeat key (64 hex characters) to a new file of mode 0600, for
+    /// the servers' [directors] key_file and the directors' [director] key_file. The key is
+    /// never printed: copy the file to each host (it must stay 0600 there).
     Genkey {
-        /// Key file to write ("-" for stdout).
-        #[arg(short, long, default_value = "-")]
+        /// Key file to create (a path; "-", stdout, is refused: the key is never printed).
+        #[arg(short, long, value_parser = |s: &str| -> Result<PathBuf, String> {
+            if s == "-" || s.is_empty() {
+                Err("the key is never printed: give a file path (e.g. -o heartbeat.key)".into())
+            } else {
+                Ok(PathBuf::from(s))
+            }
+        })]
         output: PathBuf,
-        /// Replace an existing file.
+        /// Replace an existing file (written whole to a new 0600 temp file beside it, then
+        /// renamed over it).
         #[arg(long)]
         force: bool,
     },
@@ -83,35 +91,71 @@ fn main() -> ExitCode {
 }
 
 fn genkey(out: &std::path::Path, force: bool) -> anyhow::Result<()> {
-    let mut key = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
-    let text = format!("{}\n", hex::encode(key));
-    if out.as_os_str() == "-" {
-        print!("{text}");
-        return Ok(());
+    // A secret shared by every server and director: it goes to a 0600 file only, never to a
+    // terminal, a pipe or a log.
+    if out.as_os_str() == "-" || out.as_os_str().is_empty() {
+        anyhow::bail!(
+            "genkey never prints the key: give a file path with -o (e.g. -o heartbeat.key)"
+        );
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(force)
-        .create_new(!force)
-        .truncate(true)
-        .mode(0o600)
-        .open(out)
-        .with_context(|| {
-            format!(
-                "cannot create {} (exists? use --force to replace it)",
-                out.display()
-            )
-        })?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    eprintln!("heartbeat key written to {}", out.display());
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key[..]);
+    let mut text = zeroize::Zeroizing::new(vec![b'\n'; 65]);
+    hex::encode_to_slice(&key[..], &mut text[..64]).expect("64 hex digits for 32 bytes");
+    if force {
+        // A new 0600 temp file (O_EXCL | O_NOFOLLOW) beside `out`, renamed over it: a link
+        // at `out` is replaced, never followed, and no reader sees half a key.
+        let mut f = mcast::fsutil::AtomicFile::create_private(out)
+            .with_context(|| format!("cannot create a temp file beside {}", out.display()))?;
+        f.file().write_all(&text)?;
+        f.commit()
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    } else {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(out)
+            .with_context(|| {
+                format!(
+                    "cannot create {} (exists? use --force to replace it)",
+                    out.display()
+                )
+            })?;
+        if let Err(e) = f.write_all(&text).and_then(|()| f.sync_all()) {
+            drop(f);
+            let _ = std::fs::remove_file(out);
+            return Err(e).with_context(|| format!("cannot write {}", out.display()));
+        }
+        let dir = match out.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        mcast::fsutil::sync_dir(dir)
+            .with_context(|| format!("cannot sync directory {}", dir.display()))?;
+    }
+    eprintln!("heartbeat key written to {} (mode 0600)", out.display());
     Ok(())
 }
 
 fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
     let d = &cfg.director;
-    let key = mcast::heartbeat::read_key(&d.key_file)?;
+    let key = if d.key_file.as_os_str().is_empty() {
+        None
+    } else {
+        Some(mcast::heartbeat::read_key(&d.key_file)?)
+    };
+    let mut server_keys = std::collections::BTreeMap::new();
+    for s in &d.servers {
+        server_keys.insert(s.addr, mcast::heartbeat::read_key(&s.key_file)?);
+    }
+    if key.is_some() {
+        tracing::info!(
+            own_keys = server_keys.len(),
+            "servers not listed in [[director.servers]] share one heartbeat key: any of them can speak for the others"
+        );
+    }
     let sock = UdpSocket::bind(d.listen).with_context(|| {
         format!(
             "cannot bind {} (director.listen): in use by another director?",
@@ -119,10 +163,16 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
         )
     })?;
     let stop = mcast::process::stop_flag()?;
+    let admin = mcast::config::admin_prefixes(&d.admin).map_err(anyhow::Error::msg)?;
+    let mut token_secret = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut token_secret);
     let mut dir = Director::new(Params {
         key,
+        server_keys,
         down_after: d.down_after,
         max_skew: Duration::from_millis(d.max_skew_ms),
+        token_secret,
+        admin,
     });
     tracing::info!(listen = %sock.local_addr()?, down_after = d.down_after, "mcast-director serving");
     let mut buf = vec![0u8; 65_536];

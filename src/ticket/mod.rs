@@ -9,6 +9,7 @@
 //! * [`postgres`] — a PostgreSQL server shared by several (`database = "postgres"`).
 //! * [`service`] — [`service::open_store`], the one constructor that picks a backend from
 //!   `[tickets]`, and [`service::TicketService`], the server's ticket desk.
+//! * [`worker`] — the desk on its own thread behind a bounded queue (off the send thread).
 //!
 //! Dependencies point one way: the backends and the service use this module, never the
 //! reverse.
@@ -21,6 +22,7 @@ use mcast_keys::PublicIdentity;
 pub mod postgres;
 pub mod service;
 pub mod sqlite;
+pub mod worker;
 
 /// Why a ticket is refused. `Display` is the message the receiver shows its user.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

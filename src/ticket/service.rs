@@ -38,6 +38,45 @@ pub struct TicketService {
     db_key: DbKey,
     trusted: PublicIdentity,
     retry_secs: u64,
+    refusals: RefusalLog,
+}
+
+/// Refusals are logged at most [`RefusalLog::PER_MINUTE`] a minute, then summed up: each one
+/// is a request from a proven address, but a client retrying a used-up ticket, or a
+/// flood, must not fill the log (24k lines in 3 s before this).
+#[derive(Default)]
+struct RefusalLog {
+    minute: u64,
+    logged: u32,
+    quiet: u64,
+}
+
+impl RefusalLog {
+    const PER_MINUTE: u32 = 20;
+
+    /// Whether to log this refusal (`now_unix`: seconds); says how many went unlogged.
+    fn admit(&mut self, now_unix: u64) -> bool {
+        let minute = now_unix / 60;
+        if minute != self.minute {
+            if self.quiet > 0 {
+                tracing::info!(
+                    refused = self.quiet,
+                    "further play refusals in the last minute were not logged one by one"
+                );
+            }
+            *self = RefusalLog {
+                minute,
+                ..RefusalLog::default()
+            };
+        }
+        if self.logged < Self::PER_MINUTE {
+            self.logged += 1;
+            true
+        } else {
+            self.quiet += 1;
+            false
+        }
+    }
 }
 
 impl TicketService {
@@ -55,6 +94,7 @@ impl TicketService {
             db_key,
             trusted,
             retry_secs,
+            refusals: RefusalLog::default(),
         })
     }
 
@@ -71,6 +111,7 @@ impl TicketService {
             db_key,
             trusted,
             retry_secs: cfg.retry_secs,
+            refusals: RefusalLog::default(),
         })
     }
 
@@ -101,7 +142,9 @@ impl TicketService {
                 sealed_part,
             },
             Err(PlayError::Refused(r)) => {
-                tracing::info!(%from, title, reason = %r, "play ticket refused");
+                if self.refusals.admit(now_unix) {
+                    tracing::info!(%from, title, reason = %r, "play ticket refused");
+                }
                 Control::Error {
                     code: ErrorCode::TicketRefused,
                     message: r.to_string(),
@@ -307,5 +350,15 @@ mod tests {
         assert!(matches!(e, PlayError::Internal(_)), "{e:?}");
         assert_eq!(svc.db.get(&t2.ticket_id).unwrap().unwrap().plays_left, 1);
         svc.play("film", &t2.encode(), &r.public(), 208).unwrap();
+    }
+
+    #[test]
+    fn refusals_are_logged_at_most_twenty_a_minute() {
+        let mut l = RefusalLog::default();
+        let logged = (0..1000).filter(|_| l.admit(60)).count();
+        assert_eq!(logged, RefusalLog::PER_MINUTE as usize);
+        assert_eq!(l.quiet, 1000 - 20);
+        assert!(l.admit(125), "a new minute logs again");
+        assert_eq!(l.quiet, 0);
     }
 }

@@ -27,6 +27,11 @@ pub fn mcastd_bin() -> PathBuf {
 
 /// `mcast-recv` is built by the `client` package into the same directory as `mcastd`.
 pub fn recv_bin() -> PathBuf {
+    // Every test site makes a new server key, and sites reuse their addresses from run to
+    // run: the receivers the tests start remember no server keys (the known-servers store
+    // has its own test, which names its file).
+    static NO_KNOWN_SERVERS: std::sync::Once = std::sync::Once::new();
+    NO_KNOWN_SERVERS.call_once(|| std::env::set_var("MCAST_KNOWN_SERVERS", "none"));
     let p = mcastd_bin().with_file_name("mcast-recv");
     assert!(
         p.exists(),
@@ -336,6 +341,8 @@ pub struct Report {
     pub rejected: u64,
     pub foreign: u64,
     pub malformed: u64,
+    pub syncs_forged: u64,
+    pub syncs_stale: u64,
     pub unicast: bool,
     pub seconds: f64,
     pub naks_sent: u64,
@@ -531,34 +538,60 @@ pub struct Ctl {
     req: u32,
     /// Data-channel packets that arrived while waiting for a reply.
     pub data_seen: u64,
+    /// The server's address token, once a Retry gave one.
+    pub token: Option<mcast::wire::control::AddressToken>,
+    /// The session's key, once a JoinOk gave one: the session's messages are sealed with it.
+    pub session_key: Option<mcast::wire::control::SessionKey>,
 }
 
 impl Ctl {
     pub fn new(server: SocketAddr, rid: u64) -> Ctl {
+        Ctl::on(UdpSocket::bind("127.0.0.1:0").unwrap(), server, rid)
+    }
+
+    /// A client on `sock` (e.g. bound to another loopback address).
+    pub fn on(sock: UdpSocket, server: SocketAddr, rid: u64) -> Ctl {
         Ctl {
-            sock: UdpSocket::bind("127.0.0.1:0").unwrap(),
+            sock,
             server,
             rid,
             req: rand::random::<u32>() >> 1,
             data_seen: 0,
+            token: None,
+            session_key: None,
         }
     }
 
     pub fn send(&mut self, msg: Control) -> u32 {
         self.req = self.req.wrapping_add(1);
-        let b = Envelope::new(self.rid, self.req, msg).encode();
+        let sealed = msg.session_archive().is_some();
+        let env = Envelope::new(self.rid, self.req, msg).with_token(self.token);
+        let b = match &self.session_key {
+            Some(k) if sealed => env.encode_sealed(k),
+            _ => env.encode_request(),
+        };
         self.sock.send_to(&b, self.server).unwrap();
         self.req
     }
 
-    /// Send and wait for the reply with our request id (5 tries of 500 ms).
+    /// Send and wait for the reply with our request id (5 tries of 500 ms); a Retry's token
+    /// is kept and the request sent again with it, as receivers do.
     pub fn request(&mut self, msg: Control) -> Control {
         for _ in 0..5 {
             let id = self.send(msg.clone());
             let deadline = Instant::now() + Duration::from_millis(500);
             while let Some(b) = recv_until(&self.sock, deadline) {
                 match Envelope::decode(&b) {
-                    Ok(env) if env.req_id == id && env.receiver_id == self.rid => return env.msg,
+                    Ok(env) if env.req_id == id && env.receiver_id == self.rid => {
+                        if let Control::Retry { token } = env.msg {
+                            self.token = Some(token);
+                            break;
+                        }
+                        if let Control::JoinOk { session_key, .. } = env.msg {
+                            self.session_key = Some(session_key);
+                        }
+                        return env.msg;
+                    }
                     Ok(_) => {}
                     Err(_) => {
                         if DataHeader::decode(&b).is_ok() {
@@ -776,21 +809,31 @@ pub fn stats_within(server: SocketAddr, limit: Duration) -> Option<Value> {
     let deadline = Instant::now() + limit;
     let rid = rand::random::<u64>();
     let mut req = 0u32;
+    let mut token = None;
     while Instant::now() < deadline {
         req += 1;
-        let b = Envelope::new(rid, req, Control::StatsRequest).encode();
+        let b = Envelope::new(rid, req, Control::StatsRequest)
+            .with_token(token)
+            .encode_request();
         sock.send_to(&b, server).ok()?;
         let wait = (Instant::now() + Duration::from_millis(100)).min(deadline);
         while let Some(b) = recv_until(&sock, wait) {
-            if let Ok(Envelope {
-                req_id,
-                msg: Control::StatsReply { json },
-                ..
-            }) = Envelope::decode(&b)
-            {
-                if req_id == req {
-                    return serde_json::from_str(&json).ok();
+            match Envelope::decode(&b) {
+                Ok(Envelope {
+                    req_id,
+                    msg: Control::StatsReply { json },
+                    ..
+                }) if req_id == req => return serde_json::from_str(&json).ok(),
+                // Our address is to be proven first: ask again at once with the token.
+                Ok(Envelope {
+                    req_id,
+                    msg: Control::Retry { token: t },
+                    ..
+                }) if req_id == req => {
+                    token = Some(t);
+                    break;
                 }
+                _ => {}
             }
         }
     }

@@ -181,7 +181,8 @@ pub fn unpack(
 ) -> Result<UnpackReport, ArchiveError> {
     let started = Instant::now();
     let key = check_key(a, trusted, key)?;
-    let mut dst = AtomicFile::create(out).map_err(io_err(out))?;
+    // Plaintext: 0600 from the first byte.
+    let mut dst = AtomicFile::create_private(out).map_err(io_err(out))?;
     let tmp = dst.tmp_path().to_path_buf();
     let mut w = BufWriter::with_capacity(1 << 20, dst.file());
     let (plain_len, frames) = decrypt_frames(a, key, true, &mut w, &tmp, progress)?;

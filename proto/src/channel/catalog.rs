@@ -255,7 +255,9 @@ mod tests {
             },
         );
         let from: SocketAddr = "10.0.0.9:4000".parse().unwrap();
-        m.handle_control(Instant::now(), from, &req.encode());
+        let now = Instant::now();
+        let req = req.with_token(Some(m.address_token(from.ip(), now)));
+        m.handle_control(now, from, &req.encode());
     }
 
     fn reply(m: &mut ChannelManager) -> Option<Envelope> {

@@ -8,7 +8,9 @@ use super::repair::RepairQueue;
 use super::{Counters, TransmitPayload};
 use crate::carousel::Carousel;
 use crate::pacer::Pacer;
-use crate::wire::data::{DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN, SYNC_LEN};
+use crate::wire::data::{
+    sync_signed_bytes, DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN, SIGNED_SYNC_LEN, SYNC_LEN,
+};
 
 /// A looping sender's state: what it loops, what it owes, how fast, when it next says SYNC.
 pub(super) struct LoopParts<'a> {
@@ -19,8 +21,10 @@ pub(super) struct LoopParts<'a> {
 }
 
 /// What the sender's owner supplies for a datagram.
-pub(super) struct EmitCtx {
+pub(super) struct EmitCtx<'a> {
     pub(super) tag: [u8; 8],
+    /// Signs SYNCs (the server identity; `None` only in channel-only tests).
+    pub(super) signer: Option<&'a mcast_keys::Identity>,
     pub(super) symbol_size: usize,
     pub(super) sync_interval: Duration,
     /// Share of the loop's packets that repairs may take.
@@ -49,7 +53,7 @@ pub(super) enum Sent {
 pub(super) fn next_datagram(
     now: Instant,
     l: LoopParts<'_>,
-    ctx: &EmitCtx,
+    ctx: &EmitCtx<'_>,
     group: impl FnOnce() -> (Duration, u32),
     counters: &mut Counters,
 ) -> ([u8; DATA_HEADER_LEN], TransmitPayload, Sent) {
@@ -72,9 +76,15 @@ pub(super) fn next_datagram(
             loop_no: l.carousel.loops(),
         }
         .encode_into(&mut header);
-        l.pacer.on_send(now, DATA_HEADER_LEN + SYNC_LEN);
+        let info = info.encode();
+        let mut payload = [0u8; SIGNED_SYNC_LEN];
+        payload[..SYNC_LEN].copy_from_slice(&info);
+        if let Some(k) = ctx.signer {
+            payload[SYNC_LEN..].copy_from_slice(&k.sign(&sync_signed_bytes(&header, &info)));
+        }
+        l.pacer.on_send(now, DATA_HEADER_LEN + SIGNED_SYNC_LEN);
         counters.sync_sent += 1;
-        return (header, TransmitPayload::Sync(info.encode()), Sent::Sync);
+        return (header, TransmitPayload::Sync(payload), Sent::Sync);
     }
     let loop_no = l.carousel.loops();
     let shape = *l.carousel.shape();

@@ -3,15 +3,23 @@
 //! and lease expiry. A receiver is a member of one channel of a title at a time.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::unicast_stream::UnicastStream;
 use super::{ChannelManager, Event, Params};
-use crate::wire::control::{ArchiveId, Control, Envelope, ErrorCode};
+use crate::wire::control::{ArchiveId, Control, Envelope, ErrorCode, SessionKey};
 
 pub(super) struct Member {
     pub(super) lease_until: Instant,
+    /// The session's key (sent in its JoinOk): its messages and NAKs carry a MAC under it.
+    pub(super) key: SessionKey,
+    /// The (token-proven) address it joined from.
+    pub(super) ip: IpAddr,
+    /// NAK units it may still ask for (a bucket refilled at its channel's packet rate: no
+    /// member can ask for more repairs than the channel can send), and when last refilled.
+    nak_units: f64,
+    nak_at: Instant,
     /// Last control RTT the receiver reported (0 = none yet).
     rtt_us: u32,
     /// Last throughput (bit/s) and loss (ppm) the receiver reported (0 = none yet).
@@ -25,6 +33,27 @@ pub(super) struct Member {
 }
 
 impl Member {
+    /// NAK units this member may ask for now, its channel sending `pps` packets a second: a
+    /// whole loop of holes at once (`loop_units`, or one NAK's `max_units` if more), refilled
+    /// at the channel's packet rate — no member asks for more than the channel can send.
+    pub(super) fn nak_allowance(
+        &mut self,
+        now: Instant,
+        pps: f64,
+        loop_units: u64,
+        max_units: u64,
+    ) -> u64 {
+        let cap = pps.max(loop_units.max(max_units) as f64);
+        let dt = now.saturating_duration_since(self.nak_at).as_secs_f64();
+        self.nak_units = (self.nak_units + dt * pps).min(cap);
+        self.nak_at = now;
+        self.nak_units as u64
+    }
+
+    pub(super) fn spend_nak_units(&mut self, n: u64) {
+        self.nak_units = (self.nak_units - n as f64).max(0.0);
+    }
+
     /// This member's RTT within bounds (`grtt_initial` before it reported one).
     pub(super) fn rtt(&self, p: &Params) -> Duration {
         rtt_within(self.rtt_us, p)
@@ -151,6 +180,59 @@ impl ChannelManager {
             .map(|(id, _)| *id)
     }
 
+    /// Receiver `rid`'s session on `archive_id`, if it is a member.
+    pub(super) fn member(&self, archive_id: &ArchiveId, rid: u64) -> Option<&Member> {
+        let id = self.member_channel(archive_id, rid)?;
+        self.channels[&id].members.get(rid)
+    }
+
+    /// The key of receiver `rid`'s session on `archive_id` from `ip`: derived, not drawn,
+    /// so a join retried (its JoinOk lost) or a tier change gets the same key, and nothing
+    /// is kept for a session before it exists. Dies with the server's secret.
+    pub fn session_key(&self, rid: u64, archive_id: &ArchiveId, ip: IpAddr) -> SessionKey {
+        let mut m = Vec::with_capacity(32 + 8 + 16 + 16);
+        m.extend_from_slice(&self.params.cookie_secret);
+        m.extend_from_slice(&rid.to_le_bytes());
+        m.extend_from_slice(archive_id);
+        m.extend_from_slice(&crate::address_token::ip_bytes(ip));
+        blake3::derive_key("mcast session key v1", &m)
+    }
+
+    /// Whether a message that speaks for a session may: no session yet (a join, or a server
+    /// that forgot it: answered as before), a valid MAC under the session's key, or a join
+    /// retried from the address the session joined from. Anything else is forged (counted,
+    /// dropped unanswered): knowing a receiver's id is not enough to speak for it.
+    pub(super) fn session_ok(&mut self, from: SocketAddr, env: &Envelope, datagram: &[u8]) -> bool {
+        let (archive_id, join) = match &env.msg {
+            Control::Join { title } | Control::JoinAt { title, .. } => {
+                match self.catalog.get(title) {
+                    Some(i) => (i.head.archive_id, true),
+                    None => return true,
+                }
+            }
+            m => match m.session_archive() {
+                Some(a) => (*a, false),
+                None => return true,
+            },
+        };
+        let Some(m) = self.member(&archive_id, env.receiver_id) else {
+            return true;
+        };
+        if Envelope::mac_ok(datagram, &m.key) || (join && m.ip == from.ip()) {
+            return true;
+        }
+        self.counters.session_forged += 1;
+        false
+    }
+
+    /// Sessions held from `ip`, over every channel.
+    fn sessions_from(&self, ip: IpAddr) -> usize {
+        self.channels
+            .values()
+            .map(|c| c.members.iter().filter(|m| m.ip == ip).count())
+            .sum()
+    }
+
     /// Join `title` (`tier: None`: the receiver's current tier, or the start tier) or move to
     /// `tier`. A receiver is a member of one channel of a title at a time.
     pub(super) fn join(
@@ -189,6 +271,18 @@ impl ChannelManager {
                 env,
                 ErrorCode::Busy,
                 "title loops only in its scheduled window; retry in the next one",
+            );
+            return;
+        }
+        if current.is_none()
+            && self.sessions_from(from.ip()) >= self.params.max_sessions_per_address
+        {
+            self.counters.refused_sessions_per_address += 1;
+            self.error(
+                from,
+                env,
+                ErrorCode::Busy,
+                "too many sessions from this address ([server] max_sessions_per_address)",
             );
             return;
         }
@@ -259,6 +353,7 @@ impl ChannelManager {
             },
         };
         let lease = self.params.lease;
+        let key = self.session_key(rid, &archive_id, from.ip());
         let c = self.channels.get_mut(&id).expect("channel exists");
         match c.members.get_mut(rid) {
             Some(m) if change_tier && streaming => m.lease_until = now + lease,
@@ -267,6 +362,10 @@ impl ChannelManager {
                     rid,
                     Member {
                         lease_until: now + lease,
+                        key,
+                        ip: from.ip(),
+                        nak_units: f64::INFINITY, // full: capped at its first NAK
+                        nak_at: now,
                         rtt_us: 0,
                         rx_bps: 0,
                         loss_ppm: 0,
@@ -306,6 +405,7 @@ impl ChannelManager {
                 lease_ms: lease.as_millis() as u32,
                 tier: if capped { 0 } else { tier as u8 },
                 tiers_bps: if capped { vec![rate] } else { tiers },
+                session_key: key,
             },
         );
     }
@@ -330,6 +430,7 @@ impl ChannelManager {
             .as_deref_mut()
             .and_then(|c| c.members.streams.get_mut(&rid))
         {
+            s.on_keepalive_from(now, from.ip());
             s.on_report(now, super::unicast::report_fresh(lease), capacity_bps);
         }
         match channel.and_then(|c| c.members.get_mut(rid)) {

@@ -46,9 +46,10 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::address_token::{AddressToken, AddressTokens};
 use crate::archive::PacketId;
 use crate::wire::control::{ArchiveId, Control, Envelope, ErrorCode};
-use crate::wire::data::{DATA_HEADER_LEN, SYNC_LEN};
+use crate::wire::data::DATA_HEADER_LEN;
 
 pub use burst::{BURST_EVERY, MAX_BURST, MAX_BURSTS};
 pub use catalog::{HeadBytes, HeadRead, TitleInfo};
@@ -70,8 +71,16 @@ pub struct Params {
     pub groups: Vec<SocketAddrV4>,
     pub max_unicast_per_channel: usize,
     pub cookie_epoch: Duration,
-    /// Secret for unicast cookies (random per server start).
+    /// Secret for unicast cookies and address tokens (random per server start).
     pub cookie_secret: [u8; 32],
+    /// The server identity, which signs every SYNC (`None`: unsigned, channel-only tests).
+    pub sync_signer: Option<Arc<mcast_keys::Identity>>,
+    /// Sessions (members, over every channel) one source address may hold: a spoofer who
+    /// proved one address cannot fill the server with members (NAT: raise it).
+    pub max_sessions_per_address: usize,
+    /// Source addresses answered a `StatsRequest` (operators' hosts; the counters say who
+    /// is joined where, so not everyone may read them).
+    pub admin: Vec<crate::address_token::IpPrefix>,
     /// GRTT advertised before any member reported an RTT, and its bounds.
     pub grtt_initial: Duration,
     pub grtt_min: Duration,
@@ -117,6 +126,9 @@ impl Params {
             max_unicast_per_channel: 64,
             cookie_epoch: Duration::from_secs(10),
             cookie_secret: [7; 32],
+            admin: crate::address_token::IpPrefix::loopback(),
+            max_sessions_per_address: 256,
+            sync_signer: Some(Arc::new(crate::sim::archive::sim_identity())),
             grtt_initial: Duration::from_millis(20),
             grtt_min: Duration::from_millis(1),
             grtt_max: Duration::from_secs(2),
@@ -153,7 +165,8 @@ pub struct Transmit {
 
 #[derive(Clone, Debug)]
 pub enum TransmitPayload {
-    Sync([u8; SYNC_LEN]),
+    /// Info and signature ([`crate::wire::data::SIGNED_SYNC_LEN`]).
+    Sync([u8; crate::wire::data::SIGNED_SYNC_LEN]),
     Packet(PacketId),
 }
 
@@ -209,6 +222,12 @@ pub struct ChannelManager {
     counters: Counters,
     naks: repair::NakLimiter,
     cookies: unicast::Cookies,
+    tokens: AddressTokens,
+    /// While a request from an unproven address is handled: its length, which no reply to it
+    /// may exceed.
+    reply_cap: Option<usize>,
+    /// Play requests from proven addresses, for the driver's ticket service.
+    plays: VecDeque<(SocketAddr, Vec<u8>)>,
     rates: tiers::RateClock,
     windows: schedule::Windows,
     /// Where each (archive, tier) loop stood when its channel last closed idle: a channel
@@ -234,6 +253,9 @@ impl ChannelManager {
         let mut m = ChannelManager {
             slots: loops::Slots::new(params.groups.len()),
             cookies: unicast::Cookies::new(&params, now),
+            tokens: AddressTokens::new(&params.cookie_secret, now),
+            reply_cap: None,
+            plays: VecDeque::new(),
             params,
             catalog: catalog::Catalog::default(),
             channels: BTreeMap::new(),
@@ -280,9 +302,52 @@ impl ChannelManager {
         self.reply_to(to, env.receiver_id, env.req_id, msg);
     }
 
+    /// Every reply goes through here: to an unproven address none is larger than its request
+    /// (an error's message is cut to fit; anything else that does not fit is withheld).
     fn reply_to(&mut self, to: SocketAddr, receiver_id: u64, req_id: u32, msg: Control) {
-        self.replies
-            .push_back((to, Envelope::new(receiver_id, req_id, msg).encode()));
+        let mut bytes = Envelope::new(receiver_id, req_id, msg.clone()).encode();
+        if let Some(cap) = self.reply_cap.filter(|&c| bytes.len() > c) {
+            let Control::Error { code, message } = msg else {
+                self.counters.replies_withheld += 1;
+                return;
+            };
+            let over = bytes.len() - cap;
+            if over > message.len() {
+                self.counters.replies_withheld += 1;
+                return;
+            }
+            let mut keep = message.len() - over;
+            while !message.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            let message = message[..keep].to_string();
+            bytes = Envelope::new(receiver_id, req_id, Control::Error { code, message }).encode();
+        }
+        self.replies.push_back((to, bytes));
+    }
+
+    /// A request that needs a proven address came without a valid token: send one (QUIC's
+    /// Retry), if that is no larger than the request; the requester repeats it with the token.
+    fn retry(&mut self, now: Instant, from: SocketAddr, env: &Envelope, len: usize) {
+        let token = self.tokens.issue(from.ip(), now);
+        let bytes = Envelope::new(env.receiver_id, env.req_id, Control::Retry { token }).encode();
+        if bytes.len() > len {
+            self.counters.unvalidated_dropped += 1;
+            return;
+        }
+        self.counters.retries_sent += 1;
+        self.replies.push_back((from, bytes));
+    }
+
+    /// A token for `ip`, as a Retry would carry (tests and tools that drive the manager
+    /// directly).
+    pub fn address_token(&self, ip: std::net::IpAddr, now: Instant) -> AddressToken {
+        self.tokens.issue(ip, now)
+    }
+
+    /// A play request from a proven address, for the ticket service (the driver answers it).
+    pub fn poll_play(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+        self.plays.pop_front()
     }
 
     fn error(&mut self, to: SocketAddr, env: &Envelope, code: ErrorCode, message: &str) {
@@ -317,6 +382,22 @@ impl ChannelManager {
                 return;
             }
         };
+        let proven = env
+            .token
+            .is_some_and(|t| self.tokens.check(from.ip(), &t, now));
+        if !proven && env.msg.needs_token() {
+            self.retry(now, from, &env, datagram.len());
+            return;
+        }
+        if !self.session_ok(from, &env, datagram) {
+            return;
+        }
+        self.reply_cap = (!proven).then_some(datagram.len());
+        self.dispatch(now, from, env, datagram);
+        self.reply_cap = None;
+    }
+
+    fn dispatch(&mut self, now: Instant, from: SocketAddr, env: Envelope, datagram: &[u8]) {
         match env.msg.clone() {
             Control::CatalogRequest { start } => self.catalog_request(from, &env, start),
             Control::Join { title } => self.join(now, from, &env, &title, None, None),
@@ -361,9 +442,16 @@ impl ChannelManager {
                 ms,
             } => self.probe_burst(now, from, &env, archive_id, cookie, tier, ms),
             Control::StatsRequest => {
+                if !self.params.admin.iter().any(|p| p.contains(from.ip())) {
+                    self.counters.stats_refused += 1;
+                    let why = "stats are answered only to [server] admin addresses";
+                    self.error(from, &env, ErrorCode::BadRequest, why);
+                    return;
+                }
                 let json = serde_json::to_string(&self.stats()).unwrap_or_default();
                 self.reply(from, &env, Control::StatsReply { json });
             }
+            Control::PlayRequest { .. } => self.plays.push_back((from, datagram.to_vec())),
             // Server-to-receiver messages arriving here are noise.
             _ => self.counters.control_malformed += 1,
         }
@@ -379,10 +467,16 @@ impl ChannelManager {
             self.adapt_rates();
         }
         let fresh = unicast::report_fresh(self.params.lease);
+        let lease = self.params.lease;
         for c in self.channels.values_mut() {
             for s in c.members.streams.values_mut() {
                 s.adapt(now, fresh);
             }
+            let before = c.members.streams.len();
+            c.members
+                .streams
+                .retain(|_, s| !s.consent_expired(now, lease));
+            self.counters.streams_consent_expired += (before - c.members.streams.len()) as u64;
             // An ended burst is kept a moment: a move it leads to starts after it.
             c.members
                 .bursts
@@ -420,6 +514,7 @@ impl ChannelManager {
             .filter(|(_, s, _)| c.group_due().is_none_or(|g| *s < g));
         let ctx = emit::EmitCtx {
             tag: c.tag,
+            signer: params.sync_signer.as_deref(),
             symbol_size: c.symbol_size,
             sync_interval: params.sync_interval,
             repair_share: params.repair_share,

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::{ChannelManager, Counters};
 use crate::archive::PacketId;
 use crate::carousel::LoopShape;
+use crate::wire::data::DATA_HEADER_LEN;
 use crate::wire::nak::Nak;
 
 /// Most repairs queued per channel (positions, ~40 bytes each): bounds server memory under a
@@ -323,45 +324,48 @@ impl ChannelManager {
             self.counters.naks_rate_limited += 1;
             return;
         }
-        // The NAKer's own tier channel (a title may loop on several), else any of the title's.
-        let id = self
-            .channels
-            .iter()
-            .find(|(_, c)| c.tag == nak.archive_tag && c.members.contains(nak.receiver_id))
-            .or_else(|| self.channels.iter().find(|(_, c)| c.tag == nak.archive_tag))
-            .map(|(id, _)| *id);
-        let Some(c) = id.and_then(|id| self.channels.get_mut(&id)) else {
+        if !self.channels.values().any(|c| c.tag == nak.archive_tag) {
             self.counters.naks_unknown_channel += 1;
+            return;
+        }
+        // The NAKer's own channel (a title may loop on several tiers), and only if the NAK
+        // carries its session's MAC: nobody else's NAK costs the server a repair.
+        let rid = nak.receiver_id;
+        let Some(c) = self.channels.values_mut().find(|c| {
+            c.tag == nak.archive_tag
+                && c.members
+                    .get(rid)
+                    .is_some_and(|m| Nak::mac_ok(datagram, &m.key))
+        }) else {
+            self.counters.naks_unauthenticated += 1;
             return;
         };
         self.counters.naks_received += 1;
         let shape = *c.carousel.shape();
-        // A unicast member's NAK is repaired on its own stream, to it alone.
-        let rid = nak.receiver_id;
-        let rtt = c
-            .members
-            .get(rid)
-            .map_or(self.params.grtt_initial, |m| m.rtt(&self.params));
-        if let Some(s) = c.members.streams.get_mut(&rid) {
-            s.repair.add(
-                now,
-                &nak,
-                &shape,
-                rtt,
-                self.params.max_nak_units,
-                &mut self.counters,
-            );
-            return;
+        let pps = c.pacer.rate_bps() as f64 / ((c.symbol_size + DATA_HEADER_LEN) * 8) as f64;
+        let params = &self.params;
+        let m = c.members.get_mut(rid).expect("the NAKer is a member");
+        let rtt = m.rtt(params);
+        let allowance = m.nak_allowance(now, pps, shape.loop_packets(), params.max_nak_units);
+        let asked: u64 = nak.ranges.iter().map(|r| r.1 as u64).sum();
+        let max_units = params.max_nak_units.min(allowance);
+        if asked > max_units && allowance < params.max_nak_units {
+            self.counters.nak_units_over_budget += asked - max_units;
         }
-        let grtt = c.members.grtt(&self.params);
-        c.repair.add(
-            now,
-            &nak,
-            &shape,
-            grtt,
-            self.params.max_nak_units,
-            &mut self.counters,
-        );
+        let before = self.counters.nak_units_received;
+        // A unicast member's NAK is repaired on its own stream, to it alone.
+        if let Some(s) = c.members.streams.get_mut(&rid) {
+            s.repair
+                .add(now, &nak, &shape, rtt, max_units, &mut self.counters);
+        } else {
+            let grtt = c.members.grtt(params);
+            c.repair
+                .add(now, &nak, &shape, grtt, max_units, &mut self.counters);
+        }
+        let taken = self.counters.nak_units_received - before;
+        if let Some(m) = c.members.get_mut(rid) {
+            m.spend_nak_units(taken);
+        }
     }
 }
 

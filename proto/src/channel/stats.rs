@@ -11,6 +11,18 @@ use super::ChannelManager;
 pub struct Counters {
     pub control_received: u64,
     pub control_malformed: u64,
+    /// Requests that needed a proven address and had no valid token: answered with a Retry
+    /// (a token), or dropped when even that would be larger than the request.
+    pub retries_sent: u64,
+    pub unvalidated_dropped: u64,
+    /// Replies to unproven addresses withheld because they were larger than the request.
+    pub replies_withheld: u64,
+    /// Stats requests from addresses outside `[server] admin`.
+    pub stats_refused: u64,
+    /// Messages for a joined session without a valid MAC under its key (forged: dropped).
+    pub session_forged: u64,
+    /// Joins refused: the address already holds `max_sessions_per_address` sessions.
+    pub refused_sessions_per_address: u64,
     /// Receivers that joined a title (a tier change is counted in `tier_changes`).
     pub joins: u64,
     /// Members moved from one tier's channel of a title to another's.
@@ -23,6 +35,8 @@ pub struct Counters {
     pub unknown_session: u64,
     pub cookies_sent: u64,
     pub unicast_started: u64,
+    /// Unicast streams ended: no authenticated keepalive from their own address for a lease.
+    pub streams_consent_expired: u64,
     /// Discovery bursts started ([`crate::wire::control::Control::ProbeBurst`]), refused
     /// (too soon after the member's last one, or too many running), and their packets.
     pub bursts_started: u64,
@@ -40,6 +54,10 @@ pub struct Counters {
     pub naks_malformed: u64,
     pub naks_unknown_channel: u64,
     pub naks_rate_limited: u64,
+    /// NAKs from no member of the channel, or without a valid session MAC: dropped.
+    pub naks_unauthenticated: u64,
+    /// Units over the NAKer's budget (its channel's packet rate): dropped.
+    pub nak_units_over_budget: u64,
     /// Units out of range or beyond `max_nak_units` in one NAK.
     pub nak_units_ignored: u64,
     /// Units whose repair was already queued, or sent within the last GRTT.
@@ -64,6 +82,8 @@ pub struct Counters {
     /// Play requests answered with a grant, and refused (replayed, used up, forged, ...).
     pub plays_granted: u64,
     pub plays_refused: u64,
+    /// Play requests shed because the ticket worker was busy (the receiver retries).
+    pub plays_shed: u64,
     /// Scheduled loops opened at a window's start / closed at its end (`crate::schedule`).
     pub scheduled_opened: u64,
     pub scheduled_closed: u64,
@@ -109,6 +129,11 @@ impl ChannelManager {
     }
 
     /// The ticket service (outside this state machine) answered a play request.
+    /// A play request shed: the ticket worker's queue was full.
+    pub fn count_play_shed(&mut self) {
+        self.counters.plays_shed += 1;
+    }
+
     pub fn count_play(&mut self, granted: bool) {
         if granted {
             self.counters.plays_granted += 1;

@@ -43,10 +43,14 @@ impl Cookies {
         h.finalize().as_bytes()[..16].try_into().expect("16 bytes")
     }
 
-    /// A cookie of this epoch or the previous one.
+    /// A cookie of this epoch or the previous one (compared in constant time: a timing
+    /// oracle would let a spoofer build a valid cookie byte by byte).
     fn verify(&self, now: Instant, from: SocketAddr, rid: u64, id: &ArchiveId, c: Cookie) -> bool {
+        use subtle::ConstantTimeEq;
         let e = self.epoch(now);
-        c == self.cookie(from, rid, id, e) || (e > 0 && c == self.cookie(from, rid, id, e - 1))
+        let this: bool = self.cookie(from, rid, id, e).ct_eq(&c).into();
+        let last: bool = e > 0 && self.cookie(from, rid, id, e - 1).ct_eq(&c).into();
+        this | last
     }
 }
 
@@ -228,8 +232,13 @@ mod tests {
         }
 
         fn ask(&mut self, rid: u64, from: &str, msg: Control) -> Option<Control> {
-            let env = Envelope::new(rid, 7, msg);
-            self.m.handle_control(self.now, addr(from), &env.encode());
+            let token = self.m.address_token(addr(from).ip(), self.now);
+            let key = msg
+                .session_archive()
+                .map(|a| self.m.session_key(rid, a, addr(from).ip()));
+            let env = Envelope::new(rid, 7, msg).with_token(Some(token));
+            let bytes = key.map_or_else(|| env.encode(), |k| env.encode_sealed(&k));
+            self.m.handle_control(self.now, addr(from), &bytes);
             let mut last = None;
             while let Some((to, bytes)) = self.m.poll_reply() {
                 assert_eq!(to, addr(from));
@@ -261,7 +270,9 @@ mod tests {
                 ranges: vec![(first, len)],
                 symbols: Vec::new(),
             };
-            self.m.handle_control(self.now, addr(from), &nak.encode());
+            let key = self.m.session_key(rid, &self.id, addr(from).ip());
+            self.m
+                .handle_control(self.now, addr(from), &nak.encode_sealed(&key));
         }
 
         /// Run the server for `ms` milliseconds; everything it sent.

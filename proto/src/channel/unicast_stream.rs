@@ -67,6 +67,10 @@ pub(super) struct UnicastStream {
     capacity: u64,
     /// When the receiver last reported (or confirmed the stream).
     last_report: Instant,
+    /// Consent (RFC 7675's idea): when an authenticated keepalive last came from the stream's
+    /// own address. A stream without it for a lease ends, whoever else keeps the session's
+    /// lease alive: a stream goes only where its receiver still asks for it.
+    consent_at: Instant,
     /// Growth is applied up to here.
     last_adapt: Instant,
     pub(super) packets_sent: u64,
@@ -98,6 +102,7 @@ impl UnicastStream {
             slow_start: true,
             capacity: 0,
             last_report: now,
+            consent_at: now,
             last_adapt: now,
             packets_sent: 0,
             until: None,
@@ -121,6 +126,18 @@ impl UnicastStream {
         s.set_rate(rate as f64);
         s.until = Some(until);
         s
+    }
+
+    /// An authenticated keepalive came from `from`: consent, if that is the stream's address.
+    pub(super) fn on_keepalive_from(&mut self, now: Instant, from: std::net::IpAddr) {
+        if from == self.to.ip() {
+            self.consent_at = now;
+        }
+    }
+
+    /// Whether the receiver's consent is older than `limit`.
+    pub(super) fn consent_expired(&self, now: Instant, limit: Duration) -> bool {
+        now.saturating_duration_since(self.consent_at) > limit
     }
 
     /// Whether this burst still has time to send (always true for a stream).
@@ -196,7 +213,7 @@ impl UnicastStream {
     pub(super) fn transmit(
         &mut self,
         now: Instant,
-        mut ctx: EmitCtx,
+        mut ctx: EmitCtx<'_>,
         rtt: Duration,
         counters: &mut Counters,
     ) -> ([u8; DATA_HEADER_LEN], TransmitPayload, Arc<[SocketAddr]>) {

@@ -39,7 +39,8 @@ pub enum Verdict {
     Duplicate,
     /// Its block's hash packet has not arrived yet: kept in memory until it does.
     Parked,
-    /// Its block's hash packet has not arrived and the parking space is full: dropped.
+    /// Its block's hash packet has not arrived and the parking space (or this packet id's
+    /// share of it, [`MAX_PARKED_CANDIDATES`]) is full: dropped.
     NoHashYet,
     /// Failed verification or out of range: dropped and counted.
     Rejected,
@@ -69,6 +70,9 @@ pub struct DownloadCounters {
     pub duplicates: u64,
     pub no_hash_yet: u64,
     pub parked: u64,
+    /// Packets not parked because their packet id already had [`MAX_PARKED_CANDIDATES`]
+    /// different candidates waiting (forgeries on the group, most likely).
+    pub parked_excess: u64,
     pub rejected: u64,
 }
 
@@ -183,6 +187,13 @@ pub const MAX_EXTRA_BYTES: usize = 64 << 20;
 
 /// Memory for parked packets (a few blocks' worth at any symbol size).
 pub const MAX_PARKED_BYTES: usize = 8 << 20;
+/// Byte-different candidates parked per packet id. Anyone on the group can send any number
+/// of forged versions of one packet before its hash packet: past this many the rest are
+/// dropped ([`DownloadCounters::parked_excess`]), so a flood on one id neither fills the
+/// parking space nor evicts other blocks' packets. A genuine packet among the first few is
+/// found when the hash packet comes; one that came later was dropped, and when every
+/// candidate kept fails, the unit is NAKed like a lost one (never written from a forgery).
+pub const MAX_PARKED_CANDIDATES: usize = 4;
 /// Memory for cached hash packets (6,553 blocks at 1280-byte symbols).
 pub const MAX_HASH_CACHE_BYTES: usize = 8 << 20;
 
@@ -846,6 +857,14 @@ impl Download {
             self.counters.duplicates += 1;
             return Verdict::Duplicate;
         }
+        if self
+            .parked
+            .get(&b)
+            .is_some_and(|v| v.iter().filter(|(x, _)| *x == s).count() >= MAX_PARKED_CANDIDATES)
+        {
+            self.counters.parked_excess += 1;
+            return Verdict::NoHashYet;
+        }
         if payload.len() > MAX_PARKED_BYTES {
             self.counters.no_hash_yet += 1;
             return Verdict::NoHashYet;
@@ -1178,5 +1197,106 @@ impl Download {
         }
         let (offset, _) = self.layout.packet_range(id).expect("unit in range");
         Verdict::Write { offset }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::archive::SimArchive;
+
+    /// 1,000 forged versions of one data packet, sent before its block's hash packet.
+    fn flood(dl: &mut Download, id: PacketId, genuine: &[u8], genuine_at: usize) {
+        for i in 0..1001usize {
+            if i == genuine_at {
+                dl.on_packet(id, genuine);
+                continue;
+            }
+            let mut forged = genuine.to_vec();
+            forged[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+            let v = dl.on_packet(id, &forged);
+            assert!(
+                matches!(v, Verdict::Parked | Verdict::NoHashYet),
+                "a forgery before its hash packet: {v:?}"
+            );
+        }
+    }
+
+    fn candidates(dl: &Download, id: PacketId) -> usize {
+        let b = dl.shape().hash_block_of(id);
+        dl.parked
+            .get(&b)
+            .map_or(0, |v| v.iter().filter(|(x, _)| *x == id).count())
+    }
+
+    /// A flood of forged candidates for one packet id keeps at most MAX_PARKED_CANDIDATES;
+    /// the genuine one, among the first few, is written when the hash packet comes.
+    #[test]
+    fn parked_candidates_per_packet_are_bounded_and_the_genuine_one_is_kept() {
+        let a = SimArchive::new(200, 1280, 20);
+        let mut dl = Download::new(a.head.clone(), a.head_bytes.len() as u64, None);
+        let id = PacketId::Data(5);
+        let genuine = a.payload(id);
+        flood(&mut dl, id, &genuine, 2);
+        assert_eq!(candidates(&dl, id), MAX_PARKED_CANDIDATES);
+        assert_eq!(dl.counters.parked, MAX_PARKED_CANDIDATES as u64);
+        assert_eq!(
+            dl.counters.parked_excess,
+            1001 - MAX_PARKED_CANDIDATES as u64
+        );
+        assert_eq!(dl.parked_bytes, MAX_PARKED_CANDIDATES * genuine.len());
+
+        let unit = dl.shape().unit_index(id).unwrap();
+        let hash = PacketId::Hash(0);
+        assert!(matches!(
+            dl.on_packet(hash, &a.payload(hash)),
+            Verdict::Write { .. }
+        ));
+        let (offset, _) = dl.layout().packet_range(id).unwrap();
+        assert_eq!(dl.take_released(), vec![(offset, genuine)]);
+        assert!(dl.has(unit));
+        // The two forgeries parked before it fail; the one after is not even checked.
+        assert_eq!(dl.counters.rejected, 2);
+        assert!(dl.take_unpark_rejects().is_empty(), "held: nothing to NAK");
+        assert_eq!(dl.parked_bytes, 0);
+    }
+
+    /// The genuine packet arrives after the bound: it is dropped with the excess forgeries.
+    /// When the hash packet comes every kept candidate fails: nothing is written, the unit
+    /// is handed to the NAK engine, and the genuine packet's next copy (repair or next loop)
+    /// is verified and written.
+    #[test]
+    fn a_genuine_packet_past_the_bound_is_recovered_by_nak_never_a_wrong_write() {
+        let a = SimArchive::new(200, 1280, 21);
+        let mut dl = Download::new(a.head.clone(), a.head_bytes.len() as u64, None);
+        let id = PacketId::Data(7);
+        let genuine = a.payload(id);
+        flood(&mut dl, id, &genuine, 10);
+        assert_eq!(candidates(&dl, id), MAX_PARKED_CANDIDATES);
+        assert_eq!(
+            dl.counters.parked_excess,
+            1001 - MAX_PARKED_CANDIDATES as u64
+        );
+        let unit = dl.shape().unit_index(id).unwrap();
+        assert!(dl.has_or_parked(unit), "no NAK while candidates wait");
+
+        let hash = PacketId::Hash(0);
+        assert!(matches!(
+            dl.on_packet(hash, &a.payload(hash)),
+            Verdict::Write { .. }
+        ));
+        assert!(dl.take_released().is_empty(), "a forgery was released");
+        assert!(!dl.has(unit));
+        assert_eq!(dl.counters.rejected, MAX_PARKED_CANDIDATES as u64);
+        assert_eq!(
+            dl.take_unpark_rejects(),
+            vec![unit],
+            "the unit must be NAKed"
+        );
+        assert!(!dl.has_or_parked(unit));
+
+        let (offset, _) = dl.layout().packet_range(id).unwrap();
+        assert_eq!(dl.on_packet(id, &genuine), Verdict::Write { offset });
+        assert!(dl.has(unit));
     }
 }

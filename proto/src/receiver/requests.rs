@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::wire::control::{Control, Envelope};
+use crate::wire::control::{AddressToken, Control, Envelope, SessionKey};
 
 /// Which socket a datagram leaves from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +46,7 @@ struct Pending {
     req_id: u32,
     purpose: Purpose,
     via: Via,
-    bytes: Vec<u8>,
+    msg: Control,
     tries_left: u32,
     per_try: Duration,
     next_at: Instant,
@@ -58,6 +58,11 @@ pub struct Requests {
     receiver_id: u64,
     next_req: u32,
     pending: Vec<Pending>,
+    /// The server's address token for us (from a Retry): every request carries it, so the
+    /// server may answer with more than we sent (`crate::address_token`).
+    token: Option<AddressToken>,
+    /// The session's key (from JoinOk): the session's own messages carry a MAC under it.
+    session_key: Option<SessionKey>,
 }
 
 impl Requests {
@@ -67,7 +72,49 @@ impl Requests {
             receiver_id,
             next_req: 1,
             pending: Vec::new(),
+            token: None,
+            session_key: None,
         }
+    }
+
+    pub fn set_session_key(&mut self, key: SessionKey) {
+        self.session_key = Some(key);
+    }
+
+    pub fn session_key(&self) -> Option<&SessionKey> {
+        self.session_key.as_ref()
+    }
+
+    fn encode(&self, req_id: u32, msg: &Control) -> Vec<u8> {
+        let env = Envelope::new(self.receiver_id, req_id, msg.clone()).with_token(self.token);
+        match &self.session_key {
+            Some(k) if msg.session_archive().is_some() => env.encode_sealed(k),
+            _ => env.encode_request(),
+        }
+    }
+
+    /// A [`Control::Retry`] for us: keep its token and send the request it answers again at
+    /// once, now with the token. `false` when `env` is not a Retry for this session.
+    pub fn on_retry(&mut self, now: Instant, env: &Envelope, out: &mut Vec<Transmit>) -> bool {
+        let Control::Retry { token } = env.msg else {
+            return false;
+        };
+        if env.receiver_id != self.receiver_id {
+            return false;
+        }
+        self.token = Some(token);
+        let server = self.server;
+        if let Some(i) = self.pending.iter().position(|p| p.req_id == env.req_id) {
+            let bytes = self.encode(env.req_id, &self.pending[i].msg);
+            let p = &mut self.pending[i];
+            p.next_at = now + p.per_try;
+            out.push(Transmit {
+                via: p.via,
+                to: server,
+                bytes,
+            });
+        }
+        true
     }
 
     fn next_id(&mut self) -> u32 {
@@ -81,7 +128,7 @@ impl Requests {
         out.push(Transmit {
             via: Via::Control,
             to: self.server,
-            bytes: Envelope::new(self.receiver_id, id, msg).encode(),
+            bytes: self.encode(id, &msg),
         });
         id
     }
@@ -101,17 +148,16 @@ impl Requests {
     ) {
         self.cancel(purpose);
         let req_id = self.next_id();
-        let bytes = Envelope::new(self.receiver_id, req_id, msg).encode();
         out.push(Transmit {
             via,
             to: self.server,
-            bytes: bytes.clone(),
+            bytes: self.encode(req_id, &msg),
         });
         self.pending.push(Pending {
             req_id,
             purpose,
             via,
-            bytes,
+            msg,
             tries_left: tries.saturating_sub(1),
             per_try,
             next_at: now + per_try,
@@ -138,7 +184,7 @@ impl Requests {
     /// Resend what is due; returns the requests that ran out of tries unanswered.
     pub fn handle_timeout(&mut self, now: Instant, out: &mut Vec<Transmit>) -> Vec<Purpose> {
         let mut failed = Vec::new();
-        let server = self.server;
+        let mut due = Vec::new();
         self.pending.retain_mut(|p| {
             if now < p.next_at {
                 return true;
@@ -149,13 +195,16 @@ impl Requests {
             }
             p.tries_left -= 1;
             p.next_at = now + p.per_try;
-            out.push(Transmit {
-                via: p.via,
-                to: server,
-                bytes: p.bytes.clone(),
-            });
+            due.push((p.via, p.req_id, p.msg.clone()));
             true
         });
+        for (via, req_id, msg) in due {
+            out.push(Transmit {
+                via,
+                to: self.server,
+                bytes: self.encode(req_id, &msg),
+            });
+        }
         failed
     }
 

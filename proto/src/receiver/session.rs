@@ -34,8 +34,11 @@ use super::tier::TierMove;
 pub use super::tiering::TierSample;
 use super::tiering::Tiering;
 use crate::archive::{Head, PacketId};
-use crate::wire::control::{Control, Envelope, ErrorCode};
-use crate::wire::data::{archive_tag, DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN};
+use crate::wire::control::{Control, Envelope, ErrorCode, SessionKey};
+use crate::wire::data::{
+    archive_tag, split_signed_sync, sync_signed_bytes, DataHeader, DataKind, SyncInfo,
+    DATA_HEADER_LEN,
+};
 use crate::wire::nak::{is_nak, Nak, MAX_NAK_RANGES};
 
 /// How often progress is reported.
@@ -216,6 +219,10 @@ pub struct SessionStats {
     pub received_packets: u64,
     pub foreign: u64,
     pub malformed: u64,
+    /// SYNCs dropped: signature not the archive's server's, or older than one already taken
+    /// (a replay).
+    pub syncs_forged: u64,
+    pub syncs_stale: u64,
     pub repairs_received: u64,
     /// Datagrams of discovery bursts (`channel::burst`) received.
     pub burst_packets: u64,
@@ -283,6 +290,8 @@ struct Engines {
     nak: NakEngine,
     tiering: Tiering,
     packet_bytes: usize,
+    /// `send_us` of the last SYNC taken: an older one is a replay.
+    last_sync_us: Option<u64>,
     /// FEC archives: when a source block is judged short ([`FecGate`]), and the data units
     /// picked to NAK for it (the NAK engine leaves every other FEC-covered unit alone).
     gate: Option<FecGate>,
@@ -556,6 +565,7 @@ impl Session {
             nak,
             tiering,
             packet_bytes,
+            last_sync_us: None,
             gate,
             wanted: Default::default(),
             symbols: SymbolNaks::new(self.cfg.receiver_id),
@@ -820,6 +830,15 @@ impl Session {
             return;
         }
         self.last_heard = now;
+        let mut out = Vec::new();
+        if self.requests.on_retry(now, &env, &mut out) {
+            self.transmits.extend(out);
+            // A head chunk asked for without the token is asked again now.
+            if self.head_fetch.is_some() {
+                self.poll_head(now);
+            }
+            return;
+        }
         if let (Control::LeaseOk { .. }, Some((id, at))) = (&env.msg, self.keepalive_sent) {
             if env.req_id == id {
                 self.rtt_us = now
@@ -976,8 +995,10 @@ impl Session {
                 lease_ms,
                 tier,
                 tiers_bps,
+                session_key,
                 ..
             } => {
+                self.requests.set_session_key(session_key);
                 let j = Joined {
                     archive_id,
                     group,
@@ -1039,6 +1060,8 @@ impl Session {
                 self.rejoined_at = None;
             }
             e.tiering = Tiering::new(j.tier, j.tiers_bps.clone(), e.head.loop_bytes(), now);
+            // A restarted server's SYNC clock starts again.
+            e.last_sync_us = None;
             self.reported_tier = None;
         }
         self.keepalive_every = (j.lease / 3).max(Duration::from_millis(50));
@@ -1176,7 +1199,12 @@ impl Session {
 
     fn on_tier_reply(&mut self, now: Instant, tier: u8, msg: Control) {
         match msg {
-            Control::JoinOk { group: g, .. } => {
+            Control::JoinOk {
+                group: g,
+                session_key,
+                ..
+            } => {
+                self.requests.set_session_key(session_key);
                 let Some(e) = self.eng.as_mut() else {
                     return;
                 };
@@ -1275,7 +1303,7 @@ impl Session {
             let id = match hdr.kind {
                 DataKind::Packet(id) => id,
                 DataKind::Sync => {
-                    if let Ok(info) = SyncInfo::decode(payload) {
+                    if let Some(info) = verified_sync(eng, &mut self.stats, dg, payload) {
                         eng.tiering.on_burst_sync(&info, now);
                     }
                     return None;
@@ -1292,7 +1320,7 @@ impl Session {
         }
         let id = match hdr.kind {
             DataKind::Sync => {
-                if let Ok(info) = SyncInfo::decode(payload) {
+                if let Some(info) = verified_sync(eng, &mut self.stats, dg, payload) {
                     eng.nak.on_sync(&info, eng.packet_bytes);
                     eng.tiering.on_sync(&info, now);
                     self.last_channel = now;
@@ -1644,7 +1672,7 @@ impl Session {
                 ranges,
                 symbols: Vec::new(),
             };
-            send_nak(&mut self.transmits, to, &nak);
+            send_nak(&mut self.transmits, to, self.requests.session_key(), &nak);
         }
         self.symbol_naks(now);
     }
@@ -1684,7 +1712,7 @@ impl Session {
                 ranges: Vec::new(),
                 symbols,
             };
-            send_nak(&mut self.transmits, to, &nak);
+            send_nak(&mut self.transmits, to, self.requests.session_key(), &nak);
         }
     }
 
@@ -1709,9 +1737,42 @@ impl Session {
     }
 }
 
+/// A SYNC's info, if its signature is the archive server's and it is newer than the last
+/// one taken (`wire::data::SIGNED_SYNC_LEN`); else counted and `None`.
+fn verified_sync(
+    eng: &mut Engines,
+    stats: &mut SessionStats,
+    dg: &[u8],
+    payload: &[u8],
+) -> Option<SyncInfo> {
+    let header = &dg[..dg.len() - payload.len()];
+    let signed = split_signed_sync(payload).filter(|(info, sig)| {
+        eng.head
+            .server_key
+            .verify(&sync_signed_bytes(header, info), sig)
+            .is_ok()
+    });
+    let Some(info) = signed.and_then(|(info, _)| SyncInfo::decode(info).ok()) else {
+        stats.syncs_forged += 1;
+        return None;
+    };
+    if eng.last_sync_us.is_some_and(|last| info.send_us <= last) {
+        stats.syncs_stale += 1;
+        return None;
+    }
+    eng.last_sync_us = Some(info.send_us);
+    Some(info)
+}
+
 /// Queue `nak` to the server and, when `to.1` names one, to the channel's group.
-fn send_nak(transmits: &mut VecDeque<Transmit>, to: (SocketAddr, Option<SocketAddrV4>), nak: &Nak) {
-    let bytes = nak.encode();
+/// Sealed with the session's key once joined: the server repairs only for its members.
+fn send_nak(
+    transmits: &mut VecDeque<Transmit>,
+    to: (SocketAddr, Option<SocketAddrV4>),
+    key: Option<&SessionKey>,
+    nak: &Nak,
+) {
+    let bytes = key.map_or_else(|| nak.encode(), |k| nak.encode_sealed(k));
     transmits.push_back(Transmit {
         via: Via::Control,
         to: to.0,

@@ -29,7 +29,7 @@ use crate::carousel::LoopShape;
 use crate::channel::{ChannelManager, HeadBytes, Params, TitleInfo, TransmitPayload};
 use crate::receiver::session::{Prior, TierSample};
 use crate::receiver::{Event, Failure, Session, SessionConfig, SessionStats, Via};
-use crate::wire::data::{DataHeader, DataKind, DATA_HEADER_LEN, SYNC_LEN};
+use crate::wire::data::{DataHeader, DataKind, DATA_HEADER_LEN, SIGNED_SYNC_LEN};
 use crate::wire::nak::is_nak;
 
 /// IPv4 + UDP header bytes: a link carries them too.
@@ -815,7 +815,7 @@ impl World<'_> {
             self.out.wire_bytes += if id.is_some() {
                 (DATA_HEADER_LEN as u64 + symbol) as f64
             } else {
-                (DATA_HEADER_LEN + SYNC_LEN) as f64
+                (DATA_HEADER_LEN + SIGNED_SYNC_LEN) as f64
             };
             if hdr.repair {
                 self.out.repairs_sent += 1;

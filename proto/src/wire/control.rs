@@ -2,9 +2,15 @@
 //! receiver retries on timeout, and every request is idempotent).
 //!
 //! ```text
-//! version:u8 type:u8 receiver_id:u64 req_id:u32 body
+//! version:u8 (=2) type:u8 flags:u8 receiver_id:u64 req_id:u32 [token:16] body [pad:u16 zeros]
 //! ```
 //! `receiver_id` is random per download session; `req_id` matches replies to requests.
+//! Flag [`FLAG_TOKEN`]: an address token ([`crate::address_token`]) follows the header; a
+//! request that needs a proven address and has none is answered by [`Control::Retry`].
+//! Flag [`FLAG_PADDED`]: a pad length and that many zero bytes follow the body, so a first
+//! request without a token is at least as large as the Retry it may get
+//! ([`MIN_TOKENLESS_LEN`]): a server never answers an unproven address with more bytes than
+//! it received.
 //! Strings are u16-length-prefixed UTF-8; addresses are IPv4 (4 bytes) + port (u16).
 //!
 //! Play tickets: [`Control::PlayRequest`] carries the signed ticket and the receiver's
@@ -17,7 +23,45 @@ use std::net::{SocketAddr, SocketAddrV4};
 
 use crate::codec::{Reader, Writer};
 
-use super::{check_version, get_str, get_v4, put_v4, WireError, WIRE_VERSION};
+use super::{get_str, get_v4, put_v4, WireError};
+pub use crate::address_token::AddressToken;
+
+/// Version of the control envelope (2: flags, address token and padding).
+pub const CONTROL_VERSION: u8 = 2;
+/// An address token follows the header.
+pub const FLAG_TOKEN: u8 = 1;
+/// Padding follows the body.
+pub const FLAG_PADDED: u8 = 2;
+/// A request sent without a token is padded to at least this: more than a Retry takes.
+pub const MIN_TOKENLESS_LEN: usize = 48;
+/// A session MAC ends the datagram: keyed BLAKE3 under the session key of
+/// [`Control::JoinOk`] over every byte before it. Every message of a joined session carries
+/// one; the server drops those whose MAC does not verify under the member's key.
+pub const FLAG_MAC: u8 = 4;
+pub const MAC_LEN: usize = 16;
+/// A session's key (from [`Control::JoinOk`]).
+pub type SessionKey = [u8; 32];
+
+/// The MAC of `covered` under `key` (shared with NAKs, `wire::nak`).
+pub(crate) fn session_mac(key: &SessionKey, covered: &[u8]) -> [u8; MAC_LEN] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(b"mcast session mac v1");
+    h.update(covered);
+    h.finalize().as_bytes()[..MAC_LEN]
+        .try_into()
+        .expect("16 bytes")
+}
+
+/// Whether `datagram` ends with a valid MAC under `key` (compared in constant time).
+/// `flagged`: the datagram says it carries one.
+pub(crate) fn mac_trailer_ok(datagram: &[u8], flagged: bool, key: &SessionKey) -> bool {
+    use subtle::ConstantTimeEq;
+    if !flagged || datagram.len() < MAC_LEN {
+        return false;
+    }
+    let (covered, mac) = datagram.split_at(datagram.len() - MAC_LEN);
+    session_mac(key, covered).ct_eq(mac).into()
+}
 
 /// Largest head chunk carried in one reply (keeps datagrams under a 1500-byte MTU).
 pub const HEAD_CHUNK: usize = 1024;
@@ -129,8 +173,7 @@ pub enum Control {
         /// What the receiver's path can carry (bit/s), once it found the limit (queueing
         /// delay rising, loss growing with rate, its own socket overrun); 0 = no limit found
         /// at the current rate. Tier rates and unicast streams follow this, never `rx_bps`
-        /// (goodput under random loss would spiral a rate down). Absent (0) from receivers
-        /// older than step 11: decode accepts the shorter message.
+        /// (goodput under random loss would spiral a rate down).
         capacity_bps: u64,
     },
     /// Move this receiver to another throughput tier of the title (answered with
@@ -187,6 +230,10 @@ pub enum Control {
         /// The tier this channel is, and the nominal rate of every tier of the title.
         tier: u8,
         tiers_bps: Vec<u64>,
+        /// Key of this receiver's session: every later message of the session (keepalive,
+        /// tier change, completion, unicast steps, NAKs) carries a MAC under it, so nobody
+        /// else can speak for this receiver even knowing its id (it is in every NAK).
+        session_key: SessionKey,
     },
     /// This server lacks the title; `redirect` names one that has it, when known.
     NotHere {
@@ -225,6 +272,44 @@ pub enum Control {
         code: ErrorCode,
         message: String,
     },
+    /// The request needs a proven source address: repeat it with this token (valid for
+    /// [`crate::address_token::TOKEN_LIFETIME`] from this address).
+    Retry {
+        token: AddressToken,
+    },
+}
+
+impl Control {
+    /// The title (archive) of a message that speaks for a joined session: these carry the
+    /// session's MAC ([`FLAG_MAC`]).
+    pub fn session_archive(&self) -> Option<&ArchiveId> {
+        match self {
+            Control::Keepalive { archive_id, .. }
+            | Control::ChangeTier { archive_id, .. }
+            | Control::Complete { archive_id }
+            | Control::UnicastRequest { archive_id }
+            | Control::UnicastConfirm { archive_id, .. }
+            | Control::ProbeBurst { archive_id, .. } => Some(archive_id),
+            _ => None,
+        }
+    }
+
+    /// Requests answered only to a proven address (a token), because their answer is larger
+    /// than they are or they create state: everything but lease renewals, completions and the
+    /// cookie-proven unicast steps, whose answers are no larger than they are.
+    pub fn needs_token(&self) -> bool {
+        matches!(
+            self,
+            Control::CatalogRequest { .. }
+                | Control::Join { .. }
+                | Control::JoinAt { .. }
+                | Control::ChangeTier { .. }
+                | Control::HeadRequest { .. }
+                | Control::UnicastRequest { .. }
+                | Control::StatsRequest
+                | Control::PlayRequest { .. }
+        )
+    }
 }
 
 /// A control datagram.
@@ -232,6 +317,8 @@ pub enum Control {
 pub struct Envelope {
     pub receiver_id: u64,
     pub req_id: u32,
+    /// The requester's address token, if it has one.
+    pub token: Option<AddressToken>,
     pub msg: Control,
 }
 
@@ -258,6 +345,7 @@ mod t {
     pub const COMPLETE_OK: u8 = 71;
     pub const STATS: u8 = 72;
     pub const PLAY_GRANT: u8 = 73;
+    pub const RETRY: u8 = 74;
     pub const ERROR: u8 = 127;
 }
 
@@ -266,16 +354,64 @@ impl Envelope {
         Envelope {
             receiver_id,
             req_id,
+            token: None,
             msg,
         }
     }
 
+    /// The same envelope carrying `token`.
+    pub fn with_token(mut self, token: Option<AddressToken>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// Encoded, padded with zeros to at least `min_len` bytes.
+    pub fn encode_padded(&self, min_len: usize) -> Vec<u8> {
+        let mut b = self.encode();
+        if b.len() < min_len {
+            b[2] |= FLAG_PADDED;
+            let n = min_len.saturating_sub(b.len() + 2);
+            b.put_u16(n as u16);
+            b.resize(b.len() + n, 0);
+        }
+        b
+    }
+
+    /// Encoded as a request: with the token if there is one, else padded so that the Retry
+    /// it may get is no larger.
+    pub fn encode_request(&self) -> Vec<u8> {
+        if self.token.is_some() {
+            self.encode()
+        } else {
+            self.encode_padded(MIN_TOKENLESS_LEN)
+        }
+    }
+
+    /// Encoded with the session's MAC under `key` (a joined session's messages).
+    pub fn encode_sealed(&self, key: &SessionKey) -> Vec<u8> {
+        let mut b = self.encode();
+        b[2] |= FLAG_MAC;
+        let mac = session_mac(key, &b);
+        b.extend_from_slice(&mac);
+        b
+    }
+
+    /// Whether `datagram` (an encoded envelope) carries a valid session MAC under `key`.
+    pub fn mac_ok(datagram: &[u8], key: &SessionKey) -> bool {
+        let flagged = datagram.get(2).is_some_and(|f| f & FLAG_MAC != 0);
+        mac_trailer_ok(datagram, flagged, key)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(64);
-        b.put_u8(WIRE_VERSION);
+        b.put_u8(CONTROL_VERSION);
         b.put_u8(0); // type, patched below
+        b.put_u8(if self.token.is_some() { FLAG_TOKEN } else { 0 });
         b.put_u64(self.receiver_id);
         b.put_u32(self.req_id);
+        if let Some(t) = &self.token {
+            b.extend_from_slice(t);
+        }
         let ty = match &self.msg {
             Control::CatalogRequest { start } => {
                 b.put_u16(*start);
@@ -382,6 +518,7 @@ impl Envelope {
                 lease_ms,
                 tier,
                 tiers_bps,
+                session_key,
             } => {
                 b.extend_from_slice(archive_id);
                 put_v4(&mut b, group);
@@ -395,6 +532,7 @@ impl Envelope {
                 for r in &tiers_bps[..n] {
                     b.put_u64(*r);
                 }
+                b.extend_from_slice(session_key);
                 t::JOIN_OK
             }
             Control::NotHere { title, redirect } => {
@@ -450,21 +588,47 @@ impl Envelope {
                 b.put_short_bytes(clip(message, MAX_ERROR_MESSAGE));
                 t::ERROR
             }
+            Control::Retry { token } => {
+                b.extend_from_slice(token);
+                t::RETRY
+            }
         };
         b[1] = ty;
         b
     }
 
     pub fn decode(buf: &[u8]) -> Result<Envelope, WireError> {
-        check_version(buf)?;
+        match buf.first() {
+            None => return Err(WireError::Empty),
+            Some(&CONTROL_VERSION) => {}
+            Some(&v) => return Err(WireError::Version(v)),
+        }
         if buf.len() > MAX_CONTROL_LEN {
             return Err(WireError::Field("length"));
         }
+        let flags = *buf.get(2).ok_or(WireError::Field("flags"))?;
+        if flags & !(FLAG_TOKEN | FLAG_PADDED | FLAG_MAC) != 0 {
+            return Err(WireError::Field("flags"));
+        }
+        // The MAC trailer is checked by whoever holds the key (`mac_ok`); the body ends before it.
+        let buf = if flags & FLAG_MAC == 0 {
+            buf
+        } else if buf.len() >= 3 + MAC_LEN {
+            &buf[..buf.len() - MAC_LEN]
+        } else {
+            return Err(WireError::Field("mac"));
+        };
         let mut r = Reader::new(buf);
         r.u8("version")?;
         let ty = r.u8("type")?;
+        r.u8("flags")?;
         let receiver_id = r.u64("receiver_id")?;
         let req_id = r.u32("req_id")?;
+        let token = if flags & FLAG_TOKEN != 0 {
+            Some(r.array("token")?)
+        } else {
+            None
+        };
         let msg = match ty {
             t::CATALOG_REQ => Control::CatalogRequest {
                 start: r.u16("start")?,
@@ -487,11 +651,7 @@ impl Envelope {
                 rtt_us: r.u32("rtt_us")?,
                 rx_bps: r.u64("rx_bps")?,
                 loss_ppm: r.u32("loss_ppm")?,
-                capacity_bps: if r.remaining() >= 8 {
-                    r.u64("capacity_bps")?
-                } else {
-                    0
-                },
+                capacity_bps: r.u64("capacity_bps")?,
             },
             t::CHANGE_TIER => Control::ChangeTier {
                 archive_id: r.array("archive_id")?,
@@ -556,6 +716,7 @@ impl Envelope {
                     }
                     v
                 },
+                session_key: r.array("session_key")?,
             },
             t::NOT_HERE => Control::NotHere {
                 title: get_str(&mut r, 128, "title")?,
@@ -592,14 +753,24 @@ impl Envelope {
                 code: ErrorCode::from_u16(r.u16("code")?).ok_or(WireError::Field("code"))?,
                 message: get_str(&mut r, MAX_ERROR_MESSAGE, "message")?,
             },
+            t::RETRY => Control::Retry {
+                token: r.array("token")?,
+            },
             k => return Err(WireError::Kind(k)),
         };
+        if flags & FLAG_PADDED != 0 {
+            let n = r.u16("pad")? as usize;
+            if r.remaining() != n || r.bytes(n, "pad")?.iter().any(|&z| z != 0) {
+                return Err(WireError::Field("pad"));
+            }
+        }
         if r.remaining() != 0 {
             return Err(WireError::Field("trailing bytes"));
         }
         Ok(Envelope {
             receiver_id,
             req_id,
+            token,
             msg,
         })
     }
@@ -608,7 +779,7 @@ impl Envelope {
 /// True if a datagram is a [`Control::PlayRequest`] (cheap check before decoding), so the
 /// driver can hand it to the ticket service instead of the channel manager.
 pub fn is_play_request(buf: &[u8]) -> bool {
-    buf.len() >= 2 && buf[0] == WIRE_VERSION && buf[1] == t::PLAY_REQ
+    buf.len() >= 2 && buf[0] == CONTROL_VERSION && buf[1] == t::PLAY_REQ
 }
 
 /// Convenience for drivers: an IPv4 socket address or an error naming it.
@@ -724,6 +895,7 @@ mod tests {
                 lease_ms: 8,
                 tier: 1,
                 tiers_bps: vec![4_000_000, 16_000_000],
+                session_key: [0x33; 32],
             },
             Control::ChangeTier {
                 archive_id: id,
@@ -775,6 +947,7 @@ mod tests {
                 code: ErrorCode::Draining,
                 message: "draining".into(),
             },
+            Control::Retry { token: [4; 16] },
         ]
     }
 
@@ -797,7 +970,7 @@ mod tests {
         {
             assert!(!is_play_request(&Envelope::new(1, 2, other).encode()));
         }
-        assert!(!is_play_request(&[]) && !is_play_request(&[WIRE_VERSION]));
+        assert!(!is_play_request(&[]) && !is_play_request(&[CONTROL_VERSION]));
         // Oversized fields are refused, not truncated silently on decode.
         let mut big = Envelope::new(
             1,
@@ -815,42 +988,64 @@ mod tests {
     }
 
     #[test]
+    fn tokens_and_padding_round_trip_and_padding_is_checked() {
+        for msg in all() {
+            let e = Envelope::new(42, 7, msg.clone()).with_token(Some([0xAB; 16]));
+            assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
+            let e = Envelope::new(42, 7, msg);
+            let p = e.encode_request();
+            assert!(p.len() >= MIN_TOKENLESS_LEN);
+            assert_eq!(Envelope::decode(&p).unwrap(), e);
+            for n in 0..p.len() {
+                assert!(Envelope::decode(&p[..n]).is_err(), "{e:?} truncated to {n}");
+            }
+            // Padding is zeros: anything else is not a padded request of ours.
+            let mut bad = p.clone();
+            if bad[2] & FLAG_PADDED != 0 {
+                *bad.last_mut().unwrap() = 1;
+                assert!(Envelope::decode(&bad).is_err());
+            }
+        }
+        // Every request that needs a token, padded, is larger than the Retry it may get.
+        let retry = Envelope::new(u64::MAX, u32::MAX, Control::Retry { token: [0; 16] })
+            .encode()
+            .len();
+        assert!(retry <= MIN_TOKENLESS_LEN);
+        // A sealed message decodes like any other, and its MAC verifies under its key only.
+        for msg in all() {
+            let e = Envelope::new(42, 7, msg).with_token(Some([1; 16]));
+            let b = e.encode_sealed(&[9; 32]);
+            assert_eq!(Envelope::decode(&b).unwrap(), e);
+            assert!(Envelope::mac_ok(&b, &[9; 32]));
+            assert!(!Envelope::mac_ok(&b, &[8; 32]));
+            assert!(!Envelope::mac_ok(&e.encode(), &[9; 32]), "no MAC");
+            let mut flipped = b.clone();
+            flipped[5] ^= 1;
+            assert!(!Envelope::mac_ok(&flipped, &[9; 32]));
+            for n in 0..b.len() {
+                assert!(!Envelope::mac_ok(&b[..n], &[9; 32]));
+            }
+        }
+        // Unknown flags are refused.
+        let mut b = Envelope::new(1, 2, Control::StatsRequest).encode();
+        b[2] = 0x80;
+        assert!(Envelope::decode(&b).is_err());
+        b[2] = FLAG_MAC; // flagged, but too short to hold a MAC
+        assert!(Envelope::decode(&b).is_err());
+        // Version 1 envelopes (before address tokens) are refused by version.
+        b[0] = 1;
+        assert!(matches!(Envelope::decode(&b), Err(WireError::Version(1))));
+    }
+
+    #[test]
     fn round_trip_and_truncation() {
         for msg in all() {
             let e = Envelope::new(42, 7, msg);
             let b = e.encode();
             assert_eq!(Envelope::decode(&b).unwrap(), e);
-            // A keepalive without its capacity is an older receiver's, and valid.
-            let old = matches!(e.msg, Control::Keepalive { .. }).then(|| b.len() - 8);
             for n in 0..b.len() {
-                if Some(n) == old {
-                    continue;
-                }
                 assert!(Envelope::decode(&b[..n]).is_err(), "{e:?} truncated to {n}");
             }
         }
-    }
-
-    #[test]
-    fn a_keepalive_from_before_capacity_reports_decodes_with_none() {
-        let msg = Control::Keepalive {
-            archive_id: [3; 16],
-            have: 1,
-            total: 2,
-            rtt_us: 3,
-            rx_bps: 4,
-            loss_ppm: 5,
-            capacity_bps: 6,
-        };
-        let b = Envelope::new(1, 2, msg).encode();
-        let old = Envelope::decode(&b[..b.len() - 8]).unwrap();
-        assert!(matches!(
-            old.msg,
-            Control::Keepalive {
-                capacity_bps: 0,
-                rx_bps: 4,
-                ..
-            }
-        ));
     }
 }

@@ -65,6 +65,31 @@ pub struct SyncInfo {
 }
 
 pub const SYNC_LEN: usize = 32;
+/// A SYNC's payload on the wire: [`SyncInfo`], then the server identity's Ed25519 signature
+/// over the header and the info ([`sync_signed_bytes`]). Receivers drop a SYNC whose
+/// signature does not verify under the key that signed the archive head: a forged SYNC
+/// could otherwise stretch everyone's NAK timers (GRTT, group size) or fake a queue (send
+/// time) and push receivers down a tier.
+pub const SIGNED_SYNC_LEN: usize = SYNC_LEN + 64;
+
+/// What a SYNC's signature covers: a context string, the datagram header (kind, flags,
+/// archive tag, loop number) and the info.
+pub fn sync_signed_bytes(header: &[u8], info: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(16 + header.len() + info.len());
+    m.extend_from_slice(b"mcast sync v1");
+    m.extend_from_slice(header);
+    m.extend_from_slice(info);
+    m
+}
+
+/// A SYNC payload split into its info and its signature; `None` if it is not that long.
+pub fn split_signed_sync(payload: &[u8]) -> Option<(&[u8], [u8; 64])> {
+    if payload.len() != SIGNED_SYNC_LEN {
+        return None;
+    }
+    let (info, sig) = payload.split_at(SYNC_LEN);
+    Some((info, sig.try_into().expect("64 bytes")))
+}
 
 pub fn archive_tag(archive_id: &[u8; 16]) -> [u8; 8] {
     archive_id[..8].try_into().expect("16 >= 8")

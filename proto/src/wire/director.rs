@@ -123,6 +123,16 @@ pub fn heartbeat_mac(key: &[u8; 32], signed: &[u8]) -> [u8; MAC_LEN] {
     *blake3::keyed_hash(key, signed).as_bytes()
 }
 
+/// The server address a heartbeat names (bytes 2..8), unverified: it picks the key the MAC
+/// is checked under. `None` if `buf` is no heartbeat.
+pub fn heartbeat_server(buf: &[u8]) -> Option<SocketAddrV4> {
+    if !is_heartbeat(buf) || buf.len() < 8 {
+        return None;
+    }
+    let mut r = Reader::new(&buf[2..8]);
+    get_v4(&mut r, "server").ok()
+}
+
 /// True if a datagram is a heartbeat (cheap check before decoding).
 pub fn is_heartbeat(buf: &[u8]) -> bool {
     buf.len() >= 2 && buf[0] == WIRE_VERSION && buf[1] == t::HEARTBEAT

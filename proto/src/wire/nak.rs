@@ -6,7 +6,12 @@
 //! version:u8 kind:u8(=0x80) flags:u16 archive_tag:[8] receiver_id:u64 count:u16
 //! count × (first_unit:u64 len:u32)
 //! [flags & SYMBOLS: count2:u16 count2 × (fec_block:u64 symbols:u32)]
+//! [flags & MAC: mac:[16]]
 //! ```
+//! The MAC (keyed BLAKE3 under the receiver's session key, over every byte before it) lets
+//! the server repair only for its members: a NAK without one, or for no member, costs it
+//! nothing. Receivers overhearing NAKs on the group cannot check it (they do not hold the
+//! key) and act on what they hear only to hold their own NAKs back.
 //! Units are the loop's dense unit indices ([`crate::carousel::LoopShape::unit_index`]).
 //! The symbols section asks for *amounts* (FEC archives): "block `f`: `n` more symbols, any";
 //! the server answers with extra symbols nobody has yet ([`crate::archive::extras`]), and a
@@ -16,6 +21,7 @@
 
 use crate::codec::{Reader, Writer};
 
+use super::control::{mac_trailer_ok, session_mac, SessionKey, MAC_LEN};
 use super::{check_version, WireError, WIRE_VERSION};
 
 pub const NAK_KIND: u8 = 0x80;
@@ -23,6 +29,8 @@ pub const NAK_KIND: u8 = 0x80;
 pub const MAX_NAK_RANGES: usize = 96;
 /// Header flag: a symbols section follows the ranges.
 const FLAG_SYMBOLS: u16 = 1;
+/// Header flag: the session MAC ends the datagram.
+const FLAG_MAC: u16 = 2;
 /// Most units a receiver takes from a NAK it overhears (the server repairs at most its
 /// `max_nak_units`, 8192 by default, per NAK anyway).
 pub const MAX_HEARD_UNITS: usize = 65_536;
@@ -67,8 +75,33 @@ impl Nak {
         b
     }
 
+    /// Encoded with the session's MAC under `key`.
+    pub fn encode_sealed(&self, key: &SessionKey) -> Vec<u8> {
+        let mut b = self.encode();
+        b[2] |= FLAG_MAC as u8;
+        let mac = session_mac(key, &b);
+        b.extend_from_slice(&mac);
+        b
+    }
+
+    /// Whether `datagram` (an encoded NAK) carries a valid session MAC under `key`.
+    pub fn mac_ok(datagram: &[u8], key: &SessionKey) -> bool {
+        let flagged = datagram.get(2).is_some_and(|f| *f as u16 & FLAG_MAC != 0);
+        mac_trailer_ok(datagram, flagged, key)
+    }
+
     pub fn decode(buf: &[u8]) -> Result<Nak, WireError> {
         check_version(buf)?;
+        let flags = buf
+            .get(2..4)
+            .map_or(0, |f| u16::from_le_bytes([f[0], f[1]]));
+        let buf = if flags & FLAG_MAC == 0 {
+            buf
+        } else if buf.len() >= 4 + MAC_LEN {
+            &buf[..buf.len() - MAC_LEN]
+        } else {
+            return Err(WireError::Field("mac"));
+        };
         let mut r = Reader::new(buf);
         r.u8("version")?;
         let kind = r.u8("kind")?;
@@ -76,6 +109,9 @@ impl Nak {
             return Err(WireError::Kind(kind));
         }
         let flags = r.u16("flags")?;
+        if flags & !(FLAG_SYMBOLS | FLAG_MAC) != 0 {
+            return Err(WireError::Field("flags"));
+        }
         let archive_tag = r.array("archive_tag")?;
         let receiver_id = r.u64("receiver_id")?;
         let n = r.u16("count")? as usize;
@@ -170,6 +206,31 @@ mod tests {
         for k in 0..b.len() {
             assert!(Nak::decode(&b[..k]).is_err());
         }
+    }
+
+    #[test]
+    fn a_sealed_nak_decodes_alike_and_verifies_under_its_key_only() {
+        let n = Nak {
+            archive_tag: [1; 8],
+            receiver_id: 77,
+            ranges: vec![(5, 3)],
+            symbols: vec![(2, 9)],
+        };
+        let b = n.encode_sealed(&[4; 32]);
+        assert!(is_nak(&b));
+        assert_eq!(Nak::decode(&b).unwrap(), n);
+        assert!(Nak::mac_ok(&b, &[4; 32]));
+        assert!(!Nak::mac_ok(&b, &[5; 32]));
+        assert!(!Nak::mac_ok(&n.encode(), &[4; 32]));
+        let mut other = b.clone();
+        other[12] ^= 1; // another receiver id under the same MAC
+        assert!(!Nak::mac_ok(&other, &[4; 32]));
+        for k in 0..b.len() {
+            assert!(!Nak::mac_ok(&b[..k], &[4; 32]));
+        }
+        let mut unknown = n.encode();
+        unknown[2] |= 0x40;
+        assert!(Nak::decode(&unknown).is_err(), "unknown flags");
     }
 
     #[test]
