@@ -106,8 +106,25 @@ fn bench_grant(c: &mut Criterion) {
         );
         db.insert(file.ticket(), &wrapped).unwrap();
     }
+    ks.put_title_key("film", &[1; 16], &master).unwrap();
     let mut svc = TicketService::open(&db_path, &ks, id.public(), 60).unwrap();
     let bytes = file.ticket().encode();
+    // A request as `mcast-recv play` makes it: proof of part A bound to its address token.
+    let tid = file.ticket().ticket_id;
+    let proofs = |r: &ReceiverKey| {
+        mcast_keys::ticket::possession_proof(file.part_a(), &tid, &r.public(), "film", b"token")
+    };
+    let grant = move |svc: &mut TicketService, r: &ReceiverKey| {
+        let (pubk, proof) = (r.public(), proofs(r));
+        let req = mcast::ticket::service::PlayRequest {
+            title: "film",
+            ticket: &bytes,
+            receiver_pub: &pubk,
+            proof: &proof,
+            nonce: b"token",
+        };
+        svc.play(&req, 10).unwrap()
+    };
     let mut g = c.benchmark_group("grant");
     g.sample_size(20)
         .warm_up_time(Duration::from_millis(500))
@@ -115,14 +132,12 @@ fn bench_grant(c: &mut Criterion) {
     g.bench_function("new_play_fsynced", |b| {
         b.iter(|| {
             let r = ReceiverKey::generate();
-            svc.play("film", &bytes, &r.public(), 10).unwrap()
+            grant(&mut svc, &r)
         })
     });
     let r = ReceiverKey::generate();
-    svc.play("film", &bytes, &r.public(), 10).unwrap();
-    g.bench_function("retry_same_key", |b| {
-        b.iter(|| svc.play("film", &bytes, &r.public(), 10).unwrap())
-    });
+    grant(&mut svc, &r);
+    g.bench_function("retry_same_key", |b| b.iter(|| grant(&mut svc, &r)));
     g.finish();
 }
 

@@ -26,4 +26,6 @@ pub mod ticketadmin;
 pub use mcast_io::{fastio, fsutil, process};
 pub mod sim;
 
-pub use mcast_proto::{carousel, channel, codec, director, pacer, receiver, schedule, wire};
+pub use mcast_proto::{
+    address_token, carousel, channel, codec, director, pacer, receiver, schedule, wire,
+};

@@ -1293,6 +1293,7 @@ fn no_reply_to_an_unproven_address_is_larger_than_its_request() {
             title: "title-with-a-long-name-00".into(),
             ticket: vec![0; 300],
             receiver_pub: [2; 32],
+            proof: [0; 32],
         },
         Control::Complete { archive_id },
     ];

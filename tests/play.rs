@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use mcast::process::unix_secs as unix_now;
 use mcast::wire::control::{Control, ErrorCode};
 use mcast_keys::seal::ReceiverKey;
-use mcast_keys::ticket::{KeyPart, Ticket, TicketFile, TicketSpec};
+use mcast_keys::ticket::{
+    grant_signed_bytes, possession_proof, KeyPart, Ticket, TicketFile, TicketSpec,
+};
 use mcast_keys::{Identity, KeyStore, MasterKey};
 use tempfile::TempDir;
 
@@ -632,24 +634,51 @@ fn server_refuses_bad_play_requests_and_repeats_grants() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    let play = |title: &str, ticket: Vec<u8>, key: &ReceiverKey| {
-        site.request(Control::PlayRequest {
+    // One client whose address is proven: its play requests' proofs are bound to its token.
+    let mut ctl = common::Ctl::new(site.control, rand::random());
+    assert!(matches!(
+        ctl.request(Control::CatalogRequest { start: 0 }),
+        Control::CatalogReply { .. }
+    ));
+    let token = ctl.token.expect("an address token");
+    // Each request proves the part A of `prover` (a holder's ticket file).
+    let mut play = |title: &str, ticket: Vec<u8>, key: &ReceiverKey, prover: &TicketFile| {
+        let id = prover.ticket().ticket_id;
+        let proof = possession_proof(prover.part_a(), &id, &key.public(), title, &token);
+        ctl.request(Control::PlayRequest {
             title: title.into(),
             ticket,
             receiver_pub: key.public(),
+            proof,
         })
     };
+    let file = |p: &Path| TicketFile::from_file_bytes(&fs::read(p).unwrap()).unwrap();
     let k = ReceiverKey::generate();
-    for (title, ticket, why) in [
-        ("film", signed(&expired), "expired"),
-        ("film", signed(&revoked), "revoked"),
-        ("film", unknown.ticket().encode(), "unknown ticket"),
-        ("film", foreign.ticket().encode(), "another server"),
-        ("film", tampered.clone(), "bad signature"),
-        ("other", signed(&good), "not for this title"),
-        ("film", b"MCTK\x01garbage".to_vec(), "malformed"),
+    for (title, ticket, prover, why) in [
+        ("film", signed(&expired), file(&expired), "expired"),
+        ("film", signed(&revoked), file(&revoked), "revoked"),
+        (
+            "film",
+            unknown.ticket().encode(),
+            unknown.clone(),
+            "unknown ticket",
+        ),
+        (
+            "film",
+            foreign.ticket().encode(),
+            foreign.clone(),
+            "another server",
+        ),
+        ("film", tampered.clone(), good_t.clone(), "bad signature"),
+        ("other", signed(&good), good_t.clone(), "not for this title"),
+        (
+            "film",
+            b"MCTK\x01garbage".to_vec(),
+            good_t.clone(),
+            "malformed",
+        ),
     ] {
-        match play(title, ticket, &k) {
+        match play(title, ticket, &k, &prover) {
             Control::Error {
                 code: ErrorCode::TicketRefused,
                 message,
@@ -658,15 +687,37 @@ fn server_refuses_bad_play_requests_and_repeats_grants() {
         }
     }
 
-    // A lost reply: the same request again gets a grant again; the play is used once.
+    // The signed ticket without part A (copied or overheard): the proof does not check, no
+    // play is used.
     let bytes = signed(&good);
+    let copied = site.request(Control::PlayRequest {
+        title: "film".into(),
+        ticket: bytes.clone(),
+        receiver_pub: ReceiverKey::generate().public(),
+        proof: [0x11; 32],
+    });
+    assert!(
+        matches!(&copied, Control::Error { code: ErrorCode::TicketRefused, message } if message.contains("key part")),
+        "{copied:?}"
+    );
+    assert_eq!(site.ticket_row(&good)["plays_left"].as_u64(), Some(1));
+    // A lost reply: the same request again gets a grant again; the play is used once. Each
+    // grant is signed by the server identity over the ticket, the receiver key and the part.
+    let server_key = ks.identity().unwrap().public();
     let mut grants = Vec::new();
     for _ in 0..3 {
-        match play("film", bytes.clone(), &k) {
+        match play("film", bytes.clone(), &k, &good_t) {
             Control::PlayGrant {
                 ticket_id,
                 sealed_part,
-            } => grants.push(k.open_part(&ticket_id, &sealed_part).unwrap()),
+                signature,
+            } => {
+                let signed = grant_signed_bytes(&ticket_id, &k.public(), &sealed_part);
+                server_key.verify(&signed, &signature).unwrap();
+                let other = grant_signed_bytes(&ticket_id, &[0; 32], &sealed_part);
+                assert!(server_key.verify(&other, &signature).is_err());
+                grants.push(k.open_part(&ticket_id, &sealed_part).unwrap())
+            }
             other => panic!("expected a grant, got {other:?}"),
         }
     }
@@ -679,7 +730,7 @@ fn server_refuses_bad_play_requests_and_repeats_grants() {
         (Some(0), Some(1))
     );
     // Another key: used up.
-    match play("film", bytes, &ReceiverKey::generate()) {
+    match play("film", bytes, &ReceiverKey::generate(), &good_t) {
         Control::Error { message, .. } => assert!(message.contains("already used"), "{message}"),
         other => panic!("expected a refusal, got {other:?}"),
     }

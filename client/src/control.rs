@@ -99,8 +99,21 @@ impl ControlClient {
         tries: u32,
         per_try: Duration,
     ) -> Result<Control, RecvError> {
+        self.request_built(sock, |_| msg.clone(), tries, per_try)
+    }
+
+    /// As [`Self::request_on`], the request made by `build` from the address token it will
+    /// carry (a play request's proof is bound to it).
+    pub fn request_built(
+        &mut self,
+        sock: &UdpSocket,
+        build: impl Fn(Option<&AddressToken>) -> Control,
+        tries: u32,
+        per_try: Duration,
+    ) -> Result<Control, RecvError> {
         for _ in 0..3 {
-            match self.request_once(sock, msg.clone(), tries, per_try)? {
+            let msg = build(self.token.as_ref());
+            match self.request_once(sock, msg, tries, per_try)? {
                 Control::Retry { token } => self.token = Some(token),
                 reply => return Ok(reply),
             }

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use mcast_io::archive::{self, ArchiveFile, DecryptOptions};
 use mcast_io::fsutil::AtomicFile;
 use mcast_keys::seal::ReceiverKey;
-use mcast_keys::ticket::{combine, TicketFile, MAX_TICKET_FILE_LEN};
+use mcast_keys::ticket::{
+    combine, grant_signed_bytes, possession_proof, TicketFile, MAX_TICKET_FILE_LEN,
+};
 use mcast_keys::PublicIdentity;
 use mcast_proto::wire::control::{Control, ErrorCode};
 use serde::Serialize;
@@ -214,12 +216,26 @@ pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, Rec
     // Ask for the server's part, sealed to a key that lives only for this play.
     let receiver = ReceiverKey::generate();
     let mut ctl = ControlClient::new(opts.server, rand::random())?;
-    let reply = ctl.request(
-        Control::PlayRequest {
+    let sock = ctl
+        .sock
+        .try_clone()
+        .map_err(|e| RecvError::new(Failure::Other, e.to_string()))?;
+    let receiver_pub = receiver.public();
+    let reply = ctl.request_built(
+        &sock,
+        |token| Control::PlayRequest {
             title: opts.title.clone(),
-            // The signed ticket only: part A stays here.
+            // The signed ticket, and proof of holding part A bound to this request's address
+            // token: part A itself stays here.
             ticket: ticket.encode(),
-            receiver_pub: receiver.public(),
+            receiver_pub,
+            proof: possession_proof(
+                file.part_a(),
+                &ticket.ticket_id,
+                &receiver_pub,
+                &opts.title,
+                token.map_or(&[][..], |t| &t[..]),
+            ),
         },
         opts.tries,
         opts.per_try,
@@ -228,7 +244,19 @@ pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, Rec
         Control::PlayGrant {
             ticket_id,
             sealed_part,
-        } if ticket_id == ticket.ticket_id => sealed_part,
+            signature,
+        } if ticket_id == ticket.ticket_id => {
+            // Signed by the server that issued the ticket (its key is in the verified
+            // ticket): a man in the middle cannot hand us another sealed part.
+            let signed = grant_signed_bytes(&ticket_id, &receiver_pub, &sealed_part);
+            if ticket.server_key.verify(&signed, &signature).is_err() {
+                return Err(RecvError::new(
+                    Failure::Integrity,
+                    "the play grant is not signed by the server that issued the ticket: refused",
+                ));
+            }
+            sealed_part
+        }
         Control::Error {
             code: ErrorCode::TicketRefused,
             message,

@@ -14,8 +14,13 @@ fuzz_target!(|input: &[u8]| {
     assert_eq!(Envelope::decode(&bytes).as_ref(), Ok(&env), "round trip");
     // Flags and booleans are the only non-canonical fields: an exact re-encoding otherwise.
     // A keepalive from before capacity reports (8 bytes shorter) re-encodes with a zero one.
-    let old_keepalive = matches!(env.msg, Control::Keepalive { capacity_bps: 0, .. })
-        && bytes.len() == input.len() + 8
+    let old_keepalive = matches!(
+        env.msg,
+        Control::Keepalive {
+            capacity_bps: 0,
+            ..
+        }
+    ) && bytes.len() == input.len() + 8
         && bytes.starts_with(input);
     let loose = matches!(env.msg, Control::CatalogReply { .. }) || old_keepalive;
     if !loose {

@@ -21,9 +21,12 @@ use mcast_fuzz_common::{records, DIRECTOR_UNIX_MS, HEARTBEAT_KEY};
 
 fuzz_target!(|input: &[u8]| {
     let mut d = Director::new(Params {
-        key: HEARTBEAT_KEY,
+        key: Some(HEARTBEAT_KEY),
+        server_keys: Default::default(),
         down_after: 3,
         max_skew: Duration::from_secs(30),
+        token_secret: [0; 32],
+        admin: mcast::address_token::IpPrefix::loopback(),
     });
     let from: SocketAddr = "127.0.0.1:40000".parse().unwrap();
     let t0 = Instant::now();

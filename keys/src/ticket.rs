@@ -108,6 +108,66 @@ pub fn split(master: &MasterKey) -> (KeyPart, KeyPart) {
     (a, b)
 }
 
+/// Part A of a ticket from the title's master key and its part B (the server's side: it holds
+/// both, and checks with A that a play request comes from a holder of the ticket file).
+pub fn part_a_from(master: &MasterKey, b: &KeyPart) -> KeyPart {
+    let mut a = KeyPart([0u8; PART_LEN]);
+    for ((o, m), y) in a.0.iter_mut().zip(master.as_bytes()).zip(&b.0) {
+        *o = m ^ y;
+    }
+    a
+}
+
+const PROOF_CONTEXT: &str = "mcast play request possession proof v1";
+
+/// Proof that a play request comes from a holder of part A, not from someone who copied or
+/// overheard the signed ticket: keyed BLAKE3 under a key derived from A, over the ticket id,
+/// the one-play receiver key the grant is to be sealed to, the title, and a server nonce (the
+/// address token the server sent the requester). A replay with another receiver key, or to
+/// another address, needs A.
+pub fn possession_proof(
+    a: &KeyPart,
+    ticket_id: &TicketId,
+    receiver_pub: &[u8; 32],
+    title: &str,
+    nonce: &[u8],
+) -> [u8; 32] {
+    let key = Zeroizing::new(blake3::derive_key(PROOF_CONTEXT, a.as_bytes()));
+    let mut h = blake3::Hasher::new_keyed(&key);
+    h.update(ticket_id);
+    h.update(receiver_pub);
+    h.update(&(title.len() as u64).to_le_bytes());
+    h.update(title.as_bytes());
+    h.update(nonce);
+    *h.finalize().as_bytes()
+}
+
+/// Whether `proof` is [`possession_proof`] for these inputs (compared in constant time).
+pub fn check_possession(
+    a: &KeyPart,
+    ticket_id: &TicketId,
+    receiver_pub: &[u8; 32],
+    title: &str,
+    nonce: &[u8],
+    proof: &[u8; 32],
+) -> bool {
+    let want = blake3::Hash::from_bytes(possession_proof(a, ticket_id, receiver_pub, title, nonce));
+    want == blake3::Hash::from_bytes(*proof)
+}
+
+const GRANT_CONTEXT: &[u8] = b"mcast play grant v1";
+
+/// What the server's signature on a play grant covers: the ticket, the receiver key the part
+/// is sealed to, and the sealed part (a man in the middle cannot swap either).
+pub fn grant_signed_bytes(ticket_id: &TicketId, receiver_pub: &[u8; 32], sealed: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(GRANT_CONTEXT.len() + 48 + sealed.len());
+    m.extend_from_slice(GRANT_CONTEXT);
+    m.extend_from_slice(ticket_id);
+    m.extend_from_slice(receiver_pub);
+    m.extend_from_slice(sealed);
+    m
+}
+
 /// Put the key back together (A XOR B), straight into locked memory.
 pub fn combine(a: &KeyPart, b: &KeyPart) -> LockedKey {
     LockedKey::fill(|out| {

@@ -48,6 +48,8 @@ pub enum Refusal {
     Unknown,
     #[error("ticket does not match the archive it was issued for")]
     ArchiveMismatch,
+    #[error("the request does not prove it holds the ticket's key part (the signed ticket was copied or overheard without its ticket file, or the request was altered)")]
+    NoPossession,
 }
 
 /// What a valid ticket grants (no key part).
@@ -59,6 +61,8 @@ pub struct Claims {
     pub holder: String,
     pub plays: u32,
     pub expires_unix: u64,
+    /// The ticket's commitment to part A (the server checks the A it derives against it).
+    pub part_a_commit: [u8; 32],
 }
 
 /// Judge a presented ticket for `requested_title` at `now_unix`: it must decode, come from
@@ -97,6 +101,7 @@ pub fn check(
         holder: t.holder.clone(),
         plays: t.plays,
         expires_unix: t.expires_unix,
+        part_a_commit: t.part_a_commit,
     })
 }
 

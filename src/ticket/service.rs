@@ -5,17 +5,21 @@
 //! the key store: the server driver hands it every `PlayRequest` datagram together with the
 //! time, and sends back what it returns.
 //!
-//! A granted play: check → use one play in the database (atomic, see
-//! [`TicketStore::consume`]) → unwrap part B with the database key → seal it to the receiver's
-//! ephemeral key (HPKE) → `PlayGrant`. Part B exists in the clear only in memory, for the
-//! length of one request.
+//! A granted play: check → unwrap part B with the database key → derive part A from the
+//! title's master key and B, and check the request's proof that its sender holds A (the
+//! signed ticket alone is not enough) → seal B to the receiver's ephemeral key (HPKE) → use
+//! one play in the database (atomic, see [`TicketStore::consume`]) → `PlayGrant`, signed by
+//! the server identity. Parts A and B exist in the clear only in memory, for the length of
+//! one request.
 
 use std::net::SocketAddr;
 use std::path::Path;
 
 use mcast_keys::seal::{seal_part, DbKey};
-use mcast_keys::ticket::TicketId;
-use mcast_keys::{KeyStore, PublicIdentity};
+use mcast_keys::ticket::{
+    check_possession, commit_part, grant_signed_bytes, part_a_from, TicketId,
+};
+use mcast_keys::{Identity, KeyStore, PublicIdentity};
 
 use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
@@ -36,6 +40,9 @@ pub fn open_store(cfg: &TicketsConfig) -> Result<Box<dyn TicketStore>, TicketDbE
 pub struct TicketService {
     db: Box<dyn TicketStore>,
     db_key: DbKey,
+    /// Title master keys (part A = master XOR B) and the identity that signs grants.
+    keys: KeyStore,
+    identity: Identity,
     trusted: PublicIdentity,
     retry_secs: u64,
     refusals: RefusalLog,
@@ -92,6 +99,8 @@ impl TicketService {
         Ok(TicketService {
             db,
             db_key,
+            identity: keys.identity()?,
+            keys: keys.clone(),
             trusted,
             retry_secs,
             refusals: RefusalLog::default(),
@@ -109,6 +118,8 @@ impl TicketService {
         Ok(TicketService {
             db,
             db_key,
+            identity: keys.identity()?,
+            keys: keys.clone(),
             trusted,
             retry_secs: cfg.retry_secs,
             refusals: RefusalLog::default(),
@@ -132,14 +143,26 @@ impl TicketService {
             title,
             ticket,
             receiver_pub,
+            proof,
         } = &env.msg
         else {
             return None;
         };
-        let reply = match self.play(title, ticket, receiver_pub, now_unix) {
-            Ok((ticket_id, sealed_part)) => Control::PlayGrant {
+        // The nonce the proof is bound to: the address token this request came with (the
+        // channel manager checked it before handing the request on).
+        let nonce = env.token.unwrap_or_default();
+        let request = PlayRequest {
+            title,
+            ticket,
+            receiver_pub,
+            proof,
+            nonce: &nonce,
+        };
+        let reply = match self.play(&request, now_unix) {
+            Ok((ticket_id, sealed_part, signature)) => Control::PlayGrant {
                 ticket_id,
                 sealed_part,
+                signature,
             },
             Err(PlayError::Refused(r)) => {
                 if self.refusals.admit(now_unix) {
@@ -161,18 +184,19 @@ impl TicketService {
         Some(Envelope::new(env.receiver_id, env.req_id, reply).encode())
     }
 
-    /// Validate a ticket, use one play and seal part B to `receiver_pub`.
+    /// Validate a ticket and the proof that the request holds its part A, use one play, and
+    /// seal part B to `receiver_pub`; the grant's signature.
     ///
     /// The grant is sealed before the play is used, so a failure to unwrap or seal (a broken
-    /// database key, an unusable receiver key) never costs the holder a play.
+    /// database key, an unusable receiver key) never costs the holder a play; neither does a
+    /// request without a valid proof.
     pub fn play(
         &mut self,
-        title: &str,
-        ticket_bytes: &[u8],
-        receiver_pub: &[u8; 32],
+        req: &PlayRequest<'_>,
         now_unix: u64,
-    ) -> Result<(TicketId, Vec<u8>), PlayError> {
-        let claims = check(title, ticket_bytes, now_unix, &self.trusted)?;
+    ) -> Result<(TicketId, Vec<u8>, [u8; 64]), PlayError> {
+        let (title, receiver_pub) = (req.title, req.receiver_pub);
+        let claims = check(title, req.ticket, now_unix, &self.trusted)?;
         let wrapped = self
             .db
             .wrapped_part(&claims.ticket_id)?
@@ -181,6 +205,29 @@ impl TicketService {
             .db_key
             .unwrap(&claims.ticket_id, &claims.archive_id, &wrapped)
             .map_err(|e| PlayError::Internal(e.into()))?;
+        let master = self
+            .keys
+            .title_key(&claims.title, &claims.archive_id)
+            .map_err(|e| PlayError::Internal(e.into()))?;
+        let part_a = part_a_from(&master, &part_b);
+        drop(master);
+        if commit_part(&part_a) != claims.part_a_commit {
+            return Err(PlayError::Internal(anyhow::anyhow!(
+                "ticket {}: the key store's master key and the database's part B do not make the ticket's part A",
+                hex::encode(claims.ticket_id)
+            )));
+        }
+        if !check_possession(
+            &part_a,
+            &claims.ticket_id,
+            receiver_pub,
+            title,
+            req.nonce,
+            req.proof,
+        ) {
+            return Err(Refusal::NoPossession.into());
+        }
+        drop(part_a);
         let sealed = seal_part(receiver_pub, &claims.ticket_id, &part_b).map_err(|_| {
             PlayError::Refused(Refusal::Malformed(
                 "the receiver key is not a usable X25519 key".into(),
@@ -202,12 +249,26 @@ impl TicketService {
             repeated = used.repeated,
             "play granted"
         );
-        Ok((claims.ticket_id, sealed))
+        let signature = self.identity.sign(&grant_signed_bytes(
+            &claims.ticket_id,
+            receiver_pub,
+            &sealed,
+        ));
+        Ok((claims.ticket_id, sealed, signature))
     }
 
     pub fn db_path(&self) -> &Path {
         self.db.path()
     }
+}
+
+/// A play request's fields, and the nonce its proof is bound to.
+pub struct PlayRequest<'a> {
+    pub title: &'a str,
+    pub ticket: &'a [u8],
+    pub receiver_pub: &'a [u8; 32],
+    pub proof: &'a [u8; 32],
+    pub nonce: &'a [u8],
 }
 
 /// Why [`TicketService::play`] gave no grant.
@@ -229,7 +290,7 @@ impl From<TicketDbError> for PlayError {
 mod tests {
     use super::*;
     use mcast_keys::seal::ReceiverKey;
-    use mcast_keys::ticket::{combine, Ticket, TicketSpec};
+    use mcast_keys::ticket::{combine, possession_proof, Ticket, TicketFile, TicketSpec};
     use mcast_keys::MasterKey;
 
     fn spec(expires_unix: u64) -> TicketSpec {
@@ -251,6 +312,7 @@ mod tests {
         let m = MasterKey::generate();
         let (tf, b) = Ticket::issue(&id, &m, &spec(0)).unwrap();
         let t = tf.ticket();
+        ks.put_title_key("film", &t.archive_id, &m).unwrap();
         let mut svc =
             TicketService::open(&d.path().join("t.sqlite"), &ks, id.public(), 60).unwrap();
         svc.db
@@ -264,6 +326,17 @@ mod tests {
         let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
 
         let r = ReceiverKey::generate();
+        // As `mcast-recv play` sends it: proof of part A, bound to the request's token.
+        let token = [5u8; 16];
+        let proof = |tf: &TicketFile, r: &ReceiverKey, title: &str| {
+            possession_proof(
+                tf.part_a(),
+                &tf.ticket().ticket_id,
+                &r.public(),
+                title,
+                &token,
+            )
+        };
         let req = |r: &ReceiverKey, title: &str| {
             Envelope::new(
                 7,
@@ -272,8 +345,10 @@ mod tests {
                     title: title.into(),
                     ticket: t.encode().to_vec(),
                     receiver_pub: r.public(),
+                    proof: proof(&tf, r, title),
                 },
             )
+            .with_token(Some(token))
             .encode()
         };
         let reply =
@@ -282,11 +357,18 @@ mod tests {
         let Control::PlayGrant {
             ticket_id,
             sealed_part,
+            signature,
         } = reply.msg
         else {
             panic!("{reply:?}")
         };
         assert_eq!(ticket_id, t.ticket_id);
+        id.public()
+            .verify(
+                &grant_signed_bytes(&ticket_id, &r.public(), &sealed_part),
+                &signature,
+            )
+            .unwrap();
         let part_b = r.open_part(&ticket_id, &sealed_part).unwrap();
         assert_eq!(combine(tf.part_a(), &part_b).key(), &m);
 
@@ -294,6 +376,40 @@ mod tests {
         let again =
             Envelope::decode(&svc.handle_datagram(&req(&r, "film"), from, 201).unwrap()).unwrap();
         assert!(matches!(again.msg, Control::PlayGrant { .. }), "{again:?}");
+        // The signed ticket without part A (copied or overheard), or a proof for another
+        // token (a replay from elsewhere): refused, no play used.
+        let r2 = ReceiverKey::generate();
+        let copied = Envelope::new(
+            7,
+            10,
+            Control::PlayRequest {
+                title: "film".into(),
+                ticket: t.encode().to_vec(),
+                receiver_pub: r2.public(),
+                proof: [1; 32],
+            },
+        )
+        .with_token(Some(token))
+        .encode();
+        let elsewhere = Envelope::new(
+            7,
+            11,
+            Control::PlayRequest {
+                title: "film".into(),
+                ticket: t.encode().to_vec(),
+                receiver_pub: r2.public(),
+                proof: proof(&tf, &r2, "film"),
+            },
+        )
+        .with_token(Some([6; 16]))
+        .encode();
+        for bad in [copied, elsewhere] {
+            let e = Envelope::decode(&svc.handle_datagram(&bad, from, 201).unwrap()).unwrap();
+            assert!(
+                matches!(&e.msg, Control::Error { code: ErrorCode::TicketRefused, message } if message.contains("key part")),
+                "{e:?}"
+            );
+        }
         // Another receiver key: the single play is gone.
         let other = Envelope::decode(
             &svc.handle_datagram(&req(&ReceiverKey::generate(), "film"), from, 202)
@@ -336,7 +452,25 @@ mod tests {
                     .wrap(&t2.ticket_id, &t2.archive_id, &b2),
             )
             .unwrap();
-        let e = svc.play("film", &t2.encode(), &[0u8; 32], 206).unwrap_err();
+        let t2_bytes = t2.encode();
+        let play2 = |svc: &mut TicketService, receiver_pub: &[u8; 32], now: u64| {
+            let proof = possession_proof(
+                tf2.part_a(),
+                &tf2.ticket().ticket_id,
+                receiver_pub,
+                "film",
+                b"n",
+            );
+            let req = PlayRequest {
+                title: "film",
+                ticket: &t2_bytes,
+                receiver_pub,
+                proof: &proof,
+                nonce: b"n",
+            };
+            svc.play(&req, now)
+        };
+        let e = play2(&mut svc, &[0u8; 32], 206).unwrap_err();
         assert!(
             matches!(e, PlayError::Refused(Refusal::Malformed(_))),
             "{e:?}"
@@ -344,12 +478,10 @@ mod tests {
         let mut broken =
             TicketService::open(&d.path().join("t.sqlite"), &ks, id.public(), 60).unwrap();
         broken.db_key = DbKey::from_bytes(zeroize::Zeroizing::new([0u8; 32]));
-        let e = broken
-            .play("film", &t2.encode(), &r.public(), 207)
-            .unwrap_err();
+        let e = play2(&mut broken, &r.public(), 207).unwrap_err();
         assert!(matches!(e, PlayError::Internal(_)), "{e:?}");
         assert_eq!(svc.db.get(&t2.ticket_id).unwrap().unwrap().plays_left, 1);
-        svc.play("film", &t2.encode(), &r.public(), 208).unwrap();
+        play2(&mut svc, &r.public(), 208).unwrap();
     }
 
     #[test]

@@ -213,6 +213,9 @@ pub enum Control {
         title: String,
         ticket: Vec<u8>,
         receiver_pub: [u8; 32],
+        /// Proof of holding part A (`mcast_keys::ticket::possession_proof`), bound to this
+        /// request's address token: the signed ticket alone no longer spends a play.
+        proof: [u8; 32],
     },
 
     // ---- server → receiver ----
@@ -263,10 +266,13 @@ pub enum Control {
     StatsReply {
         json: String,
     },
-    /// The ticket checked out and a play was used: the server's key part, sealed.
+    /// The ticket checked out and a play was used: the server's key part, sealed, and the
+    /// server identity's signature over the ticket id, the receiver key and the sealed part
+    /// (`mcast_keys::ticket::grant_signed_bytes`).
     PlayGrant {
         ticket_id: [u8; 16],
         sealed_part: Vec<u8>,
+        signature: [u8; 64],
     },
     Error {
         code: ErrorCode,
@@ -484,18 +490,22 @@ impl Envelope {
                 title,
                 ticket,
                 receiver_pub,
+                proof,
             } => {
                 b.put_short_bytes(title.as_bytes());
                 b.put_short_bytes(&ticket[..ticket.len().min(MAX_PLAY_TICKET)]);
                 b.extend_from_slice(receiver_pub);
+                b.extend_from_slice(proof);
                 t::PLAY_REQ
             }
             Control::PlayGrant {
                 ticket_id,
                 sealed_part,
+                signature,
             } => {
                 b.extend_from_slice(ticket_id);
                 b.put_short_bytes(&sealed_part[..sealed_part.len().min(MAX_SEALED_PART)]);
+                b.extend_from_slice(signature);
                 t::PLAY_GRANT
             }
             Control::CatalogReply { items, more } => {
@@ -678,10 +688,12 @@ impl Envelope {
                 title: get_str(&mut r, 128, "title")?,
                 ticket: r.short_bytes(MAX_PLAY_TICKET, "ticket")?.to_vec(),
                 receiver_pub: r.array("receiver_pub")?,
+                proof: r.array("proof")?,
             },
             t::PLAY_GRANT => Control::PlayGrant {
                 ticket_id: r.array("ticket_id")?,
                 sealed_part: r.short_bytes(MAX_SEALED_PART, "sealed_part")?.to_vec(),
+                signature: r.array("signature")?,
             },
             t::CATALOG => {
                 let more = r.u8("more")? != 0;
@@ -930,10 +942,12 @@ mod tests {
                 title: "film".into(),
                 ticket: vec![7; 300],
                 receiver_pub: [5; 32],
+                proof: [3; 32],
             },
             Control::PlayGrant {
                 ticket_id: [6; 16],
                 sealed_part: vec![8; 80],
+                signature: [9; 64],
             },
             Control::Error {
                 code: ErrorCode::TicketRefused,
@@ -960,6 +974,7 @@ mod tests {
                 title: "film".into(),
                 ticket: vec![1; 10],
                 receiver_pub: [3; 32],
+                proof: [0; 32],
             },
         )
         .encode();
@@ -978,12 +993,14 @@ mod tests {
             Control::PlayGrant {
                 ticket_id: [0; 16],
                 sealed_part: vec![],
+                signature: [0; 64],
             },
         )
         .encode();
-        big.truncate(big.len() - 2);
+        big.truncate(big.len() - 2 - 64);
         big.extend_from_slice(&((MAX_SEALED_PART + 1) as u16).to_le_bytes());
         big.extend_from_slice(&vec![0; MAX_SEALED_PART + 1]);
+        big.extend_from_slice(&[0; 64]);
         assert!(Envelope::decode(&big).is_err());
     }
 

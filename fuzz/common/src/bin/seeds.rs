@@ -136,6 +136,7 @@ fn control_seeds(o: &Out) {
             title: "film".into(),
             ticket: vec![5; 200],
             receiver_pub: [6; 32],
+            proof: [7; 32],
         },
         Control::CatalogReply {
             items: vec![
@@ -163,6 +164,7 @@ fn control_seeds(o: &Out) {
             lease_ms: 5000,
             tier: 0,
             tiers_bps: vec![10_000_000, 100_000_000],
+            session_key: [3; 32],
         },
         Control::NotHere {
             title: "film".into(),
@@ -190,7 +192,9 @@ fn control_seeds(o: &Out) {
         Control::PlayGrant {
             ticket_id: [8; 16],
             sealed_part: vec![9; 80],
+            signature: [1; 64],
         },
+        Control::Retry { token: [2; 16] },
         Control::Error {
             code: ErrorCode::TicketRefused,
             message: "ticket expired".into(),
