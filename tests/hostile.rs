@@ -600,6 +600,46 @@ fn director_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mcast-director"))
 }
 
+/// `mcast-director --config CFG`, once it answers stats on `addr`.
+fn start_director(cfg: &Path, addr: SocketAddr) -> Guard {
+    let mut cmd = Command::new(director_bin());
+    cmd.arg("--config")
+        .arg(cfg)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let d = Guard::spawn(&mut cmd, false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while try_stats(addr).is_none() {
+        assert!(Instant::now() < deadline, "director did not start");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    d
+}
+
+/// A heartbeat of `server` holding "film", stamped `unix_ms + seq`.
+fn heartbeat(server: SocketAddrV4, seq: u64, unix_ms: u64, state: ServerState) -> Heartbeat {
+    Heartbeat {
+        server,
+        boot_id: 42,
+        seq,
+        unix_ms: unix_ms + seq,
+        interval_ms: 10_000,
+        state,
+        channels: 0,
+        channel_slots: 4,
+        receivers: 0,
+        throughput_bps: 0,
+        capacity_bps: 1_000_000_000,
+        max_tier_bps: 40_000_000,
+        titles: vec![HeldTitle {
+            title: "film".into(),
+            looping: false,
+        }],
+    }
+}
+
 /// 7. Heartbeats to a real director: a replay of a genuine one and an older one
 ///    (`heartbeats_replayed`), a forged one under another key (`heartbeats_forged`) and a
 ///    truncated one (`heartbeats_malformed`) change nothing: the server stays at its last
@@ -625,40 +665,18 @@ fn replayed_heartbeats() {
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(director_bin());
-    cmd.arg("--config")
-        .arg(&cfg)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut d = Guard::spawn(&mut cmd, false);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while try_stats(addr).is_none() {
-        assert!(Instant::now() < deadline, "director did not start");
-        std::thread::sleep(Duration::from_millis(30));
-    }
+    let mut d = start_director(&cfg, addr);
     let unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let hb = |seq: u64| Heartbeat {
-        server: "127.0.0.1:18449".parse().unwrap(),
-        boot_id: 42,
-        seq,
-        unix_ms: unix_ms + seq,
-        interval_ms: 10_000,
-        state: ServerState::Online,
-        channels: 0,
-        channel_slots: 4,
-        receivers: 0,
-        throughput_bps: 0,
-        capacity_bps: 1_000_000_000,
-        max_tier_bps: 40_000_000,
-        titles: vec![HeldTitle {
-            title: "film".into(),
-            looping: false,
-        }],
+    let hb = |seq: u64| {
+        heartbeat(
+            "127.0.0.1:18449".parse().unwrap(),
+            seq,
+            unix_ms,
+            ServerState::Online,
+        )
     };
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let genuine = hb(5).encode(&key);
@@ -1371,19 +1389,7 @@ fn no_reply_to_an_unproven_address_is_larger_than_its_request() {
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(director_bin());
-    cmd.arg("--config")
-        .arg(&cfg)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut d = Guard::spawn(&mut cmd, false);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while try_stats(addr).is_none() {
-        assert!(Instant::now() < deadline, "director did not start");
-        std::thread::sleep(Duration::from_millis(30));
-    }
+    let mut d = start_director(&cfg, addr);
     let attacker = UdpSocket::bind("127.0.0.2:0").unwrap();
     let route = mcast::wire::director::DirectorMsg::RouteRequest {
         req_id: 1,
@@ -1691,41 +1697,12 @@ fn a_server_cannot_speak_for_another_at_the_director() {
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(director_bin());
-    cmd.arg("--config")
-        .arg(&cfg)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut d = Guard::spawn(&mut cmd, false);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while try_stats(addr).is_none() {
-        assert!(Instant::now() < deadline, "director did not start");
-        std::thread::sleep(Duration::from_millis(30));
-    }
+    let mut d = start_director(&cfg, addr);
     let unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let hb = |server: SocketAddrV4, seq: u64, state: ServerState| Heartbeat {
-        server,
-        boot_id: 7,
-        seq,
-        unix_ms: unix_ms + seq,
-        interval_ms: 10_000,
-        state,
-        channels: 0,
-        channel_slots: 4,
-        receivers: 0,
-        throughput_bps: 0,
-        capacity_bps: 1_000_000_000,
-        max_tier_bps: 40_000_000,
-        titles: vec![HeldTitle {
-            title: "film".into(),
-            looping: false,
-        }],
-    };
+    let hb = |server, seq, state| heartbeat(server, seq, unix_ms, state);
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.send_to(&hb(a, 1, ServerState::Online).encode(&ka), addr)
         .unwrap();
