@@ -290,8 +290,10 @@ struct Engines {
     nak: NakEngine,
     tiering: Tiering,
     packet_bytes: usize,
-    /// `send_us` of the last SYNC taken: an older one is a replay.
+    /// `send_us` of the last SYNC taken, on the channel and in discovery bursts (two paths,
+    /// read in either order): an older one on the same path is a replay.
     last_sync_us: Option<u64>,
+    last_burst_sync_us: Option<u64>,
     /// FEC archives: when a source block is judged short ([`FecGate`]), and the data units
     /// picked to NAK for it (the NAK engine leaves every other FEC-covered unit alone).
     gate: Option<FecGate>,
@@ -566,6 +568,7 @@ impl Session {
             tiering,
             packet_bytes,
             last_sync_us: None,
+            last_burst_sync_us: None,
             gate,
             wanted: Default::default(),
             symbols: SymbolNaks::new(self.cfg.receiver_id),
@@ -1062,6 +1065,7 @@ impl Session {
             e.tiering = Tiering::new(j.tier, j.tiers_bps.clone(), e.head.loop_bytes(), now);
             // A restarted server's SYNC clock starts again.
             e.last_sync_us = None;
+            e.last_burst_sync_us = None;
             self.reported_tier = None;
         }
         self.keepalive_every = (j.lease / 3).max(Duration::from_millis(50));
@@ -1303,7 +1307,7 @@ impl Session {
             let id = match hdr.kind {
                 DataKind::Packet(id) => id,
                 DataKind::Sync => {
-                    if let Some(info) = verified_sync(eng, &mut self.stats, dg, payload) {
+                    if let Some(info) = verified_sync(eng, &mut self.stats, dg, payload, true) {
                         eng.tiering.on_burst_sync(&info, now);
                     }
                     return None;
@@ -1320,7 +1324,7 @@ impl Session {
         }
         let id = match hdr.kind {
             DataKind::Sync => {
-                if let Some(info) = verified_sync(eng, &mut self.stats, dg, payload) {
+                if let Some(info) = verified_sync(eng, &mut self.stats, dg, payload, false) {
                     eng.nak.on_sync(&info, eng.packet_bytes);
                     eng.tiering.on_sync(&info, now);
                     self.last_channel = now;
@@ -1738,12 +1742,14 @@ impl Session {
 }
 
 /// A SYNC's info, if its signature is the archive server's and it is newer than the last
-/// one taken (`wire::data::SIGNED_SYNC_LEN`); else counted and `None`.
+/// one taken on its path (`burst`: a discovery burst's, else the channel's;
+/// `wire::data::SIGNED_SYNC_LEN`); else counted and `None`.
 fn verified_sync(
     eng: &mut Engines,
     stats: &mut SessionStats,
     dg: &[u8],
     payload: &[u8],
+    burst: bool,
 ) -> Option<SyncInfo> {
     let header = &dg[..dg.len() - payload.len()];
     let signed = split_signed_sync(payload).filter(|(info, sig)| {
@@ -1756,11 +1762,16 @@ fn verified_sync(
         stats.syncs_forged += 1;
         return None;
     };
-    if eng.last_sync_us.is_some_and(|last| info.send_us <= last) {
+    let last = if burst {
+        &mut eng.last_burst_sync_us
+    } else {
+        &mut eng.last_sync_us
+    };
+    if last.is_some_and(|l| info.send_us <= l) {
         stats.syncs_stale += 1;
         return None;
     }
-    eng.last_sync_us = Some(info.send_us);
+    *last = Some(info.send_us);
     Some(info)
 }
 
