@@ -1239,11 +1239,19 @@ fn a_join_answered_with_another_titles_archive_is_refused() {
     srv.assert_running();
 }
 
-/// Every reply from `sock` to what it sent within `wait`: their lengths.
-fn reply_lengths(sock: &UdpSocket, wait: Duration) -> Vec<usize> {
-    let deadline = Instant::now() + wait;
+/// Send `req` from `sock` (an unproven address) to `to` and assert that no reply within 60 ms
+/// is larger than it; the replies' lengths.
+fn replies_no_larger(sock: &UdpSocket, to: SocketAddr, req: &[u8], what: &str) -> Vec<usize> {
+    sock.send_to(req, to).unwrap();
+    let deadline = Instant::now() + Duration::from_millis(60);
     let mut lens = Vec::new();
     while let Some(b) = recv_until(sock, deadline) {
+        assert!(
+            b.len() <= req.len(),
+            "{}-byte reply to a {}-byte {what} from an unproven address",
+            b.len(),
+            req.len()
+        );
         lens.push(b.len());
     }
     lens
@@ -1327,15 +1335,10 @@ fn no_reply_to_an_unproven_address_is_larger_than_its_request() {
                 env.clone().with_token(Some(other_addresss_token)).encode(),
             ];
             for req in forms {
-                attacker.send_to(&req, site.control).unwrap();
-                for len in reply_lengths(&attacker, Duration::from_millis(60)) {
+                let what = format!("{msg:?}");
+                for len in replies_no_larger(&attacker, site.control, &req, &what) {
                     answered += 1;
                     worst = worst.max(len as f64 / req.len() as f64);
-                    assert!(
-                        len <= req.len(),
-                        "{len}-byte reply to a {}-byte {msg:?} from an unproven address",
-                        req.len()
-                    );
                 }
             }
         }
@@ -1407,15 +1410,7 @@ fn no_reply_to_an_unproven_address_is_larger_than_its_request() {
     }
     let mut answered = 0;
     for req in &forms {
-        attacker.send_to(req, addr).unwrap();
-        for len in reply_lengths(&attacker, Duration::from_millis(60)) {
-            answered += 1;
-            assert!(
-                len <= req.len(),
-                "director: {len}-byte reply to a {}-byte request",
-                req.len()
-            );
-        }
+        answered += replies_no_larger(&attacker, addr, req, "director request").len();
     }
     println!(
         "amplification at the director: {} requests, {answered} replies",

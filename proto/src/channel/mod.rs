@@ -305,9 +305,10 @@ impl ChannelManager {
     /// Every reply goes through here: to an unproven address none is larger than its request
     /// (an error's message is cut to fit; anything else that does not fit is withheld).
     fn reply_to(&mut self, to: SocketAddr, receiver_id: u64, req_id: u32, msg: Control) {
-        let mut bytes = Envelope::new(receiver_id, req_id, msg.clone()).encode();
+        let env = Envelope::new(receiver_id, req_id, msg);
+        let mut bytes = env.encode();
         if let Some(cap) = self.reply_cap.filter(|&c| bytes.len() > c) {
-            let Control::Error { code, message } = msg else {
+            let Control::Error { code, message } = env.msg else {
                 self.counters.replies_withheld += 1;
                 return;
             };

@@ -52,6 +52,18 @@ pub(crate) fn session_mac(key: &SessionKey, covered: &[u8]) -> [u8; MAC_LEN] {
         .expect("16 bytes")
 }
 
+/// `buf` without its MAC trailer when `flagged` (the part a decoder reads: the MAC is checked
+/// by whoever holds the key), refusing a datagram too short to hold one after `header` bytes.
+pub(crate) fn without_mac(buf: &[u8], flagged: bool, header: usize) -> Result<&[u8], WireError> {
+    if !flagged {
+        Ok(buf)
+    } else if buf.len() >= header + MAC_LEN {
+        Ok(&buf[..buf.len() - MAC_LEN])
+    } else {
+        Err(WireError::Field("mac"))
+    }
+}
+
 /// Whether `datagram` ends with a valid MAC under `key` (compared in constant time).
 /// `flagged`: the datagram says it carries one.
 pub(crate) fn mac_trailer_ok(datagram: &[u8], flagged: bool, key: &SessionKey) -> bool {
@@ -620,14 +632,7 @@ impl Envelope {
         if flags & !(FLAG_TOKEN | FLAG_PADDED | FLAG_MAC) != 0 {
             return Err(WireError::Field("flags"));
         }
-        // The MAC trailer is checked by whoever holds the key (`mac_ok`); the body ends before it.
-        let buf = if flags & FLAG_MAC == 0 {
-            buf
-        } else if buf.len() >= 3 + MAC_LEN {
-            &buf[..buf.len() - MAC_LEN]
-        } else {
-            return Err(WireError::Field("mac"));
-        };
+        let buf = without_mac(buf, flags & FLAG_MAC != 0, 3)?;
         let mut r = Reader::new(buf);
         r.u8("version")?;
         let ty = r.u8("type")?;

@@ -21,7 +21,7 @@
 
 use crate::codec::{Reader, Writer};
 
-use super::control::{mac_trailer_ok, session_mac, SessionKey, MAC_LEN};
+use super::control::{mac_trailer_ok, session_mac, without_mac, SessionKey};
 use super::{check_version, WireError, WIRE_VERSION};
 
 pub const NAK_KIND: u8 = 0x80;
@@ -95,13 +95,7 @@ impl Nak {
         let flags = buf
             .get(2..4)
             .map_or(0, |f| u16::from_le_bytes([f[0], f[1]]));
-        let buf = if flags & FLAG_MAC == 0 {
-            buf
-        } else if buf.len() >= 4 + MAC_LEN {
-            &buf[..buf.len() - MAC_LEN]
-        } else {
-            return Err(WireError::Field("mac"));
-        };
+        let buf = without_mac(buf, flags & FLAG_MAC != 0, 4)?;
         let mut r = Reader::new(buf);
         r.u8("version")?;
         let kind = r.u8("kind")?;
