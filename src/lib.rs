@@ -17,6 +17,7 @@
 pub mod archive;
 pub mod catalog;
 pub mod config;
+pub mod control_socket;
 pub mod health;
 pub mod heartbeat;
 pub mod server;

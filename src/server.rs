@@ -174,13 +174,9 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     if titles.is_empty() {
         tracing::warn!(dir = %cfg.store.archive_dir.display(), "no archives to serve; pack one with `mcastd pack`");
     }
-    let ctrl = UdpSocket::bind(cfg.server.control).with_context(|| {
-        format!(
-            "cannot bind control endpoint {} (server.control): in use by another mcastd?",
-            cfg.server.control
-        )
-    })?;
-    ctrl.set_nonblocking(true)?;
+    let control = crate::control_socket::bind(cfg.server.control)?;
+    let ctrl = control.main;
+    let unvalidated = control.unvalidated;
     let data = data_socket(cfg)?;
     // Wake from ppoll within ~1 us of a pacing deadline (default slack is 50 us).
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and only affects this thread.
@@ -219,6 +215,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut cur: Option<(ArchiveId, Arc<[SocketAddr]>)> = None;
     let mut extras = crate::archive::extras::ExtraCache::default();
     let mut send_errors = 0u64;
+    let mut unvalidated_unsent = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         for _ in 0..256 {
@@ -247,6 +244,12 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         mgr.handle_timeout(now);
         beats.poll(now, &mut mgr, &ctrl);
         read_head_chunks(&files, &mut mgr);
+        while let Some((to, bytes)) = mgr.poll_unvalidated_reply() {
+            if let Err(e) = unvalidated.send_to(&bytes, to) {
+                unvalidated_unsent += 1;
+                tracing::trace!(%to, error = %e, "reply to an unvalidated address not sent");
+            }
+        }
         while let Some((to, bytes)) = mgr.poll_reply() {
             if let Err(e) = ctrl.send_to(&bytes, to) {
                 tracing::debug!(%to, error = %e, "control reply not sent");
@@ -337,7 +340,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
     }
     beats.stopping(&mgr, &ctrl);
-    tracing::info!(counters = ?mgr.counters(), "mcastd stopping");
+    tracing::info!(counters = ?mgr.counters(), unvalidated_unsent, "mcastd stopping");
     Ok(())
 }
 

@@ -69,6 +69,33 @@ fn suppression_keeps_naks_per_loss_at_most_two_with_100_receivers_shared_loss() 
     );
 }
 
+/// An attacker on the group multicasts a forged NAK for every unit every 2 ms. Peers' NAKs
+/// cannot be authenticated, so each may hold a missing unit back only a bounded number of
+/// times: repairs still beat the loop. (Before that bound the receivers never NAKed and
+/// waited for the next loop: ~2 loops.)
+#[test]
+fn forged_naks_on_the_group_do_not_silence_receivers() {
+    let mut cfg = SimConfig::new(20, 0.0, 31);
+    cfg.shared_loss = 0.03;
+    let alone = run(&cfg);
+    cfg.forged_naks = Some(Duration::from_millis(2));
+    let attacked = run(&cfg);
+    show("alone   ", &alone);
+    show("attacked", &attacked);
+    println!(
+        "attacked: heard NAK units/amounts ignored {}",
+        attacked.heard_naks_ignored
+    );
+    assert_eq!(attacked.completed, 20);
+    assert!(attacked.heard_naks_ignored > 0);
+    assert!(
+        attacked.loops_max < 1.3,
+        "attacked: slowest took {:.2} loops (alone {:.2})",
+        attacked.loops_max,
+        alone.loops_max
+    );
+}
+
 #[test]
 fn late_joiners_and_crashed_receivers_complete() {
     let mut cfg = SimConfig::new(40, 0.05, 11);

@@ -171,6 +171,16 @@ impl Members {
     }
 }
 
+/// What a message that speaks for a session proved.
+pub(super) enum SessionCheck {
+    /// No session to speak for (a join, a forgotten session) or a join retried from the
+    /// session's own address: handled, its sender proved nothing more.
+    Open,
+    /// A valid MAC under the session's key: the sender holds the session.
+    Sealed,
+    /// Claims a session it cannot prove: dropped unanswered (counted).
+    Forged,
+}
 impl ChannelManager {
     /// The channel of `archive_id` that receiver `rid` is a member of.
     pub(super) fn member_channel(&self, archive_id: &ArchiveId, rid: u64) -> Option<u32> {
@@ -202,27 +212,35 @@ impl ChannelManager {
     /// that forgot it: answered as before), a valid MAC under the session's key, or a join
     /// retried from the address the session joined from. Anything else is forged (counted,
     /// dropped unanswered): knowing a receiver's id is not enough to speak for it.
-    pub(super) fn session_ok(&mut self, from: SocketAddr, env: &Envelope, datagram: &[u8]) -> bool {
+    pub(super) fn session_check(
+        &mut self,
+        from: SocketAddr,
+        env: &Envelope,
+        datagram: &[u8],
+    ) -> SessionCheck {
         let (archive_id, join) = match &env.msg {
             Control::Join { title } | Control::JoinAt { title, .. } => {
                 match self.catalog.get(title) {
                     Some(i) => (i.head.archive_id, true),
-                    None => return true,
+                    None => return SessionCheck::Open,
                 }
             }
             m => match m.session_archive() {
                 Some(a) => (*a, false),
-                None => return true,
+                None => return SessionCheck::Open,
             },
         };
         let Some(m) = self.member(&archive_id, env.receiver_id) else {
-            return true;
+            return SessionCheck::Open;
         };
-        if Envelope::mac_ok(datagram, &m.key) || (join && m.ip == from.ip()) {
-            return true;
+        if Envelope::mac_ok(datagram, &m.key) {
+            return SessionCheck::Sealed;
+        }
+        if join && m.ip == from.ip() {
+            return SessionCheck::Open;
         }
         self.counters.session_forged += 1;
-        false
+        SessionCheck::Forged
     }
 
     /// Sessions held from `ip`, over every channel.

@@ -218,6 +218,12 @@ pub struct ChannelManager {
     /// Clock origin of SYNC timestamps.
     origin: Instant,
     replies: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Replies to addresses that proved nothing (no token, no session MAC): Retry and cut
+    /// errors. Kept apart so the driver can send them where a spoofed flood, whose replies
+    /// wait for address resolution that never comes, cannot hold up anyone else's.
+    unvalidated_replies: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// While a request is handled: its sender proved neither address nor session.
+    replying_unvalidated: bool,
     events: VecDeque<Event>,
     counters: Counters,
     naks: repair::NakLimiter,
@@ -261,6 +267,8 @@ impl ChannelManager {
             channels: BTreeMap::new(),
             origin: now,
             replies: VecDeque::new(),
+            unvalidated_replies: VecDeque::new(),
+            replying_unvalidated: false,
             events: VecDeque::new(),
             counters: Counters::default(),
             naks: repair::NakLimiter::default(),
@@ -290,8 +298,18 @@ impl ChannelManager {
         self.channels.len()
     }
 
+    /// The next reply to send, those to validated addresses first.
     pub fn poll_reply(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
-        self.replies.pop_front()
+        self.replies
+            .pop_front()
+            .or_else(|| self.unvalidated_replies.pop_front())
+    }
+
+    /// The next reply to an address that proved nothing (a Retry, a cut error). A driver
+    /// that drains these first can send them on a path of their own; `poll_reply` then
+    /// yields only replies to validated addresses.
+    pub fn poll_unvalidated_reply(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+        self.unvalidated_replies.pop_front()
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -324,7 +342,11 @@ impl ChannelManager {
             let message = message[..keep].to_string();
             bytes = Envelope::new(receiver_id, req_id, Control::Error { code, message }).encode();
         }
-        self.replies.push_back((to, bytes));
+        if self.replying_unvalidated {
+            self.unvalidated_replies.push_back((to, bytes));
+        } else {
+            self.replies.push_back((to, bytes));
+        }
     }
 
     /// A request that needs a proven address came without a valid token: send one (QUIC's
@@ -337,7 +359,7 @@ impl ChannelManager {
             return;
         }
         self.counters.retries_sent += 1;
-        self.replies.push_back((from, bytes));
+        self.unvalidated_replies.push_back((from, bytes));
     }
 
     /// A token for `ip`, as a Retry would carry (tests and tools that drive the manager
@@ -390,12 +412,16 @@ impl ChannelManager {
             self.retry(now, from, &env, datagram.len());
             return;
         }
-        if !self.session_ok(from, &env, datagram) {
-            return;
-        }
+        let sealed = match self.session_check(from, &env, datagram) {
+            members::SessionCheck::Forged => return,
+            members::SessionCheck::Sealed => true,
+            members::SessionCheck::Open => false,
+        };
         self.reply_cap = (!proven).then_some(datagram.len());
+        self.replying_unvalidated = !proven && !sealed;
         self.dispatch(now, from, env, datagram);
         self.reply_cap = None;
+        self.replying_unvalidated = false;
     }
 
     fn dispatch(&mut self, now: Instant, from: SocketAddr, env: Envelope, datagram: &[u8]) {

@@ -20,7 +20,11 @@
 //!   receivers, K = 8 keeps it under 2); GRTT and group size come from the server's SYNC.
 //! * **Hearing a NAK** on the channel's group for units still in back-off moves them to the
 //!   **NAK data timer** (hold-off) instead: `T_data = 4 · GRTT`, long enough for the NAK to
-//!   reach the server, its one-GRTT aggregation window, and the repair's way back.
+//!   reach the server, its one-GRTT aggregation window, and the repair's way back. Peers'
+//!   NAKs are not authenticated (each is sealed under its sender's session key, which nobody
+//!   else holds), so a heard NAK may hold a unit back at most [`MAX_HEARD_HOLDS`] times while
+//!   it stays missing: a forger on the group can delay a receiver's NAK by that many
+//!   hold-offs, never silence it.
 //! * **Expiry.** When timer A fires, one NAK carries every unit in back-off, and they move to
 //!   hold-off. When a hold-off expires and the unit is still missing, it re-enters back-off
 //!   (a fresh random timer, so repeated loss still benefits from suppression) and the cycle
@@ -57,6 +61,10 @@ pub const MAX_GRTT: Duration = Duration::from_secs(5);
 pub const ASSUMED_REPAIR_SHARE: f64 = 0.5;
 /// Longest hold-off a backlog can add: past it the loop brings the units round anyway.
 pub const MAX_BACKLOG_HOLDOFF: Duration = Duration::from_secs(30);
+/// How many times heard (unauthenticated) NAKs may hold back one missing unit before the
+/// receiver NAKs it whatever it hears: 2 covers a genuine peer's NAK and, if its repair was
+/// lost, the next round's; a forged NAK flood costs at most two hold-offs per loss.
+pub const MAX_HEARD_HOLDS: u8 = 2;
 /// GRTT assumed before the first SYNC says otherwise.
 pub const DEFAULT_GRTT: Duration = Duration::from_millis(20);
 
@@ -68,6 +76,9 @@ pub struct NakCounters {
     pub units_naked: u64,
     /// Units whose NAK was suppressed by hearing another receiver's.
     pub units_suppressed: u64,
+    /// Units a heard NAK did not suppress: they had been held back by heard NAKs
+    /// [`MAX_HEARD_HOLDS`] times already while missing (a forged NAK flood shows here).
+    pub units_heard_ignored: u64,
     /// Units found missing (gap detection, unverifiable parked data); a unit NAKed again
     /// after its hold-off is not counted twice (the tier engine reads this as loss).
     pub units_missed: u64,
@@ -106,6 +117,9 @@ pub struct NakEngine {
     /// not make the receiver slower and lose more), and a unit that left a batch (heard,
     /// repaired, re-entered later) is never acted on by that batch's timer again.
     state: Vec<u32>,
+    /// Per unit: how often heard NAKs held it back since it went missing (reset when it
+    /// arrives), capped by [`MAX_HEARD_HOLDS`].
+    heard_holds: Vec<u8>,
     in_backoff: usize,
     in_holdoff: usize,
     /// Units in back-off, in batches sharing one suppression deadline (one random draw per
@@ -190,6 +204,7 @@ impl NakEngine {
             resumed_from: None,
             left_at: HashMap::new(),
             state: vec![0; shape.loop_packets() as usize],
+            heard_holds: vec![0; shape.loop_packets() as usize],
             in_backoff: 0,
             in_holdoff: 0,
             backoff: Timers::default(),
@@ -362,6 +377,7 @@ impl NakEngine {
         };
         if have(unit) {
             self.set_state(unit, 0);
+            self.heard_holds[unit as usize] = 0;
         } else {
             self.mark_missing(now, unit);
         }
@@ -426,12 +442,19 @@ impl NakEngine {
         }
     }
 
-    /// Another receiver's NAK was heard on the group: suppress ours for the same units.
+    /// Another receiver's NAK was heard on the group: suppress ours for the same units, unless
+    /// heard NAKs already held a unit back [`MAX_HEARD_HOLDS`] times while it stayed missing.
     pub fn on_nak_heard(&mut self, now: Instant, units: impl IntoIterator<Item = u64>) {
         let until = now + self.holdoff_for(self.table_len());
         let mut hid = None;
         for u in units {
             if self.state.get(u as usize).map(|s| s & KIND) == Some(BACKOFF) {
+                let holds = &mut self.heard_holds[u as usize];
+                if *holds >= MAX_HEARD_HOLDS {
+                    self.counters.units_heard_ignored += 1;
+                    continue;
+                }
+                *holds += 1;
                 self.counters.units_suppressed += 1;
                 let id = *hid.get_or_insert_with(|| self.holdoff.open(until));
                 self.holdoff.push(id, u);
@@ -461,7 +484,9 @@ impl NakEngine {
                         continue; // repaired, or in a later batch since
                     }
                     self.set_state(u, 0);
-                    if !have(u) {
+                    if have(u) {
+                        self.heard_holds[u as usize] = 0;
+                    } else {
                         self.enter_backoff(now, u);
                     }
                 }
@@ -753,6 +778,63 @@ mod tests {
         assert_eq!(e.counters.units_suppressed, 1);
         assert!(e.poll_nak(t0 + Duration::from_secs(1)).is_none());
         assert_eq!(e.counters.naks_sent, 0);
+    }
+
+    /// Heard NAKs hold a missing unit back at most MAX_HEARD_HOLDS times: a forger repeating
+    /// NAKs for it on the group delays the receiver's own NAK, never stops it.
+    #[test]
+    fn heard_naks_cannot_silence_a_receiver() {
+        let s = shape();
+        let mut e = NakEngine::new(s, 2);
+        e.on_sync(&sync(10_000, 100, 0), 0);
+        let t0 = Instant::now();
+        let lost = s.unit_index(s.packet_at(1)).unwrap();
+        let have = |u: u64| u != lost;
+        e.on_packet(t0, s.packet_at(0), false, have);
+        e.on_packet(t0, s.packet_at(2), false, have);
+        let mut now = t0;
+        let mut sent = None;
+        for _ in 0..10 {
+            e.on_nak_heard(now, [lost]);
+            if let Some(nak) = e.poll_nak(now) {
+                sent = Some(nak);
+                break;
+            }
+            now = e.poll_timeout().unwrap();
+            e.handle_timeout(now, have);
+        }
+        assert_eq!(
+            sent,
+            Some(vec![(lost, 1)]),
+            "the forged NAKs silenced the receiver"
+        );
+        assert_eq!(e.counters.units_suppressed, MAX_HEARD_HOLDS as u64);
+        assert!(e.counters.units_heard_ignored >= 1);
+        assert!(now - t0 <= (e.t_max() + e.t_data()) * (MAX_HEARD_HOLDS as u32 + 1));
+    }
+
+    /// Once the unit arrives, heard NAKs may hold it back again if it goes missing later.
+    #[test]
+    fn heard_holds_reset_when_the_unit_arrives() {
+        let s = shape();
+        let mut e = NakEngine::new(s, 2);
+        e.on_sync(&sync(10_000, 100, 0), 0);
+        let t0 = Instant::now();
+        let lost = s.unit_index(s.packet_at(1)).unwrap();
+        for _ in 0..MAX_HEARD_HOLDS {
+            e.on_packet(t0, s.packet_at(0), false, |u| u != lost);
+            e.on_packet(t0, s.packet_at(2), false, |u| u != lost);
+            e.on_nak_heard(t0, [lost]);
+            e.handle_timeout(t0 + Duration::from_secs(60), |u| u != lost);
+        }
+        e.on_packet(t0, s.packet_at(1), true, |_| true); // the repair
+        assert_eq!(e.table_len(), 0);
+        let t1 = t0 + Duration::from_secs(120);
+        e.on_packet(t1, s.packet_at(0), false, |u| u != lost);
+        e.on_packet(t1, s.packet_at(2), false, |u| u != lost);
+        let before = e.counters.units_suppressed;
+        e.on_nak_heard(t1, [lost]);
+        assert_eq!(e.counters.units_suppressed, before + 1);
     }
 
     /// A unit suppressed by a heard NAK, whose hold-off ran out, is back in back-off with a

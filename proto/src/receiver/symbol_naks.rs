@@ -21,7 +21,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::nak::backoff;
+use super::nak::{backoff, MAX_HEARD_HOLDS};
 
 /// Most FEC blocks with an amount outstanding at once (bounds memory; blocks beyond it are
 /// asked for when one leaves).
@@ -34,6 +34,9 @@ pub struct SymbolNakCounters {
     pub symbols_naked: u64,
     /// Amounts not sent because another receiver asked for at least as many.
     pub amounts_suppressed: u64,
+    /// Heard amounts that did not suppress ours: the block had been held back by heard NAKs
+    /// [`MAX_HEARD_HOLDS`] times already (a forged NAK flood shows here).
+    pub amounts_heard_ignored: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,10 +49,16 @@ enum Stage {
 struct Short {
     need: u32,
     stage: Stage,
+    /// Times heard NAKs held this block back while it stayed short (see `held`).
+    heard_holds: u8,
 }
 
 pub struct SymbolNaks {
     blocks: BTreeMap<u64, Short>,
+    /// Heard holds of blocks whose hold-off ran out, until they are asked about again: peers'
+    /// NAKs are unauthenticated, so they may hold a block back only [`MAX_HEARD_HOLDS`]
+    /// times while it stays short, however many hold-off rounds that spans.
+    held: BTreeMap<u64, u8>,
     rng: SmallRng,
     pub counters: SymbolNakCounters,
 }
@@ -58,6 +67,7 @@ impl SymbolNaks {
     pub fn new(seed: u64) -> SymbolNaks {
         SymbolNaks {
             blocks: BTreeMap::new(),
+            held: BTreeMap::new(),
             rng: SmallRng::seed_from_u64(seed ^ 0x5eed_5e11),
             counters: SymbolNakCounters::default(),
         }
@@ -85,6 +95,7 @@ impl SymbolNaks {
             Short {
                 need,
                 stage: Stage::Backoff(now + wait),
+                heard_holds: self.held.remove(&f).unwrap_or(0),
             },
         );
     }
@@ -113,6 +124,11 @@ impl SymbolNaks {
             let awaited = self.awaited();
             if let Some(s) = self.blocks.get_mut(&f) {
                 if matches!(s.stage, Stage::Backoff(_)) && m >= s.need {
+                    if s.heard_holds >= MAX_HEARD_HOLDS {
+                        self.counters.amounts_heard_ignored += 1;
+                        continue;
+                    }
+                    s.heard_holds += 1;
                     s.stage = Stage::Holdoff(now + holdoff(awaited.saturating_add(m)));
                     self.counters.amounts_suppressed += 1;
                 }
@@ -167,8 +183,15 @@ impl SymbolNaks {
             .filter(|(_, s)| matches!(s.stage, Stage::Holdoff(t) if t <= now))
             .map(|(f, _)| *f)
             .collect();
+        if self.held.len() > MAX_SHORT_BLOCKS {
+            self.held.clear(); // blocks that never came back short; bounded memory first
+        }
         for f in &done {
-            self.blocks.remove(f);
+            if let Some(s) = self.blocks.remove(f) {
+                if s.heard_holds > 0 {
+                    self.held.insert(*f, s.heard_holds);
+                }
+            }
         }
         done
     }
@@ -225,6 +248,33 @@ mod tests {
         assert_eq!(s.counters.amounts_suppressed, 1);
         let naks = s.poll(t0 + 80 * MS, 96, |_| 30, |_| 40 * MS);
         assert_eq!(naks, vec![(1, 30)]);
+    }
+
+    /// Heard amounts hold a short block back at most MAX_HEARD_HOLDS times across hold-off
+    /// rounds: a forger repeating them on the group delays our NAK, never stops it.
+    #[test]
+    fn heard_amounts_cannot_silence_a_receiver() {
+        let t0 = Instant::now();
+        let mut s = SymbolNaks::new(2);
+        let mut now = t0;
+        for round in 0..=MAX_HEARD_HOLDS as u32 {
+            s.short(now, 7, 30, (80 * MS, 10));
+            s.on_heard(now, &[(7, 1000)], |_| 40 * MS);
+            let naks = s.poll(now + 80 * MS, 96, |_| 30, |_| 40 * MS);
+            if round < MAX_HEARD_HOLDS as u32 {
+                assert!(naks.is_empty(), "round {round}: held by the heard amount");
+                now += 40 * MS;
+                assert_eq!(s.expired(now), vec![7]);
+            } else {
+                assert_eq!(
+                    naks,
+                    vec![(7, 30)],
+                    "the forged amounts silenced the receiver"
+                );
+            }
+        }
+        assert_eq!(s.counters.amounts_suppressed, MAX_HEARD_HOLDS as u64);
+        assert_eq!(s.counters.amounts_heard_ignored, 1);
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct SimConfig {
     pub crash_downtime: Duration,
     /// NAK suppression on (NORM back-off + hearing NAKs) or off (every receiver NAKs at once).
     pub suppression: bool,
+    /// An attacker multicasting a forged NAK for everything this often
+    /// ([`world::WorldConfig::forged_naks`]).
+    pub forged_naks: Option<Duration>,
     /// Give up after this much simulated time.
     pub max_time: Duration,
 }
@@ -82,6 +85,7 @@ impl SimConfig {
             crashes: 0,
             crash_downtime: Duration::from_millis(300),
             suppression: true,
+            forged_naks: None,
             max_time: Duration::from_secs(120),
         }
     }
@@ -111,6 +115,9 @@ pub struct SimReport {
     pub wire_per_file_byte: f64,
     pub sim_seconds: f64,
     pub channel_closed: bool,
+    /// Units and FEC amounts in heard NAKs that suppressed nothing: the unit or block had been
+    /// held back by heard NAKs too often already (a forged NAK flood shows here).
+    pub heard_naks_ignored: u64,
 }
 
 /// An event due at `.0`; `.1` (insertion order) breaks ties, so runs are reproducible.
@@ -203,6 +210,7 @@ pub fn run(cfg: &SimConfig, t0: Instant) -> SimReport {
         leave_latency: Duration::ZERO,
         crash_downtime: cfg.crash_downtime,
         suppression: cfg.suppression,
+        forged_naks: cfg.forged_naks,
         max_time: cfg.max_time,
         fec_overhead: cfg.fec_overhead,
         ..WorldConfig::new(
@@ -257,5 +265,10 @@ pub fn run(cfg: &SimConfig, t0: Instant) -> SimReport {
         wire_per_file_byte: out.wire_bytes / loop_bytes,
         sim_seconds: out.sim_seconds,
         channel_closed: out.channels_open_at_end == 0,
+        heard_naks_ignored: out
+            .receivers
+            .iter()
+            .map(|r| r.stats.nak.units_heard_ignored + r.stats.symbol_naks.amounts_heard_ignored)
+            .sum(),
     }
 }

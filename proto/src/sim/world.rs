@@ -30,7 +30,7 @@ use crate::channel::{ChannelManager, HeadBytes, Params, TitleInfo, TransmitPaylo
 use crate::receiver::session::{Prior, TierSample};
 use crate::receiver::{Event, Failure, Session, SessionConfig, SessionStats, Via};
 use crate::wire::data::{DataHeader, DataKind, DATA_HEADER_LEN, SIGNED_SYNC_LEN};
-use crate::wire::nak::is_nak;
+use crate::wire::nak::{is_nak, Nak};
 
 /// IPv4 + UDP header bytes: a link carries them too.
 pub const IP_UDP: usize = 28;
@@ -102,6 +102,10 @@ pub struct WorldConfig {
     /// takes effect, the switch stops forwarding the group to the other members until they
     /// report again (a join) or the next general query. `None`: IGMPv3 (per-host state).
     pub igmp_v2_query: Option<Duration>,
+    /// An attacker on the LAN multicasting, this often, a forged NAK for every unit of the
+    /// loop (and every FEC block) to the groups receivers are on: it would poison their
+    /// suppression. `None`: no attacker.
+    pub forged_naks: Option<Duration>,
     pub max_time: Duration,
 }
 
@@ -131,6 +135,7 @@ impl WorldConfig {
             crash_downtime: Duration::ZERO,
             suppression: true,
             igmp_v2_query: None,
+            forged_naks: None,
             max_time: Duration::from_secs(300),
         }
     }
@@ -226,6 +231,8 @@ enum Ev {
     Join(usize),
     Crash(usize),
     SampleRates,
+    /// The attacker's next forged NAK (see [`WorldConfig::forged_naks`]).
+    ForgedNak,
 }
 
 struct Host {
@@ -410,7 +417,34 @@ impl World<'_> {
         self.q.push(Reverse(Queued(at, self.seq, ev)));
     }
 
+    /// The attacker's NAK: the archive's tag (public, in every data packet), a made-up
+    /// receiver id, every unit and every FEC block asked for; heard at once by every
+    /// receiver on a group.
+    fn forge_nak(&mut self, now: Instant) {
+        let Some(every) = self.cfg.forged_naks else {
+            return;
+        };
+        let units = self.shape.loop_packets();
+        let blocks = self.shape.fec_blocks();
+        let nak = Nak {
+            archive_tag: crate::wire::data::archive_tag(&self.arc.head.archive_id),
+            receiver_id: self.rng.gen(),
+            ranges: vec![(0, units.min(u32::MAX as u64) as u32)],
+            symbols: (0..blocks.min(32)).map(|b| (b, 1_000)).collect(),
+        };
+        let bytes = Rc::new(nak.encode());
+        for j in 0..self.hosts.len() {
+            if let Some(g) = self.hosts[j].group.filter(|_| self.hosts[j].active()) {
+                self.push(now, Ev::NakHeard(j, g, bytes.clone()));
+            }
+        }
+        self.push(now + every, Ev::ForgedNak);
+    }
+
     fn main_loop(&mut self) {
+        if let Some(every) = self.cfg.forged_naks {
+            self.push(self.t0 + every, Ev::ForgedNak);
+        }
         for i in 0..self.hosts.len() {
             let at = self.t0 + self.hosts[i].spec.join_at;
             self.push(at, Ev::Join(i));
@@ -511,6 +545,7 @@ impl World<'_> {
                     }
                     self.push(now + Duration::from_millis(500), Ev::SampleRates);
                 }
+                Ev::ForgedNak => self.forge_nak(now),
             }
             if let Some(t) = self.mgr.poll_timeout() {
                 let t = t.max(now);
