@@ -182,7 +182,20 @@ fn assert_round_trip(env: &Env, data: &[u8], o: &PackOptions) -> PackReport {
     let h = &r.head;
     assert_eq!(h.title, o.title);
     assert_eq!(h.plain_len, data.len() as u64);
-    assert_eq!(h.plain_hash, *blake3::hash(data).as_bytes());
+    match env.key_of(&r) {
+        // Encrypted: keyed, so the public head confirms nothing to those without the key.
+        Some(k) => {
+            assert!(h.plain_hash_keyed);
+            assert_ne!(h.plain_hash, *blake3::hash(data).as_bytes());
+            let mut want = k.plain_hasher(&h.archive_id);
+            want.update(data);
+            assert_eq!(h.plain_hash, *want.finalize().as_bytes());
+        }
+        None => {
+            assert!(!h.plain_hash_keyed);
+            assert_eq!(h.plain_hash, *blake3::hash(data).as_bytes());
+        }
+    }
     assert_eq!(h.frame_size, o.frame_size);
     assert_eq!(h.symbol_size, o.symbol_size);
     assert_eq!(h.block_symbols, o.symbol_size / 32);
@@ -607,7 +620,13 @@ fn one_gib_round_trip() {
     o.compress = CompressMode::Auto;
     let r = pack(&input, &dir.path().join("archives"), &ks, &o, &mut |_| {}).unwrap();
     assert_eq!(r.head.plain_len, GIB);
-    assert_eq!(r.head.plain_hash, *want.as_bytes());
+    assert!(r.head.plain_hash_keyed);
+    let key = ks.title_key("one-gib", &r.head.archive_id).unwrap();
+    let mut keyed = key.plain_hasher(&r.head.archive_id);
+    keyed
+        .update_reader(fs::File::open(&input).unwrap())
+        .unwrap();
+    assert_eq!(r.head.plain_hash, *keyed.finalize().as_bytes());
     assert_eq!(r.head.frame_count, 1024);
     assert_eq!(r.compressed_frames, 8, "the 8 text MiB are compressed");
     fs::remove_file(&input).unwrap();

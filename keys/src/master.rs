@@ -42,6 +42,22 @@ impl MasterKey {
     }
 }
 
+impl MasterKey {
+    /// The hasher for an archive's plaintext hash: keyed by a key derived from this one and
+    /// the archive, so the public head does not let anyone holding a candidate file confirm
+    /// what an encrypted title contains; only a key holder can check it.
+    pub fn plain_hasher(&self, archive_id: &[u8; 16]) -> blake3::Hasher {
+        let mut m = [0u8; 48];
+        m[..32].copy_from_slice(&self.0);
+        m[32..].copy_from_slice(archive_id);
+        let mut k = blake3::derive_key("mcast plain-hash v1", &m);
+        m.zeroize();
+        let h = blake3::Hasher::new_keyed(&k);
+        k.zeroize();
+        h
+    }
+}
+
 impl std::fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MasterKey(..)")

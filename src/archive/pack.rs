@@ -188,7 +188,11 @@ pub fn pack(
         .leaf_hash
         .unwrap_or_else(|| super::manifest::LeafHash::auto(opts.symbol_size));
     let mut tree = TreeBuilder::new(&archive_id, opts.symbol_size, leaf_hash);
-    let mut plain_hasher = blake3::Hasher::new();
+    // Encrypted titles: keyed, so the public head confirms nothing about the content.
+    let mut plain_hasher = match &master {
+        Some(k) => k.plain_hasher(&archive_id),
+        None => blake3::Hasher::new(),
+    };
     let mut zc =
         zstd::bulk::Compressor::new(opts.zstd_level).map_err(|e| bad_opt(format!("zstd: {e}")))?;
     let mut sampler = zstd::bulk::Compressor::new(1).map_err(|e| bad_opt(format!("zstd: {e}")))?;
@@ -310,6 +314,7 @@ pub fn pack(
         created_unix: crate::process::unix_secs(),
         plain_len,
         plain_hash: *plain_hasher.finalize().as_bytes(),
+        plain_hash_keyed: master.is_some(),
         frame_size: opts.frame_size,
         frame_count: index,
         data_len,

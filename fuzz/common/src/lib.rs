@@ -74,6 +74,7 @@ pub fn world() -> World {
         created_unix: 0,
         plain_len: 0,
         plain_hash: [0; 32],
+        plain_hash_keyed: false,
         frame_size: 1 << 20,
         frame_count: 0,
         data_len: WORLD_DATA_LEN,

@@ -249,7 +249,17 @@ fn decrypt_frames(
 ) -> Result<(u64, u64), ArchiveError> {
     let head = &a.head;
     let mut stream = VerifiedStream::new(a, verify_packets);
-    let mut hasher = blake3::Hasher::new();
+    let mut hasher = match (head.plain_hash_keyed, key) {
+        (false, _) => blake3::Hasher::new(),
+        (true, Some(k)) => k.plain_hasher(&head.archive_id),
+        // A keyed hash without a key (an unencrypted archive claiming one): nothing can
+        // check it, so it cannot pass.
+        (true, None) => {
+            return Err(ArchiveError::PlainHash {
+                path: a.path.clone(),
+            })
+        }
+    };
     let mut payload = Vec::new();
     let mut plain = Vec::new();
     let mut written = 0u64;

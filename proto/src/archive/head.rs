@@ -33,6 +33,10 @@ const SIGN_CONTEXT: &[u8] = b"mcast head v1";
 pub const FLAG_ADVERT: u8 = 1;
 /// Flag bit: data-packet leaves are SHA-256, not BLAKE3 ([`super::manifest::LeafHash`]).
 pub const FLAG_LEAF_SHA256: u8 = 2;
+/// Flag bit: `plain_hash` is keyed from the title's master key
+/// ([`mcast_keys::MasterKey::plain_hasher`]), so it confirms nothing to those without it.
+/// Encrypted archives packed before this flag hash the plaintext unkeyed.
+pub const FLAG_KEYED_PLAIN_HASH: u8 = 4;
 
 /// Smallest and largest packet payloads ("symbols") an archive may use.
 pub const MIN_SYMBOL_SIZE: u32 = 256;
@@ -104,7 +108,10 @@ pub struct Head {
     pub watermark: String,
     pub created_unix: u64,
     pub plain_len: u64,
+    /// BLAKE3 of the plaintext; keyed when `plain_hash_keyed` (encrypted titles).
     pub plain_hash: [u8; 32],
+    /// See [`FLAG_KEYED_PLAIN_HASH`].
+    pub plain_hash_keyed: bool,
     pub frame_size: u32,
     pub frame_count: u64,
     /// Bytes of the frames region, i.e. of all data packets together.
@@ -230,7 +237,12 @@ impl Head {
             super::manifest::LeafHash::Sha256 => FLAG_LEAF_SHA256,
             super::manifest::LeafHash::Blake3 => 0,
         };
-        b.put_u8(if self.advert { FLAG_ADVERT } else { 0 } | leaf);
+        let keyed = if self.plain_hash_keyed {
+            FLAG_KEYED_PLAIN_HASH
+        } else {
+            0
+        };
+        b.put_u8(if self.advert { FLAG_ADVERT } else { 0 } | leaf | keyed);
         b.put_u8(self.cipher.to_byte());
         b.put_u8(self.compression.to_byte());
         b.extend_from_slice(&self.archive_id);
@@ -298,7 +310,7 @@ impl Head {
             return Err(HeadError::Version(version));
         }
         let flags = r.u8("flags")?;
-        if flags & !(FLAG_ADVERT | FLAG_LEAF_SHA256) != 0 {
+        if flags & !(FLAG_ADVERT | FLAG_LEAF_SHA256 | FLAG_KEYED_PLAIN_HASH) != 0 {
             return Err(bad("flags", format!("unknown bits {flags:#x}")));
         }
         let cipher_b = r.u8("cipher")?;
@@ -389,6 +401,7 @@ impl Head {
         }
         Ok(Head {
             advert: flags & FLAG_ADVERT != 0,
+            plain_hash_keyed: flags & FLAG_KEYED_PLAIN_HASH != 0,
             leaf_hash: if flags & FLAG_LEAF_SHA256 != 0 {
                 super::manifest::LeafHash::Sha256
             } else {
@@ -434,6 +447,7 @@ mod tests {
             created_unix: 1,
             plain_len: 10,
             plain_hash: [1; 32],
+            plain_hash_keyed: true,
             frame_size: 4096,
             frame_count: 1,
             data_len: 3000,

@@ -106,6 +106,7 @@ impl SimArchive {
             created_unix: 0,
             plain_len: data_len,
             plain_hash: [0; 32],
+            plain_hash_keyed: false,
             frame_size: 1 << 20,
             frame_count: data_len.div_ceil(1 << 20),
             data_len,

@@ -156,6 +156,7 @@ pub fn sim_head(data_packets: u64, symbol_size: u32) -> Head {
         created_unix: 0,
         plain_len: 0,
         plain_hash: [0; 32],
+        plain_hash_keyed: false,
         frame_size: 1 << 20,
         frame_count: 0,
         data_len: data_packets * symbol_size as u64,
