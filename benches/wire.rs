@@ -49,7 +49,7 @@ fn naks(c: &mut Criterion) {
     let ranges = to_ranges((0..1000u64).filter(|u| u % 10 == 0));
     let nak = Nak {
         archive_tag: *b"abcdefgh",
-        receiver_id: 42,
+        session_tag: 42,
         ranges,
         symbols: Vec::new(),
     };

@@ -180,7 +180,15 @@ pub struct TicketsConfig {
     /// SQLite file holding every ticket's server-side key part (wrapped) and plays left.
     pub db: PathBuf,
     /// PostgreSQL connection string (libpq key=value or postgres:// URL) for `database = "postgres"`.
+    /// Without `sslmode`: TLS is set by `postgres_tls`.
     pub postgres_url: String,
+    /// "verify-full" (TLS; the server's certificate chain and host name are checked) or
+    /// "disable" (plaintext: only toward a loopback address or a Unix socket directory).
+    #[serde(deserialize_with = "choice")]
+    pub postgres_tls: PgTls,
+    /// PEM file of the CA(s) that sign the PostgreSQL server's certificate; empty: the system
+    /// roots.
+    pub postgres_ca_file: PathBuf,
     /// A play request repeated with the same receiver key within this many seconds of its
     /// grant gets the grant again without using a play (a lost reply over UDP).
     pub retry_secs: u64,
@@ -194,6 +202,19 @@ pub enum Database {
     Sqlite,
     /// The PostgreSQL server at `tickets.postgres_url` (shared by several servers).
     Postgres,
+}
+
+/// `[tickets] postgres_tls`: how the connection to PostgreSQL is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum PgTls {
+    /// TLS, the certificate chain checked against `postgres_ca_file` (or the system roots) and
+    /// the host name against the certificate (libpq's `sslmode=verify-full`). A Unix socket
+    /// directory is used without TLS (PostgreSQL offers none there; it is this host).
+    #[serde(rename = "verify-full")]
+    VerifyFull,
+    /// Plaintext: refused unless every host is a loopback address or a Unix socket directory.
+    #[serde(rename = "disable")]
+    Disable,
 }
 
 /// A field that takes one of a few names (a serde enum). A name that is not one of them is
@@ -216,8 +237,13 @@ impl Choice for Database {
     const USE: &'static str = "use \"sqlite\" or \"postgres\"";
 }
 
+impl Choice for PgTls {
+    const FIELD: &'static str = "tickets.postgres_tls";
+    const USE: &'static str = "use \"verify-full\" or \"disable\"";
+}
+
 /// Every [`Choice`] field, for [`refused_choice`].
-const CHOICE_FIELDS: [&str; 2] = [RatePolicy::FIELD, Database::FIELD];
+const CHOICE_FIELDS: [&str; 3] = [RatePolicy::FIELD, Database::FIELD, PgTls::FIELD];
 
 /// Deserialize a [`Choice`] from its name; a bad name fails with `"<field>: <why>"`, which
 /// [`refused_choice`] turns back into a field error.
@@ -243,6 +269,8 @@ impl Default for TicketsConfig {
             database: Database::Sqlite,
             db: PathBuf::from("mcast-data/tickets.sqlite"),
             postgres_url: String::new(),
+            postgres_tls: PgTls::VerifyFull,
+            postgres_ca_file: PathBuf::new(),
             retry_secs: 60,
         }
     }
@@ -353,6 +381,10 @@ pub struct ServerKeyConfig {
     pub addr: std::net::SocketAddrV4,
     /// Its key (`mcast-director genkey -o FILE`; the server names the same file).
     pub key_file: PathBuf,
+    /// Take its heartbeats from any source address, not only from `addr`'s IP (a server
+    /// behind NAT, or one whose heartbeats leave from another interface).
+    #[serde(default)]
+    pub any_source: bool,
 }
 
 /// The default admin list: the host itself.
@@ -681,6 +713,10 @@ impl Config {
                 "must be set when database = \"postgres\"".into(),
             ));
         }
+        if self.tickets.database == Database::Postgres {
+            crate::ticket::postgres::plan(&self.tickets.postgres_url, self.tickets.postgres_tls)
+                .map_err(|(f, why)| field(f, why))?;
+        }
         self.health_listen()
             .map_err(|e| field("server.health_listen", e.to_string()))?;
         self.advertised_control()
@@ -982,6 +1018,72 @@ mod tests {
             c.health_listen().unwrap(),
             Some("127.0.0.1:7680".parse().unwrap())
         );
+    }
+
+    /// `postgres_tls`: verify-full by default; "disable" only toward this host; `sslmode` in the
+    /// URL is refused in favour of `postgres_tls`.
+    #[test]
+    fn postgres_tls_fields_are_checked() {
+        let p = Path::new("x.toml");
+        let pg =
+            |rest: &str| Config::parse(&format!("[tickets]\ndatabase = \"postgres\"\n{rest}"), p);
+        let c = pg("postgres_url = \"host=db1\"\npostgres_ca_file = \"/etc/mcast/pg-ca.pem\"\n")
+            .unwrap();
+        assert_eq!(c.tickets.postgres_tls, PgTls::VerifyFull);
+        assert_eq!(
+            c.tickets.postgres_ca_file,
+            Path::new("/etc/mcast/pg-ca.pem")
+        );
+        assert_eq!(Config::default().tickets.postgres_tls, PgTls::VerifyFull);
+        assert!(Config::default()
+            .tickets
+            .postgres_ca_file
+            .as_os_str()
+            .is_empty());
+        for url in [
+            "host=127.0.0.1 port=5433",
+            "host=localhost",
+            "host=/run/postgresql",
+        ] {
+            let c = pg(&format!(
+                "postgres_url = \"{url}\"\npostgres_tls = \"disable\"\n"
+            ))
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(c.tickets.postgres_tls, PgTls::Disable);
+        }
+        // Plaintext toward another host: refused, saying why and what to set.
+        let e = pg("postgres_url = \"host=db1 user=mcast\"\npostgres_tls = \"disable\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "config x.toml: line 4: field tickets.postgres_tls: \"disable\" would send"
+            ) && e.contains("db1:5432, which is not this host")
+                && e.contains("set tickets.postgres_ca_file"),
+            "{e}"
+        );
+        let e = pg("postgres_url = \"host=db1\"\npostgres_tls = \"verify-ca\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config x.toml: line 4: field tickets.postgres_tls: \"verify-ca\": \
+             use \"verify-full\" or \"disable\""
+        );
+        let e = pg("postgres_url = \"postgres://m@db1/x?sslmode=require\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3: field tickets.postgres_url: sslmode is not read")
+                && e.contains("tickets.postgres_tls"),
+            "{e}"
+        );
+        // Not checked while the tickets are in SQLite.
+        Config::parse(
+            "[tickets]\npostgres_url = \"host=db1\"\npostgres_tls = \"disable\"\n",
+            p,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod heartbeat;
 pub mod server;
 pub mod ticket;
 pub mod ticketadmin;
+pub mod unreachable;
 
 pub use mcast_io::{fastio, fsutil, process};
 pub mod sim;

@@ -123,11 +123,17 @@ fn read_head_chunks(files: &HashMap<ArchiveId, ArchiveFile>, mgr: &mut ChannelMa
 /// Read the batch's archive payloads and send it to each of `dests`; empties the batch.
 /// An archive that can no longer be read (truncated or removed under the server) is
 /// withdrawn from `mgr` rather than stopping the server: the other titles keep looping.
+/// The data sockets: multicast channels, and unicast streams (whose ICMP errors are read).
+struct DataSockets {
+    multicast: UdpSocket,
+    unicast: UdpSocket,
+}
+
 fn flush(
     batch: &mut PacketBatch,
     cur: &Option<(ArchiveId, Arc<[SocketAddr]>)>,
     files: &HashMap<ArchiveId, ArchiveFile>,
-    data: &UdpSocket,
+    data: &DataSockets,
     sender: &mut BatchSender,
     send_errors: &mut u64,
     mgr: &mut ChannelManager,
@@ -149,7 +155,20 @@ fn flush(
         return Ok(());
     }
     for dest in dests.iter() {
-        let out = sender.send(data.as_raw_fd(), batch, &(*dest).into());
+        let sock = if dest.ip().is_multicast() {
+            &data.multicast
+        } else {
+            &data.unicast
+        };
+        let out = sender.send(sock.as_raw_fd(), batch, &(*dest).into());
+        if out
+            .last_error
+            .as_ref()
+            .is_some_and(|e| e.kind() == ErrorKind::ConnectionRefused)
+        {
+            // An ICMP error is pending on the unicast socket: read which address it names.
+            read_unreachable(&data.unicast, mgr);
+        }
         if out.failed > 0 {
             let before = *send_errors;
             *send_errors += out.failed as u64;
@@ -162,6 +181,16 @@ fn flush(
     }
     batch.clear();
     Ok(())
+}
+
+/// Hand the addresses ICMP reported unreachable to the manager (their streams end).
+fn read_unreachable(sock: &UdpSocket, mgr: &mut ChannelManager) {
+    crate::unreachable::drain(sock, |to| {
+        let ended = mgr.on_unreachable(to);
+        if ended > 0 {
+            tracing::info!(%to, ended, "unicast destination unreachable (ICMP): its streams end");
+        }
+    });
 }
 
 /// Run the server until `stop` is set.
@@ -177,7 +206,10 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let control = crate::control_socket::bind(cfg.server.control)?;
     let ctrl = control.main;
     let unvalidated = control.unvalidated;
-    let data = data_socket(cfg)?;
+    let data = DataSockets {
+        multicast: data_socket(cfg)?,
+        unicast: crate::unreachable::unicast_socket(cfg.server.send_buffer)?,
+    };
     // Wake from ppoll within ~1 us of a pacing deadline (default slack is 50 us).
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and only affects this thread.
     unsafe {
@@ -210,7 +242,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut beats = crate::heartbeat::HeartbeatDriver::start(cfg)?;
     let mut buf = vec![0u8; MAX_CONTROL_LEN + 1];
     let mut batch = PacketBatch::with_capacity(BATCH, DATA_HEADER_LEN + 65_536);
-    let mut sender = BatchSender::new(&data, true);
+    let mut sender = BatchSender::new(&data.multicast, true);
     tracing::info!(gso = sender.gso(), batch = BATCH, "data send path");
     let mut cur: Option<(ArchiveId, Arc<[SocketAddr]>)> = None;
     let mut extras = crate::archive::extras::ExtraCache::default();
@@ -328,14 +360,22 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         if wait > Duration::ZERO {
             // ppoll takes a nanosecond timeout: paced sends at high rates wake on time rather
             // than on poll's millisecond grid (timer slack is set low at start-up).
-            let mut fds = [nix::poll::PollFd::new(
-                ctrl.as_fd(),
-                nix::poll::PollFlags::POLLIN,
-            )];
+            // The unicast data socket wakes us with POLLERR when ICMP reports an address
+            // unreachable (reported whatever the requested events).
+            let mut fds = [
+                nix::poll::PollFd::new(ctrl.as_fd(), nix::poll::PollFlags::POLLIN),
+                nix::poll::PollFd::new(data.unicast.as_fd(), nix::poll::PollFlags::empty()),
+            ];
             let ts = nix::sys::time::TimeSpec::from_duration(wait);
             match nix::poll::ppoll(&mut fds, Some(ts), None) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e).context("poll on control socket"),
+            }
+            if fds[1]
+                .revents()
+                .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLERR))
+            {
+                read_unreachable(&data.unicast, &mut mgr);
             }
         }
     }

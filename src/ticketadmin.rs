@@ -7,7 +7,6 @@
 //! written, the row is deleted again.
 
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -153,11 +152,11 @@ pub fn issue(
     })
 }
 
-/// Write `bytes` atomically to `path` with mode 0600 from the first byte.
+/// Write `bytes` atomically to `path` with mode 0600 from the first byte: the temp file is
+/// created 0600 (`O_CREAT | O_EXCL | O_NOFOLLOW`), so there is no moment where it is readable
+/// by others.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = AtomicFile::create(path)?;
-    f.file()
-        .set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    let mut f = AtomicFile::create_private(path)?;
     f.file().write_all(bytes)?;
     f.commit()
 }
@@ -195,5 +194,30 @@ mod tests {
         }
         assert_eq!(show_time(0), "never");
         assert_eq!(show_time(86400), "1970-01-02T00:00:00Z");
+    }
+
+    /// The ticket file is 0600, whatever the umask: created so (not chmodded afterwards), and
+    /// a file planted at the target is replaced, not written through.
+    #[test]
+    fn ticket_file_is_written_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("t.ticket");
+        write_private(&out, b"ticket bytes").unwrap();
+        assert_eq!(mode(&out), 0o600);
+        assert_eq!(std::fs::read(&out).unwrap(), b"ticket bytes");
+
+        // A world-readable file already there: replaced by a new 0600 file.
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&out, b"again").unwrap();
+        assert_eq!(mode(&out), 0o600);
+        assert_eq!(std::fs::read(&out).unwrap(), b"again");
+        // No temp file left beside it.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("t.ticket")]);
     }
 }

@@ -31,10 +31,10 @@ fn proven(m: &ChannelManager, now: Instant, from: SocketAddr, env: Envelope) -> 
 }
 
 /// `nak` sealed with the key of receiver `rid`'s session on [`setup`]'s title from `from`.
-fn sealed(m: &ChannelManager, nak: &Nak, from: &str) -> Vec<u8> {
+fn sealed(m: &ChannelManager, nak: &Nak, rid: u64, from: &str) -> Vec<u8> {
     let id = mcast::sim::sim_head(4000, 1280).archive_id;
     let from: SocketAddr = from.parse().unwrap();
-    nak.encode_sealed(&m.session_key(nak.receiver_id, &id, from.ip()))
+    nak.encode_sealed(&m.session_key(rid, &id, from.ip()))
 }
 
 fn setup() -> (ChannelManager, Instant, LoopShape, [u8; 8]) {
@@ -104,11 +104,11 @@ fn a_naked_packet_is_repaired_ahead_of_the_loop() {
     let unit = shape.unit_index(target).unwrap();
     let nak = Nak {
         archive_tag: tag,
-        receiver_id: 1,
+        session_tag: 0,
         ranges: vec![(unit, 1)],
         symbols: Vec::new(),
     };
-    let nak = sealed(&m, &nak, "10.0.0.1:5000");
+    let nak = sealed(&m, &nak, 1, "10.0.0.1:5000");
     let t1 = t0 + Duration::from_millis(150);
     m.handle_control(t1, "10.0.0.1:5000".parse().unwrap(), &nak);
     // The same NAK again 5 ms later (another receiver, say): coalesced into the queued repair.
@@ -144,23 +144,23 @@ fn hostile_naks_are_bounded_and_cannot_stall_the_loop() {
     // A member gone rogue (receiver 1, joined in `setup`): its NAKs carry its MAC.
     let absurd = Nak {
         archive_tag: tag,
-        receiver_id: 1,
+        session_tag: 0,
         // The whole loop, and far beyond it, in every NAK.
         ranges: vec![(0, units as u32), (units + 10, u32::MAX), (u64::MAX - 5, 5)],
         symbols: Vec::new(),
     };
-    let absurd = sealed(&m, &absurd, "10.0.0.1:5000");
-    // Anyone else on the LAN: the receiver id is in every NAK on the group, the key is not.
+    let absurd = sealed(&m, &absurd, 1, "10.0.0.1:5000");
+    // Anyone else on the LAN: the session tag is in every NAK on the group, the key is not.
     let unsealed = Nak {
         archive_tag: tag,
-        receiver_id: 1,
+        session_tag: Nak::decode(&absurd).unwrap().session_tag,
         ranges: vec![(0, units as u32)],
         symbols: Vec::new(),
     }
     .encode();
     let other_channel = Nak {
         archive_tag: [0xee; 8],
-        receiver_id: 666,
+        session_tag: 666,
         ranges: vec![(0, 1)],
         symbols: Vec::new(),
     }

@@ -4,8 +4,9 @@
 //! test with its own ports and multicast groups (loopback multicast, as in `delivery.rs`).
 //!
 //! Run with `cargo test --release --workspace --test director -- --nocapture` to see the
-//! measured figures. The PostgreSQL test needs `MCAST_TEST_PG_URL` (`.ci/run` starts a
-//! server); without it it is skipped with the reason, and fails under `CI=true`.
+//! measured figures. The PostgreSQL test needs `MCAST_TEST_PG_URL`, and `MCAST_TEST_PG_CA`
+//! for the CA of its TLS certificate (else the system roots); `.ci/run` starts a server with
+//! `.ci/pg.sh`. Without a URL it is skipped with the reason, and fails under `CI=true`.
 
 mod common;
 
@@ -575,8 +576,9 @@ fn forged_and_replayed_heartbeats_are_rejected_and_counted() {
     f.assert_complete(&a.root.join("archives/clip.mca"));
 }
 
-/// Two servers on one PostgreSQL: a single-use ticket issued through one is presented to both
-/// at the same moment; it plays exactly once (the other is refused, exit 8).
+/// Two servers on one PostgreSQL (over TLS, the certificate checked against
+/// `MCAST_TEST_PG_CA`): a single-use ticket issued through one is presented to both at the same
+/// moment; it plays exactly once (the other is refused, exit 8).
 #[test]
 fn single_use_ticket_on_two_servers_plays_once() {
     let Ok(url) = std::env::var("MCAST_TEST_PG_URL") else {
@@ -586,8 +588,13 @@ fn single_use_ticket_on_two_servers_plays_once() {
         );
         return;
     };
+    // Over verified TLS: the CA of the `.ci/pg.sh` server (the system roots when unset).
+    let ca = std::env::var("MCAST_TEST_PG_CA").unwrap_or_default();
     let c = Cluster::new(4, 0);
-    let db = format!("[tickets]\ndatabase = \"postgres\"\npostgres_url = \"{url}\"\n");
+    let db = format!(
+        "[tickets]\ndatabase = \"postgres\"\npostgres_url = \"{url}\"\n\
+         postgres_tls = \"verify-full\"\npostgres_ca_file = \"{ca}\"\n"
+    );
     let mut a = c.server(0, "film", 2 * MB, "rate_mbps = 100.0", &db);
     // Tickets first, so the copied key store holds the ticket database key too.
     let mut tickets = Vec::new();

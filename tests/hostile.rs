@@ -160,7 +160,7 @@ fn control_port_garbage() {
     .encode();
     let nak = Nak {
         archive_tag: [1; 8],
-        receiver_id: 9,
+        session_tag: 9,
         ranges: vec![(0, 4), (10, 1)],
         symbols: Vec::new(),
     }
@@ -269,7 +269,7 @@ fn data_group_garbage() {
         wrong_version[0] = 2 + (i % 200) as u8;
         let truncated_nak = Nak {
             archive_tag: tag,
-            receiver_id: i,
+            session_tag: i,
             ranges: vec![(serial, 1)],
             symbols: Vec::new(),
         }
@@ -844,7 +844,7 @@ fn nak_flood() {
             };
             let b = Nak {
                 archive_tag: tag,
-                receiver_id: i,
+                session_tag: i,
                 ranges,
                 symbols: Vec::new(),
             }
@@ -1497,8 +1497,8 @@ fn forged_and_replayed_syncs() {
     assert!(r.syncs_stale > 0, "replayed SYNCs not counted: {r:?}");
 }
 
-/// 16. Speaking for another receiver's session: with its id (it is in every NAK on the group)
-///     but not its key, from another (proven) address, a `Complete`, a tier change, a
+/// 16. Speaking for another receiver's session: with its id (say, learned from a log or a
+///     guess) and its NAKs' session tag, but not its key, from another (proven) address, a `Complete`, a tier change, a
 ///     keepalive reporting a 2 s RTT and NAKs are dropped and counted (`session_forged`,
 ///     `naks_unauthenticated`); the session lives on. Before session keys, the `Complete`
 ///     alone ended it. And one address cannot hold more than `max_sessions_per_address`.
@@ -1548,7 +1548,8 @@ fn sessions_cannot_be_spoken_for_or_flooded() {
     }
     let nak = Nak {
         archive_tag: archive_tag(&archive_id),
-        receiver_id: 77,
+        // The victim's tag, as its NAKs show it on the group; not its key.
+        session_tag: mcast::wire::nak::session_tag(&victim.session_key.expect("joined")),
         ranges: vec![(0, 8192)],
         symbols: Vec::new(),
     };
@@ -1728,4 +1729,210 @@ fn a_server_cannot_speak_for_another_at_the_director() {
         "{s}"
     );
     d.kill();
+}
+
+/// 18b. A listed server's heartbeat key proves who wrote a heartbeat, not where it came from:
+///      one under server B's own key (taken from B, or B's genuine heartbeat captured and
+///      re-sent) from another host is refused (`heartbeats_wrong_source`) and changes no
+///      route; from B's own IP it is taken. (Loopback is 127/8: the test's sockets stand on
+///      127.0.0.1, .2 and .3.)
+#[test]
+fn a_heartbeat_counts_only_from_its_servers_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let genkey = |name: &str| {
+        let p = dir.path().join(name);
+        let o = run_out(Command::new(director_bin()).args(["genkey", "-o"]).arg(&p));
+        assert!(o.status.success(), "{o:?}");
+        (mcast::heartbeat::read_key(&p).unwrap(), p)
+    };
+    let (ka, fa) = genkey("a.key");
+    let (kb, fb) = genkey("b.key");
+    let (a, b): (SocketAddrV4, SocketAddrV4) = (
+        "127.0.0.1:18611".parse().unwrap(),
+        "127.0.0.3:18612".parse().unwrap(),
+    );
+    let addr: SocketAddr = "127.0.0.1:18597".parse().unwrap();
+    let cfg = dir.path().join("director.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[director]\nlisten = \"{addr}\"\nkey_file = \"\"\n\
+             [[director.servers]]\naddr = \"{a}\"\nkey_file = '{}'\n\
+             [[director.servers]]\naddr = \"{b}\"\nkey_file = '{}'\n",
+            fa.display(),
+            fb.display()
+        ),
+    )
+    .unwrap();
+    let mut d = start_director(&cfg, addr);
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let hb = |server, seq, state| heartbeat(server, seq, unix_ms, state);
+    let from_a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let from_b = UdpSocket::bind("127.0.0.3:0").unwrap();
+    let elsewhere = UdpSocket::bind("127.0.0.2:0").unwrap();
+    // Where the director sends a receiver asking for "film".
+    let asker = UdpSocket::bind("127.0.0.1:0").unwrap();
+    asker
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let route = || {
+        std::thread::sleep(Duration::from_millis(200));
+        let req = mcast::wire::director::DirectorMsg::RouteRequest {
+            req_id: 1,
+            title: "film".into(),
+            rx_bps: 0,
+            exclude: Vec::new(),
+        };
+        asker.send_to(&req.encode(), addr).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, _) = asker.recv_from(&mut buf).expect("a route answer");
+        match mcast::wire::director::DirectorMsg::decode(&buf[..n]).unwrap() {
+            mcast::wire::director::DirectorMsg::RouteOk { server, .. } => Some(server),
+            _ => None,
+        }
+    };
+    from_a
+        .send_to(&hb(a, 1, ServerState::Online).encode(&ka), addr)
+        .unwrap();
+    assert_eq!(route(), Some(a));
+
+    // Under B's own key, from 127.0.0.2: "B is online" (it would share A's receivers), and
+    // under A's key from there too: "A is stopping". Neither is taken.
+    elsewhere
+        .send_to(&hb(b, 1, ServerState::Online).encode(&kb), addr)
+        .unwrap();
+    elsewhere
+        .send_to(&hb(a, 2, ServerState::Stopping).encode(&ka), addr)
+        .unwrap();
+    assert_eq!(route(), Some(a));
+    let s = stats(addr);
+    assert_eq!(counter(&s, "heartbeats_wrong_source"), 2, "{s}");
+    assert_eq!(counter(&s, "heartbeats_accepted"), 1, "{s}");
+    let servers = s["servers"].as_array().unwrap();
+    assert!(
+        servers.iter().all(|e| e["server"] != b.to_string()),
+        "B became known from a heartbeat sent elsewhere: {s}"
+    );
+
+    // The same from the servers' own addresses: B comes up, A stops, receivers go to B.
+    from_b
+        .send_to(&hb(b, 1, ServerState::Online).encode(&kb), addr)
+        .unwrap();
+    from_a
+        .send_to(&hb(a, 2, ServerState::Stopping).encode(&ka), addr)
+        .unwrap();
+    assert_eq!(route(), Some(b));
+    let s = stats(addr);
+    println!(
+        "heartbeats bound to their server's address: accepted {}, wrong source {}",
+        s["counters"]["heartbeats_accepted"], s["counters"]["heartbeats_wrong_source"]
+    );
+    assert_eq!(counter(&s, "heartbeats_accepted"), 3, "{s}");
+    assert_eq!(counter(&s, "heartbeats_wrong_source"), 2, "{s}");
+    d.kill();
+
+    // B behind NAT: its entry says `any_source = true`, and its heartbeats count from
+    // wherever they come (A's still only from A's address).
+    let addr: SocketAddr = "127.0.0.1:18598".parse().unwrap();
+    fs::write(
+        &cfg,
+        format!(
+            "[director]\nlisten = \"{addr}\"\nkey_file = \"\"\n\
+             [[director.servers]]\naddr = \"{a}\"\nkey_file = '{}'\n\
+             [[director.servers]]\naddr = \"{b}\"\nkey_file = '{}'\nany_source = true\n",
+            fa.display(),
+            fb.display()
+        ),
+    )
+    .unwrap();
+    let mut d = start_director(&cfg, addr);
+    elsewhere
+        .send_to(&hb(b, 1, ServerState::Online).encode(&kb), addr)
+        .unwrap();
+    elsewhere
+        .send_to(&hb(a, 1, ServerState::Online).encode(&ka), addr)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let s = stats(addr);
+    assert_eq!(counter(&s, "heartbeats_accepted"), 1, "{s}");
+    assert_eq!(counter(&s, "heartbeats_wrong_source"), 1, "{s}");
+    let servers = s["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 1, "{s}");
+    assert_eq!(servers[0]["server"], b.to_string(), "{s}");
+    d.kill();
+}
+
+/// 19. A unicast stream whose receiver's socket closed: before, packets flowed to it until the
+///     consent lease ran out (3,738 packets over 8 s). Now the ICMP port unreachable they draw
+///     ends the stream at once (`streams_unreachable`), long before the 5 s lease.
+#[test]
+fn a_unicast_stream_to_a_closed_socket_ends_on_icmp() {
+    let site = Site::new(
+        102,
+        "rate_mbps = 10.0\ntiers_mbps = [10.0]\nlease_ms = 5000",
+    );
+    let archive = site.pack("clip", 2 * MB, 102);
+    let tag = archive_tag(&ArchiveFile::open(&archive).unwrap().head.archive_id);
+    let mut srv = site.serve();
+    let rid: u64 = rand::random();
+    let mut member = Ctl::new(site.control, rid);
+    let Control::JoinOk { archive_id, .. } = member.request(Control::Join {
+        title: "clip".into(),
+    }) else {
+        panic!("join refused")
+    };
+    // The stream goes to S, the member's data socket.
+    let mut s = Ctl::new(site.control, rid);
+    s.session_key = member.session_key;
+    let cookie = match s.request(Control::UnicastRequest { archive_id }) {
+        Control::Cookie { cookie, .. } => cookie,
+        other => panic!("expected a cookie: {other:?}"),
+    };
+    match s.request(Control::UnicastConfirm { archive_id, cookie }) {
+        Control::UnicastOk { .. } => {}
+        other => panic!("right cookie refused: {other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut ours = 0u64;
+    while let Some(b) = recv_until(&s.sock, deadline) {
+        if DataHeader::decode(&b).is_ok_and(|(h, _)| h.archive_tag == tag) {
+            ours += 1;
+            if ours >= 20 {
+                break;
+            }
+        }
+    }
+    assert!(ours >= 20, "no unicast data after a valid cookie");
+    assert_eq!(channels(&site.stats())[0]["unicast"], 1);
+    // The receiver's data socket closes; its session lives on (the member keeps its lease).
+    let closed_at = Instant::now();
+    drop(s);
+    let mut ended = None;
+    while closed_at.elapsed() < Duration::from_secs(4) {
+        std::thread::sleep(Duration::from_millis(50));
+        let st = site.stats();
+        if counter(&st, "streams_unreachable") >= 1 {
+            ended = Some((closed_at.elapsed(), st));
+            break;
+        }
+    }
+    let (after, st) = ended.expect("the stream to a closed socket did not end on ICMP");
+    println!(
+        "stream to a closed socket ended after {:.2} s (lease 5 s): streams_unreachable {}, \
+         streams_consent_expired {}",
+        after.as_secs_f64(),
+        counter(&st, "streams_unreachable"),
+        counter(&st, "streams_consent_expired")
+    );
+    assert_eq!(channels(&st)[0]["unicast"], 0, "{st}");
+    assert_eq!(
+        counter(&st, "streams_consent_expired"),
+        0,
+        "ended by consent, not ICMP"
+    );
+    assert_eq!(channels(&st)[0]["members"], 1, "the session lives on");
+    srv.assert_running();
 }

@@ -61,7 +61,7 @@ fn valid_samples() -> Vec<Vec<u8>> {
         .encode(),
         Nak {
             archive_tag: [1; 8],
-            receiver_id: 5,
+            session_tag: 5,
             ranges: vec![(1, 2), (9, 1)],
             symbols: Vec::new(),
         }

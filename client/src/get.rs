@@ -118,6 +118,9 @@ pub struct GetReport {
     pub written: u64,
     pub duplicates: u64,
     pub no_hash_yet: u64,
+    /// Packets not parked because their packet id already had the most candidates allowed
+    /// waiting for its hash packet (forgeries on the group, most likely).
+    pub parked_excess: u64,
     pub rejected: u64,
     pub foreign: u64,
     pub malformed: u64,
@@ -129,6 +132,10 @@ pub struct GetReport {
     pub naks_sent: u64,
     pub units_naked: u64,
     pub units_suppressed: u64,
+    /// Units, and FEC amounts, in heard NAKs that no longer held ours back: the unit or block
+    /// had been held by heard NAKs twice already (a forged NAK flood on the group shows here).
+    pub units_heard_ignored: u64,
+    pub amounts_heard_ignored: u64,
     /// Repair packets received (including ones for units already held).
     pub repairs_received: u64,
     /// Datagrams of discovery bursts received (a short unicast burst at the top tier's
@@ -768,6 +775,7 @@ impl Driver<'_> {
                 written: 0,
                 duplicates: 0,
                 no_hash_yet: 0,
+                parked_excess: 0,
                 rejected: 0,
                 foreign: 0,
                 malformed: 0,
@@ -777,6 +785,8 @@ impl Driver<'_> {
                 naks_sent: 0,
                 units_naked: 0,
                 units_suppressed: 0,
+                units_heard_ignored: 0,
+                amounts_heard_ignored: 0,
                 repairs_received: 0,
                 burst_packets: 0,
                 fec_decodes: 0,
@@ -842,6 +852,7 @@ impl Driver<'_> {
             written: st.download.written,
             duplicates: st.download.duplicates,
             no_hash_yet: st.download.no_hash_yet,
+            parked_excess: st.download.parked_excess,
             rejected: st.download.rejected,
             foreign: st.foreign,
             malformed: st.malformed,
@@ -851,6 +862,8 @@ impl Driver<'_> {
             naks_sent: st.nak.naks_sent,
             units_naked: st.nak.units_naked,
             units_suppressed: st.nak.units_suppressed,
+            units_heard_ignored: st.nak.units_heard_ignored,
+            amounts_heard_ignored: st.symbol_naks.amounts_heard_ignored,
             repairs_received: st.repairs_received,
             burst_packets: st.burst_packets,
             fec_decodes: st.download.fec_decodes,

@@ -23,6 +23,7 @@ fuzz_target!(|input: &[u8]| {
     let mut d = Director::new(Params {
         key: Some(HEARTBEAT_KEY),
         server_keys: Default::default(),
+        any_source: Default::default(),
         down_after: 3,
         max_skew: Duration::from_secs(30),
         token_secret: [0; 32],

@@ -6,7 +6,11 @@
 //! (`src/bin/mcast-director.rs`) owns the socket and the clock; tests drive it directly.
 //!
 //! * **Authentication.** A heartbeat counts only if its keyed-BLAKE3 MAC verifies under the
-//!   shared key; a forged one changes nothing and is counted.
+//!   key of the server it names (its own, `server_keys`, or the shared one); a forged one
+//!   changes nothing and is counted. A listed server's heartbeat must also come from the IP
+//!   address it names (unless the operator allowed any source for it, `any_source`: a server
+//!   behind NAT): its key proves who wrote it, the address that it was not captured and
+//!   re-sent from elsewhere by someone who took the key.
 //! * **Replay.** Per server, a heartbeat must be newer than the last accepted one: a higher
 //!   `seq` within the same boot, or — a new `boot_id` (restart) — a later timestamp; and its
 //!   timestamp must lie within `max_skew` of the director's clock. Replays are counted.
@@ -21,8 +25,8 @@
 //!   heartbeat (load it does not report yet), plus a penalty when its fastest tier is slower
 //!   than the receiver's measured throughput. Ties go to the server routed to least.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::net::{SocketAddr, SocketAddrV4};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -43,6 +47,10 @@ pub struct Params {
     /// a heartbeat naming that address verifies under that key only, so a server that is
     /// compromised cannot mark the others stopping or pull their receivers to itself.
     pub server_keys: BTreeMap<SocketAddrV4, [u8; 32]>,
+    /// Listed servers (`server_keys`) whose heartbeats may come from any source address
+    /// (behind NAT, or sending from another interface than the one they advertise). Every
+    /// other listed server's heartbeats count only from the IP address they name.
+    pub any_source: BTreeSet<SocketAddrV4>,
     /// A server is down after this many of its heartbeat intervals without one.
     pub down_after: u32,
     /// Heartbeats whose timestamp is further than this from the director's clock are refused.
@@ -74,6 +82,9 @@ pub enum Verdict {
     Replayed,
     /// Timestamp outside the window.
     Stale,
+    /// Authenticated under a listed server's own key, but sent from another IP address than
+    /// the one that server is listed (and names itself) with.
+    WrongSource,
 }
 
 /// Things an operator wants in the log.
@@ -105,6 +116,8 @@ pub struct Counters {
     pub heartbeats_forged: u64,
     pub heartbeats_replayed: u64,
     pub heartbeats_stale: u64,
+    /// Heartbeats under a listed server's own key from another source address (refused).
+    pub heartbeats_wrong_source: u64,
     pub routes_ok: u64,
     pub routes_not_found: u64,
     pub routes_no_healthy: u64,
@@ -238,6 +251,7 @@ impl Director {
             Verdict::Forged => self.counters.heartbeats_forged += 1,
             Verdict::Replayed => self.counters.heartbeats_replayed += 1,
             Verdict::Stale => self.counters.heartbeats_stale += 1,
+            Verdict::WrongSource => self.counters.heartbeats_wrong_source += 1,
             Verdict::Accepted => unreachable!("not a rejection"),
         }
         self.events.push_back(Event::Rejected { from, verdict });
@@ -255,10 +269,11 @@ impl Director {
         // The key of the server the heartbeat names (read before the MAC is checked: it only
         // chooses the key, and a heartbeat that lies about it fails that key's MAC).
         let named = crate::wire::director::heartbeat_server(buf);
-        let key = match named.and_then(|a| self.params.server_keys.get(&a)) {
-            Some(k) => k,
+        let own = named.and_then(|a| self.params.server_keys.get(&a).map(|k| (a, k)));
+        let (key, bound) = match own {
+            Some((a, k)) => (k, (!self.params.any_source.contains(&a)).then_some(*a.ip())),
             None => match &self.params.key {
-                Some(k) => k,
+                Some(k) => (k, None),
                 None if named.is_none() => return self.reject(from, Verdict::Malformed),
                 None => return self.reject(from, Verdict::Forged),
             },
@@ -268,6 +283,11 @@ impl Director {
             Err(HeartbeatError::Malformed(_)) => return self.reject(from, Verdict::Malformed),
             Err(HeartbeatError::BadMac) => return self.reject(from, Verdict::Forged),
         };
+        // Genuine, but is it from the server's own address? (Checked after the MAC, so this
+        // counts only heartbeats its key wrote: a misconfiguration or a captured key.)
+        if bound.is_some_and(|ip| source_v4(from) != Some(ip)) {
+            return self.reject(from, Verdict::WrongSource);
+        }
         if hb.unix_ms.abs_diff(unix_ms) > self.params.max_skew.as_millis() as u64 {
             return self.reject(from, Verdict::Stale);
         }
@@ -580,6 +600,15 @@ fn fit_route_reply(reply: DirectorMsg, cap: usize) -> Option<Vec<u8>> {
     )
 }
 
+/// The IPv4 address a datagram came from (an IPv4-mapped IPv6 source too: a director
+/// listening on `[::]`).
+fn source_v4(from: SocketAddr) -> Option<Ipv4Addr> {
+    match from.ip() {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(ip) => ip.to_ipv4_mapped(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,6 +621,7 @@ mod tests {
         Params {
             key: Some(KEY),
             server_keys: BTreeMap::new(),
+            any_source: BTreeSet::new(),
             down_after: 3,
             max_skew: Duration::from_secs(30),
             token_secret: [3; 32],
@@ -662,8 +692,10 @@ mod tests {
         p.key = None;
         p.server_keys = [(addr(1), ka), (addr(2), kb)].into_iter().collect();
         let mut d = Director::new(p);
+        // Sent from the IP of the server they name (listed servers' heartbeats must be).
         let feed_with = |d: &mut Director, h: &Heartbeat, k: &[u8; 32]| {
-            d.handle_heartbeat(t, h.unix_ms, from(), &h.encode(k))
+            let src = SocketAddr::from((*h.server.ip(), 40000));
+            d.handle_heartbeat(t, h.unix_ms, src, &h.encode(k))
         };
         assert_eq!(feed_with(&mut d, &hb(1, 1, &["a"]), &ka), Verdict::Accepted);
         assert_eq!(feed_with(&mut d, &hb(2, 1, &["a"]), &kb), Verdict::Accepted);
@@ -687,6 +719,76 @@ mod tests {
         );
         assert_eq!(feed_with(&mut d, &hb(2, 1, &["a"]), &KEY), Verdict::Forged);
         assert_eq!(feed_with(&mut d, &hb(2, 1, &["a"]), &kb), Verdict::Accepted);
+    }
+
+    /// A listed server's heartbeat, even under its own key, counts only from the IP address
+    /// it is listed with: one from elsewhere (a captured key, a replay re-sent from another
+    /// host) is refused (`heartbeats_wrong_source`) and changes no route; the same from the
+    /// right IP (any port, or IPv4-mapped on a `[::]` socket) does. `any_source` lifts the
+    /// binding for a server behind NAT.
+    #[test]
+    fn a_listed_servers_heartbeat_counts_only_from_its_own_address() {
+        let t = Instant::now();
+        let kb = [2u8; 32];
+        let mut p = params();
+        p.key = None;
+        p.server_keys = [(addr(1), [1u8; 32]), (addr(2), kb)].into_iter().collect();
+        let at = |ip: &str| -> SocketAddr { format!("{ip}:40000").parse().unwrap() };
+        let mut d = Director::new(p.clone());
+        let send = |d: &mut Director, src: SocketAddr, h: &Heartbeat| {
+            d.handle_heartbeat(t, h.unix_ms, src, &h.encode(&kb))
+        };
+        assert_eq!(
+            send(&mut d, at("127.0.0.2"), &hb(2, 1, &["a"])),
+            Verdict::Accepted
+        );
+        assert_eq!(route(&mut d, t, "b"), Err(NoRoute::NotFound));
+        // From another host on the network, under server 2's own key: "I now hold b", then
+        // "I am stopping". Neither is taken.
+        let mut stopping = hb(2, 3, &["a", "b"]);
+        stopping.state = ServerState::Stopping;
+        for (seq, h) in [(2, hb(2, 2, &["a", "b"])), (3, stopping.clone())] {
+            assert_eq!(
+                send(&mut d, at("127.0.0.66"), &h),
+                Verdict::WrongSource,
+                "{seq}"
+            );
+        }
+        assert_eq!(d.counters().heartbeats_wrong_source, 2);
+        assert_eq!(d.counters().heartbeats_accepted, 1);
+        assert!(matches!(
+            d.events.back(),
+            Some(Event::Rejected { from, verdict: Verdict::WrongSource }) if *from == at("127.0.0.66")
+        ));
+        assert_eq!(route(&mut d, t, "b"), Err(NoRoute::NotFound));
+        assert_eq!(route(&mut d, t, "a"), Ok(addr(2)));
+        assert_eq!(d.up_servers(), vec![(addr(2), ServerState::Online)]);
+        // The same heartbeat from server 2's own IP (another port: any socket of the host)
+        // is taken, and routes follow it; so is one from an IPv4-mapped source.
+        let own_port = SocketAddr::from((*addr(2).ip(), 51234));
+        assert_eq!(
+            send(&mut d, own_port, &hb(2, 2, &["a", "b"])),
+            Verdict::Accepted
+        );
+        assert_eq!(route(&mut d, t, "b"), Ok(addr(2)));
+        let mapped: SocketAddr = "[::ffff:127.0.0.2]:40000".parse().unwrap();
+        assert_eq!(send(&mut d, mapped, &stopping), Verdict::Accepted);
+        assert_eq!(route(&mut d, t, "a"), Err(NoRoute::NoHealthyServer));
+        assert_eq!(d.counters().heartbeats_wrong_source, 2);
+
+        // Server 2 behind NAT: the operator allowed any source for it (and only for it).
+        p.any_source = [addr(2)].into_iter().collect();
+        let mut d = Director::new(p);
+        assert_eq!(
+            send(&mut d, at("10.9.8.7"), &hb(2, 1, &["b"])),
+            Verdict::Accepted
+        );
+        assert_eq!(route(&mut d, t, "b"), Ok(addr(2)));
+        let h1 = hb(1, 1, &["a"]);
+        assert_eq!(
+            d.handle_heartbeat(t, h1.unix_ms, at("10.9.8.7"), &h1.encode(&[1u8; 32])),
+            Verdict::WrongSource
+        );
     }
 
     #[test]

@@ -147,8 +147,13 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
         Some(mcast::heartbeat::read_key(&d.key_file)?)
     };
     let mut server_keys = std::collections::BTreeMap::new();
+    let mut any_source = std::collections::BTreeSet::new();
     for s in &d.servers {
         server_keys.insert(s.addr, mcast::heartbeat::read_key(&s.key_file)?);
+        if s.any_source {
+            any_source.insert(s.addr);
+            tracing::info!(server = %s.addr, "heartbeats of this server are taken from any source address (any_source)");
+        }
     }
     if key.is_some() {
         tracing::info!(
@@ -169,6 +174,7 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
     let mut dir = Director::new(Params {
         key,
         server_keys,
+        any_source,
         down_after: d.down_after,
         max_skew: Duration::from_millis(d.max_skew_ms),
         token_secret,
@@ -196,10 +202,17 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
                     let total = c.heartbeats_forged
                         + c.heartbeats_replayed
                         + c.heartbeats_stale
-                        + c.heartbeats_malformed;
+                        + c.heartbeats_malformed
+                        + c.heartbeats_wrong_source;
+                    // Rate-limited: the 1st, 2nd, 4th, 8th ... rejection.
                     if total.is_power_of_two() && total > rejected_logged {
                         rejected_logged = total;
-                        tracing::warn!(%from, ?verdict, rejected = total, "heartbeat rejected");
+                        if verdict == mcast::director::Verdict::WrongSource {
+                            tracing::warn!(%from, rejected = total,
+                                "heartbeat under a listed server's own key from another address than that server's: refused (a server behind NAT needs any_source = true in its [[director.servers]])");
+                        } else {
+                            tracing::warn!(%from, ?verdict, rejected = total, "heartbeat rejected");
+                        }
                     }
                 }
             }

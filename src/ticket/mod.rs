@@ -172,6 +172,14 @@ pub enum TicketDbError {
         #[source]
         source: ::postgres::Error,
     },
+    /// No connection to PostgreSQL: `why` says what went wrong and what to set.
+    #[error("ticket database {path}: {why}")]
+    PgConnect {
+        path: PathBuf,
+        why: String,
+        #[source]
+        source: ::postgres::Error,
+    },
     #[error("ticket database {path}: {why}")]
     Invalid { path: PathBuf, why: String },
 }

@@ -12,16 +12,24 @@
 //!
 //! Part B is stored wrapped, as in SQLite: the database never holds a key part in the clear.
 
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use mcast_keys::ticket::{Ticket, TicketId};
-use postgres::{Client, NoTls};
+use postgres::config::{Host, SslMode};
+use postgres::error::SqlState;
+use postgres::{Client, Config as PgConfig, NoTls};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
     revoke_outcome, to_i64, to_u64, why_refused, Consumed, Refusal, Revoked, TicketDbError,
     TicketRow, TicketStatus, TicketStore,
 };
+use crate::config::{PgTls, TicketsConfig};
 
 const SCHEMA_VERSION: i64 = 1;
 /// Advisory lock key serialising schema creation by servers starting at once.
@@ -29,9 +37,249 @@ const SCHEMA_LOCK: i64 = 0x6d63_6173_7430_0001;
 
 pub struct PgStore {
     client: Mutex<Client>,
-    url: String,
+    /// How to connect again (after a restart or failover of the server).
+    plan: Plan,
+    /// The TLS connector (roots loaded once); `None` when [`Plan::tls`] is false.
+    tls: Option<MakeRustlsConnect>,
+    /// What the server's certificate is checked against, for messages.
+    roots: String,
     /// The connection string with any password removed (for messages and logs).
     label: PathBuf,
+}
+
+/// `tickets.postgres_url` read and checked against `tickets.postgres_tls` (see [`plan`]).
+#[derive(Clone)]
+pub struct Plan {
+    /// The parsed connection string, its TLS mode set from `postgres_tls`.
+    pub config: PgConfig,
+    /// Whether the connection uses TLS: toward every TCP host under "verify-full"; never over
+    /// a Unix socket, where PostgreSQL offers none.
+    pub tls: bool,
+    /// "host:port" (comma-separated when several), for messages.
+    pub target: String,
+}
+
+const URL_FIELD: &str = "tickets.postgres_url";
+const TLS_FIELD: &str = "tickets.postgres_tls";
+const SSLMODE_WHY: &str = "sslmode is not read from postgres_url: remove it and set \
+     tickets.postgres_tls = \"verify-full\" (the default: TLS, the certificate chain and host \
+     name checked) or \"disable\" (plaintext, toward this host only)";
+
+/// A host name that means this machine.
+fn is_loopback_name(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost") || h.parse::<IpAddr>().is_ok_and(|a| a.is_loopback())
+}
+
+/// Read `url` and check it against `tls`; `Err((field, why))` names the `[tickets]` field to
+/// change and says how. "disable" is refused unless every host is a loopback address (or
+/// `localhost`) or a Unix socket directory; "verify-full" needs a host name to check the
+/// certificate against (`hostaddr=` alone has none); `sslmode` in the URL is refused (TLS is
+/// set in one place, `postgres_tls`).
+pub fn plan(url: &str, tls: PgTls) -> Result<Plan, (&'static str, String)> {
+    let mut config: PgConfig = url.parse().map_err(|e: postgres::Error| {
+        let msg = chain(&e);
+        if msg.contains("sslmode") {
+            (URL_FIELD, SSLMODE_WHY.to_string())
+        } else {
+            (URL_FIELD, format!("cannot be read: {msg}"))
+        }
+    })?;
+    // Prefer is the parser's default: anything else was written in the URL.
+    if config.get_ssl_mode() != SslMode::Prefer {
+        return Err((URL_FIELD, SSLMODE_WHY.to_string()));
+    }
+    let (hosts, addrs, ports) = (
+        config.get_hosts(),
+        config.get_hostaddrs(),
+        config.get_ports(),
+    );
+    let n = hosts.len().max(addrs.len());
+    if n == 0 {
+        return Err((
+            URL_FIELD,
+            "names no server: add host=NAME (the name in the server's certificate) or a Unix \
+             socket directory"
+                .into(),
+        ));
+    }
+    let mut targets = Vec::new();
+    let mut all_unix = true;
+    for i in 0..n {
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let (shown, local, unix) = match (hosts.get(i), addrs.get(i)) {
+            (host, Some(a)) => {
+                if tls == PgTls::VerifyFull && !matches!(host, Some(Host::Tcp(_))) {
+                    return Err((
+                        URL_FIELD,
+                        format!(
+                            "hostaddr={a} without host=NAME: with postgres_tls = \"verify-full\" \
+                             the server's certificate is checked against host=, so add the name \
+                             or address it was issued for"
+                        ),
+                    ));
+                }
+                (
+                    SocketAddr::new(*a, port).to_string(),
+                    a.is_loopback(),
+                    false,
+                )
+            }
+            (Some(Host::Tcp(h)), None) => {
+                let shown = if h.contains(':') && !h.starts_with('[') {
+                    format!("[{h}]:{port}")
+                } else {
+                    format!("{h}:{port}")
+                };
+                (shown, is_loopback_name(h), false)
+            }
+            (Some(Host::Unix(d)), None) => (format!("{}/.s.PGSQL.{port}", d.display()), true, true),
+            (None, None) => unreachable!("i < max(hosts, hostaddrs)"),
+        };
+        all_unix &= unix;
+        if tls == PgTls::Disable && !local {
+            return Err((
+                TLS_FIELD,
+                format!(
+                    "\"disable\" would send tickets and plays in plaintext to {shown}, which is \
+                     not this host; it is allowed only toward a loopback address or a Unix \
+                     socket directory. Keep postgres_tls = \"verify-full\" (the default) and set \
+                     tickets.postgres_ca_file to the CA that signed the server's certificate"
+                ),
+            ));
+        }
+        targets.push(shown);
+    }
+    let use_tls = tls == PgTls::VerifyFull && !all_unix;
+    config.ssl_mode(if use_tls {
+        SslMode::Require
+    } else {
+        SslMode::Disable
+    });
+    Ok(Plan {
+        config,
+        tls: use_tls,
+        target: targets.join(","),
+    })
+}
+
+/// The TLS connector: rustls on the ring provider, roots from `ca_file` (PEM), or the
+/// system's when it is empty.
+fn tls_connector(ca_file: &Path) -> Result<MakeRustlsConnect, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    if ca_file.as_os_str().is_empty() {
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            let mut why = "no CA certificate in the system store".to_string();
+            if let Some(e) = found.errors.first() {
+                let _ = write!(why, " ({e})");
+            }
+            why.push_str(
+                ": install ca-certificates, or set tickets.postgres_ca_file to the CA that signed \
+                 the server's certificate",
+            );
+            return Err(why);
+        }
+    } else {
+        let file = ca_file.display();
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca_file)
+            .and_then(|it| it.collect())
+            .map_err(|e| format!("tickets.postgres_ca_file {file}: cannot read it: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "tickets.postgres_ca_file {file}: no PEM certificate (-----BEGIN CERTIFICATE-----) \
+                 in it"
+            ));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| {
+                format!("tickets.postgres_ca_file {file}: not a usable CA certificate: {e}")
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS set-up: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// An error and its causes: "a: b: c".
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let _ = write!(s, ": {c}");
+        cur = c.source();
+    }
+    s
+}
+
+/// The rustls error behind a failed handshake (tokio-rustls wraps it in an `io::Error`).
+fn rustls_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(r) = c.downcast_ref::<rustls::Error>() {
+            return Some(r);
+        }
+        if let Some(r) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(r);
+        }
+        cur = c.source();
+    }
+    None
+}
+
+/// What went wrong connecting, and what to do about it.
+fn explain(e: &postgres::Error, plan: &Plan, roots: &str) -> String {
+    use rustls::CertificateError as C;
+    let detail = chain(e);
+    let what = if let Some(r) = rustls_cause(e) {
+        match r {
+            rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => format!(
+                "certificate not trusted by {roots} (set tickets.postgres_ca_file to the CA that \
+                 signed the server's certificate)"
+            ),
+            rustls::Error::InvalidCertificate(
+                C::NotValidForName | C::NotValidForNameContext { .. },
+            ) => "certificate is not valid for the host name in tickets.postgres_url (use a \
+                  name or address its subjectAltName lists, or reissue it for this one)"
+                .to_string(),
+            rustls::Error::InvalidCertificate(
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. },
+            ) => "certificate expired or not yet valid (renew it, or check this host's clock)"
+                .to_string(),
+            rustls::Error::InvalidCertificate(_) => format!(
+                "certificate refused (it must be a server certificate for this host name, \
+                 signed by a CA in {roots})"
+            ),
+            _ => "TLS handshake failed".to_string(),
+        }
+    } else if detail.contains("server does not support TLS") {
+        "does not offer TLS (ssl = off in its postgresql.conf?): turn ssl on there with a \
+         certificate, or, for a server on this host only, set tickets.postgres_tls = \"disable\""
+            .to_string()
+    } else if e.as_db_error().is_some_and(|db| {
+        db.code() == &SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            && db.message().contains("no encryption")
+    }) {
+        "refuses a plaintext connection (its pg_hba.conf allows this role only over TLS: \
+         hostssl): set tickets.postgres_tls = \"verify-full\" and tickets.postgres_ca_file"
+            .to_string()
+    } else {
+        "cannot connect (is PostgreSQL running, and is tickets.postgres_url right?)".to_string()
+    };
+    format!("PostgreSQL at {}: {what} [{detail}]", plan.target)
 }
 
 fn to_u32(v: i64) -> u32 {
@@ -66,10 +314,28 @@ pub fn redact(url: &str) -> String {
 }
 
 impl PgStore {
-    /// Connect to `url` and create the tables if they are missing.
-    pub fn open(url: &str) -> Result<PgStore, TicketDbError> {
+    /// Connect to the server `[tickets]` names (`postgres_url`, over TLS unless
+    /// `postgres_tls = "disable"`) and create the tables if they are missing.
+    pub fn open(cfg: &TicketsConfig) -> Result<PgStore, TicketDbError> {
+        let url = &cfg.postgres_url;
         let label = PathBuf::from(format!("postgres[{}]", redact(url)));
-        let mut client = Self::connect(url, &label)?;
+        let invalid = |why: String| TicketDbError::Invalid {
+            path: label.clone(),
+            why,
+        };
+        let plan =
+            plan(url, cfg.postgres_tls).map_err(|(f, why)| invalid(format!("{f}: {why}")))?;
+        let tls = if plan.tls {
+            Some(tls_connector(&cfg.postgres_ca_file).map_err(invalid)?)
+        } else {
+            None
+        };
+        let roots = if cfg.postgres_ca_file.as_os_str().is_empty() {
+            "the system roots".to_string()
+        } else {
+            cfg.postgres_ca_file.display().to_string()
+        };
+        let mut client = Self::connect(&plan, tls.as_ref(), &roots, &label)?;
         let err = |what: &'static str| {
             let path = label.clone();
             move |source| TicketDbError::Pg { path, what, source }
@@ -114,15 +380,26 @@ impl PgStore {
         }
         Ok(PgStore {
             client: Mutex::new(client),
-            url: url.to_string(),
+            plan,
+            tls,
+            roots,
             label,
         })
     }
 
-    fn connect(url: &str, label: &Path) -> Result<Client, TicketDbError> {
-        Client::connect(url, NoTls).map_err(|source| TicketDbError::Pg {
+    fn connect(
+        plan: &Plan,
+        tls: Option<&MakeRustlsConnect>,
+        roots: &str,
+        label: &Path,
+    ) -> Result<Client, TicketDbError> {
+        let r = match tls {
+            Some(tls) => plan.config.connect(tls.clone()),
+            None => plan.config.connect(NoTls),
+        };
+        r.map_err(|source| TicketDbError::PgConnect {
             path: label.to_path_buf(),
-            what: "cannot connect (is PostgreSQL running, and is tickets.postgres_url right?)",
+            why: explain(&source, plan, roots),
             source,
         })
     }
@@ -140,7 +417,7 @@ impl PgStore {
         let mut c = self.client.lock().unwrap_or_else(|p| p.into_inner());
         if c.is_closed() {
             tracing::warn!(db = %self.label.display(), "ticket database connection lost: reconnecting");
-            *c = Self::connect(&self.url, &self.label)?;
+            *c = Self::connect(&self.plan, self.tls.as_ref(), &self.roots, &self.label)?;
         }
         Ok(c)
     }
@@ -350,19 +627,60 @@ mod tests {
     use mcast_keys::ticket::TicketSpec;
     use mcast_keys::{Identity, MasterKey};
 
+    use crate::config::Database;
+
+    fn skip_or_fail(why: &str) {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true: {why} (.ci/run starts a PostgreSQL server with .ci/pg.sh)");
+        }
+        eprintln!("SKIPPED: {why}");
+    }
+
     /// `MCAST_TEST_PG_URL`, or `None` after saying why (a failure under `CI=true`).
     fn pg_url() -> Option<String> {
         match std::env::var("MCAST_TEST_PG_URL") {
             Ok(u) => Some(u),
-            Err(_) if std::env::var("CI").as_deref() == Ok("true") => {
-                panic!(
-                    "CI=true: MCAST_TEST_PG_URL must name a PostgreSQL server (.ci/run starts one)"
-                )
-            }
             Err(_) => {
-                eprintln!("SKIPPED: MCAST_TEST_PG_URL is not set (no PostgreSQL server)");
+                skip_or_fail("MCAST_TEST_PG_URL is not set (no PostgreSQL server)");
                 None
             }
+        }
+    }
+
+    fn tickets_cfg(url: &str, tls: PgTls, ca_file: &Path) -> TicketsConfig {
+        TicketsConfig {
+            database: Database::Postgres,
+            postgres_url: url.to_string(),
+            postgres_tls: tls,
+            postgres_ca_file: ca_file.to_path_buf(),
+            ..TicketsConfig::default()
+        }
+    }
+
+    /// `[tickets]` for the test server: verified TLS against `MCAST_TEST_PG_CA` (the system
+    /// roots when it is unset).
+    fn pg_cfg() -> Option<TicketsConfig> {
+        let ca = std::env::var_os("MCAST_TEST_PG_CA").unwrap_or_default();
+        Some(tickets_cfg(&pg_url()?, PgTls::VerifyFull, Path::new(&ca)))
+    }
+
+    /// The `.ci/pg.sh` server (its CA in `MCAST_TEST_PG_CA`, TLS required over TCP), or
+    /// `None` after saying why (a failure under `CI=true`).
+    fn pg_sh_server() -> Option<(String, PathBuf)> {
+        let url = pg_url()?;
+        match std::env::var_os("MCAST_TEST_PG_CA") {
+            Some(ca) => Some((url, PathBuf::from(ca))),
+            None => {
+                skip_or_fail("MCAST_TEST_PG_CA is not set (the CA of a .ci/pg.sh server)");
+                None
+            }
+        }
+    }
+
+    fn open_err(cfg: &TicketsConfig) -> String {
+        match PgStore::open(cfg) {
+            Ok(_) => panic!("{} must be refused", cfg.postgres_url),
+            Err(e) => e.to_string(),
         }
     }
 
@@ -383,17 +701,17 @@ mod tests {
 
     #[test]
     fn concurrent_servers_use_exactly_the_plays_there_are() {
-        let Some(url) = pg_url() else { return };
-        let mut db = PgStore::open(&url).unwrap();
+        let Some(cfg) = pg_cfg() else { return };
+        let mut db = PgStore::open(&cfg).unwrap();
         let t = ticket(2);
         db.insert(&t, b"wrapped").unwrap();
         // 16 connections (as from 16 servers) race for 2 plays.
         let winners: Vec<u8> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..16u8)
                 .map(|i| {
-                    let (url, t) = (&url, &t);
+                    let (cfg, t) = (&cfg, &t);
                     s.spawn(move || {
-                        let mut db = PgStore::open(url).unwrap();
+                        let mut db = PgStore::open(cfg).unwrap();
                         db.consume(&t.ticket_id, &t.archive_id, &[i; 32], 50, 60)
                             .unwrap()
                             .is_ok()
@@ -435,6 +753,179 @@ mod tests {
         );
         db.remove(&t.ticket_id).unwrap();
         assert!(db.get(&t.ticket_id).unwrap().is_none());
+    }
+
+    /// A server whose certificate another CA signed is refused, and the message names the CA
+    /// file and the key to set.
+    #[test]
+    fn a_certificate_from_another_ca_is_refused_naming_the_ca() {
+        let Some((url, _)) = pg_sh_server() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let wrong = dir.path().join("other-ca.pem");
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(&wrong, other.cert.pem()).unwrap();
+        let e = open_err(&tickets_cfg(&url, PgTls::VerifyFull, &wrong));
+        println!("{e}");
+        let expect = format!(
+            "certificate not trusted by {} (set tickets.postgres_ca_file to the CA",
+            wrong.display()
+        );
+        assert!(e.contains(&expect), "{e}");
+        assert!(e.contains("PostgreSQL at 127.0.0.1:"), "{e}");
+    }
+
+    /// The right CA but another host name (connected by address): refused, saying so.
+    #[test]
+    fn a_certificate_for_another_name_is_refused() {
+        let Some((url, ca)) = pg_sh_server() else {
+            return;
+        };
+        let other = url.replace(
+            "host=127.0.0.1",
+            "host=mcast-other.invalid hostaddr=127.0.0.1",
+        );
+        assert_ne!(other, url, "{url}: expected host=127.0.0.1 (.ci/pg.sh)");
+        let e = open_err(&tickets_cfg(&other, PgTls::VerifyFull, &ca));
+        println!("{e}");
+        assert!(
+            e.contains("certificate is not valid for the host name"),
+            "{e}"
+        );
+    }
+
+    /// "disable" toward the loopback test server passes the config check, but the server
+    /// (pg_hba.conf `hostssl`) refuses plaintext, and the message says what to set.
+    #[test]
+    fn plaintext_is_refused_by_a_server_that_requires_tls() {
+        let Some((url, _)) = pg_sh_server() else {
+            return;
+        };
+        let e = open_err(&tickets_cfg(&url, PgTls::Disable, Path::new("")));
+        println!("{e}");
+        assert!(
+            e.contains("refuses a plaintext connection")
+                && e.contains("tickets.postgres_tls = \"verify-full\""),
+            "{e}"
+        );
+    }
+
+    /// A server that answers the TLS request with "no" (ssl = off): a prompt, clear refusal,
+    /// never a plaintext fallback nor a hang. A one-byte fake server, no PostgreSQL needed.
+    #[test]
+    fn a_server_without_tls_is_refused_promptly() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut request = [0u8; 8];
+            s.read_exact(&mut request).unwrap();
+            // SSLRequest: length 8, code 80877103.
+            assert_eq!(request, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+            s.write_all(b"N").unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            rest
+        });
+        let url = format!("host=127.0.0.1 port={port} user=mcast dbname=mcast");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let cfg = tickets_cfg(&url, PgTls::VerifyFull, Path::new(""));
+            let _ = tx.send(PgStore::open(&cfg).map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("connecting to a server without TLS must not hang");
+        let e = r.expect_err("a server without TLS must be refused");
+        println!("{e}");
+        assert!(
+            e.contains(&format!(
+                "PostgreSQL at 127.0.0.1:{port}: does not offer TLS"
+            )) && e.contains("tickets.postgres_tls = \"disable\""),
+            "{e}"
+        );
+        assert!(
+            server.join().unwrap().is_empty(),
+            "nothing may be sent in plaintext after the refusal"
+        );
+    }
+
+    #[test]
+    fn tls_is_planned_from_the_config() {
+        let ok = |url: &str, tls| plan(url, tls).map(|p| (p.tls, p.target));
+        let v = PgTls::VerifyFull;
+        let d = PgTls::Disable;
+        assert_eq!(ok("host=db1 user=m", v), Ok((true, "db1:5432".to_string())));
+        assert_eq!(
+            ok("postgres://m@db1:6432/x", v),
+            Ok((true, "db1:6432".to_string()))
+        );
+        assert_eq!(
+            ok("host=db1 hostaddr=10.0.0.5 port=7", v),
+            Ok((true, "10.0.0.5:7".to_string()))
+        );
+        // Unix sockets: this host, no TLS there (PostgreSQL offers none).
+        assert_eq!(
+            ok("host=/run/postgresql user=m", v),
+            Ok((false, "/run/postgresql/.s.PGSQL.5432".to_string()))
+        );
+        for url in [
+            "host=127.0.0.1",
+            "host=localhost",
+            "host=::1",
+            "postgres://m@[::1]/x",
+            "host=/run/postgresql",
+            "host=db1 hostaddr=127.0.0.1",
+        ] {
+            assert_eq!(plan(url, d).map(|p| p.tls), Ok(false), "{url}");
+        }
+        for url in [
+            "host=db1",
+            "host=10.0.0.5",
+            "host=127.0.0.1,db2",
+            "host=localhost hostaddr=10.0.0.5",
+        ] {
+            let (field, why) = plan(url, d).err().unwrap();
+            assert_eq!(field, "tickets.postgres_tls", "{url}");
+            assert!(why.contains("not this host"), "{url}: {why}");
+        }
+        for url in [
+            "host=db1 sslmode=require",
+            "host=db1 sslmode=verify-full",
+            "postgres://m@db1/x?sslmode=disable",
+        ] {
+            let (field, why) = plan(url, v).err().unwrap();
+            assert_eq!(field, "tickets.postgres_url", "{url}");
+            assert!(why.contains("postgres_tls"), "{url}: {why}");
+        }
+        let (field, why) = plan("hostaddr=10.0.0.5", v).err().unwrap();
+        assert!(
+            field == "tickets.postgres_url" && why.contains("without host="),
+            "{why}"
+        );
+        let (field, why) = plan("user=m", v).err().unwrap();
+        assert!(
+            field == "tickets.postgres_url" && why.contains("names no server"),
+            "{why}"
+        );
+    }
+
+    /// A CA file that is missing or holds no certificate is named before any connection.
+    #[test]
+    fn a_bad_ca_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = open_err(&tickets_cfg("host=db.invalid", PgTls::VerifyFull, &missing));
+        assert!(
+            e.contains(&format!("tickets.postgres_ca_file {}", missing.display())),
+            "{e}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = open_err(&tickets_cfg("host=db.invalid", PgTls::VerifyFull, &empty));
+        assert!(e.contains("no PEM certificate"), "{e}");
     }
 
     #[test]

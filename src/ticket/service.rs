@@ -28,11 +28,11 @@ use crate::config::{Database, TicketsConfig};
 use crate::wire::control::{Control, Envelope, ErrorCode};
 
 /// Open the validation database `[tickets]` names: the SQLite file `db`, or the PostgreSQL
-/// server at `postgres_url`.
+/// server at `postgres_url` (over verified TLS unless `postgres_tls = "disable"`).
 pub fn open_store(cfg: &TicketsConfig) -> Result<Box<dyn TicketStore>, TicketDbError> {
     Ok(match cfg.database {
         Database::Sqlite => Box::new(SqliteStore::open(&cfg.db)?),
-        Database::Postgres => Box::new(PgStore::open(&cfg.postgres_url)?),
+        Database::Postgres => Box::new(PgStore::open(cfg)?),
     })
 }
 

@@ -338,6 +338,9 @@ pub struct Report {
     pub fec_restored: u64,
     pub duplicates: u64,
     pub no_hash_yet: u64,
+    /// Packets not parked: their packet id already had the most candidates allowed.
+    #[serde(default)]
+    pub parked_excess: u64,
     pub rejected: u64,
     pub foreign: u64,
     pub malformed: u64,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use super::unicast_stream::UnicastStream;
 use super::{ChannelManager, Event, Params};
 use crate::wire::control::{ArchiveId, Control, Envelope, ErrorCode, SessionKey};
+use crate::wire::nak::session_tag;
 
 pub(super) struct Member {
     pub(super) lease_until: Instant,
@@ -73,6 +74,9 @@ fn rtt_within(rtt_us: u32, p: &Params) -> Duration {
 #[derive(Default)]
 pub(super) struct Members {
     all: HashMap<u64, Member>,
+    /// Receiver id by session tag ([`crate::wire::nak::session_tag`] of the member's key):
+    /// NAKs name their session by tag, never by receiver id.
+    by_tag: HashMap<u64, u64>,
     /// Unicast streams by receiver id (ordered: a stable order to serve them in).
     pub(super) streams: BTreeMap<u64, UnicastStream>,
     /// Discovery bursts running, by receiver id (`burst`): a member with one still
@@ -101,18 +105,38 @@ impl Members {
         self.all.get_mut(&rid)
     }
 
+    /// The member whose session NAKs carry `tag`, and its receiver id.
+    pub(super) fn by_session_tag(&self, tag: u64) -> Option<(u64, &Member)> {
+        let rid = *self.by_tag.get(&tag)?;
+        self.all.get(&rid).map(|m| (rid, m))
+    }
+
     /// Add or replace a member; a replaced member's unicast stream ends (a re-join: the
     /// receiver asks again if it still needs one).
     fn insert(&mut self, rid: u64, m: Member) {
         self.streams.remove(&rid);
         self.bursts.remove(&rid);
-        self.all.insert(rid, m);
+        self.by_tag.insert(session_tag(&m.key), rid);
+        if let Some(old) = self.all.insert(rid, m) {
+            self.forget_tag(rid, &old);
+        }
     }
 
     pub(super) fn remove(&mut self, rid: u64) -> Option<Member> {
         self.streams.remove(&rid);
         self.bursts.remove(&rid);
-        self.all.remove(&rid)
+        let m = self.all.remove(&rid)?;
+        self.forget_tag(rid, &m);
+        Some(m)
+    }
+
+    /// Drop `m`'s tag unless it now names another session (or `rid`'s new one).
+    fn forget_tag(&mut self, rid: u64, m: &Member) {
+        let tag = session_tag(&m.key);
+        let current = self.all.get(&rid).map(|n| session_tag(&n.key));
+        if current != Some(tag) && self.by_tag.get(&tag) == Some(&rid) {
+            self.by_tag.remove(&tag);
+        }
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = &Member> {
@@ -166,6 +190,10 @@ impl Members {
         for rid in &expired {
             self.streams.remove(rid);
             self.bursts.remove(rid);
+        }
+        if !expired.is_empty() {
+            let all = &self.all;
+            self.by_tag.retain(|_, rid| all.contains_key(rid));
         }
         expired
     }

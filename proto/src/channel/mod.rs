@@ -513,6 +513,23 @@ impl ChannelManager {
         self.close_idle(now);
     }
 
+    /// The driver learned that `to` is unreachable (an ICMP destination or port unreachable
+    /// for a packet sent there: the receiver's socket is gone). Consent ends at once (RFC
+    /// 7675): every unicast stream and discovery burst to it stops, counted in
+    /// `streams_unreachable`, instead of running on until its consent lease runs out.
+    /// Returns how many ended.
+    pub fn on_unreachable(&mut self, to: SocketAddr) -> usize {
+        let mut ended = 0;
+        for c in self.channels.values_mut() {
+            let before = c.members.streams.len() + c.members.bursts.len();
+            c.members.streams.retain(|_, s| s.to != to);
+            c.members.bursts.retain(|_, b| b.to != to);
+            ended += before - (c.members.streams.len() + c.members.bursts.len());
+        }
+        self.counters.streams_unreachable += ended as u64;
+        ended
+    }
+
     /// The earliest moment something is due: a packet, a SYNC, or a lease expiry. A lingering
     /// channel's end is not a wake-up of its own: the lease check (every `LEASE_CHECK`) closes it.
     pub fn poll_timeout(&self) -> Option<Instant> {

@@ -330,12 +330,13 @@ impl ChannelManager {
         }
         // The NAKer's own channel (a title may loop on several tiers), and only if the NAK
         // carries its session's MAC: nobody else's NAK costs the server a repair.
-        let rid = nak.receiver_id;
-        let Some(c) = self.channels.values_mut().find(|c| {
-            c.tag == nak.archive_tag
-                && c.members
-                    .get(rid)
-                    .is_some_and(|m| Nak::mac_ok(datagram, &m.key))
+        let Some((rid, c)) = self.channels.values_mut().find_map(|c| {
+            let rid = c
+                .members
+                .by_session_tag(nak.session_tag)
+                .filter(|(_, m)| c.tag == nak.archive_tag && Nak::mac_ok(datagram, &m.key))?
+                .0;
+            Some((rid, c))
         }) else {
             self.counters.naks_unauthenticated += 1;
             return;
@@ -376,7 +377,7 @@ mod tests {
     fn nak(symbols: Vec<(u64, u32)>) -> Nak {
         Nak {
             archive_tag: [0; 8],
-            receiver_id: 1,
+            session_tag: 1,
             ranges: Vec::new(),
             symbols,
         }

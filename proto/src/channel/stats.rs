@@ -37,6 +37,9 @@ pub struct Counters {
     pub unicast_started: u64,
     /// Unicast streams ended: no authenticated keepalive from their own address for a lease.
     pub streams_consent_expired: u64,
+    /// Unicast streams and bursts ended because their address was reported unreachable
+    /// (ICMP, [`super::ChannelManager::on_unreachable`]).
+    pub streams_unreachable: u64,
     /// Discovery bursts started ([`crate::wire::control::Control::ProbeBurst`]), refused
     /// (too soon after the member's last one, or too many running), and their packets.
     pub bursts_started: u64,

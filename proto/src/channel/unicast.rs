@@ -190,6 +190,8 @@ mod tests {
     use crate::wire::nak::Nak;
 
     const GROUP_RATE: u64 = 100_000_000;
+    /// How late the lease check may notice an expiry, and then some.
+    const LEASE_SLACK_MS: u64 = 200;
 
     struct Bed {
         m: ChannelManager,
@@ -266,7 +268,7 @@ mod tests {
         fn nak(&mut self, rid: u64, from: &str, first: u64, len: u32) {
             let nak = Nak {
                 archive_tag: self.tag,
-                receiver_id: rid,
+                session_tag: 0, // from the key, when sealed
                 ranges: vec![(first, len)],
                 symbols: Vec::new(),
             };
@@ -395,6 +397,107 @@ mod tests {
         );
         assert!(matches!(r, Some(Control::JoinOk { .. })), "{r:?}");
         assert_eq!(b.m.stats().channels[0].unicast_rates_bps, vec![9_000_000]);
+    }
+
+    /// A keepalive of receiver `rid`, sealed with its session's key (the one its join from
+    /// `session_ip` got), sent from `from` with an address token for `from`. The reply.
+    fn keepalive_from(b: &mut Bed, rid: u64, session_ip: &str, from: &str) -> Option<Control> {
+        let archive_id = b.id;
+        let msg = Control::Keepalive {
+            archive_id,
+            have: 0,
+            total: 0,
+            rtt_us: 0,
+            rx_bps: 0,
+            loss_ppm: 0,
+            capacity_bps: 0,
+        };
+        let key =
+            b.m.session_key(rid, &archive_id, session_ip.parse().unwrap());
+        let token = b.m.address_token(addr(from).ip(), b.now);
+        let bytes = Envelope::new(rid, 9, msg)
+            .with_token(Some(token))
+            .encode_sealed(&key);
+        b.m.handle_control(b.now, addr(from), &bytes);
+        let mut last = None;
+        while let Some((to, bytes)) = b.m.poll_reply() {
+            assert_eq!(to, addr(from));
+            last = Some(Envelope::decode(&bytes).unwrap().msg);
+        }
+        last
+    }
+
+    /// Advance the clock by `ms` in lease-check steps (nothing is sent: only timers run).
+    fn tick(b: &mut Bed, ms: u64) {
+        let end = b.now + Duration::from_millis(ms);
+        while b.now < end {
+            b.now += Duration::from_millis(50);
+            b.m.handle_timeout(b.now);
+        }
+    }
+
+    /// Consent for unicast (RFC 7675's idea): a stream lives on while keepalives MAC'd under
+    /// its session's key come from the stream's own IP address, lease after lease. The same
+    /// validly MAC'd keepalives from another address keep the *session* alive (the MAC
+    /// proves the sender holds it) but are no consent: one lease after the last keepalive
+    /// from its own address the stream ends, counted in `streams_consent_expired`, and
+    /// nothing more goes to its address.
+    #[test]
+    fn a_unicast_stream_lives_only_on_keepalives_from_its_own_address() {
+        let mut b = Bed::new();
+        let uni = addr("10.0.0.2:6000");
+        let lease = Params::for_tests(GROUP_RATE).lease;
+        let lease_ms = lease.as_millis() as u64;
+        b.run(50);
+        b.go_unicast();
+        assert_eq!(b.m.stats().channels[0].unicast, 1);
+
+        // Four leases of keepalives every lease/3 from the stream's own IP (another port:
+        // consent is by address, the receiver's control socket is not its data socket).
+        let every = lease_ms / 3;
+        for _ in 0..(4 * lease_ms / every) {
+            tick(&mut b, every);
+            let r = keepalive_from(&mut b, 2, "10.0.0.2", "10.0.0.2:5000");
+            assert!(matches!(r, Some(Control::LeaseOk { .. })), "{r:?}");
+            let r = keepalive_from(&mut b, 1, "10.0.0.1", "10.0.0.1:5000");
+            assert!(matches!(r, Some(Control::LeaseOk { .. })), "{r:?}");
+        }
+        assert_eq!(b.m.counters().streams_consent_expired, 0);
+        assert_eq!(b.m.stats().channels[0].unicast, 1);
+        let ts = b.run(50);
+        assert!(
+            ts.iter().any(|t| to(t) == [uni]),
+            "the stream stopped though its receiver consents"
+        );
+
+        // Now the keepalives come, with the same session's valid MAC, from another address
+        // only. The session's lease is renewed (LeaseOk: the MAC was taken), the stream's
+        // consent is not.
+        let since_consent = b.now;
+        let forged_before = b.m.counters().session_forged;
+        while b.now < since_consent + lease + Duration::from_millis(2 * every) {
+            tick(&mut b, every);
+            let r = keepalive_from(&mut b, 2, "10.0.0.2", "10.0.0.66:5000");
+            assert!(matches!(r, Some(Control::LeaseOk { .. })), "{r:?}");
+            let r = keepalive_from(&mut b, 1, "10.0.0.1", "10.0.0.1:5000");
+            assert!(matches!(r, Some(Control::LeaseOk { .. })), "{r:?}");
+            if b.now + Duration::from_millis(LEASE_SLACK_MS) < since_consent + lease {
+                // Within the lease the stream still has its consent.
+                assert_eq!(b.m.stats().channels[0].unicast, 1, "ended early");
+            }
+        }
+        let c = b.m.counters();
+        assert_eq!(c.session_forged, forged_before, "the MAC was valid");
+        assert_eq!(c.streams_consent_expired, 1);
+        assert_eq!(c.leases_expired, 0, "the session itself lives on");
+        let st = b.m.stats();
+        assert_eq!(st.channels[0].unicast, 0);
+        assert_eq!(st.channels[0].members, 2);
+        let ts = b.run(100);
+        assert!(
+            ts.iter().all(|t| to(t) != [uni]),
+            "sent after consent ended"
+        );
     }
 
     /// With every member on a stream of its own the group's loop waits (it would reach

@@ -63,6 +63,8 @@ pub struct Requests {
     token: Option<AddressToken>,
     /// The session's key (from JoinOk): the session's own messages carry a MAC under it.
     session_key: Option<SessionKey>,
+    /// Its tag, as our NAKs carry it ([`crate::wire::nak::session_tag`]).
+    session_tag: Option<u64>,
 }
 
 impl Requests {
@@ -74,11 +76,18 @@ impl Requests {
             pending: Vec::new(),
             token: None,
             session_key: None,
+            session_tag: None,
         }
     }
 
     pub fn set_session_key(&mut self, key: SessionKey) {
+        self.session_tag = Some(crate::wire::nak::session_tag(&key));
         self.session_key = Some(key);
+    }
+
+    /// The tag our NAKs carry (none before the join): a heard NAK with it is our own.
+    pub fn session_tag(&self) -> Option<u64> {
+        self.session_tag
     }
 
     pub fn session_key(&self) -> Option<&SessionKey> {

@@ -1282,7 +1282,10 @@ impl Session {
         let eng = self.eng.as_mut().expect("receiving");
         if is_nak(dg) {
             match Nak::decode(dg) {
-                Ok(h) if h.archive_tag == eng.tag && h.receiver_id != self.cfg.receiver_id => {
+                Ok(h)
+                    if h.archive_tag == eng.tag
+                        && Some(h.session_tag) != self.requests.session_tag() =>
+                {
                     eng.nak.on_nak_heard(now, h.units_in(eng.dl.all_units()));
                     let nak = &eng.nak;
                     eng.symbols
@@ -1672,7 +1675,7 @@ impl Session {
             );
             let nak = Nak {
                 archive_tag: eng.tag,
-                receiver_id: self.cfg.receiver_id,
+                session_tag: 0, // set from the session key when sealed
                 ranges,
                 symbols: Vec::new(),
             };
@@ -1712,7 +1715,7 @@ impl Session {
             tracing::trace!(blocks = symbols.len(), first = ?symbols[0], "symbol NAK");
             let nak = Nak {
                 archive_tag: eng.tag,
-                receiver_id: self.cfg.receiver_id,
+                session_tag: 0, // set from the session key when sealed
                 ranges: Vec::new(),
                 symbols,
             };

@@ -428,7 +428,7 @@ impl World<'_> {
         let blocks = self.shape.fec_blocks();
         let nak = Nak {
             archive_tag: crate::wire::data::archive_tag(&self.arc.head.archive_id),
-            receiver_id: self.rng.gen(),
+            session_tag: self.rng.gen(),
             ranges: vec![(0, units.min(u32::MAX as u64) as u32)],
             symbols: (0..blocks.min(32)).map(|b| (b, 1_000)).collect(),
         };
@@ -1058,6 +1058,7 @@ mod tests {
             crash_downtime: Duration::from_millis(300),
             suppression: true,
             igmp_v2_query: None,
+            forged_naks: None,
             max_time: Duration::from_secs(30),
         };
         let out = run(&cfg, Instant::now());
@@ -1095,6 +1096,7 @@ mod tests {
             crash_downtime: Duration::ZERO,
             suppression: true,
             igmp_v2_query: Some(Duration::from_secs(30)),
+            forged_naks: None,
             max_time: Duration::from_secs(60),
         };
         let out = run(&cfg, Instant::now());

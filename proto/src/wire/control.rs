@@ -247,7 +247,7 @@ pub enum Control {
         tiers_bps: Vec<u64>,
         /// Key of this receiver's session: every later message of the session (keepalive,
         /// tier change, completion, unicast steps, NAKs) carries a MAC under it, so nobody
-        /// else can speak for this receiver even knowing its id (it is in every NAK).
+        /// else can speak for this receiver even knowing its id.
         session_key: SessionKey,
     },
     /// This server lacks the title; `redirect` names one that has it, when known.

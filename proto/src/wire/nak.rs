@@ -3,14 +3,17 @@
 //! their own NAKs for the same packets).
 //!
 //! ```text
-//! version:u8 kind:u8(=0x80) flags:u16 archive_tag:[8] receiver_id:u64 count:u16
+//! version:u8 kind:u8(=0x80) flags:u16 archive_tag:[8] session_tag:u64 count:u16
 //! count × (first_unit:u64 len:u32)
 //! [flags & SYMBOLS: count2:u16 count2 × (fec_block:u64 symbols:u32)]
 //! [flags & MAC: mac:[16]]
 //! ```
 //! The MAC (keyed BLAKE3 under the receiver's session key, over every byte before it) lets
 //! the server repair only for its members: a NAK without one, or for no member, costs it
-//! nothing. Receivers overhearing NAKs on the group cannot check it (they do not hold the
+//! nothing. `session_tag` ([`session_tag`]) is derived from the session key, not the receiver
+//! id: the server finds the session (and the key to check) by it, the group never learns a
+//! receiver's id (with which it could, for one, join in that receiver's name first), and a
+//! new session shows a new tag. Receivers overhearing NAKs on the group cannot check it (they do not hold the
 //! key) and act on what they hear only to hold their own NAKs back.
 //! Units are the loop's dense unit indices ([`crate::carousel::LoopShape::unit_index`]).
 //! The symbols section asks for *amounts* (FEC archives): "block `f`: `n` more symbols, any";
@@ -38,11 +41,19 @@ pub const MAX_HEARD_UNITS: usize = 65_536;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Nak {
     pub archive_tag: [u8; 8],
-    pub receiver_id: u64,
+    /// The sender's [`session_tag`]; [`Nak::encode_sealed`] writes it from the key.
+    pub session_tag: u64,
     /// (first unit, count), ascending and non-overlapping when built by [`to_ranges`].
     pub ranges: Vec<(u64, u32)>,
     /// (FEC source block, symbols wanted): amounts, answered with fresh symbols.
     pub symbols: Vec<(u64, u32)>,
+}
+
+/// The tag a session's NAKs carry: a PRF of its key, so it names the session to the server,
+/// which derived the key, and to nobody else.
+pub fn session_tag(key: &SessionKey) -> u64 {
+    let h = blake3::keyed_hash(key, b"mcast nak session tag v1");
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 /// True if a datagram is a NAK (cheap check before decoding).
@@ -59,7 +70,7 @@ impl Nak {
         b.put_u8(NAK_KIND);
         b.put_u16(if m > 0 { FLAG_SYMBOLS } else { 0 });
         b.extend_from_slice(&self.archive_tag);
-        b.put_u64(self.receiver_id);
+        b.put_u64(self.session_tag);
         b.put_u16(n as u16);
         for &(first, len) in &self.ranges[..n] {
             b.put_u64(first);
@@ -75,9 +86,14 @@ impl Nak {
         b
     }
 
-    /// Encoded with the session's MAC under `key`.
+    /// Encoded under the session's `key`: its [`session_tag`] in place of `self.session_tag`,
+    /// and its MAC.
     pub fn encode_sealed(&self, key: &SessionKey) -> Vec<u8> {
-        let mut b = self.encode();
+        let mut b = Nak {
+            session_tag: session_tag(key),
+            ..self.clone()
+        }
+        .encode();
         b[2] |= FLAG_MAC as u8;
         let mac = session_mac(key, &b);
         b.extend_from_slice(&mac);
@@ -107,7 +123,7 @@ impl Nak {
             return Err(WireError::Field("flags"));
         }
         let archive_tag = r.array("archive_tag")?;
-        let receiver_id = r.u64("receiver_id")?;
+        let session_tag = r.u64("session_tag")?;
         let n = r.u16("count")? as usize;
         if n > MAX_NAK_RANGES {
             return Err(WireError::Field("count"));
@@ -141,7 +157,7 @@ impl Nak {
         }
         Ok(Nak {
             archive_tag,
-            receiver_id,
+            session_tag,
             ranges,
             symbols,
         })
@@ -188,7 +204,7 @@ mod tests {
     fn round_trip_ranges_and_truncation() {
         let n = Nak {
             archive_tag: [1; 8],
-            receiver_id: 77,
+            session_tag: 77,
             ranges: to_ranges([1, 2, 3, 7, 9, 10]),
             symbols: Vec::new(),
         };
@@ -206,18 +222,23 @@ mod tests {
     fn a_sealed_nak_decodes_alike_and_verifies_under_its_key_only() {
         let n = Nak {
             archive_tag: [1; 8],
-            receiver_id: 77,
+            session_tag: 77,
             ranges: vec![(5, 3)],
             symbols: vec![(2, 9)],
         };
         let b = n.encode_sealed(&[4; 32]);
         assert!(is_nak(&b));
-        assert_eq!(Nak::decode(&b).unwrap(), n);
+        let tagged = Nak {
+            session_tag: session_tag(&[4; 32]),
+            ..n.clone()
+        };
+        assert_eq!(Nak::decode(&b).unwrap(), tagged);
+        assert_ne!(session_tag(&[4; 32]), session_tag(&[5; 32]));
         assert!(Nak::mac_ok(&b, &[4; 32]));
         assert!(!Nak::mac_ok(&b, &[5; 32]));
         assert!(!Nak::mac_ok(&n.encode(), &[4; 32]));
         let mut other = b.clone();
-        other[12] ^= 1; // another receiver id under the same MAC
+        other[12] ^= 1; // another session tag under the same MAC
         assert!(!Nak::mac_ok(&other, &[4; 32]));
         for k in 0..b.len() {
             assert!(!Nak::mac_ok(&b[..k], &[4; 32]));
@@ -231,7 +252,7 @@ mod tests {
     fn round_trip_symbol_amounts() {
         let n = Nak {
             archive_tag: [2; 8],
-            receiver_id: 5,
+            session_tag: 5,
             ranges: vec![(4, 2)],
             symbols: vec![(0, 17), (9, 130)],
         };
@@ -266,7 +287,7 @@ mod tests {
         // A forged NAK: 96 ranges of 2^32 - 1 units each (~4e11 units in all).
         let huge = Nak {
             archive_tag: [1; 8],
-            receiver_id: 1,
+            session_tag: 1,
             ranges: (0..MAX_NAK_RANGES as u64)
                 .map(|i| (i * 7, u32::MAX))
                 .collect(),
@@ -281,7 +302,7 @@ mod tests {
         // Units past the loop are dropped, those inside kept in order.
         let n = Nak {
             archive_tag: [1; 8],
-            receiver_id: 1,
+            session_tag: 1,
             ranges: vec![(3, 2), (98, 5), (u64::MAX - 10, 10)],
             symbols: Vec::new(),
         };

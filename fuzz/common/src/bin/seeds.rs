@@ -83,7 +83,7 @@ fn data_seeds(o: &Out) {
         pkt(PacketId::Data(20), false),
         Nak {
             archive_tag: archive_tag(&w.head.archive_id),
-            receiver_id: 9,
+            session_tag: 9,
             ranges: to_ranges([2, 4, 6, 7]),
             symbols: Vec::new(),
         }
@@ -214,32 +214,32 @@ fn nak_seeds(o: &Out) {
     let naks = [
         Nak {
             archive_tag: tag,
-            receiver_id: 1,
+            session_tag: 1,
             ranges: vec![(0, 1)],
             symbols: Vec::new(),
         },
         Nak {
             archive_tag: tag,
-            receiver_id: 2,
+            session_tag: 2,
             ranges: to_ranges([1, 2, 3, 7, 9, 10, 28]),
             symbols: Vec::new(),
         },
         Nak {
             archive_tag: [1; 8],
-            receiver_id: 3,
+            session_tag: 3,
             ranges: (0..96).map(|i| (i * 10, 3)).collect(),
             symbols: Vec::new(),
         },
         // FEC amounts ("block f: n more symbols"), alone and with ranges.
         Nak {
             archive_tag: tag,
-            receiver_id: 4,
+            session_tag: 4,
             ranges: Vec::new(),
             symbols: vec![(0, 12), (1, 400)],
         },
         Nak {
             archive_tag: tag,
-            receiver_id: 5,
+            session_tag: 5,
             ranges: vec![(3, 2)],
             symbols: vec![(u64::MAX, u32::MAX)],
         },

@@ -1,0 +1,98 @@
+//! The unicast data socket, and what ICMP says about the addresses it sends to.
+//!
+//! Unicast streams (the UDP-unicast fallback and discovery bursts) leave from a socket of their
+//! own with `IP_RECVERR` on: an ICMP destination or port unreachable for one of its packets is
+//! queued on the socket's error queue, naming the address the packet went to. The driver
+//! hands those addresses to [`crate::channel::ChannelManager::on_unreachable`], which ends
+//! every stream to them at once (RFC 7675: consent is gone) instead of after a lease of
+//! packets to a closed socket. Multicast stays on the other socket: with `IP_RECVERR` a
+//! pending ICMP error also fails the socket's next send, whatever its destination.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+
+use anyhow::Context;
+use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// ICMP "destination unreachable" and its "fragmentation needed" code (path MTU discovery:
+/// the address is reachable, the packet too big — not an end of consent).
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+
+/// A socket for unicast data: `send_buffer` as for the multicast one, `IP_RECVERR` on.
+pub fn unicast_socket(send_buffer: usize) -> anyhow::Result<UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = s.set_send_buffer_size(send_buffer);
+    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
+    s.set_nonblocking(true)?;
+    let s: UdpSocket = s.into();
+    setsockopt(&s, sockopt::Ipv4RecvErr, &true).context("unicast data socket: IP_RECVERR")?;
+    Ok(s)
+}
+
+/// Read the socket's error queue to the end; call `unreachable` with the destination of every
+/// packet ICMP reported unreachable. Other errors (local ones, "fragmentation needed") are
+/// dropped. Returns how many entries were read.
+pub fn drain(sock: &UdpSocket, mut unreachable: impl FnMut(SocketAddr)) -> usize {
+    let mut n = 0;
+    let mut buf = [0u8; 64];
+    let mut cmsg = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in);
+    loop {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = match recvmsg::<SockaddrIn>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(m) => m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return n, // EAGAIN: the queue is empty
+        };
+        n += 1;
+        let dest = msg
+            .address
+            .map(|a| SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())));
+        let Ok(cmsgs) = msg.cmsgs() else {
+            continue;
+        };
+        for c in cmsgs {
+            if let ControlMessageOwned::Ipv4RecvErr(e, _) = c {
+                let icmp = e.ee_origin == libc::SO_EE_ORIGIN_ICMP;
+                if icmp && e.ee_type == ICMP_DEST_UNREACH && e.ee_code != ICMP_FRAG_NEEDED {
+                    if let Some(d) = dest {
+                        unreachable(d);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A packet to a closed port on loopback draws an ICMP port unreachable: the error queue
+    /// names that destination, and an open one is never named.
+    #[test]
+    fn a_closed_port_is_reported_unreachable() {
+        let s = unicast_socket(1 << 20).unwrap();
+        let open = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let closed = {
+            let t = UdpSocket::bind("127.0.0.1:0").unwrap();
+            t.local_addr().unwrap()
+        };
+        s.send_to(b"x", open.local_addr().unwrap()).unwrap();
+        let _ = s.send_to(b"x", closed);
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while seen.is_empty() && Instant::now() < deadline {
+            drain(&s, |a| seen.push(a));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(seen, vec![closed]);
+    }
+}
