@@ -10,17 +10,21 @@
 #   nakflood   8,192-unit NAKs to the control port
 #   joinflood  padded joins from 1,000 spoofed source addresses (a raw socket)
 #
-# Prints per run: the download time and its ratio to the run alone (target ≤ 1.1), the server's
-# send rate over the download (payload bytes / time) and its ratio to the run alone (target
-# ≥ 0.9), whether the file is byte-identical, and the counters that show each attack being
-# refused. Exit 1 only on a broken run (a download failing or differing), never on a figure.
+# Prints per run: the download time and its ratio to that round's run alone (target ≤ 1.1), the
+# server's send rate over the download (payload bytes / time) and its ratio to the run alone
+# (target ≥ 0.9), whether the file is byte-identical, and the counters that show each attack
+# being refused. The list runs HOSTILE_ROUNDS times, interleaved (one download alone varies by
+# ±10 % on this bed), and a last table gives each attack's median time and rate over the rounds
+# against the median alone. Exit 1 only on a broken run (a download failing or differing),
+# never on a figure.
 #
 #   sudo benches/hostile.sh
 #   HOSTILE_ATTACKS="none naks" HOSTILE_SIZE_MB=20 sudo benches/hostile.sh
 #
 # Knobs (defaults in brackets): HOSTILE_SIZE_MB [50], HOSTILE_RATE_MBPS [200] (one tier),
 # HOSTILE_LOSS_PCT [3], HOSTILE_ATTACKS ["none syncs naks data garbage nakflood joinflood"],
-# HOSTILE_ATTACK_RATE [2000] (attack datagrams a second), HOSTILE_DIR [/tmp/mcast-hostile],
+# HOSTILE_ATTACK_RATE [2000] (attack datagrams a second), HOSTILE_ROUNDS [3],
+# HOSTILE_DIR [/tmp/mcast-hostile],
 # PEERBED [/work/shared/tools/peerbed.sh], CARGO_TARGET_DIR [<repo>/target]. Needs root,
 # iproute2, nftables, python3.
 set -euo pipefail
@@ -30,6 +34,7 @@ rate=${HOSTILE_RATE_MBPS:-200}
 loss=${HOSTILE_LOSS_PCT:-3}
 attacks=${HOSTILE_ATTACKS:-none syncs naks data garbage nakflood joinflood}
 arate=${HOSTILE_ATTACK_RATE:-2000}
+rounds=${HOSTILE_ROUNDS:-3}
 work=${HOSTILE_DIR:-/tmp/mcast-hostile}
 peerbed=${PEERBED:-/work/shared/tools/peerbed.sh}
 bin=${CARGO_TARGET_DIR:-$repo/target}/release
@@ -79,8 +84,10 @@ echo "== $size_mb MB title ($abytes archive bytes), $rate Mbit/s, $loss % loss t
 broken=0
 alone_s="" alone_rate=""
 printf '%-10s %-6s %8s %7s %10s %7s  %s\n' attack ok seconds /alone srv_Mbit/s /alone "refused (counters)" > "$work/results"
+printf 'attack\tround\tok\tseconds\tmbit\n' > "$work/runs.tsv"
+for round in $(seq "$rounds"); do
 for a in $attacks; do
-  d=$work/run-$a; mkdir -p "$d"
+  d=$work/run-$a-$round; mkdir -p "$d"
   stats > "$d/before.json"
   apid=""
   if [[ $a != none ]]; then
@@ -124,18 +131,40 @@ refused = {
     "joinflood": "retries_sent +%.0f, unvalidated_dropped +%.0f, joins +%.0f" % (
         delta("retries_sent"), delta("unvalidated_dropped"), delta("joins")),
 }.get(a, "")
-ratio = lambda x, y: "%.2f" % (x / float(y)) if y and float(y) > 0 else "-"
+ratio = lambda x, y: "%.2f" % (x / float(y)) if y and float(y) > 0 and a != "none" else "-"
 if not e:
     refused += " (the server did not answer stats after the run)"
 print("%-10s %-6s %8.2f %7s %10.1f %7s  %s" % (a, ok, secs, ratio(secs, alone_s), mbit, ratio(mbit, alone_rate), refused))
 if a == "none":
     open(d + "/alone", "w").write("%f %f\n" % (secs, mbit))
 PY
+  printf '%s\t%s\t%s\t%s\t%s\n' "$a" "$round" "$ok" "${secs:-0}" \
+    "$(awk '{print $5}' <(tail -1 "$work/results"))" >> "$work/runs.tsv"
   if [[ $a == none && -f $d/alone ]]; then read -r alone_s alone_rate < "$d/alone" || true; fi
+done
 done
 kill -TERM "$spid" 2>/dev/null || true
 wait "$spid" 2>/dev/null || true
 cat "$work/results"
+echo "== medians over $rounds round(s)"
+python3 - "$work/runs.tsv" <<'PY'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+order = list(dict.fromkeys(r["attack"] for r in rows))
+med = {}
+for a in order:
+    rs = [r for r in rows if r["attack"] == a]
+    med[a] = (statistics.median(float(r["seconds"]) for r in rs),
+              statistics.median(float(r["mbit"]) for r in rs),
+              all(r["ok"] == "OK" for r in rs), len(rs))
+base = med.get("none")
+print("%-10s %-6s %8s %7s %10s %7s" % ("attack", "all_ok", "med_s", "/alone", "med_Mbit/s", "/alone"))
+for a in order:
+    s, m, ok, n = med[a]
+    rs = "%.2f" % (s / base[0]) if base and base[0] > 0 and a != "none" else "-"
+    rm = "%.2f" % (m / base[1]) if base and base[1] > 0 and a != "none" else "-"
+    print("%-10s %-6s %8.2f %7s %10.1f %7s" % (a, "OK" if ok else "NO", s, rs, m, rm))
+PY
 echo "seconds: the receiver's done report; srv_Mbit/s: the server's payload bytes sent over that time;"
 echo "/alone: against the run without an attack (targets: time <= 1.1, send rate >= 0.9). Logs: $work/run-*/"
 exit $broken
