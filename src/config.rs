@@ -100,8 +100,11 @@ pub struct ServerConfig {
     pub port_base: u16,
     /// Number of channel slots (titles looping at once).
     pub channels: u16,
-    /// Multicast TTL (1 = this subnet only).
+    /// Multicast TTL (1 = this subnet only), 1..=255.
     pub ttl: u32,
+    /// DSCP for every packet the server sends (data, repairs, control replies): a name
+    /// (`CS1`, `AF11`, `AF41`, `EF`, …) or a number 0..=63. Default `"default"` (best effort).
+    pub dscp: DscpSetting,
     /// Loop rate of each channel in Mbit/s of payload (0 = unlimited).
     pub rate_mbps: f64,
     /// Receivers must renew their lease within this many milliseconds.
@@ -307,6 +310,30 @@ impl Default for PackConfig {
     }
 }
 
+/// `dscp = "AF41"` or `dscp = 34` ([`crate::dscp::Dscp::parse`]).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum DscpSetting {
+    Name(String),
+    Number(i64),
+}
+
+impl DscpSetting {
+    pub fn dscp(&self) -> Result<crate::dscp::Dscp, String> {
+        match self {
+            DscpSetting::Name(s) => crate::dscp::Dscp::parse(s),
+            DscpSetting::Number(n) => crate::dscp::Dscp::parse(&n.to_string()),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The validated DSCP (best effort if it could not be read: validation refuses that).
+    pub fn dscp(&self) -> crate::dscp::Dscp {
+        self.dscp.dscp().unwrap_or_default()
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -316,6 +343,7 @@ impl Default for ServerConfig {
             port_base: 7700,
             channels: 32,
             ttl: 1,
+            dscp: DscpSetting::Name("default".into()),
             rate_mbps: 200.0,
             lease_ms: 5000,
             sync_lead_ms: 200,
@@ -537,7 +565,36 @@ fn field_line(text: &str, field: &str) -> Option<usize> {
     None
 }
 
+/// `mcastd serve` flags over the config file, for trying a server without writing one.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOverrides {
+    pub control: Option<SocketAddr>,
+    pub iface: Option<Ipv4Addr>,
+    pub group_base: Option<Ipv4Addr>,
+    pub rate_mbps: Option<f64>,
+}
+
 impl Config {
+    /// This config with `o` applied over `[server]`, checked again as a file would be (an
+    /// error names the field, with "command line" as its source).
+    pub fn with_serve_overrides(mut self, o: &ServeOverrides) -> Result<Config, ConfigError> {
+        let sv = &mut self.server;
+        if let Some(c) = o.control {
+            sv.control = c;
+        }
+        if let Some(i) = o.iface {
+            sv.multicast_iface = i;
+        }
+        if let Some(g) = o.group_base {
+            sv.group_base = g;
+        }
+        if let Some(r) = o.rate_mbps {
+            sv.rate_mbps = r;
+        }
+        self.validate(Path::new("command line"))?;
+        Ok(self)
+    }
+
     /// Load `path`, or the built-in defaults when `None`.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let Some(path) = path else {
@@ -629,6 +686,15 @@ impl Config {
             ));
         }
         let sv = &self.server;
+        if !(1..=255).contains(&sv.ttl) {
+            return Err(field(
+                "server.ttl",
+                format!("{} is out of range 1..=255 (1: this subnet only)", sv.ttl),
+            ));
+        }
+        if let Err(why) = sv.dscp.dscp() {
+            return Err(field("server.dscp", why));
+        }
         if !sv.group_base.is_multicast() {
             return Err(field(
                 "server.group_base",
@@ -1153,6 +1219,74 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("frame_size"), "{e}");
+    }
+
+    /// TTL and DSCP are checked at load, named with file, line and field (before, `ttl = 300`
+    /// passed and `serve` died on "Invalid argument").
+    #[test]
+    fn ttl_and_dscp_are_checked_at_load() {
+        let p = Path::new("x.toml");
+        let e = Config::parse(
+            "[server]
+# hops
+ttl = 300
+",
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "config x.toml: line 3: field server.ttl: 300 is out of range 1..=255 (1: this subnet only)"
+        );
+        let e = Config::parse(
+            "[server]
+ttl = 0
+",
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 2: field server.ttl"), "{e}");
+        let e = Config::parse(
+            "[server]
+dscp = \"AF51\"
+",
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("config x.toml: line 2: field server.dscp: \"AF51\" is not a DSCP"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "[server]
+dscp = 64
+",
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("field server.dscp: \"64\" is not a DSCP"), "{e}");
+        let c = Config::parse(
+            "[server]
+ttl = 255
+dscp = \"af41\"
+",
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.server.dscp().value(), 34);
+        let c = Config::parse(
+            "[server]
+dscp = 10
+",
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.server.dscp().value(), 10);
+        assert_eq!(Config::default().server.dscp(), crate::dscp::Dscp::DEFAULT);
     }
 
     /// `rate_policy` and `database` are serde enums; a bad name still reads as a refused field

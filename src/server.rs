@@ -210,12 +210,22 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         multicast: data_socket(cfg)?,
         unicast: crate::unreachable::unicast_socket(cfg.server.send_buffer)?,
     };
+    let dscp = cfg.server.dscp();
+    for (what, sock) in [
+        ("control", &ctrl),
+        ("control (unvalidated replies)", &unvalidated),
+        ("multicast data", &data.multicast),
+        ("unicast data", &data.unicast),
+    ] {
+        dscp.apply(sock)
+            .with_context(|| format!("server.dscp {dscp}: cannot set it on the {what} socket"))?;
+    }
     // Wake from ppoll within ~1 us of a pacing deadline (default slack is 50 us).
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and only affects this thread.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong);
     }
-    tracing::info!(control = %ctrl.local_addr()?, titles = titles.len(), identity = %trusted.fingerprint(),
+    tracing::info!(control = %ctrl.local_addr()?, titles = titles.len(), identity = %trusted.fingerprint(), %dscp,
         tickets = %tickets.db_path().display(), "mcastd serving");
 
     // Ticket checks run on their own thread; replies leave from the control socket.

@@ -70,6 +70,11 @@ pub struct GetOptions {
     /// The known-servers store (`crate::known_servers`): a server's key seen once is
     /// required from then on. `None`: trust on first use, pinned per title only.
     pub known_servers: Option<PathBuf>,
+    /// DSCP of what the receiver sends (control requests, NAKs).
+    pub dscp: mcast_io::dscp::Dscp,
+    /// TTL of the NAKs multicast to the group (1: this subnet; raise it only where the
+    /// group's receivers sit behind multicast routers).
+    pub nak_ttl: u32,
 }
 
 impl GetOptions {
@@ -81,6 +86,8 @@ impl GetOptions {
             iface: Ipv4Addr::LOCALHOST,
             server_key: None,
             known_servers: None,
+            dscp: mcast_io::dscp::Dscp::DEFAULT,
+            nak_ttl: 1,
             sync_timeout: Duration::from_millis(1500),
             checkpoint: Duration::from_millis(250),
             timeout: None,
@@ -233,6 +240,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     };
     let ctl = UdpSocket::bind(bind)
         .and_then(|s| s.set_nonblocking(true).map(|_| s))
+        .and_then(|s| opts.dscp.apply(&s).map(|_| s))
         .map_err(|e| RecvError::new(Failure::Other, format!("control socket: {e}")))?;
     let mut d = Driver {
         opts,
@@ -479,6 +487,7 @@ impl Driver<'_> {
         let bind: SocketAddr = (Ipv4Addr::UNSPECIFIED, 0).into();
         let s = UdpSocket::bind(bind)
             .and_then(|s| s.set_nonblocking(true).map(|_| s))
+            .and_then(|s| self.opts.dscp.apply(&s).map(|_| s))
             .map_err(|e| RecvError::new(Failure::Other, format!("unicast socket: {e}")))?;
         let r = socket2::SockRef::from(&s);
         set_recv_buffer(&r, self.opts.recv_buffer);
@@ -507,7 +516,7 @@ impl Driver<'_> {
             Event::JoinGroup(g) => {
                 let s = multicast_socket(g, opts.iface, opts.recv_buffer)?;
                 if self.nak_out.is_none() {
-                    self.nak_out = Some(nak_socket(opts.iface)?);
+                    self.nak_out = Some(nak_socket(opts)?);
                 }
                 self.group = Some((g, s));
                 self.group_ovfl = OverflowCounter::default();
@@ -989,7 +998,8 @@ fn set_recv_buffer(s: &Socket, bytes: usize) {
 /// Socket NAKs are multicast from (a socket bound to the group address cannot send: its
 /// source would be a multicast address): out of `iface`, looped back to receivers on this
 /// host.
-fn nak_socket(iface: Ipv4Addr) -> Result<UdpSocket, RecvError> {
+fn nak_socket(opts: &GetOptions) -> Result<UdpSocket, RecvError> {
+    let iface = opts.iface;
     let err = |what: &str, e: std::io::Error| {
         RecvError::new(
             Failure::Other,
@@ -1002,8 +1012,9 @@ fn nak_socket(iface: Ipv4Addr) -> Result<UdpSocket, RecvError> {
         .map_err(|e| err("IP_MULTICAST_IF", e))?;
     s.set_multicast_loop_v4(true)
         .map_err(|e| err("IP_MULTICAST_LOOP", e))?;
-    s.set_multicast_ttl_v4(1)
+    s.set_multicast_ttl_v4(opts.nak_ttl)
         .map_err(|e| err("IP_MULTICAST_TTL", e))?;
+    opts.dscp.apply(&s).map_err(|e| err("IP_TOS (--dscp)", e))?;
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())
         .map_err(|e| err("bind", e))?;
     Ok(s.into())

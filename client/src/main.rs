@@ -95,6 +95,13 @@ enum Cmd {
         /// (takes effect when this join opens the title's loop), so what is missing comes first.
         #[arg(long)]
         resume_at_gap: bool,
+        /// DSCP of what this receiver sends (requests, NAKs): a name (CS1, AF11, AF41, EF, …)
+        /// or a number 0..=63.
+        #[arg(long, default_value = "default", value_parser = mcast_io::dscp::Dscp::parse)]
+        dscp: mcast_io::dscp::Dscp,
+        /// TTL of the NAKs multicast to the group, 1..=255 (1: this subnet only).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
+        nak_ttl: u32,
     },
     /// Fetch a list of titles unattended (overnight pre-load): skips titles already complete,
     /// resumes partial ones, runs up to --concurrency `get`s at once, stops at the window's end
@@ -150,6 +157,13 @@ enum Cmd {
         /// after this many milliseconds is killed (its state file still resumes it).
         #[arg(long, default_value_t = 3000)]
         grace_ms: u64,
+        /// DSCP of what every `get` sends (see `mcast-recv get --help`; CS1 or LE suit an
+        /// overnight pre-load that must yield to other traffic).
+        #[arg(long, default_value = "default", value_parser = mcast_io::dscp::Dscp::parse)]
+        dscp: mcast_io::dscp::Dscp,
+        /// TTL of every `get`'s NAKs (see `mcast-recv get --help`).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
+        nak_ttl: u32,
     },
     /// List the titles a server has.
     Catalog {
@@ -284,6 +298,8 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             timeout,
             json,
             resume_at_gap,
+            dscp,
+            nak_ttl,
         } => {
             let directors = director
                 .iter()
@@ -299,6 +315,8 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 &output,
             );
             o.iface = iface;
+            o.dscp = dscp;
+            o.nak_ttl = nak_ttl;
             o.server_key = match server_key {
                 Some(k) => {
                     let b = hex::decode(&k)
@@ -403,6 +421,8 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             server_key,
             known_servers,
             grace_ms,
+            dscp,
+            nak_ttl,
         } => {
             use mcast_recv::batch;
             let text = std::fs::read_to_string(&list).map_err(|e| {
@@ -433,6 +453,8 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 None
             };
             get_args.extend(["--iface".into(), iface.to_string().into()]);
+            get_args.extend(["--dscp".into(), dscp.to_string().into()]);
+            get_args.extend(["--nak-ttl".into(), nak_ttl.to_string().into()]);
             let key = server_key.as_deref().map(parse_server_key).transpose()?;
             if let Some(k) = &server_key {
                 get_args.extend(["--server-key".into(), k.into()]);

@@ -3,6 +3,7 @@
 //! files on disk, signals and logging. No protocol decisions live here (`mcast-proto`).
 
 pub mod archive;
+pub mod dscp;
 pub mod fastio;
 pub mod fsutil;
 pub mod process;

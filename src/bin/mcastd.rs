@@ -37,8 +37,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve the archive directory (the default when no command is given).
-    Serve,
+    /// Serve the archive directory (the default when no command is given). The flags
+    /// override the config file's [server] settings of the same meaning.
+    Serve {
+        /// Control endpoint receivers talk to (server.control), e.g. 0.0.0.0:7600.
+        #[arg(long, value_name = "ADDR:PORT")]
+        control: Option<std::net::SocketAddr>,
+        /// Address of the interface multicast leaves from (server.multicast_iface).
+        #[arg(long, value_name = "ADDR")]
+        iface: Option<std::net::Ipv4Addr>,
+        /// First multicast group of the channel pool (server.group_base).
+        #[arg(long, value_name = "GROUP")]
+        group_base: Option<std::net::Ipv4Addr>,
+        /// Loop rate of each channel, Mbit/s of payload; 0 = unlimited (server.rate_mbps).
+        #[arg(long, value_name = "MBIT")]
+        rate: Option<f64>,
+    },
     /// Create the server identity (Ed25519) that signs every archive manifest.
     Keygen {
         /// Replace an existing identity (archives signed by the old one stop verifying).
@@ -145,7 +159,36 @@ fn main() -> ExitCode {
         }
     };
     mcast::process::init_logging(cli.log.as_deref().unwrap_or(&cfg.log.level));
-    match run(cli.cmd.unwrap_or(Cmd::Serve), &cfg) {
+    let cmd = cli.cmd.unwrap_or(Cmd::Serve {
+        control: None,
+        iface: None,
+        group_base: None,
+        rate: None,
+    });
+    let cfg = match &cmd {
+        Cmd::Serve {
+            control,
+            iface,
+            group_base,
+            rate,
+        } => {
+            let o = mcast::config::ServeOverrides {
+                control: *control,
+                iface: *iface,
+                group_base: *group_base,
+                rate_mbps: *rate,
+            };
+            match cfg.with_serve_overrides(&o) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("mcastd: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            }
+        }
+        _ => cfg,
+    };
+    match run(cmd, &cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mcastd: error: {e:#}");
@@ -186,7 +229,7 @@ struct UsageError(String);
 
 fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Serve => mcast::server::serve(cfg, mcast::process::stop_flag()?),
+        Cmd::Serve { .. } => mcast::server::serve(cfg, mcast::process::stop_flag()?),
         Cmd::Keygen { force } => {
             let ks = KeyStore::open(&cfg.store.key_dir)?;
             let id = ks.create_identity(force)?;

@@ -1,0 +1,196 @@
+//! Real networks (issue 21): what the packets carry on the wire, and the serve flags.
+//!
+//! The DSCP test runs `mcastd` and `mcast-recv` inside a private network namespace whose
+//! nftables output hook counts packets by DSCP: every data packet and control reply the server
+//! sends carries `[server] dscp`, every request and NAK the receiver sends carries `--dscp`.
+//! Needs root (CI is root); elsewhere it skips with a reason, and under `CI=true` a skip is a
+//! failure.
+
+use std::process::Command;
+
+mod common;
+use common::{done_report, missing_tool, skip_or_fail};
+
+fn cannot_run() -> Option<String> {
+    if common::euid() != Some(0) {
+        return Some("needs root (network namespace + nftables)".into());
+    }
+    missing_tool(&["unshare", "nft", "ip"])
+}
+
+/// `packets N` of the nft rule whose text contains `rule`.
+fn packets(nft: &str, rule: &str) -> u64 {
+    let line = nft
+        .lines()
+        .find(|l| l.contains(rule))
+        .unwrap_or_else(|| panic!("no rule {rule:?} in\n{nft}"));
+    let after = line.split("packets ").nth(1).expect("a counter");
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn dscp_is_on_every_packet_sent() {
+    if let Some(why) = cannot_run() {
+        return skip_or_fail(&why);
+    }
+    let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (control, group, port) = (7660, "239.255.91.1", 7760);
+    let cfg = common::packed_server_dir(
+        d,
+        &format!(
+            "control = \"127.0.0.1:{control}\"\ngroup_base = \"{group}\"\nport_base = {port}\n\
+             rate_mbps = 50.0\ntiers_mbps = [50.0]\ndscp = \"AF41\""
+        ),
+        "film",
+        2_000_000,
+    );
+    // Counted on the way out: data to the group's port, the receiver's NAKs to the group (the
+    // second payload byte is the NAK kind, 0x80; a data packet's is 0..=2), replies from the
+    // control port, and the receiver's requests and NAKs to it (AF41 = 34, AF11 = 10). 3 % of
+    // the data is dropped on the way in, so there are NAKs.
+    let script = format!(
+        r#"set -e
+ip link set lo up
+nft add table ip q
+nft add chain ip q out '{{ type filter hook output priority 0; }}'
+nft add rule ip q out udp dport {port} @th,72,8 != 0x80 ip dscp af41 counter
+nft add rule ip q out udp dport {port} @th,72,8 != 0x80 ip dscp != af41 counter
+nft add rule ip q out udp dport {port} @th,72,8 0x80 ip dscp af11 counter
+nft add rule ip q out udp dport {port} @th,72,8 0x80 ip dscp != af11 counter
+nft add chain ip q in '{{ type filter hook input priority 0; }}'
+nft add rule ip q in udp dport {port} numgen random mod 100 '<' 3 drop
+nft add rule ip q out udp sport {control} ip dscp af41 counter
+nft add rule ip q out udp sport {control} ip dscp != af41 counter
+nft add rule ip q out udp dport {control} ip dscp af11 counter
+nft add rule ip q out udp dport {control} ip dscp != af11 counter
+"{mcastd}" --config "{cfg}" > "{d}/server.log" 2>&1 &
+server=$!
+sleep 0.5
+"{recv}" get film --server 127.0.0.1:{control} -o "{d}/r" --json --timeout 60 --dscp AF11 \
+  > "{d}/r.log" 2> "{d}/r.err"
+nft list chain ip q out > "{d}/nft.txt"
+kill $server
+"#,
+        mcastd = mcastd.display(),
+        recv = recv.display(),
+        cfg = cfg.display(),
+        d = d.display()
+    );
+    let out = Command::new("timeout")
+        .args(["120", "unshare", "--net", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "namespace run failed: {}\n{}\nreceiver: {}\nserver: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(d.join("r.err")).unwrap_or_default(),
+        std::fs::read_to_string(d.join("server.log")).unwrap_or_default()
+    );
+    assert_eq!(
+        std::fs::read(d.join("r/film.mca")).unwrap(),
+        std::fs::read(d.join("archives/film.mca")).unwrap()
+    );
+    let r = done_report(&d.join("r.log"));
+    let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
+    let data = (
+        packets(&nft, "!= 0x80 ip dscp af41"),
+        packets(&nft, "!= 0x80 ip dscp != af41"),
+    );
+    let group_naks = (
+        packets(&nft, "0x80 ip dscp af11"),
+        packets(&nft, "0x80 ip dscp != af11"),
+    );
+    let replies = (
+        packets(&nft, &format!("sport {control} ip dscp af41")),
+        packets(&nft, &format!("sport {control} ip dscp != af41")),
+    );
+    let requests = (
+        packets(&nft, &format!("dport {control} ip dscp af11")),
+        packets(&nft, &format!("dport {control} ip dscp != af11")),
+    );
+    println!(
+        "DSCP on the wire: data AF41 {} / other {}; NAKs to the group AF11 {} / other {}; \
+         server replies AF41 {} / other {}; receiver requests and NAKs AF11 {} / other {}; \
+         receiver naks_sent {}; download {:.2} s",
+        data.0,
+        data.1,
+        group_naks.0,
+        group_naks.1,
+        replies.0,
+        replies.1,
+        requests.0,
+        requests.1,
+        r["naks_sent"],
+        r["seconds"]
+    );
+    // The output hook sees GSO batches (up to 64 packets each), not single datagrams.
+    assert!(data.0 > 100, "data packets not marked AF41: {nft}");
+    assert_eq!(data.1, 0, "data packets without AF41: {nft}");
+    assert!(r["naks_sent"].as_u64().unwrap() > 0, "no NAKs: {r}");
+    assert!(group_naks.0 > 0, "NAKs to the group not marked AF11: {nft}");
+    assert_eq!(group_naks.1, 0, "NAKs to the group without AF11: {nft}");
+    assert!(replies.0 > 0, "control replies not marked: {nft}");
+    assert_eq!(replies.1, 0, "control replies without AF41: {nft}");
+    assert!(requests.0 > 0, "receiver requests not marked AF11: {nft}");
+    assert_eq!(requests.1, 0, "receiver requests without AF11: {nft}");
+}
+
+/// `mcastd serve --control/--iface/--group-base/--rate` override the config, and are checked
+/// like it: a bad value is refused before anything starts, naming the field.
+#[test]
+fn serve_flags_override_the_config_and_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(common::mcastd_bin())
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["serve", "--group-base", "10.1.2.3"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("command line: field server.group_base: 10.1.2.3 is not a multicast address"),
+        "{err}"
+    );
+    let o = run(&["serve", "--rate=-5"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("field server.rate_mbps"), "{err}");
+    let o = run(&["serve", "--control", "not-an-address"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&["keygen"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::create_dir_all(dir.path().join("mcast-data/archives")).unwrap();
+    // A good set starts: it binds the control address given (a second start on it is refused
+    // as "in use", which proves the first took it).
+    let mut first = std::process::Command::new(common::mcastd_bin())
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--control",
+            "127.0.0.1:7668",
+            "--group-base",
+            "239.255.92.1",
+            "--rate",
+            "5",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let o = run(&["serve", "--control", "127.0.0.1:7668"]);
+    let _ = first.kill();
+    let _ = first.wait();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("127.0.0.1:7668") && err.contains("in use"),
+        "{err}"
+    );
+}
