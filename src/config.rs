@@ -92,8 +92,8 @@ impl Default for DirectorsConfig {
 pub struct ServerConfig {
     /// UDP address of the control endpoint receivers talk to.
     pub control: SocketAddr,
-    /// Address of the interface multicast is sent from (IP_MULTICAST_IF).
-    pub multicast_iface: Ipv4Addr,
+    /// Interface multicast is sent from (IP_MULTICAST_IF): its IPv4 address or its name.
+    pub multicast_iface: String,
     /// First multicast group of the channel pool; channel slot i uses group_base + i.
     pub group_base: Ipv4Addr,
     /// First data port; channel slot i uses port_base + i.
@@ -328,6 +328,12 @@ impl DscpSetting {
 }
 
 impl ServerConfig {
+    /// The IPv4 address of `multicast_iface` (checked at load: an interface removed since
+    /// gives its error here).
+    pub fn multicast_iface_v4(&self) -> Result<Ipv4Addr, String> {
+        crate::iface::resolve_v4(&self.multicast_iface)
+    }
+
     /// The validated DSCP (best effort if it could not be read: validation refuses that).
     pub fn dscp(&self) -> crate::dscp::Dscp {
         self.dscp.dscp().unwrap_or_default()
@@ -338,7 +344,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             control: SocketAddr::from(([127, 0, 0, 1], 7600)),
-            multicast_iface: Ipv4Addr::LOCALHOST,
+            multicast_iface: "127.0.0.1".into(),
             group_base: Ipv4Addr::new(239, 255, 77, 1),
             port_base: 7700,
             channels: 32,
@@ -569,7 +575,7 @@ fn field_line(text: &str, field: &str) -> Option<usize> {
 #[derive(Debug, Clone, Default)]
 pub struct ServeOverrides {
     pub control: Option<SocketAddr>,
-    pub iface: Option<Ipv4Addr>,
+    pub iface: Option<String>,
     pub group_base: Option<Ipv4Addr>,
     pub rate_mbps: Option<f64>,
 }
@@ -582,8 +588,8 @@ impl Config {
         if let Some(c) = o.control {
             sv.control = c;
         }
-        if let Some(i) = o.iface {
-            sv.multicast_iface = i;
+        if let Some(i) = &o.iface {
+            sv.multicast_iface = i.clone();
         }
         if let Some(g) = o.group_base {
             sv.group_base = g;
@@ -694,6 +700,9 @@ impl Config {
         }
         if let Err(why) = sv.dscp.dscp() {
             return Err(field("server.dscp", why));
+        }
+        if let Err(why) = sv.multicast_iface_v4() {
+            return Err(field("server.multicast_iface", why));
         }
         if !sv.group_base.is_multicast() {
             return Err(field(
@@ -1221,10 +1230,10 @@ mod tests {
         assert!(e.contains("frame_size"), "{e}");
     }
 
-    /// TTL and DSCP are checked at load, named with file, line and field (before, `ttl = 300`
+    /// TTL, DSCP and the multicast interface are checked at load, named with file, line and field (before, `ttl = 300`
     /// passed and `serve` died on "Invalid argument").
     #[test]
-    fn ttl_and_dscp_are_checked_at_load() {
+    fn ttl_dscp_and_interface_are_checked_at_load() {
         let p = Path::new("x.toml");
         let e = Config::parse(
             "[server]
@@ -1287,6 +1296,21 @@ dscp = 10
         .unwrap();
         assert_eq!(c.server.dscp().value(), 10);
         assert_eq!(Config::default().server.dscp(), crate::dscp::Dscp::DEFAULT);
+        // Interfaces by address or name; a name that is no interface is refused at load.
+        let e = Config::parse("[server]\n\nmulticast_iface = \"nosuch0\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "config x.toml: line 3: field server.multicast_iface: \"nosuch0\" is neither"
+            ),
+            "{e}"
+        );
+        let c = Config::parse("[server]\nmulticast_iface = \"lo\"\n", p).unwrap();
+        assert_eq!(
+            c.server.multicast_iface_v4(),
+            Ok(std::net::Ipv4Addr::LOCALHOST)
+        );
     }
 
     /// `rate_policy` and `database` are serde enums; a bad name still reads as a refused field

@@ -81,13 +81,15 @@ pub fn load_titles_counted(
 pub fn data_socket(cfg: &Config) -> anyhow::Result<UdpSocket> {
     let sv = &cfg.server;
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_multicast_if_v4(&sv.multicast_iface)
-        .with_context(|| {
-            format!(
-                "server.multicast_iface {}: cannot send multicast from it",
-                sv.multicast_iface
-            )
-        })?;
+    let iface = sv
+        .multicast_iface_v4()
+        .map_err(|e| anyhow::anyhow!("server.multicast_iface: {e}"))?;
+    s.set_multicast_if_v4(&iface).with_context(|| {
+        format!(
+            "server.multicast_iface {} ({iface}): cannot send multicast from it",
+            sv.multicast_iface
+        )
+    })?;
     s.set_multicast_ttl_v4(sv.ttl)?;
     s.set_multicast_loop_v4(true)?;
     let _ = s.set_send_buffer_size(sv.send_buffer);

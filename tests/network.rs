@@ -28,6 +28,8 @@ fn packets(nft: &str, rule: &str) -> u64 {
     after.split_whitespace().next().unwrap().parse().unwrap()
 }
 
+/// DSCP on the wire; interfaces given by name (server `multicast_iface = "lo"`, receiver
+/// `--iface lo`).
 #[test]
 fn dscp_is_on_every_packet_sent() {
     if let Some(why) = cannot_run() {
@@ -41,7 +43,8 @@ fn dscp_is_on_every_packet_sent() {
         d,
         &format!(
             "control = \"127.0.0.1:{control}\"\ngroup_base = \"{group}\"\nport_base = {port}\n\
-             rate_mbps = 50.0\ntiers_mbps = [50.0]\ndscp = \"AF41\""
+             rate_mbps = 50.0\ntiers_mbps = [50.0]\ndscp = \"AF41\"\n\
+             multicast_iface = \"lo\""
         ),
         "film",
         2_000_000,
@@ -68,7 +71,7 @@ nft add rule ip q out udp dport {control} ip dscp != af11 counter
 "{mcastd}" --config "{cfg}" > "{d}/server.log" 2>&1 &
 server=$!
 sleep 0.5
-"{recv}" get film --server 127.0.0.1:{control} -o "{d}/r" --json --timeout 60 --dscp AF11 \
+"{recv}" get film --server 127.0.0.1:{control} -o "{d}/r" --json --timeout 60 --dscp AF11 --iface lo \
   > "{d}/r.log" 2> "{d}/r.err"
 nft list chain ip q out > "{d}/nft.txt"
 kill $server
@@ -193,4 +196,28 @@ fn serve_flags_override_the_config_and_are_checked() {
         err.contains("127.0.0.1:7668") && err.contains("in use"),
         "{err}"
     );
+}
+
+/// A receiver interface that is neither an address nor an interface is refused before
+/// anything is sent (exit 2, naming the flag and the interfaces there are).
+#[test]
+fn a_bad_receiver_interface_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(common::recv_bin())
+        .args([
+            "get",
+            "film",
+            "--server",
+            "127.0.0.1:9",
+            "--iface",
+            "nosuch0",
+            "-o",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--iface: \"nosuch0\" is neither"), "{err}");
+    assert!(err.contains("lo"), "{err}");
 }

@@ -57,9 +57,10 @@ enum Cmd {
         /// Output directory.
         #[arg(long, short, default_value = ".")]
         output: PathBuf,
-        /// Interface address to join multicast on.
-        #[arg(long, default_value = "127.0.0.1")]
-        iface: Ipv4Addr,
+        /// Interface to join multicast on: its IPv4 address, its name (eth0), or "auto" (the
+        /// interface the route to the server, or first director, leaves from).
+        #[arg(long, default_value = "auto", value_name = "ADDR|NAME|auto")]
+        iface: String,
         /// Server identity (64 hex chars, from `mcastd keygen`). Without it the key the
         /// known-servers file holds for this server is required, or, for a server never seen,
         /// the first key seen is trusted and remembered there.
@@ -142,9 +143,10 @@ enum Cmd {
         /// Write the JSON report here too (atomically); it always goes to stdout.
         #[arg(long)]
         report: Option<PathBuf>,
-        /// Interface address to join multicast on.
-        #[arg(long, default_value = "127.0.0.1")]
-        iface: Ipv4Addr,
+        /// Interface to join multicast on: its IPv4 address, its name (eth0), or "auto" (the
+        /// interface the route to the server, or first director, leaves from).
+        #[arg(long, default_value = "auto", value_name = "ADDR|NAME|auto")]
+        iface: String,
         /// Server identity (64 hex chars), passed to every `get` and used to check titles
         /// already on disk.
         #[arg(long)]
@@ -204,6 +206,16 @@ enum Cmd {
         #[arg(long, short, default_value = "127.0.0.1:7600")]
         server: String,
     },
+}
+
+/// `--iface`: an address, an interface name, or "auto" (the route toward `toward`).
+fn resolve_iface(spec: &str, toward: SocketAddr) -> Result<Ipv4Addr, RecvError> {
+    let r = if spec.trim().eq_ignore_ascii_case("auto") {
+        mcast_io::iface::route_to(toward)
+    } else {
+        mcast_io::iface::resolve_v4(spec)
+    };
+    r.map_err(|e| RecvError::new(Failure::Usage, format!("--iface: {e}")))
 }
 
 fn resolve(s: &str) -> Result<SocketAddr, RecvError> {
@@ -314,7 +326,8 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 &title,
                 &output,
             );
-            o.iface = iface;
+            o.iface = resolve_iface(&iface, o.server)?;
+            tracing::debug!(iface = %o.iface, spec = %iface, "multicast interface");
             o.dscp = dscp;
             o.nak_ttl = nak_ttl;
             o.server_key = match server_key {
@@ -452,7 +465,10 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 get_args.extend(["--director".into(), directors.join(",").into()]);
                 None
             };
-            get_args.extend(["--iface".into(), iface.to_string().into()]);
+            if !iface.trim().eq_ignore_ascii_case("auto") {
+                resolve_iface(&iface, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+            }
+            get_args.extend(["--iface".into(), iface.clone().into()]);
             get_args.extend(["--dscp".into(), dscp.to_string().into()]);
             get_args.extend(["--nak-ttl".into(), nak_ttl.to_string().into()]);
             let key = server_key.as_deref().map(parse_server_key).transpose()?;

@@ -6,4 +6,5 @@ pub mod archive;
 pub mod dscp;
 pub mod fastio;
 pub mod fsutil;
+pub mod iface;
 pub mod process;

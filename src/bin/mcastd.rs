@@ -43,9 +43,9 @@ enum Cmd {
         /// Control endpoint receivers talk to (server.control), e.g. 0.0.0.0:7600.
         #[arg(long, value_name = "ADDR:PORT")]
         control: Option<std::net::SocketAddr>,
-        /// Address of the interface multicast leaves from (server.multicast_iface).
-        #[arg(long, value_name = "ADDR")]
-        iface: Option<std::net::Ipv4Addr>,
+        /// Interface multicast leaves from, by IPv4 address or name (server.multicast_iface).
+        #[arg(long, value_name = "ADDR|NAME")]
+        iface: Option<String>,
         /// First multicast group of the channel pool (server.group_base).
         #[arg(long, value_name = "GROUP")]
         group_base: Option<std::net::Ipv4Addr>,
@@ -174,7 +174,7 @@ fn main() -> ExitCode {
         } => {
             let o = mcast::config::ServeOverrides {
                 control: *control,
-                iface: *iface,
+                iface: iface.clone(),
                 group_base: *group_base,
                 rate_mbps: *rate,
             };
