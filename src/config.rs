@@ -724,6 +724,17 @@ impl Config {
                 ),
             ));
         }
+        let last = Ipv4Addr::from(u32::from(sv.group_base).saturating_add(sv.channels as u32 - 1));
+        if crate::wire::is_ssm_group(sv.group_base) != crate::wire::is_ssm_group(last) {
+            return Err(field(
+                "server.channels",
+                format!(
+                    "{} channels from {} run out of 232.0.0.0/8 (source-specific multicast): \
+                     keep the pool inside it or outside it",
+                    sv.channels, sv.group_base
+                ),
+            ));
+        }
         if sv.port_base.checked_add(sv.channels - 1).is_none() || sv.port_base == 0 {
             return Err(field(
                 "server.port_base",
@@ -929,6 +940,7 @@ impl Config {
             max_sessions_per_address: sv.max_sessions_per_address.max(1),
             // The server identity, set by the driver from the key store.
             sync_signer: None,
+            ssm_source: self.server.multicast_iface_v4().ok(),
             cookie_epoch: Duration::from_secs(10),
             cookie_secret,
             admin: admin_prefixes(&sv.admin)
@@ -1296,6 +1308,17 @@ dscp = 10
         .unwrap();
         assert_eq!(c.server.dscp().value(), 10);
         assert_eq!(Config::default().server.dscp(), crate::dscp::Dscp::DEFAULT);
+        // A channel pool half inside 232.0.0.0/8 (source-specific) is refused.
+        let e = Config::parse("[server]\ngroup_base = \"232.255.255.250\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "field server.channels: 32 channels from 232.255.255.250 run out of 232.0.0.0/8"
+            ),
+            "{e}"
+        );
+        assert!(Config::parse("[server]\ngroup_base = \"232.1.2.3\"\n", p).is_ok());
         // Interfaces by address or name; a name that is no interface is refused at load.
         let e = Config::parse("[server]\n\nmulticast_iface = \"nosuch0\"\n", p)
             .unwrap_err()

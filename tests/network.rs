@@ -221,3 +221,125 @@ fn a_bad_receiver_interface_is_refused() {
     assert!(err.contains("--iface: \"nosuch0\" is neither"), "{err}");
     assert!(err.contains("lo"), "{err}");
 }
+
+/// One namespace run: `mcastd` looping a title on `group`, a second sender at 127.0.0.2
+/// multicasting junk (data-packet-shaped) to the same group and port the whole time, and one
+/// receiver. Returns the receiver's done report and how many junk datagrams went out.
+fn run_with_second_sender(
+    control: u16,
+    group: &str,
+    port: u16,
+) -> (serde_json::Value, u64, tempfile::TempDir) {
+    let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = common::packed_server_dir(
+        d,
+        &format!(
+            "control = \"127.0.0.1:{control}\"\ngroup_base = \"{group}\"\nport_base = {port}\n\
+             rate_mbps = 50.0\ntiers_mbps = [50.0]\nchannels = 4"
+        ),
+        "film",
+        3_000_000,
+    );
+    let forger = r#"
+import os, socket, sys, time
+g, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.2", 0))
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.2"))
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+while True:
+    for _ in range(10):
+        s.sendto(bytes([1, 1]) + os.urandom(198), (g, port))
+    time.sleep(0.01)
+"#;
+    std::fs::write(d.join("forger.py"), forger).unwrap();
+    let script = format!(
+        r#"set -e
+ip link set lo up
+nft add table ip q
+nft add chain ip q out '{{ type filter hook output priority 0; }}'
+nft add rule ip q out ip saddr 127.0.0.2 udp dport {port} counter
+"{mcastd}" --config "{cfg}" > "{d}/server.log" 2>&1 &
+server=$!
+python3 "{d}/forger.py" {group} {port} &
+forger=$!
+sleep 0.5
+"{recv}" get film --server 127.0.0.1:{control} -o "{d}/r" --json --timeout 60 \
+  > "{d}/r.log" 2> "{d}/r.err"
+kill $forger
+nft list chain ip q out > "{d}/nft.txt"
+kill $server
+"#,
+        mcastd = mcastd.display(),
+        recv = recv.display(),
+        cfg = cfg.display(),
+        d = d.display()
+    );
+    let out = Command::new("timeout")
+        .args(["120", "unshare", "--net", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "namespace run failed: {}\n{}\nreceiver: {}\nserver: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(d.join("r.err")).unwrap_or_default(),
+        std::fs::read_to_string(d.join("server.log")).unwrap_or_default()
+    );
+    assert_eq!(
+        std::fs::read(d.join("r/film.mca")).unwrap(),
+        std::fs::read(d.join("archives/film.mca")).unwrap(),
+        "{group}: the copy differs"
+    );
+    let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
+    let junk = packets(&nft, "saddr 127.0.0.2");
+    (done_report(&d.join("r.log")), junk, dir)
+}
+
+/// Source-specific multicast: on a 232/8 group the server tells receivers its source in
+/// `JoinOk` and they join (source, group), so a second sender's datagrams to the same group
+/// and port never reach them (malformed, foreign and rejected all stay 0) while the download
+/// completes byte-identical. On an any-source group the same junk does reach the receiver
+/// (the control: it is counted there).
+#[test]
+fn ssm_receivers_never_see_a_second_sender() {
+    if let Some(why) = cannot_run() {
+        return skip_or_fail(&why);
+    }
+    if missing_tool(&["python3"]).is_some() {
+        return skip_or_fail("needs python3 (the second sender)");
+    }
+    let seen = |r: &serde_json::Value| {
+        ["malformed", "foreign", "rejected"]
+            .iter()
+            .map(|k| r[k].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let (ssm, ssm_junk, _d1) = run_with_second_sender(7662, "232.1.91.1", 7762);
+    let (asm, asm_junk, _d2) = run_with_second_sender(7664, "239.255.94.1", 7764);
+    println!(
+        "second sender: SSM 232.1.91.1: {ssm_junk} junk datagrams sent, receiver saw {} \
+         ({:.2} s); any-source 239.255.94.1: {asm_junk} sent, receiver saw {} ({:.2} s)",
+        seen(&ssm),
+        ssm["seconds"].as_f64().unwrap(),
+        seen(&asm),
+        asm["seconds"].as_f64().unwrap()
+    );
+    assert!(
+        ssm_junk > 50,
+        "the second sender sent nothing on the SSM group"
+    );
+    assert_eq!(
+        seen(&ssm),
+        0,
+        "a second sender's packets reached an SSM receiver: {ssm}"
+    );
+    assert!(asm_junk > 50);
+    assert!(
+        seen(&asm) > 0,
+        "control: the junk should reach an any-source receiver: {asm}"
+    );
+}

@@ -513,8 +513,8 @@ impl Driver<'_> {
                 trusted,
                 prior_have,
             } => self.open_files(sess, head, &head_bytes, trusted, prior_have)?,
-            Event::JoinGroup(g) => {
-                let s = multicast_socket(g, opts.iface, opts.recv_buffer)?;
+            Event::JoinGroup(g, source) => {
+                let s = multicast_socket(g, source, opts.iface, opts.recv_buffer)?;
                 if self.nak_out.is_none() {
                     self.nak_out = Some(nak_socket(opts)?);
                 }
@@ -945,8 +945,11 @@ fn open_part(
 }
 
 /// Multicast data socket: several receivers on one host can bind the same group and port.
+/// A socket on `group` joined on `iface`: for `source` only when given (source-specific
+/// multicast, IGMPv3 INCLUDE: the kernel passes this socket no other sender's packets).
 fn multicast_socket(
     group: SocketAddrV4,
+    source: Option<Ipv4Addr>,
     iface: Ipv4Addr,
     recv_buffer: usize,
 ) -> Result<UdpSocket, RecvError> {
@@ -970,8 +973,14 @@ fn multicast_socket(
     );
     s.bind(&SocketAddr::V4(group).into())
         .map_err(|e| err("bind", e))?;
-    s.join_multicast_v4(group.ip(), &iface)
-        .map_err(|e| err("join", e))?;
+    match source {
+        Some(src) => s
+            .join_ssm_v4(&src, group.ip(), &iface)
+            .map_err(|e| err(&format!("join source {src}"), e))?,
+        None => s
+            .join_multicast_v4(group.ip(), &iface)
+            .map_err(|e| err("join", e))?,
+    }
     Ok(s.into())
 }
 

@@ -452,6 +452,10 @@ impl ChannelManager {
                 tier: if capped { 0 } else { tier as u8 },
                 tiers_bps: if capped { vec![rate] } else { tiers },
                 session_key: key,
+                source: self
+                    .params
+                    .ssm_source
+                    .filter(|_| crate::wire::is_ssm_group(*group.ip())),
             },
         );
     }

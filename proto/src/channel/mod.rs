@@ -75,6 +75,9 @@ pub struct Params {
     pub cookie_secret: [u8; 32],
     /// The server identity, which signs every SYNC (`None`: unsigned, channel-only tests).
     pub sync_signer: Option<Arc<mcast_keys::Identity>>,
+    /// Source-specific multicast: the address channel packets leave from, told to receivers in
+    /// `JoinOk` for groups in 232.0.0.0/8 (they join that source only). `None`: any-source.
+    pub ssm_source: Option<std::net::Ipv4Addr>,
     /// Sessions (members, over every channel) one source address may hold: a spoofer who
     /// proved one address cannot fill the server with members (NAT: raise it).
     pub max_sessions_per_address: usize,
@@ -129,6 +132,7 @@ impl Params {
             admin: crate::address_token::IpPrefix::loopback(),
             max_sessions_per_address: 256,
             sync_signer: Some(Arc::new(crate::sim::archive::sim_identity())),
+            ssm_source: None,
             grtt_initial: Duration::from_millis(20),
             grtt_min: Duration::from_millis(1),
             grtt_max: Duration::from_secs(2),

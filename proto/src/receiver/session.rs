@@ -16,7 +16,7 @@
 //! receive → report completion → done. Any phase can end in [`Event::Failed`].
 
 use std::collections::VecDeque;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -149,8 +149,9 @@ pub enum Event {
         /// The prior run's have-bitmap, when it belongs to this archive.
         prior_have: Option<Vec<u64>>,
     },
-    /// Subscribe to a multicast group (a socket bound to it).
-    JoinGroup(SocketAddrV4),
+    /// Subscribe to a multicast group (a socket bound to it); with a source, to that source's
+    /// packets to it only (source-specific multicast).
+    JoinGroup(SocketAddrV4, Option<Ipv4Addr>),
     /// Leave a group (the driver drops its socket).
     LeaveGroup(SocketAddrV4),
     /// Open the unicast data socket: the unicast handshake is sent from it next.
@@ -359,6 +360,8 @@ pub struct Session {
     stats: SessionStats,
     // Receiving.
     group: Option<SocketAddrV4>,
+    /// The channel's source, for a source-specific group (from the last `JoinOk`).
+    ssm_source: Option<Ipv4Addr>,
     /// The group left at a move down, before the new tier's was granted.
     left_early: Option<SocketAddrV4>,
     heard: bool,
@@ -404,6 +407,7 @@ impl Session {
             now,
             stats: SessionStats::default(),
             group: None,
+            ssm_source: None,
             left_early: None,
             heard: false,
             unicast_opened: false,
@@ -548,7 +552,7 @@ impl Session {
         self.stats.units_failed_recheck = failed;
         self.stats.units_at_start = dl.have_count();
         let mut nak = NakEngine::new(*dl.shape(), self.cfg.seed);
-        nak.set_unicast(!self.cfg.nak_suppression);
+        nak.set_unicast(!self.group_naks());
         let packet_bytes = DATA_HEADER_LEN + head.symbol_size as usize;
         let tiering = Tiering::new(j.tier, j.tiers_bps.clone(), head.loop_bytes(), now);
         self.keepalive_every = (j.lease / 3).max(Duration::from_millis(50));
@@ -575,7 +579,8 @@ impl Session {
         });
         self.fec_reads();
         self.group = Some(group);
-        self.events.push_back(Event::JoinGroup(group));
+        self.events
+            .push_back(Event::JoinGroup(group, self.ssm_source));
         self.phase = Phase::Receiving;
         if self.eng.as_ref().is_some_and(|e| e.dl.is_complete()) {
             self.complete(now);
@@ -999,9 +1004,11 @@ impl Session {
                 tier,
                 tiers_bps,
                 session_key,
+                source,
                 ..
             } => {
                 self.requests.set_session_key(session_key);
+                self.ssm_source = source;
                 let j = Joined {
                     archive_id,
                     group,
@@ -1056,7 +1063,8 @@ impl Session {
                 if let Some(g) = self.group {
                     self.events.push_back(Event::LeaveGroup(g));
                 }
-                self.events.push_back(Event::JoinGroup(j.group));
+                self.events
+                    .push_back(Event::JoinGroup(j.group, self.ssm_source));
                 self.group = Some(j.group);
                 e.nak.reset_position();
                 self.last_channel = now;
@@ -1072,8 +1080,9 @@ impl Session {
         self.joined = Some(j);
         if self.unicast_ok {
             self.unicast_ok = false;
+            let group_naks = self.group_naks();
             if let Some(e) = self.eng.as_mut() {
-                e.nak.set_unicast(!self.cfg.nak_suppression);
+                e.nak.set_unicast(!group_naks);
             }
         }
         self.heard = false;
@@ -1206,9 +1215,11 @@ impl Session {
             Control::JoinOk {
                 group: g,
                 session_key,
+                source,
                 ..
             } => {
                 self.requests.set_session_key(session_key);
+                self.ssm_source = source;
                 let Some(e) = self.eng.as_mut() else {
                     return;
                 };
@@ -1219,7 +1230,7 @@ impl Session {
                         self.events.push_back(Event::LeaveGroup(old));
                     }
                 }
-                self.events.push_back(Event::JoinGroup(g));
+                self.events.push_back(Event::JoinGroup(g, self.ssm_source));
                 self.group = Some(g);
                 // A new channel may still be in its SYNC lead: silence counts from now.
                 self.last_channel = now;
@@ -1237,7 +1248,7 @@ impl Session {
     /// A move down was refused: back on the group left early.
     fn back_on_group(&mut self) {
         if let Some(g) = self.left_early.take() {
-            self.events.push_back(Event::JoinGroup(g));
+            self.events.push_back(Event::JoinGroup(g, self.ssm_source));
         }
     }
 
@@ -1508,7 +1519,7 @@ impl Session {
         self.stats.silent_rejoins += 1;
         self.rejoined_at = Some(now);
         self.events.push_back(Event::LeaveGroup(g));
-        self.events.push_back(Event::JoinGroup(g));
+        self.events.push_back(Event::JoinGroup(g, self.ssm_source));
     }
 
     fn fallback_due(&self) -> bool {
@@ -1687,10 +1698,17 @@ impl Session {
     /// Where a NAK goes: the server, and the group so other receivers suppress theirs (not
     /// on unicast, where nobody hears it, nor with suppression off).
     fn nak_destinations(&self) -> (SocketAddr, Option<SocketAddrV4>) {
-        let group = (!self.unicast_ok && self.cfg.nak_suppression)
+        let group = (!self.unicast_ok && self.group_naks())
             .then_some(self.group)
             .flatten();
         (self.cfg.server, group)
+    }
+
+    /// Whether NAKs are multicast to the group for others to hear (suppression). Not on a
+    /// source-specific group: its members receive only the server's packets, so nobody would
+    /// hear them; NAKs go to the server at once, which coalesces them.
+    fn group_naks(&self) -> bool {
+        self.cfg.nak_suppression && self.ssm_source.is_none()
     }
 
     /// FEC amounts: blocks whose answer did not make them decodable are asked about again;

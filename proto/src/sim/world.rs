@@ -733,7 +733,7 @@ impl World<'_> {
                 let s = h.sess.as_mut().expect("session");
                 s.start(now, prior_have, |off, buf| arc.read(off, buf));
             }
-            Event::JoinGroup(g) => {
+            Event::JoinGroup(g, _) => {
                 if h.group != Some(g) {
                     h.leave(now, Duration::ZERO);
                 }

@@ -249,6 +249,10 @@ pub enum Control {
         /// tier change, completion, unicast steps, NAKs) carries a MAC under it, so nobody
         /// else can speak for this receiver even knowing its id.
         session_key: SessionKey,
+        /// Source-specific multicast (groups in 232.0.0.0/8): the address the channel's
+        /// packets come from. The receiver joins (source, group), so packets anyone else sends
+        /// to the group never reach it. `None`: an any-source group.
+        source: Option<std::net::Ipv4Addr>,
     },
     /// This server lacks the title; `redirect` names one that has it, when known.
     NotHere {
@@ -541,6 +545,7 @@ impl Envelope {
                 tier,
                 tiers_bps,
                 session_key,
+                source,
             } => {
                 b.extend_from_slice(archive_id);
                 put_v4(&mut b, group);
@@ -555,6 +560,13 @@ impl Envelope {
                     b.put_u64(*r);
                 }
                 b.extend_from_slice(session_key);
+                match source {
+                    Some(a) => {
+                        b.put_u8(1);
+                        b.extend_from_slice(&a.octets());
+                    }
+                    None => b.put_u8(0),
+                }
                 t::JOIN_OK
             }
             Control::NotHere { title, redirect } => {
@@ -734,6 +746,11 @@ impl Envelope {
                     v
                 },
                 session_key: r.array("session_key")?,
+                source: match r.u8("source")? {
+                    0 => None,
+                    1 => Some(std::net::Ipv4Addr::from(r.array::<4>("source")?)),
+                    _ => return Err(WireError::Field("source")),
+                },
             },
             t::NOT_HERE => Control::NotHere {
                 title: get_str(&mut r, 128, "title")?,
@@ -913,6 +930,7 @@ mod tests {
                 tier: 1,
                 tiers_bps: vec![4_000_000, 16_000_000],
                 session_key: [0x33; 32],
+                source: Some(std::net::Ipv4Addr::new(198, 18, 0, 1)),
             },
             Control::ChangeTier {
                 archive_id: id,

@@ -61,3 +61,9 @@ pub(crate) fn check_version(buf: &[u8]) -> Result<(), WireError> {
         Some(&v) => Err(WireError::Version(v)),
     }
 }
+
+/// Whether `group` is in the source-specific multicast range (232.0.0.0/8, RFC 4607):
+/// receivers join it for one source only.
+pub fn is_ssm_group(group: std::net::Ipv4Addr) -> bool {
+    group.octets()[0] == 232
+}
