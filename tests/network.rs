@@ -18,6 +18,29 @@ fn cannot_run() -> Option<String> {
     missing_tool(&["unshare", "nft", "ip"])
 }
 
+/// Run `script` in a private network namespace (two minutes at most); it leaves the server's
+/// log in `d/server.log` and one receiver's in `d/r.{log,err}`, its copy in `d/r/film.mca`.
+/// Asserts the run succeeded and the copy equals the archive.
+fn run_in_namespace(script: &str, d: &std::path::Path) {
+    let out = Command::new("timeout")
+        .args(["120", "unshare", "--net", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "namespace run failed: {}\n{}\nreceiver: {}\nserver: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(d.join("r.err")).unwrap_or_default(),
+        std::fs::read_to_string(d.join("server.log")).unwrap_or_default()
+    );
+    assert_eq!(
+        std::fs::read(d.join("r/film.mca")).unwrap(),
+        std::fs::read(d.join("archives/film.mca")).unwrap(),
+        "the receiver's copy differs from the archive"
+    );
+}
+
 /// `packets N` of the nft rule whose text contains `rule`.
 fn packets(nft: &str, rule: &str) -> u64 {
     let line = nft
@@ -81,22 +104,7 @@ kill $server
         cfg = cfg.display(),
         d = d.display()
     );
-    let out = Command::new("timeout")
-        .args(["120", "unshare", "--net", "sh", "-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "namespace run failed: {}\n{}\nreceiver: {}\nserver: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(d.join("r.err")).unwrap_or_default(),
-        std::fs::read_to_string(d.join("server.log")).unwrap_or_default()
-    );
-    assert_eq!(
-        std::fs::read(d.join("r/film.mca")).unwrap(),
-        std::fs::read(d.join("archives/film.mca")).unwrap()
-    );
+    run_in_namespace(&script, d);
     let r = done_report(&d.join("r.log"));
     let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
     let data = (
@@ -277,23 +285,7 @@ kill $server
         cfg = cfg.display(),
         d = d.display()
     );
-    let out = Command::new("timeout")
-        .args(["120", "unshare", "--net", "sh", "-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "namespace run failed: {}\n{}\nreceiver: {}\nserver: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(d.join("r.err")).unwrap_or_default(),
-        std::fs::read_to_string(d.join("server.log")).unwrap_or_default()
-    );
-    assert_eq!(
-        std::fs::read(d.join("r/film.mca")).unwrap(),
-        std::fs::read(d.join("archives/film.mca")).unwrap(),
-        "{group}: the copy differs"
-    );
+    run_in_namespace(&script, d);
     let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
     let junk = packets(&nft, "saddr 127.0.0.2");
     (done_report(&d.join("r.log")), junk, dir)
