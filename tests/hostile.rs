@@ -1661,6 +1661,45 @@ fn a_known_servers_key_is_required_for_every_later_title() {
         .assert_complete(&b);
 }
 
+/// A director on `addr` listing servers `a` and `b`, each with its own key (made by
+/// `mcast-director genkey` in `dir`), `b_extra` added to B's entry; the keys, the director,
+/// and the time now in ms.
+fn director_for_two_servers(
+    dir: &Path,
+    addr: SocketAddr,
+    a: SocketAddrV4,
+    b: SocketAddrV4,
+    b_extra: &str,
+) -> ([u8; 32], [u8; 32], Guard, u64) {
+    fs::create_dir_all(dir).unwrap();
+    let genkey = |name: &str| {
+        let p = dir.join(name);
+        let o = run_out(Command::new(director_bin()).args(["genkey", "-o"]).arg(&p));
+        assert!(o.status.success(), "{o:?}");
+        (mcast::heartbeat::read_key(&p).unwrap(), p)
+    };
+    let (ka, fa) = genkey("a.key");
+    let (kb, fb) = genkey("b.key");
+    let cfg = dir.join("director.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[director]\nlisten = \"{addr}\"\nkey_file = \"\"\n\
+             [[director.servers]]\naddr = \"{a}\"\nkey_file = '{}'\n\
+             [[director.servers]]\naddr = \"{b}\"\nkey_file = '{}'\n{b_extra}",
+            fa.display(),
+            fb.display()
+        ),
+    )
+    .unwrap();
+    let d = start_director(&cfg, addr);
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    (ka, kb, d, unix_ms)
+}
+
 /// 18. One heartbeat key for every server: a compromised server could mark the others stopping
 ///     or pull their receivers to itself. With `[[director.servers]]` each listed server has its
 ///     own key: a heartbeat naming server B under server A's key (or the old shared one) is
@@ -1668,36 +1707,12 @@ fn a_known_servers_key_is_required_for_every_later_title() {
 #[test]
 fn a_server_cannot_speak_for_another_at_the_director() {
     let dir = tempfile::tempdir().unwrap();
-    let genkey = |name: &str| {
-        let p = dir.path().join(name);
-        let o = run_out(Command::new(director_bin()).args(["genkey", "-o"]).arg(&p));
-        assert!(o.status.success(), "{o:?}");
-        (mcast::heartbeat::read_key(&p).unwrap(), p)
-    };
-    let (ka, fa) = genkey("a.key");
-    let (kb, fb) = genkey("b.key");
     let (a, b): (SocketAddrV4, SocketAddrV4) = (
         "127.0.0.1:18601".parse().unwrap(),
         "127.0.0.1:18602".parse().unwrap(),
     );
     let addr: SocketAddr = "127.0.0.1:18596".parse().unwrap();
-    let cfg = dir.path().join("director.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "[director]\nlisten = \"{addr}\"\nkey_file = \"\"\n\
-             [[director.servers]]\naddr = \"{a}\"\nkey_file = '{}'\n\
-             [[director.servers]]\naddr = \"{b}\"\nkey_file = '{}'\n",
-            fa.display(),
-            fb.display()
-        ),
-    )
-    .unwrap();
-    let mut d = start_director(&cfg, addr);
-    let unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let (ka, kb, mut d, unix_ms) = director_for_two_servers(dir.path(), addr, a, b, "");
     let hb = |server, seq, state| heartbeat(server, seq, unix_ms, state);
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.send_to(&hb(a, 1, ServerState::Online).encode(&ka), addr)
@@ -1739,36 +1754,12 @@ fn a_server_cannot_speak_for_another_at_the_director() {
 #[test]
 fn a_heartbeat_counts_only_from_its_servers_address() {
     let dir = tempfile::tempdir().unwrap();
-    let genkey = |name: &str| {
-        let p = dir.path().join(name);
-        let o = run_out(Command::new(director_bin()).args(["genkey", "-o"]).arg(&p));
-        assert!(o.status.success(), "{o:?}");
-        (mcast::heartbeat::read_key(&p).unwrap(), p)
-    };
-    let (ka, fa) = genkey("a.key");
-    let (kb, fb) = genkey("b.key");
     let (a, b): (SocketAddrV4, SocketAddrV4) = (
         "127.0.0.1:18611".parse().unwrap(),
         "127.0.0.3:18612".parse().unwrap(),
     );
     let addr: SocketAddr = "127.0.0.1:18597".parse().unwrap();
-    let cfg = dir.path().join("director.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "[director]\nlisten = \"{addr}\"\nkey_file = \"\"\n\
-             [[director.servers]]\naddr = \"{a}\"\nkey_file = '{}'\n\
-             [[director.servers]]\naddr = \"{b}\"\nkey_file = '{}'\n",
-            fa.display(),
-            fb.display()
-        ),
-    )
-    .unwrap();
-    let mut d = start_director(&cfg, addr);
-    let unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let (ka, kb, mut d, unix_ms) = director_for_two_servers(dir.path(), addr, a, b, "");
     let hb = |server, seq, state| heartbeat(server, seq, unix_ms, state);
     let from_a = UdpSocket::bind("127.0.0.1:0").unwrap();
     let from_b = UdpSocket::bind("127.0.0.3:0").unwrap();
@@ -1837,18 +1828,8 @@ fn a_heartbeat_counts_only_from_its_servers_address() {
     // B behind NAT: its entry says `any_source = true`, and its heartbeats count from
     // wherever they come (A's still only from A's address).
     let addr: SocketAddr = "127.0.0.1:18598".parse().unwrap();
-    fs::write(
-        &cfg,
-        format!(
-            "[director]\nlisten = \"{addr}\"\nkey_file = \"\"\n\
-             [[director.servers]]\naddr = \"{a}\"\nkey_file = '{}'\n\
-             [[director.servers]]\naddr = \"{b}\"\nkey_file = '{}'\nany_source = true\n",
-            fa.display(),
-            fb.display()
-        ),
-    )
-    .unwrap();
-    let mut d = start_director(&cfg, addr);
+    let (ka, kb, mut d, _) =
+        director_for_two_servers(&dir.path().join("nat"), addr, a, b, "any_source = true\n");
     elsewhere
         .send_to(&hb(b, 1, ServerState::Online).encode(&kb), addr)
         .unwrap();
