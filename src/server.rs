@@ -125,10 +125,23 @@ fn read_head_chunks(files: &HashMap<ArchiveId, ArchiveFile>, mgr: &mut ChannelMa
 /// Read the batch's archive payloads and send it to each of `dests`; empties the batch.
 /// An archive that can no longer be read (truncated or removed under the server) is
 /// withdrawn from `mgr` rather than stopping the server: the other titles keep looping.
-/// The data sockets: multicast channels, and unicast streams (whose ICMP errors are read).
+/// The data sockets: multicast channels, and unicast streams to IPv4 and IPv6 receivers
+/// (whose ICMP errors are read). No IPv6 socket on a host without IPv6.
 struct DataSockets {
     multicast: UdpSocket,
     unicast: UdpSocket,
+    unicast6: Option<UdpSocket>,
+}
+
+impl DataSockets {
+    /// The socket for `dest`, if this host can send there.
+    fn for_dest(&self, dest: &SocketAddr) -> Option<&UdpSocket> {
+        match dest {
+            d if d.ip().is_multicast() => Some(&self.multicast),
+            SocketAddr::V4(_) => Some(&self.unicast),
+            SocketAddr::V6(_) => self.unicast6.as_ref(),
+        }
+    }
 }
 
 fn flush(
@@ -157,10 +170,9 @@ fn flush(
         return Ok(());
     }
     for dest in dests.iter() {
-        let sock = if dest.ip().is_multicast() {
-            &data.multicast
-        } else {
-            &data.unicast
+        let Some(sock) = data.for_dest(dest) else {
+            *send_errors += batch.len() as u64;
+            continue;
         };
         let out = sender.send(sock.as_raw_fd(), batch, &(*dest).into());
         if out
@@ -169,7 +181,7 @@ fn flush(
             .is_some_and(|e| e.kind() == ErrorKind::ConnectionRefused)
         {
             // An ICMP error is pending on the unicast socket: read which address it names.
-            read_unreachable(&data.unicast, mgr);
+            read_unreachable(sock, mgr);
         }
         if out.failed > 0 {
             let before = *send_errors;
@@ -210,7 +222,14 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let unvalidated = control.unvalidated;
     let data = DataSockets {
         multicast: data_socket(cfg)?,
-        unicast: crate::unreachable::unicast_socket(cfg.server.send_buffer)?,
+        unicast: crate::unreachable::unicast_socket(cfg.server.send_buffer, false)?,
+        unicast6: match crate::unreachable::unicast_socket(cfg.server.send_buffer, true) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no IPv6 unicast data socket: unicast fallback to IPv6 receivers is off");
+                None
+            }
+        },
     };
     let dscp = cfg.server.dscp();
     for (what, sock) in [
@@ -221,6 +240,10 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     ] {
         dscp.apply(sock)
             .with_context(|| format!("server.dscp {dscp}: cannot set it on the {what} socket"))?;
+    }
+    if let Some(s6) = &data.unicast6 {
+        dscp.apply(s6)
+            .context("server.dscp: cannot set it on the IPv6 unicast data socket")?;
     }
     // Wake from ppoll within ~1 us of a pacing deadline (default slack is 50 us).
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and only affects this thread.
@@ -374,20 +397,27 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             // than on poll's millisecond grid (timer slack is set low at start-up).
             // The unicast data socket wakes us with POLLERR when ICMP reports an address
             // unreachable (reported whatever the requested events).
+            let unicast6 = data.unicast6.as_ref().unwrap_or(&data.unicast);
             let mut fds = [
                 nix::poll::PollFd::new(ctrl.as_fd(), nix::poll::PollFlags::POLLIN),
                 nix::poll::PollFd::new(data.unicast.as_fd(), nix::poll::PollFlags::empty()),
+                nix::poll::PollFd::new(unicast6.as_fd(), nix::poll::PollFlags::empty()),
             ];
             let ts = nix::sys::time::TimeSpec::from_duration(wait);
             match nix::poll::ppoll(&mut fds, Some(ts), None) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e).context("poll on control socket"),
             }
-            if fds[1]
-                .revents()
-                .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLERR))
-            {
+            let err = |f: &nix::poll::PollFd| {
+                f.revents()
+                    .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLERR))
+            };
+            let (e4, e6) = (err(&fds[1]), err(&fds[2]));
+            if e4 {
                 read_unreachable(&data.unicast, &mut mgr);
+            }
+            if e6 {
+                read_unreachable(unicast6, &mut mgr);
             }
         }
     }

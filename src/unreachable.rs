@@ -8,26 +8,43 @@
 //! packets to a closed socket. Multicast stays on the other socket: with `IP_RECVERR` a
 //! pending ICMP error also fails the socket's next send, whatever its destination.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 
 use anyhow::Context;
-use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn};
+use nix::sys::socket::{
+    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrLike, SockaddrStorage,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// ICMP "destination unreachable" and its "fragmentation needed" code (path MTU discovery:
 /// the address is reachable, the packet too big — not an end of consent).
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
+/// ICMPv6 "destination unreachable" (RFC 4443; "packet too big" is a type of its own).
+const ICMP6_DST_UNREACH: u8 = 1;
 
-/// A socket for unicast data: `send_buffer` as for the multicast one, `IP_RECVERR` on.
-pub fn unicast_socket(send_buffer: usize) -> anyhow::Result<UdpSocket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+/// A socket for unicast data to IPv4 (`v6`: IPv6) receivers: `send_buffer` as for the
+/// multicast one, `IP_RECVERR` (`IPV6_RECVERR`) on.
+pub fn unicast_socket(send_buffer: usize, v6: bool) -> anyhow::Result<UdpSocket> {
+    let (domain, any) = if v6 {
+        (Domain::IPV6, SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)))
+    } else {
+        (Domain::IPV4, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+    };
+    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if v6 {
+        s.set_only_v6(true)?;
+    }
     let _ = s.set_send_buffer_size(send_buffer);
-    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
+    s.bind(&any.into())?;
     s.set_nonblocking(true)?;
     let s: UdpSocket = s.into();
-    setsockopt(&s, sockopt::Ipv4RecvErr, &true).context("unicast data socket: IP_RECVERR")?;
+    if v6 {
+        setsockopt(&s, sockopt::Ipv6RecvErr, &true).context("unicast data socket: IPV6_RECVERR")?;
+    } else {
+        setsockopt(&s, sockopt::Ipv4RecvErr, &true).context("unicast data socket: IP_RECVERR")?;
+    }
     Ok(s)
 }
 
@@ -37,10 +54,10 @@ pub fn unicast_socket(send_buffer: usize) -> anyhow::Result<UdpSocket> {
 pub fn drain(sock: &UdpSocket, mut unreachable: impl FnMut(SocketAddr)) -> usize {
     let mut n = 0;
     let mut buf = [0u8; 64];
-    let mut cmsg = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in);
+    let mut cmsg = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in6);
     loop {
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let msg = match recvmsg::<SockaddrIn>(
+        let msg = match recvmsg::<SockaddrStorage>(
             sock.as_raw_fd(),
             &mut iov,
             Some(&mut cmsg),
@@ -51,20 +68,32 @@ pub fn drain(sock: &UdpSocket, mut unreachable: impl FnMut(SocketAddr)) -> usize
             Err(_) => return n, // EAGAIN: the queue is empty
         };
         n += 1;
-        let dest = msg
-            .address
-            .map(|a| SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())));
+        let dest = msg.address.and_then(|a| match a.family() {
+            Some(nix::sys::socket::AddressFamily::Inet) => a
+                .as_sockaddr_in()
+                .map(|v| SocketAddr::V4(std::net::SocketAddrV4::new(v.ip(), v.port()))),
+            Some(nix::sys::socket::AddressFamily::Inet6) => a
+                .as_sockaddr_in6()
+                .map(|v| SocketAddr::V6(std::net::SocketAddrV6::new(v.ip(), v.port(), 0, 0))),
+            _ => None,
+        });
         let Ok(cmsgs) = msg.cmsgs() else {
             continue;
         };
         for c in cmsgs {
-            if let ControlMessageOwned::Ipv4RecvErr(e, _) = c {
-                let icmp = e.ee_origin == libc::SO_EE_ORIGIN_ICMP;
-                if icmp && e.ee_type == ICMP_DEST_UNREACH && e.ee_code != ICMP_FRAG_NEEDED {
-                    if let Some(d) = dest {
-                        unreachable(d);
-                    }
+            let gone = match c {
+                ControlMessageOwned::Ipv4RecvErr(e, _) => {
+                    e.ee_origin == libc::SO_EE_ORIGIN_ICMP
+                        && e.ee_type == ICMP_DEST_UNREACH
+                        && e.ee_code != ICMP_FRAG_NEEDED
                 }
+                ControlMessageOwned::Ipv6RecvErr(e, _) => {
+                    e.ee_origin == libc::SO_EE_ORIGIN_ICMP6 && e.ee_type == ICMP6_DST_UNREACH
+                }
+                _ => false,
+            };
+            if let (true, Some(d)) = (gone, dest) {
+                unreachable(d);
             }
         }
     }
@@ -79,10 +108,33 @@ mod tests {
     /// names that destination, and an open one is never named.
     #[test]
     fn a_closed_port_is_reported_unreachable() {
-        let s = unicast_socket(1 << 20).unwrap();
+        let s = unicast_socket(1 << 20, false).unwrap();
         let open = UdpSocket::bind("127.0.0.1:0").unwrap();
         let closed = {
             let t = UdpSocket::bind("127.0.0.1:0").unwrap();
+            t.local_addr().unwrap()
+        };
+        s.send_to(b"x", open.local_addr().unwrap()).unwrap();
+        let _ = s.send_to(b"x", closed);
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while seen.is_empty() && Instant::now() < deadline {
+            drain(&s, |a| seen.push(a));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(seen, vec![closed]);
+    }
+
+    /// The same over IPv6 loopback (skipped where the host has no IPv6).
+    #[test]
+    fn a_closed_ipv6_port_is_reported_unreachable() {
+        let Ok(open) = UdpSocket::bind("[::1]:0") else {
+            eprintln!("SKIPPED: no IPv6 loopback here");
+            return;
+        };
+        let s = unicast_socket(1 << 20, true).unwrap();
+        let closed = {
+            let t = UdpSocket::bind("[::1]:0").unwrap();
             t.local_addr().unwrap()
         };
         s.send_to(b"x", open.local_addr().unwrap()).unwrap();

@@ -335,3 +335,63 @@ fn ssm_receivers_never_see_a_second_sender() {
         "control: the junk should reach an any-source receiver: {asm}"
     );
 }
+
+/// The control endpoint and the unicast fallback over IPv6: `mcastd` listens on `[::1]`, the
+/// group (IPv4 multicast) is dropped on the way in, and the receiver, given `--server
+/// [::1]:PORT`, completes by a unicast stream that comes over IPv6 (counted by nftables:
+/// IPv6 UDP to the receiver, none of it IPv4).
+#[test]
+fn control_and_unicast_fallback_over_ipv6() {
+    if let Some(why) = cannot_run() {
+        return skip_or_fail(&why);
+    }
+    let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (control, group, port) = (7670, "239.255.95.1", 7770);
+    let cfg = common::packed_server_dir(
+        d,
+        &format!(
+            "control = \"[::1]:{control}\"\ngroup_base = \"{group}\"\nport_base = {port}\n\
+             rate_mbps = 30.0\ntiers_mbps = [30.0]\nchannels = 4\nadmin = [\"::1\"]"
+        ),
+        "film",
+        2_000_000,
+    );
+    let script = format!(
+        r#"set -e
+ip link set lo up
+nft add table inet q
+nft add chain inet q in '{{ type filter hook input priority 0; }}'
+nft add rule inet q in ip daddr {group} drop
+nft add chain inet q out '{{ type filter hook output priority 0; }}'
+nft add rule inet q out meta nfproto ipv6 udp sport != {control} udp dport != {control} counter
+"{mcastd}" --config "{cfg}" > "{d}/server.log" 2>&1 &
+server=$!
+sleep 0.5
+"{recv}" get film --server '[::1]:{control}' --iface lo -o "{d}/r" --json --timeout 60 \
+  --sync-timeout-ms 500 > "{d}/r.log" 2> "{d}/r.err"
+"{recv}" stats --server '[::1]:{control}' > "{d}/stats.json"
+nft list table inet q > "{d}/nft.txt"
+kill $server
+"#,
+        mcastd = mcastd.display(),
+        recv = recv.display(),
+        cfg = cfg.display(),
+        d = d.display()
+    );
+    run_in_namespace(&script, d);
+    let r = done_report(&d.join("r.log"));
+    let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
+    let v6_data = packets(&nft, "nfproto ipv6");
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("stats.json")).unwrap()).unwrap();
+    println!(
+        "IPv6 control + unicast fallback: unicast {}, {:.2} s, IPv6 data datagrams (GSO batches) {}, \
+         unicast_started {}",
+        r["unicast"], r["seconds"], v6_data, stats["counters"]["unicast_started"]
+    );
+    assert_eq!(r["unicast"], true, "{r}");
+    assert_eq!(stats["counters"]["unicast_started"], 1, "{stats}");
+    assert!(v6_data > 10, "the stream did not come over IPv6: {nft}");
+}

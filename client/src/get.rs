@@ -484,7 +484,12 @@ impl Driver<'_> {
         if self.unicast.is_some() {
             return Ok(());
         }
-        let bind: SocketAddr = (Ipv4Addr::UNSPECIFIED, 0).into();
+        // The stream comes from the server's address family (IPv6 servers stream over IPv6).
+        let bind: SocketAddr = if self.opts.server.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
         let s = UdpSocket::bind(bind)
             .and_then(|s| s.set_nonblocking(true).map(|_| s))
             .and_then(|s| self.opts.dscp.apply(&s).map(|_| s))

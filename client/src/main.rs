@@ -211,21 +211,28 @@ enum Cmd {
 /// `--iface`: an address, an interface name, or "auto" (the route toward `toward`).
 fn resolve_iface(spec: &str, toward: SocketAddr) -> Result<Ipv4Addr, RecvError> {
     let r = if spec.trim().eq_ignore_ascii_case("auto") {
-        mcast_io::iface::route_to(toward)
+        match toward {
+            SocketAddr::V4(_) => mcast_io::iface::route_to(toward),
+            // Multicast is IPv4: toward an IPv6 server let the kernel pick by its routes.
+            SocketAddr::V6(_) => Ok(Ipv4Addr::UNSPECIFIED),
+        }
     } else {
         mcast_io::iface::resolve_v4(spec)
     };
     r.map_err(|e| RecvError::new(Failure::Usage, format!("--iface: {e}")))
 }
 
+/// HOST:PORT (`[::1]:7600` for IPv6): its first IPv4 address, else its first IPv6 one.
 fn resolve(s: &str) -> Result<SocketAddr, RecvError> {
-    s.to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.find(|a| a.is_ipv4()))
+    let all: Vec<SocketAddr> = s.to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
         .ok_or_else(|| {
             RecvError::new(
                 Failure::Usage,
-                format!("--server {s:?}: not a HOST:PORT that resolves to IPv4"),
+                format!("--server {s:?}: not a HOST:PORT that resolves (an IPv6 address goes in brackets: [::1]:7600)"),
             )
         })
 }

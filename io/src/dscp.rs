@@ -55,12 +55,22 @@ impl Dscp {
         }
     }
 
-    /// Set it on an IPv4 socket (IP_TOS; ECN bits left 0). DEFAULT leaves the socket alone.
+    /// Set it on a socket: IP_TOS for IPv4, IPV6_TCLASS for IPv6 (and IP_TOS too, for the
+    /// IPv4-mapped traffic of a dual-stack socket); ECN bits left 0. DEFAULT leaves the
+    /// socket alone.
     pub fn apply(self, sock: &impl AsFd) -> std::io::Result<()> {
         if self == Dscp::DEFAULT {
             return Ok(());
         }
-        socket2::SockRef::from(sock).set_tos((self.0 as u32) << 2)
+        let s = socket2::SockRef::from(sock);
+        let v = (self.0 as u32) << 2;
+        if s.local_addr()?.is_ipv6() {
+            s.set_tclass_v6(v)?;
+            let _ = s.set_tos(v);
+            Ok(())
+        } else {
+            s.set_tos(v)
+        }
     }
 }
 
@@ -108,5 +118,9 @@ mod tests {
         let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         Dscp::parse("AF41").unwrap().apply(&s).unwrap();
         assert_eq!(socket2::SockRef::from(&s).tos().unwrap(), 34 << 2);
+        if let Ok(s6) = std::net::UdpSocket::bind("[::1]:0") {
+            Dscp::parse("EF").unwrap().apply(&s6).unwrap();
+            assert_eq!(socket2::SockRef::from(&s6).tclass_v6().unwrap(), 46 << 2);
+        }
     }
 }
