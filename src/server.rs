@@ -122,9 +122,6 @@ fn read_head_chunks(files: &HashMap<ArchiveId, ArchiveFile>, mgr: &mut ChannelMa
     }
 }
 
-/// Read the batch's archive payloads and send it to each of `dests`; empties the batch.
-/// An archive that can no longer be read (truncated or removed under the server) is
-/// withdrawn from `mgr` rather than stopping the server: the other titles keep looping.
 /// The data sockets: multicast channels, and unicast streams to IPv4 and IPv6 receivers
 /// (whose ICMP errors are read). No IPv6 socket on a host without IPv6.
 struct DataSockets {
@@ -144,6 +141,9 @@ impl DataSockets {
     }
 }
 
+/// Read the batch's archive payloads and send it to each of `dests`; empties the batch.
+/// An archive that can no longer be read (truncated or removed under the server) is
+/// withdrawn from `mgr` rather than stopping the server: the other titles keep looping.
 fn flush(
     batch: &mut PacketBatch,
     cur: &Option<(ArchiveId, Arc<[SocketAddr]>)>,
@@ -233,17 +233,17 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     };
     let dscp = cfg.server.dscp();
     for (what, sock) in [
-        ("control", &ctrl),
-        ("control (unvalidated replies)", &unvalidated),
-        ("multicast data", &data.multicast),
-        ("unicast data", &data.unicast),
+        ("control", Some(&ctrl)),
+        ("control (unvalidated replies)", Some(&unvalidated)),
+        ("multicast data", Some(&data.multicast)),
+        ("unicast data", Some(&data.unicast)),
+        ("IPv6 unicast data", data.unicast6.as_ref()),
     ] {
-        dscp.apply(sock)
-            .with_context(|| format!("server.dscp {dscp}: cannot set it on the {what} socket"))?;
-    }
-    if let Some(s6) = &data.unicast6 {
-        dscp.apply(s6)
-            .context("server.dscp: cannot set it on the IPv6 unicast data socket")?;
+        if let Some(sock) = sock {
+            dscp.apply(sock).with_context(|| {
+                format!("server.dscp {dscp}: cannot set it on the {what} socket")
+            })?;
+        }
     }
     // Wake from ppoll within ~1 us of a pacing deadline (default slack is 50 us).
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and only affects this thread.
