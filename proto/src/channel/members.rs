@@ -209,6 +209,7 @@ pub(super) enum SessionCheck {
     /// Claims a session it cannot prove: dropped unanswered (counted).
     Forged,
 }
+
 impl ChannelManager {
     /// The channel of `archive_id` that receiver `rid` is a member of.
     pub(super) fn member_channel(&self, archive_id: &ArchiveId, rid: u64) -> Option<u32> {
