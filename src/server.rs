@@ -397,6 +397,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             // than on poll's millisecond grid (timer slack is set low at start-up).
             // The unicast data socket wakes us with POLLERR when ICMP reports an address
             // unreachable (reported whatever the requested events).
+            // Without an IPv6 socket the IPv4 one stands in its slot (polled, not read twice).
             let unicast6 = data.unicast6.as_ref().unwrap_or(&data.unicast);
             let mut fds = [
                 nix::poll::PollFd::new(ctrl.as_fd(), nix::poll::PollFlags::POLLIN),
@@ -412,11 +413,10 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 f.revents()
                     .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLERR))
             };
-            let (e4, e6) = (err(&fds[1]), err(&fds[2]));
-            if e4 {
+            if err(&fds[1]) {
                 read_unreachable(&data.unicast, &mut mgr);
             }
-            if e6 {
+            if data.unicast6.is_some() && err(&fds[2]) {
                 read_unreachable(unicast6, &mut mgr);
             }
         }

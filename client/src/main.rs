@@ -472,8 +472,11 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 get_args.extend(["--director".into(), directors.join(",").into()]);
                 None
             };
+            // Checked here so a bad name fails at once, not in every child ("auto" routes
+            // toward each child's server).
             if !iface.trim().eq_ignore_ascii_case("auto") {
-                resolve_iface(&iface, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+                mcast_io::iface::resolve_v4(&iface)
+                    .map_err(|e| RecvError::new(Failure::Usage, format!("--iface: {e}")))?;
             }
             get_args.extend(["--iface".into(), iface.clone().into()]);
             get_args.extend(["--dscp".into(), dscp.to_string().into()]);

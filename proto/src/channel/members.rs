@@ -114,29 +114,17 @@ impl Members {
     /// Add or replace a member; a replaced member's unicast stream ends (a re-join: the
     /// receiver asks again if it still needs one).
     fn insert(&mut self, rid: u64, m: Member) {
-        self.streams.remove(&rid);
-        self.bursts.remove(&rid);
+        self.remove(rid);
         self.by_tag.insert(session_tag(&m.key), rid);
-        if let Some(old) = self.all.insert(rid, m) {
-            self.forget_tag(rid, &old);
-        }
+        self.all.insert(rid, m);
     }
 
     pub(super) fn remove(&mut self, rid: u64) -> Option<Member> {
         self.streams.remove(&rid);
         self.bursts.remove(&rid);
         let m = self.all.remove(&rid)?;
-        self.forget_tag(rid, &m);
+        self.by_tag.remove(&session_tag(&m.key));
         Some(m)
-    }
-
-    /// Drop `m`'s tag unless it now names another session (or `rid`'s new one).
-    fn forget_tag(&mut self, rid: u64, m: &Member) {
-        let tag = session_tag(&m.key);
-        let current = self.all.get(&rid).map(|n| session_tag(&n.key));
-        if current != Some(tag) && self.by_tag.get(&tag) == Some(&rid) {
-            self.by_tag.remove(&tag);
-        }
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = &Member> {
