@@ -3,6 +3,10 @@
 # mcastd -> mcast-recv (1 receiver), then the real peers on the same loopback bed
 # (UFTP without and with AES-256-GCM, udpcast; via shared/tools/peerbed.sh), then
 # optionally (E2E_BED=1) the namespace bed with 1 and 3 receivers.
+# E2E_V6=1 (default) adds IPv4 and IPv6 runs on one veth link in a private namespace (Linux
+# cannot loop IPv6 multicast through lo; the veth's peer is down, so packets reach the
+# receiver by multicast loopback as on lo): the IPv6 pool ff15::7701 against the IPv4 pool
+# on the same link, and the ratio of the two.
 # E2E_RECV_ARGS adds mcast-recv arguments (e.g. --direct-io) to the loopback run.
 # E2E_SRV_WRAP / E2E_RCV_WRAP prefix the loopback mcastd / mcast-recv commands (e.g.
 # "perf record -g -o /tmp/srv.perf --") to profile them.
@@ -106,6 +110,10 @@ TOML
     if [[ -n ${E2E_OLD_BIN:-} ]]; then
       E2E_RUN_BIN=$E2E_OLD_BIN E2E_LABEL=mcast-old unshare -n "$0" --inside mcast-lo
     fi
+    if [[ ${E2E_V6:-1} == 1 ]]; then
+      E2E_NET=v4 E2E_LABEL=mcast-veth-v4 unshare -n "$0" --inside
+      E2E_NET=v6 E2E_LABEL=mcast-veth-v6 unshare -n "$0" --inside
+    fi
   done
   if [[ $peers == 1 ]]; then
     for enc in none aes256-gcm; do
@@ -144,6 +152,8 @@ TOML
           (rcpu[i] == "nan") ? "n/a" : sprintf("%.2f", rcpu[i] / gib), srss[i] / 1024,
           (rrss[i] == "nan") ? "n/a" : sprintf("%.1f", rrss[i] / 1024),
           (best[grp[i]] > 0) ? sprintf("%.2f", mbs[i] / best[grp[i]]) : "n/a", ok[i] }' "$work/results"
+  awk '$1 == "mcast-veth-v4-1rx" && $7 == 1 { v4 += $2; n4++ } $1 == "mcast-veth-v6-1rx" && $7 == 1 { v6 += $2; n6++ }
+    END { if (n4 && n6) printf "IPv6 (ff15::7701) vs IPv4 (239.255.77.1) on the same veth link: %.3f of the IPv4 MB/s (mean wall %.2f s vs %.2f s, %d run(s) each)\n", (v4 / n4) / (v6 / n6), v6 / n6, v4 / n4, n6 }' "$work/results"
   [[ -s $work/mcast/srv.vmrss ]] && echo "mcastd resident memory after serving the loopback run: $(cat "$work/mcast/srv.vmrss") KiB (VmRSS; srv_rss_MiB above is the peak)"
   echo "(uftp receiver CPU is uftpd's from /proc ticks; its RSS is not measured; vs_best: against the best peer on the same bed; logs in $work)"
   exit 0
@@ -151,8 +161,27 @@ fi
 
 # --- inside the private namespace -----------------------------------------------------------
 ip link set lo up
-ip link set lo multicast on
-ip route add 224.0.0.0/4 dev lo
+ctl=127.0.0.1:7600 net_conf=""
+case ${E2E_NET:-lo} in
+  lo)
+    ip link set lo multicast on
+    ip route add 224.0.0.0/4 dev lo
+    ;;
+  v4 | v6)
+    ip link add v0 type veth peer name v1
+    ip link set v0 up
+    ip addr add 198.18.99.1/24 dev v0
+    ip -6 addr add fd00::1/64 dev v0 nodad
+    ip route add 224.0.0.0/4 dev v0
+    if [[ $E2E_NET == v4 ]]; then
+      ctl=198.18.99.1:7600 net_conf='multicast_iface = "v0"'
+    else
+      ctl='[fd00::1]:7600' net_conf='multicast_iface = "v0"
+group_base = "ff15::7701"
+admin = ["fd00::1"]'
+    fi
+    ;;
+esac
 run=$work/$label; rm -rf "$run"; mkdir -p "$run"; cd "$run"
 cat > mcastd.toml <<TOML
 [store]
@@ -163,6 +192,8 @@ symbol_size = ${E2E_SYMBOL:-1280}
 compress = "none"
 [server]
 rate_mbps = $rate
+control = "$ctl"
+$net_conf
 [tickets]
 db = "$run/tickets.sqlite"
 TOML
@@ -172,7 +203,7 @@ sync  # no writeback of the fresh archive competing with the transfer
 ${E2E_SRV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o srv.time "$bin/mcastd" -c mcastd.toml > srv.log 2>&1 &
 spid=$!
 sleep 0.5
-${E2E_RCV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o rcv.time "$bin/mcast-recv" get bench --server-key "$key" -o "$run/out" --recv-buffer "${E2E_RCVBUF:-67108864}" \
+${E2E_RCV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o rcv.time "$bin/mcast-recv" get bench --server "$ctl" --server-key "$key" -o "$run/out" --recv-buffer "${E2E_RCVBUF:-67108864}" \
   --json --timeout 600 ${E2E_RECV_ARGS:-} > rcv.json 2> rcv.log
 rc=$?
 grep -A1 '^Udp:' /proc/net/snmp > udp-snmp.txt  # drops (RcvbufErrors) in this namespace
@@ -188,5 +219,5 @@ ok=0
   && cmp -s "$run/restored.bin" "$work/src.bin" && ok=1
 read -r rw ru rs rr < rcv.time
 read -r sw su ss sr < srv.time
-echo "$label-lo-1rx $rw $(awk -v a="$su" -v b="$ss" 'BEGIN{print a+b}') $sr $(awk -v a="$ru" -v b="$rs" 'BEGIN{print a+b}') $rr $ok" >> "$work/results"
+echo "$label-$([[ ${E2E_NET:-lo} == lo ]] && echo lo-)1rx $rw $(awk -v a="$su" -v b="$ss" 'BEGIN{print a+b}') $sr $(awk -v a="$ru" -v b="$rs" 'BEGIN{print a+b}') $rr $ok" >> "$work/results"
 tail -1 rcv.json > report.json

@@ -2,7 +2,7 @@
 //! `conf/mcastd.toml` documents every field. Unknown fields are errors, so a typo is reported
 //! with its file, line and key instead of being silently ignored.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use mcast_keys::Cipher;
@@ -92,10 +92,13 @@ impl Default for DirectorsConfig {
 pub struct ServerConfig {
     /// UDP address of the control endpoint receivers talk to.
     pub control: SocketAddr,
-    /// Interface multicast is sent from (IP_MULTICAST_IF): its IPv4 address or its name.
+    /// Interface multicast is sent from: its name (`eth0`), or an address of it of the
+    /// groups' family (`198.18.0.1`; `2001:db8::1`, `fe80::1%eth0`).
     pub multicast_iface: String,
-    /// First multicast group of the channel pool; channel slot i uses group_base + i.
-    pub group_base: Ipv4Addr,
+    /// First multicast group of the channel pool; channel slot i uses group_base + i. IPv4
+    /// (`239.255.77.1`; 232.0.0.0/8 is source-specific) or IPv6 (`ff15::7701`; ff3x::/32 is
+    /// source-specific).
+    pub group_base: IpAddr,
     /// First data port; channel slot i uses port_base + i.
     pub port_base: u16,
     /// Number of channel slots (titles looping at once).
@@ -328,10 +331,38 @@ impl DscpSetting {
 }
 
 impl ServerConfig {
-    /// The IPv4 address of `multicast_iface` (checked at load: an interface removed since
-    /// gives its error here).
-    pub fn multicast_iface_v4(&self) -> Result<Ipv4Addr, String> {
-        crate::iface::resolve_v4(&self.multicast_iface)
+    /// `multicast_iface`, checked against the groups' family (checked at load: an interface
+    /// removed since gives its error here).
+    pub fn multicast_iface(&self) -> Result<crate::iface::Iface, String> {
+        let spec = &self.multicast_iface;
+        let i = crate::iface::resolve(spec)?;
+        match self.group_base {
+            IpAddr::V4(_) => i.need_v4(spec).map(|_| ()),
+            IpAddr::V6(_) => i.need_v6(spec).map(|_| ()),
+        }
+        .map_err(|e| format!("{e} (server.group_base is {})", self.group_base))?;
+        Ok(i)
+    }
+
+    /// Group `i` of the pool (`None` past the end of the address space).
+    pub fn group(&self, i: u16) -> Option<IpAddr> {
+        match self.group_base {
+            IpAddr::V4(b) => u32::from(b)
+                .checked_add(i as u32)
+                .map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+            IpAddr::V6(b) => u128::from(b)
+                .checked_add(i as u128)
+                .map(|a| IpAddr::V6(std::net::Ipv6Addr::from(a))),
+        }
+    }
+
+    /// The address channel packets leave from, told to source-specific receivers.
+    pub fn ssm_source(&self) -> Option<IpAddr> {
+        let i = self.multicast_iface().ok()?;
+        match self.group_base {
+            IpAddr::V4(_) => i.v4.map(IpAddr::V4),
+            IpAddr::V6(_) => i.v6.map(IpAddr::V6),
+        }
     }
 
     /// The validated DSCP (best effort if it could not be read: validation refuses that).
@@ -344,8 +375,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             control: SocketAddr::from(([127, 0, 0, 1], 7600)),
-            multicast_iface: "127.0.0.1".into(),
-            group_base: Ipv4Addr::new(239, 255, 77, 1),
+            multicast_iface: "lo".into(),
+            group_base: IpAddr::V4(Ipv4Addr::new(239, 255, 77, 1)),
             port_base: 7700,
             channels: 32,
             ttl: 1,
@@ -412,7 +443,7 @@ pub struct DirectorSection {
 #[serde(deny_unknown_fields)]
 pub struct ServerKeyConfig {
     /// The server's control address, as its heartbeats carry it (`[directors] advertise`).
-    pub addr: std::net::SocketAddrV4,
+    pub addr: SocketAddr,
     /// Its key (`mcast-director genkey -o FILE`; the server names the same file).
     pub key_file: PathBuf,
     /// Take its heartbeats from any source address, not only from `addr`'s IP (a server
@@ -576,7 +607,7 @@ fn field_line(text: &str, field: &str) -> Option<usize> {
 pub struct ServeOverrides {
     pub control: Option<SocketAddr>,
     pub iface: Option<String>,
-    pub group_base: Option<Ipv4Addr>,
+    pub group_base: Option<IpAddr>,
     pub rate_mbps: Option<f64>,
 }
 
@@ -701,21 +732,20 @@ impl Config {
         if let Err(why) = sv.dscp.dscp() {
             return Err(field("server.dscp", why));
         }
-        if let Err(why) = sv.multicast_iface_v4() {
-            return Err(field("server.multicast_iface", why));
-        }
         if !sv.group_base.is_multicast() {
             return Err(field(
                 "server.group_base",
-                format!("{} is not a multicast address (224.0.0.0/4)", sv.group_base),
+                format!(
+                    "{} is not a multicast address (224.0.0.0/4 or ff00::/8)",
+                    sv.group_base
+                ),
             ));
         }
-        if sv.channels == 0
-            || u32::from(sv.group_base)
-                .checked_add(sv.channels as u32 - 1)
-                .map(|a| Ipv4Addr::from(a).is_multicast())
-                != Some(true)
-        {
+        if let Err(why) = sv.multicast_iface() {
+            return Err(field("server.multicast_iface", why));
+        }
+        let last = sv.channels.checked_sub(1).and_then(|n| sv.group(n));
+        if !last.is_some_and(|a| a.is_multicast()) {
             return Err(field(
                 "server.channels",
                 format!(
@@ -724,13 +754,13 @@ impl Config {
                 ),
             ));
         }
-        let last = Ipv4Addr::from(u32::from(sv.group_base).saturating_add(sv.channels as u32 - 1));
+        let last = last.expect("checked above");
         if crate::wire::is_ssm_group(sv.group_base) != crate::wire::is_ssm_group(last) {
             return Err(field(
                 "server.channels",
                 format!(
-                    "{} channels from {} run out of 232.0.0.0/8 (source-specific multicast): \
-                     keep the pool inside it or outside it",
+                    "{} channels from {} run out of 232.0.0.0/8 or ff3x::/32 (source-specific \
+                     multicast): keep the pool inside it or outside it",
                     sv.channels, sv.group_base
                 ),
             ));
@@ -822,6 +852,19 @@ impl Config {
                     .into(),
             ));
         }
+        // Heartbeats leave from the control socket: an IPv4 one cannot reach an IPv6
+        // director (a `[::]` one reaches both).
+        if let Some(v6) = d.addrs.iter().find(|a| a.is_ipv6() && sv.control.is_ipv4()) {
+            return Err(field(
+                "directors.addrs",
+                format!(
+                    "director {v6} is IPv6 but server.control {} is IPv4: heartbeats leave \
+                     from the control socket (listen on [::]:{} for both families)",
+                    sv.control,
+                    sv.control.port()
+                ),
+            ));
+        }
         if !(d.capacity_mbps >= 0.0 && d.capacity_mbps.is_finite()) {
             return Err(field(
                 "directors.capacity_mbps",
@@ -895,23 +938,25 @@ impl Config {
     }
 
     /// The control endpoint receivers are sent to by directors: `[directors] advertise`, or
-    /// `server.control` (which must then be a specific IPv4 address).
-    pub fn advertised_control(&self) -> anyhow::Result<std::net::SocketAddrV4> {
+    /// `server.control` (which must then be a specific address).
+    pub fn advertised_control(&self) -> anyhow::Result<SocketAddr> {
         let a = self.directors.advertise.trim();
         let addr: SocketAddr = if a.is_empty() {
             self.server.control
         } else {
             a.parse()
-                .map_err(|_| anyhow::anyhow!("{a:?} is not an IPv4 IP:PORT"))?
+                .map_err(|_| anyhow::anyhow!("{a:?} is not an IP:PORT ([v6]:PORT for IPv6)"))?
         };
         match addr {
-            SocketAddr::V4(v) if !v.ip().is_unspecified() => Ok(v),
-            _ if self.directors.addrs.is_empty() => Ok(std::net::SocketAddrV4::new(
-                Ipv4Addr::LOCALHOST,
-                addr.port(),
-            )),
+            a if !a.ip().is_unspecified() => Ok(a),
+            SocketAddr::V4(_) if self.directors.addrs.is_empty() => {
+                Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port())))
+            }
+            SocketAddr::V6(_) if self.directors.addrs.is_empty() => {
+                Ok(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())))
+            }
             _ => Err(anyhow::anyhow!(
-                "{addr} cannot be reached by receivers: set directors.advertise to this server's IPv4 control address"
+                "{addr} cannot be reached by receivers: set directors.advertise to this server's control address"
             )),
         }
     }
@@ -929,18 +974,13 @@ impl Config {
             rate_bps: (sv.rate_mbps * 1e6) as u64,
             burst: Duration::from_millis(4),
             groups: (0..sv.channels)
-                .map(|i| {
-                    std::net::SocketAddrV4::new(
-                        Ipv4Addr::from(u32::from(sv.group_base) + i as u32),
-                        sv.port_base + i,
-                    )
-                })
+                .map(|i| SocketAddr::new(sv.group(i).expect("validated at load"), sv.port_base + i))
                 .collect(),
             max_unicast_per_channel: sv.max_unicast_per_channel,
             max_sessions_per_address: sv.max_sessions_per_address.max(1),
             // The server identity, set by the driver from the key store.
             sync_signer: None,
-            ssm_source: self.server.multicast_iface_v4().ok(),
+            ssm_source: self.server.ssm_source(),
             cookie_epoch: Duration::from_secs(10),
             cookie_secret,
             admin: admin_prefixes(&sv.admin)
@@ -1010,6 +1050,27 @@ mod tests {
         let text = include_str!("../conf/mcastd.toml");
         let cfg = Config::parse(text, Path::new("conf/mcastd.toml")).unwrap();
         assert_eq!(cfg, Config::default());
+    }
+
+    /// `conf/ipv6-ssm.toml`, the README's IPv6 example, loads (its `eth0` read as `lo`, which
+    /// every host has) and makes a source-specific IPv6 pool.
+    #[test]
+    fn example_ipv6_config() {
+        let text = include_str!("../conf/ipv6-ssm.toml")
+            .replace("multicast_iface = \"eth0\"", "multicast_iface = \"lo\"");
+        let lo_v6 = crate::iface::resolve("lo").is_ok_and(|i| i.v6.is_some());
+        match Config::parse(&text, Path::new("conf/ipv6-ssm.toml")) {
+            Ok(cfg) => {
+                let p = cfg.channel_params();
+                assert_eq!(p.groups[1], "[ff35::7702]:7701".parse().unwrap());
+                assert!(crate::wire::is_ssm_group(p.groups[0].ip()));
+                assert_eq!(p.ssm_source, Some("::1".parse().unwrap()));
+            }
+            Err(e) if !lo_v6 && std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("SKIPPED: lo has no IPv6 address here ({e})")
+            }
+            Err(e) => panic!("{e}"),
+        }
     }
 
     #[test]
@@ -1331,8 +1392,78 @@ dscp = 10
         );
         let c = Config::parse("[server]\nmulticast_iface = \"lo\"\n", p).unwrap();
         assert_eq!(
-            c.server.multicast_iface_v4(),
-            Ok(std::net::Ipv4Addr::LOCALHOST)
+            c.server.multicast_iface().unwrap().v4,
+            Some(std::net::Ipv4Addr::LOCALHOST)
+        );
+    }
+
+    /// IPv6 pools: any scope, source-specific in ff3x::/32, an interface by name or IPv6
+    /// address, and an IPv4 address as the interface of an IPv6 group refused at its line.
+    #[test]
+    fn ipv6_group_pools_and_their_interfaces() {
+        let p = Path::new("x.toml");
+        let lo_v6 = crate::iface::resolve("lo").is_ok_and(|i| i.v6.is_some());
+        let e = Config::parse(
+            "[server]\ngroup_base = \"ff15::7701\"\nmulticast_iface = \"127.0.0.1\"\n",
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("config x.toml: line 3: field server.multicast_iface: \"127.0.0.1\" is an IPv4 address"),
+            "{e}"
+        );
+        let e = Config::parse("[server]\ngroup_base = \"2001:db8::1\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config x.toml: line 2: field server.group_base: 2001:db8::1 is not a multicast address"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "[server]\ngroup_base = \"ff3e:0:ffff:ffff:ffff:ffff:ffff:fffe\"\nchannels = 4\nmulticast_iface = \"lo\"\n",
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        if !lo_v6 {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI: lo must have ::1 for this test"
+            );
+            eprintln!("SKIPPED the rest: lo has no IPv6 address here");
+            return;
+        }
+        assert!(
+            e.contains("field server.channels") && e.contains("ff3x::/32"),
+            "{e}"
+        );
+        let c = Config::parse(
+            "[server]\ngroup_base = \"ff35::8000:1\"\nchannels = 3\nmulticast_iface = \"lo\"\n",
+            p,
+        )
+        .unwrap();
+        let params = c.channel_params();
+        assert_eq!(
+            params.groups[2],
+            "[ff35::8000:3]:7702".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(params.ssm_source, Some("::1".parse().unwrap()));
+        let c = Config::parse(
+            "[server]\ngroup_base = \"ff15::1\"\nmulticast_iface = \"::1\"\n",
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.server.multicast_iface().unwrap().name, "lo");
+        let e = Config::parse(
+            "[server]\ngroup_base = \"239.1.1.1\"\nmulticast_iface = \"::1\"\n",
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("line 3: field server.multicast_iface") && e.contains("IPv6 address"),
+            "{e}"
         );
     }
 

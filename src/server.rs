@@ -76,30 +76,50 @@ pub fn load_titles_counted(
     Ok((titles, files, skipped))
 }
 
-/// Data socket: multicast out of `iface` with `ttl`, loopback delivery on (receivers on this
-/// host), and the requested send buffer.
+/// Data socket: multicast out of `iface` with `ttl` (IPv4 or IPv6, as the groups are),
+/// loopback delivery on (receivers on this host), and the requested send buffer. For
+/// source-specific groups it is bound to the source address receivers are told.
 pub fn data_socket(cfg: &Config) -> anyhow::Result<UdpSocket> {
     let sv = &cfg.server;
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     let iface = sv
-        .multicast_iface_v4()
+        .multicast_iface()
         .map_err(|e| anyhow::anyhow!("server.multicast_iface: {e}"))?;
-    s.set_multicast_if_v4(&iface).with_context(|| {
-        format!(
-            "server.multicast_iface {} ({iface}): cannot send multicast from it",
-            sv.multicast_iface
-        )
-    })?;
-    s.set_multicast_ttl_v4(sv.ttl)?;
-    s.set_multicast_loop_v4(true)?;
+    let s = Socket::new(
+        Domain::for_address(SocketAddr::new(sv.group_base, 0)),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    crate::multicast::set_sending(&s, sv.group_base, &iface, &sv.multicast_iface, sv.ttl).map_err(
+        |(what, e)| {
+            anyhow::anyhow!(
+                "server.multicast_iface {:?}: cannot send multicast from it ({what}: {e})",
+                sv.multicast_iface
+            )
+        },
+    )?;
     let _ = s.set_send_buffer_size(sv.send_buffer);
     let granted = s.send_buffer_size().unwrap_or(0);
     tracing::info!(
         requested = sv.send_buffer,
         granted,
+        iface = %iface.name,
         "data socket send buffer"
     );
-    s.bind(&SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)).into())?;
+    let bind = match (sv.group_base, cfg.server.ssm_source()) {
+        (g, Some(src)) if crate::wire::is_ssm_group(g) => SocketAddr::new(src, 0),
+        (std::net::IpAddr::V4(_), _) => SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+        (std::net::IpAddr::V6(_), _) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let bind = match bind {
+        // A link-local source is only an address with its interface.
+        SocketAddr::V6(mut a) if a.ip().segments()[0] & 0xffc0 == 0xfe80 => {
+            a.set_scope_id(iface.index);
+            SocketAddr::V6(a)
+        }
+        a => a,
+    };
+    s.bind(&bind.into())
+        .with_context(|| format!("data socket: cannot bind {bind}"))?;
     Ok(s.into())
 }
 

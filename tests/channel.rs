@@ -171,7 +171,11 @@ fn hostile_naks_are_bounded_and_cannot_stall_the_loop() {
             m.handle_control(now, "10.9.9.8:1".parse().unwrap(), &unsealed);
         }
         m.handle_control(now, attacker, &other_channel);
-        m.handle_control(now, attacker, &[1, 0x80, 0, 0, 1, 2]); // truncated NAK
+        m.handle_control(
+            now,
+            attacker,
+            &[mcast::wire::WIRE_VERSION, 0x80, 0, 0, 1, 2],
+        ); // truncated NAK
     });
     let c = m.counters();
     let repairs = sent.iter().filter(|(_, r)| *r).count();
@@ -824,7 +828,7 @@ fn a_discovery_burst_is_bounded_flagged_and_goes_only_to_a_proven_address() {
         while let Some(t) = m.poll_transmit(now) {
             let (h, _) = DataHeader::decode(&t.header).unwrap();
             match h.kind {
-                DataKind::Packet(id) if t.dests[..] == [SocketAddr::V4(g2)] && !h.repair => {
+                DataKind::Packet(id) if t.dests[..] == [g2] && !h.repair => {
                     first_block.get_or_insert(block_of(id));
                 }
                 _ => {}

@@ -681,8 +681,9 @@ fn malformed_control_datagrams_are_counted_and_ignored() {
             garbage.push(v[..n].to_vec());
         }
     }
-    // Wrong protocol versions (1: before address tokens) and an unknown message type.
-    for ver in [0u8, 1, 3, 0xff] {
+    // Wrong protocol versions (1: before address tokens; 2: IPv4-only addresses) and an
+    // unknown message type.
+    for ver in [0u8, 1, 2, mcast::wire::control::CONTROL_VERSION + 1, 0xff] {
         let mut b = valid[0].clone();
         b[0] = ver;
         garbage.push(b);

@@ -544,10 +544,16 @@ fn forged_and_replayed_heartbeats_are_rejected_and_counted() {
     sender.send_to(&forged.encode(&[0x55; 32]), d).unwrap();
     // Tampered: a genuine heartbeat with its state byte changed.
     let mut tampered = captured.clone();
-    // version, type, server (6), boot_id, seq, unix_ms, interval_ms (4), then the state byte.
-    tampered[36] = ServerState::Draining as u8;
+    // version, type, server (family, 4, port: 7), boot_id, seq, unix_ms, interval_ms (4),
+    // then the state byte.
+    tampered[37] = ServerState::Draining as u8;
     sender.send_to(&tampered, d).unwrap();
-    sender.send_to(b"\x01\x90junk", d).unwrap();
+    sender
+        .send_to(
+            &[mcast::wire::WIRE_VERSION, 0x90, b'j', b'u', b'n', b'k'],
+            d,
+        )
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
     let s = stats(d);

@@ -169,7 +169,7 @@ fn control_port_garbage() {
     for n in 0..join.len() {
         ctl_garbage.push(join[..n].to_vec()); // truncated (n = 0: empty)
     }
-    for v in [0u8, 3, 0x7f, 0xff] {
+    for v in [0u8, mcast::wire::control::CONTROL_VERSION + 1, 0x7f, 0xff] {
         let mut b = join.clone();
         b[0] = v; // wrong version
         ctl_garbage.push(b);
@@ -619,7 +619,7 @@ fn start_director(cfg: &Path, addr: SocketAddr) -> Guard {
 }
 
 /// A heartbeat of `server` holding "film", stamped `unix_ms + seq`.
-fn heartbeat(server: SocketAddrV4, seq: u64, unix_ms: u64, state: ServerState) -> Heartbeat {
+fn heartbeat(server: SocketAddr, seq: u64, unix_ms: u64, state: ServerState) -> Heartbeat {
     Heartbeat {
         server,
         boot_id: 42,
@@ -1667,8 +1667,8 @@ fn a_known_servers_key_is_required_for_every_later_title() {
 fn director_for_two_servers(
     dir: &Path,
     addr: SocketAddr,
-    a: SocketAddrV4,
-    b: SocketAddrV4,
+    a: SocketAddr,
+    b: SocketAddr,
     b_extra: &str,
 ) -> ([u8; 32], [u8; 32], Guard, u64) {
     fs::create_dir_all(dir).unwrap();
@@ -1707,7 +1707,7 @@ fn director_for_two_servers(
 #[test]
 fn a_server_cannot_speak_for_another_at_the_director() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b): (SocketAddrV4, SocketAddrV4) = (
+    let (a, b): (SocketAddr, SocketAddr) = (
         "127.0.0.1:18601".parse().unwrap(),
         "127.0.0.1:18602".parse().unwrap(),
     );
@@ -1754,7 +1754,7 @@ fn a_server_cannot_speak_for_another_at_the_director() {
 #[test]
 fn a_heartbeat_counts_only_from_its_servers_address() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b): (SocketAddrV4, SocketAddrV4) = (
+    let (a, b): (SocketAddr, SocketAddr) = (
         "127.0.0.1:18611".parse().unwrap(),
         "127.0.0.3:18612".parse().unwrap(),
     );

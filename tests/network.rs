@@ -230,9 +230,18 @@ fn a_bad_receiver_interface_is_refused() {
     assert!(err.contains("lo"), "{err}");
 }
 
-/// One namespace run: `mcastd` looping a title on `group`, a second sender at 127.0.0.2
-/// multicasting junk (data-packet-shaped) to the same group and port the whole time, and one
-/// receiver. Returns the receiver's done report and how many junk datagrams went out.
+/// The namespace's IPv6 link: `lo` cannot carry IPv6 multicast, so a veth `v0` (its peer
+/// down: nothing leaves; packets reach this host's sockets by multicast loopback) holding
+/// fd00::1 (the server) and fd00::2 (a second sender).
+const V6_LINK: &str = "ip link add v0 type veth peer name v1
+ip link set v0 up
+ip -6 addr add fd00::1/64 dev v0 nodad
+ip -6 addr add fd00::2/64 dev v0 nodad";
+
+/// One namespace run: `mcastd` looping a title on `group`, a second sender (127.0.0.2, or
+/// fd00::2 for an IPv6 group) multicasting junk (data-packet-shaped) to the same group and
+/// port the whole time, and one receiver (`--iface auto`). Returns the receiver's done report
+/// and how many junk datagrams went out.
 fn run_with_second_sender(
     control: u16,
     group: &str,
@@ -241,22 +250,36 @@ fn run_with_second_sender(
     let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    let v6 = group.contains(':');
+    // The IPv6 interface exists only in the namespace: named on the serve command line.
+    let (server, iface, junk_from, family, link) = match v6 {
+        false => ("127.0.0.1", "127.0.0.1", "127.0.0.2", "ip", ""),
+        true => ("fd00::1", "lo", "fd00::2", "ip6", V6_LINK),
+    };
+    let serve = if v6 { "serve --iface fd00::1" } else { "" };
+    let ctl = std::net::SocketAddr::new(server.parse().unwrap(), control);
     let cfg = common::packed_server_dir(
         d,
         &format!(
-            "control = \"127.0.0.1:{control}\"\ngroup_base = \"{group}\"\nport_base = {port}\n\
-             rate_mbps = 50.0\ntiers_mbps = [50.0]\nchannels = 4"
+            "control = \"{ctl}\"\ngroup_base = \"{group}\"\nport_base = {port}\n\
+             rate_mbps = 50.0\ntiers_mbps = [50.0]\nchannels = 4\nmulticast_iface = \"{iface}\""
         ),
         "film",
         3_000_000,
     );
     let forger = r#"
 import os, socket, sys, time
-g, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("127.0.0.2", 0))
-s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.2"))
-s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+g, port, src = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if ":" in g:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.bind((src, 0))
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, socket.if_nametoindex("v0"))
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 1)
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((src, 0))
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(src))
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
 while True:
     for _ in range(10):
         s.sendto(bytes([1, 1]) + os.urandom(198), (g, port))
@@ -266,18 +289,19 @@ while True:
     let script = format!(
         r#"set -e
 ip link set lo up
-nft add table ip q
-nft add chain ip q out '{{ type filter hook output priority 0; }}'
-nft add rule ip q out ip saddr 127.0.0.2 udp dport {port} counter
-"{mcastd}" --config "{cfg}" > "{d}/server.log" 2>&1 &
+{link}
+nft add table inet q
+nft add chain inet q out '{{ type filter hook output priority 0; }}'
+nft add rule inet q out {family} saddr {junk_from} udp dport {port} counter
+"{mcastd}" --config "{cfg}" {serve} > "{d}/server.log" 2>&1 &
 server=$!
-python3 "{d}/forger.py" {group} {port} &
+python3 "{d}/forger.py" {group} {port} {junk_from} &
 forger=$!
 sleep 0.5
-"{recv}" get film --server 127.0.0.1:{control} -o "{d}/r" --json --timeout 60 \
+"{recv}" get film --server '{ctl}' -o "{d}/r" --json --timeout 60 \
   > "{d}/r.log" 2> "{d}/r.err"
 kill $forger
-nft list chain ip q out > "{d}/nft.txt"
+nft list chain inet q out > "{d}/nft.txt"
 kill $server
 "#,
         mcastd = mcastd.display(),
@@ -287,7 +311,7 @@ kill $server
     );
     run_in_namespace(&script, d);
     let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
-    let junk = packets(&nft, "saddr 127.0.0.2");
+    let junk = packets(&nft, &format!("saddr {junk_from}"));
     (done_report(&d.join("r.log")), junk, dir)
 }
 
@@ -304,17 +328,36 @@ fn ssm_receivers_never_see_a_second_sender() {
     if missing_tool(&["python3"]).is_some() {
         return skip_or_fail("needs python3 (the second sender)");
     }
+    second_sender_on(7662, "232.1.91.1", 7664, "239.255.94.1");
+}
+
+/// The same over IPv6: an ff35:: group (MLDv2 INCLUDE join of fd00::1) against an ff15::
+/// any-source control.
+#[test]
+fn ssm_over_ipv6_never_sees_a_second_sender() {
+    if let Some(why) = cannot_run() {
+        return skip_or_fail(&why);
+    }
+    if missing_tool(&["python3"]).is_some() {
+        return skip_or_fail("needs python3 (the second sender)");
+    }
+    second_sender_on(7666, "ff35::9101", 7672, "ff15::9401");
+}
+
+/// SSM `ssm_group` (control port `ssm_ctl`) and any-source `asm_group`, each with a second
+/// sender: the SSM receiver sees none of its junk, the any-source one does.
+fn second_sender_on(ssm_ctl: u16, ssm_group: &str, asm_ctl: u16, asm_group: &str) {
     let seen = |r: &serde_json::Value| {
         ["malformed", "foreign", "rejected"]
             .iter()
             .map(|k| r[k].as_u64().unwrap())
             .sum::<u64>()
     };
-    let (ssm, ssm_junk, _d1) = run_with_second_sender(7662, "232.1.91.1", 7762);
-    let (asm, asm_junk, _d2) = run_with_second_sender(7664, "239.255.94.1", 7764);
+    let (ssm, ssm_junk, _d1) = run_with_second_sender(ssm_ctl, ssm_group, ssm_ctl + 100);
+    let (asm, asm_junk, _d2) = run_with_second_sender(asm_ctl, asm_group, asm_ctl + 100);
     println!(
-        "second sender: SSM 232.1.91.1: {ssm_junk} junk datagrams sent, receiver saw {} \
-         ({:.2} s); any-source 239.255.94.1: {asm_junk} sent, receiver saw {} ({:.2} s)",
+        "second sender: SSM {ssm_group}: {ssm_junk} junk datagrams sent, receiver saw {} \
+         ({:.2} s); any-source {asm_group}: {asm_junk} sent, receiver saw {} ({:.2} s)",
         seen(&ssm),
         ssm["seconds"].as_f64().unwrap(),
         seen(&asm),
@@ -336,10 +379,97 @@ fn ssm_receivers_never_see_a_second_sender() {
     );
 }
 
-/// The control endpoint and the unicast fallback over IPv6: `mcastd` listens on `[::1]`, the
-/// group (IPv4 multicast) is dropped on the way in, and the receiver, given `--server
-/// [::1]:PORT`, completes by a unicast stream that comes over IPv6 (counted by nftables:
-/// IPv6 UDP to the receiver, none of it IPv4).
+/// A full delivery over IPv6 multicast: an ff15:: (site-local scope) pool on the veth link,
+/// 3 % of the group's datagrams dropped on the way in, two receivers (`--iface auto` toward
+/// the server's IPv6 control address) that repair by NAKs — to the server and, multicast, to
+/// each other — and both copies byte-identical. nftables counts the data: IPv6 only.
+#[test]
+fn a_full_delivery_over_ipv6_multicast_repairs_loss() {
+    if let Some(why) = cannot_run() {
+        return skip_or_fail(&why);
+    }
+    let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (control, port) = (7674, 7774);
+    let cfg = common::packed_server_dir(
+        d,
+        &format!(
+            "control = \"[fd00::1]:{control}\"\ngroup_base = \"ff15::7701\"\nport_base = {port}\n\
+             rate_mbps = 50.0\ntiers_mbps = [50.0]\nchannels = 4\nadmin = [\"fd00::1\"]"
+        ),
+        "film",
+        3_000_000,
+    );
+    let script = format!(
+        r#"set -e
+ip link set lo up
+{V6_LINK}
+nft add table inet q
+nft add chain inet q in '{{ type filter hook input priority 0; }}'
+nft add rule inet q in ip6 daddr ff15::7701 udp dport {port} numgen random mod 100 '<' 3 drop
+nft add chain inet q out '{{ type filter hook output priority 0; }}'
+nft add rule inet q out ip6 daddr ff15::/16 udp dport {port} counter
+nft add rule inet q out ip daddr 224.0.0.0/4 counter
+"{mcastd}" --config "{cfg}" serve --iface v0 > "{d}/server.log" 2>&1 &
+server=$!
+sleep 0.5
+"{recv}" get film --server '[fd00::1]:{control}' -o "{d}/r2" --json --timeout 60 \
+  > "{d}/r2.log" 2> "{d}/r2.err" &
+second=$!
+"{recv}" get film --server '[fd00::1]:{control}' -o "{d}/r" --json --timeout 60 \
+  > "{d}/r.log" 2> "{d}/r.err"
+wait $second
+"{recv}" stats --server '[fd00::1]:{control}' > "{d}/stats.json"
+nft list table inet q > "{d}/nft.txt"
+kill $server
+"#,
+        mcastd = mcastd.display(),
+        recv = recv.display(),
+        cfg = cfg.display(),
+        d = d.display()
+    );
+    run_in_namespace(&script, d);
+    assert_eq!(
+        std::fs::read(d.join("r2/film.mca")).unwrap(),
+        std::fs::read(d.join("archives/film.mca")).unwrap(),
+        "the second receiver's copy differs from the archive"
+    );
+    let (r, r2) = (
+        done_report(&d.join("r.log")),
+        done_report(&d.join("r2.log")),
+    );
+    let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
+    let (v6, v4) = (packets(&nft, "ff15::/16"), packets(&nft, "224.0.0.0/4"));
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("stats.json")).unwrap()).unwrap();
+    println!(
+        "IPv6 multicast ff15::7701, 3 % loss: {:.2} s and {:.2} s, naks_sent {} and {}, \
+         unicast {} and {}; IPv6 group datagrams (GSO batches) {v6}, IPv4 multicast {v4}; \
+         server repairs {}",
+        r["seconds"],
+        r2["seconds"],
+        r["naks_sent"],
+        r2["naks_sent"],
+        r["unicast"],
+        r2["unicast"],
+        stats["counters"]["repairs_sent"]
+    );
+    for r in [&r, &r2] {
+        assert_eq!(r["unicast"], false, "{r}");
+    }
+    assert!(
+        r["naks_sent"].as_u64().unwrap() + r2["naks_sent"].as_u64().unwrap() > 0,
+        "no NAKs under 3 % loss: {r} {r2}"
+    );
+    assert!(v6 > 100, "the data did not go to the IPv6 group: {nft}");
+    assert_eq!(v4, 0, "IPv4 multicast sent: {nft}");
+}
+
+/// The control endpoint and the unicast fallback over IPv6: `mcastd` listens on `[::1]` with an
+/// IPv6 pool (ff15::) whose group traffic is dropped on the way in, and the receiver, given
+/// `--server [::1]:PORT`, completes by a unicast stream that comes over IPv6 (counted by
+/// nftables: IPv6 UDP to the receiver, none of it IPv4).
 #[test]
 fn control_and_unicast_fallback_over_ipv6() {
     if let Some(why) = cannot_run() {
@@ -348,7 +478,7 @@ fn control_and_unicast_fallback_over_ipv6() {
     let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (control, group, port) = (7670, "239.255.95.1", 7770);
+    let (control, group, port) = (7670, "ff15::9501", 7770);
     let cfg = common::packed_server_dir(
         d,
         &format!(
@@ -361,15 +491,16 @@ fn control_and_unicast_fallback_over_ipv6() {
     let script = format!(
         r#"set -e
 ip link set lo up
+{V6_LINK}
 nft add table inet q
 nft add chain inet q in '{{ type filter hook input priority 0; }}'
-nft add rule inet q in ip daddr {group} drop
+nft add rule inet q in ip6 daddr {group} drop
 nft add chain inet q out '{{ type filter hook output priority 0; }}'
-nft add rule inet q out meta nfproto ipv6 udp sport != {control} udp dport != {control} counter
-"{mcastd}" --config "{cfg}" > "{d}/server.log" 2>&1 &
+nft add rule inet q out meta nfproto ipv6 ip6 daddr ::1 udp sport != {control} udp dport != {control} counter
+"{mcastd}" --config "{cfg}" serve --iface v0 > "{d}/server.log" 2>&1 &
 server=$!
 sleep 0.5
-"{recv}" get film --server '[::1]:{control}' --iface lo -o "{d}/r" --json --timeout 60 \
+"{recv}" get film --server '[::1]:{control}' --iface v0 -o "{d}/r" --json --timeout 60 \
   --sync-timeout-ms 500 > "{d}/r.log" 2> "{d}/r.err"
 "{recv}" stats --server '[::1]:{control}' > "{d}/stats.json"
 nft list table inet q > "{d}/nft.txt"
@@ -383,7 +514,7 @@ kill $server
     run_in_namespace(&script, d);
     let r = done_report(&d.join("r.log"));
     let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
-    let v6_data = packets(&nft, "nfproto ipv6");
+    let v6_data = packets(&nft, "ip6 daddr ::1 udp sport");
     let stats: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("stats.json")).unwrap()).unwrap();
     println!(

@@ -4,7 +4,7 @@
 //! file (`<title>.mca.state` + `.part` are keyed by the archive, which every server of a site
 //! holds identically), so nothing already received is fetched again.
 
-use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -47,6 +47,8 @@ pub struct FailoverReport {
 pub struct DirectorClient {
     directors: Vec<SocketAddr>,
     sock: UdpSocket,
+    /// For IPv6 directors (`None` when every director is IPv4).
+    sock6: Option<UdpSocket>,
     /// The director that answered last is asked first.
     first: usize,
     req_id: u32,
@@ -58,11 +60,19 @@ pub struct DirectorClient {
 
 impl DirectorClient {
     pub fn new(directors: Vec<SocketAddr>) -> Result<DirectorClient, RecvError> {
-        let sock = UdpSocket::bind("0.0.0.0:0")
-            .map_err(|e| RecvError::new(Failure::Other, format!("director socket: {e}")))?;
+        let bind = |a: &str| {
+            UdpSocket::bind(a)
+                .map_err(|e| RecvError::new(Failure::Other, format!("director socket {a}: {e}")))
+        };
+        let sock = bind("0.0.0.0:0")?;
+        let sock6 = match directors.iter().any(|d| d.is_ipv6()) {
+            true => Some(bind("[::]:0")?),
+            false => None,
+        };
         Ok(DirectorClient {
             directors,
             sock,
+            sock6,
             first: 0,
             req_id: rand::random(),
             failovers: 0,
@@ -74,8 +84,8 @@ impl DirectorClient {
     pub fn ask(
         &mut self,
         title: &str,
-        exclude: &[SocketAddrV4],
-    ) -> Result<Result<SocketAddrV4, (NoRoute, String)>, RecvError> {
+        exclude: &[SocketAddr],
+    ) -> Result<Result<SocketAddr, (NoRoute, String)>, RecvError> {
         for k in 0..self.directors.len() {
             let i = (self.first + k) % self.directors.len();
             let d = self.directors[i];
@@ -88,8 +98,12 @@ impl DirectorClient {
             }
             .encode();
             let req_id = self.req_id;
+            let sock = match (d.is_ipv6(), &self.sock6) {
+                (true, Some(s)) => s,
+                _ => &self.sock,
+            };
             let answer = crate::control::exchange(
-                &self.sock,
+                sock,
                 d,
                 &req,
                 DIRECTOR_TRIES,
@@ -134,10 +148,10 @@ impl DirectorClient {
     pub fn route(
         &mut self,
         title: &str,
-        exclude: &mut Vec<SocketAddrV4>,
+        exclude: &mut Vec<SocketAddr>,
         deadline: Instant,
         stop: &AtomicBool,
-    ) -> Result<SocketAddrV4, RecvError> {
+    ) -> Result<SocketAddr, RecvError> {
         let mut backoff = Duration::from_millis(200);
         let mut first_not_found: Option<Instant> = None;
         loop {
@@ -195,7 +209,7 @@ pub fn get_via_directors(
     mcast_keys::store::validate_title(&opts.title)
         .map_err(|e| RecvError::new(Failure::Usage, e.to_string()))?;
     let mut dc = DirectorClient::new(directors)?;
-    let mut exclude: Vec<SocketAddrV4> = Vec::new();
+    let mut exclude: Vec<SocketAddr> = Vec::new();
     let mut servers: Vec<String> = Vec::new();
     let mut switches = 0u32;
     let mut missing_at_switch: Option<u64> = None;
@@ -217,7 +231,7 @@ pub fn get_via_directors(
         let route_deadline = deadline(opts.timeout).min(Instant::now() + Duration::from_secs(30));
         let server = dc.route(&opts.title, &mut exclude, route_deadline, &stop)?;
         let mut o = opts.clone();
-        o.server = SocketAddr::V4(server);
+        o.server = server;
         o.silence_timeout = Some(silence);
         o.start_block = start_block;
         if let Some(t) = opts.timeout {

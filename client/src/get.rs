@@ -12,7 +12,9 @@
 //! 5. [`Event::Done`]: make it durable, check the signature, rename it into place.
 
 use std::fs::File;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+
+use mcast_io::iface::Iface;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -46,8 +48,8 @@ pub struct GetOptions {
     pub server: SocketAddr,
     pub title: String,
     pub out_dir: PathBuf,
-    /// Interface address to join multicast on.
-    pub iface: Ipv4Addr,
+    /// Interface to join multicast on (and send group NAKs from).
+    pub iface: Iface,
     /// Pinned server identity; `None` trusts the key in the first head seen (and pins it in
     /// the state file for resumes).
     pub server_key: Option<PublicIdentity>,
@@ -83,7 +85,7 @@ impl GetOptions {
             server,
             title: title.to_string(),
             out_dir: out_dir.to_path_buf(),
-            iface: Ipv4Addr::LOCALHOST,
+            iface: Iface::loopback(),
             server_key: None,
             known_servers: None,
             dscp: mcast_io::dscp::Dscp::DEFAULT,
@@ -303,7 +305,7 @@ struct Driver<'a> {
     started: Instant,
     ctl: UdpSocket,
     /// The group joined and its socket.
-    group: Option<(SocketAddrV4, UdpSocket)>,
+    group: Option<(SocketAddr, UdpSocket)>,
     unicast: Option<UdpSocket>,
     nak_out: Option<UdpSocket>,
     files: Option<Files>,
@@ -519,9 +521,10 @@ impl Driver<'_> {
                 prior_have,
             } => self.open_files(sess, head, &head_bytes, trusted, prior_have)?,
             Event::JoinGroup(g, source) => {
-                let s = multicast_socket(g, source, opts.iface, opts.recv_buffer)?;
-                if self.nak_out.is_none() {
-                    self.nak_out = Some(nak_socket(opts)?);
+                let s = multicast_socket(g, source, &opts.iface, opts.recv_buffer)?;
+                let family = |s: &UdpSocket| s.local_addr().map(|a| a.is_ipv6()).ok();
+                if self.nak_out.as_ref().and_then(family) != Some(g.is_ipv6()) {
+                    self.nak_out = Some(nak_socket(opts, g.ip())?);
                 }
                 self.group = Some((g, s));
                 self.group_ovfl = OverflowCounter::default();
@@ -951,21 +954,25 @@ fn open_part(
 
 /// Multicast data socket: several receivers on one host can bind the same group and port.
 /// A socket on `group` joined on `iface`: for `source` only when given (source-specific
-/// multicast, IGMPv3 INCLUDE: the kernel passes this socket no other sender's packets).
+/// multicast, IGMPv3 / MLDv2 INCLUDE: the kernel passes this socket no other sender's
+/// packets).
 fn multicast_socket(
-    group: SocketAddrV4,
-    source: Option<Ipv4Addr>,
-    iface: Ipv4Addr,
+    group: SocketAddr,
+    source: Option<IpAddr>,
+    iface: &Iface,
     recv_buffer: usize,
 ) -> Result<UdpSocket, RecvError> {
     let err = |what: &str, e: std::io::Error| {
         RecvError::new(
             Failure::Other,
-            format!("multicast {group} on {iface}: {what}: {e}"),
+            format!("multicast {group} on {}: {what}: {e}", iface.label()),
         )
     };
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+    let s = Socket::new(Domain::for_address(group), Type::DGRAM, Some(Protocol::UDP))
         .map_err(|e| err("socket", e))?;
+    if group.is_ipv6() {
+        s.set_only_v6(true).map_err(|e| err("IPV6_V6ONLY", e))?;
+    }
     s.set_reuse_address(true)
         .map_err(|e| err("SO_REUSEADDR", e))?;
     set_recv_buffer(&s, recv_buffer);
@@ -976,16 +983,13 @@ fn multicast_socket(
         drop_counter = mcast_io::fastio::enable_rxq_ovfl(&s),
         "multicast receive buffer (granted is capped by net.core.rmem_max)"
     );
-    s.bind(&SocketAddr::V4(group).into())
-        .map_err(|e| err("bind", e))?;
-    match source {
-        Some(src) => s
-            .join_ssm_v4(&src, group.ip(), &iface)
-            .map_err(|e| err(&format!("join source {src}"), e))?,
-        None => s
-            .join_multicast_v4(group.ip(), &iface)
-            .map_err(|e| err("join", e))?,
-    }
+    s.bind(&group.into()).map_err(|e| err("bind", e))?;
+    let what = match source {
+        Some(src) => format!("join source {src}"),
+        None => "join".to_string(),
+    };
+    mcast_io::multicast::join(&s, group.ip(), source, iface, &iface.label())
+        .map_err(|(opt, e)| err(&format!("{what} ({opt})"), e))?;
     Ok(s.into())
 }
 
@@ -1011,25 +1015,26 @@ fn set_recv_buffer(s: &Socket, bytes: usize) {
 
 /// Socket NAKs are multicast from (a socket bound to the group address cannot send: its
 /// source would be a multicast address): out of `iface`, looped back to receivers on this
-/// host.
-fn nak_socket(opts: &GetOptions) -> Result<UdpSocket, RecvError> {
-    let iface = opts.iface;
+/// host, of the family of `group`.
+fn nak_socket(opts: &GetOptions, group: IpAddr) -> Result<UdpSocket, RecvError> {
+    let iface = &opts.iface;
     let err = |what: &str, e: std::io::Error| {
         RecvError::new(
             Failure::Other,
-            format!("NAK socket on {iface}: {what}: {e}"),
+            format!("NAK socket on {}: {what}: {e}", iface.label()),
         )
     };
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+    let any = match group {
+        IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        IpAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let s = Socket::new(Domain::for_address(any), Type::DGRAM, Some(Protocol::UDP))
         .map_err(|e| err("socket", e))?;
-    s.set_multicast_if_v4(&iface)
-        .map_err(|e| err("IP_MULTICAST_IF", e))?;
-    s.set_multicast_loop_v4(true)
-        .map_err(|e| err("IP_MULTICAST_LOOP", e))?;
-    s.set_multicast_ttl_v4(opts.nak_ttl)
-        .map_err(|e| err("IP_MULTICAST_TTL", e))?;
-    opts.dscp.apply(&s).map_err(|e| err("IP_TOS (--dscp)", e))?;
-    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())
-        .map_err(|e| err("bind", e))?;
+    mcast_io::multicast::set_sending(&s, group, iface, &iface.label(), opts.nak_ttl)
+        .map_err(|(opt, e)| err(opt, e))?;
+    s.bind(&any.into()).map_err(|e| err("bind", e))?;
+    opts.dscp
+        .apply(&s)
+        .map_err(|e| err("IP_TOS / IPV6_TCLASS (--dscp)", e))?;
     Ok(s.into())
 }

@@ -1,7 +1,9 @@
 //! `mcast-recv`: fetch archives from an mcast server to disk.
 
 use std::io::IsTerminal;
-use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use mcast_io::iface::Iface;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -57,7 +59,8 @@ enum Cmd {
         /// Output directory.
         #[arg(long, short, default_value = ".")]
         output: PathBuf,
-        /// Interface to join multicast on: its IPv4 address, its name (eth0), or "auto" (the
+        /// Interface to join multicast on: its name (eth0), an address of it (198.18.0.2,
+        /// fe80::2%eth0; of the groups' family), or "auto" (the
         /// interface the route to the server, or first director, leaves from).
         #[arg(long, default_value = "auto", value_name = "ADDR|NAME|auto")]
         iface: String,
@@ -143,7 +146,8 @@ enum Cmd {
         /// Write the JSON report here too (atomically); it always goes to stdout.
         #[arg(long)]
         report: Option<PathBuf>,
-        /// Interface to join multicast on: its IPv4 address, its name (eth0), or "auto" (the
+        /// Interface to join multicast on: its name (eth0), an address of it (198.18.0.2,
+        /// fe80::2%eth0; of the groups' family), or "auto" (the
         /// interface the route to the server, or first director, leaves from).
         #[arg(long, default_value = "auto", value_name = "ADDR|NAME|auto")]
         iface: String,
@@ -208,16 +212,13 @@ enum Cmd {
     },
 }
 
-/// `--iface`: an address, an interface name, or "auto" (the route toward `toward`).
-fn resolve_iface(spec: &str, toward: SocketAddr) -> Result<Ipv4Addr, RecvError> {
+/// `--iface`: an address, an interface name, or "auto" (the interface of the route toward
+/// `toward`, for groups of either family).
+fn resolve_iface(spec: &str, toward: SocketAddr) -> Result<Iface, RecvError> {
     let r = if spec.trim().eq_ignore_ascii_case("auto") {
-        match toward {
-            SocketAddr::V4(_) => mcast_io::iface::route_to(toward),
-            // Multicast is IPv4: toward an IPv6 server let the kernel pick by its routes.
-            SocketAddr::V6(_) => Ok(Ipv4Addr::UNSPECIFIED),
-        }
+        mcast_io::iface::toward(toward)
     } else {
-        mcast_io::iface::resolve_v4(spec)
+        mcast_io::iface::resolve(spec)
     };
     r.map_err(|e| RecvError::new(Failure::Usage, format!("--iface: {e}")))
 }
@@ -334,7 +335,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 &output,
             );
             o.iface = resolve_iface(&iface, o.server)?;
-            tracing::debug!(iface = %o.iface, spec = %iface, "multicast interface");
+            tracing::debug!(iface = %o.iface.name, index = o.iface.index, spec = %iface, "multicast interface");
             o.dscp = dscp;
             o.nak_ttl = nak_ttl;
             o.server_key = match server_key {
@@ -475,7 +476,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             // Checked here so a bad name fails at once, not in every child ("auto" routes
             // toward each child's server).
             if !iface.trim().eq_ignore_ascii_case("auto") {
-                mcast_io::iface::resolve_v4(&iface)
+                mcast_io::iface::resolve(&iface)
                     .map_err(|e| RecvError::new(Failure::Usage, format!("--iface: {e}")))?;
             }
             get_args.extend(["--iface".into(), iface.clone().into()]);

@@ -7,4 +7,5 @@ pub mod dscp;
 pub mod fastio;
 pub mod fsutil;
 pub mod iface;
+pub mod multicast;
 pub mod process;

@@ -26,7 +26,7 @@
 //!   than the receiver's measured throughput. Ties go to the server routed to least.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -46,11 +46,11 @@ pub struct Params {
     /// Each listed server's own heartbeat key, by the control address its heartbeats carry:
     /// a heartbeat naming that address verifies under that key only, so a server that is
     /// compromised cannot mark the others stopping or pull their receivers to itself.
-    pub server_keys: BTreeMap<SocketAddrV4, [u8; 32]>,
+    pub server_keys: BTreeMap<SocketAddr, [u8; 32]>,
     /// Listed servers (`server_keys`) whose heartbeats may come from any source address
     /// (behind NAT, or sending from another interface than the one they advertise). Every
     /// other listed server's heartbeats count only from the IP address they name.
-    pub any_source: BTreeSet<SocketAddrV4>,
+    pub any_source: BTreeSet<SocketAddr>,
     /// A server is down after this many of its heartbeat intervals without one.
     pub down_after: u32,
     /// Heartbeats whose timestamp is further than this from the director's clock are refused.
@@ -91,15 +91,15 @@ pub enum Verdict {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     ServerUp {
-        server: SocketAddrV4,
+        server: SocketAddr,
         state: ServerState,
     },
     ServerDown {
-        server: SocketAddrV4,
+        server: SocketAddr,
         why: &'static str,
     },
     StateChanged {
-        server: SocketAddrV4,
+        server: SocketAddr,
         from: ServerState,
         to: ServerState,
     },
@@ -210,7 +210,7 @@ pub struct Stats {
 
 pub struct Director {
     params: Params,
-    servers: BTreeMap<SocketAddrV4, Entry>,
+    servers: BTreeMap<SocketAddr, Entry>,
     counters: Counters,
     events: VecDeque<Event>,
     /// Made at the first datagram (its `now` is the tokens' clock origin).
@@ -237,7 +237,7 @@ impl Director {
     }
 
     /// Servers currently up (and their state).
-    pub fn up_servers(&self) -> Vec<(SocketAddrV4, ServerState)> {
+    pub fn up_servers(&self) -> Vec<(SocketAddr, ServerState)> {
         self.servers
             .iter()
             .filter(|(_, e)| e.up)
@@ -271,7 +271,7 @@ impl Director {
         let named = crate::wire::director::heartbeat_server(buf);
         let own = named.and_then(|a| self.params.server_keys.get(&a).map(|k| (a, k)));
         let (key, bound) = match own {
-            Some((a, k)) => (k, (!self.params.any_source.contains(&a)).then_some(*a.ip())),
+            Some((a, k)) => (k, (!self.params.any_source.contains(&a)).then_some(a.ip())),
             None => match &self.params.key {
                 Some(k) => (k, None),
                 None if named.is_none() => return self.reject(from, Verdict::Malformed),
@@ -285,7 +285,7 @@ impl Director {
         };
         // Genuine, but is it from the server's own address? (Checked after the MAC, so this
         // counts only heartbeats its key wrote: a misconfiguration or a captured key.)
-        if bound.is_some_and(|ip| source_v4(from) != Some(ip)) {
+        if bound.is_some_and(|ip| plain_ip(from) != ip) {
             return self.reject(from, Verdict::WrongSource);
         }
         if hb.unix_ms.abs_diff(unix_ms) > self.params.max_skew.as_millis() as u64 {
@@ -387,10 +387,10 @@ impl Director {
         now: Instant,
         title: &str,
         rx_bps: u64,
-        exclude: &[SocketAddrV4],
-    ) -> Result<SocketAddrV4, (NoRoute, String)> {
+        exclude: &[SocketAddr],
+    ) -> Result<SocketAddr, (NoRoute, String)> {
         self.handle_timeout(now);
-        let holders: Vec<(&SocketAddrV4, &Entry, bool)> = self
+        let holders: Vec<(&SocketAddr, &Entry, bool)> = self
             .servers
             .iter()
             .filter_map(|(a, e)| e.holds(title, now).map(|l| (a, e, l)))
@@ -402,7 +402,7 @@ impl Director {
                 format!("no server known to this director holds {title:?}"),
             ));
         }
-        let usable: Vec<&(&SocketAddrV4, &Entry, bool)> = holders
+        let usable: Vec<&(&SocketAddr, &Entry, bool)> = holders
             .iter()
             .filter(|(a, e, _)| e.up && !exclude.contains(a))
             .collect();
@@ -600,12 +600,12 @@ fn fit_route_reply(reply: DirectorMsg, cap: usize) -> Option<Vec<u8>> {
     )
 }
 
-/// The IPv4 address a datagram came from (an IPv4-mapped IPv6 source too: a director
-/// listening on `[::]`).
-fn source_v4(from: SocketAddr) -> Option<Ipv4Addr> {
+/// The address a datagram came from, an IPv4-mapped IPv6 source as the IPv4 address it is
+/// (a director listening on `[::]` hears IPv4 servers that way).
+fn plain_ip(from: SocketAddr) -> IpAddr {
     match from.ip() {
-        IpAddr::V4(ip) => Some(ip),
-        IpAddr::V6(ip) => ip.to_ipv4_mapped(),
+        IpAddr::V6(ip) => ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4),
+        v4 => v4,
     }
 }
 
@@ -644,8 +644,8 @@ mod tests {
             .msg
     }
 
-    fn addr(n: u8) -> SocketAddrV4 {
-        SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 0, n), 7600)
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, n], 7600))
     }
 
     fn from() -> SocketAddr {
@@ -680,7 +680,7 @@ mod tests {
         d.handle_heartbeat(now, h.unix_ms, from(), &h.encode(&KEY))
     }
 
-    fn route(d: &mut Director, now: Instant, title: &str) -> Result<SocketAddrV4, NoRoute> {
+    fn route(d: &mut Director, now: Instant, title: &str) -> Result<SocketAddr, NoRoute> {
         d.route(now, title, 0, &[]).map_err(|e| e.0)
     }
 
@@ -694,7 +694,7 @@ mod tests {
         let mut d = Director::new(p);
         // Sent from the IP of the server they name (listed servers' heartbeats must be).
         let feed_with = |d: &mut Director, h: &Heartbeat, k: &[u8; 32]| {
-            let src = SocketAddr::from((*h.server.ip(), 40000));
+            let src = SocketAddr::new(h.server.ip(), 40000);
             d.handle_heartbeat(t, h.unix_ms, src, &h.encode(k))
         };
         assert_eq!(feed_with(&mut d, &hb(1, 1, &["a"]), &ka), Verdict::Accepted);
@@ -765,7 +765,7 @@ mod tests {
         assert_eq!(d.up_servers(), vec![(addr(2), ServerState::Online)]);
         // The same heartbeat from server 2's own IP (another port: any socket of the host)
         // is taken, and routes follow it; so is one from an IPv4-mapped source.
-        let own_port = SocketAddr::from((*addr(2).ip(), 51234));
+        let own_port = SocketAddr::new(addr(2).ip(), 51234);
         assert_eq!(
             send(&mut d, own_port, &hb(2, 2, &["a", "b"])),
             Verdict::Accepted
@@ -789,6 +789,32 @@ mod tests {
             d.handle_heartbeat(t, h1.unix_ms, at("10.9.8.7"), &h1.encode(&[1u8; 32])),
             Verdict::WrongSource
         );
+    }
+
+    /// Servers and directors over IPv6: a heartbeat naming an IPv6 server counts from that
+    /// server's address only, and routes name it.
+    #[test]
+    fn an_ipv6_server_is_heard_from_its_own_address_and_routed_to() {
+        let t = Instant::now();
+        let k6 = [6u8; 32];
+        let v6: SocketAddr = "[2001:db8::5]:7600".parse().unwrap();
+        let mut p = params();
+        p.key = None;
+        p.server_keys = [(v6, k6)].into_iter().collect();
+        let mut d = Director::new(p);
+        let mut h = hb(1, 1, &["a"]);
+        h.server = v6;
+        let send = |d: &mut Director, src: &str, h: &Heartbeat| {
+            d.handle_heartbeat(t, h.unix_ms, src.parse().unwrap(), &h.encode(&k6))
+        };
+        assert_eq!(
+            send(&mut d, "[2001:db8::66]:40000", &h),
+            Verdict::WrongSource
+        );
+        assert_eq!(route(&mut d, t, "a"), Err(NoRoute::NotFound));
+        assert_eq!(send(&mut d, "[2001:db8::5]:40000", &h), Verdict::Accepted);
+        assert_eq!(route(&mut d, t, "a"), Ok(v6));
+        assert_eq!(d.up_servers(), vec![(v6, ServerState::Online)]);
     }
 
     #[test]

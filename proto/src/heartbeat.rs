@@ -2,7 +2,7 @@
 //! channel manager, `now` and the wall-clock time, and returns the heartbeat to send and its
 //! next deadline; the server's driver (`mcast::heartbeat`) sends it to every director.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::channel::ChannelManager;
@@ -11,7 +11,7 @@ use crate::wire::director::{Heartbeat, HeldTitle, ServerState};
 /// Fixed facts of one server's heartbeats.
 #[derive(Clone, Debug)]
 pub struct EmitterParams {
-    pub server: SocketAddrV4,
+    pub server: SocketAddr,
     pub interval: Duration,
     pub key: [u8; 32],
     pub capacity_bps: u64,

@@ -43,12 +43,12 @@ enum Cmd {
         /// Control endpoint receivers talk to (server.control), e.g. 0.0.0.0:7600.
         #[arg(long, value_name = "ADDR:PORT")]
         control: Option<std::net::SocketAddr>,
-        /// Interface multicast leaves from, by IPv4 address or name (server.multicast_iface).
+        /// Interface multicast leaves from, by name or address (server.multicast_iface).
         #[arg(long, value_name = "ADDR|NAME")]
         iface: Option<String>,
-        /// First multicast group of the channel pool (server.group_base).
+        /// First multicast group of the channel pool, IPv4 or IPv6 (server.group_base).
         #[arg(long, value_name = "GROUP")]
-        group_base: Option<std::net::Ipv4Addr>,
+        group_base: Option<std::net::IpAddr>,
         /// Loop rate of each channel, Mbit/s of payload; 0 = unlimited (server.rate_mbps).
         #[arg(long, value_name = "MBIT")]
         rate: Option<f64>,

@@ -3,7 +3,7 @@
 //! its archive was withdrawn, or its scheduled window ended — so counters, events, the slot
 //! and the schedule's resume point are kept alike every time.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,7 +25,7 @@ pub(super) struct Channel {
     pub(super) archive_id: ArchiveId,
     pub(super) tag: [u8; 8],
     slot: usize,
-    pub(super) group: SocketAddrV4,
+    pub(super) group: SocketAddr,
     pub(super) carousel: Carousel,
     pub(super) pacer: Pacer,
     pub(super) data_start: Instant,
@@ -138,7 +138,7 @@ impl ChannelManager {
             data_start: now + self.params.sync_lead,
             next_sync: now,
             members: Members::default(),
-            dests: Arc::from(vec![SocketAddr::V4(group)]),
+            dests: Arc::from(vec![group]),
             symbol_size: info.head.symbol_size as usize,
             packets_sent: 0,
             repair: RepairQueue::default(),

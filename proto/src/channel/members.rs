@@ -444,7 +444,7 @@ impl ChannelManager {
                 source: self
                     .params
                     .ssm_source
-                    .filter(|_| crate::wire::is_ssm_group(*group.ip())),
+                    .filter(|_| crate::wire::is_ssm_group(group.ip())),
             },
         );
     }

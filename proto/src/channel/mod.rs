@@ -42,7 +42,7 @@ mod unicast;
 mod unicast_stream;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,7 +68,7 @@ pub struct Params {
     pub rate_bps: u64,
     pub burst: Duration,
     /// Multicast group + port of each channel slot.
-    pub groups: Vec<SocketAddrV4>,
+    pub groups: Vec<SocketAddr>,
     pub max_unicast_per_channel: usize,
     pub cookie_epoch: Duration,
     /// Secret for unicast cookies and address tokens (random per server start).
@@ -76,8 +76,8 @@ pub struct Params {
     /// The server identity, which signs every SYNC (`None`: unsigned, channel-only tests).
     pub sync_signer: Option<Arc<mcast_keys::Identity>>,
     /// Source-specific multicast: the address channel packets leave from, told to receivers in
-    /// `JoinOk` for groups in 232.0.0.0/8 (they join that source only). `None`: any-source.
-    pub ssm_source: Option<std::net::Ipv4Addr>,
+    /// `JoinOk` for groups in 232.0.0.0/8 and ff3x::/32 (they join that source only). `None`: any-source.
+    pub ssm_source: Option<std::net::IpAddr>,
     /// Sessions (members, over every channel) one source address may hold: a spoofer who
     /// proved one address cannot fill the server with members (NAT: raise it).
     pub max_sessions_per_address: usize,
@@ -120,8 +120,8 @@ impl Params {
             burst: Duration::from_millis(4),
             groups: (0..16)
                 .map(|i| {
-                    SocketAddrV4::new(
-                        std::net::Ipv4Addr::new(239, 255, 77, 1 + i),
+                    SocketAddr::new(
+                        std::net::Ipv4Addr::new(239, 255, 77, 1 + i).into(),
                         7700 + i as u16,
                     )
                 })
@@ -180,7 +180,7 @@ pub enum Event {
     ChannelOpened {
         channel: u32,
         title: String,
-        group: SocketAddrV4,
+        group: SocketAddr,
     },
     ChannelClosed {
         channel: u32,

@@ -33,7 +33,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
@@ -110,7 +110,7 @@ pub struct NakEngine {
     /// and no loop packet came since.
     resumed_from: Option<Instant>,
     /// Loop position on channels recently left, and when (see `switch_channel`).
-    left_at: HashMap<SocketAddrV4, (u64, Instant)>,
+    left_at: HashMap<SocketAddr, (u64, Instant)>,
     /// Where each unit stands: 0 idle, else [`BACKOFF`] or [`HOLDOFF`] with the id of the
     /// batch whose timer it follows. One word per unit, so marking, clearing and checking a
     /// unit cost no hashing or allocation however many are missing (a heavy-loss burst must
@@ -279,7 +279,7 @@ impl NakEngine {
     /// [`RESUME_POSITION_WITHIN`] ago — so after a failed join experiment, what its own channel
     /// sent meanwhile is found missing (and NAKed) by the first packet back, not a whole loop
     /// later when the loop brings it round.
-    pub fn switch_channel(&mut self, now: Instant, from: SocketAddrV4, to: SocketAddrV4) {
+    pub fn switch_channel(&mut self, now: Instant, from: SocketAddr, to: SocketAddr) {
         if let Some(p) = self.last_pos.take() {
             self.left_at.insert(from, (p, now));
         }
@@ -577,8 +577,8 @@ mod tests {
     use super::*;
 
     /// Channel `n`'s group.
-    fn ch(n: u8) -> SocketAddrV4 {
-        SocketAddrV4::new(std::net::Ipv4Addr::new(239, 0, 0, n), 7000)
+    fn ch(n: u8) -> SocketAddr {
+        SocketAddr::from(([239, 0, 0, n], 7000))
     }
 
     /// A SYNC with these figures (0: not announced).

@@ -16,7 +16,7 @@
 //! receive → report completion → done. Any phase can end in [`Event::Failed`].
 
 use std::collections::VecDeque;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,7 +119,7 @@ pub struct Prior {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Failure {
     /// The server does not have the title (`redirect`: one that may).
-    NotFound { redirect: Option<SocketAddrV4> },
+    NotFound { redirect: Option<SocketAddr> },
     /// The server is draining and takes no new receivers.
     Draining,
     /// The server stayed busy through every join attempt.
@@ -151,9 +151,9 @@ pub enum Event {
     },
     /// Subscribe to a multicast group (a socket bound to it); with a source, to that source's
     /// packets to it only (source-specific multicast).
-    JoinGroup(SocketAddrV4, Option<Ipv4Addr>),
+    JoinGroup(SocketAddr, Option<IpAddr>),
     /// Leave a group (the driver drops its socket).
-    LeaveGroup(SocketAddrV4),
+    LeaveGroup(SocketAddr),
     /// Open the unicast data socket: the unicast handshake is sent from it next.
     OpenUnicast,
     /// Unicast fallback is active: the loop now comes to the unicast socket.
@@ -161,7 +161,7 @@ pub enum Event {
     /// Moved to a throughput tier.
     TierChanged {
         tier: u8,
-        group: SocketAddrV4,
+        group: SocketAddr,
     },
     /// The tier engine judged an interval.
     TierJudged(TierSample),
@@ -277,7 +277,7 @@ enum Phase {
 /// What the join reply said.
 struct Joined {
     archive_id: [u8; 16],
-    group: SocketAddrV4,
+    group: SocketAddr,
     lease: Duration,
     tier: u8,
     tiers_bps: Vec<u64>,
@@ -359,11 +359,11 @@ pub struct Session {
     now: Instant,
     stats: SessionStats,
     // Receiving.
-    group: Option<SocketAddrV4>,
+    group: Option<SocketAddr>,
     /// The channel's source, for a source-specific group (from the last `JoinOk`).
-    ssm_source: Option<Ipv4Addr>,
+    ssm_source: Option<IpAddr>,
     /// The group left at a move down, before the new tier's was granted.
-    left_early: Option<SocketAddrV4>,
+    left_early: Option<SocketAddr>,
     heard: bool,
     unicast_opened: bool,
     unicast_ok: bool,
@@ -725,7 +725,7 @@ impl Session {
         self.joined.as_ref().map(|j| j.archive_id)
     }
 
-    pub fn group(&self) -> Option<SocketAddrV4> {
+    pub fn group(&self) -> Option<SocketAddr> {
         self.group
     }
 
@@ -1697,7 +1697,7 @@ impl Session {
 
     /// Where a NAK goes: the server, and the group so other receivers suppress theirs (not
     /// on unicast, where nobody hears it, nor with suppression off).
-    fn nak_destinations(&self) -> (SocketAddr, Option<SocketAddrV4>) {
+    fn nak_destinations(&self) -> (SocketAddr, Option<SocketAddr>) {
         let group = (!self.unicast_ok && self.group_naks())
             .then_some(self.group)
             .flatten();
@@ -1800,7 +1800,7 @@ fn verified_sync(
 /// Sealed with the session's key once joined: the server repairs only for its members.
 fn send_nak(
     transmits: &mut VecDeque<Transmit>,
-    to: (SocketAddr, Option<SocketAddrV4>),
+    to: (SocketAddr, Option<SocketAddr>),
     key: Option<&SessionKey>,
     nak: &Nak,
 ) {
@@ -1813,7 +1813,7 @@ fn send_nak(
     if let Some(g) = to.1 {
         transmits.push_back(Transmit {
             via: Via::Group,
-            to: SocketAddr::V4(g),
+            to: g,
             bytes,
         });
     }

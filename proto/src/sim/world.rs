@@ -214,19 +214,19 @@ enum Ev {
     ToRx(usize, u32, Vec<u8>),
     /// A channel packet reaching the group (fan-out to subscribers, through their links).
     Packet {
-        group: SocketAddrV4,
+        group: SocketAddr,
         bytes: Rc<Vec<u8>>,
         id: Option<PacketId>,
         shared_lost: bool,
     },
     /// A packet leaving receiver `.0`'s link (after its queue), or a unicast packet.
-    Arrive(usize, Option<SocketAddrV4>, Rc<Vec<u8>>),
+    Arrive(usize, Option<SocketAddr>, Rc<Vec<u8>>),
     /// A unicast channel packet reaching receiver `.0`'s link.
     Unicast(usize, Rc<Vec<u8>>),
     /// Receiver `.0`'s leave of `.1` reaches the switch.
-    IgmpLeave(usize, SocketAddrV4),
+    IgmpLeave(usize, SocketAddr),
     /// A NAK multicast by another receiver on `.1`, reaching receiver `.0`.
-    NakHeard(usize, SocketAddrV4, Rc<Vec<u8>>),
+    NakHeard(usize, SocketAddr, Rc<Vec<u8>>),
     RxTimer(usize),
     Join(usize),
     Crash(usize),
@@ -241,13 +241,13 @@ struct Host {
     addr: SocketAddr,
     uaddr: SocketAddr,
     sess: Option<Session>,
-    group: Option<SocketAddrV4>,
-    leaving: Vec<(SocketAddrV4, Instant)>,
+    group: Option<SocketAddr>,
+    leaving: Vec<(SocketAddr, Instant)>,
     busy_until: Instant,
     /// Groups the switch stopped forwarding to this host (IGMPv2), until when.
-    unforwarded: Vec<(SocketAddrV4, Instant)>,
+    unforwarded: Vec<(SocketAddr, Instant)>,
     /// When it last reported each group (joined it).
-    reported: Vec<(SocketAddrV4, Instant)>,
+    reported: Vec<(SocketAddr, Instant)>,
     timer: Option<Instant>,
     done_at: Option<Instant>,
     first_at: Option<Instant>,
@@ -268,13 +268,13 @@ struct Host {
 }
 
 impl Host {
-    fn subscribed(&self, g: SocketAddrV4, now: Instant) -> bool {
+    fn subscribed(&self, g: SocketAddr, now: Instant) -> bool {
         (self.group == Some(g) || self.leaving.iter().any(|&(l, t)| l == g && t > now))
             && !self.unforwarded.iter().any(|&(u, t)| u == g && t > now)
     }
 
     /// Leaves its group; the group it left, whose leave reaches the switch `latency` later.
-    fn leave(&mut self, now: Instant, latency: Duration) -> Option<SocketAddrV4> {
+    fn leave(&mut self, now: Instant, latency: Duration) -> Option<SocketAddr> {
         let g = self.group.take()?;
         self.leaving.retain(|&(_, t)| t > now);
         self.leaving.push((g, now + latency));
@@ -703,9 +703,7 @@ impl World<'_> {
                 self.push(now + d, Ev::ToServer(from, bytes));
             }
             Via::Group => {
-                let SocketAddr::V4(g) = to else {
-                    return;
-                };
+                let g = to;
                 if !self.cfg.suppression || !h.spec.multicast {
                     return;
                 }
@@ -792,7 +790,7 @@ impl World<'_> {
 
     /// Host `i`'s leave of `g` reached the switch. Under an IGMPv2 querier the others that
     /// have not reported since stop getting the group until they do, or the next query.
-    fn igmp_leave(&mut self, i: usize, g: SocketAddrV4, now: Instant) {
+    fn igmp_leave(&mut self, i: usize, g: SocketAddr, now: Instant) {
         let Some(q) = self.cfg.igmp_v2_query else {
             return;
         };
@@ -877,7 +875,7 @@ impl World<'_> {
             }
             for dest in t.dests.iter() {
                 match dest {
-                    SocketAddr::V4(g) if g.ip().is_multicast() => {
+                    g if g.ip().is_multicast() => {
                         let shared_lost = self.rng.gen::<f64>() < self.cfg.shared_loss;
                         self.push(
                             now + d,
@@ -921,7 +919,7 @@ impl World<'_> {
     fn fan_out(
         &mut self,
         now: Instant,
-        group: SocketAddrV4,
+        group: SocketAddr,
         bytes: Rc<Vec<u8>>,
         id: Option<PacketId>,
         shared_lost: bool,
@@ -955,7 +953,7 @@ impl World<'_> {
         &mut self,
         i: usize,
         now: Instant,
-        group: Option<SocketAddrV4>,
+        group: Option<SocketAddr>,
         bytes: Rc<Vec<u8>>,
     ) -> bool {
         let loss = self.hosts[i].spec.loss;

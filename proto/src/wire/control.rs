@@ -19,15 +19,15 @@
 //! and a message saying why. Repeating a request with the same key gets the same grant again
 //! without using another play, so the request is idempotent like the others.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use crate::codec::{Reader, Writer};
 
-use super::{get_str, get_v4, put_v4, WireError};
+use super::{get_addr, get_ip, get_str, put_addr, put_ip, WireError};
 pub use crate::address_token::AddressToken;
 
 /// Version of the control envelope (2: flags, address token and padding).
-pub const CONTROL_VERSION: u8 = 2;
+pub const CONTROL_VERSION: u8 = 3;
 /// An address token follows the header.
 pub const FLAG_TOKEN: u8 = 1;
 /// Padding follows the body.
@@ -237,7 +237,7 @@ pub enum Control {
     },
     JoinOk {
         archive_id: ArchiveId,
-        group: SocketAddrV4,
+        group: SocketAddr,
         head_len: u32,
         loop_packets: u64,
         rate_bps: u64,
@@ -249,15 +249,15 @@ pub enum Control {
         /// tier change, completion, unicast steps, NAKs) carries a MAC under it, so nobody
         /// else can speak for this receiver even knowing its id.
         session_key: SessionKey,
-        /// Source-specific multicast (groups in 232.0.0.0/8): the address the channel's
+        /// Source-specific multicast (groups in 232.0.0.0/8 and ff3x::/32): the address the channel's
         /// packets come from. The receiver joins (source, group), so packets anyone else sends
         /// to the group never reach it. `None`: an any-source group.
-        source: Option<std::net::Ipv4Addr>,
+        source: Option<IpAddr>,
     },
     /// This server lacks the title; `redirect` names one that has it, when known.
     NotHere {
         title: String,
-        redirect: Option<SocketAddrV4>,
+        redirect: Option<SocketAddr>,
     },
     HeadChunk {
         archive_id: ArchiveId,
@@ -548,7 +548,7 @@ impl Envelope {
                 source,
             } => {
                 b.extend_from_slice(archive_id);
-                put_v4(&mut b, group);
+                put_addr(&mut b, group);
                 b.put_u32(*head_len);
                 b.put_u64(*loop_packets);
                 b.put_u64(*rate_bps);
@@ -563,7 +563,7 @@ impl Envelope {
                 match source {
                     Some(a) => {
                         b.put_u8(1);
-                        b.extend_from_slice(&a.octets());
+                        put_ip(&mut b, a);
                     }
                     None => b.put_u8(0),
                 }
@@ -574,7 +574,7 @@ impl Envelope {
                 match redirect {
                     Some(a) => {
                         b.put_u8(1);
-                        put_v4(&mut b, a);
+                        put_addr(&mut b, a);
                     }
                     None => b.put_u8(0),
                 }
@@ -728,7 +728,7 @@ impl Envelope {
             }
             t::JOIN_OK => Control::JoinOk {
                 archive_id: r.array("archive_id")?,
-                group: get_v4(&mut r, "group")?,
+                group: get_addr(&mut r, "group")?,
                 head_len: r.u32("head_len")?,
                 loop_packets: r.u64("loop_packets")?,
                 rate_bps: r.u64("rate_bps")?,
@@ -748,7 +748,7 @@ impl Envelope {
                 session_key: r.array("session_key")?,
                 source: match r.u8("source")? {
                     0 => None,
-                    1 => Some(std::net::Ipv4Addr::from(r.array::<4>("source")?)),
+                    1 => Some(get_ip(&mut r, "source")?),
                     _ => return Err(WireError::Field("source")),
                 },
             },
@@ -756,7 +756,7 @@ impl Envelope {
                 title: get_str(&mut r, 128, "title")?,
                 redirect: match r.u8("redirect")? {
                     0 => None,
-                    1 => Some(get_v4(&mut r, "redirect")?),
+                    1 => Some(get_addr(&mut r, "redirect")?),
                     _ => return Err(WireError::Field("redirect")),
                 },
             },
@@ -816,14 +816,6 @@ pub fn is_play_request(buf: &[u8]) -> bool {
     buf.len() >= 2 && buf[0] == CONTROL_VERSION && buf[1] == t::PLAY_REQ
 }
 
-/// Convenience for drivers: an IPv4 socket address or an error naming it.
-pub fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
-    match addr {
-        SocketAddr::V4(a) => Some(a),
-        SocketAddr::V6(_) => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -875,7 +867,7 @@ mod tests {
 
     fn all() -> Vec<Control> {
         let id = [9u8; 16];
-        let g = SocketAddrV4::new(std::net::Ipv4Addr::new(239, 1, 2, 3), 7700);
+        let g: SocketAddr = "239.1.2.3:7700".parse().unwrap();
         vec![
             Control::CatalogRequest { start: 3 },
             Control::Join {
@@ -930,7 +922,19 @@ mod tests {
                 tier: 1,
                 tiers_bps: vec![4_000_000, 16_000_000],
                 session_key: [0x33; 32],
-                source: Some(std::net::Ipv4Addr::new(198, 18, 0, 1)),
+                source: Some("198.18.0.1".parse().unwrap()),
+            },
+            Control::JoinOk {
+                archive_id: id,
+                group: "[ff35::8000:1]:7700".parse().unwrap(),
+                head_len: 5,
+                loop_packets: 6,
+                rate_bps: 7,
+                lease_ms: 8,
+                tier: 0,
+                tiers_bps: vec![4_000_000],
+                session_key: [0x34; 32],
+                source: Some("2001:db8::1".parse().unwrap()),
             },
             Control::ChangeTier {
                 archive_id: id,
@@ -939,6 +943,10 @@ mod tests {
             Control::NotHere {
                 title: "x".into(),
                 redirect: Some(g),
+            },
+            Control::NotHere {
+                title: "x".into(),
+                redirect: Some("[2001:db8::7]:7600".parse().unwrap()),
             },
             Control::NotHere {
                 title: "x".into(),

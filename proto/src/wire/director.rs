@@ -19,11 +19,11 @@
 //! The type bytes (0x90..) do not collide with control datagrams (1..127) or NAKs (0x80), so
 //! a director port can also answer plain control requests (stats, join → redirect).
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use crate::codec::{Reader, Writer};
 
-use super::{check_version, get_str, get_v4, put_v4, WireError, WIRE_VERSION};
+use super::{check_version, get_addr, get_str, put_addr, WireError, WIRE_VERSION};
 
 /// Largest heartbeat sent or accepted (one UDP datagram; ~450 titles of 128 bytes).
 pub const MAX_HEARTBEAT_LEN: usize = 60_000;
@@ -87,7 +87,7 @@ pub struct HeldTitle {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Heartbeat {
     /// The server's control endpoint as receivers reach it (also its name at the director).
-    pub server: SocketAddrV4,
+    pub server: SocketAddr,
     /// Random per server start: a restart begins a new sequence.
     pub boot_id: u64,
     /// Increases by one per heartbeat within a boot.
@@ -123,14 +123,14 @@ pub fn heartbeat_mac(key: &[u8; 32], signed: &[u8]) -> [u8; MAC_LEN] {
     *blake3::keyed_hash(key, signed).as_bytes()
 }
 
-/// The server address a heartbeat names (bytes 2..8), unverified: it picks the key the MAC
-/// is checked under. `None` if `buf` is no heartbeat.
-pub fn heartbeat_server(buf: &[u8]) -> Option<SocketAddrV4> {
-    if !is_heartbeat(buf) || buf.len() < 8 {
+/// The server address a heartbeat names (right after its type byte), unverified: it picks
+/// the key the MAC is checked under. `None` if `buf` is no heartbeat.
+pub fn heartbeat_server(buf: &[u8]) -> Option<SocketAddr> {
+    if !is_heartbeat(buf) {
         return None;
     }
-    let mut r = Reader::new(&buf[2..8]);
-    get_v4(&mut r, "server").ok()
+    let mut r = Reader::new(&buf[2..]);
+    get_addr(&mut r, "server").ok()
 }
 
 /// True if a datagram is a heartbeat (cheap check before decoding).
@@ -150,7 +150,7 @@ impl Heartbeat {
         let mut b = Vec::with_capacity(128 + self.titles.len() * 24);
         b.put_u8(WIRE_VERSION);
         b.put_u8(t::HEARTBEAT);
-        put_v4(&mut b, &self.server);
+        put_addr(&mut b, &self.server);
         b.put_u64(self.boot_id);
         b.put_u64(self.seq);
         b.put_u64(self.unix_ms);
@@ -208,7 +208,7 @@ impl Heartbeat {
         if ty != t::HEARTBEAT {
             return Err(WireError::Kind(ty));
         }
-        let server = get_v4(&mut r, "server")?;
+        let server = get_addr(&mut r, "server")?;
         let boot_id = r.u64("boot_id")?;
         let seq = r.u64("seq")?;
         let unix_ms = r.u64("unix_ms")?;
@@ -306,13 +306,13 @@ pub enum DirectorMsg {
         req_id: u32,
         title: String,
         rx_bps: u64,
-        exclude: Vec<SocketAddrV4>,
+        exclude: Vec<SocketAddr>,
     },
     /// Director → receiver: fetch `title` from `server`.
     RouteOk {
         req_id: u32,
         title: String,
-        server: SocketAddrV4,
+        server: SocketAddr,
     },
     /// Director → receiver: no server for `title` now.
     RouteNone {
@@ -350,7 +350,7 @@ impl DirectorMsg {
                 let n = exclude.len().min(MAX_EXCLUDE);
                 b.put_u8(n as u8);
                 for a in &exclude[..n] {
-                    put_v4(&mut b, a);
+                    put_addr(&mut b, a);
                 }
             }
             DirectorMsg::RouteOk {
@@ -361,7 +361,7 @@ impl DirectorMsg {
                 b.put_u8(t::ROUTE_OK);
                 b.put_u32(*req_id);
                 b.put_short_bytes(&title_of(title));
-                put_v4(&mut b, server);
+                put_addr(&mut b, server);
             }
             DirectorMsg::RouteNone {
                 req_id,
@@ -398,7 +398,7 @@ impl DirectorMsg {
                 }
                 let mut exclude = Vec::with_capacity(n);
                 for _ in 0..n {
-                    exclude.push(get_v4(&mut r, "exclude")?);
+                    exclude.push(get_addr(&mut r, "exclude")?);
                 }
                 DirectorMsg::RouteRequest {
                     req_id,
@@ -410,7 +410,7 @@ impl DirectorMsg {
             t::ROUTE_OK => DirectorMsg::RouteOk {
                 req_id,
                 title,
-                server: get_v4(&mut r, "server")?,
+                server: get_addr(&mut r, "server")?,
             },
             t::ROUTE_NONE => DirectorMsg::RouteNone {
                 req_id,
@@ -477,6 +477,16 @@ mod tests {
         }
     }
 
+    /// A heartbeat of an IPv6 server names it, and that name picks its key.
+    #[test]
+    fn an_ipv6_servers_heartbeat_round_trips() {
+        let mut hb = sample();
+        hb.server = "[2001:db8::5]:7600".parse().unwrap();
+        let b = hb.encode(&[1; 32]);
+        assert_eq!(heartbeat_server(&b), Some(hb.server));
+        assert_eq!(Heartbeat::open(&b, &[1; 32]).unwrap(), hb);
+    }
+
     #[test]
     fn oversized_title_lists_are_cut_to_one_datagram() {
         let mut hb = sample();
@@ -495,13 +505,19 @@ mod tests {
 
     #[test]
     fn director_messages_round_trip() {
-        let a: SocketAddrV4 = "127.0.0.2:7600".parse().unwrap();
+        let a: SocketAddr = "127.0.0.2:7600".parse().unwrap();
+        let b: SocketAddr = "[2001:db8::5]:7600".parse().unwrap();
         for m in [
             DirectorMsg::RouteRequest {
                 req_id: 1,
                 title: "film".into(),
                 rx_bps: 9,
-                exclude: vec![a, a],
+                exclude: vec![a, b],
+            },
+            DirectorMsg::RouteOk {
+                req_id: 2,
+                title: "film".into(),
+                server: b,
             },
             DirectorMsg::RouteRequest {
                 req_id: 1,
