@@ -34,6 +34,8 @@ struct Cluster {
     n: u16,
     key: PathBuf,
     directors: Vec<(SocketAddr, Guard)>,
+    /// Directors and servers on `[::1]` (one server at most: loopback has one IPv6 address).
+    v6: bool,
 }
 
 struct Srv {
@@ -77,6 +79,10 @@ fn copy_dir(src: &Path, dst: &Path) {
 impl Cluster {
     /// `n` picks the ports: directors 19100+20n.., servers 19500+20n.., data 41000+400n...
     fn new(n: u16, directors: usize) -> Cluster {
+        Cluster::with_family(n, directors, false)
+    }
+
+    fn with_family(n: u16, directors: usize, v6: bool) -> Cluster {
         // `MCAST_TEST_KEEP` keeps the cluster's directory (logs, archives) to debug a test.
         let keep = std::env::var_os("MCAST_TEST_KEEP").is_some();
         let dir = tempfile::Builder::new()
@@ -99,6 +105,7 @@ impl Cluster {
             n,
             key,
             directors: Vec::new(),
+            v6,
         };
         for i in 0..directors {
             c.start_director(i);
@@ -106,10 +113,16 @@ impl Cluster {
         c
     }
 
+    /// Loopback address `127.0.0.{last}`, or `::1` for an IPv6 cluster.
+    fn host(&self, last: u16, port: u16) -> SocketAddr {
+        match self.v6 {
+            false => format!("127.0.0.{last}:{port}").parse().unwrap(),
+            true => format!("[::1]:{port}").parse().unwrap(),
+        }
+    }
+
     fn director_addr(&self, i: usize) -> SocketAddr {
-        format!("127.0.0.{}:{}", 4 + i, 19100 + self.n * 20 + i as u16)
-            .parse()
-            .unwrap()
+        self.host(4 + i as u16, 19100 + self.n * 20 + i as u16)
     }
 
     fn start_director(&mut self, i: usize) {
@@ -151,12 +164,8 @@ impl Cluster {
     /// copy of server 0's data directory (same archive, identity and ticket key).
     fn server(&self, i: u16, title: &str, len: usize, extra: &str, sections: &str) -> Srv {
         let root = self.dir.path().join(format!("srv{i}"));
-        let control: SocketAddr = format!("127.0.0.{}:{}", 2 + i, 19500 + self.n * 20 + i)
-            .parse()
-            .unwrap();
-        let health: SocketAddr = format!("127.0.0.{}:{}", 2 + i, 19510 + self.n * 20 + i)
-            .parse()
-            .unwrap();
+        let control = self.host(2 + i, 19500 + self.n * 20 + i);
+        let health = self.host(2 + i, 19510 + self.n * 20 + i);
         let group = 210 + self.n * 4 + i;
         let port = 41000 + self.n * 400 + i * 50;
         let directors: Vec<String> = (0..self.directors.len())
@@ -402,6 +411,34 @@ fn receivers_fail_over_when_their_server_is_killed() {
 }
 
 /// Kill one director: new requests are still routed (by the other), and downloads complete.
+/// Directors, heartbeats, routes and health checks over IPv6: a director on `[::1]` hears a
+/// server whose control endpoint is `[::1]` (heartbeats leave from it), routes a receiver
+/// there, and the receiver completes (the channel itself is IPv4 multicast on `lo`).
+#[test]
+fn an_ipv6_director_routes_to_an_ipv6_server() {
+    let c = Cluster::with_family(5, 1, true);
+    let mut a = c.server(0, "doc", MB, "rate_mbps = 100.0", "");
+    let reference = a.root.join("archives/doc.mca");
+    c.start(&mut a);
+    c.wait_state(0, &[&a], "online");
+    let f = c.get("doc", &c.dir.path().join("r0"), &[]).wait(LIMIT);
+    f.assert_complete(&reference);
+    let v = done_json(&f);
+    let ds = stats(c.director_addr(0));
+    let (code, health) = http_get(a.health.unwrap(), "/health");
+    println!(
+        "IPv6 director {}: routed to {}, routes_ok {}, heartbeats_accepted {}; health {code}",
+        c.director_addr(0),
+        v["servers"],
+        ds["counters"]["routes_ok"],
+        ds["counters"]["heartbeats_accepted"]
+    );
+    assert_eq!(v["servers"][0], a.control.to_string(), "{v}");
+    assert_eq!(ds["counters"]["routes_ok"], 1, "{ds}");
+    assert_eq!(ds["counters"]["heartbeats_wrong_source"], 0, "{ds}");
+    assert_eq!(code, 200, "{health}");
+}
+
 #[test]
 fn requests_are_routed_when_a_director_is_killed() {
     let mut c = Cluster::new(1, 2);

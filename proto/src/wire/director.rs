@@ -352,6 +352,12 @@ impl DirectorMsg {
                 for a in &exclude[..n] {
                     put_addr(&mut b, a);
                 }
+                // Padding, so the request is as large as its answer naming an IPv6 server:
+                // a director never answers an unproven address with more than it sent.
+                let answer = 2 + 4 + 2 + title_of(title).len() + 19;
+                let pad = answer.saturating_sub(b.len() + 1);
+                b.put_u8(pad as u8);
+                b.resize(b.len() + pad, 0);
             }
             DirectorMsg::RouteOk {
                 req_id,
@@ -400,6 +406,8 @@ impl DirectorMsg {
                 for _ in 0..n {
                     exclude.push(get_addr(&mut r, "exclude")?);
                 }
+                let pad = r.u8("padding")? as usize;
+                r.bytes(pad, "padding")?;
                 DirectorMsg::RouteRequest {
                     req_id,
                     title,
@@ -474,6 +482,29 @@ mod tests {
         }
         for n in 0..b.len() {
             assert!(Heartbeat::open(&b[..n], &key).is_err(), "truncated to {n}");
+        }
+    }
+
+    /// A route request is padded to the size of an answer naming an IPv6 server, so a
+    /// director can answer an unproven address without sending more than it got.
+    #[test]
+    fn route_requests_are_as_large_as_their_ipv6_answers() {
+        for title in ["", "film", &"x".repeat(MAX_TITLE + 10)] {
+            let req = DirectorMsg::RouteRequest {
+                req_id: 1,
+                title: title.into(),
+                rx_bps: 0,
+                exclude: vec![],
+            }
+            .encode();
+            let ok = DirectorMsg::RouteOk {
+                req_id: 1,
+                title: title.into(),
+                server: "[2001:db8::5]:7600".parse().unwrap(),
+            }
+            .encode();
+            assert_eq!(req.len(), ok.len(), "{title:?}");
+            assert!(DirectorMsg::decode(&req).is_ok());
         }
     }
 
