@@ -1,10 +1,11 @@
-//! Real networks (issue 21): what the packets carry on the wire, and the serve flags.
+//! Real networks (issue 21): IPv6, source-specific multicast, what the packets carry on the
+//! wire, and the serve flags.
 //!
-//! The DSCP test runs `mcastd` and `mcast-recv` inside a private network namespace whose
-//! nftables output hook counts packets by DSCP: every data packet and control reply the server
-//! sends carries `[server] dscp`, every request and NAK the receiver sends carries `--dscp`.
-//! Needs root (CI is root); elsewhere it skips with a reason, and under `CI=true` a skip is a
-//! failure.
+//! Each network test runs `mcastd` and `mcast-recv` inside a private network namespace whose
+//! nftables hooks drop and count packets: DSCP / traffic class on every packet sent, a second
+//! sender on a source-specific group (232/8, ff35::) never received, a full delivery over
+//! IPv6 multicast (ff15::) with loss repaired, the unicast fallback over IPv6. Needs root (CI
+//! is root); elsewhere it skips with a reason, and under `CI=true` a skip is a failure.
 
 use std::process::Command;
 
@@ -293,6 +294,7 @@ ip link set lo up
 nft add table inet q
 nft add chain inet q out '{{ type filter hook output priority 0; }}'
 nft add rule inet q out {family} saddr {junk_from} udp dport {port} counter
+nft add rule inet q out icmpv6 type mld2-listener-report counter
 "{mcastd}" --config "{cfg}" {serve} > "{d}/server.log" 2>&1 &
 server=$!
 python3 "{d}/forger.py" {group} {port} {junk_from} &
@@ -312,6 +314,11 @@ kill $server
     run_in_namespace(&script, d);
     let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
     let junk = packets(&nft, &format!("saddr {junk_from}"));
+    let mld2 = packets(&nft, "mld2-listener-report");
+    assert!(
+        !v6 || mld2 > 0,
+        "no MLDv2 report left the receiver's host: {nft}"
+    );
     (done_report(&d.join("r.log")), junk, dir)
 }
 
@@ -382,7 +389,8 @@ fn second_sender_on(ssm_ctl: u16, ssm_group: &str, asm_ctl: u16, asm_group: &str
 /// A full delivery over IPv6 multicast: an ff15:: (site-local scope) pool on the veth link,
 /// 3 % of the group's datagrams dropped on the way in, two receivers (`--iface auto` toward
 /// the server's IPv6 control address) that repair by NAKs — to the server and, multicast, to
-/// each other — and both copies byte-identical. nftables counts the data: IPv6 only.
+/// each other — and both copies byte-identical. nftables counts the data: IPv6 only, every
+/// datagram with the traffic class of `[server] dscp` (AF41).
 #[test]
 fn a_full_delivery_over_ipv6_multicast_repairs_loss() {
     if let Some(why) = cannot_run() {
@@ -396,7 +404,8 @@ fn a_full_delivery_over_ipv6_multicast_repairs_loss() {
         d,
         &format!(
             "control = \"[fd00::1]:{control}\"\ngroup_base = \"ff15::7701\"\nport_base = {port}\n\
-             rate_mbps = 50.0\ntiers_mbps = [50.0]\nchannels = 4\nadmin = [\"fd00::1\"]"
+             rate_mbps = 50.0\ntiers_mbps = [50.0]\nchannels = 4\nadmin = [\"fd00::1\"]\n\
+             dscp = \"AF41\""
         ),
         "film",
         3_000_000,
@@ -409,7 +418,8 @@ nft add table inet q
 nft add chain inet q in '{{ type filter hook input priority 0; }}'
 nft add rule inet q in ip6 daddr ff15::7701 udp dport {port} numgen random mod 100 '<' 3 drop
 nft add chain inet q out '{{ type filter hook output priority 0; }}'
-nft add rule inet q out ip6 daddr ff15::/16 udp dport {port} counter
+nft add rule inet q out ip6 daddr ff15::/16 udp dport {port} @th,72,8 != 0x80 ip6 dscp af41 counter
+nft add rule inet q out ip6 daddr ff15::/16 udp dport {port} @th,72,8 != 0x80 ip6 dscp != af41 counter
 nft add rule inet q out ip daddr 224.0.0.0/4 counter
 "{mcastd}" --config "{cfg}" serve --iface v0 > "{d}/server.log" 2>&1 &
 server=$!
@@ -440,13 +450,17 @@ kill $server
         done_report(&d.join("r2.log")),
     );
     let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
-    let (v6, v4) = (packets(&nft, "ff15::/16"), packets(&nft, "224.0.0.0/4"));
+    let (v6, unmarked, v4) = (
+        packets(&nft, "dscp af41"),
+        packets(&nft, "dscp != af41"),
+        packets(&nft, "224.0.0.0/4"),
+    );
     let stats: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("stats.json")).unwrap()).unwrap();
     println!(
         "IPv6 multicast ff15::7701, 3 % loss: {:.2} s and {:.2} s, naks_sent {} and {}, \
-         unicast {} and {}; IPv6 group datagrams (GSO batches) {v6}, IPv4 multicast {v4}; \
-         server repairs {}",
+         unicast {} and {}; IPv6 group datagrams (GSO batches) AF41 {v6} / other {unmarked}, \
+         IPv4 multicast {v4}; server repairs {}",
         r["seconds"],
         r2["seconds"],
         r["naks_sent"],
@@ -463,6 +477,8 @@ kill $server
         "no NAKs under 3 % loss: {r} {r2}"
     );
     assert!(v6 > 100, "the data did not go to the IPv6 group: {nft}");
+    // The server's data (NAKs to the group, second payload byte 0x80, are the receivers').
+    assert_eq!(unmarked, 0, "IPv6 data without its traffic class: {nft}");
     assert_eq!(v4, 0, "IPv4 multicast sent: {nft}");
 }
 
