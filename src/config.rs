@@ -99,6 +99,9 @@ pub struct ServerConfig {
     /// (`239.255.77.1`; 232.0.0.0/8 is source-specific) or IPv6 (`ff15::7701`; ff3x::/32 is
     /// source-specific).
     pub group_base: IpAddr,
+    /// Source-specific joins on every group of the pool, not only in 232.0.0.0/8 and
+    /// ff3x::/32 (a network whose routers do SSM on other ranges).
+    pub ssm_all_groups: bool,
     /// First data port; channel slot i uses port_base + i.
     pub port_base: u16,
     /// Number of channel slots (titles looping at once).
@@ -377,6 +380,7 @@ impl Default for ServerConfig {
             control: SocketAddr::from(([127, 0, 0, 1], 7600)),
             multicast_iface: "lo".into(),
             group_base: IpAddr::V4(Ipv4Addr::new(239, 255, 77, 1)),
+            ssm_all_groups: false,
             port_base: 7700,
             channels: 32,
             ttl: 1,
@@ -981,6 +985,7 @@ impl Config {
             // The server identity, set by the driver from the key store.
             sync_signer: None,
             ssm_source: self.server.ssm_source(),
+            ssm_all_groups: self.server.ssm_all_groups,
             cookie_epoch: Duration::from_secs(10),
             cookie_secret,
             admin: admin_prefixes(&sv.admin)

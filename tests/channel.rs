@@ -842,3 +842,41 @@ fn a_discovery_burst_is_bounded_flagged_and_goes_only_to_a_proven_address() {
         "tier 2 opened at block {first_block}, the burst ended at {last_block}"
     );
 }
+
+/// Source-specific multicast in the join answer: a group in 232/8 or ff3x::/32 carries the
+/// server's source address, an any-source group (239/8, ff15::) none, unless the operator
+/// made every group source-specific (`ssm_all_groups`).
+#[test]
+fn the_join_answer_names_the_source_of_source_specific_groups_only() {
+    let source: std::net::IpAddr = "2001:db8::5".parse().unwrap();
+    for (group, all, told) in [
+        ("232.1.2.1:7700", false, true),
+        ("239.1.2.1:7700", false, false),
+        ("239.1.2.1:7700", true, true),
+        ("[ff35::7701]:7700", false, true),
+        ("[ff15::7701]:7700", false, false),
+    ] {
+        let head = mcast::sim::sim_head(400, 1280);
+        let info = TitleInfo {
+            head: Arc::new(head),
+            head_bytes: mcast::channel::HeadBytes::Memory(Arc::new(Vec::new())),
+            archive_len: 0,
+        };
+        let mut p = Params::for_tests(RATE);
+        p.groups = vec![group.parse().unwrap()];
+        p.ssm_source = Some(source);
+        p.ssm_all_groups = all;
+        let t0 = Instant::now();
+        let mut m = ChannelManager::new(p, vec![info], t0);
+        let Control::JoinOk {
+            group: g,
+            source: s,
+            ..
+        } = join_sim(&mut m, t0, 1)
+        else {
+            panic!("no JoinOk for {group}")
+        };
+        assert_eq!(g.to_string(), group);
+        assert_eq!(s, told.then_some(source), "{group} ssm_all_groups={all}");
+    }
+}

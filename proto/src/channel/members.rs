@@ -441,10 +441,9 @@ impl ChannelManager {
                 tier: if capped { 0 } else { tier as u8 },
                 tiers_bps: if capped { vec![rate] } else { tiers },
                 session_key: key,
-                source: self
-                    .params
-                    .ssm_source
-                    .filter(|_| crate::wire::is_ssm_group(group.ip())),
+                source: self.params.ssm_source.filter(|_| {
+                    self.params.ssm_all_groups || crate::wire::is_ssm_group(group.ip())
+                }),
             },
         );
     }

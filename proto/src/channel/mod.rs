@@ -78,6 +78,8 @@ pub struct Params {
     /// Source-specific multicast: the address channel packets leave from, told to receivers in
     /// `JoinOk` for groups in 232.0.0.0/8 and ff3x::/32 (they join that source only). `None`: any-source.
     pub ssm_source: Option<std::net::IpAddr>,
+    /// Tell receivers `ssm_source` for every group, not only source-specific ranges.
+    pub ssm_all_groups: bool,
     /// Sessions (members, over every channel) one source address may hold: a spoofer who
     /// proved one address cannot fill the server with members (NAT: raise it).
     pub max_sessions_per_address: usize,
@@ -133,6 +135,7 @@ impl Params {
             max_sessions_per_address: 256,
             sync_signer: Some(Arc::new(crate::sim::archive::sim_identity())),
             ssm_source: None,
+            ssm_all_groups: false,
             grtt_initial: Duration::from_millis(20),
             grtt_min: Duration::from_millis(1),
             grtt_max: Duration::from_secs(2),
