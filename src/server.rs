@@ -97,6 +97,14 @@ pub fn data_socket(cfg: &Config) -> anyhow::Result<UdpSocket> {
             )
         },
     )?;
+    if sv.group_base.is_ipv6() && iface.name == "lo" {
+        tracing::warn!(
+            group_base = %sv.group_base,
+            "Linux does not loop IPv6 multicast through lo: receivers get nothing from these \
+             channels (only the unicast fallback); set server.multicast_iface to an interface \
+             with IPv6 (eth0, or a veth on one machine)"
+        );
+    }
     let _ = s.set_send_buffer_size(sv.send_buffer);
     let granted = s.send_buffer_size().unwrap_or(0);
     tracing::info!(
@@ -444,7 +452,8 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
     }
     beats.stopping(&mgr, &ctrl);
-    tracing::info!(counters = ?mgr.counters(), unvalidated_unsent, "mcastd stopping");
+    let counters = serde_json::to_string(mgr.counters()).unwrap_or_default();
+    tracing::info!(%counters, unvalidated_unsent, "mcastd stopping");
     Ok(())
 }
 

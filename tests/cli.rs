@@ -674,3 +674,40 @@ fn tampered_head_identity_fields_exit_3() {
         .stderr_has(&["signature"]);
     site.assert_out_dir(&[]);
 }
+
+/// Logs: a filter that does not parse (`--log`, or `RUST_LOG`) is a usage error naming it,
+/// not a silent fall-back to `info`; and logs written to a pipe carry no colour codes.
+#[test]
+fn log_filters_are_checked_and_pipes_get_no_colour() {
+    run_in_temp(&["--log", "mcastd=loud", "keygen"])
+        .failed(2)
+        .stderr_has(&["log level \"mcastd=loud\" is not a log filter"]);
+    let mut c = mcastd();
+    c.env("RUST_LOG", "=[").args(["--help"]);
+    // --help is answered before logging starts.
+    assert_eq!(run(c).code, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = mcastd();
+    c.current_dir(dir.path())
+        .env("RUST_LOG", "x=[")
+        .arg("keygen");
+    run(c)
+        .failed(2)
+        .stderr_has(&["RUST_LOG=\"x=[\" is not a log filter"]);
+    let o = Command::new(common::recv_bin())
+        .args(["--log", "what=ever=now", "stats", "--server", "127.0.0.1:9"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    // Info lines of a real command, on a pipe: plain text.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = mcastd();
+    c.current_dir(dir.path()).arg("keygen");
+    let out = run(c).ok();
+    assert!(out.stderr.contains("server identity created"), "{out:#?}");
+    assert!(
+        !out.stderr.contains('\u{1b}'),
+        "colour codes on a pipe: {out:#?}"
+    );
+}

@@ -583,7 +583,10 @@ fn run(cli: Cli) -> Result<(), RecvError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    mcast_io::process::init_logging(&cli.log);
+    if let Err(e) = mcast_io::process::init_logging(&cli.log) {
+        eprintln!("mcast-recv: error: {e}");
+        return ExitCode::from(Failure::Usage as u8);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

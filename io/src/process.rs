@@ -6,16 +6,28 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-/// Logs to stderr at `level` (an `EnvFilter` directive); `RUST_LOG` wins when set, and a bad
-/// directive falls back to `info`.
-pub fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Logs to stderr at `level` (an `EnvFilter` directive, e.g. `info` or `mcastd=debug`);
+/// `RUST_LOG` wins when set. Colour only when stderr is a terminal and `NO_COLOR` is unset
+/// (no escape codes in log files and pipes). A directive that does not parse is an error
+/// naming it, for the caller to report as a usage error.
+pub fn init_logging(level: &str) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&env)
+            .map_err(|e| format!("RUST_LOG={env:?} is not a log filter: {e}"))?,
+        _ => tracing_subscriber::EnvFilter::try_new(level).map_err(|e| {
+            format!(
+                "log level {level:?} is not a log filter (try info, debug, or mcastd=debug): {e}"
+            )
+        })?,
+    };
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .init();
+    Ok(())
 }
 
 /// A flag that SIGINT and SIGTERM set: long-running loops check it and stop cleanly.

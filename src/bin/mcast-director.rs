@@ -76,7 +76,10 @@ fn main() -> ExitCode {
         }
     };
     let level = cli.log.clone().unwrap_or(cfg.log.level.clone());
-    mcast::process::init_logging(&level);
+    if let Err(e) = mcast::process::init_logging(&level) {
+        eprintln!("mcast-director: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let r = match cli.cmd.unwrap_or(Cmd::Serve) {
         Cmd::Serve => serve(&cfg),
         Cmd::Genkey { output, force } => genkey(&output, force),
@@ -239,6 +242,7 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
             Err(e) => tracing::debug!(error = %e, "recv"),
         }
     }
-    tracing::info!(counters = ?dir.counters(), "mcast-director stopping");
+    let counters = serde_json::to_string(dir.counters()).unwrap_or_default();
+    tracing::info!(%counters, "mcast-director stopping");
     Ok(())
 }

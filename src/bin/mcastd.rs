@@ -158,7 +158,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    mcast::process::init_logging(cli.log.as_deref().unwrap_or(&cfg.log.level));
+    if let Err(e) = mcast::process::init_logging(cli.log.as_deref().unwrap_or(&cfg.log.level)) {
+        eprintln!("mcastd: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let cmd = cli.cmd.unwrap_or(Cmd::Serve {
         control: None,
         iface: None,
