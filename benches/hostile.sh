@@ -103,6 +103,8 @@ for a in $attacks; do
   stats > "$d/after.json"
   ok=OK
   if [[ $rc != 0 ]] || ! cmp -s "$d/r/hostile.mca" "$archive"; then ok=FAILED; broken=1; fi
+  # An attack that never started (e.g. attack.py speaking an old wire version) proves nothing.
+  if [[ $a != none ]] && ! grep -q "attacking" "$d/attack.log"; then ok=NO-ATTACK; broken=1; fi
   secs=$(field "$d/recv.log" seconds)
   python3 - "$d" "$a" "$ok" "${secs:-0}" "${alone_s:-}" "${alone_rate:-}" >> "$work/results" <<'PY'
 import json, sys

@@ -23,8 +23,8 @@ import struct
 import sys
 import time
 
-VERSION_DATA = 1
-VERSION_CONTROL = 2
+VERSION_DATA = 2
+VERSION_CONTROL = 3
 NAK_KIND = 0x80
 
 
@@ -37,12 +37,15 @@ def listen(group, port, need_nak=False, limit=10.0):
     s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
     s.settimeout(0.5)
     tag, loop, rid = None, 1000, None
+    versions = set()
     end = time.time() + limit
     while time.time() < end:
         try:
             b = s.recv(65536)
         except socket.timeout:
             continue
+        if b:
+            versions.add(b[0])
         if len(b) >= 24 and b[0] == VERSION_DATA and b[1] == 0 and tag is None:
             tag = b[4:12]
             if len(b) >= 24 + 8:
@@ -54,7 +57,8 @@ def listen(group, port, need_nak=False, limit=10.0):
             break
     s.close()
     if tag is None:
-        sys.exit("attack.py: nothing heard on the group")
+        sys.exit("attack.py: nothing usable heard on the group (versions heard: %s; this "
+                 "script speaks %d)" % (sorted(versions), VERSION_DATA))
     return tag, loop, rid if rid is not None else random.getrandbits(64)
 
 
@@ -70,7 +74,7 @@ def nak(tag, rid, ranges):
 
 
 def control_join(rid, title):
-    """A version-2 join without a token, padded to 48 bytes like a real first request."""
+    """A join (control version 3) without a token, padded to 48 bytes like a real first request."""
     t = title.encode()
     b = struct.pack("<BBBQI", VERSION_CONTROL, 2, 2, rid, 1) + struct.pack("<H", len(t)) + t
     pad = max(0, 48 - len(b) - 2)
@@ -113,6 +117,7 @@ def main():
     else:
         tag, loop, rid = listen(group, gport, need_nak=(mode == "naks"))
     net = server.rsplit(".", 1)[0]
+    print("attack.py: attacking (%s)" % mode, flush=True)
     sent, i, t0 = 0, 0, time.time()
     while True:
         i += 1
