@@ -19,12 +19,17 @@ fn cannot_run() -> Option<String> {
     missing_tool(&["unshare", "nft", "ip"])
 }
 
-/// Run `script` in a private network namespace (two minutes at most); it leaves the server's
-/// log in `d/server.log` and one receiver's in `d/r.{log,err}`, its copy in `d/r/film.mca`.
+/// Run `script` in a private network namespace (two minutes at most), with `$MCASTD`, `$RECV`,
+/// `$CFG` (the server config) and `$D` (the test directory) set; it leaves the server's log in
+/// `$D/server.log` and one receiver's in `$D/r.{log,err}`, its copy in `$D/r/film.mca`.
 /// Asserts the run succeeded and the copy equals the archive.
-fn run_in_namespace(script: &str, d: &std::path::Path) {
+fn run_in_namespace(script: &str, d: &std::path::Path, cfg: &std::path::Path) {
     let out = Command::new("timeout")
         .args(["120", "unshare", "--net", "sh", "-c", script])
+        .env("MCASTD", common::mcastd_bin())
+        .env("RECV", common::recv_bin())
+        .env("CFG", cfg)
+        .env("D", d)
         .output()
         .unwrap();
     assert!(
@@ -59,7 +64,6 @@ fn dscp_is_on_every_packet_sent() {
     if let Some(why) = cannot_run() {
         return skip_or_fail(&why);
     }
-    let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (control, group, port) = (7660, "239.255.91.1", 7760);
@@ -92,20 +96,16 @@ nft add rule ip q out udp sport {control} ip dscp af41 counter
 nft add rule ip q out udp sport {control} ip dscp != af41 counter
 nft add rule ip q out udp dport {control} ip dscp af11 counter
 nft add rule ip q out udp dport {control} ip dscp != af11 counter
-"{mcastd}" --config "{cfg}" > "{d}/server.log" 2>&1 &
+"$MCASTD" --config "$CFG" > "$D/server.log" 2>&1 &
 server=$!
 sleep 0.5
-"{recv}" get film --server 127.0.0.1:{control} -o "{d}/r" --json --timeout 60 --dscp AF11 --iface lo \
-  > "{d}/r.log" 2> "{d}/r.err"
-nft list chain ip q out > "{d}/nft.txt"
+"$RECV" get film --server 127.0.0.1:{control} -o "$D/r" --json --timeout 60 --dscp AF11 --iface lo \
+  > "$D/r.log" 2> "$D/r.err"
+nft list chain ip q out > "$D/nft.txt"
 kill $server
 "#,
-        mcastd = mcastd.display(),
-        recv = recv.display(),
-        cfg = cfg.display(),
-        d = d.display()
     );
-    run_in_namespace(&script, d);
+    run_in_namespace(&script, d, &cfg);
     let r = done_report(&d.join("r.log"));
     let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
     let data = (
@@ -248,7 +248,6 @@ fn run_with_second_sender(
     group: &str,
     port: u16,
 ) -> (serde_json::Value, u64, tempfile::TempDir) {
-    let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let v6 = group.contains(':');
@@ -295,23 +294,19 @@ nft add table inet q
 nft add chain inet q out '{{ type filter hook output priority 0; }}'
 nft add rule inet q out {family} saddr {junk_from} udp dport {port} counter
 nft add rule inet q out icmpv6 type mld2-listener-report counter
-"{mcastd}" --config "{cfg}" {serve} > "{d}/server.log" 2>&1 &
+"$MCASTD" --config "$CFG" {serve} > "$D/server.log" 2>&1 &
 server=$!
-python3 "{d}/forger.py" {group} {port} {junk_from} &
+python3 "$D/forger.py" {group} {port} {junk_from} &
 forger=$!
 sleep 0.5
-"{recv}" get film --server '{ctl}' -o "{d}/r" --json --timeout 60 \
-  > "{d}/r.log" 2> "{d}/r.err"
+"$RECV" get film --server '{ctl}' -o "$D/r" --json --timeout 60 \
+  > "$D/r.log" 2> "$D/r.err"
 kill $forger
-nft list chain inet q out > "{d}/nft.txt"
+nft list chain inet q out > "$D/nft.txt"
 kill $server
 "#,
-        mcastd = mcastd.display(),
-        recv = recv.display(),
-        cfg = cfg.display(),
-        d = d.display()
     );
-    run_in_namespace(&script, d);
+    run_in_namespace(&script, d, &cfg);
     let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
     let junk = packets(&nft, &format!("saddr {junk_from}"));
     let mld2 = packets(&nft, "mld2-listener-report");
@@ -396,7 +391,6 @@ fn a_full_delivery_over_ipv6_multicast_repairs_loss() {
     if let Some(why) = cannot_run() {
         return skip_or_fail(&why);
     }
-    let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (control, port) = (7674, 7774);
@@ -421,25 +415,21 @@ nft add chain inet q out '{{ type filter hook output priority 0; }}'
 nft add rule inet q out ip6 daddr ff15::/16 udp dport {port} @th,72,8 != 0x80 ip6 dscp af41 counter
 nft add rule inet q out ip6 daddr ff15::/16 udp dport {port} @th,72,8 != 0x80 ip6 dscp != af41 counter
 nft add rule inet q out ip daddr 224.0.0.0/4 counter
-"{mcastd}" --config "{cfg}" serve --iface v0 > "{d}/server.log" 2>&1 &
+"$MCASTD" --config "$CFG" serve --iface v0 > "$D/server.log" 2>&1 &
 server=$!
 sleep 0.5
-"{recv}" get film --server '[fd00::1]:{control}' -o "{d}/r2" --json --timeout 60 \
-  > "{d}/r2.log" 2> "{d}/r2.err" &
+"$RECV" get film --server '[fd00::1]:{control}' -o "$D/r2" --json --timeout 60 \
+  > "$D/r2.log" 2> "$D/r2.err" &
 second=$!
-"{recv}" get film --server '[fd00::1]:{control}' -o "{d}/r" --json --timeout 60 \
-  > "{d}/r.log" 2> "{d}/r.err"
+"$RECV" get film --server '[fd00::1]:{control}' -o "$D/r" --json --timeout 60 \
+  > "$D/r.log" 2> "$D/r.err"
 wait $second
-"{recv}" stats --server '[fd00::1]:{control}' > "{d}/stats.json"
-nft list table inet q > "{d}/nft.txt"
+"$RECV" stats --server '[fd00::1]:{control}' > "$D/stats.json"
+nft list table inet q > "$D/nft.txt"
 kill $server
 "#,
-        mcastd = mcastd.display(),
-        recv = recv.display(),
-        cfg = cfg.display(),
-        d = d.display()
     );
-    run_in_namespace(&script, d);
+    run_in_namespace(&script, d, &cfg);
     assert_eq!(
         std::fs::read(d.join("r2/film.mca")).unwrap(),
         std::fs::read(d.join("archives/film.mca")).unwrap(),
@@ -491,7 +481,6 @@ fn control_and_unicast_fallback_over_ipv6() {
     if let Some(why) = cannot_run() {
         return skip_or_fail(&why);
     }
-    let (mcastd, recv) = (common::mcastd_bin(), common::recv_bin());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (control, group, port) = (7670, "ff15::9501", 7770);
@@ -513,21 +502,17 @@ nft add chain inet q in '{{ type filter hook input priority 0; }}'
 nft add rule inet q in ip6 daddr {group} drop
 nft add chain inet q out '{{ type filter hook output priority 0; }}'
 nft add rule inet q out meta nfproto ipv6 ip6 daddr ::1 udp sport != {control} udp dport != {control} counter
-"{mcastd}" --config "{cfg}" serve --iface v0 > "{d}/server.log" 2>&1 &
+"$MCASTD" --config "$CFG" serve --iface v0 > "$D/server.log" 2>&1 &
 server=$!
 sleep 0.5
-"{recv}" get film --server '[::1]:{control}' --iface v0 -o "{d}/r" --json --timeout 60 \
-  --sync-timeout-ms 500 > "{d}/r.log" 2> "{d}/r.err"
-"{recv}" stats --server '[::1]:{control}' > "{d}/stats.json"
-nft list table inet q > "{d}/nft.txt"
+"$RECV" get film --server '[::1]:{control}' --iface v0 -o "$D/r" --json --timeout 60 \
+  --sync-timeout-ms 500 > "$D/r.log" 2> "$D/r.err"
+"$RECV" stats --server '[::1]:{control}' > "$D/stats.json"
+nft list table inet q > "$D/nft.txt"
 kill $server
 "#,
-        mcastd = mcastd.display(),
-        recv = recv.display(),
-        cfg = cfg.display(),
-        d = d.display()
     );
-    run_in_namespace(&script, d);
+    run_in_namespace(&script, d, &cfg);
     let r = done_report(&d.join("r.log"));
     let nft = std::fs::read_to_string(d.join("nft.txt")).unwrap();
     let v6_data = packets(&nft, "ip6 daddr ::1 udp sport");
