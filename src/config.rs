@@ -359,6 +359,11 @@ impl ServerConfig {
         }
     }
 
+    /// Whether receivers join the pool's groups for this server's address only.
+    pub fn source_specific(&self) -> bool {
+        self.ssm_all_groups || crate::wire::is_ssm_group(self.group_base)
+    }
+
     /// The address channel packets leave from, told to source-specific receivers.
     pub fn ssm_source(&self) -> Option<IpAddr> {
         let i = self.multicast_iface().ok()?;

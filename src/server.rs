@@ -114,9 +114,7 @@ pub fn data_socket(cfg: &Config) -> anyhow::Result<UdpSocket> {
         "data socket send buffer"
     );
     let bind = match (sv.group_base, cfg.server.ssm_source()) {
-        (g, Some(src)) if sv.ssm_all_groups || crate::wire::is_ssm_group(g) => {
-            SocketAddr::new(src, 0)
-        }
+        (_, Some(src)) if sv.source_specific() => SocketAddr::new(src, 0),
         (std::net::IpAddr::V4(_), _) => SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
         (std::net::IpAddr::V6(_), _) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
     };

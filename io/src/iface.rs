@@ -194,11 +194,6 @@ pub fn resolve(spec: &str) -> Result<Iface, String> {
     })
 }
 
-/// The IPv4 address of interface `spec` (see [`resolve`]).
-pub fn resolve_v4(spec: &str) -> Result<Ipv4Addr, String> {
-    resolve(spec)?.need_v4(spec)
-}
-
 /// The local address the kernel would send from toward `to` (no packet is sent).
 pub fn route_to(to: SocketAddr) -> Result<IpAddr, String> {
     let any: SocketAddr = match to {
@@ -222,6 +217,11 @@ pub fn toward(to: SocketAddr) -> Result<Iface, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The IPv4 address an IPv4 group would use on interface `spec`.
+    fn resolve_v4(spec: &str) -> Result<Ipv4Addr, String> {
+        resolve(spec)?.need_v4(spec)
+    }
 
     #[test]
     fn addresses_names_and_refusals() {

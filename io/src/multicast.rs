@@ -2,7 +2,7 @@
 //! TTL / hop limit, and joins — any-source, or source-specific (IGMPv3 / MLDv2 INCLUDE).
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use socket2::{SockAddr, Socket};
 
@@ -75,10 +75,9 @@ pub fn join(
             s.join_multicast_v6(&g, i)
                 .map_err(|e| ("IPV6_ADD_MEMBERSHIP", e))
         }
-        (IpAddr::V6(_), Some(IpAddr::V6(_))) => {
+        (IpAddr::V6(g), Some(IpAddr::V6(src))) => {
             let i = iface.need_v6(spec).map_err(|e| ("join", invalid(e)))?;
-            join_source_group(s, i, group, source.expect("matched"))
-                .map_err(|e| ("MCAST_JOIN_SOURCE_GROUP", e))
+            join_source_group(s, i, g, src).map_err(|e| ("MCAST_JOIN_SOURCE_GROUP", e))
         }
         (g, Some(src)) => Err((
             "join",
@@ -90,23 +89,20 @@ pub fn join(
 }
 
 /// `MCAST_JOIN_SOURCE_GROUP` (RFC 3678), which socket2 does not wrap: an MLDv2 INCLUDE join.
-fn join_source_group(s: &Socket, index: u32, group: IpAddr, source: IpAddr) -> io::Result<()> {
+/// (IPv4 uses socket2's `join_ssm_v4`.)
+fn join_source_group(s: &Socket, index: u32, group: Ipv6Addr, source: Ipv6Addr) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let level = match group {
-        IpAddr::V4(_) => libc::IPPROTO_IP,
-        IpAddr::V6(_) => libc::IPPROTO_IPV6,
-    };
     // SAFETY: group_source_req is plain data (an index and two sockaddr_storage); all-zero
     // is a valid value of it.
     let mut req: libc::group_source_req = unsafe { std::mem::zeroed() };
     req.gsr_interface = index;
-    req.gsr_group = SockAddr::from(SocketAddr::new(group, 0)).as_storage();
-    req.gsr_source = SockAddr::from(SocketAddr::new(source, 0)).as_storage();
+    req.gsr_group = SockAddr::from(SocketAddr::from((group, 0))).as_storage();
+    req.gsr_source = SockAddr::from(SocketAddr::from((source, 0))).as_storage();
     // SAFETY: `req` is a fully initialised group_source_req and the length given is its size.
     let rc = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
-            level,
+            libc::IPPROTO_IPV6,
             libc::MCAST_JOIN_SOURCE_GROUP,
             (&req as *const libc::group_source_req).cast(),
             std::mem::size_of::<libc::group_source_req>() as libc::socklen_t,
@@ -140,6 +136,10 @@ mod tests {
         .unwrap_err();
         assert!(e.1.to_string().contains("different families"), "{e:?}");
         if lo.v6.is_none() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI: lo must have ::1 for this test"
+            );
             eprintln!("SKIPPED IPv6 half: lo has no IPv6 address here");
             return;
         }
