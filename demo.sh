@@ -36,7 +36,7 @@ kill -0 "$server_pid" 2>/dev/null || { echo "mcastd failed to start:"; cat serve
 
 pids=()
 for i in 1 2 3; do
-  "$bin/mcast-recv" get sample --server-key "$key" -o "recv$i" --json --timeout 300 \
+  "$bin/mcast-recv" get sample --server-key "$key" --dir "recv$i" --json --timeout 300s \
     > "recv$i.log" 2> "recv$i.err" &
   pids+=($!)
   echo "== receiver $i started"

@@ -68,8 +68,8 @@ TOML
     local -a pids=()
     for i in $(seq "$n"); do
       ip netns exec "pb-c$i" /usr/bin/time -f '%e %U %S %M' -o "$run/rcv$i.time" "$bin/mcast-recv" get bench \
-        --server "${PB_NET:-198.18.0}.1:7600" --iface "${PB_NET:-198.18.0}.$((10 + i))" -o "$run/out$i" \
-        --recv-buffer "${E2E_RCVBUF:-67108864}" --json --timeout 600 > "$run/rcv$i.json" 2> "$run/rcv$i.log" &
+        --server "${PB_NET:-198.18.0}.1:7600" --iface "${PB_NET:-198.18.0}.$((10 + i))" --dir "$run/out$i" \
+        --recv-buffer "${E2E_RCVBUF:-67108864}" --json --timeout 600s > "$run/rcv$i.json" 2> "$run/rcv$i.log" &
       pids+=($!)
     done
     local ok=0 w=0 c=0 r=0 rw ru rs rr
@@ -203,8 +203,8 @@ sync  # no writeback of the fresh archive competing with the transfer
 ${E2E_SRV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o srv.time "$bin/mcastd" -c mcastd.toml > srv.log 2>&1 &
 spid=$!
 sleep 0.5
-${E2E_RCV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o rcv.time "$bin/mcast-recv" get bench --server "$ctl" --server-key "$key" -o "$run/out" --recv-buffer "${E2E_RCVBUF:-67108864}" \
-  --json --timeout 600 ${E2E_RECV_ARGS:-} > rcv.json 2> rcv.log
+${E2E_RCV_WRAP:-} /usr/bin/time -f '%e %U %S %M' -o rcv.time "$bin/mcast-recv" get bench --server "$ctl" --server-key "$key" --dir "$run/out" --recv-buffer "${E2E_RCVBUF:-67108864}" \
+  --json --timeout 600s ${E2E_RECV_ARGS:-} > rcv.json 2> rcv.log
 rc=$?
 grep -A1 '^Udp:' /proc/net/snmp > udp-snmp.txt  # drops (RcvbufErrors) in this namespace
 # The mcastd process under /usr/bin/time (and E2E_SRV_WRAP, e.g. a profiler).

@@ -156,7 +156,7 @@ run_mcast() {  # LOSS TITLE(fec|plain) DIR
   local -a pids=()
   for i in $(seq "$n"); do
     ( ip netns exec "fecpeers-c$i" timeout $((limit + 30)) "$bin/mcast-recv" get "$t" --server "$net.1:7600" \
-        --iface "$net.$((10 + i))" --server-key "$key" -o "$m/r$i" --json --timeout "$limit" \
+        --iface "$net.$((10 + i))" --server-key "$key" --dir "$m/r$i" --json --timeout "${limit}s" \
         > "$m/r$i.log" 2> "$m/r$i.err"
       echo $? > "$m/r$i.rc" ) &
     pids+=($!)

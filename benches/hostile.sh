@@ -97,7 +97,7 @@ for a in $attacks; do
   fi
   rc=0
   ip netns exec hostile-c1 timeout 300 "$bin/mcast-recv" get hostile --server "$net.1:7600" \
-    --iface "$net.11" --server-key "$key" --known-servers none -o "$d/r" --json --timeout 240 \
+    --iface "$net.11" --server-key "$key" --known-servers none --dir "$d/r" --json --timeout 240s \
     > "$d/recv.log" 2> "$d/recv.err" || rc=$?
   [[ -n $apid ]] && { kill "$apid" 2>/dev/null || true; wait "$apid" 2>/dev/null || true; }
   stats > "$d/after.json"

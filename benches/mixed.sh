@@ -162,7 +162,7 @@ NFT
   pids=()
   start() {
     ( ip netns exec "mixed-c$1" timeout $((limit + 30)) "$bin/mcast-recv" get mixed --server "$net.1:7600" \
-        --iface "$net.$((10 + $1))" --server-key "$key" -o "$m/r$1" --json --timeout "$limit" 2> "$m/r$1.err"
+        --iface "$net.$((10 + $1))" --server-key "$key" --dir "$m/r$1" --json --timeout "${limit}s" 2> "$m/r$1.err"
       echo $? > "$m/r$1.rc" ) | python3 -u -c "$stamp" > "$m/r$1.log" &
     pids+=($!)
   }

@@ -266,9 +266,9 @@ impl Cluster {
             .arg(title)
             .arg("--director")
             .arg(self.director_list())
-            .arg("-o")
+            .arg("--dir")
             .arg(out)
-            .args(["--json", "--timeout", "80", "--silence-timeout-ms", "1500"])
+            .args(["--json", "--timeout", "80s", "--silence-timeout", "1500ms"])
             .args(extra);
         Receiver::spawn(cmd, out, title, false)
     }
@@ -437,6 +437,26 @@ fn an_ipv6_director_routes_to_an_ipv6_server() {
     assert_eq!(ds["counters"]["routes_ok"], 1, "{ds}");
     assert_eq!(ds["counters"]["heartbeats_wrong_source"], 0, "{ds}");
     assert_eq!(code, 200, "{health}");
+
+    // `catalog` and `stats` through the director: the catalogue of the server it picks, and
+    // the director's own stats.
+    let o = Command::new(recv_bin())
+        .args(["catalog", "--json", "--director", &c.director_list()])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let item: Value = serde_json::from_slice(&o.stdout).expect("one JSON line");
+    assert_eq!(item["title"], "doc", "{item}");
+    assert_eq!(item["server"], a.control.to_string(), "{item}");
+    let o = Command::new(recv_bin())
+        .args(["stats", "--director", &c.director_list()])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let ds: Value = serde_json::from_slice(&o.stdout).expect("JSON off a terminal");
+    assert_eq!(ds["counters"]["routes_ok"], 2, "{ds}");
 }
 
 #[test]

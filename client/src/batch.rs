@@ -280,7 +280,7 @@ pub fn run(opts: &BatchOptions, stop: Arc<AtomicBool>) -> Result<BatchReport, Re
                 }
                 WindowState::Closed { opens: Some(t) } => {
                     if !said {
-                        tracing::info!(opens_unix = t, "waiting for the window to open");
+                        tracing::info!(opens = %utc(t), "waiting for the window to open");
                         said = true;
                     }
                     std::thread::sleep(Duration::from_millis(100));
@@ -288,7 +288,11 @@ pub fn run(opts: &BatchOptions, stop: Arc<AtomicBool>) -> Result<BatchReport, Re
             }
         }
     }
-    tracing::info!(titles = opts.titles.len(), deadline_unix = ?deadline, "batch starting");
+    tracing::info!(
+        titles = opts.titles.len(),
+        until = %deadline.map_or_else(|| "all are done".to_string(), utc),
+        "batch starting"
+    );
     let sizes = opts.catalog_server.map(catalog_sizes).unwrap_or_default();
 
     let mut reports: BTreeMap<String, TitleReport> = BTreeMap::new();
@@ -371,7 +375,7 @@ pub fn run(opts: &BatchOptions, stop: Arc<AtomicBool>) -> Result<BatchReport, Re
             let free = free_bytes(&opts.out_dir)
                 .map_err(|e| RecvError::io("cannot stat filesystem of", &opts.out_dir, e))?;
             if free < need + pending + SPACE_MARGIN {
-                tracing::warn!(%title, need, free, pending, "not enough disk space: stopping the batch");
+                tracing::warn!(%title, disk_needed = need, free, pending, "not enough disk space: stopping the batch");
                 let mut r = partial_report(&opts.out_dir, &title, size, 0);
                 r.reason = format!(
                     "disk full: needs {need} more bytes (+{SPACE_MARGIN} kept free), {} free \
@@ -470,6 +474,12 @@ fn partial_report(out_dir: &Path, title: &str, size: Option<u64>, before: u64) -
     }
 }
 
+/// A unix time for logs, as RFC 3339 UTC (the window's own time zone is in the report).
+fn utc(unix: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 fn percent(have: u64, all: u64) -> f64 {
     if all == 0 {
         100.0
@@ -485,7 +495,7 @@ fn start(opts: &BatchOptions, title: &str, need: u64, alloc: u64) -> Result<Runn
     let mut cmd = Command::new(&opts.exe);
     cmd.arg("get")
         .arg(title)
-        .arg("-o")
+        .arg("--dir")
         .arg(&opts.out_dir)
         .arg("--json")
         .arg("--resume-at-gap")
@@ -499,7 +509,10 @@ fn start(opts: &BatchOptions, title: &str, need: u64, alloc: u64) -> Result<Runn
             format!("cannot start {}: {e}", opts.exe.display()),
         )
     })?;
-    tracing::info!(%title, pid = child.id(), need, "fetching");
+    // `disk_needed` is what the part file may still grow by (0 once fully allocated), not
+    // what is left to fetch: that is `held_percent`.
+    let held_percent = held(&opts.out_dir, title).map_or(0.0, |h| percent(h.0, h.1));
+    tracing::info!(%title, pid = child.id(), held_percent, disk_needed = need, "fetching");
     let stdout = Arc::new(Mutex::new(None));
     let stderr = Arc::new(Mutex::new(String::new()));
     let mut readers = Vec::new();

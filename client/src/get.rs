@@ -193,6 +193,25 @@ struct ProgressLine<'a> {
     /// Units the last completed checkpoint made durable: a restart after a crash resumes
     /// with at least these.
     saved: u64,
+    /// Payload bytes held (verified) and needed in all.
+    bytes: u64,
+    total_bytes: u64,
+    /// Bytes received per second since the previous progress line (every byte off the wire,
+    /// duplicates and repairs included: what the link carries to this receiver).
+    rate_mbps: f64,
+    /// Seconds to go at the rate new payload arrived since the previous line (`null` while
+    /// nothing new arrives).
+    eta_s: Option<f64>,
+    /// The throughput tier joined, as the server numbers them (always 0 for a title with one).
+    tier: usize,
+}
+
+/// What the previous progress report saw, for rates.
+#[derive(Clone, Copy)]
+struct RateMark {
+    at: Instant,
+    received_bytes: u64,
+    held_bytes: u64,
 }
 
 /// The finished archive, its part file and its state file for `title` in `out_dir`.
@@ -257,6 +276,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         files: None,
         already: None,
         bar: None,
+        rate_mark: None,
         missing_bytes_at_start: 0,
         sockets_changed: false,
         group_ovfl: OverflowCounter::default(),
@@ -312,6 +332,7 @@ struct Driver<'a> {
     /// The archive was already complete on disk (head, its length).
     already: Option<(Arc<Head>, u64)>,
     bar: Option<indicatif::ProgressBar>,
+    rate_mark: Option<RateMark>,
     missing_bytes_at_start: u64,
     /// A socket was opened or closed while draining: re-read the socket list.
     sockets_changed: bool,
@@ -574,7 +595,7 @@ impl Driver<'_> {
                     }
                 }
             }
-            Event::Progress(p) => self.progress(&p),
+            Event::Progress(p) => self.progress(&p, sess),
             Event::Done => return Ok(true),
             Event::Failed(f) => {
                 let e = self.failure(sess, f);
@@ -659,16 +680,23 @@ impl Driver<'_> {
             state.clone(),
             self.opts.direct_io,
         )?;
+        // In payload bytes held (verified, of what the title needs), so the rate and ETA
+        // are of useful bytes; the message carries the tier.
+        let needed_bytes = head.needed_bytes();
+        let held_bytes = needed_bytes.saturating_sub(sess.missing_bytes());
         self.bar = self.opts.progress_bar.then(|| {
-            let b = indicatif::ProgressBar::new(units);
+            let b = indicatif::ProgressBar::new(needed_bytes);
             b.set_style(
                 indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:40}] {pos}/{len} packets {percent}% eta {eta}",
+                    "{msg} [{bar:32}] {decimal_bytes}/{decimal_total_bytes} {percent}% \
+                     {decimal_bytes_per_sec} eta {eta}",
                 )
                 .unwrap()
                 .progress_chars("=> "),
             );
             b.set_message(self.opts.title.clone());
+            b.set_position(held_bytes);
+            b.reset_eta();
             b
         });
         self.files = Some(Files {
@@ -682,9 +710,37 @@ impl Driver<'_> {
         Ok(())
     }
 
-    fn progress(&self, p: &mcast_proto::receiver::Progress) {
+    fn progress(&mut self, p: &mcast_proto::receiver::Progress, sess: &Session) {
+        let now = Instant::now();
+        let total_bytes = sess.head().map_or(0, |h| h.needed_bytes());
+        let held_bytes = total_bytes.saturating_sub(sess.missing_bytes());
+        let tiered = sess.tier_counters().is_some();
+        let tier = if tiered { sess.stats(now).tier } else { 0 };
+        let mark = RateMark {
+            at: now,
+            received_bytes: p.received_bytes,
+            held_bytes,
+        };
+        let prev = self.rate_mark.replace(mark).unwrap_or(RateMark {
+            at: self.started,
+            received_bytes: 0,
+            held_bytes,
+        });
+        let secs = now
+            .saturating_duration_since(prev.at)
+            .as_secs_f64()
+            .max(1e-3);
+        let rate_mbps =
+            p.received_bytes.saturating_sub(prev.received_bytes) as f64 * 8.0 / secs / 1e6;
+        let new_per_s = held_bytes.saturating_sub(prev.held_bytes) as f64 / secs;
+        let eta_s = (new_per_s > 0.0).then(|| {
+            (total_bytes.saturating_sub(held_bytes) as f64 / new_per_s * 10.0).round() / 10.0
+        });
         if let Some(b) = &self.bar {
-            b.set_position(p.have);
+            b.set_position(held_bytes);
+            if tiered {
+                b.set_message(format!("{} tier {tier}", self.opts.title));
+            }
         }
         if self.opts.json {
             let line = ProgressLine {
@@ -697,6 +753,11 @@ impl Driver<'_> {
                 rejected: p.rejected,
                 via: if p.unicast { "unicast" } else { "multicast" },
                 saved: self.files.as_ref().map_or(0, |f| f.disk.saved_units()),
+                bytes: held_bytes,
+                total_bytes,
+                rate_mbps: (rate_mbps * 100.0).round() / 100.0,
+                eta_s,
+                tier,
             };
             println!("{}", serde_json::to_string(&line).unwrap());
         }
@@ -706,6 +767,8 @@ impl Driver<'_> {
     fn failure(&self, sess: &Session, f: SessionFailure) -> RecvError {
         let server = self.opts.server;
         let title = &self.opts.title;
+        // Through directors (they set the silence limit) the fail-over acts on these itself.
+        let via_director = self.opts.silence_timeout.is_some();
         match f {
             SessionFailure::NotFound { redirect } => {
                 let hint = redirect
@@ -716,13 +779,19 @@ impl Driver<'_> {
                     format!("server {server} does not have title {title:?}{hint}; `mcast-recv catalog` lists what it has"),
                 )
             }
-            SessionFailure::Draining => RecvError::new(
-                Failure::Unreachable,
-                format!(
-                    "server {server} is draining (finishing its receivers, taking no new ones): \
-                     use --director, or another --server"
-                ),
-            ),
+            SessionFailure::Draining => {
+                RecvError::new(
+                    Failure::Unreachable,
+                    if via_director {
+                        format!("server {server} is draining (finishing its receivers, taking no new ones)")
+                    } else {
+                        format!(
+                        "server {server} is draining (finishing its receivers, taking no new ones): \
+                         use --director, or another --server"
+                    )
+                    },
+                )
+            }
             SessionFailure::Busy => {
                 RecvError::new(Failure::Other, "server stayed busy; try again later")
             }
@@ -733,7 +802,8 @@ impl Driver<'_> {
                     Failure::Unreachable,
                     format!(
                         "server {server} went silent (nothing verifiable for {limit:?}) with {have}/{total} packets; \
-                         state kept: run again, or use --director, to resume"
+                         state kept{}",
+                        if via_director { "" } else { ": run again, or use --director, to resume" }
                     ),
                 );
                 e.silent = true;

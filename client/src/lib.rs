@@ -2,12 +2,15 @@
 //! `mcast_proto::receiver`; [`get`] owns the sockets and files; [`state`] is the crash-safe
 //! progress record; [`play`] exchanges a play ticket for the key and decrypts.
 
+pub mod args;
 pub mod batch;
 pub mod control;
 pub mod disk;
 pub mod error;
 pub mod failover;
 pub mod get;
+pub mod human;
 pub mod known_servers;
+pub mod list;
 pub mod play;
 pub mod state;

@@ -16,6 +16,7 @@ use mcast_proto::wire::control::Control;
 use mcast_recv::control::ControlClient;
 use mcast_recv::error::{Failure, RecvError};
 use mcast_recv::get::{get, GetOptions};
+use mcast_recv::{args, human};
 
 #[derive(Parser)]
 #[command(
@@ -54,11 +55,15 @@ enum Cmd {
         director: Vec<String>,
         /// With --director: a server that sends nothing verifiable for this long is given up
         /// and the download resumes on another server.
-        #[arg(long, default_value_t = 3000)]
-        silence_timeout_ms: u64,
-        /// Output directory.
-        #[arg(long, short, default_value = ".")]
-        output: PathBuf,
+        #[arg(long, default_value = "3s", value_name = "DURATION", alias = "silence-timeout-ms",
+              value_parser = args::duration_or_ms)]
+        silence_timeout: Duration,
+        /// Directory the archive is written to (DIR/<title>.mca).
+        #[arg(long, short, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+        /// Deprecated spelling of --dir.
+        #[arg(long, short, value_name = "DIR", hide = true, conflicts_with = "dir")]
+        output: Option<PathBuf>,
         /// Interface to join multicast on: its name (eth0), an address of it (198.18.0.2,
         /// fe80::2%eth0; of the groups' family), or "auto" (the
         /// interface the route to the server, or first director, leaves from).
@@ -75,9 +80,10 @@ enum Cmd {
         /// "none" remembers nothing (trust on first use per title).
         #[arg(long, value_name = "FILE")]
         known_servers: Option<PathBuf>,
-        /// Ask for unicast if nothing arrives by multicast within this many milliseconds.
-        #[arg(long, default_value_t = 1500)]
-        sync_timeout_ms: u64,
+        /// Ask for unicast if nothing arrives by multicast within this long.
+        #[arg(long, default_value = "1500ms", value_name = "DURATION", alias = "sync-timeout-ms",
+              value_parser = args::duration_or_ms)]
+        sync_timeout: Duration,
         /// Receive buffer to ask for on the data sockets, bytes (the kernel caps it at
         /// net.core.rmem_max unless the process may force it: CAP_NET_ADMIN). Granted size is logged.
         #[arg(long, default_value_t = 4 << 20)]
@@ -87,12 +93,13 @@ enum Cmd {
         /// the page cache and drops what is already on disk from it as it goes).
         #[arg(long)]
         direct_io: bool,
-        /// Give up after this many seconds (state kept; run again to resume).
-        #[arg(long)]
-        timeout: Option<u64>,
+        /// Give up after this long, e.g. 30s, 10m (state kept; run again to resume).
+        #[arg(long, value_name = "DURATION", value_parser = args::duration_or_secs)]
+        timeout: Option<Duration>,
         /// Progress as JSON lines on stdout (default when stdout is not a terminal): units
         /// held (`have`), and made durable by the last checkpoint (`saved`: a restart after a
-        /// crash resumes with at least these); then a `done` report.
+        /// crash resumes with at least these), payload bytes held (`bytes` of `total_bytes`),
+        /// the receive rate (`rate_mbps`), `eta_s` and the `tier`; then a `done` report.
         #[arg(long)]
         json: bool,
         /// On a resume, ask for the loop to start right after the longest run already held
@@ -137,9 +144,12 @@ enum Cmd {
         /// Traffic directors, comma-separated HOST:PORT (instead of --server), as for `get`.
         #[arg(long, value_delimiter = ',', conflicts_with = "server")]
         director: Vec<String>,
-        /// Output directory.
-        #[arg(long, short, default_value = ".")]
-        output: PathBuf,
+        /// Directory the archives are written to (DIR/<title>.mca).
+        #[arg(long, short, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+        /// Deprecated spelling of --dir.
+        #[arg(long, short, value_name = "DIR", hide = true, conflicts_with = "dir")]
+        output: Option<PathBuf>,
         /// Titles fetched at once.
         #[arg(long, default_value_t = 2)]
         concurrency: usize,
@@ -160,9 +170,10 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         known_servers: Option<PathBuf>,
         /// At the window's end a fetch gets SIGINT (it checkpoints and stops); one still running
-        /// after this many milliseconds is killed (its state file still resumes it).
-        #[arg(long, default_value_t = 3000)]
-        grace_ms: u64,
+        /// after this long is killed (its state file still resumes it).
+        #[arg(long, default_value = "3s", value_name = "DURATION", alias = "grace-ms",
+              value_parser = args::duration_or_ms)]
+        grace: Duration,
         /// DSCP of what every `get` sends (see `mcast-recv get --help`; CS1 or LE suit an
         /// overnight pre-load that must yield to other traffic).
         #[arg(long, default_value = "default", value_parser = mcast_io::dscp::Dscp::parse)]
@@ -171,10 +182,31 @@ enum Cmd {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
         nak_ttl: u32,
     },
-    /// List the titles a server has.
+    /// List the titles a server has (a table on a terminal, JSON lines otherwise).
     Catalog {
+        /// Server control endpoint.
         #[arg(long, short, default_value = "127.0.0.1:7600")]
         server: String,
+        /// Traffic directors, comma-separated HOST:PORT (instead of --server): the catalogue
+        /// of a healthy server a director picks.
+        #[arg(long, value_delimiter = ',', conflicts_with = "server")]
+        director: Vec<String>,
+        /// One JSON object per line (the default when stdout is not a terminal).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the titles held in a download directory: complete or partial (with percent),
+    /// and whether they verify (a table on a terminal, JSON lines otherwise).
+    List {
+        /// Download directory (as given to `get --dir`).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Check every packet of complete archives, not only their signed head (reads them).
+        #[arg(long)]
+        verify: bool,
+        /// One JSON object per line (the default when stdout is not a terminal).
+        #[arg(long)]
+        json: bool,
     },
     /// Play a downloaded title with a play ticket: the server checks the ticket and releases
     /// its half of the key; the plaintext goes to OUT (written atomically) or stdout.
@@ -205,10 +237,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Print a server's counters and open channels (JSON).
+    /// Print a server's counters and open channels, or a director's view of its servers
+    /// (`key=value` lines and tables on a terminal, JSON otherwise). Answered only to the
+    /// server's or director's admin addresses.
     Stats {
+        /// Server control endpoint.
         #[arg(long, short, default_value = "127.0.0.1:7600")]
         server: String,
+        /// Traffic directors, comma-separated HOST:PORT (instead of --server): the first that
+        /// answers gives its own stats (its servers, their health, its routing counters).
+        #[arg(long, value_delimiter = ',', conflicts_with = "server")]
+        director: Vec<String>,
+        /// The JSON document (the default when stdout is not a terminal).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -307,12 +349,13 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             title,
             server,
             director,
-            silence_timeout_ms,
+            silence_timeout,
+            dir,
             output,
             iface,
             server_key,
             known_servers,
-            sync_timeout_ms,
+            sync_timeout,
             recv_buffer,
             direct_io,
             timeout,
@@ -321,11 +364,8 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             dscp,
             nak_ttl,
         } => {
-            let directors = director
-                .iter()
-                .filter(|d| !d.trim().is_empty())
-                .map(|d| resolve(d.trim()))
-                .collect::<Result<Vec<_>, _>>()?;
+            let output = old_dir_flag(dir, output);
+            let directors = resolve_directors(&director)?;
             let mut o = GetOptions::new(
                 match directors.first() {
                     Some(d) => *d,
@@ -354,10 +394,10 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 None => None,
             };
             o.known_servers = known_servers_path(known_servers);
-            o.sync_timeout = Duration::from_millis(sync_timeout_ms);
+            o.sync_timeout = sync_timeout;
             o.recv_buffer = recv_buffer;
             o.direct_io = direct_io;
-            o.timeout = timeout.map(Duration::from_secs);
+            o.timeout = timeout;
             if resume_at_gap && directors.is_empty() {
                 o.start_block = mcast_recv::failover::resume_block(&output, &title);
             }
@@ -385,7 +425,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 let r = mcast_recv::failover::get_via_directors(
                     &o,
                     directors,
-                    Duration::from_millis(silence_timeout_ms.max(100)),
+                    silence_timeout.max(Duration::from_millis(100)),
                     stop,
                 )
                 .map_err(stopped)?;
@@ -435,17 +475,19 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             tz,
             server,
             director,
+            dir,
             output,
             concurrency,
             report,
             iface,
             server_key,
             known_servers,
-            grace_ms,
+            grace,
             dscp,
             nak_ttl,
         } => {
             use mcast_recv::batch;
+            let output = old_dir_flag(dir, output);
             let text = std::fs::read_to_string(&list).map_err(|e| {
                 RecvError::new(Failure::Usage, format!("--list {}: {e}", list.display()))
             })?;
@@ -503,7 +545,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 get_args,
                 catalog_server,
                 server_key: key,
-                grace: Duration::from_millis(grace_ms),
+                grace,
             };
             let stop =
                 mcast_io::process::stop_flag().unwrap_or_else(|_| Arc::new(AtomicBool::new(false)));
@@ -531,10 +573,18 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 }),
             }
         }
-        Cmd::Catalog { server } => {
-            let mut c = ControlClient::new(resolve(&server)?, rand::random())?;
+        Cmd::Catalog {
+            server,
+            director,
+            json,
+        } => {
+            let server = server_or_routed(&server, &director)?;
+            let json = json || !std::io::stdout().is_terminal();
+            let mut c = ControlClient::new(server, rand::random())?;
             let mut start = 0u16;
-            println!("{:<24} {:>14} {:>14} ADVERT", "TITLE", "PLAIN", "ARCHIVE");
+            if !json {
+                println!("{:<24} {:>14} {:>14} ADVERT", "TITLE", "PLAIN", "ARCHIVE");
+            }
             loop {
                 match c.request(
                     Control::CatalogRequest { start },
@@ -543,13 +593,24 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 )? {
                     Control::CatalogReply { items, more } => {
                         for i in &items {
-                            println!(
-                                "{:<24} {:>14} {:>14} {}",
-                                i.title,
-                                i.plain_len,
-                                i.archive_len,
-                                if i.advert { "yes" } else { "no" }
-                            );
+                            if json {
+                                let line = serde_json::json!({
+                                    "title": i.title,
+                                    "plain_bytes": i.plain_len,
+                                    "archive_bytes": i.archive_len,
+                                    "advert": i.advert,
+                                    "server": server.to_string(),
+                                });
+                                println!("{line}");
+                            } else {
+                                println!(
+                                    "{:<24} {:>14} {:>14} {}",
+                                    i.title,
+                                    human::bytes(i.plain_len),
+                                    human::bytes(i.archive_len),
+                                    if i.advert { "yes" } else { "no" }
+                                );
+                            }
                         }
                         if !more || items.is_empty() {
                             return Ok(());
@@ -565,20 +626,112 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 }
             }
         }
-        Cmd::Stats { server } => {
-            let mut c = ControlClient::new(resolve(&server)?, rand::random())?;
-            match c.request(Control::StatsRequest, 5, Duration::from_millis(400))? {
-                Control::StatsReply { json } => {
-                    println!("{json}");
-                    Ok(())
+        Cmd::List { dir, verify, json } => {
+            let items = mcast_recv::list::scan(&dir, verify)
+                .map_err(|e| RecvError::io("cannot list", &dir, e))?;
+            if json || !std::io::stdout().is_terminal() {
+                for h in &items {
+                    println!("{}", serde_json::to_string(h).unwrap());
                 }
-                other => Err(RecvError::new(
-                    Failure::Other,
-                    format!("unexpected reply: {other:?}"),
+            } else if items.is_empty() {
+                println!("{}: no titles (complete or partial)", dir.display());
+            } else {
+                print!("{}", mcast_recv::list::table(&items));
+            }
+            match items.iter().any(|h| h.verified.starts_with("FAILED")) {
+                true => Err(RecvError::new(
+                    Failure::Integrity,
+                    "an archive failed its check (see VERIFIED): fetch it again",
                 )),
+                false => Ok(()),
             }
         }
+        Cmd::Stats {
+            server,
+            director,
+            json,
+        } => {
+            // A director answers stats itself; the first one that answers is shown.
+            let targets = match resolve_directors(&director)? {
+                d if d.is_empty() => vec![resolve(&server)?],
+                d => d,
+            };
+            let mut last = None;
+            for t in targets {
+                let reply = ControlClient::new(t, rand::random()).and_then(|mut c| {
+                    c.request(Control::StatsRequest, 5, Duration::from_millis(400))
+                });
+                match reply {
+                    Ok(Control::StatsReply { json: doc }) => {
+                        if json || !std::io::stdout().is_terminal() {
+                            println!("{doc}");
+                        } else {
+                            let v: serde_json::Value = serde_json::from_str(&doc).map_err(|e| {
+                                RecvError::new(
+                                    Failure::Other,
+                                    format!("stats from {t} are not JSON: {e}"),
+                                )
+                            })?;
+                            println!("# stats of {t}");
+                            print!("{}", human::render(&v));
+                        }
+                        return Ok(());
+                    }
+                    Ok(Control::Error { message, .. }) => {
+                        last = Some(RecvError::new(Failure::Other, format!("{t}: {message}")))
+                    }
+                    Ok(other) => {
+                        last = Some(RecvError::new(
+                            Failure::Other,
+                            format!("{t}: unexpected reply: {other:?}"),
+                        ))
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last
+                .unwrap_or_else(|| RecvError::new(Failure::Usage, "no server or director given")))
+        }
     }
+}
+
+/// `--dir`, or the deprecated `--output`/`-o` of `get` and `batch` (a directory there, a
+/// file everywhere else).
+fn old_dir_flag(dir: PathBuf, output: Option<PathBuf>) -> PathBuf {
+    match output {
+        Some(o) => {
+            args::deprecated("`-o/--output DIR` for the download directory: use `-d/--dir DIR`");
+            o
+        }
+        None => dir,
+    }
+}
+
+/// `--director A,B` as addresses (empty entries skipped).
+fn resolve_directors(director: &[String]) -> Result<Vec<SocketAddr>, RecvError> {
+    director
+        .iter()
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| resolve(d.trim()))
+        .collect()
+}
+
+/// `--server`, or with `--director` a healthy server a director picks (any title).
+fn server_or_routed(server: &str, director: &[String]) -> Result<SocketAddr, RecvError> {
+    let directors = resolve_directors(director)?;
+    if directors.is_empty() {
+        return resolve(server);
+    }
+    let mut dc = mcast_recv::failover::DirectorClient::new(directors)?;
+    let stop = AtomicBool::new(false);
+    let s = dc.route(
+        "",
+        &mut Vec::new(),
+        std::time::Instant::now() + Duration::from_secs(5),
+        &stop,
+    )?;
+    tracing::info!(server = %s, "director picked a server");
+    Ok(s)
 }
 
 fn main() -> ExitCode {
@@ -589,6 +742,11 @@ fn main() -> ExitCode {
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A batch that left titles for the next window did its job: no "error".
+        Err(e) if e.kind == Failure::Left => {
+            eprintln!("mcast-recv: {}", e.message);
+            ExitCode::from(e.kind as u8)
+        }
         Err(e) => {
             eprintln!("mcast-recv: error: {}", e.message);
             ExitCode::from(e.kind as u8)

@@ -150,7 +150,12 @@ impl Entry {
     }
 
     /// `None` if it does not hold `title`, else whether a loop of it runs (or is about to).
+    /// Every server "holds" the empty title: `mcast-recv catalog --director` asks for any
+    /// healthy server that way (and opens no loop there).
     fn holds(&self, title: &str, now: Instant) -> Option<bool> {
+        if title.is_empty() {
+            return Some(true);
+        }
         let routed = self.routed_titles.get(title).is_some_and(|t| {
             now < *t + Duration::from_millis(self.hb.interval_ms as u64) * ROUTED_LOOPING_INTERVALS
         });
@@ -399,7 +404,10 @@ impl Director {
             self.counters.routes_not_found += 1;
             return Err((
                 NoRoute::NotFound,
-                format!("no server known to this director holds {title:?}"),
+                match title {
+                    "" => "this director has heard no server yet".to_string(),
+                    t => format!("no server known to this director holds {t:?}"),
+                },
             ));
         }
         let usable: Vec<&(&SocketAddr, &Entry, bool)> = holders
@@ -421,7 +429,9 @@ impl Director {
                 e.routed_total += 1;
                 e.routed_titles
                     .retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(60));
-                e.routed_titles.insert(title.to_string(), now);
+                if !title.is_empty() {
+                    e.routed_titles.insert(title.to_string(), now);
+                }
                 self.counters.routes_ok += 1;
                 Ok(addr)
             }
@@ -682,6 +692,24 @@ mod tests {
 
     fn route(d: &mut Director, now: Instant, title: &str) -> Result<SocketAddr, NoRoute> {
         d.route(now, title, 0, &[]).map_err(|e| e.0)
+    }
+
+    /// The empty title asks for any up and online server (the receiver's `catalog
+    /// --director`): it is answered while any server is, opens no loop, and skips a server
+    /// that is draining.
+    #[test]
+    fn the_empty_title_routes_to_any_online_server() {
+        let t = Instant::now();
+        let mut d = Director::new(params());
+        assert_eq!(route(&mut d, t, ""), Err(NoRoute::NotFound));
+        let mut draining = hb(1, 1, &["a"]);
+        draining.state = ServerState::Draining;
+        feed(&mut d, t, &draining);
+        assert_eq!(route(&mut d, t, ""), Err(NoRoute::NoHealthyServer));
+        feed(&mut d, t, &hb(2, 1, &[]));
+        assert_eq!(route(&mut d, t, ""), Ok(addr(2)));
+        assert!(d.servers[&addr(2)].routed_titles.is_empty());
+        assert_eq!(d.servers[&addr(2)].routed_since, 0);
     }
 
     #[test]

@@ -226,18 +226,18 @@ impl Site {
         self.path(name)
     }
 
-    /// `mcast-recv get TITLE --server CONTROL -o DIR [extra]` (`--timeout 60` unless given).
+    /// `mcast-recv get TITLE --server CONTROL --dir DIR [extra]` (`--timeout 60s` unless given).
     pub fn get(&self, title: &str, out: &Path, extra: &[&str]) -> Receiver {
         let mut cmd = Command::new(recv_bin());
         cmd.arg("get")
             .arg(title)
             .arg("--server")
             .arg(self.control.to_string())
-            .arg("-o")
+            .arg("--dir")
             .arg(out)
             .args(extra);
         if !extra.contains(&"--timeout") {
-            cmd.args(["--timeout", "60"]);
+            cmd.args(["--timeout", "60s"]);
         }
         Receiver::spawn(cmd, out, title, false)
     }
