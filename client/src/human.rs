@@ -55,6 +55,7 @@ fn walk(path: &str, v: &Value, lines: &mut Vec<String>, tables: &mut Vec<String>
         Value::Array(a) if a.iter().all(Value::is_object) && !a.is_empty() => {
             tables.push(table(path, a));
         }
+        Value::Array(a) if a.is_empty() => lines.push(format!("{path}=(none)")),
         Value::Array(a) => {
             let items: Vec<String> = a.iter().map(scalar).collect();
             lines.push(format!("{path}={}", items.join(",")));
@@ -132,12 +133,14 @@ mod tests {
             "draining": false,
             "channels": [{"group": "239.1.0.1:7700", "title": "film", "members": 2},
                          {"group": "239.1.0.2:7700", "title": "show", "members": 10}],
-            "tiers": [1, 2]
+            "tiers": [1, 2],
+            "idle": []
         });
         let s = render(&v);
         assert!(s.contains("counters.naks_received=3\n"), "{s}");
         assert!(s.contains("draining=false\n"), "{s}");
         assert!(s.contains("tiers=1,2\n"), "{s}");
+        assert!(s.contains("idle=(none)\n"), "{s}");
         assert!(s.contains("channels:\n"), "{s}");
         // Columns line up: every row starts its second column at the same place.
         let rows: Vec<&str> = s
