@@ -210,6 +210,18 @@ enum Cmd {
         #[arg(long, short, default_value = "127.0.0.1:7600")]
         server: String,
     },
+    /// Print the shell completion script for SHELL to stdout (bash, zsh, fish, elvish,
+    /// powershell).
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: mcast_io::cli_docs::Shell,
+    },
+    /// Write the manual pages into DIR (packaging).
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// `--iface`: an address, an interface name, or "auto" (the interface of the route toward
@@ -577,6 +589,16 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                     format!("unexpected reply: {other:?}"),
                 )),
             }
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            mcast_io::cli_docs::completions(Cli::command(), shell, &mut std::io::stdout().lock());
+            Ok(())
+        }
+        Cmd::Man { dir } => {
+            use clap::CommandFactory;
+            mcast_io::cli_docs::man_command(Cli::command(), &dir)
+                .map_err(|e| RecvError::new(Failure::Other, e))
         }
     }
 }
