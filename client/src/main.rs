@@ -210,8 +210,7 @@ enum Cmd {
         #[arg(long, short, default_value = "127.0.0.1:7600")]
         server: String,
     },
-    /// Print the shell completion script for SHELL to stdout (bash, zsh, fish, elvish,
-    /// powershell).
+    /// Print the shell completion script for SHELL to stdout.
     Completions {
         #[arg(value_name = "SHELL")]
         shell: mcast_io::cli_docs::Shell,

@@ -91,7 +91,7 @@ mod tests {
             completions(demo(), shell, &mut out);
             let text = String::from_utf8(out).unwrap();
             assert!(
-                text.contains("ticket") && text.contains("--config"),
+                text.contains("ticket") && text.contains("config"),
                 "{shell}: {text}"
             );
         }

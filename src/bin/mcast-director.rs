@@ -64,8 +64,7 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Print the shell completion script for SHELL to stdout (bash, zsh, fish, elvish,
-    /// powershell). Reads no config.
+    /// Print the shell completion script for SHELL to stdout (reads no config).
     Completions {
         #[arg(value_name = "SHELL")]
         shell: mcast::cli_docs::Shell,

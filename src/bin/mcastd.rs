@@ -115,9 +115,10 @@ enum Cmd {
     /// Play tickets: issue, revoke and list (the validation database is [tickets] db).
     #[command(subcommand)]
     Ticket(TicketCmd),
-    /// Print the shell completion script for SHELL to stdout, e.g.
-    /// `mcastd completions bash > ~/.local/share/bash-completion/completions/mcastd`
-    /// (the Debian package installs them for bash, zsh and fish). Reads no config.
+    /// Print the shell completion script for SHELL to stdout (reads no config).
+    ///
+    /// E.g. `mcastd completions bash > ~/.local/share/bash-completion/completions/mcastd`;
+    /// the Debian package installs them for bash, zsh and fish.
     Completions {
         #[arg(value_name = "SHELL")]
         shell: mcast::cli_docs::Shell,
