@@ -103,7 +103,7 @@ fn last_status(seen: &[Vec<String>]) -> String {
     seen.iter()
         .flatten()
         .filter_map(|l| l.strip_prefix("STATUS="))
-        .last()
+        .next_back()
         .expect("a STATUS= line")
         .to_string()
 }
