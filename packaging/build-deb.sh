@@ -41,7 +41,9 @@ for b in "${bins[@]}"; do
 done
 
 # --no-strip: the binaries are already built with their debug info split out (profile.release
-# strip = "debuginfo"); they keep their symbols for backtraces, as README says.
+# strip = "debuginfo"); they keep their symbols for backtraces, as README says. cargo-deb
+# warns that split-debuginfo is "not supported": it means it will not package the .dwp files,
+# which is intended.
 args=(-p mcast --no-build --no-strip)
 if [ -n "${MCAST_DEB_OUTPUT:-}" ]; then args+=(--output "$MCAST_DEB_OUTPUT"); fi
 if [ "${MCAST_DEB_FAST:-0}" = 1 ]; then args+=(--fast); fi
