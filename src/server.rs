@@ -467,12 +467,12 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 fn status(mgr: &ChannelManager) -> String {
     let c = mgr.counters();
     format!(
-        "{} titles, {} channels open{}; {} joins, {} completed",
+        "titles: {}, open channels: {}, joins: {}, completed: {}{}",
         mgr.title_names().count(),
         mgr.open_channels(),
-        if mgr.is_draining() { " (draining)" } else { "" },
         c.joins,
-        c.completions
+        c.completions,
+        if mgr.is_draining() { " (draining)" } else { "" }
     )
 }
 

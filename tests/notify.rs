@@ -159,7 +159,7 @@ fn mcastd_notifies_ready_watchdog_status_stopping() {
         .count();
     assert_eq!(readies, 1, "{:?}", mgr.seen);
     let status = last_status(&mgr.seen);
-    assert!(status.contains("1 titles"), "{status}");
+    assert!(status.contains("titles: 1,"), "{status}");
     assert!(!has(&mgr.seen, "STOPPING=1"), "{:?}", mgr.seen);
     sigterm(&srv);
     mgr.until("STOPPING=1", &mut srv, |s| has(s, "STOPPING=1"));
@@ -205,7 +205,7 @@ fn director_notifies_ready_watchdog_stopping() {
         after_ready(s, "WATCHDOG=1") >= 2
     });
     let status = last_status(&mgr.seen);
-    assert!(status.contains("0 servers up"), "{status}");
+    assert!(status.contains("servers up: 0,"), "{status}");
     sigterm(&d);
     mgr.until("STOPPING=1", &mut d, |s| has(s, "STOPPING=1"));
     let st = d

@@ -290,7 +290,7 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
 fn status(dir: &Director) -> String {
     let c = dir.counters();
     format!(
-        "{} servers up; {} requests routed, {} heartbeats accepted",
+        "servers up: {}, requests routed: {}, heartbeats accepted: {}",
         dir.up_servers().len(),
         c.routes_ok,
         c.heartbeats_accepted
