@@ -25,7 +25,7 @@ pub mod ticket;
 pub mod ticketadmin;
 pub mod unreachable;
 
-pub use mcast_io::{dscp, fastio, fsutil, iface, multicast, process};
+pub use mcast_io::{cli_docs, dscp, fastio, fsutil, iface, multicast, process, systemd};
 pub mod sim;
 
 pub use mcast_proto::{

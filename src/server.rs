@@ -311,8 +311,12 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut extras = crate::archive::extras::ExtraCache::default();
     let mut send_errors = 0u64;
     let mut unvalidated_unsent = 0u64;
+    // systemd (Type=notify): ready now that every socket is bound; watchdog pings from the loop.
+    let mut notify = crate::systemd::Notifier::from_env();
+    notify.ready(Instant::now(), &status(&mgr));
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
+        notify.tick(now, || status(&mgr));
         for _ in 0..256 {
             match ctrl.recv_from(&mut buf) {
                 Ok((n, from)) => {
@@ -419,7 +423,10 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 beats
                     .poll_timeout()
                     .saturating_duration_since(Instant::now()),
-            );
+            )
+            .min(notify.poll_timeout().map_or(Duration::MAX, |t| {
+                t.saturating_duration_since(Instant::now())
+            }));
         if wait > Duration::ZERO {
             // ppoll takes a nanosecond timeout: paced sends at high rates wake on time rather
             // than on poll's millisecond grid (timer slack is set low at start-up).
@@ -449,10 +456,24 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
         }
     }
+    notify.stopping(&format!("stopping; {}", status(&mgr)));
     beats.stopping(&mgr, &ctrl);
     let counters = serde_json::to_string(mgr.counters()).unwrap_or_default();
     tracing::info!(%counters, unvalidated_unsent, "mcastd stopping");
     Ok(())
+}
+
+/// The one-line `STATUS=` systemd shows for the server (`systemctl status mcastd`).
+fn status(mgr: &ChannelManager) -> String {
+    let c = mgr.counters();
+    format!(
+        "titles: {}, open channels: {}, joins: {}, completed: {}{}",
+        mgr.title_names().count(),
+        mgr.open_channels(),
+        c.joins,
+        c.completions,
+        if mgr.is_draining() { " (draining)" } else { "" }
+    )
 }
 
 /// Apply the schedule's due open/close actions to the channels.

@@ -711,3 +711,57 @@ fn log_filters_are_checked_and_pipes_get_no_colour() {
         "colour codes on a pipe: {out:#?}"
     );
 }
+
+/// `completions SHELL` and the hidden `man DIR` (the Debian package's completions and manual
+/// pages) of every program work without a config, even with a broken one named.
+#[test]
+fn completions_and_man_pages_need_no_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.toml");
+    fs::write(&broken, "[server\n").unwrap();
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_mcastd"));
+    for (name, path) in [
+        ("mcastd", bin.clone()),
+        (
+            "mcast-director",
+            PathBuf::from(env!("CARGO_BIN_EXE_mcast-director")),
+        ),
+        ("mcast-recv", bin.with_file_name("mcast-recv")),
+    ] {
+        let cmd = |args: &[&str]| {
+            let mut c = Command::new(&path);
+            c.args(args).env_remove("RUST_LOG");
+            if name != "mcast-recv" {
+                c.arg("--config").arg(&broken);
+            }
+            run(c)
+        };
+        for shell in ["bash", "zsh", "fish"] {
+            let o = cmd(&["completions", shell]).ok();
+            assert!(
+                o.stdout.contains(name) && o.stdout.contains("completions"),
+                "{name} completions {shell}: {o:?}"
+            );
+        }
+        cmd(&["completions", "tcsh"]).failed(EXIT_USAGE);
+        let man = dir.path().join(format!("man-{name}"));
+        let o = cmd(&["man", man.to_str().unwrap()]).ok();
+        let page = fs::read_to_string(man.join(format!("{name}.1"))).unwrap();
+        assert!(
+            page.contains(".TH") && page.contains("completions"),
+            "{page}"
+        );
+        assert!(o.stdout.contains(&format!("{name}.1")), "{o:?}");
+        // One page per visible subcommand, none for the hidden `man`.
+        assert!(man.join(format!("{name}-completions.1")).exists());
+        assert!(!man.join(format!("{name}-man.1")).exists());
+        // `man` is not advertised in --help.
+        let help = cmd(&["--help"]).ok();
+        assert!(!help.stdout.contains("\n  man "), "{}", help.stdout);
+        // An unwritable place is a failure naming it.
+        cmd(&["man", broken.join("x").to_str().unwrap()])
+            .failed(EXIT_FAILURE)
+            .stderr_has(&["broken.toml", "writable"]);
+    }
+    assert!(fs::metadata(dir.path().join("man-mcastd/mcastd-ticket-issue.1")).is_ok());
+}

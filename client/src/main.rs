@@ -252,6 +252,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the shell completion script for SHELL to stdout.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: mcast_io::cli_docs::Shell,
+    },
+    /// Write the manual pages into DIR (packaging).
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// `--iface`: an address, an interface name, or "auto" (the interface of the route toward
@@ -691,6 +702,16 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             }
             Err(last
                 .unwrap_or_else(|| RecvError::new(Failure::Usage, "no server or director given")))
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            mcast_io::cli_docs::completions(Cli::command(), shell, &mut std::io::stdout().lock());
+            Ok(())
+        }
+        Cmd::Man { dir } => {
+            use clap::CommandFactory;
+            mcast_io::cli_docs::man_command(Cli::command(), &dir)
+                .map_err(|e| RecvError::new(Failure::Other, e))
         }
     }
 }

@@ -3,9 +3,11 @@
 //! files on disk, signals and logging. No protocol decisions live here (`mcast-proto`).
 
 pub mod archive;
+pub mod cli_docs;
 pub mod dscp;
 pub mod fastio;
 pub mod fsutil;
 pub mod iface;
 pub mod multicast;
 pub mod process;
+pub mod systemd;

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use mcast::config::DirectorConfig;
 use mcast::director::{Director, Event, Params};
 
@@ -64,10 +64,38 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Print the shell completion script for SHELL to stdout (reads no config).
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: mcast::cli_docs::Shell,
+    },
+    /// Write the manual pages into DIR (packaging).
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Completions and manual pages need no config (they are made at packaging time).
+    match &cli.cmd {
+        Some(Cmd::Completions { shell }) => {
+            mcast::cli_docs::completions(Cli::command(), *shell, &mut std::io::stdout().lock());
+            return ExitCode::SUCCESS;
+        }
+        Some(Cmd::Man { dir }) => {
+            return match mcast::cli_docs::man_command(Cli::command(), dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mcast-director: error: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
+        _ => {}
+    }
     let cfg = match DirectorConfig::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -83,6 +111,9 @@ fn main() -> ExitCode {
     let r = match cli.cmd.unwrap_or(Cmd::Serve) {
         Cmd::Serve => serve(&cfg),
         Cmd::Genkey { output, force } => genkey(&output, force),
+        Cmd::Completions { .. } | Cmd::Man { .. } => {
+            unreachable!("handled before the config is loaded")
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -186,8 +217,12 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
     tracing::info!(listen = %sock.local_addr()?, down_after = d.down_after, "mcast-director serving");
     let mut buf = vec![0u8; 65_536];
     let mut rejected_logged = 0u64;
+    // systemd (Type=notify): ready once the socket is bound; watchdog pings from this loop.
+    let mut notify = mcast::systemd::Notifier::from_env();
+    notify.ready(Instant::now(), &status(&dir));
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
+        notify.tick(now, || status(&dir));
         dir.handle_timeout(now);
         while let Some(ev) = dir.poll_event() {
             match ev {
@@ -222,6 +257,9 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
         }
         let wait = dir
             .poll_timeout()
+            .into_iter()
+            .chain(notify.poll_timeout())
+            .min()
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_millis(200))
             .clamp(Duration::from_millis(1), Duration::from_millis(200));
@@ -242,7 +280,19 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
             Err(e) => tracing::debug!(error = %e, "recv"),
         }
     }
+    notify.stopping(&format!("stopping; {}", status(&dir)));
     let counters = serde_json::to_string(dir.counters()).unwrap_or_default();
     tracing::info!(%counters, "mcast-director stopping");
     Ok(())
+}
+
+/// The one-line `STATUS=` systemd shows for the director.
+fn status(dir: &Director) -> String {
+    let c = dir.counters();
+    format!(
+        "servers up: {}, requests routed: {}, heartbeats accepted: {}",
+        dir.up_servers().len(),
+        c.routes_ok,
+        c.heartbeats_accepted
+    )
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use mcast::archive::{self, ArchiveError, ArchiveFile, CompressMode, PackOptions};
 use mcast::config::Config;
 use mcast_keys::{Cipher, KeyStore};
@@ -115,6 +115,20 @@ enum Cmd {
     /// Play tickets: issue, revoke and list (the validation database is [tickets] db).
     #[command(subcommand)]
     Ticket(TicketCmd),
+    /// Print the shell completion script for SHELL to stdout (reads no config).
+    ///
+    /// E.g. `mcastd completions bash > ~/.local/share/bash-completion/completions/mcastd`;
+    /// the Debian package installs them for bash, zsh and fish.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: mcast::cli_docs::Shell,
+    },
+    /// Write the manual pages (mcastd.1 and one per subcommand) into DIR (packaging).
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -151,6 +165,23 @@ enum TicketCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Completions and manual pages need no config (they are made at packaging time).
+    match &cli.cmd {
+        Some(Cmd::Completions { shell }) => {
+            mcast::cli_docs::completions(Cli::command(), *shell, &mut std::io::stdout().lock());
+            return ExitCode::SUCCESS;
+        }
+        Some(Cmd::Man { dir }) => {
+            return match mcast::cli_docs::man_command(Cli::command(), dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mcastd: error: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
+        _ => {}
+    }
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -348,6 +379,9 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Ticket(t) => run_ticket(t, cfg),
+        Cmd::Completions { .. } | Cmd::Man { .. } => {
+            unreachable!("handled in main before the config is loaded")
+        }
         Cmd::Catalog { json } => {
             let dir = &cfg.store.archive_dir;
             let entries = mcast::catalog::scan(dir).with_context(|| {
