@@ -106,6 +106,9 @@ enum Cmd {
         /// TTL of the NAKs multicast to the group, 1..=255 (1: this subnet only).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
         nak_ttl: u32,
+        /// Do not fetch the adverts the server lists for the title (`batch` fetches them itself).
+        #[arg(long)]
+        no_adverts: bool,
     },
     /// Fetch a list of titles unattended (overnight pre-load): skips titles already complete,
     /// resumes partial ones, runs up to --concurrency `get`s at once, stops at the window's end
@@ -182,9 +185,10 @@ enum Cmd {
     Play {
         /// Title to play (DIR/<title>.mca must be complete: see `get`).
         title: String,
-        /// Ticket file from `mcastd ticket issue`.
+        /// Ticket file from `mcastd ticket issue` (encrypted titles only: adverts and plug-ins
+        /// play without one).
         #[arg(long)]
-        ticket: PathBuf,
+        ticket: Option<PathBuf>,
         /// Directory holding <title>.mca.
         #[arg(long, short, default_value = ".")]
         dir: PathBuf,
@@ -280,7 +284,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                     "refusing to write media to a terminal: give -o FILE, or pipe into a player (| mpv -)",
                 ));
             }
-            let mut o = PlayOptions::new(resolve(&server)?, &title, &ticket, out);
+            let mut o = PlayOptions::new(resolve(&server)?, &title, ticket.as_deref(), out);
             o.dir = dir;
             o.server_key = server_key.as_deref().map(parse_server_key).transpose()?;
             o.verify_packets = verify_packets;
@@ -291,10 +295,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             let line = if json {
                 serde_json::to_string(&r).unwrap()
             } else {
-                format!(
-                    "{}: played with ticket {} -> {} ({} bytes, {} frames authenticated, {:.0} MB/s)",
-                    r.title, r.ticket_id, r.output, r.bytes, r.frames, r.mb_per_s
-                )
+                r.summary()
             };
             if to_stdout {
                 eprintln!("{line}");
@@ -320,6 +321,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             resume_at_gap,
             dscp,
             nak_ttl,
+            no_adverts,
         } => {
             let directors = director
                 .iter()
@@ -410,7 +412,10 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 }
                 return Ok(());
             }
-            let r = get(&o, stop).map_err(stopped)?;
+            let r = get(&o, stop.clone()).map_err(stopped)?;
+            if !no_adverts {
+                mcast_recv::adverts::fetch_for(&o, stop);
+            }
             if o.json {
                 println!("{}", serde_json::to_string(&r).unwrap());
             } else {
@@ -534,7 +539,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
         Cmd::Catalog { server } => {
             let mut c = ControlClient::new(resolve(&server)?, rand::random())?;
             let mut start = 0u16;
-            println!("{:<24} {:>14} {:>14} ADVERT", "TITLE", "PLAIN", "ARCHIVE");
+            println!("{}", mcast_recv::adverts::catalog_header());
             loop {
                 match c.request(
                     Control::CatalogRequest { start },
@@ -543,13 +548,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 )? {
                     Control::CatalogReply { items, more } => {
                         for i in &items {
-                            println!(
-                                "{:<24} {:>14} {:>14} {}",
-                                i.title,
-                                i.plain_len,
-                                i.archive_len,
-                                if i.advert { "yes" } else { "no" }
-                            );
+                            println!("{}", mcast_recv::adverts::catalog_line(i));
                         }
                         if !more || items.is_empty() {
                             return Ok(());

@@ -145,12 +145,17 @@ fn control_seeds(o: &Out) {
                     plain_len: 1000,
                     archive_len: 1200,
                     advert: false,
+                    watermark: "owner".into(),
+                    ..Default::default()
                 },
                 CatalogItem {
                     title: "trailer".into(),
                     plain_len: 10,
                     archive_len: 20,
                     advert: true,
+                    trailer: true,
+                    advert_for: vec!["film".into()],
+                    ..Default::default()
                 },
             ],
             more: true,
