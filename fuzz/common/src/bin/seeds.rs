@@ -413,10 +413,18 @@ fn packed(
     opts.cipher = cipher;
     opts.compress = compress;
     opts.advert = advert;
+    // Version-4 heads: an advert associated with titles, a plug-in.
+    if title == "advert-assoc" {
+        opts.advert_for = vec!["film".into(), "film-2".into()];
+        opts.placement = mcast::archive::head::Placement::Trailer;
+    }
+    if title == "plugin" {
+        opts.plugin = true;
+    }
     opts.frame_size = 1024;
     opts.symbol_size = 256;
     let r = pack(&input, &archives, &keys, &opts, &mut |_| {}).unwrap();
-    let key = if advert {
+    let key = if advert || opts.plugin {
         [0; 32]
     } else {
         *keys
@@ -444,6 +452,8 @@ fn archive_and_head_seeds(o: &Out, tmp: &Path) {
             4,
         ),
         ("advert", Cipher::None, CompressMode::Auto, true, 2),
+        ("advert-assoc", Cipher::None, CompressMode::Auto, true, 2),
+        ("plugin", Cipher::None, CompressMode::None, false, 2),
     ];
     for (name, cipher, compress, advert, flags) in cases {
         let (file, key) = packed(tmp, name, cipher, compress, advert);
