@@ -46,7 +46,14 @@ pub struct TicketService {
     trusted: PublicIdentity,
     retry_secs: u64,
     refusals: RefusalLog,
+    /// Audit rows for requests that use no play (refusals of genuine tickets, repeated
+    /// grants, errors): at most [`AUDIT_PER_MINUTE`], so retries cannot grow the database
+    /// without bound. Grants that use a play are always recorded.
+    audit_budget: (u64, u32),
 }
+
+/// Audit rows a minute for requests that use no play (see `TicketService::audit_budget`).
+pub const AUDIT_PER_MINUTE: u32 = 600;
 
 /// Refusals are logged at most [`RefusalLog::PER_MINUTE`] a minute, then summed up: each one
 /// is a request from a proven address, but a client retrying a used-up ticket, or a
@@ -87,6 +94,22 @@ impl RefusalLog {
 }
 
 impl TicketService {
+    /// Whether another audit row for a request that used no play fits this minute.
+    fn audit_admit(&mut self, now_unix: u64) -> bool {
+        let minute = now_unix / 60;
+        if self.audit_budget.0 != minute {
+            self.audit_budget = (minute, 0);
+        }
+        self.audit_budget.1 = self.audit_budget.1.saturating_add(1);
+        if self.audit_budget.1 == AUDIT_PER_MINUTE + 1 {
+            tracing::warn!(
+                limit = AUDIT_PER_MINUTE,
+                "play requests that use no play beyond this a minute are not recorded in the audit log"
+            );
+        }
+        self.audit_budget.1 <= AUDIT_PER_MINUTE
+    }
+
     /// Open the ticket database at `db_path`, with the database key from `keys`.
     pub fn open(
         db_path: &Path,
@@ -104,6 +127,7 @@ impl TicketService {
             trusted,
             retry_secs,
             refusals: RefusalLog::default(),
+            audit_budget: (0, 0),
         })
     }
 
@@ -123,6 +147,7 @@ impl TicketService {
             trusted,
             retry_secs: cfg.retry_secs,
             refusals: RefusalLog::default(),
+            audit_budget: (0, 0),
         })
     }
 
@@ -189,14 +214,14 @@ impl TicketService {
                     sealed_part: g.sealed,
                     signature: g.signature,
                 };
-                (reply, true)
+                (reply, !g.repeated || self.audit_admit(now_unix))
             }
             Err(PlayError::Refused(r)) => {
                 entry.outcome = "refused".into();
                 entry.reason = r.to_string();
-                // Tickets we signed are recorded every time; forged or undecodable ones (anyone
-                // can send those) only as often as they are logged, so a flood cannot fill the
-                // database.
+                // Tickets we signed are recorded up to the audit budget; forged or undecodable
+                // ones (anyone can send those) only as often as they are logged, so a flood
+                // cannot fill the database.
                 let ours = !matches!(
                     r,
                     Refusal::Malformed(_) | Refusal::BadSignature | Refusal::OtherServer { .. }
@@ -211,7 +236,14 @@ impl TicketService {
                     code: ErrorCode::TicketRefused,
                     message: r.to_string(),
                 };
-                (reply, ours || logged)
+                (
+                    reply,
+                    if ours {
+                        self.audit_admit(now_unix)
+                    } else {
+                        logged
+                    },
+                )
             }
             Err(PlayError::Internal(e)) => {
                 tracing::error!(%from, title, error = %format!("{e:#}"), "play request failed");
@@ -221,7 +253,7 @@ impl TicketService {
                     code: ErrorCode::Busy,
                     message: "the server's ticket database is unavailable; try again later".into(),
                 };
-                (reply, self.refusals.admit(now_unix))
+                (reply, self.audit_admit(now_unix))
             }
         };
         if record {
