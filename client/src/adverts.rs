@@ -153,7 +153,7 @@ pub struct AdvertFetch {
 /// directory (skipping those already complete), and check each one's signed head. Failures
 /// are reported, never fatal: the title itself is on disk.
 pub fn fetch_for(o: &GetOptions, stop: Arc<AtomicBool>) -> Vec<AdvertFetch> {
-    let items = match catalog(o.server, 3, Duration::from_millis(400)) {
+    let items = match catalog(o.server, 2, Duration::from_millis(300)) {
         Ok(i) => i,
         Err(e) => {
             tracing::warn!(title = %o.title, error = %e.message, "cannot read the catalogue: adverts not fetched");
