@@ -19,6 +19,11 @@ pub struct CatalogEntry {
     /// plaintext bytes / stored frame bytes (1.00 = nothing saved).
     pub ratio: f64,
     pub advert: bool,
+    /// A plug-in/codec archive.
+    pub plugin: bool,
+    /// Titles the advert plays with, and where (`leader`/`trailer`).
+    pub advert_for: Vec<String>,
+    pub placement: String,
     pub watermark: String,
     pub signed_by: String,
     pub packets_per_loop: u64,
@@ -49,6 +54,13 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<CatalogEntry>> {
                         h.plain_len as f64 / h.data_len as f64
                     },
                     advert: h.advert,
+                    plugin: h.plugin,
+                    advert_for: h.advert_for.clone(),
+                    placement: if h.advert_for.is_empty() {
+                        String::new()
+                    } else {
+                        h.placement.name().into()
+                    },
                     watermark: h.watermark.clone(),
                     signed_by: h.server_key.fingerprint(),
                     packets_per_loop: h.loop_packets(),
@@ -68,6 +80,9 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<CatalogEntry>> {
                 compression: String::new(),
                 ratio: 0.0,
                 advert: false,
+                plugin: false,
+                advert_for: Vec::new(),
+                placement: String::new(),
                 watermark: String::new(),
                 signed_by: String::new(),
                 packets_per_loop: 0,

@@ -76,8 +76,13 @@ pub fn issue(
         )
     })?;
     a.verify_signature(&identity.public())?;
-    if a.head.advert {
-        bail!("title {title:?} is an unencrypted advertisement: it plays without a ticket");
+    if a.head.advert || a.head.plugin {
+        let what = if a.head.plugin {
+            "plug-in"
+        } else {
+            "advertisement"
+        };
+        bail!("title {title:?} is an unencrypted {what}: it plays without a ticket");
     }
     let master = ks.title_key(title, &a.head.archive_id)?;
     if master.key_id(&a.head.archive_id) != a.head.key_id {
@@ -175,6 +180,15 @@ pub fn revoke(cfg: &Config, id: &str, now_unix: u64) -> anyhow::Result<Revoked> 
 /// Every ticket in the database.
 pub fn list(cfg: &Config) -> anyhow::Result<Vec<TicketRow>> {
     Ok(open_store(&cfg.tickets)?.list()?)
+}
+
+/// The last `limit` play requests in the audit log (of `title`), oldest first.
+pub fn audit(
+    cfg: &Config,
+    title: Option<&str>,
+    limit: u32,
+) -> anyhow::Result<Vec<crate::ticket::AuditEntry>> {
+    Ok(open_store(&cfg.tickets)?.audit_list(title, limit)?)
 }
 
 #[cfg(test)]

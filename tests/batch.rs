@@ -539,3 +539,45 @@ fn disk_full_stops_cleanly_and_next_run_continues() {
         assert_identical(&host.join("after2").join(format!("{n}.mca")), a);
     }
 }
+
+/// 4. A batch pre-loads each listed title's adverts (as the server's catalogue names them)
+///    with it, and reports them as titles of their own; adverts of other titles stay away.
+#[test]
+fn batch_preloads_the_adverts_of_its_titles() {
+    let site = Site::new(63, "");
+    site.pack("film", 200 * KB, 630);
+    let pack_advert = |title: &str, extra: &[&str]| {
+        let input = site.path(&format!("{title}.media"));
+        fs::write(&input, random_bytes(20 * KB, 631)).unwrap();
+        let out = Command::new(mcastd_bin())
+            .arg("--config")
+            .arg(&site.cfg)
+            .args(["pack", "--advert", "--title", title])
+            .args(extra)
+            .arg(&input)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run mcastd pack");
+        assert!(out.status.success(), "pack failed: {out:?}");
+    };
+    pack_advert("ad-1", &["--for", "film", "--trailer"]);
+    pack_advert("ad-2", &["--for", "other"]);
+    let _srv = site.serve();
+    let out = site.out_dir("shelf");
+    let list = site.path("list.txt");
+    fs::write(&list, "film\n").unwrap();
+    let (code, r, log) = batch(
+        site.control,
+        &list,
+        &out,
+        &site.path("r.json"),
+        &[],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, 0, "{log}\n{r:#}");
+    assert_eq!(title(&r, "film")["status"], "done", "{r:#}");
+    assert_eq!(title(&r, "ad-1")["status"], "done", "{r:#}");
+    assert!(mcast::archive::archive_path(&out, "ad-1").exists());
+    assert!(!mcast::archive::archive_path(&out, "ad-2").exists());
+    assert_eq!(r["titles"].as_array().unwrap().len(), 2, "{r:#}");
+}

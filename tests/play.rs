@@ -144,11 +144,44 @@ impl Site {
 
     /// Pack `data` as `title`; returns the input file (kept to compare with).
     fn pack(&self, title: &str, data: &[u8]) -> PathBuf {
+        self.pack_with(title, data, &[])
+    }
+
+    /// Pack with extra `mcastd pack` flags (`--advert --for film`, `--plugin`, ...).
+    fn pack_with(&self, title: &str, data: &[u8], extra: &[&str]) -> PathBuf {
         let input = self.path(&format!("{title}.media"));
         fs::write(&input, data).unwrap();
-        let out = self.mcastd(&["pack", "--title", title, input.to_str().unwrap()]);
+        let mut args = vec!["pack", "--title", title, input.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = self.mcastd(&args);
         assert!(out.status.success(), "pack: {out:?}");
         input
+    }
+
+    /// `mcast-recv play` with any arguments after the title (`--ticket` optional).
+    fn play_args(&self, title: &str, args: &[&str]) -> Output {
+        run_bounded(
+            Command::new(recv_bin())
+                .args(["play", title, "--dir"])
+                .arg(self.path("recv"))
+                .arg("--server")
+                .arg(self.control.to_string())
+                .args(args)
+                .env_remove("RUST_LOG"),
+            Duration::from_secs(30),
+        )
+    }
+
+    /// `mcastd ticket audit --json` lines.
+    fn audit(&self, extra: &[&str]) -> Vec<serde_json::Value> {
+        let mut args = vec!["ticket", "audit", "--json"];
+        args.extend_from_slice(extra);
+        let out = self.mcastd(&args);
+        assert!(out.status.success(), "{out:?}");
+        text(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     fn serve(&self) -> Guard {
@@ -819,4 +852,214 @@ fn ticket_commands_report_bad_input() {
         .lines()
         .count();
     assert_eq!(n, 1);
+}
+
+/// 7. Adverts by association (FIG. 3): a leader and a trailer signed as going with "film"
+///    arrive with one `get film`; `play film` writes leader, film, trailer on one ticket use,
+///    and the audit log has that one grant with its holder. An advert whose signed head names
+///    another film is not played with it, even when on disk; adverts and plug-ins play
+///    without a ticket; a missing advert only warns.
+#[test]
+fn adverts_play_around_their_film_on_one_ticket() {
+    let site = Site::new(6);
+    let film = site.pack_with(
+        "film",
+        &random_bytes(600_011, 71),
+        &["--watermark", "studio-7"],
+    );
+    let lead = site.pack_with(
+        "ad-lead",
+        &random_bytes(70_001, 72),
+        &["--advert", "--for", "film,other-film"],
+    );
+    let trail = site.pack_with(
+        "ad-trail",
+        &random_bytes(50_003, 73),
+        &["--advert", "--for", "film", "--trailer"],
+    );
+    let other = site.pack_with(
+        "ad-other",
+        &random_bytes(40_009, 74),
+        &["--advert", "--for", "other-film"],
+    );
+    let codec = site.pack_with("codec", &random_bytes(30_011, 75), &["--plugin"]);
+    // Associations belong to adverts; plug-ins carry no watermark.
+    let out = site.mcastd(&[
+        "pack",
+        "--title",
+        "x",
+        film.to_str().unwrap(),
+        "--for",
+        "film",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = site.mcastd(&[
+        "pack",
+        "--title",
+        "x",
+        film.to_str().unwrap(),
+        "--plugin",
+        "--watermark",
+        "w",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let cat = text(&site.mcastd(&["catalog"]).stdout);
+    assert!(
+        cat.contains("trailer:film")
+            && cat.contains("leader:film,other-film")
+            && cat.contains("plugin"),
+        "{cat}"
+    );
+    let _srv = site.serve();
+
+    // The receiver's catalogue lists kinds and associations (as the server says them).
+    let out = run_bounded(
+        Command::new(recv_bin())
+            .args(["catalog", "--server", &site.control.to_string()])
+            .env_remove("RUST_LOG"),
+        Duration::from_secs(20),
+    );
+    let cat = text(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        cat.contains("leader:film,other-film")
+            && cat.contains("trailer:film")
+            && cat.contains("studio-7"),
+        "{cat}"
+    );
+
+    // One `get film` brings the film and its two adverts, not the other film's.
+    site.get("film");
+    for t in ["film", "ad-lead", "ad-trail"] {
+        assert!(
+            site.path(&format!("recv/{t}.mca")).exists(),
+            "{t} not fetched"
+        );
+    }
+    assert!(!site.path("recv/ad-other.mca").exists());
+    // Again: the adverts on disk are not fetched a second time.
+    let joins = site.counter("joins");
+    site.get("film");
+    assert_eq!(
+        site.counter("joins"),
+        joins + 1,
+        "only the film joined again"
+    );
+    // The other film's advert on disk (fetched by hand) must not play with "film".
+    site.get("ad-other");
+
+    let t = site.issue("film", "adverts", &["--plays", "2"]);
+    let out = site.play("film", &t, "with-ads.out");
+    assert!(out.status.success(), "play: {out:?}");
+    let mut want = fs::read(&lead).unwrap();
+    want.extend(fs::read(&film).unwrap());
+    want.extend(fs::read(&trail).unwrap());
+    assert!(
+        fs::read(site.path("play/with-ads.out")).unwrap() == want,
+        "output is not leader + film + trailer"
+    );
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("leader adverts [ad-lead], trailer adverts [ad-trail]")
+            && said.contains("owner (signed): studio-7"),
+        "{said}"
+    );
+    // One play used for the three archives, and the audit log says who played it from where.
+    let row = site.ticket_row(&t);
+    assert_eq!(
+        (row["plays_left"].as_u64(), row["grants"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let audit = site.audit(&["--title", "film"]);
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0]["outcome"], "granted");
+    assert_eq!(audit[0]["holder"], "viewer-1");
+    assert_eq!(audit[0]["plays_left"], 1);
+    assert!(
+        audit[0]["receiver"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{audit:?}"
+    );
+    assert!(audit[0]["at_unix"].as_u64().unwrap() + 60 > unix_now());
+    let table = text(&site.mcastd(&["ticket", "audit"]).stdout);
+    assert!(
+        table.contains("viewer-1") && table.contains("granted"),
+        "{table}"
+    );
+    assert!(unix_now() > 0 && !other.as_os_str().is_empty());
+
+    // The JSON report names the adverts and the signed watermark.
+    fs::remove_file(site.path("recv/ad-trail.mca")).unwrap();
+    let out = site.play_args(
+        "film",
+        &[
+            "--ticket",
+            t.to_str().unwrap(),
+            "-o",
+            site.path("play/no-trailer.out").to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["leaders"], serde_json::json!(["ad-lead"]));
+    assert_eq!(r["trailers"], serde_json::json!([]));
+    assert_eq!(r["missing_adverts"], serde_json::json!(["ad-trail"]));
+    assert_eq!(r["watermark"], "studio-7");
+    // The missing trailer: the film plays with its leader, and the user is told.
+    let mut want = fs::read(&lead).unwrap();
+    want.extend(fs::read(&film).unwrap());
+    assert!(fs::read(site.path("play/no-trailer.out")).unwrap() == want);
+    assert!(text(&out.stderr).contains("ad-trail"), "{out:?}");
+    assert_eq!(site.ticket_row(&t)["plays_left"].as_u64(), Some(0));
+    assert_eq!(site.audit(&["--title", "film", "--limit", "10"]).len(), 2);
+
+    // An advert plays alone, without a ticket; so does a plug-in.
+    let out = site.play_args(
+        "ad-lead",
+        &["-o", site.path("play/ad.out").to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(fs::read(site.path("play/ad.out")).unwrap() == fs::read(&lead).unwrap());
+    assert!(
+        text(&out.stdout).contains("advert played without a ticket"),
+        "{out:?}"
+    );
+    site.get("codec");
+    let out = site.play_args(
+        "codec",
+        &[
+            "-o",
+            site.path("play/codec.out").to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(fs::read(site.path("play/codec.out")).unwrap() == fs::read(&codec).unwrap());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["kind"].as_str(), r["ticket_id"].as_str()),
+        (Some("plugin"), Some(""))
+    );
+    // The film still needs one, and says so; tickets for adverts are refused at issue.
+    let out = site.play_args(
+        "film",
+        &["-o", site.path("play/none.out").to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(text(&out.stderr).contains("--ticket"), "{out:?}");
+    let out = site.mcastd(&["ticket", "issue", "ad-lead", "--holder", "h"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("without a ticket"),
+        "{out:?}"
+    );
+    // No ticket use besides the two film plays.
+    let audit = site.audit(&[]);
+    assert_eq!(
+        audit.iter().filter(|e| e["outcome"] == "granted").count(),
+        2,
+        "{audit:?}"
+    );
 }

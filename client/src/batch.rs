@@ -27,10 +27,9 @@ use std::time::{Duration, Instant};
 use mcast_io::archive::{self, ArchiveFile};
 use mcast_keys::PublicIdentity;
 use mcast_proto::schedule::{Window, WindowState};
-use mcast_proto::wire::control::Control;
+use mcast_proto::wire::control::CatalogItem;
 use serde::Serialize;
 
-use crate::control::ControlClient;
 use crate::error::{Failure, RecvError};
 use crate::get::file_names;
 
@@ -62,8 +61,9 @@ pub struct BatchOptions {
     pub exe: PathBuf,
     /// Arguments every `get` child gets (`--server`/`--director`, `--iface`, ...).
     pub get_args: Vec<OsString>,
-    /// A server to ask for title sizes (the catalogue); `None` (directors): sizes are learnt
-    /// from part files, and an unknown size is only checked against a full disk.
+    /// A server to ask for title sizes and adverts (the catalogue; with directors, one they
+    /// picked); `None` (no director answered): no adverts, sizes are learnt from part files,
+    /// and an unknown size is only checked against a full disk.
     pub catalog_server: Option<SocketAddr>,
     pub server_key: Option<PublicIdentity>,
     /// After SIGINT at the window's end, SIGKILL a child that has not exited after this.
@@ -184,27 +184,18 @@ fn allocated(out_dir: &Path, title: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Title sizes from the server's catalogue (archive bytes); empty when it cannot be asked.
-fn catalog_sizes(server: SocketAddr) -> BTreeMap<String, u64> {
-    let mut sizes = BTreeMap::new();
-    let Ok(mut c) = ControlClient::new(server, rand::random()) else {
-        return sizes;
-    };
-    let mut start = 0u16;
-    while let Ok(Control::CatalogReply { items, more }) = c.request(
-        Control::CatalogRequest { start },
-        5,
-        Duration::from_millis(400),
-    ) {
-        for i in &items {
-            sizes.insert(i.title.clone(), i.archive_len);
+/// The listed titles, each followed by the adverts the catalogue names for it (candidates:
+/// `play` acts only on their signed heads), without repeats.
+pub fn with_adverts(titles: &[String], items: &[CatalogItem]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for t in titles {
+        for x in std::iter::once(t.clone()).chain(crate::adverts::candidates(items, t)) {
+            if !out.contains(&x) {
+                out.push(x);
+            }
         }
-        if !more || items.is_empty() {
-            break;
-        }
-        start = start.saturating_add(items.len() as u16);
     }
-    sizes
+    out
 }
 
 /// How a `get` child ended, as a report status and reason.
@@ -288,16 +279,26 @@ pub fn run(opts: &BatchOptions, stop: Arc<AtomicBool>) -> Result<BatchReport, Re
             }
         }
     }
+    // The catalogue: title sizes, and the adverts of each listed title (fetched with it).
+    let items = opts
+        .catalog_server
+        .and_then(|s| crate::adverts::catalog(s, 5, Duration::from_millis(400)).ok())
+        .unwrap_or_default();
+    let sizes: BTreeMap<String, u64> = items
+        .iter()
+        .map(|i| (i.title.clone(), i.archive_len))
+        .collect();
+    let all_titles = with_adverts(&opts.titles, &items);
     tracing::info!(
         titles = opts.titles.len(),
+        with_adverts = all_titles.len(),
         until = %deadline.map_or_else(|| "all are done".to_string(), utc),
         "batch starting"
     );
-    let sizes = opts.catalog_server.map(catalog_sizes).unwrap_or_default();
 
     let mut reports: BTreeMap<String, TitleReport> = BTreeMap::new();
     let mut queue: VecDeque<String> = VecDeque::new();
-    for t in &opts.titles {
+    for t in &all_titles {
         if let Some(len) = complete_on_disk(&opts.out_dir, t, opts.server_key.as_ref()) {
             reports.insert(
                 t.clone(),
@@ -425,8 +426,7 @@ pub fn run(opts: &BatchOptions, stop: Arc<AtomicBool>) -> Result<BatchReport, Re
         );
         reports.entry(t).or_insert(r);
     }
-    let titles: Vec<TitleReport> = opts
-        .titles
+    let titles: Vec<TitleReport> = all_titles
         .iter()
         .filter_map(|t| reports.remove(t))
         .collect();
@@ -499,6 +499,7 @@ fn start(opts: &BatchOptions, title: &str, need: u64, alloc: u64) -> Result<Runn
         .arg(&opts.out_dir)
         .arg("--json")
         .arg("--resume-at-gap")
+        .arg("--no-adverts") // the batch lists adverts as titles of their own
         .args(&opts.get_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -649,6 +650,19 @@ fn write_report(path: &Path, report: &BatchReport) -> Result<(), RecvError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adverts_follow_their_titles_once() {
+        let ad = |t: &str, f: &[&str]| CatalogItem {
+            title: t.into(),
+            advert: true,
+            advert_for: f.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let items = [ad("ad-1", &["a", "b"]), ad("ad-2", &["b"])];
+        let titles = ["a".to_string(), "b".to_string(), "ad-2".to_string()];
+        assert_eq!(with_adverts(&titles, &items), ["a", "ad-1", "b", "ad-2"]);
+    }
 
     #[test]
     fn list_file_format() {

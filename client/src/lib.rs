@@ -2,6 +2,7 @@
 //! `mcast_proto::receiver`; [`get`] owns the sockets and files; [`state`] is the crash-safe
 //! progress record; [`play`] exchanges a play ticket for the key and decrypts.
 
+pub mod adverts;
 pub mod args;
 pub mod batch;
 pub mod control;

@@ -113,6 +113,9 @@ enum Cmd {
         /// TTL of the NAKs multicast to the group, 1..=255 (1: this subnet only).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
         nak_ttl: u32,
+        /// Do not fetch the adverts the server lists for the title (`batch` fetches them itself).
+        #[arg(long)]
+        no_adverts: bool,
     },
     /// Fetch a list of titles unattended (overnight pre-load): skips titles already complete,
     /// resumes partial ones, runs up to --concurrency `get`s at once, stops at the window's end
@@ -214,9 +217,10 @@ enum Cmd {
     Play {
         /// Title to play (DIR/<title>.mca must be complete: see `get`).
         title: String,
-        /// Ticket file from `mcastd ticket issue`.
+        /// Ticket file from `mcastd ticket issue` (encrypted titles only: adverts and plug-ins
+        /// play without one).
         #[arg(long)]
-        ticket: PathBuf,
+        ticket: Option<PathBuf>,
         /// Directory holding <title>.mca.
         #[arg(long, short, default_value = ".")]
         dir: PathBuf,
@@ -333,7 +337,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                     "refusing to write media to a terminal: give -o FILE, or pipe into a player (| mpv -)",
                 ));
             }
-            let mut o = PlayOptions::new(resolve(&server)?, &title, &ticket, out);
+            let mut o = PlayOptions::new(resolve(&server)?, &title, ticket.as_deref(), out);
             o.dir = dir;
             o.server_key = server_key.as_deref().map(parse_server_key).transpose()?;
             o.verify_packets = verify_packets;
@@ -344,10 +348,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             let line = if json {
                 serde_json::to_string(&r).unwrap()
             } else {
-                format!(
-                    "{}: played with ticket {} -> {} ({} bytes, {} frames authenticated, {:.0} MB/s)",
-                    r.title, r.ticket_id, r.output, r.bytes, r.frames, r.mb_per_s
-                )
+                r.summary()
             };
             if to_stdout {
                 eprintln!("{line}");
@@ -374,6 +375,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             resume_at_gap,
             dscp,
             nak_ttl,
+            no_adverts,
         } => {
             let output = old_dir_flag(dir, output);
             let directors = resolve_directors(&director)?;
@@ -440,6 +442,14 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                     stop,
                 )
                 .map_err(stopped)?;
+                // The adverts come from the server that finished the title (its catalogue
+                // names them; their heads must be signed by the title's server).
+                let last = r.servers.last().and_then(|s| s.parse::<SocketAddr>().ok());
+                if let (false, Some(server)) = (no_adverts, last) {
+                    let mut ao = o.clone();
+                    ao.server = server;
+                    mcast_recv::adverts::fetch_for(&ao, stop);
+                }
                 if o.json {
                     println!("{}", serde_json::to_string(&r).unwrap());
                 } else {
@@ -461,7 +471,10 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 }
                 return Ok(());
             }
-            let r = get(&o, stop).map_err(stopped)?;
+            let r = get(&o, stop.clone()).map_err(stopped)?;
+            if !no_adverts {
+                mcast_recv::adverts::fetch_for(&o, stop);
+            }
             if o.json {
                 println!("{}", serde_json::to_string(&r).unwrap());
             } else {
@@ -524,7 +537,15 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                     resolve(d)?;
                 }
                 get_args.extend(["--director".into(), directors.join(",").into()]);
-                None
+                // Sizes and adverts from the catalogue of a server a director picks; without
+                // one the batch still runs (sizes learnt from the downloads, no adverts).
+                match server_or_routed(&server, &directors) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "no catalogue through the directors: adverts not pre-loaded");
+                        None
+                    }
+                }
             };
             // Checked here so a bad name fails at once, not in every child ("auto" routes
             // toward each child's server).
@@ -594,7 +615,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             let mut c = ControlClient::new(server, rand::random())?;
             let mut start = 0u16;
             if !json {
-                println!("{:<24} {:>14} {:>14} ADVERT", "TITLE", "PLAIN", "ARCHIVE");
+                println!("{}", mcast_recv::adverts::catalog_header());
             }
             loop {
                 match c.request(
@@ -610,17 +631,15 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                                     "plain_bytes": i.plain_len,
                                     "archive_bytes": i.archive_len,
                                     "advert": i.advert,
+                                    "plugin": i.plugin,
+                                    "trailer": i.trailer,
+                                    "advert_for": i.advert_for,
+                                    "watermark_unverified": i.watermark,
                                     "server": server.to_string(),
                                 });
                                 println!("{line}");
                             } else {
-                                println!(
-                                    "{:<24} {:>14} {:>14} {}",
-                                    i.title,
-                                    human::bytes(i.plain_len),
-                                    human::bytes(i.archive_len),
-                                    if i.advert { "yes" } else { "no" }
-                                );
+                                println!("{}", mcast_recv::adverts::catalog_line(i));
                             }
                         }
                         if !more || items.is_empty() {

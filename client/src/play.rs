@@ -13,6 +13,11 @@
 //!    file, renamed into place only when the whole file and its plaintext hash checked out) or to
 //!    stdout for a player. Then the key, both parts and the ephemeral secret are wiped; none
 //!    of them was ever written anywhere.
+//!
+//! Adverts ([`crate::adverts`]): the leaders whose signed heads name the title are written
+//! before it and the trailers after it, into the same output, on the one ticket use (adverts
+//! are unencrypted). An advert or plug-in title itself plays without a ticket: its signature
+//! and every packet are checked, and its plaintext is written.
 
 use std::io::{BufWriter, Read, Write};
 use std::net::SocketAddr;
@@ -27,7 +32,7 @@ use mcast_keys::seal::ReceiverKey;
 use mcast_keys::ticket::{
     combine, grant_signed_bytes, possession_proof, TicketFile, MAX_TICKET_FILE_LEN,
 };
-use mcast_keys::PublicIdentity;
+use mcast_keys::{Cipher, PublicIdentity};
 use mcast_proto::wire::control::{Control, ErrorCode};
 use serde::Serialize;
 
@@ -47,7 +52,8 @@ pub enum PlayOutput {
 pub struct PlayOptions {
     pub server: SocketAddr,
     pub title: String,
-    pub ticket: PathBuf,
+    /// Ticket file; needed only for encrypted titles (adverts and plug-ins play without).
+    pub ticket: Option<PathBuf>,
     /// Directory holding `<title>.mca` (where `get` put it).
     pub dir: PathBuf,
     pub output: PlayOutput,
@@ -61,11 +67,11 @@ pub struct PlayOptions {
 }
 
 impl PlayOptions {
-    pub fn new(server: SocketAddr, title: &str, ticket: &Path, output: PlayOutput) -> Self {
+    pub fn new(server: SocketAddr, title: &str, ticket: Option<&Path>, output: PlayOutput) -> Self {
         PlayOptions {
             server,
             title: title.to_string(),
-            ticket: ticket.to_path_buf(),
+            ticket: ticket.map(Path::to_path_buf),
             dir: PathBuf::from("."),
             output,
             server_key: None,
@@ -80,14 +86,54 @@ impl PlayOptions {
 pub struct PlayReport {
     pub event: &'static str,
     pub title: String,
+    /// `title` (encrypted, played with a ticket), `advert` or `plugin` (no ticket).
+    pub kind: &'static str,
+    /// Empty when no ticket was needed.
     pub ticket_id: String,
+    /// The owner label of the title's signed head (empty: none).
+    pub watermark: String,
+    /// Adverts written before and after the title (their signed heads name it).
+    pub leaders: Vec<String>,
+    pub trailers: Vec<String>,
+    /// Adverts the server lists for the title that are not on disk (played without them).
+    pub missing_adverts: Vec<String>,
     pub output: String,
+    /// Plaintext bytes written in all (adverts included).
     pub bytes: u64,
     pub frames: u64,
     /// Whether the key page could be locked against swapping.
     pub key_locked: bool,
     pub seconds: f64,
     pub mb_per_s: f64,
+}
+
+impl PlayReport {
+    /// The line `mcast-recv play` prints.
+    pub fn summary(&self) -> String {
+        let mut s = if self.ticket_id.is_empty() {
+            format!(
+                "{}: {} played without a ticket -> {} ({} bytes, {} frames verified)",
+                self.title, self.kind, self.output, self.bytes, self.frames
+            )
+        } else {
+            format!(
+                "{}: played with ticket {} -> {} ({} bytes, {} frames authenticated, {:.0} MB/s)",
+                self.title, self.ticket_id, self.output, self.bytes, self.frames, self.mb_per_s
+            )
+        };
+        if !self.leaders.is_empty() || !self.trailers.is_empty() {
+            s += &format!(
+                "; leader adverts [{}], trailer adverts [{}]",
+                self.leaders.join(", "),
+                self.trailers.join(", ")
+            );
+        }
+        if !self.watermark.is_empty() {
+            let clean: String = self.watermark.chars().filter(|c| !c.is_control()).collect();
+            s += &format!("; owner (signed): {clean}");
+        }
+        s
+    }
 }
 
 fn refused(msg: impl Into<String>) -> RecvError {
@@ -141,18 +187,21 @@ pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, Rec
     let started = Instant::now();
     mcast_keys::store::validate_title(&opts.title)
         .map_err(|e| RecvError::new(Failure::Usage, e.to_string()))?;
-    let file = read_ticket(&opts.ticket)?;
-    let ticket = file.ticket().clone();
-    if ticket.title != opts.title {
-        return Err(refused(format!(
-            "ticket {} is not for this title: it is for {:?}, not {:?}",
-            ticket.id_hex(),
-            ticket.title,
-            opts.title
-        )));
+    // A ticket given is read (and matched to the title) first, as before adverts existed.
+    let file = opts.ticket.as_deref().map(read_ticket).transpose()?;
+    if let Some(f) = &file {
+        let ticket = f.ticket();
+        if ticket.title != opts.title {
+            return Err(refused(format!(
+                "ticket {} is not for this title: it is for {:?}, not {:?}",
+                ticket.id_hex(),
+                ticket.title,
+                opts.title
+            )));
+        }
     }
 
-    // The archive on disk: present, complete, and from the ticket's server.
+    // The archive on disk: present and complete.
     let path = archive::archive_path(&opts.dir, &opts.title);
     if !path.exists() {
         let part = opts
@@ -175,6 +224,24 @@ pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, Rec
     }
     let a =
         ArchiveFile::open(&path).map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+    if a.head.cipher == Cipher::None {
+        if file.is_some() {
+            tracing::info!(title = %opts.title, "unencrypted title: the ticket is not needed and was not used");
+        }
+        return play_unencrypted(opts, a, stop, started);
+    }
+    let Some(file) = file else {
+        return Err(RecvError::new(
+            Failure::Usage,
+            format!(
+                "{} is encrypted: give --ticket FILE (from `mcastd ticket issue {}`)",
+                opts.title, opts.title
+            ),
+        ));
+    };
+    let ticket = file.ticket().clone();
+    let ticket_path = opts.ticket.as_deref().unwrap_or(Path::new("-"));
+    // ... and from the ticket's server.
     let trusted = opts.server_key.unwrap_or(a.head.server_key);
     if ticket.server_key != trusted || a.head.server_key != trusted {
         return Err(refused(format!(
@@ -190,7 +257,7 @@ pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, Rec
         )));
     }
     file.verify(&trusted)
-        .map_err(|e| refused(format!("ticket {} refused: {e}", opts.ticket.display())))?;
+        .map_err(|e| refused(format!("ticket {} refused: {e}", ticket_path.display())))?;
     a.verify_signature(&trusted)
         .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
     if ticket.archive_id != a.head.archive_id {
@@ -202,6 +269,11 @@ pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, Rec
             hex::encode(a.head.archive_id)
         )));
     }
+
+    // Adverts: only those on disk whose signed heads name this title; the catalogue is asked
+    // only to warn about ones not fetched.
+    let (leaders, trailers) = crate::adverts::local_adverts(&opts.dir, &opts.title, &trusted);
+    let missing_adverts = missing_adverts(opts, &trusted, &leaders, &trailers);
 
     // Make sure the output can be written before a play is spent on it. Plaintext: the temp
     // file is a new 0600 file (never through a link planted at its path), renamed into place.
@@ -311,7 +383,16 @@ pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, Rec
             inner: BufWriter::with_capacity(1 << 20, inner),
             stop: stop.clone(),
         };
-        archive::decrypt_to(
+        let mut total = (0u64, 0u64);
+        let advert_opts = DecryptOptions {
+            verify_packets: true,
+        };
+        for ad in &leaders {
+            let r =
+                archive::decrypt_to(ad, &trusted, None, advert_opts, &mut w, name, &mut |_| {})?;
+            total = (total.0 + r.plain_len, total.1 + r.frames);
+        }
+        let film = archive::decrypt_to(
             &a,
             &trusted,
             Some(key.key()),
@@ -319,7 +400,13 @@ pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, Rec
             &mut w,
             name,
             &mut |_| {},
-        )
+        )?;
+        for ad in &trailers {
+            let r =
+                archive::decrypt_to(ad, &trusted, None, advert_opts, &mut w, name, &mut |_| {})?;
+            total = (total.0 + r.plain_len, total.1 + r.frames);
+        }
+        Ok::<_, archive::ArchiveError>((film, total))
     };
     let (report, output) = match &mut file_out {
         Some(f) => {
@@ -348,20 +435,132 @@ pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, Rec
             (r, "-".to_string())
         }
     };
+    let ((report, ads), output) = (report, output);
     let key_locked = key.is_locked();
     drop(key);
     let secs = started.elapsed().as_secs_f64();
+    let names = |v: &[ArchiveFile]| v.iter().map(|a| a.head.title.clone()).collect::<Vec<_>>();
     tracing::info!(title = %opts.title, ticket = %ticket.id_hex(), bytes = report.plain_len,
+        watermark = %a.head.watermark, adverts = leaders.len() + trailers.len(),
         decrypt_mb_per_s = format!("{:.0}", report.plain_len as f64 / report.elapsed.as_secs_f64().max(1e-9) / 1e6),
         "played");
+    let bytes = report.plain_len + ads.0;
     Ok(PlayReport {
         event: "played",
         title: opts.title.clone(),
+        kind: "title",
         ticket_id: ticket.id_hex(),
+        watermark: a.head.watermark.clone(),
+        leaders: names(&leaders),
+        trailers: names(&trailers),
+        missing_adverts,
+        output,
+        bytes,
+        frames: report.frames + ads.1,
+        key_locked,
+        seconds: secs,
+        mb_per_s: bytes as f64 / secs.max(1e-9) / 1e6,
+    })
+}
+
+/// Adverts the server's catalogue names for the title that are not among those on disk
+/// (best effort: the catalogue is unauthenticated, so this only warns).
+fn missing_adverts(
+    opts: &PlayOptions,
+    trusted: &PublicIdentity,
+    leaders: &[ArchiveFile],
+    trailers: &[ArchiveFile],
+) -> Vec<String> {
+    let items = match crate::adverts::catalog(opts.server, 2, Duration::from_millis(300)) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::debug!(error = %e.message, "catalogue not read: cannot tell whether adverts are missing");
+            return Vec::new();
+        }
+    };
+    let have: Vec<&str> = leaders
+        .iter()
+        .chain(trailers)
+        .map(|a| a.head.title.as_str())
+        .collect();
+    let missing: Vec<String> = crate::adverts::candidates(&items, &opts.title)
+        .into_iter()
+        .filter(|c| !have.contains(&c.as_str()))
+        .collect();
+    for m in &missing {
+        let why = crate::adverts::verified_advert(&opts.dir, m, &opts.title, trusted)
+            .err()
+            .unwrap_or_default();
+        tracing::warn!(advert = %m, title = %opts.title, %why,
+            "advert not on disk or not associated by its signed head: playing without it (`mcast-recv get {}` fetches it)", opts.title);
+    }
+    missing
+}
+
+/// An advert or plug-in: no ticket, no key; signature, every packet and the plaintext hash
+/// are checked while it is written.
+fn play_unencrypted(
+    opts: &PlayOptions,
+    a: ArchiveFile,
+    stop: Arc<AtomicBool>,
+    started: Instant,
+) -> Result<PlayReport, RecvError> {
+    let trusted = opts.server_key.unwrap_or(a.head.server_key);
+    a.verify_signature(&trusted)
+        .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+    let d = DecryptOptions {
+        verify_packets: true,
+    };
+    let integrity = |e: archive::ArchiveError| -> RecvError {
+        if stop.load(Ordering::Relaxed) {
+            return RecvError::new(Failure::Interrupted, "interrupted; no output was left");
+        }
+        match e {
+            archive::ArchiveError::Io { path, source } => {
+                RecvError::io("cannot write output", &path, source)
+            }
+            e => RecvError::new(Failure::Integrity, e.to_string()),
+        }
+    };
+    let write = |inner: &mut dyn Write, name: &Path| {
+        let mut w = Stoppable {
+            inner: BufWriter::with_capacity(1 << 20, inner),
+            stop: stop.clone(),
+        };
+        archive::decrypt_to(&a, &trusted, None, d, &mut w, name, &mut |_| {})
+    };
+    let (report, output) = match &opts.output {
+        PlayOutput::File(p) => {
+            let mut f = AtomicFile::create_private(p)
+                .map_err(|e| RecvError::io("cannot create output", p, e))?;
+            let tmp = f.tmp_path().to_path_buf();
+            let r = write(f.file(), &tmp).map_err(integrity)?;
+            f.commit()
+                .map_err(|e| RecvError::io("cannot write output", p, e))?;
+            (r, p.display().to_string())
+        }
+        PlayOutput::Stdout => {
+            let r =
+                write(&mut std::io::stdout().lock(), Path::new("<stdout>")).map_err(integrity)?;
+            (r, "-".to_string())
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let kind = if a.head.plugin { "plugin" } else { "advert" };
+    tracing::info!(title = %opts.title, kind, bytes = report.plain_len, watermark = %a.head.watermark, "played without a ticket");
+    Ok(PlayReport {
+        event: "played",
+        title: opts.title.clone(),
+        kind,
+        ticket_id: String::new(),
+        watermark: a.head.watermark.clone(),
+        leaders: Vec::new(),
+        trailers: Vec::new(),
+        missing_adverts: Vec::new(),
         output,
         bytes: report.plain_len,
         frames: report.frames,
-        key_locked,
+        key_locked: false,
         seconds: secs,
         mb_per_s: report.plain_len as f64 / secs.max(1e-9) / 1e6,
     })

@@ -10,8 +10,8 @@ use rand::RngCore;
 
 use super::frame::{frame_aad, FrameHeader};
 use super::head::{
-    frame_size_ok, symbol_size_ok, Compression, Head, MAX_FRAME_SIZE, MAX_SYMBOL_SIZE,
-    MAX_WATERMARK_LEN, MIN_SYMBOL_SIZE, SYMBOL_SIZE_STEP,
+    frame_size_ok, symbol_size_ok, Compression, Head, Placement, MAX_ADVERT_FOR, MAX_FRAME_SIZE,
+    MAX_SYMBOL_SIZE, MAX_WATERMARK_LEN, MIN_SYMBOL_SIZE, SYMBOL_SIZE_STEP,
 };
 use super::manifest::TreeBuilder;
 use super::{archive_path, io_err, preamble_bytes, tail_bytes, ArchiveError};
@@ -68,6 +68,12 @@ pub struct PackOptions {
     pub watermark: Option<String>,
     /// Unencrypted advertisement archive (no key is created).
     pub advert: bool,
+    /// Titles an advert plays with (signed into the head); empty: none.
+    pub advert_for: Vec<String>,
+    /// Leader or trailer of `advert_for`.
+    pub placement: Placement,
+    /// Unencrypted, unwatermarked plug-in/codec archive (no key is created).
+    pub plugin: bool,
     /// Leaf hash of the manifest; `None` = [`super::manifest::LeafHash::auto`].
     pub leaf_hash: Option<super::manifest::LeafHash>,
     /// Replace an existing archive of the same title.
@@ -89,6 +95,9 @@ impl PackOptions {
             symbol_size: DEFAULT_SYMBOL_SIZE,
             watermark: None,
             advert: false,
+            advert_for: Vec::new(),
+            placement: Placement::Leader,
+            plugin: false,
             leaf_hash: None,
             force: false,
             fec_overhead: DEFAULT_FEC_OVERHEAD,
@@ -139,14 +148,45 @@ pub fn pack(
             "watermark is longer than {MAX_WATERMARK_LEN} bytes"
         )));
     }
-    let cipher = if opts.advert {
+    if opts.plugin && opts.advert {
+        return Err(bad_opt(
+            "an archive is an advert or a plug-in, not both".into(),
+        ));
+    }
+    if opts.plugin && !watermark.is_empty() {
+        return Err(bad_opt("plug-in archives carry no watermark".into()));
+    }
+    if !opts.advert_for.is_empty() && !opts.advert {
+        return Err(bad_opt(
+            "only adverts (--advert) are associated with titles".into(),
+        ));
+    }
+    if opts.advert_for.is_empty() && opts.placement != Placement::Leader {
+        return Err(bad_opt(
+            "a trailer needs the titles it follows (--for)".into(),
+        ));
+    }
+    if opts.advert_for.len() > MAX_ADVERT_FOR {
+        return Err(bad_opt(format!(
+            "an advert is associated with at most {MAX_ADVERT_FOR} titles"
+        )));
+    }
+    for t in &opts.advert_for {
+        mcast_keys::store::validate_title(t)?;
+        if t == &opts.title {
+            return Err(bad_opt("an advert cannot be associated with itself".into()));
+        }
+    }
+    let unencrypted = opts.advert || opts.plugin;
+    let cipher = if unencrypted {
         Cipher::None
     } else {
         opts.cipher
     };
-    if cipher == Cipher::None && !opts.advert {
+    if cipher == Cipher::None && !unencrypted {
         return Err(bad_opt(
-            "cipher \"none\" is only for advertisements: use --advert".into(),
+            "cipher \"none\" is only for advertisements and plug-ins: use --advert or --plugin"
+                .into(),
         ));
     }
 
@@ -172,7 +212,7 @@ pub fn pack(
 
     let mut archive_id = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut archive_id);
-    let master = (!opts.advert).then(MasterKey::generate);
+    let master = (!unencrypted).then(MasterKey::generate);
     let key_id = master
         .as_ref()
         .map(|m| m.key_id(&archive_id))
@@ -300,6 +340,9 @@ pub fn pack(
     w.write_all(&hash_region).map_err(io_err(&tmp_path))?;
     let mut head = Head {
         advert: opts.advert,
+        plugin: opts.plugin,
+        advert_for: opts.advert_for.clone(),
+        placement: opts.placement,
         leaf_hash,
         cipher,
         compression: if compressed_frames == 0 {

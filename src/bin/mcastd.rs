@@ -78,6 +78,22 @@ enum Cmd {
         /// Unencrypted advertisement archive.
         #[arg(long)]
         advert: bool,
+        /// With --advert: the titles it plays with, comma-separated (signed into the head;
+        /// receivers fetch and play it with them).
+        #[arg(
+            long = "for",
+            value_delimiter = ',',
+            requires = "advert",
+            value_name = "TITLES"
+        )]
+        advert_for: Vec<String>,
+        /// With --for: play after the titles (default: before them, as a leader).
+        #[arg(long, requires = "advert_for")]
+        trailer: bool,
+        /// Plug-in/codec archive: neither encrypted nor watermarked; receivers unpack it with
+        /// `mcast-recv play` and no ticket.
+        #[arg(long, conflicts_with_all = ["advert", "watermark"])]
+        plugin: bool,
         /// Plaintext bytes per frame (default from config).
         #[arg(long)]
         frame_size: Option<u32>,
@@ -160,6 +176,18 @@ enum TicketCmd {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// The audit log of play requests: time, ticket, holder, receiver address, title, outcome.
+    Audit {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only requests for this title.
+        #[arg(long)]
+        title: Option<String>,
+        /// The last N requests.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
     },
 }
 
@@ -282,6 +310,9 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
             compress,
             watermark,
             advert,
+            advert_for,
+            trailer,
+            plugin,
             frame_size,
             symbol_size,
             fec_overhead,
@@ -320,6 +351,17 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
             opts.fec_block = cfg.pack.fec_block;
             opts.watermark = watermark;
             opts.advert = advert;
+            opts.advert_for = advert_for
+                .iter()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect();
+            opts.placement = if trailer {
+                archive::head::Placement::Trailer
+            } else {
+                archive::head::Placement::Leader
+            };
+            opts.plugin = plugin;
             opts.force = force;
             let total = std::fs::metadata(&input).map(|m| m.len()).unwrap_or(0);
             let bar = progress_bar(total, "packing");
@@ -350,7 +392,7 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
             let id = ks.identity()?.public();
             // Trust nothing in the head (title, archive id) before its signature checks out.
             a.verify_signature(&id)?;
-            let key = if a.head.advert {
+            let key = if a.head.cipher == Cipher::None {
                 None
             } else {
                 Some(ks.title_key(&a.head.title, &a.head.archive_id)?)
@@ -413,7 +455,7 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
                     e.frames,
                     e.cipher,
                     e.ratio,
-                    if e.advert { "yes" } else { "no" },
+                    kind_column(e),
                     e.watermark
                 );
             }
@@ -422,6 +464,19 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// The ADVERT column: no, yes, plugin, or the placement and titles of an associated advert.
+fn kind_column(e: &mcast::catalog::CatalogEntry) -> String {
+    if e.plugin {
+        "plugin".into()
+    } else if !e.advert {
+        "no".into()
+    } else if e.advert_for.is_empty() {
+        "yes".into()
+    } else {
+        format!("{}:{}", e.placement, e.advert_for.join(","))
     }
 }
 
@@ -510,6 +565,33 @@ fn run_ticket(cmd: TicketCmd, cfg: &Config) -> anyhow::Result<()> {
                     } else {
                         cfg.tickets.db.display().to_string()
                     }
+                );
+            }
+            Ok(())
+        }
+        TicketCmd::Audit { json, title, limit } => {
+            let rows = ticketadmin::audit(cfg, title.as_deref(), limit)?;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<32} {:<16} {:<20} {:<22} {:<8} {:>5} REASON",
+                "TIME", "TICKET", "HOLDER", "TITLE", "RECEIVER", "OUTCOME", "LEFT"
+            );
+            for r in &rows {
+                println!(
+                    "{:<20} {:<32} {:<16} {:<20} {:<22} {:<8} {:>5} {}",
+                    show_time(r.at_unix),
+                    r.ticket_id,
+                    r.holder,
+                    r.title,
+                    r.receiver,
+                    r.outcome,
+                    r.plays_left.map_or("-".into(), |n| n.to_string()),
+                    r.reason
                 );
             }
             Ok(())

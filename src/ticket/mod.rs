@@ -231,6 +231,28 @@ pub struct Consumed {
     pub repeated: bool,
 }
 
+/// One play request in the audit log (`mcastd ticket audit`): who asked, from where, for
+/// what, and what came of it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    pub at_unix: u64,
+    /// Hex ticket id; empty when the presented ticket did not decode.
+    pub ticket_id: String,
+    /// The ticket's holder (as the ticket says; see `outcome`/`reason` for whether it was
+    /// genuine).
+    pub holder: String,
+    pub title: String,
+    /// The receiver's address (proven by an address token).
+    pub receiver: String,
+    /// `granted` (a play used), `repeat` (a retry of a grant; no play used), `refused`,
+    /// `error` (database or key store).
+    pub outcome: String,
+    /// Plays left after a grant.
+    pub plays_left: Option<u32>,
+    /// Why it was refused or failed (empty for grants).
+    pub reason: String,
+}
+
 /// Result of `revoke`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Revoked {
@@ -275,6 +297,13 @@ pub trait TicketStore: Send {
         now_unix: u64,
         retry_secs: u64,
     ) -> Result<Result<Consumed, Refusal>, TicketDbError>;
+
+    /// Append a play request to the audit log.
+    fn audit(&self, e: &AuditEntry) -> Result<(), TicketDbError>;
+
+    /// The last `limit` audit entries (of `title`, if given), oldest first.
+    fn audit_list(&self, title: Option<&str>, limit: u32)
+        -> Result<Vec<AuditEntry>, TicketDbError>;
 
     /// The ticket whose id is, or starts with, `hex_prefix` (at least 8 hex digits; must be
     /// unambiguous).

@@ -11,6 +11,8 @@
 //! that left a server is durable.
 //!
 //! Part B is stored wrapped, as in SQLite: the database never holds a key part in the clear.
+//!
+//! Schema 2 adds `mcast_audit` (every play request); a schema-1 database gains it on open.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -26,12 +28,13 @@ use rustls::pki_types::CertificateDer;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    revoke_outcome, to_i64, to_u64, why_refused, Consumed, Refusal, Revoked, TicketDbError,
-    TicketRow, TicketStatus, TicketStore,
+    revoke_outcome, to_i64, to_u64, why_refused, AuditEntry, Consumed, Refusal, Revoked,
+    TicketDbError, TicketRow, TicketStatus, TicketStore,
 };
 use crate::config::{PgTls, TicketsConfig};
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2: the `mcast_audit` table (a version-1 database is migrated on open).
+const SCHEMA_VERSION: i64 = 2;
 /// Advisory lock key serialising schema creation by servers starting at once.
 const SCHEMA_LOCK: i64 = 0x6d63_6173_7430_0001;
 
@@ -364,7 +367,19 @@ impl PgStore {
                  receiver_pub BYTEA NOT NULL,
                  granted_unix BIGINT NOT NULL,
                  PRIMARY KEY (ticket_id, receiver_pub));
-             INSERT INTO mcast_meta (key, value) VALUES ('schema', 1) ON CONFLICT DO NOTHING;",
+             CREATE TABLE IF NOT EXISTS mcast_audit (
+                 id BIGSERIAL PRIMARY KEY,
+                 at_unix BIGINT NOT NULL,
+                 ticket_id TEXT NOT NULL,
+                 holder TEXT NOT NULL,
+                 title TEXT NOT NULL,
+                 receiver TEXT NOT NULL,
+                 outcome TEXT NOT NULL,
+                 plays_left BIGINT,
+                 reason TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS mcast_audit_title ON mcast_audit (title, id);
+             INSERT INTO mcast_meta (key, value) VALUES ('schema', 2) ON CONFLICT DO NOTHING;
+             UPDATE mcast_meta SET value = 2 WHERE key = 'schema' AND value = 1;",
         )
         .map_err(err("cannot create the schema"))?;
         let version: i64 = tx
@@ -453,6 +468,57 @@ impl PgStore {
 impl TicketStore for PgStore {
     fn path(&self) -> &Path {
         &self.label
+    }
+
+    fn audit(&self, e: &AuditEntry) -> Result<(), TicketDbError> {
+        self.client()?
+            .execute(
+                "INSERT INTO mcast_audit (at_unix, ticket_id, holder, title, receiver, outcome,
+                     plays_left, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &to_i64(e.at_unix),
+                    &e.ticket_id,
+                    &e.holder,
+                    &e.title,
+                    &e.receiver,
+                    &e.outcome,
+                    &e.plays_left.map(i64::from),
+                    &e.reason,
+                ],
+            )
+            .map_err(self.err("cannot record the play in the audit log"))?;
+        Ok(())
+    }
+
+    fn audit_list(
+        &self,
+        title: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, TicketDbError> {
+        let rows = self
+            .client()?
+            .query(
+                "SELECT at_unix, ticket_id, holder, title, receiver, outcome, plays_left, reason
+                 FROM mcast_audit WHERE $1::TEXT IS NULL OR title = $1
+                 ORDER BY id DESC LIMIT $2",
+                &[&title, &i64::from(limit)],
+            )
+            .map_err(self.err("cannot read the audit log"))?;
+        let mut v: Vec<AuditEntry> = rows
+            .iter()
+            .map(|r| AuditEntry {
+                at_unix: to_u64(r.get(0)),
+                ticket_id: r.get(1),
+                holder: r.get(2),
+                title: r.get(3),
+                receiver: r.get(4),
+                outcome: r.get(5),
+                plays_left: r.get::<_, Option<i64>>(6).map(to_u32),
+                reason: r.get(7),
+            })
+            .collect();
+        v.reverse();
+        Ok(v)
     }
 
     fn insert(&self, t: &Ticket, wrapped_part: &[u8]) -> Result<(), TicketDbError> {
@@ -753,6 +819,28 @@ mod tests {
         );
         db.remove(&t.ticket_id).unwrap();
         assert!(db.get(&t.ticket_id).unwrap().is_none());
+        // The audit log (schema 2): rows come back oldest first, filtered by title.
+        let title = format!("audit-{}", hex::encode(t.ticket_id));
+        let e = |outcome: &str, at| AuditEntry {
+            at_unix: at,
+            ticket_id: hex::encode(t.ticket_id),
+            holder: "pg-test".into(),
+            title: title.clone(),
+            receiver: "127.0.0.1:5000".into(),
+            outcome: outcome.into(),
+            plays_left: (outcome == "granted").then_some(1),
+            reason: String::new(),
+        };
+        db.audit(&e("granted", 70)).unwrap();
+        db.audit(&e("refused", 71)).unwrap();
+        assert_eq!(
+            db.audit_list(Some(&title), 10).unwrap(),
+            vec![e("granted", 70), e("refused", 71)]
+        );
+        assert_eq!(
+            db.audit_list(Some(&title), 1).unwrap(),
+            vec![e("refused", 71)]
+        );
     }
 
     /// A server whose certificate another CA signed is refused, and the message names the CA

@@ -23,7 +23,7 @@ use mcast_keys::{Identity, KeyStore, PublicIdentity};
 
 use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
-use super::{check, Refusal, TicketDbError, TicketStore};
+use super::{check, AuditEntry, Refusal, TicketDbError, TicketStore};
 use crate::config::{Database, TicketsConfig};
 use crate::wire::control::{Control, Envelope, ErrorCode};
 
@@ -46,7 +46,14 @@ pub struct TicketService {
     trusted: PublicIdentity,
     retry_secs: u64,
     refusals: RefusalLog,
+    /// Audit rows for requests that use no play (refusals of genuine tickets, repeated
+    /// grants, errors): at most [`AUDIT_PER_MINUTE`], so retries cannot grow the database
+    /// without bound. Grants that use a play are always recorded.
+    audit_budget: (u64, u32),
 }
+
+/// Audit rows a minute for requests that use no play (see `TicketService::audit_budget`).
+pub const AUDIT_PER_MINUTE: u32 = 600;
 
 /// Refusals are logged at most [`RefusalLog::PER_MINUTE`] a minute, then summed up: each one
 /// is a request from a proven address, but a client retrying a used-up ticket, or a
@@ -87,6 +94,22 @@ impl RefusalLog {
 }
 
 impl TicketService {
+    /// Whether another audit row for a request that used no play fits this minute.
+    fn audit_admit(&mut self, now_unix: u64) -> bool {
+        let minute = now_unix / 60;
+        if self.audit_budget.0 != minute {
+            self.audit_budget = (minute, 0);
+        }
+        self.audit_budget.1 = self.audit_budget.1.saturating_add(1);
+        if self.audit_budget.1 == AUDIT_PER_MINUTE + 1 {
+            tracing::warn!(
+                limit = AUDIT_PER_MINUTE,
+                "play requests that use no play beyond this a minute are not recorded in the audit log"
+            );
+        }
+        self.audit_budget.1 <= AUDIT_PER_MINUTE
+    }
+
     /// Open the ticket database at `db_path`, with the database key from `keys`.
     pub fn open(
         db_path: &Path,
@@ -104,6 +127,7 @@ impl TicketService {
             trusted,
             retry_secs,
             refusals: RefusalLog::default(),
+            audit_budget: (0, 0),
         })
     }
 
@@ -123,6 +147,7 @@ impl TicketService {
             trusted,
             retry_secs: cfg.retry_secs,
             refusals: RefusalLog::default(),
+            audit_budget: (0, 0),
         })
     }
 
@@ -158,29 +183,84 @@ impl TicketService {
             proof,
             nonce: &nonce,
         };
-        let reply = match self.play(&request, now_unix) {
-            Ok((ticket_id, sealed_part, signature)) => Control::PlayGrant {
-                ticket_id,
-                sealed_part,
-                signature,
-            },
+        // The presented ticket as it claims to be (for the audit log: who and which ticket;
+        // the outcome says whether it was genuine).
+        let claimed = mcast_keys::ticket::Ticket::decode(ticket).ok();
+        let mut entry = AuditEntry {
+            at_unix: now_unix,
+            ticket_id: claimed
+                .as_ref()
+                .map(|t| hex::encode(t.ticket_id))
+                .unwrap_or_default(),
+            holder: claimed
+                .as_ref()
+                .map(|t| t.holder.clone())
+                .unwrap_or_default(),
+            title: title.clone(),
+            receiver: from.to_string(),
+            outcome: String::new(),
+            plays_left: None,
+            reason: String::new(),
+        };
+        let (reply, record) = match self.play_detailed(&request, now_unix) {
+            Ok(g) => {
+                entry.outcome = if g.repeated { "repeat" } else { "granted" }.into();
+                entry.plays_left = Some(g.plays_left);
+                tracing::info!(at_unix = now_unix, ticket = %entry.ticket_id, holder = %entry.holder,
+                    title = %entry.title, receiver = %from, outcome = %entry.outcome,
+                    plays_left = g.plays_left, "play granted");
+                let reply = Control::PlayGrant {
+                    ticket_id: g.ticket_id,
+                    sealed_part: g.sealed,
+                    signature: g.signature,
+                };
+                (reply, !g.repeated || self.audit_admit(now_unix))
+            }
             Err(PlayError::Refused(r)) => {
-                if self.refusals.admit(now_unix) {
-                    tracing::info!(%from, title, reason = %r, "play ticket refused");
+                entry.outcome = "refused".into();
+                entry.reason = r.to_string();
+                // Tickets we signed are recorded up to the audit budget; forged or undecodable
+                // ones (anyone can send those) only as often as they are logged, so a flood
+                // cannot fill the database.
+                let ours = !matches!(
+                    r,
+                    Refusal::Malformed(_) | Refusal::BadSignature | Refusal::OtherServer { .. }
+                );
+                let logged = self.refusals.admit(now_unix);
+                if logged {
+                    tracing::info!(at_unix = now_unix, ticket = %entry.ticket_id, holder = %entry.holder,
+                        title = %entry.title, receiver = %from, outcome = "refused", reason = %r,
+                        "play ticket refused");
                 }
-                Control::Error {
+                let reply = Control::Error {
                     code: ErrorCode::TicketRefused,
                     message: r.to_string(),
-                }
+                };
+                (
+                    reply,
+                    if ours {
+                        self.audit_admit(now_unix)
+                    } else {
+                        logged
+                    },
+                )
             }
             Err(PlayError::Internal(e)) => {
                 tracing::error!(%from, title, error = %format!("{e:#}"), "play request failed");
-                Control::Error {
+                entry.outcome = "error".into();
+                entry.reason = format!("{e:#}");
+                let reply = Control::Error {
                     code: ErrorCode::Busy,
                     message: "the server's ticket database is unavailable; try again later".into(),
-                }
+                };
+                (reply, self.audit_admit(now_unix))
             }
         };
+        if record {
+            if let Err(e) = self.db.audit(&entry) {
+                tracing::error!(error = %e, ticket = %entry.ticket_id, "play not recorded in the audit log");
+            }
+        }
         Some(Envelope::new(env.receiver_id, env.req_id, reply).encode())
     }
 
@@ -195,6 +275,16 @@ impl TicketService {
         req: &PlayRequest<'_>,
         now_unix: u64,
     ) -> Result<(TicketId, Vec<u8>, [u8; 64]), PlayError> {
+        self.play_detailed(req, now_unix)
+            .map(|g| (g.ticket_id, g.sealed, g.signature))
+    }
+
+    /// [`TicketService::play`], saying also what the play left (for the audit log).
+    pub fn play_detailed(
+        &mut self,
+        req: &PlayRequest<'_>,
+        now_unix: u64,
+    ) -> Result<Grant, PlayError> {
         let (title, receiver_pub) = (req.title, req.receiver_pub);
         let claims = check(title, req.ticket, now_unix, &self.trusted)?;
         let wrapped = self
@@ -241,25 +331,42 @@ impl TicketService {
             now_unix,
             self.retry_secs,
         )??;
-        tracing::info!(
-            ticket = %hex::encode(claims.ticket_id),
-            title = %claims.title,
-            holder = %claims.holder,
-            plays_left = used.plays_left,
-            repeated = used.repeated,
-            "play granted"
-        );
         let signature = self.identity.sign(&grant_signed_bytes(
             &claims.ticket_id,
             receiver_pub,
             &sealed,
         ));
-        Ok((claims.ticket_id, sealed, signature))
+        Ok(Grant {
+            ticket_id: claims.ticket_id,
+            sealed,
+            signature,
+            plays_left: used.plays_left,
+            repeated: used.repeated,
+        })
+    }
+
+    /// The audit log, newest `limit` entries (of `title`), oldest first.
+    pub fn audit_list(
+        &self,
+        title: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, TicketDbError> {
+        self.db.audit_list(title, limit)
     }
 
     pub fn db_path(&self) -> &Path {
         self.db.path()
     }
+}
+
+/// A granted play: the sealed part B and its signature, and what the play left.
+pub struct Grant {
+    pub ticket_id: TicketId,
+    pub sealed: Vec<u8>,
+    pub signature: [u8; 64],
+    pub plays_left: u32,
+    /// A retry of an earlier grant to the same receiver key: no play used.
+    pub repeated: bool,
 }
 
 /// A play request's fields, and the nonce its proof is bound to.
@@ -482,6 +589,20 @@ mod tests {
         assert!(matches!(e, PlayError::Internal(_)), "{e:?}");
         assert_eq!(svc.db.get(&t2.ticket_id).unwrap().unwrap().plays_left, 1);
         play2(&mut svc, &r.public(), 208).unwrap();
+        // Every request that went through the datagram path is in the audit log, with the
+        // holder and the receiver's address.
+        let log = svc.audit_list(None, 100).unwrap();
+        let outcomes: Vec<&str> = log.iter().map(|e| e.outcome.as_str()).collect();
+        assert_eq!(
+            outcomes,
+            ["granted", "repeat", "refused", "refused", "refused", "refused"]
+        );
+        assert!(log.iter().all(|e| e.holder == "carol"
+            && e.receiver == "127.0.0.1:9"
+            && e.ticket_id == hex::encode(t.ticket_id)));
+        assert_eq!((log[0].plays_left, log[0].at_unix), (Some(0), 200));
+        assert!(log[4].reason.contains("already used"), "{:?}", log[4]);
+        assert_eq!(svc.audit_list(Some("other"), 100).unwrap().len(), 1);
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //! tickets(ticket_id PK, title, archive_id, holder, plays, plays_left, expires_unix,
 //!         issued_unix, revoked_unix, part_b)        -- part_b: wrapped
 //! grants(ticket_id, receiver_pub, granted_unix)     -- one row per play granted
+//! audit(id, at_unix, ticket_id, holder, title, receiver, outcome, plays_left, reason)
+//!                                                   -- every play request (schema 2)
 //! ```
+//! A schema-1 file gains the `audit` table when opened (its rows stay as they are).
 //!
 //! A play is used by one conditional `UPDATE` (`plays_left > 0`, not revoked, not expired)
 //! inside an immediate transaction that also records the receiver's ephemeral key, so that
@@ -26,11 +29,12 @@ use mcast_keys::ticket::{Ticket, TicketId};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    revoke_outcome, to_i64, to_u64, why_refused, Consumed, Refusal, Revoked, TicketDbError,
-    TicketRow, TicketStatus, TicketStore,
+    revoke_outcome, to_i64, to_u64, why_refused, AuditEntry, Consumed, Refusal, Revoked,
+    TicketDbError, TicketRow, TicketStatus, TicketStore,
 };
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2: the `audit` table (a version-1 file is migrated on open).
+const SCHEMA_VERSION: i64 = 2;
 
 /// The SQLite backend (one server; the default).
 pub struct SqliteStore {
@@ -85,7 +89,19 @@ impl SqliteStore {
                  receiver_pub BLOB NOT NULL,
                  granted_unix INTEGER NOT NULL,
                  PRIMARY KEY (ticket_id, receiver_pub));
-             INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 1);",
+             CREATE TABLE IF NOT EXISTS audit (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 at_unix INTEGER NOT NULL,
+                 ticket_id TEXT NOT NULL,
+                 holder TEXT NOT NULL,
+                 title TEXT NOT NULL,
+                 receiver TEXT NOT NULL,
+                 outcome TEXT NOT NULL,
+                 plays_left INTEGER,
+                 reason TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS audit_title ON audit (title, id);
+             INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 2);
+             UPDATE meta SET value = 2 WHERE key = 'schema' AND value = 1;",
         )
         .map_err(sql("cannot create the schema"))?;
         let version: i64 = conn
@@ -147,6 +163,59 @@ impl SqliteStore {
 impl TicketStore for SqliteStore {
     fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn audit(&self, e: &AuditEntry) -> Result<(), TicketDbError> {
+        self.conn
+            .execute(
+                "INSERT INTO audit (at_unix, ticket_id, holder, title, receiver, outcome,
+                     plays_left, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    to_i64(e.at_unix),
+                    e.ticket_id,
+                    e.holder,
+                    e.title,
+                    e.receiver,
+                    e.outcome,
+                    e.plays_left,
+                    e.reason
+                ],
+            )
+            .map_err(self.sql("cannot record the play in the audit log"))?;
+        Ok(())
+    }
+
+    fn audit_list(
+        &self,
+        title: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, TicketDbError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT at_unix, ticket_id, holder, title, receiver, outcome, plays_left, reason
+                 FROM audit WHERE ?1 IS NULL OR title = ?1 ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(self.sql("cannot read the audit log"))?;
+        let rows = st
+            .query_map(params![title, limit], |r| {
+                Ok(AuditEntry {
+                    at_unix: to_u64(r.get(0)?),
+                    ticket_id: r.get(1)?,
+                    holder: r.get(2)?,
+                    title: r.get(3)?,
+                    receiver: r.get(4)?,
+                    outcome: r.get(5)?,
+                    plays_left: r.get(6)?,
+                    reason: r.get(7)?,
+                })
+            })
+            .map_err(self.sql("cannot read the audit log"))?;
+        let mut v = rows
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.sql("cannot read an audit row"))?;
+        v.reverse();
+        Ok(v)
     }
 
     /// Record a newly issued ticket with its (wrapped) part B.
@@ -528,5 +597,65 @@ mod tests {
         std::fs::write(&path, vec![b'x'; 4096]).unwrap();
         let e = SqliteStore::open(&path).err().unwrap().to_string();
         assert!(e.contains("t.sqlite"), "{e}");
+    }
+
+    #[test]
+    fn schema_1_is_migrated_and_the_audit_log_lists_plays() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("old.sqlite");
+        {
+            // A file as the schema-1 build left it.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 CREATE TABLE tickets (ticket_id BLOB PRIMARY KEY, title TEXT NOT NULL,
+                     archive_id BLOB NOT NULL, holder TEXT NOT NULL, plays INTEGER NOT NULL,
+                     plays_left INTEGER NOT NULL, expires_unix INTEGER NOT NULL,
+                     issued_unix INTEGER NOT NULL, revoked_unix INTEGER NOT NULL DEFAULT 0,
+                     part_b BLOB NOT NULL);
+                 CREATE TABLE grants (ticket_id BLOB NOT NULL, receiver_pub BLOB NOT NULL,
+                     granted_unix INTEGER NOT NULL, PRIMARY KEY (ticket_id, receiver_pub));
+                 INSERT INTO meta (key, value) VALUES ('schema', 1);",
+            )
+            .unwrap();
+        }
+        let db = SqliteStore::open(&path).unwrap();
+        let e = |title: &str, outcome: &str, at| AuditEntry {
+            at_unix: at,
+            ticket_id: "ab".repeat(16),
+            holder: "box-17".into(),
+            title: title.into(),
+            receiver: "127.0.0.1:5000".into(),
+            outcome: outcome.into(),
+            plays_left: (outcome == "granted").then_some(0),
+            reason: String::new(),
+        };
+        db.audit(&e("film", "granted", 1)).unwrap();
+        db.audit(&e("other", "refused", 2)).unwrap();
+        db.audit(&e("film", "refused", 3)).unwrap();
+        let all = db.audit_list(None, 10).unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0], e("film", "granted", 1));
+        let film = db.audit_list(Some("film"), 10).unwrap();
+        assert_eq!(film.iter().map(|e| e.at_unix).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(db.audit_list(None, 1).unwrap()[0].at_unix, 3);
+        drop(db);
+        // Opened again: already version 2.
+        let v: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(v, 2);
+        assert_eq!(
+            SqliteStore::open(&path)
+                .unwrap()
+                .audit_list(None, 10)
+                .unwrap()
+                .len(),
+            3
+        );
     }
 }

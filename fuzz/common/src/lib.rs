@@ -64,6 +64,9 @@ pub fn world() -> World {
     let (hash_region, block_hashes) = tree.finish();
     let mut head = Head {
         advert: false,
+        plugin: false,
+        advert_for: Vec::new(),
+        placement: Default::default(),
         leaf_hash: LeafHash::Sha256,
         cipher: Cipher::Aes256Gcm,
         compression: Compression::None,

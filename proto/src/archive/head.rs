@@ -5,15 +5,19 @@
 //! its data packets (see [`super::manifest`]). It also names the title, cipher, sizes, the
 //! plaintext hash and the key id that lets a wrong key be told apart from tampering.
 //!
-//! Encoding (little-endian; version 1 without FEC, version 3 with it):
+//! Encoding (little-endian; version 1 without FEC, version 3 with it, version 4 for
+//! plug-ins and adverts associated with titles):
 //!
 //! ```text
 //! "MCHD" version:u8 flags:u8 cipher:u8 compression:u8
 //! archive_id:[16] key_id:[16] title:str16 watermark:str16 created_unix:u64
 //! plain_len:u64 plain_hash:[32] frame_size:u32 frame_count:u64 data_len:u64
-//! symbol_size:u32 block_symbols:u32 repair_symbols:u32 [fec_source:u32 — v3 only]
+//! symbol_size:u32 block_symbols:u32 repair_symbols:u32 [fec_source:u32 — v3, v4 (0: no FEC)]
+//! [placement:u8 n_for:u8 for_titles:str16*n_for — v4 only]
 //! n_blocks:u64 server_key:[32] block_hashes:[32; n_blocks] signature:[64]
 //! ```
+//! Version 4 is written only when needed (a plug-in, or an advert with associations), so
+//! ordinary titles stay readable by older receivers; older builds refuse v4 by its version.
 //! `n_blocks` counts every hash packet: the data blocks', then the repair symbols' (see
 //! [`super::fec`]). Version 2 (one development release) hashed only the stored repair
 //! symbols; version 3 hashes every symbol of the code, extras too, and 2 is refused. The signature covers `"mcast head v1" || every byte before it`.
@@ -27,6 +31,8 @@ pub const HEAD_MAGIC: &[u8; 4] = b"MCHD";
 /// written for archives without repair symbols, so older receivers keep loading them.
 pub const HEAD_VERSION: u8 = 3;
 pub const HEAD_VERSION_NO_FEC: u8 = 1;
+/// Head version of plug-ins and of adverts associated with titles (FIG. 3 association rules).
+pub const HEAD_VERSION_ASSOC: u8 = 4;
 const SIGN_CONTEXT: &[u8] = b"mcast head v1";
 
 /// Flag bit: an unencrypted advertisement archive.
@@ -37,6 +43,10 @@ pub const FLAG_LEAF_SHA256: u8 = 2;
 /// ([`mcast_keys::MasterKey::plain_hasher`]), so it confirms nothing to those without it.
 /// Encrypted archives packed before this flag hash the plaintext unkeyed.
 pub const FLAG_KEYED_PLAIN_HASH: u8 = 4;
+/// Flag bit (v4 only): a plug-in/codec archive, neither encrypted nor watermarked.
+pub const FLAG_PLUGIN: u8 = 8;
+/// Most titles one advert may be associated with.
+pub const MAX_ADVERT_FOR: usize = 32;
 
 /// Smallest and largest packet payloads ("symbols") an archive may use.
 pub const MIN_SYMBOL_SIZE: u32 = 256;
@@ -91,10 +101,35 @@ impl Compression {
     }
 }
 
+/// Where an associated advert plays around its title.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// Before the title.
+    #[default]
+    Leader,
+    /// After the title.
+    Trailer,
+}
+
+impl Placement {
+    pub fn name(self) -> &'static str {
+        match self {
+            Placement::Leader => "leader",
+            Placement::Trailer => "trailer",
+        }
+    }
+}
+
 /// Decoded, signature-checked-or-not head. Fields are public: it is plain data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Head {
     pub advert: bool,
+    /// A plug-in/codec archive (unencrypted, no watermark).
+    pub plugin: bool,
+    /// Titles this advert plays with (signed: the only source receivers act on).
+    pub advert_for: Vec<String>,
+    /// Leader or trailer of those titles.
+    pub placement: Placement,
     /// How data packets are hashed into the manifest's leaves.
     pub leaf_hash: super::manifest::LeafHash,
     pub cipher: Cipher,
@@ -137,7 +172,7 @@ pub struct Head {
 pub enum HeadError {
     #[error("not an mcast archive head (bad magic)")]
     Magic,
-    #[error("archive head version {0} is not supported by this build (it reads {HEAD_VERSION_NO_FEC} and {HEAD_VERSION}): repack the title with this build's `mcastd pack`")]
+    #[error("archive head version {0} is not supported by this build (it reads {HEAD_VERSION_NO_FEC}, {HEAD_VERSION} and {HEAD_VERSION_ASSOC}): repack the title with this build's `mcastd pack`")]
     Version(u8),
     #[error("archive head is truncated: {0}")]
     Short(#[from] Short),
@@ -153,9 +188,12 @@ fn bad(field: &'static str, why: impl Into<String>) -> HeadError {
 }
 
 impl Head {
-    /// Head version this head encodes as (1 unless it carries FEC).
+    /// Head version this head encodes as (4 with a plug-in flag or associations, else 1
+    /// unless it carries FEC).
     pub fn version(&self) -> u8 {
-        if self.fec_source == 0 {
+        if self.plugin || !self.advert_for.is_empty() {
+            HEAD_VERSION_ASSOC
+        } else if self.fec_source == 0 {
             HEAD_VERSION_NO_FEC
         } else {
             HEAD_VERSION
@@ -232,7 +270,8 @@ impl Head {
     fn signed_part(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(256 + self.block_hashes.len() * 32);
         b.extend_from_slice(HEAD_MAGIC);
-        b.put_u8(self.version());
+        let version = self.version();
+        b.put_u8(version);
         let leaf = match self.leaf_hash {
             super::manifest::LeafHash::Sha256 => FLAG_LEAF_SHA256,
             super::manifest::LeafHash::Blake3 => 0,
@@ -242,7 +281,8 @@ impl Head {
         } else {
             0
         };
-        b.put_u8(if self.advert { FLAG_ADVERT } else { 0 } | leaf | keyed);
+        let plugin = if self.plugin { FLAG_PLUGIN } else { 0 };
+        b.put_u8(if self.advert { FLAG_ADVERT } else { 0 } | leaf | keyed | plugin);
         b.put_u8(self.cipher.to_byte());
         b.put_u8(self.compression.to_byte());
         b.extend_from_slice(&self.archive_id);
@@ -258,8 +298,18 @@ impl Head {
         b.put_u32(self.symbol_size);
         b.put_u32(self.block_symbols);
         b.put_u32(self.repair_symbols);
-        if self.fec_source != 0 {
+        if version != HEAD_VERSION_NO_FEC {
             b.put_u32(self.fec_source);
+        }
+        if version == HEAD_VERSION_ASSOC {
+            b.put_u8(match self.placement {
+                Placement::Leader => 0,
+                Placement::Trailer => 1,
+            });
+            b.put_u8(self.advert_for.len().min(MAX_ADVERT_FOR) as u8);
+            for t in self.advert_for.iter().take(MAX_ADVERT_FOR) {
+                b.put_short_bytes(t.as_bytes());
+            }
         }
         b.put_u64(self.block_hashes.len() as u64);
         b.extend_from_slice(&self.server_key.0);
@@ -306,11 +356,19 @@ impl Head {
             return Err(HeadError::Magic);
         }
         let version = r.u8("version")?;
-        if version != HEAD_VERSION && version != HEAD_VERSION_NO_FEC {
+        if ![HEAD_VERSION, HEAD_VERSION_NO_FEC, HEAD_VERSION_ASSOC].contains(&version) {
             return Err(HeadError::Version(version));
         }
         let flags = r.u8("flags")?;
-        if flags & !(FLAG_ADVERT | FLAG_LEAF_SHA256 | FLAG_KEYED_PLAIN_HASH) != 0 {
+        let known = FLAG_ADVERT
+            | FLAG_LEAF_SHA256
+            | FLAG_KEYED_PLAIN_HASH
+            | if version == HEAD_VERSION_ASSOC {
+                FLAG_PLUGIN
+            } else {
+                0
+            };
+        if flags & !known != 0 {
             return Err(bad("flags", format!("unknown bits {flags:#x}")));
         }
         let cipher_b = r.u8("cipher")?;
@@ -350,9 +408,13 @@ impl Head {
             return Err(bad("block_symbols", "must equal symbol_size / 32"));
         }
         let repair_symbols = r.u32("repair_symbols")?;
-        let fec_source = if version == HEAD_VERSION {
+        let fec_source = if version != HEAD_VERSION_NO_FEC {
             let k = r.u32("fec_source")?;
-            if !super::fec::supported(k, repair_symbols) {
+            if version == HEAD_VERSION_ASSOC && k == 0 {
+                if repair_symbols != 0 {
+                    return Err(bad("repair_symbols", "must be 0 without fec_source"));
+                }
+            } else if !super::fec::supported(k, repair_symbols) {
                 return Err(bad(
                     "fec_source",
                     format!("{k} source and {repair_symbols} repair symbols per block are not a supported code"),
@@ -364,6 +426,11 @@ impl Head {
                 return Err(bad("repair_symbols", "must be 0 in a version 1 head"));
             }
             0
+        };
+        let (placement, advert_for) = if version == HEAD_VERSION_ASSOC {
+            decode_associations(&mut r, flags, cipher, &watermark)?
+        } else {
+            (Placement::Leader, Vec::new())
         };
         let n_blocks = r.u64("n_blocks")?;
         let data_packets = data_len.div_ceil(symbol_size as u64);
@@ -401,6 +468,9 @@ impl Head {
         }
         Ok(Head {
             advert: flags & FLAG_ADVERT != 0,
+            plugin: flags & FLAG_PLUGIN != 0,
+            advert_for,
+            placement,
             plain_hash_keyed: flags & FLAG_KEYED_PLAIN_HASH != 0,
             leaf_hash: if flags & FLAG_LEAF_SHA256 != 0 {
                 super::manifest::LeafHash::Sha256
@@ -430,6 +500,56 @@ impl Head {
     }
 }
 
+/// The v4 fields, with the rules that keep the encoding canonical (one head, one byte string):
+/// a plug-in is unencrypted, unwatermarked and no advert; associations belong to adverts;
+/// a v4 head is a plug-in or has associations.
+fn decode_associations(
+    r: &mut Reader<'_>,
+    flags: u8,
+    cipher: Cipher,
+    watermark: &str,
+) -> Result<(Placement, Vec<String>), HeadError> {
+    let placement = match r.u8("placement")? {
+        0 => Placement::Leader,
+        1 => Placement::Trailer,
+        p => return Err(bad("placement", format!("unknown {p}"))),
+    };
+    let n = r.u8("n_for")? as usize;
+    if n > MAX_ADVERT_FOR {
+        return Err(bad(
+            "n_for",
+            format!("{n} titles; at most {MAX_ADVERT_FOR}"),
+        ));
+    }
+    let mut titles = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = String::from_utf8(r.short_bytes(MAX_TITLE_LEN, "for_titles")?.to_vec())
+            .map_err(|_| bad("for_titles", "not UTF-8"))?;
+        mcast_keys::title::validate_title(&t).map_err(|e| bad("for_titles", e.to_string()))?;
+        titles.push(t);
+    }
+    let (advert, plugin) = (flags & FLAG_ADVERT != 0, flags & FLAG_PLUGIN != 0);
+    if plugin && (advert || cipher != Cipher::None || !watermark.is_empty()) {
+        return Err(bad(
+            "flags",
+            "a plug-in is neither an advert, encrypted nor watermarked",
+        ));
+    }
+    if !titles.is_empty() && !advert {
+        return Err(bad("n_for", "only adverts are associated with titles"));
+    }
+    if !plugin && titles.is_empty() {
+        return Err(bad(
+            "version",
+            "a version 4 head without plug-in flag or associations",
+        ));
+    }
+    if titles.is_empty() && placement != Placement::Leader {
+        return Err(bad("placement", "a trailer of no title"));
+    }
+    Ok((placement, titles))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,6 +557,9 @@ mod tests {
     pub(crate) fn sample() -> Head {
         Head {
             advert: false,
+            plugin: false,
+            advert_for: Vec::new(),
+            placement: Placement::Leader,
             leaf_hash: Default::default(),
             cipher: Cipher::Aes256Gcm,
             compression: Compression::Zstd,
@@ -494,5 +617,85 @@ mod tests {
         for n in 0..bytes.len() {
             assert!(Head::decode(&bytes[..n]).is_err());
         }
+    }
+
+    #[test]
+    fn associations_roundtrip_signed() {
+        let id = mcast_keys::Identity::from_secret(&[7; 32]);
+        let mut h = sample();
+        h.advert = true;
+        h.cipher = Cipher::None;
+        h.key_id = [0; 16];
+        h.advert_for = vec!["film-1".into(), "film-2".into()];
+        h.placement = Placement::Trailer;
+        h.sign(&id);
+        assert_eq!(h.version(), HEAD_VERSION_ASSOC);
+        let bytes = h.encode();
+        let d = Head::decode(&bytes).unwrap();
+        assert_eq!(d, h);
+        d.verify_with(&id.public()).unwrap();
+        // The association is signed: any change to it fails the signature or the decode.
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x01;
+            if let Ok(x) = Head::decode(&b) {
+                assert!(x.verify_with(&id.public()).is_err(), "flip at {i} accepted");
+            }
+        }
+        for n in 0..bytes.len() {
+            assert!(Head::decode(&bytes[..n]).is_err());
+        }
+        // Swapping the title list for another film does not verify.
+        let mut forged = d.clone();
+        forged.advert_for = vec!["film-3".into()];
+        assert!(Head::decode(&forged.encode())
+            .unwrap()
+            .verify_with(&id.public())
+            .is_err());
+        // Without associations an advert stays a version 1 head (older receivers read it).
+        let mut plain = h.clone();
+        plain.advert_for.clear();
+        plain.placement = Placement::Leader;
+        assert_eq!(plain.version(), HEAD_VERSION_NO_FEC);
+        assert_eq!(Head::decode(&plain.encode()).unwrap(), plain);
+    }
+
+    #[test]
+    fn plugin_roundtrip_and_rules() {
+        let id = mcast_keys::Identity::from_secret(&[9; 32]);
+        let mut h = sample();
+        h.plugin = true;
+        h.cipher = Cipher::None;
+        h.key_id = [0; 16];
+        h.watermark.clear();
+        h.sign(&id);
+        let d = Head::decode(&h.encode()).unwrap();
+        assert_eq!(d, h);
+        assert_eq!(d.version(), HEAD_VERSION_ASSOC);
+        // A watermarked or encrypted "plug-in" is refused at decode.
+        let mut w = h.clone();
+        w.watermark = "owner".into();
+        assert!(matches!(
+            Head::decode(&w.encode()),
+            Err(HeadError::Field { field: "flags", .. })
+        ));
+        let mut e = h.clone();
+        e.cipher = Cipher::Aes256Gcm;
+        assert!(Head::decode(&e.encode()).is_err());
+        // Associations on a non-advert are refused.
+        let mut a = sample();
+        a.advert_for = vec!["film-1".into()];
+        assert!(Head::decode(&a.encode()).is_err());
+        // The plug-in flag is unknown in older versions.
+        let mut b = sample().encode();
+        b[5] |= FLAG_PLUGIN;
+        assert!(Head::decode(&b).is_err());
+        // FEC with associations: fec_source is carried.
+        let mut f = sample();
+        f.advert = true;
+        f.cipher = Cipher::None;
+        f.advert_for = vec!["x".into()];
+        f.repair_symbols = 0;
+        assert_eq!(Head::decode(&f.encode()).unwrap(), f);
     }
 }

@@ -137,17 +137,27 @@ impl ChannelManager {
 
     pub(super) fn catalog_request(&mut self, from: SocketAddr, env: &Envelope, start: u16) {
         let titles = &self.catalog.titles;
-        let items: Vec<CatalogItem> = titles
-            .values()
-            .skip(start as usize)
-            .take(40)
-            .map(|t| CatalogItem {
-                title: t.head.title.clone(),
-                plain_len: t.head.plain_len,
+        // Pages of at most 40 items and ~8 KB (associations make items long).
+        let mut items: Vec<CatalogItem> = Vec::new();
+        let mut bytes = 0;
+        for t in titles.values().skip(start as usize).take(40) {
+            let h = &t.head;
+            let item = CatalogItem {
+                title: h.title.clone(),
+                plain_len: h.plain_len,
                 archive_len: t.archive_len,
-                advert: t.head.advert,
-            })
-            .collect();
+                advert: h.advert,
+                plugin: h.plugin,
+                trailer: h.placement == crate::archive::head::Placement::Trailer,
+                advert_for: h.advert_for.clone(),
+                watermark: h.watermark.clone(),
+            };
+            bytes += item.encoded_len();
+            if bytes > 8 * 1024 && !items.is_empty() {
+                break;
+            }
+            items.push(item);
+        }
         let more = start as usize + items.len() < titles.len();
         self.reply(from, env, Control::CatalogReply { items, more });
     }

@@ -96,6 +96,9 @@ impl SimArchive {
         let id = sim_identity();
         let mut head = Head {
             advert: false,
+            plugin: false,
+            advert_for: Vec::new(),
+            placement: Default::default(),
             leaf_hash,
             cipher: mcast_keys::Cipher::Aes256Gcm,
             compression: Compression::None,

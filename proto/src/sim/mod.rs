@@ -146,6 +146,9 @@ pub fn sim_head(data_packets: u64, symbol_size: u32) -> Head {
     let n_blocks = data_packets.div_ceil(k);
     Head {
         advert: false,
+        plugin: false,
+        advert_for: Vec::new(),
+        placement: Default::default(),
         leaf_hash: Default::default(),
         cipher: mcast_keys::Cipher::Aes256Gcm,
         compression: Compression::None,

@@ -26,8 +26,9 @@ use crate::codec::{Reader, Writer};
 use super::{get_addr, get_ip, get_str, put_addr, put_ip, WireError};
 pub use crate::address_token::AddressToken;
 
-/// Version of the control envelope (2: flags, address token and padding).
-pub const CONTROL_VERSION: u8 = 3;
+/// Version of the control envelope (2: flags, address token and padding; 4: catalogue
+/// items carry kind, associations and watermark).
+pub const CONTROL_VERSION: u8 = 4;
 /// An address token follows the header.
 pub const FLAG_TOKEN: u8 = 1;
 /// Padding follows the body.
@@ -104,13 +105,48 @@ fn clip(s: &str, max: usize) -> &[u8] {
 pub type ArchiveId = [u8; 16];
 pub type Cookie = [u8; 16];
 
-/// One catalogue line.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One catalogue line. Unauthenticated: receivers use it to find candidates (which adverts
+/// may go with a title) and act only on what the signed head of the archive says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CatalogItem {
     pub title: String,
     pub plain_len: u64,
     pub archive_len: u64,
     pub advert: bool,
+    /// A plug-in/codec archive.
+    pub plugin: bool,
+    /// The advert plays after `advert_for` (else before).
+    pub trailer: bool,
+    /// Titles the advert is associated with (at most [`MAX_CATALOG_FOR`]).
+    pub advert_for: Vec<String>,
+    /// Owner label of the head (at most [`MAX_CATALOG_WATERMARK`] bytes).
+    pub watermark: String,
+}
+
+/// Most associated titles one catalogue item carries.
+pub const MAX_CATALOG_FOR: usize = 32;
+/// Longest watermark a catalogue item carries.
+pub const MAX_CATALOG_WATERMARK: usize = 256;
+const ITEM_ADVERT: u8 = 1;
+const ITEM_PLUGIN: u8 = 2;
+const ITEM_TRAILER: u8 = 4;
+
+impl CatalogItem {
+    /// Bytes this item takes in a [`Control::CatalogReply`] (servers fill pages by it).
+    pub fn encoded_len(&self) -> usize {
+        let t = |s: &str| 2 + s.len().min(128);
+        t(&self.title)
+            + 17
+            + 2
+            + self.watermark.len().min(MAX_CATALOG_WATERMARK)
+            + 1
+            + self
+                .advert_for
+                .iter()
+                .take(MAX_CATALOG_FOR)
+                .map(|s| t(s))
+                .sum::<usize>()
+    }
 }
 
 /// Error codes in [`Control::Error`].
@@ -528,10 +564,20 @@ impl Envelope {
                 b.put_u8(*more as u8);
                 b.put_u16(items.len() as u16);
                 for it in items {
-                    b.put_short_bytes(it.title.as_bytes());
+                    b.put_short_bytes(clip(&it.title, 128));
                     b.put_u64(it.plain_len);
                     b.put_u64(it.archive_len);
-                    b.put_u8(it.advert as u8);
+                    b.put_u8(
+                        if it.advert { ITEM_ADVERT } else { 0 }
+                            | if it.plugin { ITEM_PLUGIN } else { 0 }
+                            | if it.trailer { ITEM_TRAILER } else { 0 },
+                    );
+                    b.put_short_bytes(clip(&it.watermark, MAX_CATALOG_WATERMARK));
+                    let n = it.advert_for.len().min(MAX_CATALOG_FOR);
+                    b.put_u8(n as u8);
+                    for f in &it.advert_for[..n] {
+                        b.put_short_bytes(clip(f, 128));
+                    }
                 }
                 t::CATALOG
             }
@@ -715,13 +761,33 @@ impl Envelope {
             t::CATALOG => {
                 let more = r.u8("more")? != 0;
                 let n = r.u16("count")? as usize;
-                let mut items = Vec::with_capacity(n.min(r.remaining() / 19));
+                let mut items = Vec::with_capacity(n.min(r.remaining() / 22));
                 for _ in 0..n {
+                    let title = get_str(&mut r, 128, "title")?;
+                    let plain_len = r.u64("plain_len")?;
+                    let archive_len = r.u64("archive_len")?;
+                    let kind = r.u8("kind")?;
+                    if kind & !(ITEM_ADVERT | ITEM_PLUGIN | ITEM_TRAILER) != 0 {
+                        return Err(WireError::Field("kind"));
+                    }
+                    let watermark = get_str(&mut r, MAX_CATALOG_WATERMARK, "watermark")?;
+                    let n_for = r.u8("n_for")? as usize;
+                    if n_for > MAX_CATALOG_FOR {
+                        return Err(WireError::Field("n_for"));
+                    }
+                    let mut advert_for = Vec::with_capacity(n_for);
+                    for _ in 0..n_for {
+                        advert_for.push(get_str(&mut r, 128, "advert_for")?);
+                    }
                     items.push(CatalogItem {
-                        title: get_str(&mut r, 128, "title")?,
-                        plain_len: r.u64("plain_len")?,
-                        archive_len: r.u64("archive_len")?,
-                        advert: r.u8("advert")? != 0,
+                        title,
+                        plain_len,
+                        archive_len,
+                        advert: kind & ITEM_ADVERT != 0,
+                        plugin: kind & ITEM_PLUGIN != 0,
+                        trailer: kind & ITEM_TRAILER != 0,
+                        advert_for,
+                        watermark,
                     });
                 }
                 Control::CatalogReply { items, more }
@@ -904,12 +970,23 @@ mod tests {
             },
             Control::StatsRequest,
             Control::CatalogReply {
-                items: vec![CatalogItem {
-                    title: "a".into(),
-                    plain_len: 1,
-                    archive_len: 2,
-                    advert: true,
-                }],
+                items: vec![
+                    CatalogItem {
+                        title: "a".into(),
+                        plain_len: 1,
+                        archive_len: 2,
+                        advert: true,
+                        trailer: true,
+                        advert_for: vec!["film-1".into(), "film-2".into()],
+                        watermark: "owner".into(),
+                        ..Default::default()
+                    },
+                    CatalogItem {
+                        title: "codec".into(),
+                        plugin: true,
+                        ..Default::default()
+                    },
+                ],
                 more: false,
             },
             Control::JoinOk {

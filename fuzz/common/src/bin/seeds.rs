@@ -145,12 +145,17 @@ fn control_seeds(o: &Out) {
                     plain_len: 1000,
                     archive_len: 1200,
                     advert: false,
+                    watermark: "owner".into(),
+                    ..Default::default()
                 },
                 CatalogItem {
                     title: "trailer".into(),
                     plain_len: 10,
                     archive_len: 20,
                     advert: true,
+                    trailer: true,
+                    advert_for: vec!["film".into()],
+                    ..Default::default()
                 },
             ],
             more: true,
@@ -408,10 +413,18 @@ fn packed(
     opts.cipher = cipher;
     opts.compress = compress;
     opts.advert = advert;
+    // Version-4 heads: an advert associated with titles, a plug-in.
+    if title == "advert-assoc" {
+        opts.advert_for = vec!["film".into(), "film-2".into()];
+        opts.placement = mcast::archive::head::Placement::Trailer;
+    }
+    if title == "plugin" {
+        opts.plugin = true;
+    }
     opts.frame_size = 1024;
     opts.symbol_size = 256;
     let r = pack(&input, &archives, &keys, &opts, &mut |_| {}).unwrap();
-    let key = if advert {
+    let key = if advert || opts.plugin {
         [0; 32]
     } else {
         *keys
@@ -439,6 +452,8 @@ fn archive_and_head_seeds(o: &Out, tmp: &Path) {
             4,
         ),
         ("advert", Cipher::None, CompressMode::Auto, true, 2),
+        ("advert-assoc", Cipher::None, CompressMode::Auto, true, 2),
+        ("plugin", Cipher::None, CompressMode::None, false, 2),
     ];
     for (name, cipher, compress, advert, flags) in cases {
         let (file, key) = packed(tmp, name, cipher, compress, advert);
