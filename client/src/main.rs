@@ -439,7 +439,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                     &o,
                     directors,
                     silence_timeout.max(Duration::from_millis(100)),
-                    stop,
+                    stop.clone(),
                 )
                 .map_err(stopped)?;
                 // The adverts come from the server that finished the title (its catalogue
