@@ -921,12 +921,26 @@ fn adverts_play_around_their_film_on_one_ticket() {
     );
     let cat = text(&out.stdout);
     assert!(out.status.success(), "{out:?}");
-    assert!(
-        cat.contains("leader:film,other-film")
-            && cat.contains("trailer:film")
-            && cat.contains("studio-7"),
-        "{cat}"
+    // Off a terminal: one JSON object per title.
+    let items: Vec<serde_json::Value> = cat
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let item = |t: &str| {
+        items
+            .iter()
+            .find(|i| i["title"] == t)
+            .unwrap_or_else(|| panic!("{cat}"))
+    };
+    assert_eq!(
+        item("ad-lead")["advert_for"],
+        serde_json::json!(["film", "other-film"])
     );
+    assert_eq!(item("ad-lead")["trailer"], false);
+    assert_eq!(item("ad-trail")["advert_for"], serde_json::json!(["film"]));
+    assert_eq!(item("ad-trail")["trailer"], true);
+    assert_eq!(item("codec")["plugin"], true);
+    assert_eq!(item("film")["watermark_unverified"], "studio-7");
 
     // One `get film` brings the film and its two adverts, not the other film's.
     site.get("film");
