@@ -419,10 +419,27 @@ fn an_ipv6_director_routes_to_an_ipv6_server() {
     let c = Cluster::with_family(5, 1, true);
     let mut a = c.server(0, "doc", MB, "rate_mbps = 100.0", "");
     let reference = a.root.join("archives/doc.mca");
+    // An advert for the title: a `get` through the director fetches it too, from the server
+    // that delivered the title.
+    let ad = a.root.join("ad.media");
+    fs::write(&ad, random_bytes(40_000, 9)).unwrap();
+    let o = Command::new(mcastd_bin())
+        .arg("--config")
+        .arg(&a.cfg)
+        .args(["pack", "--title", "ad-doc", "--advert", "--for", "doc"])
+        .arg(&ad)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
     c.start(&mut a);
     c.wait_state(0, &[&a], "online");
     let f = c.get("doc", &c.dir.path().join("r0"), &[]).wait(LIMIT);
     f.assert_complete(&reference);
+    assert_identical(
+        &c.dir.path().join("r0/ad-doc.mca"),
+        &a.root.join("archives/ad-doc.mca"),
+    );
     let v = done_json(&f);
     let ds = stats(c.director_addr(0));
     let (code, health) = http_get(a.health.unwrap(), "/health");
@@ -446,8 +463,16 @@ fn an_ipv6_director_routes_to_an_ipv6_server() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{o:?}");
-    let item: Value = serde_json::from_slice(&o.stdout).expect("one JSON line");
-    assert_eq!(item["title"], "doc", "{item}");
+    let items: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    assert_eq!(items.len(), 2, "{items:?}");
+    let item = &items[1];
+    assert_eq!(
+        (items[0]["title"].as_str(), item["title"].as_str()),
+        (Some("ad-doc"), Some("doc"))
+    );
     assert_eq!(item["server"], a.control.to_string(), "{item}");
     let o = Command::new(recv_bin())
         .args(["stats", "--director", &c.director_list()])
