@@ -311,6 +311,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut extras = crate::archive::extras::ExtraCache::default();
     let mut send_errors = 0u64;
     let mut unvalidated_unsent = 0u64;
+    let mut metrics = crate::metrics::MetricsDriver::new(beats.metrics(), Instant::now());
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         for _ in 0..256 {
@@ -410,6 +411,17 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         while let Some(ev) = mgr.poll_event() {
             log_event(&ev);
         }
+        let extra = crate::metrics::ServerExtras {
+            send_errors,
+            unvalidated_unsent,
+        };
+        metrics.poll(
+            Instant::now(),
+            &mut mgr,
+            extra,
+            beats.state(),
+            cfg.server.channels as u32,
+        );
         let wait = mgr
             .poll_timeout()
             .map(|d| d.saturating_duration_since(Instant::now()))

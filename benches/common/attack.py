@@ -24,7 +24,7 @@ import sys
 import time
 
 VERSION_DATA = 2
-VERSION_CONTROL = 3
+VERSION_CONTROL = 4
 NAK_KIND = 0x80
 
 
@@ -74,7 +74,7 @@ def nak(tag, rid, ranges):
 
 
 def control_join(rid, title):
-    """A join (control version 3) without a token, padded to 48 bytes like a real first request."""
+    """A join (control version 4) without a token, padded to 48 bytes like a real first request."""
     t = title.encode()
     b = struct.pack("<BBBQI", VERSION_CONTROL, 2, 2, rid, 1) + struct.pack("<H", len(t)) + t
     pad = max(0, 48 - len(b) - 2)
