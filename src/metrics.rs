@@ -779,7 +779,8 @@ pub struct ServerMetrics {
     extra: ServerExtras,
     state: Option<ServerState>,
     channel_slots: u32,
-    /// (title label, tier) → figures of the channels published last.
+    /// (title label, tier) → figures of the channels published last (zero for those with
+    /// no channel now).
     channels: BTreeMap<(String, usize), ChannelFigures>,
     /// (title label, tier) → payload bytes the group loops sent, accumulated across
     /// channels opening and closing.
@@ -840,7 +841,11 @@ impl ServerMetrics {
         self.state = state.or(self.state);
         self.channel_slots = channel_slots;
         self.hist.merge(hist);
-        self.channels.clear();
+        // A title and tier seen once keeps its series (at zero while no channel loops it), so
+        // members falling to none show as 0, not as a gap (bounded by the label caps).
+        for f in self.channels.values_mut() {
+            *f = ChannelFigures::default();
+        }
         let mut seen = HashMap::with_capacity(channels.len());
         for c in channels {
             let key = (self.titles.label(&c.title), c.tier);
