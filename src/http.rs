@@ -126,9 +126,8 @@ async fn serve(l: std::net::TcpListener, routes: Routes) {
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
             // A whole connection (keep-alive included) within a bound, so idle clients
             // cannot hold the slots.
-            match tokio::time::timeout(Duration::from_secs(30), conn).await {
-                Ok(Err(e)) => tracing::debug!(error = %e, "HTTP connection"),
-                Ok(Ok(())) | Err(_) => {}
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(30), conn).await {
+                tracing::debug!(error = %e, "HTTP connection");
             }
             open.fetch_sub(1, Ordering::Relaxed);
         });

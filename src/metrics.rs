@@ -1018,7 +1018,8 @@ pub fn render_director(stats: &crate::director::Stats, servers: &mut LabelCap) -
         p.bps += s.throughput_bps;
         p.routed += s.routed;
     }
-    let fams: [(&FamilyDef, fn(&Per) -> u64); 5] = [
+    type Of = fn(&Per) -> u64;
+    let fams: [(&FamilyDef, Of); 5] = [
         (&D_UP, |p| p.up),
         (&D_RECEIVERS, |p| p.receivers),
         (&D_CHANNELS, |p| p.channels),
