@@ -14,7 +14,7 @@
 //! [`MAX_SERVER_LABELS`] servers at a director) keep their name, later ones are folded into
 //! `other`; tiers are at most [`crate::wire::control::MAX_TIERS`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -782,20 +782,22 @@ pub struct ServerMetrics {
     /// (title label, tier) → figures of the channels published last (zero for those with
     /// no channel now).
     channels: BTreeMap<(String, usize), ChannelFigures>,
-    /// (title label, tier) → payload bytes the group loops sent, accumulated across
-    /// channels opening and closing.
+    /// (title label, tier) → payload bytes the group loops sent: closed channels' and open
+    /// ones', recomputed at each publish.
     sent: BTreeMap<(String, usize), u64>,
-    /// Channel id → its payload bytes at the last publish.
-    last_sent: HashMap<u32, u64>,
     titles: LabelCap,
     hist: ServerHistograms,
 }
 
-/// Counters the server driver keeps itself (outside the channel manager).
+/// What the server driver knows itself (outside the channel manager).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ServerExtras {
     pub send_errors: u64,
     pub unvalidated_unsent: u64,
+    /// The state the last heartbeat announced (`None` before the first).
+    pub state: Option<ServerState>,
+    /// `[server] channels`.
+    pub channel_slots: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -818,7 +820,6 @@ impl Default for ServerMetrics {
             channel_slots: 0,
             channels: BTreeMap::new(),
             sent: BTreeMap::new(),
-            last_sent: HashMap::new(),
             titles: LabelCap::new(MAX_TITLE_LABELS),
             hist: ServerHistograms::default(),
         }
@@ -831,27 +832,32 @@ impl ServerMetrics {
         &mut self,
         counters: &Counters,
         channels: &[ChannelStats],
+        closed_sent: &BTreeMap<(String, usize), u64>,
         extra: ServerExtras,
-        state: Option<ServerState>,
-        channel_slots: u32,
         hist: &ServerHistograms,
     ) {
         self.counters = counters.clone();
         self.extra = extra;
-        self.state = state.or(self.state);
-        self.channel_slots = channel_slots;
+        self.state = extra.state.or(self.state);
+        self.channel_slots = extra.channel_slots;
         self.hist.merge(hist);
         // A title and tier seen once keeps its series (at zero while no channel loops it), so
         // members falling to none show as 0, not as a gap (bounded by the label caps).
         for f in self.channels.values_mut() {
             *f = ChannelFigures::default();
         }
-        let mut seen = HashMap::with_capacity(channels.len());
+        for v in self.sent.values_mut() {
+            *v = 0;
+        }
+        for ((title, tier), bytes) in closed_sent {
+            let key = (self.titles.label(title), *tier);
+            *self.sent.entry(key.clone()).or_default() += bytes;
+            // A channel that opened and closed between two publishes has its series too.
+            self.channels.entry(key).or_default();
+        }
         for c in channels {
             let key = (self.titles.label(&c.title), c.tier);
-            let prev = self.last_sent.get(&c.channel).copied().unwrap_or(0);
-            *self.sent.entry(key.clone()).or_default() += c.payload_bytes_sent.saturating_sub(prev);
-            seen.insert(c.channel, c.payload_bytes_sent);
+            *self.sent.entry(key.clone()).or_default() += c.payload_bytes_sent;
             let f = self.channels.entry(key).or_default();
             f.members += c.members as u64;
             f.unicast += c.unicast as u64;
@@ -860,7 +866,6 @@ impl ServerMetrics {
             f.reported_loss_ppm += c.reported_loss_ppm as u64;
             f.n += 1;
         }
-        self.last_sent = seen;
     }
 
     /// The exposition text.
@@ -939,14 +944,7 @@ impl MetricsDriver {
     }
 
     /// Once per server loop turn.
-    pub fn poll(
-        &mut self,
-        now: Instant,
-        mgr: &mut ChannelManager,
-        extra: ServerExtras,
-        state: Option<ServerState>,
-        channel_slots: u32,
-    ) {
+    pub fn poll(&mut self, now: Instant, mgr: &mut ChannelManager, extra: ServerExtras) {
         while let Some(s) = mgr.poll_sample() {
             if self.shared.is_some() {
                 self.local.record(s);
@@ -964,9 +962,8 @@ impl MetricsDriver {
         m.publish(
             &stats.counters,
             &stats.channels,
+            mgr.closed_payload_bytes(),
             extra,
-            state,
-            channel_slots,
             &self.local,
         );
         drop(m);
@@ -1179,17 +1176,21 @@ mod tests {
         m.publish(
             &Counters::default(),
             &[],
-            ServerExtras::default(),
-            None,
-            4,
+            &BTreeMap::new(),
+            ServerExtras {
+                channel_slots: 4,
+                ..Default::default()
+            },
             &h,
         );
         m.publish(
             &Counters::default(),
             &[],
-            ServerExtras::default(),
-            None,
-            4,
+            &BTreeMap::new(),
+            ServerExtras {
+                channel_slots: 4,
+                ..Default::default()
+            },
             &h,
         );
         let text = m.render();
@@ -1261,23 +1262,34 @@ mod tests {
     fn titles_are_capped_and_sent_bytes_survive_channels_closing() {
         let mut m = ServerMetrics::default();
         let h = ServerHistograms::default();
-        let e = ServerExtras::default();
+        let e = ServerExtras {
+            channel_slots: 200,
+            ..Default::default()
+        };
         let mut chans: Vec<ChannelStats> = (0..MAX_TITLE_LABELS as u32 + 5)
             .map(|i| chan(i, &format!("t\"{i}"), 0, 100, 1))
             .collect();
+        let none = BTreeMap::new();
         m.publish(
             &Counters::default(),
             &chans,
-            e,
-            Some(ServerState::Online),
-            200,
+            &none,
+            ServerExtras {
+                state: Some(ServerState::Online),
+                ..e
+            },
             &h,
         );
-        // Channel 0 grows, then closes; a new channel of its title starts from zero.
+        // Channel 0 grows, then closes (its bytes move to the closed count); a new channel
+        // of its title starts from zero.
         chans[0].payload_bytes_sent = 250;
-        m.publish(&Counters::default(), &chans, e, None, 200, &h);
+        m.publish(&Counters::default(), &chans, &none, e, &h);
+        let closed = BTreeMap::from([(("t\"0".to_string(), 0), 250)]);
         chans[0] = chan(999, "t\"0", 0, 40, 2);
-        m.publish(&Counters::default(), &chans, e, None, 200, &h);
+        m.publish(&Counters::default(), &chans, &closed, e, &h);
+        // A title and tier whose only channel closed between publishes has its series.
+        let closed = BTreeMap::from([(("t\"0".to_string(), 0), 250), (("t\"1".to_string(), 2), 7)]);
+        m.publish(&Counters::default(), &chans, &closed, e, &h);
         let text = m.render();
         assert!(
             text.contains("mcast_channel_sent_bytes_total{title=\"t\\\"0\",tier=\"0\"} 290\n"),
@@ -1295,11 +1307,13 @@ mod tests {
         assert!(
             text.contains("mcast_channel_reported_loss_ratio{title=\"t\\\"1\",tier=\"0\"} 0.01\n")
         );
+        assert!(text.contains("mcast_channel_members{title=\"t\\\"1\",tier=\"2\"} 0\n"));
+        assert!(text.contains("mcast_channel_sent_bytes_total{title=\"t\\\"1\",tier=\"2\"} 7\n"));
         let series = text
             .lines()
             .filter(|l| l.starts_with("mcast_channel_members{"))
             .count();
-        assert_eq!(series, MAX_TITLE_LABELS + 1);
+        assert_eq!(series, MAX_TITLE_LABELS + 2);
         assert!(text.contains(&format!("mcast_receivers {}\n", MAX_TITLE_LABELS + 6)));
     }
 }

@@ -414,14 +414,10 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let extra = crate::metrics::ServerExtras {
             send_errors,
             unvalidated_unsent,
+            state: beats.state(),
+            channel_slots: cfg.server.channels as u32,
         };
-        metrics.poll(
-            Instant::now(),
-            &mut mgr,
-            extra,
-            beats.state(),
-            cfg.server.channels as u32,
-        );
+        metrics.poll(Instant::now(), &mut mgr, extra);
         let wait = mgr
             .poll_timeout()
             .map(|d| d.saturating_duration_since(Instant::now()))

@@ -221,7 +221,10 @@ fn a_real_server_exports_its_delivery() {
     assert_eq!(m["mcast_receiver_completion_loops_count"], 1.0);
     assert!(m["mcast_receiver_completion_loops_sum"] > 0.5, "{m:?}");
     assert!(m["mcast_join_first_packet_seconds_count"] >= 1.0);
-    assert!(m["mcast_channel_sent_bytes_total{title=\"film\",tier=\"0\"}"] > 0.0);
+    // The whole loop went out at least once, and the count outlives the closed channel (a
+    // 3 MB loop at 40 Mbit/s lives well under one publish interval).
+    let film = m["mcast_channel_sent_bytes_total{title=\"film\",tier=\"0\"}"];
+    assert!(film >= 3e6, "{film}");
     assert_eq!(m["mcast_channel_slots"], 4.0);
     let (code, body) = http_get(http, "/health").unwrap();
     assert_eq!(code, 200, "{body}");

@@ -169,6 +169,10 @@ impl ChannelManager {
         let c = self.channels.remove(&id).expect("closing an open channel");
         self.slots.slots[c.slot] = None;
         self.counters.channels_closed += 1;
+        *self
+            .closed_sent
+            .entry((c.title.clone(), c.tier))
+            .or_default() += c.packets_sent * c.symbol_size as u64;
         if why == Close::Idle && !c.scheduled {
             self.stopped_at
                 .insert((c.archive_id, c.tier), c.carousel.block());

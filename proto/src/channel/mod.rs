@@ -237,6 +237,9 @@ pub struct ChannelManager {
     events: VecDeque<Event>,
     counters: Counters,
     samples: stats::Samples,
+    /// Payload bytes the group loops of closed channels sent, by (title, tier): bounded by
+    /// the catalogue and the tiers.
+    closed_sent: BTreeMap<(String, usize), u64>,
     naks: repair::NakLimiter,
     cookies: unicast::Cookies,
     tokens: AddressTokens,
@@ -283,6 +286,7 @@ impl ChannelManager {
             events: VecDeque::new(),
             counters: Counters::default(),
             samples: stats::Samples::default(),
+            closed_sent: BTreeMap::new(),
             naks: repair::NakLimiter::default(),
             rates: tiers::RateClock::new(now),
             windows: schedule::Windows::default(),

@@ -173,6 +173,13 @@ impl ChannelManager {
         &self.counters
     }
 
+    /// Payload bytes the group loops of closed channels sent, by (title, tier): added to the
+    /// open channels' `payload_bytes_sent`, a per-title count that does not fall back when a
+    /// channel closes (however short its life).
+    pub fn closed_payload_bytes(&self) -> &std::collections::BTreeMap<(String, usize), u64> {
+        &self.closed_sent
+    }
+
     /// The next measurement for the driver's histograms.
     pub fn poll_sample(&mut self) -> Option<Sample> {
         let s = self.samples.queue.pop_front();
