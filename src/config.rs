@@ -445,6 +445,8 @@ pub struct DirectorSection {
     pub max_skew_ms: u64,
     /// Addresses or ranges whose stats requests are answered (default: loopback only).
     pub admin: Vec<String>,
+    /// TCP address serving `GET /metrics` (Prometheus) and `GET /health` ("" = off).
+    pub metrics_listen: String,
 }
 
 /// `[[director.servers]]`: one server's own heartbeat key.
@@ -473,6 +475,19 @@ pub fn admin_prefixes(
     list.iter().map(|s| s.parse()).collect()
 }
 
+impl DirectorSection {
+    /// `metrics_listen` as an address (`None` = off).
+    pub fn metrics_listen(&self) -> anyhow::Result<Option<SocketAddr>> {
+        let s = self.metrics_listen.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("{s:?} is not an IP:PORT (or \"\" for off)"))
+    }
+}
+
 impl Default for DirectorSection {
     fn default() -> Self {
         DirectorSection {
@@ -482,6 +497,7 @@ impl Default for DirectorSection {
             down_after: 3,
             max_skew_ms: 30_000,
             admin: default_admin(),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -515,6 +531,8 @@ impl DirectorConfig {
         };
         let d = &cfg.director;
         admin_prefixes(&d.admin).map_err(|why| field("director.admin", why))?;
+        d.metrics_listen()
+            .map_err(|e| field("director.metrics_listen", e.to_string()))?;
         if !(1..=100).contains(&d.down_after) {
             return Err(field(
                 "director.down_after",
@@ -1167,6 +1185,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("tickets.database"), "{e}");
+        let e = DirectorConfig::parse("[director]\nmetrics_listen = \"nope\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("director.metrics_listen"), "{e}");
+        let d =
+            DirectorConfig::parse("[director]\nmetrics_listen = \"127.0.0.1:7681\"\n", p).unwrap();
+        assert_eq!(
+            d.director.metrics_listen().unwrap(),
+            Some("127.0.0.1:7681".parse().unwrap())
+        );
         let e = Config::parse("[server]\nhealth_listen = \"nope\"\n", p)
             .unwrap_err()
             .to_string();

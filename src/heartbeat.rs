@@ -15,7 +15,9 @@ use anyhow::Context;
 use crate::channel::ChannelManager;
 use crate::config::Config;
 use crate::health::HealthStatus;
+use crate::metrics::ServerMetrics;
 use crate::process::unix_ms;
+use crate::wire::director::ServerState;
 pub use mcast_proto::heartbeat::{Emitter, EmitterParams, Snapshot};
 
 /// Read a heartbeat key file: 64 hex characters (surrounding whitespace ignored).
@@ -38,6 +40,10 @@ pub struct HeartbeatDriver {
     emitter: Emitter,
     directors: Vec<SocketAddr>,
     health: Option<Arc<Mutex<HealthStatus>>>,
+    /// What `/metrics` shows (served beside `/health`).
+    metrics: Option<Arc<Mutex<ServerMetrics>>>,
+    /// The state the last heartbeat announced.
+    state: Option<ServerState>,
     drain: Arc<AtomicBool>,
     undrain: Arc<AtomicBool>,
     draining: bool,
@@ -46,7 +52,8 @@ pub struct HeartbeatDriver {
 }
 
 impl HeartbeatDriver {
-    /// Set up from `[directors]` and `[server] health_listen` (starts the health thread).
+    /// Set up from `[directors]` and `[server] health_listen` (starts the HTTP thread: health
+    /// checks and metrics).
     pub fn start(cfg: &Config) -> anyhow::Result<HeartbeatDriver> {
         let d = &cfg.directors;
         let key = if d.addrs.is_empty() {
@@ -75,9 +82,15 @@ impl HeartbeatDriver {
         let undrain = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(signal_hook::consts::SIGUSR1, drain.clone())?;
         signal_hook::flag::register(signal_hook::consts::SIGUSR2, undrain.clone())?;
-        let health = match cfg.health_listen()? {
-            Some(addr) => Some(crate::health::spawn(addr)?),
-            None => None,
+        let (health, metrics) = match cfg.health_listen()? {
+            Some(addr) => {
+                let metrics = Arc::new(Mutex::new(ServerMetrics::default()));
+                (
+                    Some(crate::health::spawn(addr, metrics.clone())?),
+                    Some(metrics),
+                )
+            }
+            None => (None, None),
         };
         if !d.addrs.is_empty() {
             tracing::info!(directors = ?d.addrs, advertise = %server, interval_ms = d.heartbeat_ms,
@@ -87,12 +100,24 @@ impl HeartbeatDriver {
             emitter: Emitter::new(p, rand::random(), Instant::now()),
             directors: d.addrs.clone(),
             health,
+            metrics,
+            state: None,
             drain,
             undrain,
             draining: false,
             sent: 0,
             send_errors: 0,
         })
+    }
+
+    /// What `/metrics` shows, when `[server] health_listen` serves it.
+    pub fn metrics(&self) -> Option<Arc<Mutex<ServerMetrics>>> {
+        self.metrics.clone()
+    }
+
+    /// The state the last heartbeat announced (`None` before the first).
+    pub fn state(&self) -> Option<ServerState> {
+        self.state
     }
 
     /// When the driver next wants to run.
@@ -129,6 +154,7 @@ impl HeartbeatDriver {
         let hb = self
             .emitter
             .emit(now, unix_ms(), snap, self.draining, stopping);
+        self.state = Some(hb.state);
         if let Some(h) = &self.health {
             if let Ok(mut s) = h.lock() {
                 *s = HealthStatus::of(&hb, self.emitter.boot_id());

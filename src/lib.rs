@@ -13,6 +13,8 @@
 //! * [`ticket`] — play-ticket validation and the [`ticket::TicketStore`] validation database
 //!   (SQLite, or PostgreSQL shared by several servers), with the server's ticket desk.
 //! * [`heartbeat`], [`health`] — the server's heartbeat driver and plain HTTP health checks.
+//! * [`metrics`], [`http`] — Prometheus metrics (counters, gauges, hdr histograms) and the
+//!   HTTP endpoint serving them with `/health`.
 
 pub mod archive;
 pub mod catalog;
@@ -20,6 +22,8 @@ pub mod config;
 pub mod control_socket;
 pub mod health;
 pub mod heartbeat;
+pub mod http;
+pub mod metrics;
 pub mod server;
 pub mod ticket;
 pub mod ticketadmin;

@@ -314,6 +314,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     // systemd (Type=notify): ready now that every socket is bound; watchdog pings from the loop.
     let mut notify = crate::systemd::Notifier::from_env();
     notify.ready(Instant::now(), &status(&mgr));
+    let mut metrics = crate::metrics::MetricsDriver::new(beats.metrics(), Instant::now());
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         notify.tick(now, || status(&mgr));
@@ -414,6 +415,13 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         while let Some(ev) = mgr.poll_event() {
             log_event(&ev);
         }
+        let extra = crate::metrics::ServerExtras {
+            send_errors,
+            unvalidated_unsent,
+            state: beats.state(),
+            channel_slots: cfg.server.channels as u32,
+        };
+        metrics.poll(Instant::now(), &mut mgr, extra);
         let wait = mgr
             .poll_timeout()
             .map(|d| d.saturating_duration_since(Instant::now()))

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mcast::archive::PacketId;
 use mcast::carousel::LoopShape;
-use mcast::channel::{ChannelManager, Params, TitleInfo, TIER_LINGER};
+use mcast::channel::{ChannelManager, Params, Sample, TitleInfo, TIER_LINGER};
 use mcast::wire::control::{Control, Envelope};
 use mcast::wire::data::{archive_tag, DataHeader, DataKind};
 use mcast::wire::nak::Nak;
@@ -134,6 +134,75 @@ fn a_naked_packet_is_repaired_ahead_of_the_loop() {
     assert_eq!(after.iter().filter(|p| **p == (target, true)).count(), 1);
     assert_eq!(m.counters().naks_received, 2);
     assert_eq!(m.counters().nak_units_coalesced, 1);
+    // Samples for the histograms: the join answered before the loop's first data packet,
+    // and one NAK-to-repair time (the coalesced NAK adds none), at least the aggregation
+    // window and no more than the 100 ms run.
+    let samples: Vec<Sample> = std::iter::from_fn(|| m.poll_sample()).collect();
+    let joins = samples
+        .iter()
+        .filter(|s| matches!(s, Sample::JoinToFirstPacket(_)))
+        .count();
+    assert_eq!(joins, 1, "{samples:?}");
+    let waits: Vec<Duration> = samples
+        .iter()
+        .filter_map(|s| match s {
+            Sample::NakToRepair(d) => Some(*d),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(waits.len(), 1, "{samples:?}");
+    assert!(
+        waits[0] >= Params::for_tests(RATE).grtt_initial,
+        "{waits:?}"
+    );
+    assert!(waits[0] <= Duration::from_millis(100), "{waits:?}");
+}
+
+/// A completion is sampled once, from the member itself, with its figures clamped: a retried
+/// `Complete`, one from a receiver that is no member, or one without the session's MAC adds
+/// nothing.
+#[test]
+fn completions_are_sampled_once_from_members_only_and_clamped() {
+    let (mut m, t0, id) = tiered(mcast::channel::RatePolicy::Lowest);
+    assert!(matches!(join_sim(&mut m, t0, 1), Control::JoinOk { .. }));
+    assert!(matches!(join_sim(&mut m, t0, 2), Control::JoinOk { .. }));
+    while m.poll_sample().is_some() {}
+    let complete = |elapsed_ms, milli_loops| Control::Complete {
+        archive_id: id,
+        elapsed_ms,
+        milli_loops,
+    };
+    // Not a member: acknowledged (idempotent), not sampled.
+    request(&mut m, t0, 7, complete(5_000, 1_000));
+    assert_eq!(m.poll_sample(), None);
+    // Receiver 2's Complete without its MAC: dropped as forged.
+    let from: SocketAddr = "10.0.1.2:5000".parse().unwrap();
+    let forged = Envelope::new(2, 9, complete(5_000, 1_000))
+        .with_token(Some(m.address_token(from.ip(), t0)))
+        .encode();
+    m.handle_control(t0, from, &forged);
+    assert_eq!(m.poll_sample(), None);
+    assert_eq!(m.counters().session_forged, 1);
+    // The member's own: sampled, absurd figures clamped; its retry adds nothing.
+    request(&mut m, t0, 1, complete(u32::MAX, u32::MAX));
+    request(&mut m, t0, 1, complete(u32::MAX, u32::MAX));
+    assert_eq!(
+        m.poll_sample(),
+        Some(Sample::Completion {
+            elapsed: mcast::channel::MAX_REPORTED_ELAPSED,
+            milli_loops: mcast::channel::MAX_REPORTED_MILLI_LOOPS,
+        })
+    );
+    request(&mut m, t0, 2, complete(61_500, 1_250));
+    assert_eq!(
+        m.poll_sample(),
+        Some(Sample::Completion {
+            elapsed: Duration::from_millis(61_500),
+            milli_loops: 1_250,
+        })
+    );
+    assert_eq!(m.poll_sample(), None);
+    assert_eq!(m.counters().completions, 2);
 }
 
 #[test]
@@ -358,7 +427,16 @@ fn tiers_one_channel_each_members_move_and_empty_tiers_close() {
         request(&mut m, t0, 2, ka),
         Control::LeaseOk { .. }
     ));
-    request(&mut m, t0, 1, Control::Complete { archive_id: id });
+    request(
+        &mut m,
+        t0,
+        1,
+        Control::Complete {
+            archive_id: id,
+            elapsed_ms: 1000,
+            milli_loops: 1000,
+        },
+    );
     assert_eq!(m.open_channels(), 1);
 }
 

@@ -661,7 +661,11 @@ fn malformed_control_datagrams_are_counted_and_ignored() {
             loss_ppm: 0,
             capacity_bps: 0,
         },
-        Control::Complete { archive_id: id },
+        Control::Complete {
+            archive_id: id,
+            elapsed_ms: 1000,
+            milli_loops: 1000,
+        },
         Control::UnicastRequest { archive_id: id },
         Control::UnicastConfirm {
             archive_id: id,

@@ -1321,7 +1321,11 @@ fn no_reply_to_an_unproven_address_is_larger_than_its_request() {
             receiver_pub: [2; 32],
             proof: [0; 32],
         },
-        Control::Complete { archive_id },
+        Control::Complete {
+            archive_id,
+            elapsed_ms: 1000,
+            milli_loops: 1000,
+        },
     ];
     let mut worst = 0f64;
     let mut answered = 0;
@@ -1524,7 +1528,11 @@ fn sessions_cannot_be_spoken_for_or_flooded() {
     ));
     let before = site.stats();
     for msg in [
-        Control::Complete { archive_id },
+        Control::Complete {
+            archive_id,
+            elapsed_ms: 1000,
+            milli_loops: 1000,
+        },
         Control::ChangeTier {
             archive_id,
             tier: 1,

@@ -24,7 +24,7 @@ import sys
 import time
 
 VERSION_DATA = 2
-VERSION_CONTROL = 4
+VERSION_CONTROL = 5
 NAK_KIND = 0x80
 
 

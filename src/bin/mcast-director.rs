@@ -214,6 +214,10 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
         token_secret,
         admin,
     });
+    let mut metrics = match d.metrics_listen()? {
+        Some(addr) => Some(mcast::metrics::DirectorMetrics::spawn(addr)?),
+        None => None,
+    };
     tracing::info!(listen = %sock.local_addr()?, down_after = d.down_after, "mcast-director serving");
     let mut buf = vec![0u8; 65_536];
     let mut rejected_logged = 0u64;
@@ -224,6 +228,9 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
         let now = Instant::now();
         notify.tick(now, || status(&dir));
         dir.handle_timeout(now);
+        if let Some(m) = &mut metrics {
+            m.poll(now, &dir);
+        }
         while let Some(ev) = dir.poll_event() {
             match ev {
                 Event::ServerUp { server, state } => {

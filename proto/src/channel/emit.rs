@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::repair::RepairQueue;
+use super::stats::{Sample, Samples};
 use super::{Counters, TransmitPayload};
 use crate::carousel::Carousel;
 use crate::pacer::Pacer;
@@ -48,14 +49,15 @@ pub(super) enum Sent {
 
 /// The sender's next datagram (call when its pacer allows). `group` gives a SYNC's round-trip
 /// estimate and group size (asked only when a SYNC is due: it may walk the members). Counts
-/// `sync_sent`, `repairs_sent`, `packets_sent` and `payload_bytes_sent`; the owner counts the
-/// rest.
+/// `sync_sent`, `repairs_sent`, `packets_sent` and `payload_bytes_sent`, and samples a
+/// repair's NAK-to-repair time; the owner counts the rest.
 pub(super) fn next_datagram(
     now: Instant,
     l: LoopParts<'_>,
     ctx: &EmitCtx<'_>,
     group: impl FnOnce() -> (Duration, u32),
     counters: &mut Counters,
+    samples: &mut Samples,
 ) -> ([u8; DATA_HEADER_LEN], TransmitPayload, Sent) {
     let mut header = [0u8; DATA_HEADER_LEN];
     if *l.next_sync <= now {
@@ -91,6 +93,9 @@ pub(super) fn next_datagram(
     let (pkt, sent) = match l.repair.take(now, &shape) {
         Some(pkt) => {
             counters.repairs_sent += 1;
+            if let Some(waited) = l.repair.last_wait.take() {
+                samples.push(Sample::NakToRepair(waited));
+            }
             counters.extras_sent += matches!(pkt, crate::archive::PacketId::Extra(_)) as u64;
             (pkt, Sent::Repair)
         }

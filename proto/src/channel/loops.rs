@@ -40,7 +40,13 @@ pub(super) struct Channel {
     pub(super) scheduled: bool,
     /// Rate ceiling from the schedule (bit/s), kept through tier rate adaption.
     pub(super) rate_cap: Option<u64>,
+    /// When new members' joins were answered, until the channel's next data packet
+    /// ([`super::Sample::JoinToFirstPacket`]; at most [`MAX_AWAITING_FIRST`]).
+    pub(super) awaiting_first: Vec<Instant>,
 }
+
+/// Joins held for [`Channel::awaiting_first`] at most (more in one instant add nothing).
+pub(super) const MAX_AWAITING_FIRST: usize = 1024;
 
 impl Channel {
     /// When the group's loop next has something to send: SYNCs until `data_start`, then loop
@@ -144,6 +150,7 @@ impl ChannelManager {
             repair: RepairQueue::default(),
             scheduled: false,
             rate_cap: None,
+            awaiting_first: Vec::new(),
         };
         self.channels.insert(id, c);
         self.counters.channels_opened += 1;
@@ -162,6 +169,10 @@ impl ChannelManager {
         let c = self.channels.remove(&id).expect("closing an open channel");
         self.slots.slots[c.slot] = None;
         self.counters.channels_closed += 1;
+        *self
+            .closed_sent
+            .entry((c.title.clone(), c.tier))
+            .or_default() += c.packets_sent * c.symbol_size as u64;
         if why == Close::Idle && !c.scheduled {
             self.stopped_at
                 .insert((c.archive_id, c.tier), c.carousel.block());

@@ -7,7 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::unicast_stream::UnicastStream;
-use super::{ChannelManager, Event, Params};
+use super::{
+    ChannelManager, Event, Params, Sample, MAX_REPORTED_ELAPSED, MAX_REPORTED_MILLI_LOOPS,
+};
 use crate::wire::control::{ArchiveId, Control, Envelope, ErrorCode, SessionKey};
 use crate::wire::nak::session_tag;
 
@@ -408,6 +410,9 @@ impl ChannelManager {
                         burst_at: None,
                     },
                 );
+                if current.is_none() && c.awaiting_first.len() < super::loops::MAX_AWAITING_FIRST {
+                    c.awaiting_first.push(now);
+                }
             }
         }
         let (group, rate) = (c.group, c.pacer.rate_bps());
@@ -508,12 +513,18 @@ impl ChannelManager {
         from: SocketAddr,
         env: &Envelope,
         archive_id: ArchiveId,
+        (elapsed_ms, milli_loops): (u32, u32),
     ) {
         let rid = env.receiver_id;
         if let Some(id) = self.member_channel(&archive_id, rid) {
             let c = self.channels.get_mut(&id).expect("channel exists");
+            // Only a member (its MAC checked in `session_check`) is counted and sampled, once.
             if c.members.remove(rid).is_some() {
                 self.counters.completions += 1;
+                self.samples.push(Sample::Completion {
+                    elapsed: Duration::from_millis(elapsed_ms as u64).min(MAX_REPORTED_ELAPSED),
+                    milli_loops: milli_loops.min(MAX_REPORTED_MILLI_LOOPS),
+                });
                 self.events.push_back(Event::Completed {
                     channel: id,
                     receiver: rid,

@@ -54,7 +54,10 @@ use crate::wire::data::DATA_HEADER_LEN;
 pub use burst::{BURST_EVERY, MAX_BURST, MAX_BURSTS};
 pub use catalog::{HeadBytes, HeadRead, TitleInfo};
 pub use repair::MAX_REPAIR_QUEUE;
-pub use stats::{ChannelStats, Counters, Stats};
+pub use stats::{
+    ChannelStats, Counters, Sample, Stats, MAX_REPORTED_ELAPSED, MAX_REPORTED_MILLI_LOOPS,
+    MAX_SAMPLES,
+};
 pub use tiers::{band, default_ladder, RatePolicy, LADDER_TIERS, TIER_LINGER};
 
 use loops::Channel;
@@ -233,6 +236,10 @@ pub struct ChannelManager {
     replying_unvalidated: bool,
     events: VecDeque<Event>,
     counters: Counters,
+    samples: stats::Samples,
+    /// Payload bytes the group loops of closed channels sent, by (title, tier): bounded by
+    /// the catalogue and the tiers.
+    closed_sent: BTreeMap<(String, usize), u64>,
     naks: repair::NakLimiter,
     cookies: unicast::Cookies,
     tokens: AddressTokens,
@@ -278,6 +285,8 @@ impl ChannelManager {
             replying_unvalidated: false,
             events: VecDeque::new(),
             counters: Counters::default(),
+            samples: stats::Samples::default(),
+            closed_sent: BTreeMap::new(),
             naks: repair::NakLimiter::default(),
             rates: tiers::RateClock::new(now),
             windows: schedule::Windows::default(),
@@ -462,7 +471,11 @@ impl ChannelManager {
                 rtt_us,
                 (rx_bps, loss_ppm, capacity_bps),
             ),
-            Control::Complete { archive_id } => self.complete(now, from, &env, archive_id),
+            Control::Complete {
+                archive_id,
+                elapsed_ms,
+                milli_loops,
+            } => self.complete(now, from, &env, archive_id, (elapsed_ms, milli_loops)),
             Control::UnicastRequest { archive_id } => {
                 self.unicast_request(now, from, &env, archive_id)
             }
@@ -584,7 +597,8 @@ impl ChannelManager {
                 c.members.streams.get_mut(&rid)
             };
             let s = s.expect("due stream exists");
-            let (header, payload, dests) = s.transmit(now, ctx, rtt, &mut self.counters);
+            let (header, payload, dests) =
+                s.transmit(now, ctx, rtt, &mut self.counters, &mut self.samples);
             return Some(Transmit {
                 channel: id,
                 archive_id: c.archive_id,
@@ -601,10 +615,21 @@ impl ChannelManager {
         };
         let members = &c.members;
         let group = || (members.grtt(params), members.len().max(1) as u32);
-        let (header, payload, sent) =
-            emit::next_datagram(now, parts, &ctx, group, &mut self.counters);
+        let (header, payload, sent) = emit::next_datagram(
+            now,
+            parts,
+            &ctx,
+            group,
+            &mut self.counters,
+            &mut self.samples,
+        );
         if sent != emit::Sent::Sync {
             c.packets_sent += 1;
+            for joined in c.awaiting_first.drain(..) {
+                self.samples.push(Sample::JoinToFirstPacket(
+                    now.saturating_duration_since(joined),
+                ));
+            }
         }
         Some(Transmit {
             channel: id,

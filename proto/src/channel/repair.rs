@@ -94,6 +94,18 @@ pub(super) struct RepairQueue {
     /// (see [`EXTRA_BLOCKS_PER_SEC`]).
     last_extra_block: Option<u64>,
     block_budget: Option<(f64, Instant)>,
+    /// Pending position, or FEC block owed symbols, → when a NAK first asked for it (bounded
+    /// by the queue and [`MAX_OWED_BLOCKS`]; owed symbols nobody asked for are not here).
+    asked_at: HashMap<Asked, Instant>,
+    /// How long the repair [`Self::take`] last returned waited since its NAK, if one asked.
+    pub(super) last_wait: Option<Duration>,
+}
+
+/// What a NAK asked for, for [`RepairQueue::asked_at`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Asked {
+    Unit(u64),
+    Block(u64),
 }
 
 /// FEC blocks per second a channel starts answering with extra symbols (burst: 16). Each
@@ -152,6 +164,10 @@ impl RepairQueue {
         self.tokens -= 1.0;
         let pkt = match self.pending.pop_first() {
             Some(pos) => {
+                self.last_wait = self
+                    .asked_at
+                    .remove(&Asked::Unit(pos))
+                    .map(|t| now.saturating_duration_since(t));
                 let pkt = shape.packet_at(pos);
                 self.repaired_at
                     .insert(shape.unit_index(pkt).expect("in range"), now);
@@ -159,6 +175,10 @@ impl RepairQueue {
             }
             None => {
                 let f = self.last_extra_block.expect("may_start set it");
+                self.last_wait = self
+                    .asked_at
+                    .remove(&Asked::Block(f))
+                    .map(|t| now.saturating_duration_since(t));
                 let owed = self.owed.get_mut(&f).expect("owed");
                 owed.0 -= 1;
                 if owed.0 == 0 {
@@ -180,7 +200,10 @@ impl RepairQueue {
 
     /// `pkt` went out in the loop: a queued repair of it is moot, and repair credit grows.
     pub(super) fn looped(&mut self, shape: &LoopShape, pkt: PacketId, repair_share: f64) {
-        self.pending.remove(&shape.loop_pos(pkt));
+        let pos = shape.loop_pos(pkt);
+        if self.pending.remove(&pos) {
+            self.asked_at.remove(&Asked::Unit(pos));
+        }
         let share = repair_share.clamp(0.0, 0.95);
         self.tokens = (self.tokens + share / (1.0 - share)).min(64.0);
     }
@@ -217,6 +240,8 @@ impl RepairQueue {
                 let pos = shape.loop_pos(shape.unit_packet(u));
                 if recent || !self.pending.insert(pos) {
                     counters.nak_units_coalesced += 1;
+                } else {
+                    self.asked_at.insert(Asked::Unit(pos), now);
                 }
             }
         }
@@ -295,6 +320,7 @@ impl RepairQueue {
                 }
                 None => {
                     self.owed.insert(f, (n, n));
+                    self.asked_at.insert(Asked::Block(f), now);
                 }
             }
         }

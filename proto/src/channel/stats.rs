@@ -2,9 +2,54 @@
 //! to see, from joins to NAKs dropped), and the per-channel [`ChannelStats`] of a
 //! `StatsRequest` reply, heartbeats and logs.
 
+use std::collections::VecDeque;
+use std::time::Duration;
+
 use serde::Serialize;
 
 use super::ChannelManager;
+
+/// A measurement for the driver's histograms: plain numbers, taken where the state machine
+/// decides (the histogram types and their export live in the driver, `src/metrics.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sample {
+    /// A NAK first asked for a unit (or a FEC block's amount) and, this long after, its
+    /// repair (the amount's first extra symbol) was handed to the driver to send. Units the
+    /// loop brought first are not sampled.
+    NakToRepair(Duration),
+    /// A receiver's join was answered (`JoinOk`, a new member of the channel) and, this long
+    /// after, the channel handed the driver its next data packet (loop or repair; SYNCs do
+    /// not count): what the server adds to a receiver's start, not the network's part.
+    JoinToFirstPacket(Duration),
+    /// A member completed (a `Complete` under its session MAC): the time and loops' worth
+    /// (thousandths) it reports, clamped to [`MAX_REPORTED_ELAPSED`] and
+    /// [`MAX_REPORTED_MILLI_LOOPS`]. Untrusted figures, for a histogram only.
+    Completion { elapsed: Duration, milli_loops: u32 },
+}
+
+/// Reported completion times are clamped to this (a week).
+pub const MAX_REPORTED_ELAPSED: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Reported loops are clamped to this many thousandths (1,000 loops).
+pub const MAX_REPORTED_MILLI_LOOPS: u32 = 1_000_000;
+/// Samples held until the driver takes them; beyond, new ones are counted and dropped.
+pub const MAX_SAMPLES: usize = 65_536;
+
+/// Samples waiting for the driver ([`ChannelManager::poll_sample`]).
+#[derive(Default)]
+pub(super) struct Samples {
+    queue: VecDeque<Sample>,
+    pub(super) dropped: u64,
+}
+
+impl Samples {
+    pub(super) fn push(&mut self, s: Sample) {
+        if self.queue.len() >= MAX_SAMPLES {
+            self.dropped += 1;
+        } else {
+            self.queue.push_back(s);
+        }
+    }
+}
 
 /// Counters, reported by `StatsRequest` and in logs.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -94,6 +139,8 @@ pub struct Counters {
     pub scheduled_members_dropped: u64,
     /// Joins turned away because the title loops only in its scheduled window.
     pub refused_outside_window: u64,
+    /// Histogram samples dropped because the driver did not take them ([`MAX_SAMPLES`]).
+    pub samples_dropped: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -126,6 +173,20 @@ impl ChannelManager {
         &self.counters
     }
 
+    /// Payload bytes the group loops of closed channels sent, by (title, tier): added to the
+    /// open channels' `payload_bytes_sent`, a per-title count that does not fall back when a
+    /// channel closes (however short its life).
+    pub fn closed_payload_bytes(&self) -> &std::collections::BTreeMap<(String, usize), u64> {
+        &self.closed_sent
+    }
+
+    /// The next measurement for the driver's histograms.
+    pub fn poll_sample(&mut self) -> Option<Sample> {
+        let s = self.samples.queue.pop_front();
+        self.counters.samples_dropped = self.samples.dropped;
+        s
+    }
+
     /// The driver left `n` archives out at start-up (see [`Counters::archives_skipped`]).
     pub fn count_archives_skipped(&mut self, n: u64) {
         self.counters.archives_skipped += n;
@@ -146,8 +207,10 @@ impl ChannelManager {
     }
 
     pub fn stats(&self) -> Stats {
+        let mut counters = self.counters.clone();
+        counters.samples_dropped = self.samples.dropped;
         Stats {
-            counters: self.counters.clone(),
+            counters,
             channels: self
                 .channels
                 .iter()

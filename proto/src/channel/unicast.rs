@@ -510,7 +510,15 @@ mod tests {
         b.go_unicast();
         let archive_id = b.id;
         assert!(matches!(
-            b.ask(1, "10.0.0.1:5000", Control::Complete { archive_id }),
+            b.ask(
+                1,
+                "10.0.0.1:5000",
+                Control::Complete {
+                    archive_id,
+                    elapsed_ms: 1000,
+                    milli_loops: 1000,
+                }
+            ),
             Some(Control::CompleteOk { .. })
         ));
         let ts = b.run(100);

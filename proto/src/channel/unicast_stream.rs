@@ -216,6 +216,7 @@ impl UnicastStream {
         mut ctx: EmitCtx<'_>,
         rtt: Duration,
         counters: &mut Counters,
+        samples: &mut super::stats::Samples,
     ) -> ([u8; DATA_HEADER_LEN], TransmitPayload, Arc<[SocketAddr]>) {
         ctx.repair_share = REPAIR_SHARE;
         ctx.probe = self.until.is_some();
@@ -237,7 +238,8 @@ impl UnicastStream {
             pacer: &mut self.pacer,
             next_sync: &mut self.next_sync,
         };
-        let (header, payload, sent) = next_datagram(now, parts, &ctx, || (rtt, 1), counters);
+        let (header, payload, sent) =
+            next_datagram(now, parts, &ctx, || (rtt, 1), counters, samples);
         match sent {
             Sent::Sync => {}
             Sent::Repair | Sent::Loop if ctx.probe => counters.burst_packets_sent += 1,

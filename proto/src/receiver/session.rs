@@ -384,6 +384,8 @@ pub struct Session {
     last_channel: Instant,
     rejoined_at: Option<Instant>,
     awaiting_hash: Vec<(PacketId, Source, Vec<u8>)>,
+    /// When the session began (its first join): the elapsed time its `Complete` reports.
+    started: Instant,
 }
 
 impl Session {
@@ -427,6 +429,7 @@ impl Session {
             last_channel: now,
             rejoined_at: None,
             awaiting_hash: Vec::new(),
+            started: now,
         };
         s.send_join(now, s.cfg.start_block);
         s
@@ -1269,11 +1272,23 @@ impl Session {
         };
         self.requests.cancel(Purpose::Join);
         self.busy_until = None;
+        // This run's figures, for the server's completion histograms.
+        let elapsed_ms = now
+            .saturating_duration_since(self.started)
+            .as_millis()
+            .min(u32::MAX as u128) as u32;
+        let loop_bytes = self.head().map_or(0, |h| h.loop_bytes()).max(1);
+        let milli_loops = (self.stats.received_bytes as u128 * 1000 / loop_bytes as u128)
+            .min(u32::MAX as u128) as u32;
         self.request(
             now,
             Purpose::Complete,
             Via::Control,
-            Control::Complete { archive_id },
+            Control::Complete {
+                archive_id,
+                elapsed_ms,
+                milli_loops,
+            },
         );
     }
 

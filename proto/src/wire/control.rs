@@ -2,7 +2,7 @@
 //! receiver retries on timeout, and every request is idempotent).
 //!
 //! ```text
-//! version:u8 (=2) type:u8 flags:u8 receiver_id:u64 req_id:u32 [token:16] body [pad:u16 zeros]
+//! version:u8 (=5) type:u8 flags:u8 receiver_id:u64 req_id:u32 [token:16] body [pad:u16 zeros]
 //! ```
 //! `receiver_id` is random per download session; `req_id` matches replies to requests.
 //! Flag [`FLAG_TOKEN`]: an address token ([`crate::address_token`]) follows the header; a
@@ -26,9 +26,10 @@ use crate::codec::{Reader, Writer};
 use super::{get_addr, get_ip, get_str, put_addr, put_ip, WireError};
 pub use crate::address_token::AddressToken;
 
-/// Version of the control envelope (2: flags, address token and padding; 4: catalogue
+/// Version of the control envelope (2: flags, address token and padding; 3: session MACs;
+/// 4: [`Control::Complete`] reports the receiver's elapsed time and loops; 5: catalogue
 /// items carry kind, associations and watermark).
-pub const CONTROL_VERSION: u8 = 4;
+pub const CONTROL_VERSION: u8 = 5;
 /// An address token follows the header.
 pub const FLAG_TOKEN: u8 = 1;
 /// Padding follows the body.
@@ -230,9 +231,14 @@ pub enum Control {
         archive_id: ArchiveId,
         tier: u8,
     },
-    /// Every packet is present and verified: drop me from the channel.
+    /// Every packet is present and verified: drop me from the channel. `elapsed_ms` (this
+    /// session, from its first join) and `milli_loops` (bytes received over the loop's size,
+    /// in thousandths) are the receiver's own figures, for the server's completion
+    /// histograms only: untrusted, clamped there, and never acted on.
     Complete {
         archive_id: ArchiveId,
+        elapsed_ms: u32,
+        milli_loops: u32,
     },
     /// Multicast is not reaching me: sent from the socket that should get the unicast stream.
     UnicastRequest {
@@ -344,7 +350,7 @@ impl Control {
         match self {
             Control::Keepalive { archive_id, .. }
             | Control::ChangeTier { archive_id, .. }
-            | Control::Complete { archive_id }
+            | Control::Complete { archive_id, .. }
             | Control::UnicastRequest { archive_id }
             | Control::UnicastConfirm { archive_id, .. }
             | Control::ProbeBurst { archive_id, .. } => Some(archive_id),
@@ -507,8 +513,14 @@ impl Envelope {
                 b.put_u64(*capacity_bps);
                 t::KEEPALIVE
             }
-            Control::Complete { archive_id } => {
+            Control::Complete {
+                archive_id,
+                elapsed_ms,
+                milli_loops,
+            } => {
                 b.extend_from_slice(archive_id);
+                b.put_u32(*elapsed_ms);
+                b.put_u32(*milli_loops);
                 t::COMPLETE
             }
             Control::UnicastRequest { archive_id } => {
@@ -732,6 +744,8 @@ impl Envelope {
             },
             t::COMPLETE => Control::Complete {
                 archive_id: r.array("archive_id")?,
+                elapsed_ms: r.u32("elapsed_ms")?,
+                milli_loops: r.u32("milli_loops")?,
             },
             t::UNICAST_REQ => Control::UnicastRequest {
                 archive_id: r.array("archive_id")?,
@@ -956,7 +970,11 @@ mod tests {
                 loss_ppm: 12,
                 capacity_bps: 900_000,
             },
-            Control::Complete { archive_id: id },
+            Control::Complete {
+                archive_id: id,
+                elapsed_ms: 61_500,
+                milli_loops: 1_250,
+            },
             Control::UnicastRequest { archive_id: id },
             Control::UnicastConfirm {
                 archive_id: id,
@@ -1157,9 +1175,12 @@ mod tests {
         assert!(Envelope::decode(&b).is_err());
         b[2] = FLAG_MAC; // flagged, but too short to hold a MAC
         assert!(Envelope::decode(&b).is_err());
-        // Version 1 envelopes (before address tokens) are refused by version.
+        // Version 1 envelopes (before address tokens) are refused by version, and so are
+        // version 3 ones (a Complete without the receiver's figures).
         b[0] = 1;
         assert!(matches!(Envelope::decode(&b), Err(WireError::Version(1))));
+        b[0] = 3;
+        assert!(matches!(Envelope::decode(&b), Err(WireError::Version(3))));
     }
 
     #[test]

@@ -125,7 +125,11 @@ fn control_seeds(o: &Out) {
             archive_id: id,
             tier: 1,
         },
-        Control::Complete { archive_id: id },
+        Control::Complete {
+            archive_id: id,
+            elapsed_ms: 1000,
+            milli_loops: 1000,
+        },
         Control::UnicastRequest { archive_id: id },
         Control::UnicastConfirm {
             archive_id: id,
