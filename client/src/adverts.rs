@@ -25,10 +25,14 @@ use crate::get::{get, GetOptions};
 /// The server's whole catalogue (paged), with `tries` × `per_try` per page.
 pub fn catalog(
     server: SocketAddr,
+    dscp: mcast_io::dscp::Dscp,
     tries: u32,
     per_try: Duration,
 ) -> Result<Vec<CatalogItem>, RecvError> {
     let mut c = ControlClient::new(server, rand::random())?;
+    // Marked like everything else this receiver sends (`--dscp`).
+    dscp.apply(&c.sock)
+        .map_err(|e| RecvError::new(Failure::Other, format!("control socket (--dscp): {e}")))?;
     let mut all = Vec::new();
     let mut start = 0u16;
     loop {
@@ -153,7 +157,7 @@ pub struct AdvertFetch {
 /// directory (skipping those already complete), and check each one's signed head. Failures
 /// are reported, never fatal: the title itself is on disk.
 pub fn fetch_for(o: &GetOptions, stop: Arc<AtomicBool>) -> Vec<AdvertFetch> {
-    let items = match catalog(o.server, 2, Duration::from_millis(300)) {
+    let items = match catalog(o.server, o.dscp, 2, Duration::from_millis(300)) {
         Ok(i) => i,
         Err(e) => {
             tracing::warn!(title = %o.title, error = %e.message, "cannot read the catalogue: adverts not fetched");

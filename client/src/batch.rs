@@ -65,6 +65,8 @@ pub struct BatchOptions {
     /// picked); `None` (no director answered): no adverts, sizes are learnt from part files,
     /// and an unknown size is only checked against a full disk.
     pub catalog_server: Option<SocketAddr>,
+    /// DSCP of the batch's own requests (the catalogue), as its `get`s are given.
+    pub dscp: mcast_io::dscp::Dscp,
     pub server_key: Option<PublicIdentity>,
     /// After SIGINT at the window's end, SIGKILL a child that has not exited after this.
     pub grace: Duration,
@@ -282,7 +284,7 @@ pub fn run(opts: &BatchOptions, stop: Arc<AtomicBool>) -> Result<BatchReport, Re
     // The catalogue: title sizes, and the adverts of each listed title (fetched with it).
     let items = opts
         .catalog_server
-        .and_then(|s| crate::adverts::catalog(s, 5, Duration::from_millis(400)).ok())
+        .and_then(|s| crate::adverts::catalog(s, opts.dscp, 5, Duration::from_millis(400)).ok())
         .unwrap_or_default();
     let sizes: BTreeMap<String, u64> = items
         .iter()

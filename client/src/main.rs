@@ -576,6 +576,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 exe,
                 get_args,
                 catalog_server,
+                dscp,
                 server_key: key,
                 grace,
             };

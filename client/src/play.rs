@@ -471,7 +471,12 @@ fn missing_adverts(
     leaders: &[ArchiveFile],
     trailers: &[ArchiveFile],
 ) -> Vec<String> {
-    let items = match crate::adverts::catalog(opts.server, 2, Duration::from_millis(300)) {
+    let items = match crate::adverts::catalog(
+        opts.server,
+        mcast_io::dscp::Dscp::DEFAULT,
+        2,
+        Duration::from_millis(300),
+    ) {
         Ok(i) => i,
         Err(e) => {
             tracing::debug!(error = %e.message, "catalogue not read: cannot tell whether adverts are missing");
