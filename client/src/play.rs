@@ -366,17 +366,7 @@ pub fn play(opts: &PlayOptions, stop: Arc<AtomicBool>) -> Result<PlayReport, Rec
     let opts_d = DecryptOptions {
         verify_packets: opts.verify_packets,
     };
-    let integrity = |e: archive::ArchiveError| -> RecvError {
-        if stop.load(Ordering::Relaxed) {
-            return RecvError::new(Failure::Interrupted, "interrupted; no output was left");
-        }
-        match e {
-            archive::ArchiveError::Io { path, source } => {
-                RecvError::io("cannot write output", &path, source)
-            }
-            e => RecvError::new(Failure::Integrity, e.to_string()),
-        }
-    };
+    let integrity = |e: archive::ArchiveError| decrypt_error(&stop, e);
     // Decrypt into `inner` (buffered; stops on Ctrl-C); `decrypt_to` flushes it.
     let decrypt = |inner: &mut dyn Write, name: &Path| {
         let mut w = Stoppable {
@@ -516,17 +506,7 @@ fn play_unencrypted(
     let d = DecryptOptions {
         verify_packets: true,
     };
-    let integrity = |e: archive::ArchiveError| -> RecvError {
-        if stop.load(Ordering::Relaxed) {
-            return RecvError::new(Failure::Interrupted, "interrupted; no output was left");
-        }
-        match e {
-            archive::ArchiveError::Io { path, source } => {
-                RecvError::io("cannot write output", &path, source)
-            }
-            e => RecvError::new(Failure::Integrity, e.to_string()),
-        }
-    };
+    let integrity = |e: archive::ArchiveError| decrypt_error(&stop, e);
     let write = |inner: &mut dyn Write, name: &Path| {
         let mut w = Stoppable {
             inner: BufWriter::with_capacity(1 << 20, inner),
@@ -569,4 +549,18 @@ fn play_unencrypted(
         seconds: secs,
         mb_per_s: report.plain_len as f64 / secs.max(1e-9) / 1e6,
     })
+}
+
+/// A decryption that stopped: interrupted (Ctrl-C), the output could not be written, or the
+/// archive failed a check.
+fn decrypt_error(stop: &AtomicBool, e: archive::ArchiveError) -> RecvError {
+    if stop.load(Ordering::Relaxed) {
+        return RecvError::new(Failure::Interrupted, "interrupted; no output was left");
+    }
+    match e {
+        archive::ArchiveError::Io { path, source } => {
+            RecvError::io("cannot write output", &path, source)
+        }
+        e => RecvError::new(Failure::Integrity, e.to_string()),
+    }
 }

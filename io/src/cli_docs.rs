@@ -49,6 +49,30 @@ pub fn man_command(cmd: clap::Command, dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// A program's `completions SHELL` or `man DIR` command.
+pub enum Docs {
+    Completions(Shell),
+    Man(PathBuf),
+}
+
+/// Runs it for `cmd` (no config needed): the exit status, 0 or 1 with the error on stderr.
+pub fn run(cmd: clap::Command, docs: &Docs) -> u8 {
+    let name = cmd.get_name().to_string();
+    match docs {
+        Docs::Completions(shell) => {
+            completions(cmd, *shell, &mut std::io::stdout().lock());
+            0
+        }
+        Docs::Man(dir) => match man_command(cmd, dir) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("{name}: error: {e}");
+                1
+            }
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -194,21 +194,13 @@ enum TicketCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Completions and manual pages need no config (they are made at packaging time).
-    match &cli.cmd {
-        Some(Cmd::Completions { shell }) => {
-            mcast::cli_docs::completions(Cli::command(), *shell, &mut std::io::stdout().lock());
-            return ExitCode::SUCCESS;
-        }
-        Some(Cmd::Man { dir }) => {
-            return match mcast::cli_docs::man_command(Cli::command(), dir) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("mcastd: error: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            };
-        }
-        _ => {}
+    let docs = match &cli.cmd {
+        Some(Cmd::Completions { shell }) => Some(mcast::cli_docs::Docs::Completions(*shell)),
+        Some(Cmd::Man { dir }) => Some(mcast::cli_docs::Docs::Man(dir.clone())),
+        _ => None,
+    };
+    if let Some(d) = docs {
+        return ExitCode::from(mcast::cli_docs::run(Cli::command(), &d));
     }
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
