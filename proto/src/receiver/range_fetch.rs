@@ -283,6 +283,11 @@ impl RangeFetch {
         Ok(Next::Fetch(Request { id, mirror, range }))
     }
 
+    /// More packets to fetch (a later round: what is still missing after the first).
+    pub fn add(&mut self, packets: &[PacketId]) {
+        self.requeue(packets);
+    }
+
     /// Drop `mirror` (once) with `why`.
     pub fn drop_mirror(&mut self, mirror: usize, why: String) {
         if let Some(m) = self.mirrors.get_mut(mirror) {
