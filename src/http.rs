@@ -23,8 +23,8 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{
-    HeaderValue, ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE,
-    CONTENT_TYPE, RANGE,
+    HeaderValue, ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE,
+    RANGE,
 };
 use hyper::{Method, Request, Response, StatusCode};
 
@@ -203,20 +203,37 @@ async fn serve(l: std::net::TcpListener, handler: Arc<Handler>, limits: ConnLimi
     }
 }
 
-/// A `Range` header against a file of `len` bytes: `Ok(None)` serves the whole file (no
-/// header, one that does not parse, or several ranges: the standard lets a server ignore
-/// them), `Ok(Some((first, last)))` that single range (`last` clipped to the file),
-/// `Err(())` is unsatisfiable (416).
-pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, ()> {
-    let Some(h) = header else { return Ok(None) };
+/// What a `Range` header asks of a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeAsk {
+    /// The whole file (200): no header, one that does not parse, or several ranges (the
+    /// standard lets a server ignore them).
+    Whole,
+    /// Bytes `first..=last` (206), `last` clipped to the file.
+    Part(u64, u64),
+    /// 416.
+    Unsatisfiable,
+}
+
+/// A `Range` header against a file of `len` bytes.
+pub fn parse_range(header: Option<&str>, len: u64) -> RangeAsk {
+    parse_range_inner(header, len)
+        .map(|r| r.map_or(RangeAsk::Whole, |(a, b)| RangeAsk::Part(a, b)))
+        .unwrap_or(RangeAsk::Unsatisfiable)
+}
+
+fn parse_range_inner(header: Option<&str>, len: u64) -> Option<Option<(u64, u64)>> {
+    let Some(h) = header else {
+        return Some(None);
+    };
     let Some(spec) = h.trim().strip_prefix("bytes=") else {
-        return Ok(None);
+        return Some(None);
     };
     if spec.contains(',') {
-        return Ok(None);
+        return Some(None);
     }
     let Some((a, b)) = spec.trim().split_once('-') else {
-        return Ok(None);
+        return Some(None);
     };
     let (a, b) = (a.trim(), b.trim());
     let num = |s: &str| -> Option<u64> {
@@ -228,22 +245,22 @@ pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>,
         // bytes=-n: the last n bytes.
         (true, _, Some(n)) => {
             if n == 0 || len == 0 {
-                Err(())
+                None
             } else {
-                Ok(Some((len.saturating_sub(n), len - 1)))
+                Some(Some((len.saturating_sub(n), len - 1)))
             }
         }
         // bytes=a- and bytes=a-b.
         (false, Some(first), last) if b.is_empty() || last.is_some() => {
             if last.is_some_and(|l| l < first) {
-                return Ok(None); // invalid: ignored
+                return Some(None); // invalid: ignored
             }
             if first >= len {
-                return Err(());
+                return None;
             }
-            Ok(Some((first, last.unwrap_or(u64::MAX).min(len - 1))))
+            Some(Some((first, last.unwrap_or(u64::MAX).min(len - 1))))
         }
-        _ => Ok(None),
+        _ => Some(None),
     }
 }
 
@@ -320,7 +337,12 @@ pub fn respond_archive(
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;
     }
-    let not_found = || plain(StatusCode::NOT_FOUND, "no such archive: try /archives/<title>.mca");
+    let not_found = || {
+        plain(
+            StatusCode::NOT_FOUND,
+            "no such archive: try /archives/<title>.mca",
+        )
+    };
     let Some(p) = archive_file(dir, path) else {
         return not_found();
     };
@@ -338,7 +360,7 @@ pub fn respond_archive(
         _ => return not_found(),
     };
     let (status, first, last) = match parse_range(range, len) {
-        Err(()) => {
+        RangeAsk::Unsatisfiable => {
             let mut r = plain(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
             r.headers_mut().insert(
                 CONTENT_RANGE,
@@ -348,8 +370,8 @@ pub fn respond_archive(
                 .insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
             return r;
         }
-        Ok(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
-        Ok(None) => (StatusCode::OK, 0, len.wrapping_sub(1)),
+        RangeAsk::Part(a, b) => (StatusCode::PARTIAL_CONTENT, a, b),
+        RangeAsk::Whole => (StatusCode::OK, 0, len.wrapping_sub(1)),
     };
     let body_len = if len == 0 { 0 } else { last - first + 1 };
     let body = FileBody {
@@ -383,17 +405,34 @@ mod tests {
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range(None, 100), Ok(None));
-        assert_eq!(parse_range(Some("bytes=0-9"), 100), Ok(Some((0, 9))));
-        assert_eq!(parse_range(Some("bytes=90-"), 100), Ok(Some((90, 99))));
-        assert_eq!(parse_range(Some("bytes=90-500"), 100), Ok(Some((90, 99))));
-        assert_eq!(parse_range(Some("bytes=-16"), 100), Ok(Some((84, 99))));
-        assert_eq!(parse_range(Some("bytes=-500"), 100), Ok(Some((0, 99))));
-        assert_eq!(parse_range(Some("bytes=100-"), 100), Err(()));
-        assert_eq!(parse_range(Some("bytes=-0"), 100), Err(()));
-        assert_eq!(parse_range(Some("bytes=0-"), 0), Err(()));
-        for ignored in ["bytes=5-1", "bytes=0-1,5-6", "items=0-1", "bytes=x-1", "bytes=-", "bytes=+1-2"] {
-            assert_eq!(parse_range(Some(ignored), 100), Ok(None), "{ignored}");
+        assert_eq!(parse_range(None, 100), RangeAsk::Whole);
+        assert_eq!(parse_range(Some("bytes=0-9"), 100), RangeAsk::Part(0, 9));
+        assert_eq!(parse_range(Some("bytes=90-"), 100), RangeAsk::Part(90, 99));
+        assert_eq!(
+            parse_range(Some("bytes=90-500"), 100),
+            RangeAsk::Part(90, 99)
+        );
+        assert_eq!(parse_range(Some("bytes=-16"), 100), RangeAsk::Part(84, 99));
+        assert_eq!(parse_range(Some("bytes=-500"), 100), RangeAsk::Part(0, 99));
+        assert_eq!(
+            parse_range(Some("bytes=100-"), 100),
+            RangeAsk::Unsatisfiable
+        );
+        assert_eq!(parse_range(Some("bytes=-0"), 100), RangeAsk::Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=0-"), 0), RangeAsk::Unsatisfiable);
+        for ignored in [
+            "bytes=5-1",
+            "bytes=0-1,5-6",
+            "items=0-1",
+            "bytes=x-1",
+            "bytes=-",
+            "bytes=+1-2",
+        ] {
+            assert_eq!(
+                parse_range(Some(ignored), 100),
+                RangeAsk::Whole,
+                "{ignored}"
+            );
         }
     }
 

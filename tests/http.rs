@@ -106,7 +106,10 @@ impl Nginx {
                     fs::read_to_string(d.join("error.log")).unwrap_or_default()
                 );
             }
-            assert!(Instant::now() < deadline, "nginx did not listen within 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not listen within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Nginx {
@@ -124,7 +127,12 @@ impl Nginx {
 /// The hex server key that signed an archive.
 fn key_of(archive: &Path) -> String {
     let a = mcast::archive::ArchiveFile::open(archive).unwrap();
-    a.head.server_key.0.iter().map(|b| format!("{b:02x}")).collect()
+    a.head
+        .server_key
+        .0
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `mcast-recv get TITLE --dir OUT ARGS…` (JSON, no known-servers file, no adverts).
@@ -151,7 +159,8 @@ fn done(f: &Finished) -> Value {
 }
 
 fn n(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
 #[test]
@@ -173,7 +182,10 @@ fn http_only_from_nginx_is_byte_identical() {
     let len = fs::metadata(&archive).unwrap().len();
     // Everything but the preamble (rebuilt locally), once: tail + head + packets.
     assert!(n(&r, "http_bytes") < len, "{r}");
-    assert!(n(&r, "http_bytes") >= n(&r, "missing_bytes_at_http_start"), "{r}");
+    assert!(
+        n(&r, "http_bytes") >= n(&r, "missing_bytes_at_http_start"),
+        "{r}"
+    );
     assert!(n(&r, "http_requests") >= 3, "{r}");
     assert_eq!(n(&r, "mirrors_dropped"), 0, "{r}");
     assert_eq!(n(&r, "http_packets_rejected"), 0, "{r}");
@@ -185,16 +197,29 @@ fn http_only_from_nginx_is_byte_identical() {
     let f = recv(
         "film",
         &out2,
-        &["--http", &ng.url("/a/film.mca"), "--server-key", &"ab".repeat(32)],
+        &[
+            "--http",
+            &ng.url("/a/film.mca"),
+            "--server-key",
+            &"ab".repeat(32),
+        ],
     )
     .wait(Duration::from_secs(30));
     f.assert_code(3);
-    assert!(f.stderr.contains("not signed by the trusted server key"), "{}", f.stderr);
+    assert!(
+        f.stderr.contains("not signed by the trusted server key"),
+        "{}",
+        f.stderr
+    );
     assert!(!out2.join("film.mca").exists());
     // No such title on the mirror: unreachable (exit 4), says which URL.
     let f = recv("nope", &out2, &["--http", &ng.url("/a/")]).wait(Duration::from_secs(30));
     f.assert_code(4);
-    assert!(f.stderr.contains("/a/nope.mca") && f.stderr.contains("404"), "{}", f.stderr);
+    assert!(
+        f.stderr.contains("/a/nope.mca") && f.stderr.contains("404"),
+        "{}",
+        f.stderr
+    );
 }
 
 /// A copy of `archive` in `dir` with bytes flipped: every 200 kB of the data region
@@ -248,7 +273,11 @@ fn a_corrupt_mirror_is_dropped_and_the_other_completes() {
         let r = done(&f);
         assert!(n(&r, "http_packets_rejected") > 0, "{bad}: {r}");
         assert_eq!(n(&r, "mirrors_dropped"), 1, "{bad}: {r}");
-        assert!(f.stderr.contains("fail verification"), "{bad}: {}", f.stderr);
+        assert!(
+            f.stderr.contains("fail verification"),
+            "{bad}: {}",
+            f.stderr
+        );
     }
     // Only corrupt mirrors: every one dropped, integrity failure (exit 3), state kept.
     let out = site.out_dir("out-bad-only");
@@ -257,14 +286,19 @@ fn a_corrupt_mirror_is_dropped_and_the_other_completes() {
         .wait(Duration::from_secs(30));
     f.assert_code(3);
     assert!(
-        f.stderr.contains("every HTTP mirror was dropped") && f.stderr.contains("/bad-data/film.mca"),
+        f.stderr.contains("every HTTP mirror was dropped")
+            && f.stderr.contains("/bad-data/film.mca"),
         "{}",
         f.stderr
     );
     assert!(out.join("film.mca.state").exists() && !out.join("film.mca").exists());
     // The good mirror then finishes what the bad ones left (resume), fetching no more.
-    let f = recv("film", &out, &["--http", &ng.url("/good/"), "--server-key", &key])
-        .wait(Duration::from_secs(30));
+    let f = recv(
+        "film",
+        &out,
+        &["--http", &ng.url("/good/"), "--server-key", &key],
+    )
+    .wait(Duration::from_secs(30));
     f.assert_complete(&archive);
     let r = done(&f);
     assert!(n(&r, "units_at_start") > 0, "{r}");
@@ -287,12 +321,27 @@ fn multicast_then_http_fetches_only_the_missing_rest() {
     let ng = Nginx::start(&bin, &[("/m/", &site.archive_dir())]);
     let out = site.out_dir("out");
     let f = site
-        .get("film", &out, &["--timeout", "7s", "--server-key", &key, "--json", "--no-adverts"])
+        .get(
+            "film",
+            &out,
+            &[
+                "--timeout",
+                "7s",
+                "--server-key",
+                &key,
+                "--json",
+                "--no-adverts",
+            ],
+        )
         .wait(Duration::from_secs(30));
     f.assert_code(7);
     assert!(out.join("film.mca.state").exists());
-    let f = recv("film", &out, &["--http", &ng.url("/m/"), "--server-key", &key])
-        .wait(Duration::from_secs(30));
+    let f = recv(
+        "film",
+        &out,
+        &["--http", &ng.url("/m/"), "--server-key", &key],
+    )
+    .wait(Duration::from_secs(30));
     f.assert_complete(&archive);
     let r = done(&f);
     let missing = n(&r, "missing_bytes_at_http_start");
@@ -346,18 +395,30 @@ fn mcastd_serves_archives_and_mixed_mode_repairs_over_http() {
     let _srv = site.serve();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
-    let (code, h, body) = raw(addr, "GET /archives/film.mca HTTP/1.0\r\nRange: bytes=100-1123\r\n\r\n");
+    let (code, h, body) = raw(
+        addr,
+        "GET /archives/film.mca HTTP/1.0\r\nRange: bytes=100-1123\r\n\r\n",
+    );
     assert_eq!(code, 206, "{h}");
-    assert!(h.contains(&format!("content-range: bytes 100-1123/{len}")), "{h}");
+    assert!(
+        h.contains(&format!("content-range: bytes 100-1123/{len}")),
+        "{h}"
+    );
     assert!(h.contains("accept-ranges: bytes"), "{h}");
     assert_eq!(body, bytes[100..1124]);
-    let (code, h, body) = raw(addr, "GET /archives/film.mca HTTP/1.0\r\nRange: bytes=-16\r\n\r\n");
+    let (code, h, body) = raw(
+        addr,
+        "GET /archives/film.mca HTTP/1.0\r\nRange: bytes=-16\r\n\r\n",
+    );
     assert_eq!(code, 206, "{h}");
     assert_eq!(body, bytes[len - 16..]);
     assert_eq!(&body[8..], b"MCASTEND");
     let (code, _, body) = raw(
         addr,
-        &format!("GET /archives/film.mca HTTP/1.0\r\nRange: bytes={}-\r\n\r\n", len - 5),
+        &format!(
+            "GET /archives/film.mca HTTP/1.0\r\nRange: bytes={}-\r\n\r\n",
+            len - 5
+        ),
     );
     assert_eq!((code, body.as_slice()), (206, &bytes[len - 5..]));
     let (code, h, _) = raw(
@@ -385,7 +446,10 @@ fn mcastd_serves_archives_and_mixed_mode_repairs_over_http() {
     ] {
         let (code, _, body) = raw(addr, &format!("GET {bad} HTTP/1.0\r\n\r\n"));
         assert_eq!(code, 404, "{bad}");
-        assert!(!body.starts_with(b"partial") && !body.starts_with(b"outside"), "{bad}");
+        assert!(
+            !body.starts_with(b"partial") && !body.starts_with(b"outside"),
+            "{bad}"
+        );
     }
     let (code, h, _) = raw(addr, "POST /archives/film.mca HTTP/1.0\r\n\r\n");
     assert_eq!(code, 405, "{h}");

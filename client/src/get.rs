@@ -1014,13 +1014,8 @@ pub(crate) fn finish_part(
     // A FEC archive finished by decoding (or fetched over HTTP) holds only some repair
     // symbols: re-encode them all from the (complete, verified) data so the copy equals the
     // server's archive.
-    archive::fec_file::fill_repairs(
-        &part,
-        part_path,
-        head,
-        &archive::Layout::of(head, head_len),
-    )
-    .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+    archive::fec_file::fill_repairs(&part, part_path, head, &archive::Layout::of(head, head_len))
+        .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
     part.sync_data()
         .map_err(|e| RecvError::io("cannot sync", part_path, e))?;
     drop(part);

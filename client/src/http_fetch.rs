@@ -210,17 +210,24 @@ fn local_head(part: &Path, state: &State, opts: &HttpFetchOptions) -> Option<Hea
     let f = File::open(part).ok()?;
     let len = f.metadata().ok()?.len();
     let mut tail = [0u8; TAIL_LEN as usize];
-    f.read_exact_at(&mut tail, len.checked_sub(TAIL_LEN)?).ok()?;
+    f.read_exact_at(&mut tail, len.checked_sub(TAIL_LEN)?)
+        .ok()?;
     let head_len = range_fetch::parse_tail(&tail, len).ok()?;
     let mut bytes = vec![0u8; head_len as usize];
-    f.read_exact_at(&mut bytes, len - TAIL_LEN - head_len).ok()?;
+    f.read_exact_at(&mut bytes, len - TAIL_LEN - head_len)
+        .ok()?;
     let head = Head::decode(&bytes).ok()?;
-    if head.archive_id != state.archive_id
-        || Layout::of(&head, head_len).file_len() != len
-    {
+    if head.archive_id != state.archive_id || Layout::of(&head, head_len).file_len() != len {
         return None;
     }
-    let trusted = check_head(&head, &opts.title, opts.server_key, Some(state), "the part file").ok()?;
+    let trusted = check_head(
+        &head,
+        &opts.title,
+        opts.server_key,
+        Some(state),
+        "the part file",
+    )
+    .ok()?;
     Some(HeadFound {
         head: Arc::new(head),
         bytes,
@@ -237,16 +244,22 @@ fn remote_head(
     bad: &mut [Option<String>],
 ) -> Result<HeadFound, RecvError> {
     let mut integrity = None;
-    for m in 0..http.urls.len() {
+    for (m, slot) in bad.iter_mut().enumerate() {
         let url = http.urls[m].clone();
         let r = (|| -> Result<HeadFound, RecvError> {
             let other = |m: String| RecvError::new(Failure::Unreachable, m);
-            let a = http.get(m, &format!("bytes=-{TAIL_LEN}"), TAIL_LEN).map_err(other)?;
+            let a = http
+                .get(m, &format!("bytes=-{TAIL_LEN}"), TAIL_LEN)
+                .map_err(other)?;
             if a.status != 206 {
                 return Err(other(format!(
                     "answered HTTP {} to a range request for the tail{}",
                     a.status,
-                    if a.status == 404 { " (no such file)" } else { "" }
+                    if a.status == 404 {
+                        " (no such file)"
+                    } else {
+                        ""
+                    }
                 )));
             }
             let total = a
@@ -258,11 +271,18 @@ fn remote_head(
             let head_len = range_fetch::parse_tail(&a.body, total).map_err(other)?;
             let start = total - TAIL_LEN - head_len;
             let h = http
-                .get(m, &format!("bytes={start}-{}", total - TAIL_LEN - 1), head_len)
+                .get(
+                    m,
+                    &format!("bytes={start}-{}", total - TAIL_LEN - 1),
+                    head_len,
+                )
                 .map_err(other)?;
             let want = Some((start, total - TAIL_LEN - 1, Some(total)));
             if h.status != 206
-                || h.content_range.as_deref().and_then(range_fetch::parse_content_range) != want
+                || h.content_range
+                    .as_deref()
+                    .and_then(range_fetch::parse_content_range)
+                    != want
                 || h.body.len() as u64 != head_len
             {
                 return Err(other(format!(
@@ -295,7 +315,7 @@ fn remote_head(
                 if e.kind == Failure::Integrity {
                     integrity = Some(e.message.clone());
                 }
-                bad[m] = Some(e.message);
+                *slot = Some(e.message);
             }
         }
     }
@@ -341,7 +361,11 @@ pub fn fetch(opts: &HttpFetchOptions, stop: Arc<AtomicBool>) -> Result<GetReport
         .map_err(|e| RecvError::new(Failure::Other, format!("HTTP client: {}", error_chain(&e))))?;
     let mut http = Http {
         client,
-        urls: opts.mirrors.iter().map(|u| mirror_url(u, &opts.title)).collect(),
+        urls: opts
+            .mirrors
+            .iter()
+            .map(|u| mirror_url(u, &opts.title))
+            .collect(),
         bytes: 0,
         requests: 0,
     };
@@ -568,7 +592,10 @@ impl Run<'_> {
         let mut v = dl.on_packet(id, payload);
         if let Verdict::NeedHash(b) = v {
             // Held, evicted from memory: read it back from the part file.
-            let (o, l) = dl.layout().packet_range(PacketId::Hash(b)).expect("in range");
+            let (o, l) = dl
+                .layout()
+                .packet_range(PacketId::Hash(b))
+                .expect("in range");
             let mut hp = vec![0u8; l];
             if self.part.read_exact_at(&mut hp, o).is_ok() && dl.restore_hash(b, hp) {
                 v = dl.on_packet(id, payload);
@@ -626,7 +653,7 @@ impl Run<'_> {
                 self.checkpoint(dl)?;
             }
             self.progress(dl, http, false);
-            let req = match plan.next() {
+            let req = match plan.next_request() {
                 Ok(Next::Fetch(r)) => r,
                 Ok(Next::Wait) => unreachable!("one request at a time"),
                 Ok(Next::Done) if dl.is_complete() => {
@@ -679,9 +706,12 @@ impl Run<'_> {
                     continue;
                 }
             };
-            let Some(packets) =
-                plan.on_response(req.id, a.status, a.content_range.as_deref(), a.body.len() as u64)
-            else {
+            let Some(packets) = plan.on_response(
+                req.id,
+                a.status,
+                a.content_range.as_deref(),
+                a.body.len() as u64,
+            ) else {
                 tracing::warn!(mirror = %http.urls[req.mirror], reason = plan.dropped_reason(req.mirror).unwrap_or(""), "mirror dropped");
                 continue;
             };

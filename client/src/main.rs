@@ -427,7 +427,8 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 .map(|u| u.trim().to_string())
                 .filter(|u| !u.is_empty())
                 .collect();
-            let only_http = !http.is_empty() && (http_only || (server.is_none() && director.is_empty()));
+            let only_http =
+                !http.is_empty() && (http_only || (server.is_none() && director.is_empty()));
             if !http.is_empty() {
                 mcast_recv::http_fetch::check_urls(&http)?;
             }
@@ -491,7 +492,8 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 }
                 e
             };
-            let mut ho = mcast_recv::http_fetch::HttpFetchOptions::new(&title, &output, http.clone());
+            let mut ho =
+                mcast_recv::http_fetch::HttpFetchOptions::new(&title, &output, http.clone());
             ho.server_key = o.server_key;
             ho.json = o.json;
             ho.progress_bar = o.progress_bar;

@@ -97,7 +97,11 @@ pub fn packet_bytes(layout: &Layout, packets: &[PacketId]) -> u64 {
 pub fn coalesce(layout: &Layout, packets: &[PacketId], cfg: RangeConfig) -> Vec<ByteRange> {
     let mut spans: Vec<(u64, u64, PacketId)> = packets
         .iter()
-        .filter_map(|id| layout.packet_range(*id).map(|(o, l)| (o, o + l as u64, *id)))
+        .filter_map(|id| {
+            layout
+                .packet_range(*id)
+                .map(|(o, l)| (o, o + l as u64, *id))
+        })
         .filter(|(_, _, id)| matches!(id, PacketId::Data(_) | PacketId::Hash(_)))
         .collect();
     spans.sort_unstable_by_key(|s| s.0);
@@ -107,7 +111,10 @@ pub fn coalesce(layout: &Layout, packets: &[PacketId], cfg: RangeConfig) -> Vec<
     for (start, end, id) in spans {
         let hash = matches!(id, PacketId::Hash(_));
         if let Some(r) = out.last_mut() {
-            if r.hash == hash && start >= r.end && start - r.end <= cfg.merge_gap && end - r.start <= max
+            if r.hash == hash
+                && start >= r.end
+                && start - r.end <= cfg.merge_gap
+                && end - r.start <= max
             {
                 r.end = end;
                 r.packets.push(id);
@@ -234,7 +241,9 @@ impl RangeFetch {
     }
 
     pub fn is_live(&self, mirror: usize) -> bool {
-        self.mirrors.get(mirror).is_some_and(|m| m.dropped.is_none())
+        self.mirrors
+            .get(mirror)
+            .is_some_and(|m| m.dropped.is_none())
     }
 
     /// Why `mirror` was dropped (`None`: still trusted).
@@ -255,7 +264,7 @@ impl RangeFetch {
 
     /// The next request, round-robin over live mirrors; data ranges only once no hash range
     /// is pending or in flight.
-    pub fn next(&mut self) -> Result<Next, AllMirrorsDropped> {
+    pub fn next_request(&mut self) -> Result<Next, AllMirrorsDropped> {
         if self.pending.is_empty() {
             return Ok(if self.in_flight.is_empty() {
                 Next::Done
@@ -306,7 +315,11 @@ impl RangeFetch {
                 self.pending.push_front(r);
             } else {
                 // Before the data ranges still pending, after any hash ones.
-                let at = self.pending.iter().position(|p| !p.hash).unwrap_or(self.pending.len());
+                let at = self
+                    .pending
+                    .iter()
+                    .position(|p| !p.hash)
+                    .unwrap_or(self.pending.len());
                 self.pending.insert(at, r);
             }
         }
@@ -443,7 +456,10 @@ mod tests {
         assert_eq!(r[1].start, l.packet_range(PacketId::Data(10)).unwrap().0);
         assert_eq!(r[1].len(), 10 * 1280);
         assert_eq!(r[2].packets, vec![PacketId::Data(30)]);
-        assert_eq!(r[1].header(), format!("bytes={}-{}", r[1].start, r[1].end - 1));
+        assert_eq!(
+            r[1].header(),
+            format!("bytes={}-{}", r[1].start, r[1].end - 1)
+        );
         // The cap: 4 packets per request.
         let cfg = RangeConfig {
             max_request: 4 * 1280,
@@ -476,7 +492,13 @@ mod tests {
             Some((0, 99, Some(1000)))
         );
         assert_eq!(parse_content_range("bytes 5-5/*"), Some((5, 5, None)));
-        for bad in ["bytes 9-5/100", "bytes 0-100/100", "items 0-1/2", "bytes x-1/2", ""] {
+        for bad in [
+            "bytes 9-5/100",
+            "bytes 0-100/100",
+            "items 0-1/2",
+            "bytes x-1/2",
+            "",
+        ] {
             assert_eq!(parse_content_range(bad), None, "{bad}");
         }
         let mut t = crate::archive::tail_bytes(300).to_vec();
@@ -501,7 +523,12 @@ mod tests {
     }
 
     /// A simulated mirror set: mirror `bad` flips a byte in every answer.
-    fn run(a: &SimArchive, have: Option<Vec<u64>>, mirrors: usize, bad: &[usize]) -> (Download, RangeFetch, Result<(), AllMirrorsDropped>) {
+    fn run(
+        a: &SimArchive,
+        have: Option<Vec<u64>>,
+        mirrors: usize,
+        bad: &[usize],
+    ) -> (Download, RangeFetch, Result<(), AllMirrorsDropped>) {
         let l = layout(a);
         let file = file_of(a);
         let mut dl = Download::new(a.head.clone(), a.head_bytes.len() as u64, have);
@@ -513,7 +540,7 @@ mod tests {
         };
         let mut f = RangeFetch::new(l, &need, mirrors, cfg);
         let res = loop {
-            let req = match f.next() {
+            let req = match f.next_request() {
                 Ok(Next::Fetch(r)) => r,
                 Ok(Next::Done) => break Ok(()),
                 Ok(Next::Wait) => unreachable!("sequential: nothing in flight"),
@@ -588,10 +615,17 @@ mod tests {
         assert_eq!(need.len(), 100);
         let missing = packet_bytes(&l, &need);
         let mut f = RangeFetch::new(l, &need, 1, RangeConfig::default());
-        while let Ok(Next::Fetch(req)) = f.next() {
+        while let Ok(Next::Fetch(req)) = f.next_request() {
             let body = &file[req.range.start as usize..req.range.end as usize];
-            let cr = format!("bytes {}-{}/{}", req.range.start, req.range.end - 1, l.file_len());
-            let packets = f.on_response(req.id, 206, Some(&cr), body.len() as u64).unwrap();
+            let cr = format!(
+                "bytes {}-{}/{}",
+                req.range.start,
+                req.range.end - 1,
+                l.file_len()
+            );
+            let packets = f
+                .on_response(req.id, 206, Some(&cr), body.len() as u64)
+                .unwrap();
             for (id, r) in packets {
                 let mut v = dl.on_packet(id, &body[r.clone()]);
                 if let Verdict::NeedHash(b) = v {
@@ -616,33 +650,58 @@ mod tests {
         let need = needed_packets(&LoopShape::of(&a.head), |_| false);
         let mut f = RangeFetch::new(l, &need, 3, RangeConfig::default());
         let total = f.remaining_bytes();
-        let Ok(Next::Fetch(r0)) = f.next() else { panic!() };
+        let Ok(Next::Fetch(r0)) = f.next_request() else {
+            panic!()
+        };
         assert!(r0.range.hash);
         assert_eq!(r0.mirror, 0);
         // Hash range in flight: data waits.
-        assert_eq!(f.next(), Ok(Next::Wait));
+        assert_eq!(f.next_request(), Ok(Next::Wait));
         // 200: no range support.
         assert!(f.on_response(r0.id, 200, None, 10).is_none());
         assert!(f.dropped_reason(0).unwrap().contains("no range support"));
-        let Ok(Next::Fetch(r1)) = f.next() else { panic!() };
+        let Ok(Next::Fetch(r1)) = f.next_request() else {
+            panic!()
+        };
         assert_eq!(r1.range, r0.range, "the same range again");
         assert_eq!(r1.mirror, 1);
         // Wrong total length.
-        let cr = format!("bytes {}-{}/{}", r1.range.start, r1.range.end - 1, l.file_len() + 1);
-        assert!(f.on_response(r1.id, 206, Some(&cr), r1.range.len()).is_none());
+        let cr = format!(
+            "bytes {}-{}/{}",
+            r1.range.start,
+            r1.range.end - 1,
+            l.file_len() + 1
+        );
+        assert!(f
+            .on_response(r1.id, 206, Some(&cr), r1.range.len())
+            .is_none());
         assert!(f.dropped_reason(1).unwrap().contains("another version"));
-        let Ok(Next::Fetch(r2)) = f.next() else { panic!() };
+        let Ok(Next::Fetch(r2)) = f.next_request() else {
+            panic!()
+        };
         assert_eq!(r2.mirror, 2);
         // Short body.
-        let cr = format!("bytes {}-{}/{}", r2.range.start, r2.range.end - 1, l.file_len());
-        assert!(f.on_response(r2.id, 206, Some(&cr), r2.range.len() - 1).is_none());
+        let cr = format!(
+            "bytes {}-{}/{}",
+            r2.range.start,
+            r2.range.end - 1,
+            l.file_len()
+        );
+        assert!(f
+            .on_response(r2.id, 206, Some(&cr), r2.range.len() - 1)
+            .is_none());
         assert_eq!(f.counters.mirrors_dropped, 3);
-        assert_eq!(f.next().unwrap_err().reasons.len(), 3);
+        assert_eq!(f.next_request().unwrap_err().reasons.len(), 3);
         assert_eq!(f.remaining_bytes(), total);
         // A transport error drops too.
         let mut f = RangeFetch::new(l, &need, 1, RangeConfig::default());
-        let Ok(Next::Fetch(r)) = f.next() else { panic!() };
+        let Ok(Next::Fetch(r)) = f.next_request() else {
+            panic!()
+        };
         f.on_error(r.id, "connection refused".into());
-        assert_eq!(f.next().unwrap_err().reasons[0].1, "connection refused");
+        assert_eq!(
+            f.next_request().unwrap_err().reasons[0].1,
+            "connection refused"
+        );
     }
 }
