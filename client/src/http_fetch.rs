@@ -10,7 +10,8 @@
 //!    the key the state file was pinned to, else trusted on first use with a warning.
 //! 2. The part file and state file of `get` ([`crate::get::open_part`], [`State`]): a resume
 //!    re-verifies what it holds and fetches only the rest.
-//! 3. Requests one at a time, round-robin over the live mirrors; each verified payload is
+//! 3. Up to `parallel` requests in flight (worker threads), round-robin over the live
+//!    mirrors, hash ranges before data; each verified payload is
 //!    written at its offset; the state file is checkpointed every `checkpoint` (fdatasync
 //!    first), so a crash or Ctrl-C resumes with what was saved.
 //! 4. Done: [`crate::get::finish_part`], the same finish as `get` (durable, FEC repair region,
@@ -55,6 +56,8 @@ pub struct HttpFetchOptions {
     pub max_request: u64,
     /// A request (connect, headers and body) that takes longer drops its mirror.
     pub request_timeout: Duration,
+    /// Requests in flight at once (over the mirrors, round-robin).
+    pub parallel: usize,
     pub json: bool,
     pub progress_bar: bool,
 }
@@ -70,6 +73,7 @@ impl HttpFetchOptions {
             timeout: None,
             max_request: RangeConfig::default().max_request,
             request_timeout: Duration::from_secs(30),
+            parallel: 4,
             json: false,
             progress_bar: false,
         }
@@ -123,28 +127,52 @@ impl Http {
     /// (plus one, to tell a longer body).
     fn get(&mut self, m: usize, range: &str, limit: u64) -> Result<Answer, String> {
         self.requests += 1;
-        let resp = self
-            .client
-            .get(&self.urls[m])
-            .header(reqwest::header::RANGE, range)
-            .send()
-            .map_err(|e| format!("request failed: {}", error_chain(&e)))?;
-        let status = resp.status().as_u16();
-        let content_range = resp
-            .headers()
-            .get(reqwest::header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let mut body = Vec::new();
-        let r = resp.take(limit + 1).read_to_end(&mut body);
-        self.bytes += body.len() as u64;
-        r.map_err(|e| format!("reading the answer failed: {e}"))?;
-        Ok(Answer {
-            status,
-            content_range,
-            body,
-        })
+        let (n, r) = get_range(&self.client, &self.urls[m], range, limit);
+        self.bytes += n;
+        r
     }
+}
+
+/// One range request: the body bytes read (counted even when the answer is cut short), and
+/// the answer.
+fn get_range(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    range: &str,
+    limit: u64,
+) -> (u64, Result<Answer, String>) {
+    let resp = match client.get(url).header(reqwest::header::RANGE, range).send() {
+        Ok(r) => r,
+        Err(e) => return (0, Err(format!("request failed: {}", error_chain(&e)))),
+    };
+    let status = resp.status().as_u16();
+    let content_range = resp
+        .headers()
+        .get(reqwest::header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut body = Vec::new();
+    let r = resp.take(limit + 1).read_to_end(&mut body);
+    let n = body.len() as u64;
+    match r {
+        Ok(_) => (
+            n,
+            Ok(Answer {
+                status,
+                content_range,
+                body,
+            }),
+        ),
+        Err(e) => (n, Err(format!("reading the answer failed: {e}"))),
+    }
+}
+
+/// A request for a worker thread.
+struct Job {
+    id: u64,
+    mirror: usize,
+    range: String,
+    limit: u64,
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -629,7 +657,49 @@ impl Run<'_> {
         http: &mut Http,
         stop: &AtomicBool,
     ) -> Result<(), RecvError> {
+        let parallel = self.opts.parallel.max(1);
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+        let job_rx = std::sync::Mutex::new(job_rx);
+        let (done_tx, done_rx) =
+            std::sync::mpsc::channel::<(u64, usize, u64, Result<Answer, String>)>();
+        let (client, urls) = (http.client.clone(), http.urls.clone());
+        std::thread::scope(|scope| {
+            for _ in 0..parallel {
+                let (job_rx, done_tx, client, urls) = (&job_rx, done_tx.clone(), &client, &urls);
+                scope.spawn(move || loop {
+                    let job = match job_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    let (n, r) = get_range(client, &urls[job.mirror], &job.range, job.limit);
+                    if done_tx.send((job.id, job.mirror, n, r)).is_err() {
+                        return;
+                    }
+                });
+            }
+            drop(done_tx);
+            let r = self.fetch_loop(dl, plan, http, stop, parallel, &job_tx, &done_rx);
+            // Workers end once the job queue closes (after their request in progress).
+            drop(job_tx);
+            r
+        })
+    }
+
+    /// Keep up to `parallel` requests in flight, verify and write each answer as it comes.
+    #[allow(clippy::too_many_arguments)]
+    fn fetch_loop(
+        &mut self,
+        dl: &mut Download,
+        plan: &mut RangeFetch,
+        http: &mut Http,
+        stop: &AtomicBool,
+        parallel: usize,
+        jobs: &std::sync::mpsc::Sender<Job>,
+        answers: &std::sync::mpsc::Receiver<(u64, usize, u64, Result<Answer, String>)>,
+    ) -> Result<(), RecvError> {
         let mut round = 1;
+        let mut in_flight = 0usize;
         loop {
             if stop.load(Ordering::Relaxed) {
                 return Err(RecvError::new(
@@ -653,75 +723,100 @@ impl Run<'_> {
                 self.checkpoint(dl)?;
             }
             self.progress(dl, http, false);
-            let req = match plan.next_request() {
-                Ok(Next::Fetch(r)) => r,
-                Ok(Next::Wait) => unreachable!("one request at a time"),
-                Ok(Next::Done) if dl.is_complete() => {
-                    self.progress(dl, http, true);
-                    return Ok(());
-                }
-                Ok(Next::Done) => {
-                    round += 1;
-                    let again = range_fetch::needed_packets(dl.shape(), |u| dl.has(u));
-                    if round > MAX_ROUNDS {
+            // Fill the window.
+            while in_flight < parallel {
+                match plan.next_request() {
+                    Ok(Next::Fetch(r)) => {
+                        http.requests += 1;
+                        in_flight += 1;
+                        let job = Job {
+                            id: r.id,
+                            mirror: r.mirror,
+                            range: r.range.header(),
+                            limit: r.range.len(),
+                        };
+                        if jobs.send(job).is_err() {
+                            return Err(RecvError::new(Failure::Other, "HTTP workers ended"));
+                        }
+                    }
+                    Ok(Next::Wait) => break,
+                    Ok(Next::Done) if in_flight > 0 => break,
+                    Ok(Next::Done) if dl.is_complete() => {
+                        self.progress(dl, http, true);
+                        return Ok(());
+                    }
+                    Ok(Next::Done) => {
+                        round += 1;
+                        let again = range_fetch::needed_packets(dl.shape(), |u| dl.has(u));
+                        if round > MAX_ROUNDS {
+                            return Err(RecvError::new(
+                                Failure::Other,
+                                format!(
+                                    "{} packets still missing after {MAX_ROUNDS} rounds of HTTP fetches; run again to resume",
+                                    again.len()
+                                ),
+                            ));
+                        }
+                        plan.add(&again);
+                    }
+                    Err(_) if in_flight > 0 => break,
+                    Err(all) => {
+                        let reasons: Vec<String> = all
+                            .reasons
+                            .iter()
+                            .map(|(m, r)| format!("{} {r}", http.urls[*m]))
+                            .collect();
+                        let kind = if plan.counters.packets_rejected > 0 {
+                            Failure::Integrity
+                        } else {
+                            Failure::Unreachable
+                        };
                         return Err(RecvError::new(
-                            Failure::Other,
+                            kind,
                             format!(
-                                "{} packets still missing after {MAX_ROUNDS} rounds of HTTP fetches; run again to resume",
-                                again.len()
+                                "every HTTP mirror was dropped with {}/{} packets held (state kept): {}",
+                                dl.have_count(),
+                                dl.shape().required_units(),
+                                reasons.join("; ")
                             ),
                         ));
                     }
-                    plan.add(&again);
-                    continue;
                 }
-                Err(all) => {
-                    let reasons: Vec<String> = all
-                        .reasons
-                        .iter()
-                        .map(|(m, r)| format!("{} {r}", http.urls[*m]))
-                        .collect();
-                    let kind = if plan.counters.packets_rejected > 0 {
-                        Failure::Integrity
-                    } else {
-                        Failure::Unreachable
-                    };
-                    return Err(RecvError::new(
-                        kind,
-                        format!(
-                            "every HTTP mirror was dropped with {}/{} packets held (state kept): {}",
-                            dl.have_count(),
-                            dl.shape().required_units(),
-                            reasons.join("; ")
-                        ),
-                    ));
-                }
+            }
+            if in_flight == 0 {
+                continue;
+            }
+            let (id, mirror, n, answer) = match answers.recv_timeout(Duration::from_millis(100)) {
+                Ok(x) => x,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(e) => return Err(RecvError::new(Failure::Other, format!("HTTP workers: {e}"))),
             };
-            let answer = http.get(req.mirror, &req.range.header(), req.range.len());
+            in_flight -= 1;
+            http.bytes += n;
             let a = match answer {
                 Ok(a) => a,
                 Err(why) => {
-                    tracing::warn!(mirror = %http.urls[req.mirror], error = %why, "mirror dropped");
-                    plan.on_error(req.id, why);
+                    tracing::warn!(mirror = %http.urls[mirror], error = %why, "mirror dropped");
+                    plan.on_error(id, why);
                     continue;
                 }
             };
             let Some(packets) = plan.on_response(
-                req.id,
+                id,
                 a.status,
                 a.content_range.as_deref(),
                 a.body.len() as u64,
             ) else {
-                tracing::warn!(mirror = %http.urls[req.mirror], reason = plan.dropped_reason(req.mirror).unwrap_or(""), "mirror dropped");
+                tracing::warn!(mirror = %http.urls[mirror], reason = plan.dropped_reason(mirror).unwrap_or(""), "mirror dropped");
                 continue;
             };
             let (mut rejected, mut retry) = (Vec::new(), Vec::new());
-            for (id, r) in packets {
-                self.offer(dl, id, &a.body[r], &mut rejected, &mut retry)?;
+            for (pid, r) in packets {
+                self.offer(dl, pid, &a.body[r], &mut rejected, &mut retry)?;
             }
-            plan.on_verified(req.id, &rejected, &retry);
+            plan.on_verified(id, &rejected, &retry);
             if !rejected.is_empty() {
-                tracing::warn!(mirror = %http.urls[req.mirror], packets = rejected.len(), "mirror served packets that fail verification: dropped");
+                tracing::warn!(mirror = %http.urls[mirror], packets = rejected.len(), "mirror served packets that fail verification: dropped");
             }
         }
     }

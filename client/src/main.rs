@@ -125,9 +125,9 @@ enum Cmd {
         /// server is unreachable or goes silent) over HTTP.
         #[arg(long, value_delimiter = ',', value_name = "URL")]
         http: Vec<String>,
-        /// Fetch over HTTP only (--http), even with a --server given for the adverts'
-        /// defaults; the key is --server-key, else the one a resumed download was pinned to,
-        /// else the first seen (a warning).
+        /// Fetch over HTTP only (--http), no multicast even when --server or --director is
+        /// given. The head must be signed by --server-key, else by the key a resumed download
+        /// was pinned to, else the first key seen is trusted (with a warning).
         #[arg(long, requires = "http")]
         http_only: bool,
         /// With --http and --server/--director: receive by multicast for at most this long,
@@ -135,6 +135,10 @@ enum Cmd {
         /// missing over HTTP.
         #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = args::duration_or_secs)]
         repair_after: Duration,
+        /// HTTP range requests in flight at once, 1..=64 (spread round-robin over the
+        /// mirrors; each asks for at most 2 MiB).
+        #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+        http_parallel: u16,
     },
     /// Fetch a list of titles unattended (overnight pre-load): skips titles already complete,
     /// resumes partial ones, runs up to --concurrency `get`s at once, stops at the window's end
@@ -420,6 +424,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             http,
             http_only,
             repair_after,
+            http_parallel,
         } => {
             let output = old_dir_flag(dir, output);
             let http: Vec<String> = http
@@ -498,6 +503,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             ho.json = o.json;
             ho.progress_bar = o.progress_bar;
             ho.timeout = timeout;
+            ho.parallel = http_parallel as usize;
             if only_http {
                 let r = mcast_recv::http_fetch::fetch(&ho, stop).map_err(stopped)?;
                 print_http_report(&r, o.json);
