@@ -54,7 +54,8 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', conflicts_with = "server")]
         director: Vec<String>,
         /// With --director: a server that sends nothing verifiable for this long is given up
-        /// and the download resumes on another server.
+        /// and the download resumes on another server. With --http (and --server or
+        /// --director): then what is missing is fetched over HTTP.
         #[arg(long, default_value = "3s", value_name = "DURATION", alias = "silence-timeout-ms",
               value_parser = args::duration_or_ms)]
         silence_timeout: Duration,
