@@ -192,6 +192,43 @@ fn http_only_from_nginx_is_byte_identical() {
     assert!(f.lines.iter().any(|l| l.contains("\"via\":\"http\"")));
     assert!(!out.join("film.mca.state").exists());
 
+    // A FEC archive: its repair region is never fetched (re-encoded from the data), and the
+    // copy is still byte-identical.
+    let input = site.path("fec.media");
+    fs::write(&input, random_bytes(2 * MB, 1470)).unwrap();
+    let st = Command::new(mcastd_bin())
+        .arg("--config")
+        .arg(&site.cfg)
+        .args([
+            "pack",
+            "--compress",
+            "none",
+            "--fec-overhead",
+            "0.2",
+            "--title",
+            "fecfilm",
+        ])
+        .arg(&input)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{st:?}");
+    let fec = site.archive_path("fecfilm");
+    let f = recv(
+        "fecfilm",
+        &out,
+        &["--http", &ng.url("/a/"), "--server-key", &key],
+    )
+    .wait(Duration::from_secs(30));
+    f.assert_complete(&fec);
+    let r = done(&f);
+    let a = mcast::archive::ArchiveFile::open(&fec).unwrap();
+    assert!(a.layout.repair_packets > 0);
+    assert!(
+        n(&r, "http_bytes") < fs::metadata(&fec).unwrap().len() - a.layout.repair_packets * 1280,
+        "repair symbols fetched: {r}"
+    );
+
     // A key that did not sign it: refused (exit 3), nothing put in place.
     let out2 = site.out_dir("out2");
     let f = recv(
