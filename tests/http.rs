@@ -47,11 +47,17 @@ fn nginx_bin() -> Option<PathBuf> {
 struct Nginx {
     _guard: Guard,
     port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    tls: bool,
 }
 
 impl Nginx {
     fn start(bin: &Path, locations: &[(&str, &Path)]) -> Nginx {
+        Nginx::start_with(bin, locations, None)
+    }
+
+    /// With `tls` (certificate and key PEM files): HTTPS with HTTP/2 offered by ALPN.
+    fn start_with(bin: &Path, locations: &[(&str, &Path)], tls: Option<(&Path, &Path)>) -> Nginx {
         let dir = tempfile::Builder::new()
             .prefix("mcast-nginx-")
             .tempdir()
@@ -73,14 +79,24 @@ impl Nginx {
         } else {
             ""
         };
+        let listen = match tls {
+            Some((cert, key)) => format!(
+                "listen 127.0.0.1:{port} ssl http2;\n    ssl_certificate {};\n    \
+                 ssl_certificate_key {};",
+                cert.display(),
+                key.display()
+            ),
+            None => format!("listen 127.0.0.1:{port};"),
+        };
         let conf = format!(
             "{user}worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
              events {{ worker_connections 64; }}\n\
-             http {{\n  access_log {d}/access.log;\n\
+             http {{\n  log_format p '$request $status $body_bytes_sent';\n\
+             access_log {d}/access.log p;\n\
              client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
              fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n\
              scgi_temp_path {d}/tmp/scgi;\n  default_type application/octet-stream;\n\
-             server {{\n    listen 127.0.0.1:{port};\n{locs}  }}\n}}\n",
+             server {{\n    {listen}\n{locs}  }}\n}}\n",
             d = d.display()
         );
         let conf_path = d.join("nginx.conf");
@@ -115,12 +131,18 @@ impl Nginx {
         Nginx {
             _guard: guard,
             port,
-            _dir: dir,
+            dir,
+            tls: tls.is_some(),
         }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn access_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
 }
 
@@ -137,7 +159,14 @@ fn key_of(archive: &Path) -> String {
 
 /// `mcast-recv get TITLE --dir OUT ARGS…` (JSON, no known-servers file, no adverts).
 fn recv(title: &str, out: &Path, args: &[&str]) -> Receiver {
+    recv_env(title, out, args, &[])
+}
+
+fn recv_env(title: &str, out: &Path, args: &[&str], env: &[(&str, &Path)]) -> Receiver {
     let mut cmd = Command::new(recv_bin());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     cmd.arg("get")
         .arg(title)
         .arg("--dir")
@@ -257,6 +286,47 @@ fn http_only_from_nginx_is_byte_identical() {
         "{}",
         f.stderr
     );
+}
+
+/// HTTPS from nginx, with HTTP/2 negotiated by ALPN; the mirror's certificate is trusted
+/// through the system store (`SSL_CERT_FILE`, as rustls-native-certs reads it).
+#[test]
+fn https_mirror_over_http2() {
+    let Some(bin) = nginx_bin() else { return };
+    let site = Site::new(144, "");
+    let archive = site.pack("film", 2 * MB, 144);
+    let key = key_of(&archive);
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert, pkey) = (site.path("cert.pem"), site.path("key.pem"));
+    fs::write(&cert, ck.cert.pem()).unwrap();
+    fs::write(&pkey, ck.signing_key.serialize_pem()).unwrap();
+    let ng = Nginx::start_with(&bin, &[("/a/", &site.archive_dir())], Some((&cert, &pkey)));
+    let out = site.out_dir("out");
+    // Not trusted: every mirror dropped, naming the certificate problem (exit 4).
+    let f = recv_env(
+        "film",
+        &out,
+        &["--http", &ng.url("/a/"), "--server-key", &key],
+        &[("SSL_CERT_FILE", &site.path("none.pem"))],
+    )
+    .wait(Duration::from_secs(30));
+    f.assert_code(4);
+    assert!(
+        f.stderr.to_lowercase().contains("certificate"),
+        "{}",
+        f.stderr
+    );
+    let f = recv_env(
+        "film",
+        &out,
+        &["--http", &ng.url("/a/"), "--server-key", &key],
+        &[("SSL_CERT_FILE", &cert)],
+    )
+    .wait(Duration::from_secs(30));
+    f.assert_complete(&archive);
+    let log = ng.access_log();
+    assert!(log.contains("GET /a/film.mca HTTP/2.0 206"), "{log}");
 }
 
 /// A copy of `archive` in `dir` with bytes flipped: every 200 kB of the data region
