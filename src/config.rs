@@ -148,6 +148,9 @@ pub struct ServerConfig {
     pub tier_fec_extra: Vec<f64>,
     /// TCP address answering `GET /health` with JSON status ("" = off).
     pub health_listen: String,
+    /// TCP address serving the archive directory over HTTP, `GET`/`HEAD
+    /// /archives/<title>.mca` with byte ranges, for `mcast-recv get --http` ("" = off).
+    pub archive_http_listen: String,
     /// Addresses or ranges (`198.18.0.0/24`, `::1`) whose `mcast-recv stats` are answered:
     /// the counters say who is joined where. Default: this host only (loopback).
     pub admin: Vec<String>,
@@ -407,6 +410,7 @@ impl Default for ServerConfig {
             tier_fec_extra: Vec::new(),
             rate_policy: RatePolicy::Lowest,
             health_listen: String::new(),
+            archive_http_listen: String::new(),
             admin: default_admin(),
         }
     }
@@ -862,6 +866,8 @@ impl Config {
         }
         self.health_listen()
             .map_err(|e| field("server.health_listen", e.to_string()))?;
+        self.archive_http_listen()
+            .map_err(|e| field("server.archive_http_listen", e.to_string()))?;
         self.advertised_control()
             .map_err(|e| field("directors.advertise", e.to_string()))?;
         let d = &self.directors;
@@ -951,6 +957,17 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// `[server] archive_http_listen` as an address (`None` = off).
+    pub fn archive_http_listen(&self) -> anyhow::Result<Option<SocketAddr>> {
+        let s = self.server.archive_http_listen.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("{s:?} is not an IP:PORT (or \"\" for off)"))
     }
 
     /// `[server] health_listen` as an address (`None` = off).
@@ -1199,6 +1216,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("server.health_listen"), "{e}");
+        let e = Config::parse("[server]\narchive_http_listen = \"nope\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.archive_http_listen"), "{e}");
+        let c = Config::parse("[server]\narchive_http_listen = \"127.0.0.1:8080\"\n", p).unwrap();
+        assert_eq!(
+            c.archive_http_listen().unwrap(),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
         let c = Config::parse("[server]\nhealth_listen = \"127.0.0.1:7680\"\n", p).unwrap();
         assert_eq!(
             c.health_listen().unwrap(),

@@ -246,6 +246,11 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         tracing::warn!(dir = %cfg.store.archive_dir.display(), "no archives to serve; pack one with `mcastd pack`");
     }
     let control = crate::control_socket::bind(cfg.server.control)?;
+    if let Some(addr) = cfg.archive_http_listen()? {
+        let bound = crate::http::spawn_archives(addr, cfg.store.archive_dir.clone())
+            .context("server.archive_http_listen")?;
+        tracing::info!(listen = %bound, dir = %cfg.store.archive_dir.display(), "archives over HTTP: GET/HEAD /archives/<title>.mca with byte ranges");
+    }
     let ctrl = control.main;
     let unvalidated = control.unvalidated;
     let data = DataSockets {

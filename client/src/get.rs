@@ -178,32 +178,105 @@ pub struct GetReport {
     /// this receiver was short of CPU for the channel's rate, and its tier engine moved it
     /// down on them.
     pub socket_drops: u64,
+    /// HTTP fetch and repair (`get --http`, `crate::http_fetch`): body bytes fetched from
+    /// mirrors (tail and head included), requests made, packets a mirror served that failed
+    /// verification, mirrors dropped, and the payload bytes still missing when the HTTP
+    /// phase started (0 when no HTTP was used).
+    pub http_bytes: u64,
+    pub http_requests: u64,
+    pub http_packets_rejected: u64,
+    pub mirrors_dropped: u64,
+    pub missing_bytes_at_http_start: u64,
 }
 
+impl GetReport {
+    /// The report of a run that found the archive already complete on disk.
+    pub(crate) fn already_complete(
+        title: &str,
+        path: &Path,
+        head: &Head,
+        head_len: u64,
+        started: Instant,
+    ) -> GetReport {
+        let needed = mcast_proto::carousel::LoopShape::of(head).required_units();
+        GetReport {
+            event: "done",
+            title: title.to_string(),
+            path: path.to_path_buf(),
+            archive_bytes: archive::Layout::of(head, head_len).file_len(),
+            loop_units: head.loop_packets(),
+            needed_units: needed,
+            loop_bytes: head.loop_bytes(),
+            units_at_start: needed,
+            units_failed_recheck: 0,
+            received_bytes: 0,
+            received_packets: 0,
+            missing_bytes_at_start: 0,
+            written: 0,
+            duplicates: 0,
+            no_hash_yet: 0,
+            parked_excess: 0,
+            rejected: 0,
+            foreign: 0,
+            malformed: 0,
+            syncs_forged: 0,
+            syncs_stale: 0,
+            unicast: false,
+            naks_sent: 0,
+            units_naked: 0,
+            units_suppressed: 0,
+            units_heard_ignored: 0,
+            amounts_heard_ignored: 0,
+            repairs_received: 0,
+            burst_packets: 0,
+            fec_decodes: 0,
+            fec_restored: 0,
+            fec_repairs_written: 0,
+            amounts_naked: 0,
+            symbols_naked: 0,
+            amounts_suppressed: 0,
+            fec_extras_kept: 0,
+            seconds: started.elapsed().as_secs_f64(),
+            receive_seconds: 0.0,
+            tier: 0,
+            settled_tier: 0,
+            tier_changes: 0,
+            silent_rejoins: 0,
+            socket_drops: 0,
+            http_bytes: 0,
+            http_requests: 0,
+            http_packets_rejected: 0,
+            mirrors_dropped: 0,
+            missing_bytes_at_http_start: 0,
+        }
+    }
+}
+
+/// One JSON progress line (`get --json`, and the HTTP fetch with `via: "http"`).
 #[derive(Serialize)]
-struct ProgressLine<'a> {
-    event: &'static str,
-    title: &'a str,
-    have: u64,
-    total: u64,
-    percent: f64,
-    received_packets: u64,
-    rejected: u64,
-    via: &'static str,
+pub(crate) struct ProgressLine<'a> {
+    pub(crate) event: &'static str,
+    pub(crate) title: &'a str,
+    pub(crate) have: u64,
+    pub(crate) total: u64,
+    pub(crate) percent: f64,
+    pub(crate) received_packets: u64,
+    pub(crate) rejected: u64,
+    pub(crate) via: &'static str,
     /// Units the last completed checkpoint made durable: a restart after a crash resumes
     /// with at least these.
-    saved: u64,
+    pub(crate) saved: u64,
     /// Payload bytes held (verified) and needed in all.
-    bytes: u64,
-    total_bytes: u64,
+    pub(crate) bytes: u64,
+    pub(crate) total_bytes: u64,
     /// Bytes received per second since the previous progress line (every byte off the wire,
     /// duplicates and repairs included: what the link carries to this receiver).
-    rate_mbps: f64,
+    pub(crate) rate_mbps: f64,
     /// Seconds to go at the rate new payload arrived since the previous line (`null` while
     /// nothing new arrives).
-    eta_s: Option<f64>,
+    pub(crate) eta_s: Option<f64>,
     /// The throughput tier joined, as the server numbers them (always 0 for a title with one).
-    tier: usize,
+    pub(crate) tier: usize,
 }
 
 /// What the previous progress report saw, for rates.
@@ -846,79 +919,26 @@ impl Driver<'_> {
         let now = Instant::now();
         let st = sess.stats(now);
         if let Some((head, head_len)) = self.already.take() {
-            return Ok(GetReport {
-                event: "done",
-                title: self.opts.title.clone(),
-                path: self.final_path.clone(),
-                archive_bytes: archive::Layout::of(&head, head_len).file_len(),
-                loop_units: head.loop_packets(),
-                needed_units: mcast_proto::carousel::LoopShape::of(&head).required_units(),
-                loop_bytes: head.loop_bytes(),
-                units_at_start: mcast_proto::carousel::LoopShape::of(&head).required_units(),
-                units_failed_recheck: 0,
-                received_bytes: 0,
-                received_packets: 0,
-                missing_bytes_at_start: 0,
-                written: 0,
-                duplicates: 0,
-                no_hash_yet: 0,
-                parked_excess: 0,
-                rejected: 0,
-                foreign: 0,
-                malformed: 0,
-                syncs_forged: 0,
-                syncs_stale: 0,
-                unicast: false,
-                naks_sent: 0,
-                units_naked: 0,
-                units_suppressed: 0,
-                units_heard_ignored: 0,
-                amounts_heard_ignored: 0,
-                repairs_received: 0,
-                burst_packets: 0,
-                fec_decodes: 0,
-                fec_restored: 0,
-                fec_repairs_written: 0,
-                amounts_naked: 0,
-                symbols_naked: 0,
-                amounts_suppressed: 0,
-                fec_extras_kept: 0,
-                seconds: self.started.elapsed().as_secs_f64(),
-                receive_seconds: 0.0,
-                tier: 0,
-                settled_tier: 0,
-                tier_changes: 0,
-                silent_rejoins: 0,
-                socket_drops: 0,
-            });
+            return Ok(GetReport::already_complete(
+                &self.opts.title,
+                &self.final_path,
+                &head,
+                head_len,
+                self.started,
+            ));
         }
         self.checkpoint(sess)?;
         let f = self.files.take().expect("files open");
         drop(f.disk);
-        // A FEC archive finished by decoding holds only some repair symbols: re-encode them
-        // all from the (complete, verified) data so the copy equals the server's archive.
-        archive::fec_file::fill_repairs(
-            &f.part,
+        finish_part(
+            f.part,
             &self.part_path,
+            &self.final_path,
+            &self.state_path,
             &f.head,
-            &archive::Layout::of(&f.head, f.head_len),
-        )
-        .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
-        f.part
-            .sync_data()
-            .map_err(|e| RecvError::io("cannot sync", &self.part_path, e))?;
-        drop(f.part);
-        let a = ArchiveFile::open(&self.part_path)
-            .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
-        // Every unit was verified before it was written (or re-verified from disk at resume),
-        // so the file needs only its structure and signature checked, not a second full pass.
-        a.verify_signature(&f.trusted)
-            .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
-        drop(a);
-        std::fs::rename(&self.part_path, &self.final_path)
-            .map_err(|e| RecvError::io("cannot rename", &self.part_path, e))?;
-        let _ = mcast_io::fsutil::sync_dir(&self.opts.out_dir);
-        let _ = std::fs::remove_file(&self.state_path);
+            f.head_len,
+            &f.trusted,
+        )?;
         let head = &f.head;
         Ok(GetReport {
             event: "done",
@@ -970,13 +990,54 @@ impl Driver<'_> {
             tier_changes: st.tier_changes,
             silent_rejoins: st.silent_rejoins,
             socket_drops: st.socket_drops,
+            http_bytes: 0,
+            http_requests: 0,
+            http_packets_rejected: 0,
+            mirrors_dropped: 0,
+            missing_bytes_at_http_start: 0,
         })
     }
+}
+
+/// A complete part file (every required unit written and verified): make it durable, fill a
+/// FEC archive's repair region, check its structure and signature, rename it into place and
+/// remove the state file. `get` and the HTTP fetch both finish here.
+pub(crate) fn finish_part(
+    part: File,
+    part_path: &Path,
+    final_path: &Path,
+    state_path: &Path,
+    head: &Head,
+    head_len: u64,
+    trusted: &PublicIdentity,
+) -> Result<(), RecvError> {
+    // A FEC archive finished by decoding (or fetched over HTTP) holds only some repair
+    // symbols: re-encode them all from the (complete, verified) data so the copy equals the
+    // server's archive.
+    archive::fec_file::fill_repairs(&part, part_path, head, &archive::Layout::of(head, head_len))
+        .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+    part.sync_data()
+        .map_err(|e| RecvError::io("cannot sync", part_path, e))?;
+    drop(part);
+    let a = ArchiveFile::open(part_path)
+        .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+    // Every unit was verified before it was written (or re-verified from disk at resume),
+    // so the file needs only its structure and signature checked, not a second full pass.
+    a.verify_signature(trusted)
+        .map_err(|e| RecvError::new(Failure::Integrity, e.to_string()))?;
+    drop(a);
+    std::fs::rename(part_path, final_path)
+        .map_err(|e| RecvError::io("cannot rename", part_path, e))?;
+    if let Some(dir) = final_path.parent() {
+        let _ = mcast_io::fsutil::sync_dir(dir);
+    }
+    let _ = std::fs::remove_file(state_path);
+    Ok(())
 }
 /// Create or reopen the part file, preallocated to the archive's size, with preamble, head
 /// and tail already in place (they are known from the verified head).
 /// Returns the file and whether it can be resumed (`prior`: there is a state to resume).
-fn open_part(
+pub(crate) fn open_part(
     path: &Path,
     head: &Head,
     head_bytes: &[u8],

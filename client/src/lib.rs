@@ -10,6 +10,7 @@ pub mod disk;
 pub mod error;
 pub mod failover;
 pub mod get;
+pub mod http_fetch;
 pub mod human;
 pub mod known_servers;
 pub mod list;

@@ -45,16 +45,17 @@ enum Cmd {
     Get {
         /// Title to fetch.
         title: String,
-        /// Server control endpoint.
-        #[arg(long, short, default_value = "127.0.0.1:7600")]
-        server: String,
+        /// Server control endpoint [default: 127.0.0.1:7600, unless --http is given alone].
+        #[arg(long, short)]
+        server: Option<String>,
         /// Traffic directors, comma-separated HOST:PORT (instead of --server): a director
         /// picks a healthy server holding the title; when one director does not answer the
         /// next is asked, and when the server goes silent the download resumes on another.
         #[arg(long, value_delimiter = ',', conflicts_with = "server")]
         director: Vec<String>,
         /// With --director: a server that sends nothing verifiable for this long is given up
-        /// and the download resumes on another server.
+        /// and the download resumes on another server. With --http (and --server or
+        /// --director): then what is missing is fetched over HTTP.
         #[arg(long, default_value = "3s", value_name = "DURATION", alias = "silence-timeout-ms",
               value_parser = args::duration_or_ms)]
         silence_timeout: Duration,
@@ -116,6 +117,29 @@ enum Cmd {
         /// Do not fetch the adverts the server lists for the title (`batch` fetches them itself).
         #[arg(long)]
         no_adverts: bool,
+        /// HTTP mirrors of the archive, comma-separated URLs: one ending in / is a directory
+        /// holding <title>.mca, any other is the archive file itself (any web server with
+        /// range requests: nginx, a CDN, mcastd's archive_http_listen). Every packet is
+        /// verified against the signed head; a mirror serving a bad one is dropped. Alone
+        /// (no --server/--director), the archive is fetched over HTTP only; with them,
+        /// multicast first and what is still missing after --repair-after (or when the
+        /// server is unreachable or goes silent) over HTTP.
+        #[arg(long, value_delimiter = ',', value_name = "URL")]
+        http: Vec<String>,
+        /// Fetch over HTTP only (--http), no multicast even when --server or --director is
+        /// given. The head must be signed by --server-key, else by the key a resumed download
+        /// was pinned to, else the first key seen is trusted (with a warning).
+        #[arg(long, requires = "http")]
+        http_only: bool,
+        /// With --http and --server/--director: receive by multicast for at most this long,
+        /// then stop the session (state saved, as a --timeout would) and fetch only what is
+        /// missing over HTTP.
+        #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = args::duration_or_secs)]
+        repair_after: Duration,
+        /// HTTP range requests in flight at once, 1..=64 (spread round-robin over the
+        /// mirrors; each asks for at most 2 MiB).
+        #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+        http_parallel: u16,
     },
     /// Fetch a list of titles unattended (overnight pre-load): skips titles already complete,
     /// resumes partial ones, runs up to --concurrency `get`s at once, stops at the window's end
@@ -295,6 +319,28 @@ fn resolve(s: &str) -> Result<SocketAddr, RecvError> {
         })
 }
 
+/// The final line of a fetch that ended over HTTP.
+fn print_http_report(r: &mcast_recv::get::GetReport, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(r).unwrap());
+    } else {
+        println!(
+            "{}: complete and verified ({} bytes) in {:.1}s; over HTTP {} bytes in {} requests for {} missing{}",
+            r.path.display(),
+            r.archive_bytes,
+            r.seconds,
+            r.http_bytes,
+            r.http_requests,
+            r.missing_bytes_at_http_start,
+            if r.mirrors_dropped > 0 {
+                format!("; {} mirror(s) dropped", r.mirrors_dropped)
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
 /// `--known-servers`: the file given, "none" for no store, else the default path.
 fn known_servers_path(arg: Option<PathBuf>) -> Option<PathBuf> {
     match arg {
@@ -376,18 +422,36 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             dscp,
             nak_ttl,
             no_adverts,
+            http,
+            http_only,
+            repair_after,
+            http_parallel,
         } => {
             let output = old_dir_flag(dir, output);
+            let http: Vec<String> = http
+                .iter()
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect();
+            let only_http =
+                !http.is_empty() && (http_only || (server.is_none() && director.is_empty()));
+            if !http.is_empty() {
+                mcast_recv::http_fetch::check_urls(&http)?;
+            }
             let directors = resolve_directors(&director)?;
+            let server = server.unwrap_or_else(|| "127.0.0.1:7600".to_string());
             let mut o = GetOptions::new(
                 match directors.first() {
                     Some(d) => *d,
+                    None if only_http => "127.0.0.1:7600".parse().expect("address"),
                     None => resolve(&server)?,
                 },
                 &title,
                 &output,
             );
-            o.iface = resolve_iface(&iface, o.server)?;
+            if !only_http {
+                o.iface = resolve_iface(&iface, o.server)?;
+            }
             tracing::debug!(iface = %o.iface.name, index = o.iface.index, spec = %iface, "multicast interface");
             o.dscp = dscp;
             o.nak_ttl = nak_ttl;
@@ -434,14 +498,53 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 }
                 e
             };
+            let mut ho =
+                mcast_recv::http_fetch::HttpFetchOptions::new(&title, &output, http.clone());
+            ho.server_key = o.server_key;
+            ho.json = o.json;
+            ho.progress_bar = o.progress_bar;
+            ho.timeout = timeout;
+            ho.parallel = http_parallel as usize;
+            if only_http {
+                let r = mcast_recv::http_fetch::fetch(&ho, stop).map_err(stopped)?;
+                print_http_report(&r, o.json);
+                return Ok(());
+            }
+            let started = std::time::Instant::now();
+            if !http.is_empty() {
+                // Multicast for at most --repair-after (within --timeout), then HTTP; a server
+                // that goes silent hands over to HTTP too.
+                o.timeout = Some(timeout.map_or(repair_after, |t| t.min(repair_after)));
+                o.silence_timeout = Some(silence_timeout.max(Duration::from_millis(100)));
+            }
+            // The multicast phase ended without the archive: with --http, fetch the rest there.
+            let handover = |e: RecvError, stop: Arc<AtomicBool>| -> Result<(), RecvError> {
+                let left = timeout.map(|t| t.saturating_sub(started.elapsed()));
+                let handed = matches!(
+                    e.kind,
+                    Failure::Timeout | Failure::Unreachable | Failure::NotFound
+                );
+                if http.is_empty() || !handed || left == Some(Duration::ZERO) {
+                    return Err(stopped(e));
+                }
+                tracing::info!(reason = %e.message, mirrors = http.len(), "multicast phase ended: fetching what is missing over HTTP");
+                let mut ho = ho.clone();
+                ho.timeout = left;
+                let mut r = mcast_recv::http_fetch::fetch(&ho, stop).map_err(stopped)?;
+                r.received_bytes = e.received_bytes;
+                print_http_report(&r, o.json);
+                Ok(())
+            };
             if !directors.is_empty() {
-                let r = mcast_recv::failover::get_via_directors(
+                let r = match mcast_recv::failover::get_via_directors(
                     &o,
                     directors,
                     silence_timeout.max(Duration::from_millis(100)),
                     stop.clone(),
-                )
-                .map_err(stopped)?;
+                ) {
+                    Ok(r) => r,
+                    Err(e) => return handover(e, stop),
+                };
                 // The adverts come from the server that finished the title (its catalogue
                 // names them; their heads must be signed by the title's server).
                 let last = r.servers.last().and_then(|s| s.parse::<SocketAddr>().ok());
@@ -471,7 +574,10 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                 }
                 return Ok(());
             }
-            let r = get(&o, stop.clone()).map_err(stopped)?;
+            let r = match get(&o, stop.clone()) {
+                Ok(r) => r,
+                Err(e) => return handover(e, stop),
+            };
             if !no_adverts {
                 mcast_recv::adverts::fetch_for(&o, stop);
             }

@@ -11,6 +11,7 @@ pub mod fec_gate;
 pub mod head_fetch;
 pub mod judge;
 pub mod nak;
+pub mod range_fetch;
 pub mod requests;
 pub mod resume;
 pub mod session;
