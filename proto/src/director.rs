@@ -253,10 +253,23 @@ pub struct Unplaced {
     pub requests: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// One site as `stats` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SiteStats {
+    pub site: String,
+    /// Its listed servers that are up.
+    pub servers_up: u32,
+    /// Titles its receivers asked for that none of its servers holds, and their requests.
+    pub unplaced_titles: u64,
+    pub unplaced_requests: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Stats {
     pub counters: Counters,
     pub servers: Vec<ServerStats>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<SiteStats>,
     /// The most requested unplaced titles of each site (at most 10 per site, 50 in all).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unplaced: Vec<Unplaced>,
@@ -807,12 +820,20 @@ impl Director {
 
     pub fn stats(&self, now: Instant) -> Stats {
         let mut unplaced = Vec::new();
+        let mut sites = Vec::new();
         for (i, s) in self.params.sites.iter().enumerate() {
-            for (title, requests) in self
-                .unplaced(i)
-                .into_iter()
-                .take(MAX_STATS_UNPLACED_PER_SITE)
-            {
+            let all = self.unplaced(i);
+            sites.push(SiteStats {
+                site: s.name.clone(),
+                servers_up: self
+                    .servers
+                    .iter()
+                    .filter(|(a, e)| e.up && self.params.server_sites.get(a) == Some(&i))
+                    .count() as u32,
+                unplaced_titles: all.len() as u64,
+                unplaced_requests: all.iter().map(|(_, n)| n).sum(),
+            });
+            for (title, requests) in all.into_iter().take(MAX_STATS_UNPLACED_PER_SITE) {
                 if unplaced.len() < MAX_STATS_UNPLACED {
                     unplaced.push(Unplaced {
                         site: s.name.clone(),
@@ -824,6 +845,7 @@ impl Director {
         }
         Stats {
             unplaced,
+            sites,
             counters: self.counters.clone(),
             servers: self
                 .servers
