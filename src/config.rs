@@ -451,16 +451,47 @@ pub struct DirectorSection {
     pub admin: Vec<String>,
     /// TCP address serving `GET /metrics` (Prometheus) and `GET /health` ("" = off).
     pub metrics_listen: String,
+    /// Sites (`[[director.sites]]`): receivers are routed to servers of their own site first.
+    pub sites: Vec<SiteConfig>,
 }
 
-/// `[[director.servers]]`: one server's own heartbeat key.
+/// `[[director.sites]]`: one site (a region, a building) of servers and receivers.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Its name (`site = "name"` in `[[director.servers]]`, `mcast-recv placement --site`).
+    pub name: String,
+    /// Receivers' address ranges (IPv4 or IPv6 CIDR); a receiver belongs to the site of the
+    /// longest prefix its source address matches.
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+    /// Titles its servers should hold whatever is asked for: placed first.
+    #[serde(default)]
+    pub preload: Vec<String>,
+    /// What its receivers do when multicast does not reach them.
+    #[serde(default)]
+    pub no_multicast: mcast_proto::wire::director::NoMulticastPolicy,
+    /// HTTP mirrors of its archives (URL prefixes; `<title>.mca` is appended).
+    #[serde(default)]
+    pub http: Vec<String>,
+}
+
+/// Titles a site's `preload` may list.
+pub const MAX_SITE_PRELOAD: usize = 1024;
+
+/// `[[director.servers]]`: one server's own heartbeat key, and its site.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServerKeyConfig {
     /// The server's control address, as its heartbeats carry it (`[directors] advertise`).
     pub addr: SocketAddr,
-    /// Its key (`mcast-director genkey -o FILE`; the server names the same file).
+    /// Its key (`mcast-director genkey -o FILE`; the server names the same file); "" = the
+    /// shared `[director] key_file` (a server listed only for its site).
+    #[serde(default)]
     pub key_file: PathBuf,
+    /// The site it belongs to (a `[[director.sites]]` name); "" = none.
+    #[serde(default)]
+    pub site: String,
     /// Take its heartbeats from any source address, not only from `addr`'s IP (a server
     /// behind NAT, or one whose heartbeats leave from another interface).
     #[serde(default)]
@@ -492,6 +523,140 @@ impl DirectorSection {
     }
 }
 
+impl DirectorSection {
+    /// The sites as the director takes them, and each listed server's site; or the field and
+    /// why not (a bad CIDR, a prefix in two sites, a server naming an unknown site, ...).
+    #[allow(clippy::type_complexity)]
+    pub fn site_params(
+        &self,
+    ) -> Result<
+        (
+            Vec<mcast_proto::director::Site>,
+            std::collections::BTreeMap<SocketAddr, usize>,
+        ),
+        (&'static str, String),
+    > {
+        use mcast_proto::wire::director::{SitePolicy, MAX_MIRRORS, MAX_MIRROR_LEN, MAX_SITE_NAME};
+        let mut sites = Vec::new();
+        let mut names = std::collections::BTreeMap::new();
+        let mut prefixes: std::collections::BTreeMap<(u128, u32), String> = Default::default();
+        for (i, s) in self.sites.iter().enumerate() {
+            let name = s.name.trim();
+            if name.is_empty() || name.len() > MAX_SITE_NAME || name != s.name {
+                return Err((
+                    "director.sites.name",
+                    format!(
+                        "site {}: {:?} must be 1 ..= {MAX_SITE_NAME} bytes without surrounding spaces",
+                        i + 1,
+                        s.name
+                    ),
+                ));
+            }
+            if names.insert(name.to_string(), i).is_some() {
+                return Err((
+                    "director.sites.name",
+                    format!("site {name:?} is defined twice"),
+                ));
+            }
+            let mut parsed = Vec::new();
+            for p in &s.prefixes {
+                if !p.contains('/') {
+                    return Err((
+                        "director.sites.prefixes",
+                        format!("site {name:?}: {p:?} is not a CIDR prefix (ADDRESS/LENGTH, e.g. 10.1.0.0/16 or 2001:db8:1::/48)"),
+                    ));
+                }
+                let ip: mcast_proto::address_token::IpPrefix = p.trim().parse().map_err(|e| {
+                    (
+                        "director.sites.prefixes",
+                        format!("site {name:?}: {e} (e.g. 10.1.0.0/16 or 2001:db8:1::/48)"),
+                    )
+                })?;
+                if let Some(other) = prefixes.insert(ip.network(), name.to_string()) {
+                    return Err((
+                        "director.sites.prefixes",
+                        format!(
+                            "site {name:?}: {p} is already a prefix of site {other:?} (one range                              belongs to one site; a longer prefix inside it may go to another)"
+                        ),
+                    ));
+                }
+                parsed.push(ip);
+            }
+            if s.preload.len() > MAX_SITE_PRELOAD {
+                return Err((
+                    "director.sites.preload",
+                    format!(
+                        "site {name:?}: {} titles (at most {MAX_SITE_PRELOAD})",
+                        s.preload.len()
+                    ),
+                ));
+            }
+            for t in &s.preload {
+                mcast_keys::store::validate_title(t).map_err(|e| {
+                    (
+                        "director.sites.preload",
+                        format!("site {name:?}: {t:?}: {e}"),
+                    )
+                })?;
+            }
+            if s.http.len() > MAX_MIRRORS {
+                return Err((
+                    "director.sites.http",
+                    format!(
+                        "site {name:?}: {} mirrors (at most {MAX_MIRRORS})",
+                        s.http.len()
+                    ),
+                ));
+            }
+            for u in &s.http {
+                if !(u.starts_with("http://") || u.starts_with("https://"))
+                    || u.len() > MAX_MIRROR_LEN
+                    || u.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err((
+                        "director.sites.http",
+                        format!(
+                            "site {name:?}: {u:?} is not an http:// or https:// URL of at most                              {MAX_MIRROR_LEN} bytes without spaces"
+                        ),
+                    ));
+                }
+            }
+            sites.push(mcast_proto::director::Site {
+                name: name.to_string(),
+                prefixes: parsed,
+                preload: s.preload.clone(),
+                policy: SitePolicy {
+                    site: name.to_string(),
+                    no_multicast: s.no_multicast,
+                    http: s.http.clone(),
+                },
+            });
+        }
+        let mut server_sites = std::collections::BTreeMap::new();
+        for s in &self.servers {
+            if s.site.is_empty() {
+                continue;
+            }
+            let Some(&i) = names.get(&s.site) else {
+                return Err((
+                    "director.servers.site",
+                    format!(
+                        "server {}: no [[director.sites]] named {:?} (sites: {})",
+                        s.addr,
+                        s.site,
+                        match names.is_empty() {
+                            true => "none".to_string(),
+                            false => names.keys().cloned().collect::<Vec<_>>().join(", "),
+                        }
+                    ),
+                ));
+            };
+            server_sites.insert(s.addr, i);
+        }
+        Ok((sites, server_sites))
+    }
+}
+
 impl Default for DirectorSection {
     fn default() -> Self {
         DirectorSection {
@@ -502,6 +667,7 @@ impl Default for DirectorSection {
             max_skew_ms: 30_000,
             admin: default_admin(),
             metrics_listen: String::new(),
+            sites: Vec::new(),
         }
     }
 }
@@ -563,7 +729,26 @@ impl DirectorConfig {
                     format!("{} is listed twice", s.addr),
                 ));
             }
+            if s.key_file.as_os_str().is_empty() && d.key_file.as_os_str().is_empty() {
+                return Err(field(
+                    "director.servers.key_file",
+                    format!(
+                        "server {} has no key_file and there is no shared [director] key_file:                          its heartbeats could not be heard (give it one)",
+                        s.addr
+                    ),
+                ));
+            }
+            if s.any_source && s.key_file.as_os_str().is_empty() {
+                return Err(field(
+                    "director.servers.any_source",
+                    format!(
+                        "server {}: any_source needs the server's own key_file (a shared key                          already takes heartbeats from anywhere)",
+                        s.addr
+                    ),
+                ));
+            }
         }
+        d.site_params().map_err(|(f, why)| field(f, why))?;
         Ok(cfg)
     }
 }
@@ -1130,6 +1315,79 @@ mod tests {
             e.contains("director.down_after") && e.contains("d.toml"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn director_sites_parse_and_bad_ones_are_named() {
+        let p = Path::new("d.toml");
+        let good = "[director]\nkey_file = \"k\"\n\
+            [[director.sites]]\nname = \"A\"\nprefixes = [\"10.1.0.0/16\", \"2001:db8:1::/48\"]\n\
+            preload = [\"film-1\"]\nno_multicast = \"both\"\nhttp = [\"http://mirror-a/archives/\"]\n\
+            [[director.sites]]\nname = \"B\"\nprefixes = [\"10.1.2.0/24\"]\n\
+            [[director.servers]]\naddr = \"10.1.0.5:7600\"\nsite = \"A\"\n\
+            [[director.servers]]\naddr = \"10.9.0.5:7600\"\n";
+        let c = DirectorConfig::parse(good, p).unwrap();
+        let (sites, server_sites) = c.director.site_params().unwrap();
+        assert_eq!(sites.len(), 2);
+        assert_eq!(
+            sites[0].policy.no_multicast,
+            mcast_proto::wire::director::NoMulticastPolicy::Both
+        );
+        assert_eq!(sites[0].policy.site, "A");
+        assert_eq!(server_sites.len(), 1);
+        assert_eq!(server_sites[&"10.1.0.5:7600".parse().unwrap()], 0);
+        for (bad, field, why) in [
+            (
+                good.replace("site = \"A\"", "site = \"Z\""),
+                "director.servers.site",
+                "no [[director.sites]] named \"Z\"",
+            ),
+            (
+                good.replace("10.1.2.0/24", "10.1.9.9/16"),
+                "director.sites.prefixes",
+                "already a prefix of site \"A\"",
+            ),
+            (
+                good.replace("10.1.2.0/24", "10.1.2.0/33"),
+                "director.sites.prefixes",
+                "prefix length",
+            ),
+            (
+                good.replace("10.1.2.0/24", "10.1.2.0"),
+                "director.sites.prefixes",
+                "not a CIDR",
+            ),
+            (
+                good.replace("10.1.2.0/24", "ten/8"),
+                "director.sites.prefixes",
+                "not an address",
+            ),
+            (
+                good.replace("name = \"B\"", "name = \"A\""),
+                "director.sites.name",
+                "defined twice",
+            ),
+            (
+                good.replace("http://mirror-a", "ftp://mirror-a"),
+                "director.sites.http",
+                "not an http",
+            ),
+            (
+                good.replace("key_file = \"k\"", "key_file = \"\""),
+                "director.servers.key_file",
+                "no key_file",
+            ),
+        ] {
+            let e = DirectorConfig::parse(&bad, p).unwrap_err().to_string();
+            assert!(
+                e.contains(field) && e.contains(why) && e.contains("d.toml"),
+                "{e}"
+            );
+        }
+        let e = DirectorConfig::parse(&good.replace("\"both\"", "\"carrier-pigeon\""), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("d.toml") && e.contains("no_multicast"), "{e}");
     }
 
     #[test]

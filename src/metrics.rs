@@ -423,6 +423,26 @@ pub const DIRECTOR_COUNTERS: &[CounterDef] = &[
         "mcast_director_servers_marked_down_total",
         "Servers marked down for missing heartbeats.",
     ),
+    c(
+        "requests_unplaced",
+        "mcast_director_requests_unplaced_total",
+        "Route requests for a title no server of the receiver's site holds.",
+    ),
+    c(
+        "unplaced_dropped",
+        "mcast_director_unplaced_dropped_total",
+        "Unplaced titles not recorded (their site's list was full).",
+    ),
+    c(
+        "placements",
+        "mcast_director_placements_total",
+        "Placement requests answered.",
+    ),
+    c(
+        "placements_refused",
+        "mcast_director_placements_refused_total",
+        "Placement requests refused (not from [director] admin, unknown site).",
+    ),
 ];
 
 /// A metric family the exporter writes besides the counters tables.
@@ -535,7 +555,20 @@ const D_ROUTED: FamilyDef = f(
     "Receivers routed to a server, by server.",
 );
 
+const D_SITE_UNPLACED_TITLES: FamilyDef = f(
+    "mcast_director_site_unplaced_titles",
+    Kind::Gauge,
+    "Titles a site's receivers asked for that no server of the site holds, by site.",
+);
+const D_SITE_UNPLACED_REQUESTS: FamilyDef = f(
+    "mcast_director_site_unplaced_requests",
+    Kind::Gauge,
+    "Requests for those titles, by site.",
+);
+
 const DIRECTOR_FAMILIES: &[&FamilyDef] = &[
+    &D_SITE_UNPLACED_TITLES,
+    &D_SITE_UNPLACED_REQUESTS,
     &D_SERVERS,
     &D_UP,
     &D_RECEIVERS,
@@ -1035,6 +1068,18 @@ pub fn render_director(stats: &crate::director::Stats, servers: &mut LabelCap) -
             );
         }
     }
+    // Per site: the configured sites only (bounded by the config, not by requests).
+    type OfSite = fn(&crate::director::SiteStats) -> u64;
+    let site_fams: [(&FamilyDef, OfSite); 2] = [
+        (&D_SITE_UNPLACED_TITLES, |s| s.unplaced_titles),
+        (&D_SITE_UNPLACED_REQUESTS, |s| s.unplaced_requests),
+    ];
+    for (def, v) in site_fams {
+        header(&mut out, def.name, def.help, def.kind);
+        for s in &stats.sites {
+            let _ = writeln!(out, "{}{{site=\"{}\"}} {}", def.name, escape(&s.site), v(s));
+        }
+    }
     out
 }
 
@@ -1058,13 +1103,7 @@ impl DirectorMetrics {
                 let mut labels = labels.lock().unwrap_or_else(|p| p.into_inner());
                 match stats {
                     Some(s) => render_director(&s, &mut labels),
-                    None => render_director(
-                        &crate::director::Stats {
-                            counters: Default::default(),
-                            servers: Vec::new(),
-                        },
-                        &mut labels,
-                    ),
+                    None => render_director(&Default::default(), &mut labels),
                 }
             }),
         };

@@ -1391,8 +1391,11 @@ fn no_reply_to_an_unproven_address_is_larger_than_its_request() {
     fs::write(
         &cfg,
         format!(
-            "[director]\nlisten = \"{addr}\"\nkey_file = '{}'\nadmin = [\"127.0.0.1\"]\n",
-            key_file.display()
+            "[director]\nlisten = \"{addr}\"\nkey_file = '{}'\nadmin = [\"127.0.0.1\"]\n\
+             [[director.sites]]\nname = \"A\"\nprefixes = [\"127.0.0.0/24\"]\nno_multicast = \"http\"\n\
+             http = [\"http://{}/\"]\n",
+            key_file.display(),
+            "m".repeat(190)
         ),
     )
     .unwrap();
@@ -1406,6 +1409,28 @@ fn no_reply_to_an_unproven_address_is_larger_than_its_request() {
     }
     .encode();
     let mut forms = vec![route];
+    // Sites: the site route request (its answer carries the site's mirrors) and placement
+    // requests without a token, with a forged one.
+    use mcast::wire::director::DirectorMsg;
+    forms.push(
+        DirectorMsg::SiteRouteRequest {
+            req_id: 2,
+            title: "x".into(),
+            rx_bps: 0,
+            exclude: Vec::new(),
+        }
+        .encode(),
+    );
+    for token in [None, Some([0x5a; 16])] {
+        forms.push(
+            DirectorMsg::PlacementRequest {
+                req_id: 3,
+                site: "A".into(),
+                token,
+            }
+            .encode(),
+        );
+    }
     for msg in [Control::StatsRequest, Control::Join { title: "x".into() }] {
         let env = Envelope::new(5, 1, msg);
         forms.push(env.encode());
@@ -1424,6 +1449,25 @@ fn no_reply_to_an_unproven_address_is_larger_than_its_request() {
         answered >= 2,
         "the route refusal and the padded Retries are answered"
     );
+    // A placement request from a proven address outside `admin`: refused.
+    let ask = |token| {
+        let req = DirectorMsg::PlacementRequest {
+            req_id: 9,
+            site: "A".into(),
+            token,
+        }
+        .encode();
+        attacker.send_to(&req, addr).unwrap();
+        let b = recv_until(&attacker, Instant::now() + Duration::from_secs(2)).expect("answer");
+        DirectorMsg::decode(&b).unwrap()
+    };
+    let DirectorMsg::PlacementRetry { token, .. } = ask(None) else {
+        panic!("no retry")
+    };
+    assert!(matches!(
+        ask(Some(token)),
+        DirectorMsg::PlacementRefused { ref message, .. } if message.contains("admin")
+    ));
     let mut att = Ctl::on(attacker, addr, 5);
     assert!(matches!(
         att.request(Control::StatsRequest),
@@ -1431,6 +1475,7 @@ fn no_reply_to_an_unproven_address_is_larger_than_its_request() {
     ));
     let s = stats(addr);
     assert_eq!(s["counters"]["stats_refused"], 1, "{s}");
+    assert_eq!(s["counters"]["placements_refused"], 1, "{s}");
     d.kill();
 }
 

@@ -141,6 +141,19 @@ pub fn parse_list(text: &str) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// The titles of `--list` (first, in their order) and then those a director's placement
+/// gave (`--placement-from`), each once; a placed title that is no valid title is refused.
+pub fn merge_titles(list: Vec<String>, placed: Vec<String>) -> Result<Vec<String>, String> {
+    let mut out = list;
+    for t in placed {
+        mcast_keys::store::validate_title(&t).map_err(|e| format!("placement title {t:?}: {e}"))?;
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
 /// What the disk holds of a title: (payload bytes held, payload bytes in all, archive length)
 /// from its state and part files; `None` without a usable pair.
 pub fn held(out_dir: &Path, title: &str) -> Option<(u64, u64, u64)> {

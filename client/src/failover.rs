@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use mcast_io::archive::ArchiveFile;
 use mcast_proto::carousel::LoopShape;
 use mcast_proto::receiver::resume;
-use mcast_proto::wire::director::{DirectorMsg, NoRoute};
+use mcast_proto::wire::director::{DirectorMsg, NoRoute, SitePolicy};
 use serde::Serialize;
 
 use crate::error::{Failure, RecvError};
@@ -56,6 +56,9 @@ pub struct DirectorClient {
     /// Throughput measured on the last server (bit/s, 0 = not known yet), stated in route
     /// requests.
     pub rx_bps: u64,
+    /// The receiver's site and its policy without multicast, from the last route answer
+    /// (default: no site, unicast stream).
+    pub policy: SitePolicy,
 }
 
 impl DirectorClient {
@@ -77,6 +80,7 @@ impl DirectorClient {
             req_id: rand::random(),
             failovers: 0,
             rx_bps: 0,
+            policy: SitePolicy::default(),
         })
     }
 
@@ -90,7 +94,9 @@ impl DirectorClient {
             let i = (self.first + k) % self.directors.len();
             let d = self.directors[i];
             self.req_id = self.req_id.wrapping_add(1);
-            let req = DirectorMsg::RouteRequest {
+            // The site route request: its answer carries our site's policy without multicast
+            // (directors from before sites drop it: upgrade directors first).
+            let req = DirectorMsg::SiteRouteRequest {
                 req_id: self.req_id,
                 title: title.to_string(),
                 rx_bps: self.rx_bps,
@@ -110,9 +116,15 @@ impl DirectorClient {
                 DIRECTOR_TRY,
                 Duration::from_millis(50),
                 |b| match DirectorMsg::decode(b) {
+                    Ok(DirectorMsg::SiteRouteOk {
+                        req_id: r,
+                        server,
+                        policy,
+                        ..
+                    }) if r == req_id => Some(Ok((server, policy))),
                     Ok(DirectorMsg::RouteOk {
                         req_id: r, server, ..
-                    }) if r == req_id => Some(Ok(server)),
+                    }) if r == req_id => Some(Ok((server, SitePolicy::default()))),
                     Ok(DirectorMsg::RouteNone {
                         req_id: r,
                         reason,
@@ -124,7 +136,10 @@ impl DirectorClient {
             );
             if let Ok(Some(route)) = answer {
                 self.first = i;
-                return Ok(route);
+                return Ok(route.map(|(server, policy)| {
+                    self.policy = policy;
+                    server
+                }));
             }
             self.failovers += 1;
             tracing::warn!(director = %d, "director did not answer; asking the next one");
@@ -232,6 +247,10 @@ pub fn get_via_directors(
         let server = dc.route(&opts.title, &mut exclude, route_deadline, &stop)?;
         let mut o = opts.clone();
         o.server = server;
+        // The site's policy without multicast travels with the download (the HTTP fetch
+        // reads it from the options).
+        o.no_multicast = dc.policy.no_multicast;
+        o.http_mirrors = dc.policy.http.clone();
         o.silence_timeout = Some(silence);
         o.start_block = start_block;
         if let Some(t) = opts.timeout {
@@ -244,7 +263,14 @@ pub fn get_via_directors(
             }
             o.timeout = Some(left);
         }
-        tracing::info!(%server, start_block = ?o.start_block, "director routed us");
+        tracing::info!(
+            %server,
+            start_block = ?o.start_block,
+            site = %dc.policy.site,
+            no_multicast = %dc.policy.no_multicast.name(),
+            http_mirrors = %dc.policy.http.join(","),
+            "director routed us"
+        );
         servers.push(server.to_string());
         let attempt = Instant::now();
         match get(&o, stop.clone()) {
@@ -299,4 +325,96 @@ pub(crate) fn load_resume(out_dir: &Path, title: &str) -> Option<(State, Archive
     let shape = LoopShape::of(&a.head);
     (a.head.archive_id == st.archive_id && shape.loop_packets() == st.units)
         .then_some((st, a, shape))
+}
+
+/// How long a director gets to answer one placement try, and tries per director.
+const PLACEMENT_TRY: Duration = Duration::from_millis(400);
+const PLACEMENT_TRIES: u32 = 3;
+
+/// `mcast-recv placement`: the titles `directors` say to pre-load at `site` (the first
+/// director that answers; each is proven our address by a token first, as stats are). A
+/// refusal (not an admin address, unknown site) is final: every director has the same
+/// config.
+pub fn placement(directors: &[SocketAddr], site: &str) -> Result<Vec<String>, RecvError> {
+    if site.is_empty() || site.len() > mcast_proto::wire::director::MAX_SITE_NAME {
+        return Err(RecvError::new(
+            Failure::Usage,
+            format!(
+                "--site: give a site name of 1 ..= {} bytes, as in the directors' [[director.sites]]",
+                mcast_proto::wire::director::MAX_SITE_NAME
+            ),
+        ));
+    }
+    if directors.is_empty() {
+        return Err(RecvError::new(Failure::Usage, "no director given"));
+    }
+    let mut req_id: u32 = rand::random();
+    let mut last = None;
+    for &d in directors {
+        let bind = if d.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let sock = UdpSocket::bind(bind)
+            .map_err(|e| RecvError::new(Failure::Other, format!("director socket {bind}: {e}")))?;
+        let mut token = None;
+        // A Retry with a token, then the answer: two rounds at most (a third if the token
+        // expired in between).
+        let answer = 'rounds: {
+            for _ in 0..3 {
+                req_id = req_id.wrapping_add(1);
+                let rid = req_id;
+                let req = DirectorMsg::PlacementRequest {
+                    req_id: rid,
+                    site: site.to_string(),
+                    token,
+                }
+                .encode();
+                let got = crate::control::exchange(
+                    &sock,
+                    d,
+                    &req,
+                    PLACEMENT_TRIES,
+                    PLACEMENT_TRY,
+                    Duration::from_millis(50),
+                    |b| match DirectorMsg::decode(b) {
+                        Ok(m) if m.req_id() == rid => match m {
+                            DirectorMsg::PlacementRetry { .. }
+                            | DirectorMsg::Placement { .. }
+                            | DirectorMsg::PlacementRefused { .. } => Some(m),
+                            _ => None,
+                        },
+                        _ => None,
+                    },
+                );
+                match got {
+                    Ok(Some(DirectorMsg::PlacementRetry { token: t, .. })) => token = Some(t),
+                    Ok(Some(m)) => break 'rounds Some(m),
+                    _ => break 'rounds None,
+                }
+            }
+            None
+        };
+        match answer {
+            Some(DirectorMsg::Placement { titles, .. }) => {
+                tracing::info!(director = %d, site, titles = titles.len(), "placement");
+                return Ok(titles);
+            }
+            Some(DirectorMsg::PlacementRefused { message, .. }) => {
+                return Err(RecvError::new(
+                    Failure::Other,
+                    format!("director {d} refused the placement request: {message}"),
+                ));
+            }
+            _ => {
+                tracing::warn!(director = %d, "director did not answer the placement request; asking the next one");
+                last = Some(d);
+            }
+        }
+    }
+    Err(RecvError::new(
+        Failure::Unreachable,
+        format!(
+            "no director answered the placement request (last tried {}): are they running \
+             (a director from before sites does not know it), and is --director right?",
+            last.map(|d| d.to_string()).unwrap_or_default()
+        ),
+    ))
 }

@@ -77,6 +77,12 @@ pub struct GetOptions {
     /// TTL of the NAKs multicast to the group (1: this subnet; raise it only where the
     /// group's receivers sit behind multicast routers).
     pub nak_ttl: u32,
+    /// What to do when multicast does not arrive: the policy of this receiver's site, from
+    /// its director (`crate::failover`); `Stream` (the adaptive unicast fallback) otherwise.
+    pub no_multicast: mcast_proto::wire::director::NoMulticastPolicy,
+    /// HTTP mirrors of the archives (URL prefixes; `<title>.mca` is appended), from the
+    /// director with the site policy; empty without.
+    pub http_mirrors: Vec<String>,
 }
 
 impl GetOptions {
@@ -99,6 +105,8 @@ impl GetOptions {
             direct_io: false,
             silence_timeout: None,
             start_block: None,
+            no_multicast: mcast_proto::wire::director::NoMulticastPolicy::Stream,
+            http_mirrors: Vec::new(),
         }
     }
 }

@@ -156,9 +156,23 @@ enum Cmd {
                   2 bad usage; 130 interrupted. Run the same command again to carry on."
     )]
     Batch {
-        /// File listing the titles to fetch.
-        #[arg(long)]
-        list: PathBuf,
+        /// File listing the titles to fetch (one a line, `#` comments). Needed unless
+        /// --placement-from gives the titles; with both, the list's come first.
+        #[arg(long, required_unless_present = "placement_from")]
+        list: Option<PathBuf>,
+        /// Traffic directors, comma-separated HOST:PORT, to ask for the titles to pre-load at
+        /// --site (`mcast-recv placement`): the edge server's archive directory is filled
+        /// from --server (the origin). Needs an admin address of the directors.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            value_name = "HOST:PORT",
+            requires = "site"
+        )]
+        placement_from: Vec<String>,
+        /// With --placement-from: the site ([[director.sites]] name) whose titles to fetch.
+        #[arg(long, requires = "placement_from")]
+        site: Option<String>,
         /// Fetch only inside this daily window, e.g. 01:00-05:00 (default: until all are done).
         #[arg(long)]
         window: Option<String>,
@@ -208,6 +222,21 @@ enum Cmd {
         /// TTL of every `get`'s NAKs (see `mcast-recv get --help`).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
         nak_ttl: u32,
+    },
+    /// Print the titles a director says to pre-load at a site: the site's `preload` titles
+    /// none of its servers holds, then titles its receivers asked for that it does not hold,
+    /// most requested first (one per line; a JSON document with --json). Answered only to the
+    /// directors' admin addresses. Feed it to `batch --placement-from` to pre-load them.
+    Placement {
+        /// Traffic directors, comma-separated HOST:PORT: the first that answers is used.
+        #[arg(long, value_delimiter = ',', required = true, value_name = "HOST:PORT")]
+        director: Vec<String>,
+        /// The site ([[director.sites]] name in the directors' config).
+        #[arg(long)]
+        site: String,
+        /// `{"site": ..., "director": ..., "titles": [...]}` instead of one title per line.
+        #[arg(long)]
+        json: bool,
     },
     /// List the titles a server has (a table on a terminal, JSON lines otherwise).
     Catalog {
@@ -599,8 +628,27 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             }
             Ok(())
         }
+        Cmd::Placement {
+            director,
+            site,
+            json,
+        } => {
+            let directors = resolve_directors(&director)?;
+            let titles = mcast_recv::failover::placement(&directors, &site)?;
+            if json {
+                let doc = serde_json::json!({ "site": site, "titles": titles });
+                println!("{doc}");
+            } else {
+                for t in &titles {
+                    println!("{t}");
+                }
+            }
+            Ok(())
+        }
         Cmd::Batch {
             list,
+            placement_from,
+            site,
             window,
             tz,
             server,
@@ -618,12 +666,25 @@ fn run(cli: Cli) -> Result<(), RecvError> {
         } => {
             use mcast_recv::batch;
             let output = old_dir_flag(dir, output);
-            let text = std::fs::read_to_string(&list).map_err(|e| {
-                RecvError::new(Failure::Usage, format!("--list {}: {e}", list.display()))
-            })?;
-            let titles = batch::parse_list(&text).map_err(|e| {
-                RecvError::new(Failure::Usage, format!("--list {}: {e}", list.display()))
-            })?;
+            let mut titles = Vec::new();
+            if let Some(list) = &list {
+                let text = std::fs::read_to_string(list).map_err(|e| {
+                    RecvError::new(Failure::Usage, format!("--list {}: {e}", list.display()))
+                })?;
+                titles = batch::parse_list(&text).map_err(|e| {
+                    RecvError::new(Failure::Usage, format!("--list {}: {e}", list.display()))
+                })?;
+            }
+            if let Some(site) = &site {
+                let from = resolve_directors(&placement_from)?;
+                let placed = mcast_recv::failover::placement(&from, site)?;
+                eprintln!(
+                    "batch: {} title(s) to pre-load at site {site} from the directors' placement",
+                    placed.len()
+                );
+                titles = batch::merge_titles(titles, placed)
+                    .map_err(|e| RecvError::new(Failure::Other, e))?;
+            }
             let win = window
                 .as_deref()
                 .map(|w| mcast_proto::schedule::Window::parse(w, &tz, &[]))

@@ -28,6 +28,19 @@ fuzz_target!(|input: &[u8]| {
         max_skew: Duration::from_secs(30),
         token_secret: [0; 32],
         admin: mcast::address_token::IpPrefix::loopback(),
+        // The fuzzer's source (127.0.0.1) is of site "a", where server 127.0.0.1:7600 is:
+        // site-first routing, demand recording and placement run on every request.
+        sites: vec![mcast::director::Site {
+            name: "a".into(),
+            prefixes: vec!["127.0.0.0/30".parse().unwrap()],
+            preload: vec!["film".into()],
+            policy: mcast::wire::director::SitePolicy {
+                site: "a".into(),
+                no_multicast: mcast::wire::director::NoMulticastPolicy::Both,
+                http: vec!["http://mirror/archives/".into()],
+            },
+        }],
+        server_sites: [("127.0.0.1:7600".parse().unwrap(), 0)].into_iter().collect(),
     });
     let from: SocketAddr = "127.0.0.1:40000".parse().unwrap();
     let t0 = Instant::now();
@@ -73,4 +86,5 @@ fuzz_target!(|input: &[u8]| {
     }
     let _ = d.up_servers();
     let _ = d.stats(t0 + elapsed);
+    let _ = d.placement(0);
 });

@@ -105,6 +105,21 @@ impl IpPrefix {
         }
     }
 
+    /// The range as (network bits in the IPv6-mapped space, prefix length there): two
+    /// prefixes naming the same range (`10.1.0.0/16`, `10.1.2.3/16`) are equal in it.
+    pub fn network(&self) -> (u128, u32) {
+        let len = match self.addr {
+            IpAddr::V4(_) => 96 + self.len as u32,
+            IpAddr::V6(_) => self.len as u32,
+        };
+        let mask = if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - len)
+        };
+        (Self::bits(self.addr) & mask, len)
+    }
+
     /// Whether `ip` lies in the range (an IPv4 address and its IPv6-mapped form alike).
     pub fn contains(&self, ip: IpAddr) -> bool {
         let len = match self.addr {

@@ -24,6 +24,14 @@
 //!   gather on one loop), plus a little for each new channel routed there since its last
 //!   heartbeat (load it does not report yet), plus a penalty when its fastest tier is slower
 //!   than the receiver's measured throughput. Ties go to the server routed to least.
+//! * **Sites.** With `[[director.sites]]`, a receiver belongs to the site whose prefix is the
+//!   longest match of its source address, a server to the site it is listed with. Servers of
+//!   the receiver's own site are preferred (cheapest among them, as above); servers of other
+//!   sites (or of none) serve it only when no server of its site can. No sites: as before.
+//! * **Demand and placement.** A receiver asking for a title no server of its site holds is
+//!   recorded for that site (whether another site served it or none could), with a count;
+//!   [`Director::placement`] turns that, after the site's configured `preload` titles, into
+//!   the list of titles to pre-load at the site (answered to admin addresses only).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -35,6 +43,7 @@ use crate::address_token::{AddressTokens, IpPrefix};
 use crate::wire::control::{Control, Envelope, ErrorCode};
 use crate::wire::director::{
     is_director_msg, is_heartbeat, DirectorMsg, Heartbeat, HeartbeatError, NoRoute, ServerState,
+    SitePolicy, MAX_TITLE,
 };
 
 /// Director parameters (from `conf/director.toml`).
@@ -59,7 +68,29 @@ pub struct Params {
     pub token_secret: [u8; 32],
     /// Source addresses whose stats requests are answered.
     pub admin: Vec<IpPrefix>,
+    /// Sites (`[[director.sites]]`): empty, routing ignores where receivers are.
+    pub sites: Vec<Site>,
+    /// The site of each listed server (an index into `sites`); servers not here are of none.
+    pub server_sites: BTreeMap<SocketAddr, usize>,
 }
+
+/// One site (`[[director.sites]]`): its receivers' address ranges, the titles to keep there,
+/// and what its receivers do without multicast.
+#[derive(Clone, Debug, Default)]
+pub struct Site {
+    pub name: String,
+    pub prefixes: Vec<IpPrefix>,
+    /// Titles its servers should hold whatever is asked for (placed first).
+    pub preload: Vec<String>,
+    /// Its policy without multicast and its HTTP mirrors (`policy.site` is `name`).
+    pub policy: SitePolicy,
+}
+
+/// Titles recorded as wanted but unplaced, per site; more are counted as dropped.
+pub const MAX_DEMAND_TITLES: usize = 1024;
+/// Unplaced titles listed in stats (the most requested; `placement` gives the site's list).
+const MAX_STATS_UNPLACED_PER_SITE: usize = 10;
+const MAX_STATS_UNPLACED: usize = 50;
 
 /// Load added per new channel routed to a server since its last heartbeat.
 const ROUTED_COST: f64 = 0.02;
@@ -131,6 +162,13 @@ pub struct Counters {
     /// Stats requests from outside `[director] admin`.
     pub stats_refused: u64,
     pub servers_marked_down: u64,
+    /// Requests for a title no server of the receiver's site holds (see `unplaced`).
+    pub requests_unplaced: u64,
+    /// Unplaced titles not recorded: their site's list was full.
+    pub unplaced_dropped: u64,
+    /// Placement requests answered, and refused (not from `[director] admin`, unknown site).
+    pub placements: u64,
+    pub placements_refused: u64,
 }
 
 struct Entry {
@@ -207,10 +245,34 @@ pub struct ServerStats {
     pub routed: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// A title a site's receivers asked for that no server of the site holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Unplaced {
+    pub site: String,
+    pub title: String,
+    pub requests: u64,
+}
+
+/// One site as `stats` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SiteStats {
+    pub site: String,
+    /// Its listed servers that are up.
+    pub servers_up: u32,
+    /// Titles its receivers asked for that none of its servers holds, and their requests.
+    pub unplaced_titles: u64,
+    pub unplaced_requests: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Stats {
     pub counters: Counters,
     pub servers: Vec<ServerStats>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<SiteStats>,
+    /// The most requested unplaced titles of each site (at most 10 per site, 50 in all).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unplaced: Vec<Unplaced>,
 }
 
 pub struct Director {
@@ -220,17 +282,105 @@ pub struct Director {
     events: VecDeque<Event>,
     /// Made at the first datagram (its `now` is the tokens' clock origin).
     tokens: Option<AddressTokens>,
+    /// Per site (index of `params.sites`): titles asked for there that no server of the site
+    /// held, with request counts (at most [`MAX_DEMAND_TITLES`] per site).
+    demand: Vec<BTreeMap<String, u64>>,
 }
 
 impl Director {
     pub fn new(params: Params) -> Director {
         Director {
-            params,
             servers: BTreeMap::new(),
             counters: Counters::default(),
             events: VecDeque::new(),
             tokens: None,
+            demand: vec![BTreeMap::new(); params.sites.len()],
+            params,
         }
+    }
+
+    /// The site of a receiver at `ip`: the one with the longest prefix containing it.
+    pub fn site_of(&self, ip: IpAddr) -> Option<usize> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.params
+            .sites
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.prefixes.iter().map(move |p| (i, p)))
+            .filter(|(_, p)| p.contains(ip))
+            .max_by_key(|(_, p)| p.network().1)
+            .map(|(i, _)| i)
+    }
+
+    /// The configured sites (for metrics).
+    pub fn sites(&self) -> &[Site] {
+        &self.params.sites
+    }
+
+    /// Whether a server of site `site` holds `title` (in its last heartbeat, up or not).
+    fn site_holds(&self, site: usize, title: &str) -> bool {
+        self.servers.iter().any(|(a, e)| {
+            self.params.server_sites.get(a) == Some(&site)
+                && e.hb.titles.iter().any(|t| t.title == title)
+        })
+    }
+
+    /// Record a request of site `site` for `title`, which no server of the site holds.
+    fn record_demand(&mut self, site: usize, title: &str) {
+        self.counters.requests_unplaced += 1;
+        if self.demand[site].len() >= MAX_DEMAND_TITLES && !self.demand[site].contains_key(title) {
+            // Full: forget titles the site holds by now, then refuse the newcomer.
+            let held: Vec<String> = self.demand[site]
+                .keys()
+                .filter(|t| self.site_holds(site, t))
+                .cloned()
+                .collect();
+            for t in held {
+                self.demand[site].remove(&t);
+            }
+            if self.demand[site].len() >= MAX_DEMAND_TITLES {
+                self.counters.unplaced_dropped += 1;
+                return;
+            }
+        }
+        let title = crate::wire::director::cut(title, MAX_TITLE).to_string();
+        *self.demand[site].entry(title).or_insert(0) += 1;
+    }
+
+    /// Unplaced titles of site `site` (not held there now), most requested first.
+    pub fn unplaced(&self, site: usize) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self.demand[site]
+            .iter()
+            .filter(|(t, _)| !self.site_holds(site, t))
+            .map(|(t, n)| (t.clone(), *n))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v
+    }
+
+    /// The titles to pre-load at site `site`: its `preload` titles none of its servers holds,
+    /// then its unplaced requested titles, most requested first; no title twice; cut to what
+    /// one [`DirectorMsg::Placement`] carries.
+    pub fn placement(&self, site: usize) -> Vec<String> {
+        let s = &self.params.sites[site];
+        let mut out: Vec<String> = Vec::new();
+        let mut seen = BTreeSet::new();
+        let preload = s
+            .preload
+            .iter()
+            .filter(|t| !self.site_holds(site, t))
+            .cloned();
+        let asked = self.unplaced(site).into_iter().map(|(t, _)| t);
+        for t in preload.chain(asked) {
+            if seen.insert(t.clone()) {
+                out.push(t);
+            }
+        }
+        out.truncate(DirectorMsg::placement_fits(&s.name, &out));
+        out
     }
 
     pub fn counters(&self) -> &Counters {
@@ -386,7 +536,7 @@ impl Director {
             .min()
     }
 
-    /// Pick a server for `title` (see the module docs).
+    /// Pick a server for `title` for a receiver of no site (see the module docs).
     pub fn route(
         &mut self,
         now: Instant,
@@ -394,7 +544,29 @@ impl Director {
         rx_bps: u64,
         exclude: &[SocketAddr],
     ) -> Result<SocketAddr, (NoRoute, String)> {
+        self.route_from(now, None, title, rx_bps, exclude)
+    }
+
+    /// Pick a server for `title` for a receiver at `receiver` (its source address; `None`:
+    /// of no site): one of its own site if any can serve, else any (see the module docs). A
+    /// first request (`exclude` empty: not a fail-over) for a title its site holds nowhere is
+    /// recorded.
+    pub fn route_from(
+        &mut self,
+        now: Instant,
+        receiver: Option<IpAddr>,
+        title: &str,
+        rx_bps: u64,
+        exclude: &[SocketAddr],
+    ) -> Result<SocketAddr, (NoRoute, String)> {
         self.handle_timeout(now);
+        let site = receiver.and_then(|ip| self.site_of(ip));
+        if let Some(s) = site {
+            if !title.is_empty() && exclude.is_empty() && !self.site_holds(s, title) {
+                self.record_demand(s, title);
+            }
+        }
+        let server_sites = &self.params.server_sites;
         let holders: Vec<(&SocketAddr, &Entry, bool)> = self
             .servers
             .iter()
@@ -414,9 +586,16 @@ impl Director {
             .iter()
             .filter(|(a, e, _)| e.up && !exclude.contains(a))
             .collect();
-        let best = usable
+        let online: Vec<&&(&SocketAddr, &Entry, bool)> = usable
             .iter()
             .filter(|(_, e, _)| e.hb.state == ServerState::Online)
+            .collect();
+        // The receiver's own site first, when one of its servers can serve.
+        let local = |a: &SocketAddr| site.is_some() && server_sites.get(a) == site.as_ref();
+        let prefer_local = online.iter().any(|(a, _, _)| local(a));
+        let best = online
+            .iter()
+            .filter(|(a, _, _)| !prefer_local || local(a))
             .map(|(a, e, l)| (e.score(*l, rx_bps), e.routed_total, **a, *l))
             .min_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)))
             .map(|(_, _, a, looping)| (a, looping));
@@ -473,13 +652,40 @@ impl Director {
             return None;
         }
         if is_director_msg(buf) {
+            let site = self.site_of(from.ip());
             let reply = match DirectorMsg::decode(buf) {
+                Ok(DirectorMsg::PlacementRequest {
+                    req_id,
+                    site: name,
+                    token,
+                }) => return self.placement_reply(now, from, buf.len(), req_id, &name, token),
+                Ok(DirectorMsg::SiteRouteRequest {
+                    req_id,
+                    title,
+                    rx_bps,
+                    exclude,
+                }) => match self.route_from(now, Some(from.ip()), &title, rx_bps, &exclude) {
+                    Ok(server) => DirectorMsg::SiteRouteOk {
+                        req_id,
+                        title,
+                        server,
+                        policy: site
+                            .map(|s| self.params.sites[s].policy.clone())
+                            .unwrap_or_default(),
+                    },
+                    Err((reason, message)) => DirectorMsg::RouteNone {
+                        req_id,
+                        title,
+                        reason,
+                        message,
+                    },
+                },
                 Ok(DirectorMsg::RouteRequest {
                     req_id,
                     title,
                     rx_bps,
                     exclude,
-                }) => match self.route(now, &title, rx_bps, &exclude) {
+                }) => match self.route_from(now, Some(from.ip()), &title, rx_bps, &exclude) {
                     Ok(server) => DirectorMsg::RouteOk {
                         req_id,
                         title,
@@ -499,7 +705,11 @@ impl Director {
             };
             // A route request proves no address: its answer is never larger than it is (an
             // answer is its title plus an address, or a reason whose text is cut to fit).
-            return fit_route_reply(reply, buf.len());
+            let fitted = fit_route_reply(reply, buf.len());
+            if fitted.is_none() {
+                self.counters.unvalidated_dropped += 1;
+            }
+            return fitted;
         }
         let env = match Envelope::decode(buf) {
             Ok(e) => e,
@@ -552,8 +762,90 @@ impl Director {
         Some(Envelope::new(env.receiver_id, env.req_id, reply).encode())
     }
 
+    /// A placement request: answered to proven admin addresses only (a Retry with a token
+    /// first; the Retry and a refusal are smaller than the request, the list may be larger).
+    fn placement_reply(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        len: usize,
+        req_id: u32,
+        name: &str,
+        token: Option<crate::address_token::AddressToken>,
+    ) -> Option<Vec<u8>> {
+        let tokens = self
+            .tokens
+            .get_or_insert_with(|| AddressTokens::new(&self.params.token_secret, now));
+        if !token.is_some_and(|t| tokens.check(from.ip(), &t, now)) {
+            let token = tokens.issue(from.ip(), now);
+            let retry = DirectorMsg::PlacementRetry { req_id, token }.encode();
+            if retry.len() > len {
+                self.counters.unvalidated_dropped += 1;
+                return None;
+            }
+            self.counters.retries_sent += 1;
+            return Some(retry);
+        }
+        let site = self.params.sites.iter().position(|s| s.name == name);
+        let reply = if !self.params.admin.iter().any(|p| p.contains(from.ip())) {
+            self.counters.placements_refused += 1;
+            DirectorMsg::PlacementRefused {
+                req_id,
+                message: "placement is answered only to [director] admin addresses".into(),
+            }
+        } else if let Some(s) = site {
+            self.counters.placements += 1;
+            DirectorMsg::Placement {
+                req_id,
+                site: name.to_string(),
+                titles: self.placement(s),
+            }
+        } else {
+            self.counters.placements_refused += 1;
+            let known: Vec<&str> = self.params.sites.iter().map(|s| s.name.as_str()).collect();
+            DirectorMsg::PlacementRefused {
+                req_id,
+                message: match known.is_empty() {
+                    true => "this director has no [[director.sites]]".to_string(),
+                    false => format!(
+                        "no site {:?} at this director (sites: {})",
+                        crate::wire::director::cut(name, 64),
+                        known.join(", ")
+                    ),
+                },
+            }
+        };
+        Some(reply.encode())
+    }
+
     pub fn stats(&self, now: Instant) -> Stats {
+        let mut unplaced = Vec::new();
+        let mut sites = Vec::new();
+        for (i, s) in self.params.sites.iter().enumerate() {
+            let all = self.unplaced(i);
+            sites.push(SiteStats {
+                site: s.name.clone(),
+                servers_up: self
+                    .servers
+                    .iter()
+                    .filter(|(a, e)| e.up && self.params.server_sites.get(a) == Some(&i))
+                    .count() as u32,
+                unplaced_titles: all.len() as u64,
+                unplaced_requests: all.iter().map(|(_, n)| n).sum(),
+            });
+            for (title, requests) in all.into_iter().take(MAX_STATS_UNPLACED_PER_SITE) {
+                if unplaced.len() < MAX_STATS_UNPLACED {
+                    unplaced.push(Unplaced {
+                        site: s.name.clone(),
+                        title,
+                        requests,
+                    });
+                }
+            }
+        }
         Stats {
+            unplaced,
+            sites,
             counters: self.counters.clone(),
             servers: self
                 .servers
@@ -584,6 +876,26 @@ fn fit_route_reply(reply: DirectorMsg, cap: usize) -> Option<Vec<u8>> {
     let bytes = reply.encode();
     if bytes.len() <= cap {
         return Some(bytes);
+    }
+    if let DirectorMsg::SiteRouteOk {
+        req_id,
+        title,
+        server,
+        mut policy,
+    } = reply
+    {
+        // Never sent by a receiver of ours (its request is padded past any answer): mirrors
+        // are left out until the answer fits.
+        policy.http.pop()?;
+        return fit_route_reply(
+            DirectorMsg::SiteRouteOk {
+                req_id,
+                title,
+                server,
+                policy,
+            },
+            cap,
+        );
     }
     let DirectorMsg::RouteNone {
         req_id,
@@ -636,6 +948,8 @@ mod tests {
             max_skew: Duration::from_secs(30),
             token_secret: [3; 32],
             admin: IpPrefix::loopback(),
+            sites: Vec::new(),
+            server_sites: BTreeMap::new(),
         }
     }
 
@@ -1126,5 +1440,308 @@ mod tests {
         assert_eq!(v["servers"][0]["server"], "127.0.0.1:7600");
         assert!(d.handle_datagram(t, T0, from(), b"garbage").is_none());
         assert_eq!(d.counters().requests_malformed, 1);
+    }
+
+    /// Two sites: A (127.0.0.0/24, servers 1 and 2) and B (10.2.0.0/16 and 2001:db8:2::/48,
+    /// server 3); server 4 is of no site.
+    fn sited() -> Params {
+        let site = |name: &str, prefixes: &[&str], preload: &[&str]| Site {
+            name: name.into(),
+            prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
+            preload: preload.iter().map(|t| t.to_string()).collect(),
+            policy: SitePolicy {
+                site: name.into(),
+                ..SitePolicy::default()
+            },
+        };
+        let mut p = params();
+        p.sites = vec![
+            site("A", &["127.0.0.0/24"], &["pre-1", "held", "pre-2"]),
+            site("B", &["10.2.0.0/16", "2001:db8:2::/48"], &[]),
+        ];
+        p.server_sites = [(addr(1), 0), (addr(2), 0), (addr(3), 1)]
+            .into_iter()
+            .collect();
+        p
+    }
+
+    fn at(ip: &str) -> Option<IpAddr> {
+        Some(ip.parse().unwrap())
+    }
+
+    #[test]
+    fn receivers_belong_to_the_site_of_their_longest_matching_prefix() {
+        let mut p = sited();
+        p.sites[1].prefixes.push("127.0.0.128/25".parse().unwrap());
+        let d = Director::new(p);
+        assert_eq!(d.site_of("127.0.0.9".parse().unwrap()), Some(0));
+        assert_eq!(
+            d.site_of("127.0.0.200".parse().unwrap()),
+            Some(1),
+            "/25 beats /24"
+        );
+        assert_eq!(d.site_of("::ffff:127.0.0.9".parse().unwrap()), Some(0));
+        assert_eq!(d.site_of("10.2.9.9".parse().unwrap()), Some(1));
+        assert_eq!(d.site_of("2001:db8:2::7".parse().unwrap()), Some(1));
+        assert_eq!(d.site_of("192.0.2.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn routes_go_to_the_receivers_site_first_then_by_load_then_elsewhere() {
+        let t = Instant::now();
+        let mut d = Director::new(sited());
+        // Site A's servers are busier than site B's and the site-less one, within the load
+        // a server still takes (online): A's receivers still go to A, the idler of its two.
+        let mut a1 = hb(1, 1, &["film", "held"]);
+        a1.throughput_bps = 700_000_000;
+        let mut a2 = hb(2, 1, &["film", "held"]);
+        a2.throughput_bps = 500_000_000;
+        feed(&mut d, t, &a1);
+        feed(&mut d, t, &a2);
+        feed(&mut d, t, &hb(3, 1, &["film", "only-b"]));
+        feed(&mut d, t, &hb(4, 1, &["film"]));
+        let a_rx = at("127.0.0.9");
+        assert_eq!(d.route_from(t, a_rx, "film", 0, &[]).unwrap(), addr(2));
+        // B's receivers go to B; receivers of no site by load (3 and 4 idle: either).
+        assert_eq!(
+            d.route_from(t, at("10.2.0.1"), "film", 0, &[]).unwrap(),
+            addr(3)
+        );
+        let none = d.route_from(t, at("192.0.2.1"), "film", 0, &[]).unwrap();
+        assert!(none == addr(3) || none == addr(4), "{none}");
+        // Excluding A's servers (or A's servers down or draining): another site serves.
+        let other = d
+            .route_from(t, a_rx, "film", 0, &[addr(1), addr(2)])
+            .unwrap();
+        assert!(other == addr(3) || other == addr(4), "{other}");
+        let mut drain = hb(2, 2, &["film"]);
+        drain.state = ServerState::Draining;
+        feed(&mut d, t, &drain);
+        let mut over = hb(1, 2, &["film"]);
+        over.state = ServerState::Overloaded;
+        feed(&mut d, t, &over);
+        let other = d.route_from(t, a_rx, "film", 0, &[]).unwrap();
+        assert!(other == addr(3) || other == addr(4), "{other}");
+        // A title only B holds: served from B.
+        assert_eq!(d.route_from(t, a_rx, "only-b", 0, &[]).unwrap(), addr(3));
+    }
+
+    #[test]
+    fn without_sites_routing_is_as_before() {
+        let t = Instant::now();
+        let mut d = Director::new(params());
+        let mut busy = hb(1, 1, &["a"]);
+        busy.throughput_bps = 800_000_000;
+        feed(&mut d, t, &busy);
+        feed(&mut d, t, &hb(2, 1, &["a"]));
+        assert_eq!(
+            d.route_from(t, at("127.0.0.1"), "a", 0, &[]).unwrap(),
+            addr(2)
+        );
+        assert_eq!(d.route_from(t, None, "a", 0, &[]).unwrap(), addr(2));
+        assert_eq!(d.counters().requests_unplaced, 0);
+        assert!(d.stats(t).unplaced.is_empty());
+    }
+
+    #[test]
+    fn unplaced_demand_is_recorded_per_site_and_bounded() {
+        let t = Instant::now();
+        let mut d = Director::new(sited());
+        feed(&mut d, t, &hb(1, 1, &["held"]));
+        feed(&mut d, t, &hb(3, 1, &["only-b"]));
+        let a_rx = at("127.0.0.9");
+        for _ in 0..3 {
+            assert_eq!(d.route_from(t, a_rx, "only-b", 0, &[]).unwrap(), addr(3));
+        }
+        // Found nowhere: recorded too; held at A: not; a fail-over retry: not counted again.
+        assert_eq!(
+            d.route_from(t, a_rx, "nowhere", 0, &[]).map_err(|e| e.0),
+            Err(NoRoute::NotFound)
+        );
+        d.route_from(t, a_rx, "held", 0, &[]).unwrap();
+        d.route_from(t, a_rx, "only-b", 0, &[addr(9)]).unwrap();
+        // B's receivers asking for what B holds: nothing recorded for B.
+        d.route_from(t, at("10.2.0.1"), "only-b", 0, &[]).unwrap();
+        assert_eq!(
+            d.unplaced(0),
+            vec![("only-b".to_string(), 3), ("nowhere".to_string(), 1)]
+        );
+        assert!(d.unplaced(1).is_empty());
+        assert_eq!(d.counters().requests_unplaced, 4);
+        let st = d.stats(t);
+        assert_eq!(
+            st.unplaced[0],
+            Unplaced {
+                site: "A".into(),
+                title: "only-b".into(),
+                requests: 3
+            }
+        );
+        let v = serde_json::to_value(&st).unwrap();
+        assert_eq!(v["unplaced"][1]["title"], "nowhere");
+        assert_eq!(v["counters"]["requests_unplaced"], 4);
+
+        // Bounded: at most MAX_DEMAND_TITLES titles per site, the rest counted as dropped.
+        for i in 0..MAX_DEMAND_TITLES + 10 {
+            let _ = d.route_from(t, a_rx, &format!("t{i}"), 0, &[]);
+        }
+        assert_eq!(d.demand[0].len(), MAX_DEMAND_TITLES);
+        assert_eq!(d.counters().unplaced_dropped, 12);
+        // A long title is kept cut to the wire's limit.
+        assert!(d.demand[0].keys().all(|t| t.len() <= MAX_TITLE));
+        // Stats stay small: the top ten per site.
+        assert_eq!(d.stats(t).unplaced.len(), MAX_STATS_UNPLACED_PER_SITE);
+    }
+
+    #[test]
+    fn placement_is_preload_then_requested_unheld_by_count_and_fits_a_datagram() {
+        let t = Instant::now();
+        let mut d = Director::new(sited());
+        // Site A holds "held" (a preload title: left out) and "x".
+        feed(&mut d, t, &hb(1, 1, &["held", "x"]));
+        feed(&mut d, t, &hb(3, 1, &["b1", "b2", "pre-2"]));
+        let a_rx = at("127.0.0.5");
+        for (title, n) in [("b1", 1), ("b2", 4), ("pre-2", 2), ("x", 5), ("zz", 4)] {
+            for _ in 0..n {
+                let _ = d.route_from(t, a_rx, title, 0, &[]);
+            }
+        }
+        assert_eq!(
+            d.placement(0),
+            vec!["pre-1", "pre-2", "b2", "zz", "b1"],
+            "preload first (in its order, unheld), then by requests (ties by name), no repeats"
+        );
+        assert!(d.placement(1).is_empty());
+        // Once A holds b2, it is no longer placed.
+        feed(&mut d, t, &hb(2, 1, &["b2"]));
+        assert_eq!(d.placement(0), vec!["pre-1", "pre-2", "zz", "b1"]);
+        // Bounded: many long titles are cut to one datagram.
+        for i in 0..500 {
+            let _ = d.route_from(t, a_rx, &format!("{i:0>120}"), 0, &[]);
+        }
+        let list = d.placement(0);
+        let bytes = DirectorMsg::Placement {
+            req_id: 1,
+            site: "A".into(),
+            titles: list.clone(),
+        }
+        .encode();
+        assert!(bytes.len() <= crate::wire::director::MAX_PLACEMENT_LEN);
+        assert!(list.len() > 50 && list.len() < 504, "{}", list.len());
+        assert_eq!(DirectorMsg::decode(&bytes).unwrap().req_id(), 1);
+    }
+
+    /// Placement: a Retry (no larger than the request) to an unproven address, the list to a
+    /// proven admin one, a refusal to a proven address outside `admin` or for an unknown site.
+    #[test]
+    fn placement_is_answered_to_proven_admin_addresses_only() {
+        let t = Instant::now();
+        let mut p = sited();
+        p.admin = vec!["127.0.0.9/32".parse().unwrap()];
+        let mut d = Director::new(p);
+        feed(&mut d, t, &hb(1, 1, &[]));
+        let ask = |d: &mut Director, src: SocketAddr, site: &str| -> DirectorMsg {
+            let req = DirectorMsg::PlacementRequest {
+                req_id: 4,
+                site: site.into(),
+                token: None,
+            }
+            .encode();
+            let r = d.handle_datagram(t, T0, src, &req).expect("a retry");
+            assert!(r.len() <= req.len());
+            let DirectorMsg::PlacementRetry { token, .. } = DirectorMsg::decode(&r).unwrap() else {
+                panic!("not a retry")
+            };
+            let again = DirectorMsg::PlacementRequest {
+                req_id: 5,
+                site: site.into(),
+                token: Some(token),
+            }
+            .encode();
+            DirectorMsg::decode(&d.handle_datagram(t, T0, src, &again).unwrap()).unwrap()
+        };
+        assert_eq!(
+            ask(&mut d, from(), "A"),
+            DirectorMsg::Placement {
+                req_id: 5,
+                site: "A".into(),
+                titles: vec!["pre-1".into(), "held".into(), "pre-2".into()]
+            }
+        );
+        let other: SocketAddr = "127.0.0.10:5000".parse().unwrap();
+        assert!(matches!(
+            ask(&mut d, other, "A"),
+            DirectorMsg::PlacementRefused { message, .. } if message.contains("admin")
+        ));
+        assert!(matches!(
+            ask(&mut d, from(), "C"),
+            DirectorMsg::PlacementRefused { message, .. } if message.contains("sites: A, B")
+        ));
+        // A token for another address does not prove this one.
+        let req = DirectorMsg::PlacementRequest {
+            req_id: 6,
+            site: "A".into(),
+            token: Some([0; 16]),
+        }
+        .encode();
+        assert!(matches!(
+            DirectorMsg::decode(&d.handle_datagram(t, T0, from(), &req).unwrap()).unwrap(),
+            DirectorMsg::PlacementRetry { .. }
+        ));
+        assert_eq!(d.counters().placements, 1);
+        assert_eq!(d.counters().placements_refused, 2);
+    }
+
+    /// A site route request gets the receiver's site policy; an old one the old answer.
+    #[test]
+    fn site_route_answers_carry_the_sites_policy() {
+        let t = Instant::now();
+        let mut p = sited();
+        p.sites[0].policy.no_multicast = crate::wire::director::NoMulticastPolicy::Http;
+        p.sites[0].policy.http = vec!["http://mirror-a/archives/".into()];
+        let mut d = Director::new(p);
+        feed(&mut d, t, &hb(1, 1, &["film"]));
+        let req = DirectorMsg::SiteRouteRequest {
+            req_id: 3,
+            title: "film".into(),
+            rx_bps: 0,
+            exclude: vec![],
+        }
+        .encode();
+        let r = d.handle_datagram(t, T0, from(), &req).unwrap();
+        assert!(r.len() <= req.len());
+        assert_eq!(
+            DirectorMsg::decode(&r).unwrap(),
+            DirectorMsg::SiteRouteOk {
+                req_id: 3,
+                title: "film".into(),
+                server: addr(1),
+                policy: SitePolicy {
+                    site: "A".into(),
+                    no_multicast: crate::wire::director::NoMulticastPolicy::Http,
+                    http: vec!["http://mirror-a/archives/".into()],
+                }
+            }
+        );
+        // From outside every site: the default policy, no site.
+        let r = d
+            .handle_datagram(t, T0, "192.0.2.1:5000".parse().unwrap(), &req)
+            .unwrap();
+        let DirectorMsg::SiteRouteOk { policy, .. } = DirectorMsg::decode(&r).unwrap() else {
+            panic!("not ok")
+        };
+        assert_eq!(policy, SitePolicy::default());
+        // The old request: the old answer.
+        let old = DirectorMsg::RouteRequest {
+            req_id: 4,
+            title: "film".into(),
+            rx_bps: 0,
+            exclude: vec![],
+        }
+        .encode();
+        assert!(matches!(
+            DirectorMsg::decode(&d.handle_datagram(t, T0, from(), &old).unwrap()).unwrap(),
+            DirectorMsg::RouteOk { .. }
+        ));
     }
 }

@@ -174,7 +174,11 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
     };
     let mut server_keys = std::collections::BTreeMap::new();
     let mut any_source = std::collections::BTreeSet::new();
-    for s in &d.servers {
+    for s in d
+        .servers
+        .iter()
+        .filter(|s| !s.key_file.as_os_str().is_empty())
+    {
         server_keys.insert(s.addr, mcast::heartbeat::read_key(&s.key_file)?);
         if s.any_source {
             any_source.insert(s.addr);
@@ -197,6 +201,20 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
     let admin = mcast::config::admin_prefixes(&d.admin).map_err(anyhow::Error::msg)?;
     let mut token_secret = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut token_secret);
+    let (sites, server_sites) = d
+        .site_params()
+        .map_err(|(field, why)| anyhow::anyhow!("{field}: {why}"))?;
+    for s in &sites {
+        tracing::info!(
+            site = %s.name,
+            prefixes = %s.prefixes.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+            servers = server_sites.values().filter(|&&i| sites[i].name == s.name).count(),
+            preload = s.preload.len(),
+            no_multicast = s.policy.no_multicast.name(),
+            mirrors = s.policy.http.len(),
+            "site"
+        );
+    }
     let mut dir = Director::new(Params {
         key,
         server_keys,
@@ -205,6 +223,8 @@ fn serve(cfg: &DirectorConfig) -> anyhow::Result<()> {
         max_skew: Duration::from_millis(d.max_skew_ms),
         token_secret,
         admin,
+        sites,
+        server_sites,
     });
     let mut metrics = match d.metrics_listen()? {
         Some(addr) => Some(mcast::metrics::DirectorMetrics::spawn(addr)?),

@@ -350,6 +350,25 @@ fn director_seeds(o: &Out) {
         ),
         op(0, heartbeat("127.0.0.1:7600", 2, ServerState::Online, &[])),
         op(40, route(3, vec![])),
+        op(
+            0,
+            DirectorMsg::SiteRouteRequest {
+                req_id: 6,
+                title: "other".into(),
+                rx_bps: 0,
+                exclude: vec![],
+            }
+            .encode(),
+        ),
+        op(
+            0,
+            DirectorMsg::PlacementRequest {
+                req_id: 7,
+                site: "a".into(),
+                token: None,
+            }
+            .encode(),
+        ),
     ];
     o.put("director", "heartbeats-and-routes", join_records(&recs));
     let recs = vec![
