@@ -30,6 +30,11 @@ pub struct RecvError {
     pub received_bytes: u64,
     /// What the session held when it ended (for a resume elsewhere), if it got that far.
     pub resume: Option<mcast_proto::receiver::ResumeInfo>,
+    /// The run ended to hand over to HTTP by its site's policy: no multicast arrived and the
+    /// policy is `http`, or the unicast stream ran `repair_after` and the policy is `both`.
+    pub http_handover: bool,
+    /// The HTTP mirrors of the receiver's site (from its director), for that hand-over.
+    pub http_mirrors: Vec<String>,
 }
 
 impl RecvError {
@@ -40,6 +45,8 @@ impl RecvError {
             silent: false,
             received_bytes: 0,
             resume: None,
+            http_handover: false,
+            http_mirrors: Vec::new(),
         }
     }
 

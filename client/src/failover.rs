@@ -244,13 +244,20 @@ pub fn get_via_directors(
             ));
         }
         let route_deadline = deadline(opts.timeout).min(Instant::now() + Duration::from_secs(30));
-        let server = dc.route(&opts.title, &mut exclude, route_deadline, &stop)?;
+        let server = match dc.route(&opts.title, &mut exclude, route_deadline, &stop) {
+            Ok(s) => s,
+            Err(mut e) => {
+                e.http_mirrors = dc.policy.http.clone();
+                return Err(e);
+            }
+        };
         let mut o = opts.clone();
         o.server = server;
         // The site's policy without multicast travels with the download (the HTTP fetch
         // reads it from the options).
         o.no_multicast = dc.policy.no_multicast;
         o.http_mirrors = dc.policy.http.clone();
+        o.repair_after = opts.repair_after;
         o.silence_timeout = Some(silence);
         o.start_block = start_block;
         if let Some(t) = opts.timeout {
@@ -287,7 +294,7 @@ pub fn get_via_directors(
                     director_failovers: dc.failovers,
                 });
             }
-            Err(e) if e.kind == Failure::Unreachable => {
+            Err(e) if e.kind == Failure::Unreachable && !e.http_handover => {
                 if missing_at_switch.is_some() {
                     after_switch += e.received_bytes;
                 }
@@ -312,7 +319,12 @@ pub fn get_via_directors(
                     missing_at_switch = Some(e.resume.as_ref().map_or(0, |r| r.missing_bytes));
                 }
             }
-            Err(e) => return Err(e),
+            Err(mut e) => {
+                // The site's mirrors go with the error: `get` hands over to them (policy
+                // `http`/`both`, or every server lost).
+                e.http_mirrors = dc.policy.http.clone();
+                return Err(e);
+            }
         }
     }
 }

@@ -26,6 +26,7 @@ use mcast_io::archive::{self, ArchiveFile, Head};
 use mcast_io::fastio::{OverflowCounter, RecvBatch};
 use mcast_keys::PublicIdentity;
 use mcast_proto::receiver::session::Prior;
+use mcast_proto::wire::director::NoMulticastPolicy;
 use mcast_proto::receiver::{Event, Failure as SessionFailure, Session, SessionConfig, Via};
 use mcast_proto::wire::control::MAX_CONTROL_LEN;
 use serde::Serialize;
@@ -83,6 +84,9 @@ pub struct GetOptions {
     /// HTTP mirrors of the archives (URL prefixes; `<title>.mca` is appended), from the
     /// director with the site policy; empty without.
     pub http_mirrors: Vec<String>,
+    /// Policy `both`: how long the unicast stream runs before what it has not delivered is
+    /// fetched over HTTP (`get --repair-after`).
+    pub repair_after: Duration,
 }
 
 impl GetOptions {
@@ -107,6 +111,7 @@ impl GetOptions {
             start_block: None,
             no_multicast: mcast_proto::wire::director::NoMulticastPolicy::Stream,
             http_mirrors: Vec::new(),
+            repair_after: Duration::from_secs(30),
         }
     }
 }
@@ -330,6 +335,10 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     cfg.checkpoint = opts.checkpoint;
     cfg.silence_timeout = opts.silence_timeout;
     cfg.start_block = opts.start_block;
+    // The site's policy for receivers without multicast (from its director): `http` ends the
+    // session where it would ask for the unicast stream, and the HTTP fetch takes over.
+    cfg.unicast_fallback = !(opts.no_multicast == NoMulticastPolicy::Http
+        && !opts.http_mirrors.is_empty());
     cfg.prior = State::load(&state_path).map(|s| Prior {
         archive_id: s.archive_id,
         server_key: PublicIdentity(s.server_key),
@@ -345,6 +354,7 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         .and_then(|s| opts.dscp.apply(&s).map(|_| s))
         .map_err(|e| RecvError::new(Failure::Other, format!("control socket: {e}")))?;
     let mut d = Driver {
+        unicast_since: None,
         opts,
         final_path,
         part_path,
@@ -404,6 +414,8 @@ struct Driver<'a> {
     part_path: PathBuf,
     state_path: PathBuf,
     started: Instant,
+    /// When the session was first seen on the unicast stream (policy `both`).
+    unicast_since: Option<Instant>,
     ctl: UdpSocket,
     /// The group joined and its socket.
     group: Option<(SocketAddr, UdpSocket)>,
@@ -440,6 +452,25 @@ impl Driver<'_> {
                         "interrupted; run the same command again to resume",
                     ),
                 );
+            }
+            // Policy `both`: the unicast stream gets `repair_after`, then HTTP fetches the rest.
+            if self.opts.no_multicast == NoMulticastPolicy::Both
+                && !self.opts.http_mirrors.is_empty()
+                && sess.is_unicast()
+            {
+                let since = *self.unicast_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.opts.repair_after {
+                    let (have, total) = sess.progress_units();
+                    let mut e = RecvError::new(
+                        Failure::Timeout,
+                        format!(
+                            "no multicast here: the unicast stream delivered {have}/{total} packets in {:?}; the site's policy fetches the rest over HTTP",
+                            self.opts.repair_after
+                        ),
+                    );
+                    e.http_handover = true;
+                    return self.fail_checkpointed(sess, e);
+                }
             }
             if let Some(t) = self.opts.timeout {
                 if self.started.elapsed() > t {
@@ -899,6 +930,14 @@ impl Driver<'_> {
                 ),
             ),
             SessionFailure::Unexpected(m) => RecvError::new(Failure::Other, m),
+            SessionFailure::NoMulticast(waited) => {
+                let mut e = RecvError::new(
+                    Failure::Unreachable,
+                    format!("no multicast heard from server {server} within {waited:?}; the site's policy fetches over HTTP instead of the unicast stream"),
+                );
+                e.http_handover = true;
+                e
+            }
         }
     }
 

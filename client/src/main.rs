@@ -504,6 +504,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             o.recv_buffer = recv_buffer;
             o.direct_io = direct_io;
             o.timeout = timeout;
+            o.repair_after = repair_after;
             if resume_at_gap && directors.is_empty() {
                 o.start_block = mcast_recv::failover::resume_block(&output, &title);
             }
@@ -549,15 +550,23 @@ fn run(cli: Cli) -> Result<(), RecvError> {
             // The multicast phase ended without the archive: with --http, fetch the rest there.
             let handover = |e: RecvError, stop: Arc<AtomicBool>| -> Result<(), RecvError> {
                 let left = timeout.map(|t| t.saturating_sub(started.elapsed()));
-                let handed = matches!(
-                    e.kind,
-                    Failure::Timeout | Failure::Unreachable | Failure::NotFound
-                );
-                if http.is_empty() || !handed || left == Some(Duration::ZERO) {
+                let handed = e.http_handover
+                    || matches!(
+                        e.kind,
+                        Failure::Timeout | Failure::Unreachable | Failure::NotFound
+                    );
+                // --http, else the mirrors of this receiver's site (from its director).
+                let mirrors = if http.is_empty() {
+                    e.http_mirrors.clone()
+                } else {
+                    http.clone()
+                };
+                if mirrors.is_empty() || !handed || left == Some(Duration::ZERO) {
                     return Err(stopped(e));
                 }
-                tracing::info!(reason = %e.message, mirrors = http.len(), "multicast phase ended: fetching what is missing over HTTP");
+                tracing::info!(reason = %e.message, mirrors = mirrors.len(), "multicast phase ended: fetching what is missing over HTTP");
                 let mut ho = ho.clone();
+                ho.mirrors = mirrors;
                 ho.timeout = left;
                 let mut r = mcast_recv::http_fetch::fetch(&ho, stop).map_err(stopped)?;
                 r.received_bytes = e.received_bytes;
@@ -767,9 +776,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                         "{} title(s) left for the next window, {} failed",
                         r.partial, r.failed
                     ),
-                    silent: false,
-                    received_bytes: 0,
-                    resume: None,
+                    ..RecvError::new(Failure::Failed, "")
                 }),
             }
         }

@@ -87,6 +87,10 @@ pub struct SessionConfig {
     /// NAK suppression (NORM back-off, NAKs multicast to the group). Off: NAK as soon as a
     /// loss is seen, to the server only — for comparison runs.
     pub nak_suppression: bool,
+    /// No multicast heard within `sync_timeout`: ask for the unicast stream (true), or end
+    /// as [`Failure::NoMulticast`] so the driver fetches over HTTP instead (a site whose
+    /// policy for receivers without multicast is HTTP).
+    pub unicast_fallback: bool,
 }
 
 impl SessionConfig {
@@ -103,6 +107,7 @@ impl SessionConfig {
             start_block: None,
             prior: None,
             nak_suppression: true,
+            unicast_fallback: true,
         }
     }
 }
@@ -134,6 +139,9 @@ pub enum Failure {
     Repacked,
     /// A reply the protocol does not allow here.
     Unexpected(String),
+    /// No multicast heard within the sync timeout, and unicast fallback is off
+    /// (`SessionConfig::unicast_fallback`).
+    NoMulticast(Duration),
 }
 
 /// What the driver is asked to do.
@@ -1557,6 +1565,10 @@ impl Session {
         self.keepalive(now);
         self.naks(now);
         if self.fallback_due() && self.next_fallback_try.is_some_and(|t| now >= t) {
+            if !self.cfg.unicast_fallback {
+                self.fail(Failure::NoMulticast(self.cfg.sync_timeout));
+                return;
+            }
             self.start_unicast(now);
         }
         if self.dirty && now >= self.next_checkpoint {
