@@ -33,8 +33,9 @@ pub struct RecvError {
     /// The run ended to hand over to HTTP by its site's policy: no multicast arrived and the
     /// policy is `http`, or the unicast stream ran `repair_after` and the policy is `both`.
     pub http_handover: bool,
-    /// The HTTP mirrors of the receiver's site (from its director), for that hand-over.
-    pub http_mirrors: Vec<String>,
+    /// The HTTP mirrors of the receiver's site (from its director), for that hand-over
+    /// (boxed: errors stay small).
+    pub http_mirrors: Option<Box<Vec<String>>>,
 }
 
 impl RecvError {
@@ -46,7 +47,7 @@ impl RecvError {
             received_bytes: 0,
             resume: None,
             http_handover: false,
-            http_mirrors: Vec::new(),
+            http_mirrors: None,
         }
     }
 

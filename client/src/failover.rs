@@ -247,7 +247,7 @@ pub fn get_via_directors(
         let server = match dc.route(&opts.title, &mut exclude, route_deadline, &stop) {
             Ok(s) => s,
             Err(mut e) => {
-                e.http_mirrors = dc.policy.http.clone();
+                e.http_mirrors = Some(Box::new(dc.policy.http.clone()));
                 return Err(e);
             }
         };
@@ -322,7 +322,7 @@ pub fn get_via_directors(
             Err(mut e) => {
                 // The site's mirrors go with the error: `get` hands over to them (policy
                 // `http`/`both`, or every server lost).
-                e.http_mirrors = dc.policy.http.clone();
+                e.http_mirrors = Some(Box::new(dc.policy.http.clone()));
                 return Err(e);
             }
         }

@@ -26,9 +26,9 @@ use mcast_io::archive::{self, ArchiveFile, Head};
 use mcast_io::fastio::{OverflowCounter, RecvBatch};
 use mcast_keys::PublicIdentity;
 use mcast_proto::receiver::session::Prior;
-use mcast_proto::wire::director::NoMulticastPolicy;
 use mcast_proto::receiver::{Event, Failure as SessionFailure, Session, SessionConfig, Via};
 use mcast_proto::wire::control::MAX_CONTROL_LEN;
+use mcast_proto::wire::director::NoMulticastPolicy;
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -337,8 +337,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     cfg.start_block = opts.start_block;
     // The site's policy for receivers without multicast (from its director): `http` ends the
     // session where it would ask for the unicast stream, and the HTTP fetch takes over.
-    cfg.unicast_fallback = !(opts.no_multicast == NoMulticastPolicy::Http
-        && !opts.http_mirrors.is_empty());
+    cfg.unicast_fallback =
+        opts.no_multicast != NoMulticastPolicy::Http || opts.http_mirrors.is_empty();
     cfg.prior = State::load(&state_path).map(|s| Prior {
         archive_id: s.archive_id,
         server_key: PublicIdentity(s.server_key),

@@ -557,7 +557,7 @@ fn run(cli: Cli) -> Result<(), RecvError> {
                     );
                 // --http, else the mirrors of this receiver's site (from its director).
                 let mirrors = if http.is_empty() {
-                    e.http_mirrors.clone()
+                    e.http_mirrors.as_deref().cloned().unwrap_or_default()
                 } else {
                     http.clone()
                 };
