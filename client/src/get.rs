@@ -136,6 +136,8 @@ pub struct GetReport {
     /// SYNCs dropped: not signed by the archive's server, or replayed.
     pub syncs_forged: u64,
     pub syncs_stale: u64,
+    /// SYNCs taken that an edge signed under its origin's delegation.
+    pub syncs_delegated: u64,
     pub unicast: bool,
     /// NAK datagrams sent, units asked for, units whose NAK another receiver's suppressed.
     pub naks_sent: u64,
@@ -249,6 +251,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     cfg.checkpoint = opts.checkpoint;
     cfg.silence_timeout = opts.silence_timeout;
     cfg.start_block = opts.start_block;
+    // Wall clock for the expiry of an edge's delegation (the session reads no clock).
+    cfg.unix_secs = Some(mcast_io::process::unix_secs());
     cfg.prior = State::load(&state_path).map(|s| Prior {
         archive_id: s.archive_id,
         server_key: PublicIdentity(s.server_key),
@@ -868,6 +872,7 @@ impl Driver<'_> {
                 malformed: 0,
                 syncs_forged: 0,
                 syncs_stale: 0,
+                syncs_delegated: 0,
                 unicast: false,
                 naks_sent: 0,
                 units_naked: 0,
@@ -945,6 +950,7 @@ impl Driver<'_> {
             malformed: st.malformed,
             syncs_forged: st.syncs_forged,
             syncs_stale: st.syncs_stale,
+            syncs_delegated: st.syncs_delegated,
             unicast: st.unicast,
             naks_sent: st.nak.naks_sent,
             units_naked: st.nak.units_naked,

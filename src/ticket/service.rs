@@ -44,6 +44,9 @@ pub struct TicketService {
     keys: KeyStore,
     identity: Identity,
     trusted: PublicIdentity,
+    /// An edge's origin servers: tickets they signed are refused with "play at the origin"
+    /// (their titles' keys and tickets stay there).
+    origins: Vec<PublicIdentity>,
     retry_secs: u64,
     refusals: RefusalLog,
     /// Audit rows for requests that use no play (refusals of genuine tickets, repeated
@@ -125,10 +128,17 @@ impl TicketService {
             identity: keys.identity()?,
             keys: keys.clone(),
             trusted,
+            origins: Vec::new(),
             retry_secs,
             refusals: RefusalLog::default(),
             audit_budget: (0, 0),
         })
+    }
+
+    /// An edge's origin keys (`[server] origin_keys`): plays of their titles are refused
+    /// with [`Refusal::AtOrigin`].
+    pub fn set_origins(&mut self, origins: Vec<PublicIdentity>) {
+        self.origins = origins;
     }
 
     /// Open the validation database `[tickets]` names (SQLite or a shared PostgreSQL).
@@ -145,6 +155,7 @@ impl TicketService {
             identity: keys.identity()?,
             keys: keys.clone(),
             trusted,
+            origins: Vec::new(),
             retry_secs: cfg.retry_secs,
             refusals: RefusalLog::default(),
             audit_budget: (0, 0),
@@ -224,7 +235,10 @@ impl TicketService {
                 // cannot fill the database.
                 let ours = !matches!(
                     r,
-                    Refusal::Malformed(_) | Refusal::BadSignature | Refusal::OtherServer { .. }
+                    Refusal::Malformed(_)
+                        | Refusal::BadSignature
+                        | Refusal::OtherServer { .. }
+                        | Refusal::AtOrigin { .. }
                 );
                 let logged = self.refusals.admit(now_unix);
                 if logged {
@@ -286,7 +300,14 @@ impl TicketService {
         now_unix: u64,
     ) -> Result<Grant, PlayError> {
         let (title, receiver_pub) = (req.title, req.receiver_pub);
-        let claims = check(title, req.ticket, now_unix, &self.trusted)?;
+        let claims = match check(title, req.ticket, now_unix, &self.trusted) {
+            Err(Refusal::OtherServer { found, .. })
+                if self.origins.iter().any(|o| o.fingerprint() == found) =>
+            {
+                return Err(Refusal::AtOrigin { origin: found }.into())
+            }
+            r => r?,
+        };
         let wrapped = self
             .db
             .wrapped_part(&claims.ticket_id)?

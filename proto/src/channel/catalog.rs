@@ -72,6 +72,19 @@ impl HeadRead {
     }
 }
 
+/// What [`ChannelManager::hot_add_title`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HotAdd {
+    /// A new title.
+    Added,
+    /// The same archive was already served.
+    Unchanged,
+    /// The title's archive changed and the old one (this id) was replaced.
+    Replaced(ArchiveId),
+    /// The title's archive changed, but a channel still loops the old one: try later.
+    Busy,
+}
+
 /// Titles by name, and names by archive id.
 #[derive(Default)]
 pub(super) struct Catalog {
@@ -101,6 +114,37 @@ impl ChannelManager {
         let c = &mut self.catalog;
         c.by_id.insert(t.head.archive_id, t.head.title.clone());
         c.titles.insert(t.head.title.clone(), t);
+    }
+
+    /// The archive currently served as `title`.
+    pub fn title_archive(&self, title: &str) -> Option<ArchiveId> {
+        self.catalog.titles.get(title).map(|t| t.head.archive_id)
+    }
+
+    /// Whether any channel loops `archive_id`.
+    pub fn archive_in_use(&self, archive_id: &ArchiveId) -> bool {
+        self.channels.values().any(|c| &c.archive_id == archive_id)
+    }
+
+    /// Add a title that appeared while serving (hot-add), or replace one whose archive file
+    /// changed. A replacement waits while a channel loops the old archive (receivers are
+    /// mid-download): then nothing changes and [`HotAdd::Busy`] says to try again later.
+    /// On [`HotAdd::Replaced`] the old archive is forgotten (the driver may close its file).
+    pub fn hot_add_title(&mut self, t: TitleInfo) -> HotAdd {
+        match self.title_archive(&t.head.title) {
+            None => {
+                self.add_title(t);
+                HotAdd::Added
+            }
+            Some(old) if old == t.head.archive_id => HotAdd::Unchanged,
+            Some(old) if self.archive_in_use(&old) => HotAdd::Busy,
+            Some(old) => {
+                self.catalog.by_id.remove(&old);
+                self.stopped_at.retain(|(id, _), _| *id != old);
+                self.add_title(t);
+                HotAdd::Replaced(old)
+            }
+        }
     }
 
     /// Titles this server can loop (for heartbeats and health checks).
