@@ -432,6 +432,56 @@ mod tests {
         }
     }
 
+    /// An edge asked to play a title of its origin (a ticket the origin signed): a clean
+    /// refusal that says to play at the origin, answered on the wire and audited.
+    #[test]
+    fn an_edge_refuses_plays_of_origin_titles() {
+        let d = tempfile::tempdir().unwrap();
+        let ks = KeyStore::open(d.path().join("keys")).unwrap();
+        let edge = ks.create_identity(false).unwrap();
+        let origin = Identity::from_secret(&[0x0a; 32]);
+        let (tf, _) = Ticket::issue(&origin, &MasterKey::generate(), &spec(0)).unwrap();
+        let mut svc =
+            TicketService::open(&d.path().join("t.sqlite"), &ks, edge.public(), 60).unwrap();
+        svc.set_origins(vec![origin.public()]);
+        let r = ReceiverKey::generate();
+        let dg = Envelope::new(
+            7,
+            9,
+            Control::PlayRequest {
+                title: "film".into(),
+                ticket: tf.ticket().encode().to_vec(),
+                receiver_pub: r.public(),
+                proof: [0; 32],
+            },
+        )
+        .with_token(Some([5; 16]))
+        .encode();
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let reply = Envelope::decode(&svc.handle_datagram(&dg, from, 1_000).unwrap()).unwrap();
+        match reply.msg {
+            Control::Error {
+                code: ErrorCode::TicketRefused,
+                message,
+            } => assert!(
+                message.contains("play at the origin")
+                    && message.contains(&origin.public().fingerprint()),
+                "{message}"
+            ),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let audit = svc.audit_list(None, 10).unwrap();
+        assert_eq!(audit.len(), 1, "{audit:?}");
+        assert!(audit[0].reason.contains("play at the origin"), "{audit:?}");
+        // Not an origin: the plain refusal, as before.
+        svc.set_origins(Vec::new());
+        let reply = Envelope::decode(&svc.handle_datagram(&dg, from, 1_000).unwrap()).unwrap();
+        assert!(
+            matches!(&reply.msg, Control::Error { message, .. } if message.contains("issued by another server")),
+            "{reply:?}"
+        );
+    }
+
     #[test]
     fn service_grants_once_and_the_parts_combine() {
         let d = tempfile::tempdir().unwrap();

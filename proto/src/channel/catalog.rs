@@ -358,6 +358,47 @@ mod tests {
         assert_eq!(ext.counters().head_chunks_sent, 4);
     }
 
+    /// Hot-add: a new title at once; the same archive again changes nothing; a changed
+    /// archive waits while a channel loops the old one, then replaces it (the old archive
+    /// id is forgotten, the new one answers).
+    #[test]
+    fn hot_added_titles_and_replacements() {
+        let (mut m, old) = manager(HeadBytes::External { len: 2500 });
+        let info = |title: &str, id: ArchiveId| {
+            let mut h = crate::sim::sim_head(100, 1280);
+            h.title = title.into();
+            h.archive_id = id;
+            TitleInfo {
+                head: Arc::new(h),
+                head_bytes: HeadBytes::External { len: 2500 },
+                archive_len: 1,
+            }
+        };
+        let sim = m.title_names().next().unwrap().to_string();
+        assert_eq!(m.hot_add_title(info("doc", [7; 16])), HotAdd::Added);
+        assert_eq!(m.title_names().count(), 2);
+        assert_eq!(m.hot_add_title(info("doc", [7; 16])), HotAdd::Unchanged);
+        let now = Instant::now();
+        m.open_scheduled(now, &sim, None).expect("a channel");
+        assert!(m.archive_in_use(&old));
+        assert_eq!(m.hot_add_title(info(&sim, [8; 16])), HotAdd::Busy);
+        assert_eq!(m.title_archive(&sim), Some(old));
+        m.close_scheduled(&sim, false);
+        assert!(!m.archive_in_use(&old));
+        assert_eq!(m.hot_add_title(info(&sim, [8; 16])), HotAdd::Replaced(old));
+        assert_eq!(m.title_archive(&sim), Some([8; 16]));
+        ask(&mut m, old, 0);
+        assert!(matches!(
+            reply(&mut m).unwrap().msg,
+            Control::Error {
+                code: ErrorCode::UnknownSession,
+                ..
+            }
+        ));
+        ask(&mut m, [8; 16], 0);
+        assert_eq!(m.poll_head_read().unwrap().archive_id, [8; 16]);
+    }
+
     #[test]
     fn head_errors_keep_their_replies() {
         let (mut m, id) = manager(HeadBytes::External { len: 2500 });
