@@ -398,6 +398,21 @@ impl ServerConfig {
     }
 }
 
+/// A public key given as 64 hex digits (an Ed25519 server identity, as `mcastd identity`
+/// prints it).
+pub fn parse_public_key(hex_key: &str) -> Result<mcast_keys::PublicIdentity, String> {
+    let bytes = hex::decode(hex_key.trim()).map_err(|_| {
+        format!("{hex_key:?} is not a hex public key (64 hex digits, as `mcastd identity` prints)")
+    })?;
+    let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+        format!(
+            "{hex_key:?} is {} bytes, not a 32-byte public key (64 hex digits, as `mcastd identity` prints)",
+            b.len()
+        )
+    })?;
+    Ok(mcast_keys::PublicIdentity(key))
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -1570,19 +1585,4 @@ dscp = 10
             .to_string();
         assert!(e.contains("invalid type") && e.contains("line 2"), "{e}");
     }
-}
-
-/// A public key given as 64 hex digits (an Ed25519 server identity, as `mcastd identity`
-/// prints it).
-pub fn parse_public_key(hex_key: &str) -> Result<mcast_keys::PublicIdentity, String> {
-    let bytes = hex::decode(hex_key.trim()).map_err(|_| {
-        format!("{hex_key:?} is not a hex public key (64 hex digits, as `mcastd identity` prints)")
-    })?;
-    let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
-        format!(
-            "{hex_key:?} is {} bytes, not a 32-byte public key (64 hex digits, as `mcastd identity` prints)",
-            b.len()
-        )
-    })?;
-    Ok(mcast_keys::PublicIdentity(key))
 }

@@ -7,7 +7,9 @@
 //! ORIGIN`: byte-identical to the origin's archive, every SYNC taken under the delegation
 //! (`syncs_forged` 0, `syncs_delegated` > 0), on multicast. Then receivers that ask traffic
 //! directors fetch again, the edge serving most of them is killed mid-transfer, and they
-//! complete from the other edge (across the segments, by unicast).
+//! complete from the other edge (across the segments, by unicast). Last, the same edge
+//! without its delegation: its receiver drops every SYNC (`syncs_forged`) and still
+//! completes (the packets verify against the origin-signed head).
 //!
 //! ```text
 //!  origin 198.18.0.1   director 198.18.0.4        (backbone bridge bb)
@@ -169,6 +171,14 @@ echo "$victim $m1 $m2" > "{d}/victim.txt"
 t0=$(date +%s%N)
 for p in $gets; do wait $p; done
 echo "after the kill $(ms) ms" >> "{d}/times.txt"
+# An edge without a delegation (same identity and archives, another port and groups).
+ip netns exec edge1 "{mcastd}" --config "{d}/nodeleg.toml" serve > "{d}/nodeleg.log" 2>&1 &
+nd=$!
+sleep 0.5
+gets=""
+get p3-r1 r1 --server 198.18.1.1:7601 --iface 198.18.1.11
+for p in $gets; do wait $p; done
+kill $nd
 kill $opid $e1 $e2 $dpid 2>/dev/null
 wait
 for n in origin dir edge1 edge2 r1 r1b r2 r2b; do ip netns del $n; done
@@ -258,6 +268,19 @@ fn edges_preload_serve_with_delegated_syncs_and_fail_over() {
         edge_keys.push(edge_key);
     }
     assert_ne!(edge_keys[0], edge_keys[1]);
+
+    // The same edge identity and archives, without the delegation.
+    std::fs::write(
+        d.join("nodeleg.toml"),
+        format!(
+            "[store]\narchive_dir = \"{0}/edge1/archives\"\nkey_dir = \"{0}/edge1/keys\"\n\
+             [tickets]\ndb = \"{0}/nodeleg.sqlite\"\n[server]\ncontrol = \"198.18.1.1:7601\"\n\
+             multicast_iface = \"198.18.1.1\"\ngroup_base = \"239.255.90.1\"\nport_base = 7800\n\
+             rate_mbps = 8.0\ntiers_mbps = [8.0]\norigin_keys = [\"{origin_key}\"]\n",
+            d.display()
+        ),
+    )
+    .unwrap();
 
     let script = bed_script(
         d.to_str().unwrap(),
@@ -389,4 +412,22 @@ fn edges_preload_serve_with_delegated_syncs_and_fail_over() {
     }
     println!("killed {victim_edge} (members edge1 edge2: {victim}); {switched} receivers switched");
     assert!(switched >= 1, "nobody was on the killed edge: {victim}");
+
+    // Without a delegation the edge warns at start; its receivers drop every SYNC (counted)
+    // and still complete: every packet verifies against the origin-signed head.
+    let log = read("nodeleg.log");
+    assert!(
+        log.contains("no delegation from this origin key"),
+        "no warning:\n{log}"
+    );
+    let r = check("p3-r1");
+    println!(
+        "p3-r1 (edge without a delegation): {:.2} s, unicast {}, syncs_forged {}, syncs_delegated {}",
+        r["seconds"].as_f64().unwrap_or(0.0),
+        r["unicast"],
+        r["syncs_forged"],
+        r["syncs_delegated"]
+    );
+    assert!(r["syncs_forged"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["syncs_delegated"], 0, "{r}");
 }
