@@ -128,12 +128,11 @@ impl ArchiveDir {
             if path.extension().and_then(|x| x.to_str()) != Some(ARCHIVE_EXT) {
                 continue;
             }
+            // Anything named like an archive is opened (a directory so named is logged and
+            // skipped like any unreadable archive).
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
             };
-            if !meta.is_file() {
-                continue;
-            }
             present.insert(path.clone());
             let stamp = Stamp::of(&meta);
             if self.seen.get(&path) == Some(&stamp) {
