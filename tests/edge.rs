@@ -322,6 +322,13 @@ fn edges_preload_serve_with_delegated_syncs_and_fail_over() {
                 "edge{n}'s pre-loaded {title} differs from the origin's"
             );
         }
+        // `mcastd verify` on the edge checks the origin's archives against origin_keys.
+        let out = run_ok(
+            mcastd(&d.join(format!("edge{n}/mcastd.toml")))
+                .arg("verify")
+                .arg("film"),
+        );
+        assert!(out.contains("verified"), "{out}");
         assert!(
             log.contains("delegation loaded"),
             "edge{n} did not load its delegation:\n{log}"

@@ -475,7 +475,14 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
         Cmd::Verify { archive } => {
             let ks = KeyStore::open(&cfg.store.key_dir)?;
             let a = ArchiveFile::open(&resolve(&archive, &cfg.store.archive_dir))?;
-            archive::verify(&a, &ks.identity()?.public())?;
+            // An edge also verifies its origins' archives (`[server] origin_keys`).
+            let own = ks.identity()?.public();
+            let origins = cfg.server.origin_keys().map_err(UsageError)?;
+            let key = origins
+                .into_iter()
+                .find(|k| *k == a.head.server_key)
+                .unwrap_or(own);
+            archive::verify(&a, &key)?;
             println!(
                 "{}: signature and {} packets verified",
                 a.path.display(),
