@@ -154,6 +154,17 @@ pub struct ServerConfig {
     /// Addresses or ranges (`198.18.0.0/24`, `::1`) whose `mcast-recv stats` are answered:
     /// the counters say who is joined where. Default: this host only (loopback).
     pub admin: Vec<String>,
+    /// Edge servers: public keys (64 hex digits, Ed25519) of origin servers whose archives
+    /// this server also loads and serves, besides those signed by its own identity.
+    pub origin_keys: Vec<String>,
+    /// Edge servers: delegation files (`mcastd delegate` on the origin), each letting this
+    /// server's identity sign SYNCs for one origin's titles. Checked at start: for this
+    /// server's key, from one of `origin_keys`, not expired.
+    pub delegations: Vec<PathBuf>,
+    /// Rescan the archive directory this often (milliseconds) and serve archives that
+    /// appeared or changed (`mcast-recv batch` filling an edge); 0 = only at start and on
+    /// SIGHUP.
+    pub archive_rescan_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -376,10 +387,33 @@ impl ServerConfig {
         }
     }
 
+    /// The configured origin keys (see `origin_keys`).
+    pub fn origin_keys(&self) -> Result<Vec<mcast_keys::PublicIdentity>, String> {
+        self.origin_keys
+            .iter()
+            .map(|k| parse_public_key(k))
+            .collect()
+    }
+
     /// The validated DSCP (best effort if it could not be read: validation refuses that).
     pub fn dscp(&self) -> crate::dscp::Dscp {
         self.dscp.dscp().unwrap_or_default()
     }
+}
+
+/// A public key given as 64 hex digits (an Ed25519 server identity, as `mcastd identity`
+/// prints it).
+pub fn parse_public_key(hex_key: &str) -> Result<mcast_keys::PublicIdentity, String> {
+    let bytes = hex::decode(hex_key.trim()).map_err(|_| {
+        format!("{hex_key:?} is not a hex public key (64 hex digits, as `mcastd identity` prints)")
+    })?;
+    let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+        format!(
+            "{hex_key:?} is {} bytes, not a 32-byte public key (64 hex digits, as `mcastd identity` prints)",
+            b.len()
+        )
+    })?;
+    Ok(mcast_keys::PublicIdentity(key))
 }
 
 impl Default for ServerConfig {
@@ -412,6 +446,9 @@ impl Default for ServerConfig {
             health_listen: String::new(),
             archive_http_listen: String::new(),
             admin: default_admin(),
+            origin_keys: Vec::new(),
+            delegations: Vec::new(),
+            archive_rescan_ms: 5000,
         }
     }
 }
@@ -825,6 +862,8 @@ pub struct ServeOverrides {
     pub iface: Option<String>,
     pub group_base: Option<IpAddr>,
     pub rate_mbps: Option<f64>,
+    /// Added to `server.origin_keys`.
+    pub origin_keys: Vec<String>,
 }
 
 impl Config {
@@ -843,6 +882,11 @@ impl Config {
         }
         if let Some(r) = o.rate_mbps {
             sv.rate_mbps = r;
+        }
+        for k in &o.origin_keys {
+            if !sv.origin_keys.contains(k) {
+                sv.origin_keys.push(k.clone());
+            }
         }
         self.validate(Path::new("command line"))?;
         Ok(self)
@@ -947,6 +991,9 @@ impl Config {
         }
         if let Err(why) = sv.dscp.dscp() {
             return Err(field("server.dscp", why));
+        }
+        if let Err(why) = sv.origin_keys() {
+            return Err(field("server.origin_keys", why));
         }
         if !sv.group_base.is_multicast() {
             return Err(field(

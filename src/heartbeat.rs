@@ -144,6 +144,12 @@ impl HeartbeatDriver {
         }
     }
 
+    /// The titles held changed (an archive appeared): tell the directors at the next turn
+    /// rather than at the next interval.
+    pub fn titles_changed(&mut self, now: Instant) {
+        self.emitter.beat_now(now);
+    }
+
     /// A last heartbeat saying the server stops, so directors stop routing to it at once.
     pub fn stopping(&mut self, mgr: &ChannelManager, sock: &UdpSocket) {
         self.beat(Instant::now(), mgr, sock, true);

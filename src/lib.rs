@@ -33,5 +33,5 @@ pub use mcast_io::{cli_docs, dscp, fastio, fsutil, iface, multicast, process, sy
 pub mod sim;
 
 pub use mcast_proto::{
-    address_token, carousel, channel, codec, director, pacer, receiver, schedule, wire,
+    address_token, carousel, channel, codec, delegation, director, pacer, receiver, schedule, wire,
 };

@@ -15,8 +15,9 @@ use anyhow::Context;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::archive::{ArchiveFile, ARCHIVE_EXT};
-use crate::channel::{ChannelManager, Event, HeadBytes, TitleInfo, TransmitPayload};
+use crate::channel::{ChannelManager, Event, HeadBytes, HotAdd, TitleInfo, TransmitPayload};
 use crate::config::Config;
+use crate::delegation::Delegation;
 use crate::fastio::{BatchSender, PacketBatch};
 use crate::wire::control::{ArchiveId, MAX_CONTROL_LEN};
 use crate::wire::data::DATA_HEADER_LEN;
@@ -35,45 +36,243 @@ pub fn load_titles_counted(
     dir: &Path,
     trusted: &mcast_keys::PublicIdentity,
 ) -> anyhow::Result<(Vec<TitleInfo>, HashMap<ArchiveId, ArchiveFile>, u64)> {
-    let mut skipped = 0u64;
-    let mut titles = Vec::new();
-    let mut files = HashMap::new();
-    let entries = std::fs::read_dir(dir).with_context(|| {
-        format!(
-            "cannot read archive directory {} (set store.archive_dir, or pack a title first)",
-            dir.display()
-        )
-    })?;
-    for e in entries {
-        let path = e?.path();
-        if path.extension().and_then(|x| x.to_str()) != Some(ARCHIVE_EXT) {
-            continue;
+    let mut d = ArchiveDir::new(dir, vec![*trusted]);
+    let (titles, skipped) = d.load()?;
+    Ok((titles, d.files, skipped))
+}
+
+/// A file's identity and version as the directory shows it: a rename over it (a new
+/// download) or a rewrite changes it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
         }
-        let a = match ArchiveFile::open(&path).and_then(|a| a.verify_signature(trusted).map(|_| a))
-        {
-            Ok(a) => a,
-            Err(err) => {
-                tracing::warn!(path = %path.display(), error = %err, "archive skipped");
-                skipped += 1;
+    }
+}
+
+/// The archive directory as served: the open archive files, and what each `*.mca` file was
+/// when last looked at, so a rescan opens only files that appeared or changed. Archives
+/// load when signed by one of `trusted` (this server's identity, then its origins' keys).
+pub struct ArchiveDir {
+    dir: std::path::PathBuf,
+    trusted: Vec<mcast_keys::PublicIdentity>,
+    pub files: HashMap<ArchiveId, ArchiveFile>,
+    seen: HashMap<std::path::PathBuf, Stamp>,
+}
+
+/// What a rescan did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rescan {
+    pub added: usize,
+    pub replaced: usize,
+    pub skipped: u64,
+    /// Changed archives of titles still looping: looked at again on a later scan.
+    pub deferred: usize,
+}
+
+impl ArchiveDir {
+    pub fn new(dir: &Path, trusted: Vec<mcast_keys::PublicIdentity>) -> ArchiveDir {
+        ArchiveDir {
+            dir: dir.to_path_buf(),
+            trusted,
+            files: HashMap::new(),
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Open and verify an archive against the trusted key its head names.
+    fn open(&self, path: &Path) -> Result<ArchiveFile, crate::archive::ArchiveError> {
+        let a = ArchiveFile::open(path)?;
+        let key = self
+            .trusted
+            .iter()
+            .find(|k| **k == a.head.server_key)
+            .unwrap_or(&self.trusted[0]);
+        a.verify_signature(key)?;
+        Ok(a)
+    }
+
+    /// `*.mca` files that are new or changed since the last look (`.part`/`.state` files of
+    /// downloads in progress are not archives), opened and verified; each is looked at once
+    /// per version, so a bad file is logged once, not at every scan.
+    #[allow(clippy::type_complexity)]
+    fn changed(
+        &mut self,
+    ) -> anyhow::Result<
+        Vec<(
+            std::path::PathBuf,
+            Result<ArchiveFile, crate::archive::ArchiveError>,
+        )>,
+    > {
+        let entries = std::fs::read_dir(&self.dir).with_context(|| {
+            format!(
+                "cannot read archive directory {} (set store.archive_dir, or pack a title first)",
+                self.dir.display()
+            )
+        })?;
+        let mut out = Vec::new();
+        let mut present = std::collections::HashSet::new();
+        for e in entries {
+            let path = e?.path();
+            if path.extension().and_then(|x| x.to_str()) != Some(ARCHIVE_EXT) {
                 continue;
             }
-        };
-        // Memory must not grow with what is served: the head is kept without its block
-        // hashes (the server never checks packets) and its bytes are read from the file when
-        // a receiver asks for them (`read_head_chunks`).
-        let mut a = a;
-        a.head.block_hashes = Vec::new();
-        a.head_bytes = Vec::new();
-        titles.push(TitleInfo {
-            head: Arc::new(a.head.clone()),
-            head_bytes: HeadBytes::External {
-                len: a.layout.head_len as u32,
-            },
-            archive_len: a.layout.file_len(),
-        });
-        files.insert(a.head.archive_id, a);
+            // Anything named like an archive is opened (a directory so named is logged and
+            // skipped like any unreadable archive).
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            present.insert(path.clone());
+            let stamp = Stamp::of(&meta);
+            if self.seen.get(&path) == Some(&stamp) {
+                continue;
+            }
+            self.seen.insert(path.clone(), stamp);
+            let a = self.open(&path);
+            out.push((path, a));
+        }
+        self.seen.retain(|p, _| present.contains(p));
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
-    Ok((titles, files, skipped))
+
+    /// The first scan: every archive of the directory.
+    pub fn load(&mut self) -> anyhow::Result<(Vec<TitleInfo>, u64)> {
+        let mut skipped = 0u64;
+        let mut titles = Vec::new();
+        for (path, a) in self.changed()? {
+            match a {
+                Ok(mut a) => {
+                    titles.push(title_info(&mut a));
+                    self.files.insert(a.head.archive_id, a);
+                }
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), error = %err, "archive skipped");
+                    skipped += 1;
+                }
+            }
+        }
+        Ok((titles, skipped))
+    }
+
+    /// Serve archives that appeared or changed since the last scan: new titles are added to
+    /// `mgr` at once; a title whose archive changed is replaced when no channel loops it,
+    /// else on a later scan.
+    pub fn rescan(&mut self, mgr: &mut ChannelManager) -> anyhow::Result<Rescan> {
+        let mut r = Rescan::default();
+        for (path, a) in self.changed()? {
+            let mut a = match a {
+                Ok(a) => a,
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), error = %err, "archive skipped");
+                    r.skipped += 1;
+                    continue;
+                }
+            };
+            let info = title_info(&mut a);
+            let (title, id) = (a.head.title.clone(), a.head.archive_id);
+            let signer = a.head.server_key.fingerprint();
+            match mgr.hot_add_title(info) {
+                HotAdd::Added => {
+                    tracing::info!(%title, path = %path.display(), %signer, archive_len = a.layout.file_len(), "title added");
+                    self.files.insert(id, a);
+                    r.added += 1;
+                }
+                HotAdd::Replaced(old) => {
+                    tracing::info!(%title, path = %path.display(), %signer, "title replaced (its archive changed)");
+                    self.files.remove(&old);
+                    self.files.insert(id, a);
+                    r.replaced += 1;
+                }
+                HotAdd::Unchanged => {}
+                HotAdd::Busy => {
+                    // Looked at again next scan.
+                    self.seen.remove(&path);
+                    r.deferred += 1;
+                    tracing::debug!(%title, path = %path.display(), "archive changed while its title loops: replaced once its channels close");
+                }
+            }
+        }
+        if r.skipped > 0 {
+            mgr.count_archives_skipped(r.skipped);
+        }
+        Ok(r)
+    }
+}
+
+/// The title as the channel manager keeps it. Memory must not grow with what is served: the
+/// head is kept without its block hashes (the server never checks packets) and its bytes are
+/// read from the file when a receiver asks for them (`read_head_chunks`).
+fn title_info(a: &mut ArchiveFile) -> TitleInfo {
+    a.head.block_hashes = Vec::new();
+    a.head_bytes = Vec::new();
+    TitleInfo {
+        head: Arc::new(a.head.clone()),
+        head_bytes: HeadBytes::External {
+            len: a.layout.head_len as u32,
+        },
+        archive_len: a.layout.file_len(),
+    }
+}
+
+/// An edge's delegations (`[server] delegations`): each must decode, name this server's
+/// identity, come from one of `origins` with a valid signature, and not be expired at
+/// `now_unix`.
+pub fn load_delegations(
+    paths: &[std::path::PathBuf],
+    own: &mcast_keys::PublicIdentity,
+    origins: &[mcast_keys::PublicIdentity],
+    now_unix: u64,
+) -> anyhow::Result<Vec<Delegation>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let bytes = std::fs::read(p).with_context(|| {
+            format!(
+                "server.delegations: cannot read {} (issue one on the origin: mcastd delegate --edge-key {} -o FILE)",
+                p.display(),
+                hex::encode(own.0)
+            )
+        })?;
+        let d = Delegation::decode(&bytes)
+            .map_err(|e| anyhow::anyhow!("server.delegations: {}: {e}", p.display()))?;
+        let Some(origin) = origins.iter().find(|k| **k == d.origin) else {
+            anyhow::bail!(
+                "server.delegations: {} is from origin key {}, which is not in server.origin_keys: add it there (or pass --origin-key)",
+                p.display(),
+                hex::encode(d.origin.0)
+            );
+        };
+        d.check_for(origin, own, now_unix).map_err(|e| {
+            anyhow::anyhow!(
+                "server.delegations: {}: {e}; issue a new one on the origin: mcastd delegate --edge-key {} -o FILE",
+                p.display(),
+                hex::encode(own.0)
+            )
+        })?;
+        let days_left = (d.not_after - now_unix) / 86_400;
+        tracing::info!(path = %p.display(), origin = %d.origin.fingerprint(), not_after = d.not_after, days_left, "delegation loaded: SYNCs of the origin's titles are signed by this server");
+        if days_left < 14 {
+            tracing::warn!(path = %p.display(), days_left, "delegation expires soon: receivers will refuse this server's SYNCs for the origin's titles after that; issue a new one");
+        }
+        out.push(d);
+    }
+    for o in origins {
+        if !out.iter().any(|d| d.origin == *o) {
+            tracing::warn!(origin = %hex::encode(o.0), "no delegation from this origin key (server.delegations): receivers drop the SYNCs of its titles (counted as syncs_forged)");
+        }
+    }
+    Ok(out)
 }
 
 /// Data socket: multicast out of `iface` with `ttl` (IPv4 or IPv6, as the groups are),
@@ -240,8 +439,28 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let ks = mcast_keys::KeyStore::open(&cfg.store.key_dir)?;
     let identity = Arc::new(ks.identity()?);
     let trusted = identity.public();
-    let tickets = crate::ticket::service::TicketService::open_config(&cfg.tickets, &ks, trusted)?;
-    let (titles, files, skipped) = load_titles_counted(&cfg.store.archive_dir, &trusted)?;
+    // An edge also serves archives its origins signed, and signs their SYNCs under the
+    // origins' delegations.
+    let origins = cfg
+        .server
+        .origin_keys()
+        .map_err(|e| anyhow::anyhow!("server.origin_keys: {e}"))?;
+    let delegations = load_delegations(
+        &cfg.server.delegations,
+        &trusted,
+        &origins,
+        crate::process::unix_secs(),
+    )?;
+    let mut tickets =
+        crate::ticket::service::TicketService::open_config(&cfg.tickets, &ks, trusted)?;
+    tickets.set_origins(origins.clone());
+    let mut archives = ArchiveDir::new(
+        &cfg.store.archive_dir,
+        std::iter::once(trusted)
+            .chain(origins.iter().copied())
+            .collect(),
+    );
+    let (titles, skipped) = archives.load()?;
     if titles.is_empty() {
         tracing::warn!(dir = %cfg.store.archive_dir.display(), "no archives to serve; pack one with `mcastd pack`");
     }
@@ -284,7 +503,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong);
     }
     tracing::info!(control = %ctrl.local_addr()?, titles = titles.len(), identity = %trusted.fingerprint(), %dscp,
-        tickets = %tickets.db_path().display(), "mcastd serving");
+        tickets = %tickets.db_path().display(), origins = origins.len(), "mcastd serving");
 
     // Ticket checks run on their own thread; replies leave from the control socket.
     let tickets = crate::ticket::worker::TicketWorker::start(tickets, ctrl.try_clone()?)?;
@@ -292,6 +511,14 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     params.sync_signer = Some(identity);
     let mut mgr = ChannelManager::new(params, titles, Instant::now());
     mgr.count_archives_skipped(skipped);
+    mgr.set_delegations(delegations);
+    // Hot-add: rescan the archive directory every `archive_rescan_ms` and on SIGHUP.
+    let rescan_every = (cfg.server.archive_rescan_ms > 0)
+        .then(|| Duration::from_millis(cfg.server.archive_rescan_ms));
+    let mut next_rescan = rescan_every.map(|d| Instant::now() + d);
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .context("cannot handle SIGHUP")?;
     // Scheduled loops (overnight pre-load): opened at their window's start, closed at its end.
     let mut schedule = crate::schedule::Scheduler::new(
         cfg.schedule_plans()
@@ -346,9 +573,33 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             mgr.count_play(o == crate::ticket::worker::Outcome::Granted);
         }
         run_schedule(&mut schedule, &mut mgr, now);
+        let hup_now = hup.swap(false, Ordering::Relaxed);
+        if hup_now || next_rescan.is_some_and(|t| now >= t) {
+            next_rescan = rescan_every.map(|d| now + d);
+            match archives.rescan(&mut mgr) {
+                Ok(r) => {
+                    if r.added + r.replaced > 0 {
+                        beats.titles_changed(now);
+                    }
+                    if hup_now {
+                        tracing::info!(
+                            added = r.added,
+                            replaced = r.replaced,
+                            skipped = r.skipped,
+                            deferred = r.deferred,
+                            titles = mgr.title_names().count(),
+                            "archive directory rescanned (SIGHUP)"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "archive directory rescan failed")
+                }
+            }
+        }
         mgr.handle_timeout(now);
         beats.poll(now, &mut mgr, &ctrl);
-        read_head_chunks(&files, &mut mgr);
+        read_head_chunks(&archives.files, &mut mgr);
         while let Some((to, bytes)) = mgr.poll_unvalidated_reply() {
             if let Err(e) = unvalidated.send_to(&bytes, to) {
                 unvalidated_unsent += 1;
@@ -373,7 +624,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 flush(
                     &mut batch,
                     &cur,
-                    &files,
+                    &archives.files,
                     &data,
                     &mut sender,
                     &mut send_errors,
@@ -384,7 +635,8 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             match &t.payload {
                 TransmitPayload::Sync(s) => batch.push(&t.header, s),
                 TransmitPayload::Packet(crate::archive::PacketId::Extra(e)) => {
-                    let a = files
+                    let a = archives
+                        .files
                         .get(&t.archive_id)
                         .expect("channels only loop loaded archives");
                     match crate::archive::fec_file::extra_symbol(&mut extras, a, *e) {
@@ -397,7 +649,8 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     }
                 }
                 TransmitPayload::Packet(id) => {
-                    let a = files
+                    let a = archives
+                        .files
                         .get(&t.archive_id)
                         .expect("channels only loop loaded archives");
                     let (off, len) = a
@@ -411,7 +664,7 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         flush(
             &mut batch,
             &cur,
-            &files,
+            &archives.files,
             &data,
             &mut sender,
             &mut send_errors,
@@ -438,6 +691,9 @@ pub fn serve(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     .saturating_duration_since(Instant::now()),
             )
             .min(notify.poll_timeout().map_or(Duration::MAX, |t| {
+                t.saturating_duration_since(Instant::now())
+            }))
+            .min(next_rescan.map_or(Duration::MAX, |t| {
                 t.saturating_duration_since(Instant::now())
             }));
         if wait > Duration::ZERO {

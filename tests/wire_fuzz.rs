@@ -17,6 +17,10 @@ fn decode_all(b: &[u8]) {
     let _ = Heartbeat::decode_unverified(b);
     let _ = Heartbeat::open(b, &[7; 32]);
     let _ = DirectorMsg::decode(b);
+    // An edge's delegation certificate: from a JoinOk, or an operator's file.
+    if let Ok(d) = mcast::delegation::Delegation::decode(b) {
+        assert_eq!(d.encode(), b);
+    }
     // Ticket files come from wherever the viewer got them.
     let _ = mcast_keys::ticket::Ticket::decode(b);
     let _ = mcast_keys::ticket::TicketFile::decode(b);
@@ -92,6 +96,12 @@ fn valid_samples() -> Vec<Vec<u8>> {
             rx_bps: 0,
             exclude: vec!["127.0.0.2:7600".parse().unwrap()],
         }
+        .encode(),
+        mcast::delegation::Delegation::issue(
+            &mcast_keys::Identity::from_secret(&[1; 32]),
+            mcast_keys::Identity::from_secret(&[2; 32]).public(),
+            1_900_000_000,
+        )
         .encode(),
     ]
 }

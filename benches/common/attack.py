@@ -24,7 +24,7 @@ import sys
 import time
 
 VERSION_DATA = 2
-VERSION_CONTROL = 5
+VERSION_CONTROL = 6
 NAK_KIND = 0x80
 
 

@@ -149,6 +149,8 @@ pub struct GetReport {
     /// SYNCs dropped: not signed by the archive's server, or replayed.
     pub syncs_forged: u64,
     pub syncs_stale: u64,
+    /// SYNCs taken that an edge signed under its origin's delegation.
+    pub syncs_delegated: u64,
     pub unicast: bool,
     /// NAK datagrams sent, units asked for, units whose NAK another receiver's suppressed.
     pub naks_sent: u64,
@@ -234,6 +236,7 @@ impl GetReport {
             malformed: 0,
             syncs_forged: 0,
             syncs_stale: 0,
+            syncs_delegated: 0,
             unicast: false,
             naks_sent: 0,
             units_naked: 0,
@@ -339,6 +342,8 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     // session where it would ask for the unicast stream, and the HTTP fetch takes over.
     cfg.unicast_fallback =
         opts.no_multicast != NoMulticastPolicy::Http || opts.http_mirrors.is_empty();
+    // Wall clock for the expiry of an edge's delegation (the session reads no clock).
+    cfg.unix_secs = Some(mcast_io::process::unix_secs());
     cfg.prior = State::load(&state_path).map(|s| Prior {
         archive_id: s.archive_id,
         server_key: PublicIdentity(s.server_key),
@@ -1012,6 +1017,7 @@ impl Driver<'_> {
             malformed: st.malformed,
             syncs_forged: st.syncs_forged,
             syncs_stale: st.syncs_stale,
+            syncs_delegated: st.syncs_delegated,
             unicast: st.unicast,
             naks_sent: st.nak.naks_sent,
             units_naked: st.nak.units_naked,

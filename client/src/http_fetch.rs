@@ -538,6 +538,7 @@ pub fn fetch(opts: &HttpFetchOptions, stop: Arc<AtomicBool>) -> Result<GetReport
         malformed: 0,
         syncs_forged: 0,
         syncs_stale: 0,
+        syncs_delegated: 0,
         unicast: false,
         naks_sent: 0,
         units_naked: 0,

@@ -1,11 +1,18 @@
 //! Control datagrams (`Envelope`, both directions of the control port): decoding never panics,
-//! and whatever decodes re-encodes to a datagram that decodes to the same message.
+//! and whatever decodes re-encodes to a datagram that decodes to the same message. The input
+//! is also offered as an edge's delegation certificate (carried in `JoinOk`, and read from
+//! `[server] delegations` files): it decodes only to what re-encodes to exactly its bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mcast::delegation::Delegation;
 use mcast::wire::control::{is_play_request, Control, Envelope, FLAG_MAC, FLAG_PADDED};
 
 fuzz_target!(|input: &[u8]| {
+    if let Ok(d) = Delegation::decode(input) {
+        assert_eq!(d.encode(), input, "delegation re-encoding differs");
+        let _ = d.check(&d.origin.clone(), d.not_after);
+    }
     let _ = is_play_request(input);
     let Ok(env) = Envelope::decode(input) else {
         return;

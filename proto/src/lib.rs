@@ -12,6 +12,7 @@
 //! * [`carousel`], [`pacer`] — loop order and rate pacing.
 //! * [`channel`] — the server's channel manager (joins, leases, unicast, NAKs, repairs, tiers).
 //! * [`receiver`] — the receiver's engines: download, NAK, tier, composed by one session.
+//! * [`delegation`] — an origin's certificate letting an edge sign SYNCs for its titles.
 //! * [`director`], [`heartbeat`] — traffic director routing and the server's heartbeat emitter.
 //! * [`schedule`] — time windows for scheduled loops and overnight batches.
 //! * [`sim`] — deterministic simulation of many receivers against one server.
@@ -21,6 +22,7 @@ pub mod archive;
 pub mod carousel;
 pub mod channel;
 pub mod codec;
+pub mod delegation;
 pub mod director;
 pub mod heartbeat;
 pub mod pacer;

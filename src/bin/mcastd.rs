@@ -52,6 +52,35 @@ enum Cmd {
         /// Loop rate of each channel, Mbit/s of payload; 0 = unlimited (server.rate_mbps).
         #[arg(long, value_name = "MBIT")]
         rate: Option<f64>,
+        /// Edge: also serve archives signed by this origin server's public key (64 hex
+        /// digits, as `mcastd identity` prints on the origin); repeatable, added to
+        /// server.origin_keys.
+        #[arg(long = "origin-key", value_name = "HEX")]
+        origin_keys: Vec<String>,
+    },
+    /// Print this server's public identity (64 hex digits): receivers pin it with
+    /// `mcast-recv get --server-key`; an origin delegates to an edge with
+    /// `mcastd delegate --edge-key` it.
+    #[command(visible_alias = "key")]
+    Identity {
+        /// Only the hex key (the default output is the same line; kept for scripts that
+        /// say what they want).
+        #[arg(long)]
+        public: bool,
+    },
+    /// On an origin server: let an edge server sign SYNCs for this server's titles. Writes a
+    /// delegation certificate (signed by this server's identity) for the edge's
+    /// `[server] delegations`.
+    Delegate {
+        /// The edge's public identity (64 hex digits: `mcastd identity` on the edge).
+        #[arg(long, value_name = "HEX")]
+        edge_key: String,
+        /// Valid for this long from now: 365d, 12h, 3600s.
+        #[arg(long, default_value = "365d", value_name = "DURATION")]
+        valid: String,
+        /// Delegation file to write (0644: it holds no secret).
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
     },
     /// Create the server identity (Ed25519) that signs every archive manifest.
     Keygen {
@@ -218,6 +247,7 @@ fn main() -> ExitCode {
         iface: None,
         group_base: None,
         rate: None,
+        origin_keys: Vec::new(),
     });
     let cfg = match &cmd {
         Cmd::Serve {
@@ -225,12 +255,14 @@ fn main() -> ExitCode {
             iface,
             group_base,
             rate,
+            origin_keys,
         } => {
             let o = mcast::config::ServeOverrides {
                 control: *control,
                 iface: iface.clone(),
                 group_base: *group_base,
                 rate_mbps: *rate,
+                origin_keys: origin_keys.clone(),
             };
             match cfg.with_serve_overrides(&o) {
                 Ok(c) => c,
@@ -292,6 +324,45 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
                 "server identity {} in {}",
                 hex::encode(id.public().0),
                 cfg.store.key_dir.display()
+            );
+            Ok(())
+        }
+        Cmd::Identity { public: _ } => {
+            let ks = KeyStore::open(&cfg.store.key_dir)?;
+            println!("{}", hex::encode(ks.identity()?.public().0));
+            Ok(())
+        }
+        Cmd::Delegate {
+            edge_key,
+            valid,
+            output,
+        } => {
+            let edge = mcast::config::parse_public_key(&edge_key)
+                .map_err(|e| UsageError(format!("--edge-key: {e}")))?;
+            let valid = mcast::ticketadmin::parse_expiry(&valid)
+                .map_err(|e| UsageError(e.replace("--expires", "--valid")))?;
+            let ks = KeyStore::open(&cfg.store.key_dir)?;
+            let origin = ks.identity()?;
+            if origin.public() == edge {
+                return Err(UsageError(
+                    "--edge-key is this server's own key: a server needs no delegation for its own titles".into(),
+                )
+                .into());
+            }
+            let not_after = mcast::process::unix_secs().saturating_add(valid.as_secs());
+            let d = mcast::delegation::Delegation::issue(&origin, edge, not_after);
+            let write = || -> std::io::Result<()> {
+                let mut f = mcast::fsutil::AtomicFile::create(&output)?;
+                std::io::Write::write_all(f.file(), &d.encode())?;
+                f.commit()
+            };
+            write().with_context(|| format!("cannot write {}", output.display()))?;
+            println!(
+                "delegation from origin {} to edge {} until {} written to {}",
+                hex::encode(origin.public().0),
+                hex::encode(edge.0),
+                mcast::ticketadmin::show_time(not_after),
+                output.display()
             );
             Ok(())
         }
@@ -404,7 +475,14 @@ fn run(cmd: Cmd, cfg: &Config) -> anyhow::Result<()> {
         Cmd::Verify { archive } => {
             let ks = KeyStore::open(&cfg.store.key_dir)?;
             let a = ArchiveFile::open(&resolve(&archive, &cfg.store.archive_dir))?;
-            archive::verify(&a, &ks.identity()?.public())?;
+            // An edge also verifies its origins' archives (`[server] origin_keys`).
+            let own = ks.identity()?.public();
+            let origins = cfg.server.origin_keys().map_err(UsageError)?;
+            let key = origins
+                .into_iter()
+                .find(|k| *k == a.head.server_key)
+                .unwrap_or(own);
+            archive::verify(&a, &key)?;
             println!(
                 "{}: signature and {} packets verified",
                 a.path.display(),

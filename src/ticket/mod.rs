@@ -33,6 +33,8 @@ pub enum Refusal {
     BadSignature,
     #[error("ticket was issued by another server (key {found}); this server is {ours}")]
     OtherServer { found: String, ours: String },
+    #[error("this server is an edge: titles of origin server {origin} are played at the origin (it holds their tickets): play at the origin")]
+    AtOrigin { origin: String },
     #[error("ticket is not for this title: it is for {ticket_title:?}, not {requested:?}")]
     WrongTitle {
         ticket_title: String,

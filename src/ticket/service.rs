@@ -44,6 +44,9 @@ pub struct TicketService {
     keys: KeyStore,
     identity: Identity,
     trusted: PublicIdentity,
+    /// An edge's origin servers: tickets they signed are refused with "play at the origin"
+    /// (their titles' keys and tickets stay there).
+    origins: Vec<PublicIdentity>,
     retry_secs: u64,
     refusals: RefusalLog,
     /// Audit rows for requests that use no play (refusals of genuine tickets, repeated
@@ -125,10 +128,17 @@ impl TicketService {
             identity: keys.identity()?,
             keys: keys.clone(),
             trusted,
+            origins: Vec::new(),
             retry_secs,
             refusals: RefusalLog::default(),
             audit_budget: (0, 0),
         })
+    }
+
+    /// An edge's origin keys (`[server] origin_keys`): plays of their titles are refused
+    /// with [`Refusal::AtOrigin`].
+    pub fn set_origins(&mut self, origins: Vec<PublicIdentity>) {
+        self.origins = origins;
     }
 
     /// Open the validation database `[tickets]` names (SQLite or a shared PostgreSQL).
@@ -145,6 +155,7 @@ impl TicketService {
             identity: keys.identity()?,
             keys: keys.clone(),
             trusted,
+            origins: Vec::new(),
             retry_secs: cfg.retry_secs,
             refusals: RefusalLog::default(),
             audit_budget: (0, 0),
@@ -224,7 +235,10 @@ impl TicketService {
                 // cannot fill the database.
                 let ours = !matches!(
                     r,
-                    Refusal::Malformed(_) | Refusal::BadSignature | Refusal::OtherServer { .. }
+                    Refusal::Malformed(_)
+                        | Refusal::BadSignature
+                        | Refusal::OtherServer { .. }
+                        | Refusal::AtOrigin { .. }
                 );
                 let logged = self.refusals.admit(now_unix);
                 if logged {
@@ -286,7 +300,14 @@ impl TicketService {
         now_unix: u64,
     ) -> Result<Grant, PlayError> {
         let (title, receiver_pub) = (req.title, req.receiver_pub);
-        let claims = check(title, req.ticket, now_unix, &self.trusted)?;
+        let claims = match check(title, req.ticket, now_unix, &self.trusted) {
+            Err(Refusal::OtherServer { found, .. })
+                if self.origins.iter().any(|o| o.fingerprint() == found) =>
+            {
+                return Err(Refusal::AtOrigin { origin: found }.into())
+            }
+            r => r?,
+        };
         let wrapped = self
             .db
             .wrapped_part(&claims.ticket_id)?
@@ -409,6 +430,56 @@ mod tests {
             expires_unix,
             issued_unix: 100,
         }
+    }
+
+    /// An edge asked to play a title of its origin (a ticket the origin signed): a clean
+    /// refusal that says to play at the origin, answered on the wire and audited.
+    #[test]
+    fn an_edge_refuses_plays_of_origin_titles() {
+        let d = tempfile::tempdir().unwrap();
+        let ks = KeyStore::open(d.path().join("keys")).unwrap();
+        let edge = ks.create_identity(false).unwrap();
+        let origin = Identity::from_secret(&[0x0a; 32]);
+        let (tf, _) = Ticket::issue(&origin, &MasterKey::generate(), &spec(0)).unwrap();
+        let mut svc =
+            TicketService::open(&d.path().join("t.sqlite"), &ks, edge.public(), 60).unwrap();
+        svc.set_origins(vec![origin.public()]);
+        let r = ReceiverKey::generate();
+        let dg = Envelope::new(
+            7,
+            9,
+            Control::PlayRequest {
+                title: "film".into(),
+                ticket: tf.ticket().encode().to_vec(),
+                receiver_pub: r.public(),
+                proof: [0; 32],
+            },
+        )
+        .with_token(Some([5; 16]))
+        .encode();
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let reply = Envelope::decode(&svc.handle_datagram(&dg, from, 1_000).unwrap()).unwrap();
+        match reply.msg {
+            Control::Error {
+                code: ErrorCode::TicketRefused,
+                message,
+            } => assert!(
+                message.contains("play at the origin")
+                    && message.contains(&origin.public().fingerprint()),
+                "{message}"
+            ),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let audit = svc.audit_list(None, 10).unwrap();
+        assert_eq!(audit.len(), 1, "{audit:?}");
+        assert!(audit[0].reason.contains("play at the origin"), "{audit:?}");
+        // Not an origin: the plain refusal, as before.
+        svc.set_origins(Vec::new());
+        let reply = Envelope::decode(&svc.handle_datagram(&dg, from, 1_000).unwrap()).unwrap();
+        assert!(
+            matches!(&reply.msg, Control::Error { message, .. } if message.contains("issued by another server")),
+            "{reply:?}"
+        );
     }
 
     #[test]

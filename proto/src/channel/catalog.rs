@@ -72,6 +72,19 @@ impl HeadRead {
     }
 }
 
+/// What [`ChannelManager::hot_add_title`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HotAdd {
+    /// A new title.
+    Added,
+    /// The same archive was already served.
+    Unchanged,
+    /// The title's archive changed and the old one (this id) was replaced.
+    Replaced(ArchiveId),
+    /// The title's archive changed, but a channel still loops the old one: try later.
+    Busy,
+}
+
 /// Titles by name, and names by archive id.
 #[derive(Default)]
 pub(super) struct Catalog {
@@ -101,6 +114,37 @@ impl ChannelManager {
         let c = &mut self.catalog;
         c.by_id.insert(t.head.archive_id, t.head.title.clone());
         c.titles.insert(t.head.title.clone(), t);
+    }
+
+    /// The archive currently served as `title`.
+    pub fn title_archive(&self, title: &str) -> Option<ArchiveId> {
+        self.catalog.titles.get(title).map(|t| t.head.archive_id)
+    }
+
+    /// Whether any channel loops `archive_id`.
+    pub fn archive_in_use(&self, archive_id: &ArchiveId) -> bool {
+        self.channels.values().any(|c| &c.archive_id == archive_id)
+    }
+
+    /// Add a title that appeared while serving (hot-add), or replace one whose archive file
+    /// changed. A replacement waits while a channel loops the old archive (receivers are
+    /// mid-download): then nothing changes and [`HotAdd::Busy`] says to try again later.
+    /// On [`HotAdd::Replaced`] the old archive is forgotten (the driver may close its file).
+    pub fn hot_add_title(&mut self, t: TitleInfo) -> HotAdd {
+        match self.title_archive(&t.head.title) {
+            None => {
+                self.add_title(t);
+                HotAdd::Added
+            }
+            Some(old) if old == t.head.archive_id => HotAdd::Unchanged,
+            Some(old) if self.archive_in_use(&old) => HotAdd::Busy,
+            Some(old) => {
+                self.catalog.by_id.remove(&old);
+                self.stopped_at.retain(|(id, _), _| *id != old);
+                self.add_title(t);
+                HotAdd::Replaced(old)
+            }
+        }
     }
 
     /// Titles this server can loop (for heartbeats and health checks).
@@ -312,6 +356,47 @@ mod tests {
         }
         assert_eq!(mem.counters().head_chunks_sent, 4);
         assert_eq!(ext.counters().head_chunks_sent, 4);
+    }
+
+    /// Hot-add: a new title at once; the same archive again changes nothing; a changed
+    /// archive waits while a channel loops the old one, then replaces it (the old archive
+    /// id is forgotten, the new one answers).
+    #[test]
+    fn hot_added_titles_and_replacements() {
+        let (mut m, old) = manager(HeadBytes::External { len: 2500 });
+        let info = |title: &str, id: ArchiveId| {
+            let mut h = crate::sim::sim_head(100, 1280);
+            h.title = title.into();
+            h.archive_id = id;
+            TitleInfo {
+                head: Arc::new(h),
+                head_bytes: HeadBytes::External { len: 2500 },
+                archive_len: 1,
+            }
+        };
+        let sim = m.title_names().next().unwrap().to_string();
+        assert_eq!(m.hot_add_title(info("doc", [7; 16])), HotAdd::Added);
+        assert_eq!(m.title_names().count(), 2);
+        assert_eq!(m.hot_add_title(info("doc", [7; 16])), HotAdd::Unchanged);
+        let now = Instant::now();
+        m.open_scheduled(now, &sim, None).expect("a channel");
+        assert!(m.archive_in_use(&old));
+        assert_eq!(m.hot_add_title(info(&sim, [8; 16])), HotAdd::Busy);
+        assert_eq!(m.title_archive(&sim), Some(old));
+        m.close_scheduled(&sim, false);
+        assert!(!m.archive_in_use(&old));
+        assert_eq!(m.hot_add_title(info(&sim, [8; 16])), HotAdd::Replaced(old));
+        assert_eq!(m.title_archive(&sim), Some([8; 16]));
+        ask(&mut m, old, 0);
+        assert!(matches!(
+            reply(&mut m).unwrap().msg,
+            Control::Error {
+                code: ErrorCode::UnknownSession,
+                ..
+            }
+        ));
+        ask(&mut m, [8; 16], 0);
+        assert_eq!(m.poll_head_read().unwrap().archive_id, [8; 16]);
     }
 
     #[test]

@@ -449,6 +449,7 @@ impl ChannelManager {
                 source: self.params.ssm_source.filter(|_| {
                     self.params.ssm_all_groups || crate::wire::is_ssm_group(group.ip())
                 }),
+                delegation: self.delegation_for(&info.head.server_key),
             },
         );
     }

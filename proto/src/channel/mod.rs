@@ -52,7 +52,7 @@ use crate::wire::control::{ArchiveId, Control, Envelope, ErrorCode};
 use crate::wire::data::DATA_HEADER_LEN;
 
 pub use burst::{BURST_EVERY, MAX_BURST, MAX_BURSTS};
-pub use catalog::{HeadBytes, HeadRead, TitleInfo};
+pub use catalog::{HeadBytes, HeadRead, HotAdd, TitleInfo};
 pub use repair::MAX_REPAIR_QUEUE;
 pub use stats::{
     ChannelStats, Counters, Sample, Stats, MAX_REPORTED_ELAPSED, MAX_REPORTED_MILLI_LOOPS,
@@ -259,6 +259,9 @@ pub struct ChannelManager {
     next_lease_check: Instant,
     /// Draining: members keep their channels, new receivers are refused.
     draining: bool,
+    /// Delegations from origin servers letting this server's key sign SYNCs of their
+    /// titles (an edge): the one from a title's signer goes with every `JoinOk` for it.
+    delegations: Vec<crate::delegation::Delegation>,
 }
 
 /// Packets due within this much of `now` go out now: the driver then wakes once per quantum
@@ -293,6 +296,7 @@ impl ChannelManager {
             stopped_at: std::collections::HashMap::new(),
             next_lease_check: now,
             draining: false,
+            delegations: Vec::new(),
         };
         for t in titles {
             m.add_title(t);
@@ -308,6 +312,30 @@ impl ChannelManager {
 
     pub fn is_draining(&self) -> bool {
         self.draining
+    }
+
+    /// An edge's delegations (checked by the driver at start: for this server's key, from a
+    /// configured origin, not expired). A `JoinOk` for a title signed by another server
+    /// carries the delegation from that server, so receivers accept this server's SYNCs.
+    pub fn set_delegations(&mut self, delegations: Vec<crate::delegation::Delegation>) {
+        self.delegations = delegations;
+    }
+
+    /// The delegation for titles signed by `signer`; `None` when `signer` is this server's
+    /// own key (its SYNCs verify as they are) or no delegation from it is held.
+    pub(crate) fn delegation_for(
+        &self,
+        signer: &mcast_keys::PublicIdentity,
+    ) -> Option<crate::delegation::Delegation> {
+        let own = self.params.sync_signer.as_ref().map(|s| s.public());
+        if own.as_ref() == Some(signer) {
+            return None;
+        }
+        self.delegations
+            .iter()
+            .filter(|d| d.origin == *signer && Some(d.edge) == own)
+            .max_by_key(|d| d.not_after)
+            .cloned()
     }
 
     pub fn open_channels(&self) -> usize {

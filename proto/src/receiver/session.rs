@@ -34,6 +34,7 @@ use super::tier::TierMove;
 pub use super::tiering::TierSample;
 use super::tiering::Tiering;
 use crate::archive::{Head, PacketId};
+use crate::delegation::Delegation;
 use crate::wire::control::{Control, Envelope, ErrorCode, SessionKey};
 use crate::wire::data::{
     archive_tag, split_signed_sync, sync_signed_bytes, DataHeader, DataKind, SyncInfo,
@@ -91,6 +92,10 @@ pub struct SessionConfig {
     /// as [`Failure::NoMulticast`] so the driver fetches over HTTP instead (a site whose
     /// policy for receivers without multicast is HTTP).
     pub unicast_fallback: bool,
+    /// Wall-clock unix seconds when the session is made (the driver's clock; the session
+    /// reads none): delegations an edge hands out (`JoinOk`) are checked against it for
+    /// expiry. `None`: no delegation is accepted, only SYNCs signed by the head's key.
+    pub unix_secs: Option<u64>,
 }
 
 impl SessionConfig {
@@ -108,6 +113,7 @@ impl SessionConfig {
             prior: None,
             nak_suppression: true,
             unicast_fallback: true,
+            unix_secs: None,
         }
     }
 }
@@ -232,6 +238,8 @@ pub struct SessionStats {
     /// (a replay).
     pub syncs_forged: u64,
     pub syncs_stale: u64,
+    /// SYNCs taken that an edge signed under a delegation from the head's signer.
+    pub syncs_delegated: u64,
     pub repairs_received: u64,
     /// Datagrams of discovery bursts (`channel::burst`) received.
     pub burst_packets: u64,
@@ -394,6 +402,42 @@ pub struct Session {
     awaiting_hash: Vec<(PacketId, Source, Vec<u8>)>,
     /// When the session began (its first join): the elapsed time its `Complete` reports.
     started: Instant,
+    /// The delegation the server's last `JoinOk` carried (an edge serving another server's
+    /// title), and the wall clock to check its expiry against.
+    sync_delegation: SyncDelegation,
+}
+
+/// A second key a SYNC may be signed by: an edge's, named by a [`Delegation`] from the
+/// head's signer, while it has not expired.
+struct SyncDelegation {
+    cert: Option<Delegation>,
+    /// The certificate's signature checked (once per certificate).
+    sig_ok: Option<bool>,
+    /// Wall clock: unix seconds at `at`.
+    unix: Option<(u64, Instant)>,
+}
+
+impl SyncDelegation {
+    fn set(&mut self, cert: Option<Delegation>) {
+        if cert != self.cert {
+            self.cert = cert;
+            self.sig_ok = None;
+        }
+    }
+
+    /// The delegated key valid for SYNCs of a title signed by `signer` at `now`.
+    fn key(&mut self, signer: &PublicIdentity, now: Instant) -> Option<PublicIdentity> {
+        let d = self.cert.as_ref()?;
+        let (unix, at) = self.unix?;
+        let unix = unix + now.saturating_duration_since(at).as_secs();
+        if d.origin != *signer || unix > d.not_after {
+            return None;
+        }
+        let ok = *self
+            .sig_ok
+            .get_or_insert_with(|| d.check(signer, unix).is_ok());
+        ok.then_some(d.edge)
+    }
 }
 
 impl Session {
@@ -438,7 +482,13 @@ impl Session {
             rejoined_at: None,
             awaiting_hash: Vec::new(),
             started: now,
+            sync_delegation: SyncDelegation {
+                cert: None,
+                sig_ok: None,
+                unix: None,
+            },
         };
+        s.sync_delegation.unix = s.cfg.unix_secs.map(|u| (u, now));
         s.send_join(now, s.cfg.start_block);
         s
     }
@@ -1016,10 +1066,12 @@ impl Session {
                 tiers_bps,
                 session_key,
                 source,
+                delegation,
                 ..
             } => {
                 self.requests.set_session_key(session_key);
                 self.ssm_source = source;
+                self.sync_delegation.set(delegation);
                 let j = Joined {
                     archive_id,
                     group,
@@ -1227,10 +1279,12 @@ impl Session {
                 group: g,
                 session_key,
                 source,
+                delegation,
                 ..
             } => {
                 self.requests.set_session_key(session_key);
                 self.ssm_source = source;
+                self.sync_delegation.set(delegation);
                 let Some(e) = self.eng.as_mut() else {
                     return;
                 };
@@ -1344,7 +1398,10 @@ impl Session {
             let id = match hdr.kind {
                 DataKind::Packet(id) => id,
                 DataKind::Sync => {
-                    if let Some(info) = verified_sync(eng, &mut self.stats, dg, payload, true) {
+                    let d = &mut self.sync_delegation;
+                    if let Some(info) =
+                        verified_sync(eng, &mut self.stats, d, now, dg, payload, true)
+                    {
                         eng.tiering.on_burst_sync(&info, now);
                     }
                     return None;
@@ -1361,7 +1418,9 @@ impl Session {
         }
         let id = match hdr.kind {
             DataKind::Sync => {
-                if let Some(info) = verified_sync(eng, &mut self.stats, dg, payload, false) {
+                let d = &mut self.sync_delegation;
+                if let Some(info) = verified_sync(eng, &mut self.stats, d, now, dg, payload, false)
+                {
                     eng.nak.on_sync(&info, eng.packet_bytes);
                     eng.tiering.on_sync(&info, now);
                     self.last_channel = now;
@@ -1789,22 +1848,30 @@ impl Session {
     }
 }
 
-/// A SYNC's info, if its signature is the archive server's and it is newer than the last
-/// one taken on its path (`burst`: a discovery burst's, else the channel's;
+/// A SYNC's info, if its signature is the archive server's (the head's signer), or an
+/// edge's that the head's signer delegated to (`delegation`, unexpired), and it is newer than
+/// the last one taken on its path (`burst`: a discovery burst's, else the channel's;
 /// `wire::data::SIGNED_SYNC_LEN`); else counted and `None`.
 fn verified_sync(
     eng: &mut Engines,
     stats: &mut SessionStats,
+    delegation: &mut SyncDelegation,
+    now: Instant,
     dg: &[u8],
     payload: &[u8],
     burst: bool,
 ) -> Option<SyncInfo> {
     let header = &dg[..dg.len() - payload.len()];
+    let mut delegated = false;
     let signed = split_signed_sync(payload).filter(|(info, sig)| {
-        eng.head
-            .server_key
-            .verify(&sync_signed_bytes(header, info), sig)
-            .is_ok()
+        let msg = sync_signed_bytes(header, info);
+        if eng.head.server_key.verify(&msg, sig).is_ok() {
+            return true;
+        }
+        delegated = delegation
+            .key(&eng.head.server_key, now)
+            .is_some_and(|k| k.verify(&msg, sig).is_ok());
+        delegated
     });
     let Some(info) = signed.and_then(|(info, _)| SyncInfo::decode(info).ok()) else {
         stats.syncs_forged += 1;
@@ -1820,6 +1887,7 @@ fn verified_sync(
         return None;
     }
     *last = Some(info.send_us);
+    stats.syncs_delegated += delegated as u64;
     Some(info)
 }
 

@@ -32,6 +32,9 @@ use crate::receiver::{Event, Failure, Session, SessionConfig, SessionStats, Via}
 use crate::wire::data::{DataHeader, DataKind, DATA_HEADER_LEN, SIGNED_SYNC_LEN};
 use crate::wire::nak::{is_nak, Nak};
 
+/// The receivers' wall clock at a world's start (unix seconds), unless a scenario sets one.
+pub const SIM_UNIX_START: u64 = 1_800_000_000;
+
 /// IPv4 + UDP header bytes: a link carries them too.
 pub const IP_UDP: usize = 28;
 
@@ -106,6 +109,11 @@ pub struct WorldConfig {
     /// loop (and every FEC block) to the groups receivers are on: it would poison their
     /// suppression. `None`: no attacker.
     pub forged_naks: Option<Duration>,
+    /// The server is an edge: delegations it hands receivers (the archive is signed by
+    /// [`super::archive::sim_identity`], `params.sync_signer` signs SYNCs).
+    pub delegations: Vec<crate::delegation::Delegation>,
+    /// The receivers' wall clock (unix seconds at the start), for delegation expiry.
+    pub unix_secs: Option<u64>,
     pub max_time: Duration,
 }
 
@@ -136,6 +144,8 @@ impl WorldConfig {
             suppression: true,
             igmp_v2_query: None,
             forged_naks: None,
+            delegations: Vec::new(),
+            unix_secs: Some(SIM_UNIX_START),
             max_time: Duration::from_secs(300),
         }
     }
@@ -327,7 +337,8 @@ pub fn run(cfg: &WorldConfig, t0: Instant) -> WorldOutcome {
         head_bytes: HeadBytes::Memory(arc.head_bytes.clone()),
         archive_len: arc.layout.file_len(),
     };
-    let mgr = ChannelManager::new(cfg.params.clone(), vec![info], t0);
+    let mut mgr = ChannelManager::new(cfg.params.clone(), vec![info], t0);
+    mgr.set_delegations(cfg.delegations.clone());
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
     let hosts: Vec<Host> = cfg
         .receivers
@@ -577,6 +588,10 @@ impl World<'_> {
         c.server_key = Some(self.arc.head.server_key);
         c.prior = h.held.take();
         c.nak_suppression = self.cfg.suppression;
+        c.unix_secs = self
+            .cfg
+            .unix_secs
+            .map(|u| u + now.saturating_duration_since(self.t0).as_secs());
         h.sess = Some(Session::new(c, now));
         h.timer = None;
         let (addr, uaddr) = (h.addr, h.uaddr);
@@ -1037,6 +1052,81 @@ impl World<'_> {
 mod tests {
     use super::*;
 
+    /// An edge (SYNCs signed by its own key `[0xed; 32]`) looping a title signed by the
+    /// origin ([`super::super::archive::sim_identity`]), handing receivers `delegations`.
+    fn edge_world(delegations: Vec<crate::delegation::Delegation>) -> WorldOutcome {
+        let mut params = Params::for_tests(50_000_000);
+        params.lease = Duration::from_secs(2);
+        params.sync_signer = Some(std::sync::Arc::new(edge_identity()));
+        let cfg = WorldConfig {
+            delegations,
+            max_time: Duration::from_secs(20),
+            ..WorldConfig::new(5, 1500, 1280, params, vec![RxSpec::new(Duration::ZERO); 2])
+        };
+        run(&cfg, Instant::now())
+    }
+
+    fn edge_identity() -> mcast_keys::Identity {
+        mcast_keys::Identity::from_secret(&[0xed; 32])
+    }
+
+    #[test]
+    fn edge_syncs_signed_under_a_delegation_are_taken() {
+        use crate::delegation::Delegation;
+        let origin = super::super::archive::sim_identity();
+        let d = Delegation::issue(&origin, edge_identity().public(), SIM_UNIX_START + 3600);
+        let out = edge_world(vec![d]);
+        for r in &out.receivers {
+            assert!(r.done_at.is_some() && r.failed.is_none(), "{r:?}");
+            assert_eq!(r.stats.syncs_forged, 0, "{:?}", r.stats);
+            assert!(r.stats.syncs_delegated > 0, "{:?}", r.stats);
+            assert!(!r.unicast, "stayed on multicast");
+        }
+    }
+
+    #[test]
+    fn edge_syncs_without_a_valid_delegation_are_refused_and_counted() {
+        use crate::delegation::Delegation;
+        let origin = super::super::archive::sim_identity();
+        let other = mcast_keys::Identity::from_secret(&[0x0b; 32]);
+        let edge = edge_identity().public();
+        let mut forged_origin = Delegation::issue(&other, edge, SIM_UNIX_START + 3600);
+        forged_origin.origin = origin.public();
+        let cases = [
+            ("no delegation", vec![]),
+            (
+                "expired",
+                vec![Delegation::issue(&origin, edge, SIM_UNIX_START - 1)],
+            ),
+            (
+                "from another key",
+                vec![Delegation::issue(&other, edge, SIM_UNIX_START + 3600)],
+            ),
+            (
+                "claims the origin, signed by another key",
+                vec![forged_origin],
+            ),
+            (
+                "for another edge",
+                vec![Delegation::issue(
+                    &origin,
+                    other.public(),
+                    SIM_UNIX_START + 3600,
+                )],
+            ),
+        ];
+        for (what, delegations) in cases {
+            let out = edge_world(delegations);
+            for r in &out.receivers {
+                assert!(r.stats.syncs_forged > 0, "{what}: {:?}", r.stats);
+                assert_eq!(r.stats.syncs_delegated, 0, "{what}: {:?}", r.stats);
+                // Data packets verify against the signed head whoever sends them: a clean
+                // receiver still completes, without SYNC timing (GRTT, loop position).
+                assert!(r.done_at.is_some(), "{what}: {r:?}");
+            }
+        }
+    }
+
     #[test]
     fn three_clean_receivers_verify_and_complete() {
         let mut params = Params::for_tests(100_000_000);
@@ -1057,6 +1147,8 @@ mod tests {
             suppression: true,
             igmp_v2_query: None,
             forged_naks: None,
+            delegations: Vec::new(),
+            unix_secs: None,
             max_time: Duration::from_secs(30),
         };
         let out = run(&cfg, Instant::now());
@@ -1095,6 +1187,8 @@ mod tests {
             suppression: true,
             igmp_v2_query: Some(Duration::from_secs(30)),
             forged_naks: None,
+            delegations: Vec::new(),
+            unix_secs: None,
             max_time: Duration::from_secs(60),
         };
         let out = run(&cfg, Instant::now());

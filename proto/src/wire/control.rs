@@ -2,7 +2,7 @@
 //! receiver retries on timeout, and every request is idempotent).
 //!
 //! ```text
-//! version:u8 (=5) type:u8 flags:u8 receiver_id:u64 req_id:u32 [token:16] body [pad:u16 zeros]
+//! version:u8 (=6) type:u8 flags:u8 receiver_id:u64 req_id:u32 [token:16] body [pad:u16 zeros]
 //! ```
 //! `receiver_id` is random per download session; `req_id` matches replies to requests.
 //! Flag [`FLAG_TOKEN`]: an address token ([`crate::address_token`]) follows the header; a
@@ -28,8 +28,9 @@ pub use crate::address_token::AddressToken;
 
 /// Version of the control envelope (2: flags, address token and padding; 3: session MACs;
 /// 4: [`Control::Complete`] reports the receiver's elapsed time and loops; 5: catalogue
-/// items carry kind, associations and watermark).
-pub const CONTROL_VERSION: u8 = 5;
+/// items carry kind, associations and watermark; 6: [`Control::JoinOk`] may carry an edge's
+/// delegation from the title's origin).
+pub const CONTROL_VERSION: u8 = 6;
 /// An address token follows the header.
 pub const FLAG_TOKEN: u8 = 1;
 /// Padding follows the body.
@@ -295,6 +296,10 @@ pub enum Control {
         /// packets come from. The receiver joins (source, group), so packets anyone else sends
         /// to the group never reach it. `None`: an any-source group.
         source: Option<IpAddr>,
+        /// An edge serving a title signed by another server (its origin): the origin's
+        /// certificate letting this server's key sign the channel's SYNCs
+        /// ([`crate::delegation`]). `None` when the title's signer is this server.
+        delegation: Option<crate::delegation::Delegation>,
     },
     /// This server lacks the title; `redirect` names one that has it, when known.
     NotHere {
@@ -604,6 +609,7 @@ impl Envelope {
                 tiers_bps,
                 session_key,
                 source,
+                delegation,
             } => {
                 b.extend_from_slice(archive_id);
                 put_addr(&mut b, group);
@@ -622,6 +628,13 @@ impl Envelope {
                     Some(a) => {
                         b.put_u8(1);
                         put_ip(&mut b, a);
+                    }
+                    None => b.put_u8(0),
+                }
+                match delegation {
+                    Some(d) => {
+                        b.put_u8(1);
+                        b.extend_from_slice(&d.encode());
                     }
                     None => b.put_u8(0),
                 }
@@ -831,6 +844,16 @@ impl Envelope {
                     1 => Some(get_ip(&mut r, "source")?),
                     _ => return Err(WireError::Field("source")),
                 },
+                delegation: match r.u8("delegation")? {
+                    0 => None,
+                    1 => Some(
+                        crate::delegation::Delegation::decode(
+                            r.bytes(crate::delegation::DELEGATION_LEN, "delegation")?,
+                        )
+                        .map_err(|_| WireError::Field("delegation"))?,
+                    ),
+                    _ => return Err(WireError::Field("delegation")),
+                },
             },
             t::NOT_HERE => Control::NotHere {
                 title: get_str(&mut r, 128, "title")?,
@@ -1018,6 +1041,7 @@ mod tests {
                 tiers_bps: vec![4_000_000, 16_000_000],
                 session_key: [0x33; 32],
                 source: Some("198.18.0.1".parse().unwrap()),
+                delegation: None,
             },
             Control::JoinOk {
                 archive_id: id,
@@ -1030,6 +1054,11 @@ mod tests {
                 tiers_bps: vec![4_000_000],
                 session_key: [0x34; 32],
                 source: Some("2001:db8::1".parse().unwrap()),
+                delegation: Some(crate::delegation::Delegation::issue(
+                    &mcast_keys::Identity::from_secret(&[1; 32]),
+                    mcast_keys::Identity::from_secret(&[2; 32]).public(),
+                    1_900_000_000,
+                )),
             },
             Control::ChangeTier {
                 archive_id: id,

@@ -7,6 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use mcast::archive::{pack, CompressMode, PackOptions, PacketId};
+use mcast::delegation::Delegation;
 use mcast::wire::control::{CatalogItem, Control, Envelope, ErrorCode};
 use mcast::wire::data::{archive_tag, DataHeader, DataKind, SyncInfo, DATA_HEADER_LEN};
 use mcast::wire::director::{DirectorMsg, Heartbeat, HeldTitle, NoRoute, ServerState};
@@ -175,6 +176,7 @@ fn control_seeds(o: &Out) {
             tiers_bps: vec![10_000_000, 100_000_000],
             session_key: [3; 32],
             source: None,
+            delegation: None,
         },
         Control::JoinOk {
             archive_id: id,
@@ -187,6 +189,21 @@ fn control_seeds(o: &Out) {
             tiers_bps: vec![10_000_000, 100_000_000],
             session_key: [4; 32],
             source: Some("198.18.0.1".parse().unwrap()),
+            delegation: None,
+        },
+        // An edge's answer: the origin's delegation to its key.
+        Control::JoinOk {
+            archive_id: id,
+            group: "239.255.88.1:7700".parse().unwrap(),
+            head_len: 900,
+            loop_packets: 1000,
+            rate_bps: 8_000_000,
+            lease_ms: 3000,
+            tier: 0,
+            tiers_bps: vec![8_000_000],
+            session_key: [5; 32],
+            source: None,
+            delegation: Some(delegation()),
         },
         Control::NotHere {
             title: "film".into(),
@@ -228,7 +245,17 @@ fn control_seeds(o: &Out) {
             &format!("msg-{i:02}"),
             Envelope::new(0x1122_3344, i as u32, m).encode(),
         );
-    }
+    }    // Delegation certificates are offered the same input (`fuzz_targets/control.rs`).
+    o.put("control", "delegation", delegation().encode());
+}
+
+/// The fixture identity delegating to an edge key.
+fn delegation() -> Delegation {
+    Delegation::issue(
+        &identity(),
+        mcast_keys::Identity::from_secret(&[0xed; 32]).public(),
+        1_900_000_000,
+    )
 }
 
 fn nak_seeds(o: &Out) {
