@@ -205,7 +205,8 @@ pub struct GetReport {
 }
 
 impl GetReport {
-    /// The report of a run that found the archive already complete on disk.
+    /// The report of a run that found the archive already complete on disk (and the base
+    /// the HTTP fetch fills in with its own figures).
     pub(crate) fn already_complete(
         title: &str,
         path: &Path,
