@@ -269,6 +269,24 @@ impl GetReport {
     }
 }
 
+/// The terminal progress bar of a download, in payload bytes held of `needed` (so rate and
+/// ETA are of useful bytes); `msg` names the title and how it arrives.
+pub(crate) fn bytes_bar(needed: u64, held: u64, msg: String) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(needed);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:32}] {decimal_bytes}/{decimal_total_bytes} {percent}% \
+             {decimal_bytes_per_sec} eta {eta}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    b.set_message(msg);
+    b.set_position(held);
+    b.reset_eta();
+    b
+}
+
 /// One JSON progress line (`get --json`, and the HTTP fetch with `via: "http"`).
 #[derive(Serialize)]
 pub(crate) struct ProgressLine<'a> {
@@ -802,21 +820,10 @@ impl Driver<'_> {
         // are of useful bytes; the message carries the tier.
         let needed_bytes = head.needed_bytes();
         let held_bytes = needed_bytes.saturating_sub(sess.missing_bytes());
-        self.bar = self.opts.progress_bar.then(|| {
-            let b = indicatif::ProgressBar::new(needed_bytes);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:32}] {decimal_bytes}/{decimal_total_bytes} {percent}% \
-                     {decimal_bytes_per_sec} eta {eta}",
-                )
-                .unwrap()
-                .progress_chars("=> "),
-            );
-            b.set_message(self.opts.title.clone());
-            b.set_position(held_bytes);
-            b.reset_eta();
-            b
-        });
+        self.bar = self
+            .opts
+            .progress_bar
+            .then(|| bytes_bar(needed_bytes, held_bytes, self.opts.title.clone()));
         self.files = Some(Files {
             part,
             disk,

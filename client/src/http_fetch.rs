@@ -480,19 +480,11 @@ pub fn fetch(opts: &HttpFetchOptions, stop: Arc<AtomicBool>) -> Result<GetReport
     };
     let needed_bytes = head.needed_bytes();
     run.bar = opts.progress_bar.then(|| {
-        let b = indicatif::ProgressBar::new(needed_bytes);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:32}] {decimal_bytes}/{decimal_total_bytes} {percent}% \
-                 {decimal_bytes_per_sec} eta {eta}",
-            )
-            .unwrap()
-            .progress_chars("=> "),
-        );
-        b.set_message(format!("{} http", opts.title));
-        b.set_position(needed_bytes.saturating_sub(missing));
-        b.reset_eta();
-        b
+        crate::get::bytes_bar(
+            needed_bytes,
+            needed_bytes.saturating_sub(missing),
+            format!("{} http", opts.title),
+        )
     });
     let result = run.fetch_all(&mut dl, &mut plan, &mut http, &stop);
     if let Some(b) = &run.bar {
