@@ -361,6 +361,10 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
     // session where it would ask for the unicast stream, and the HTTP fetch takes over.
     cfg.unicast_fallback =
         opts.no_multicast != NoMulticastPolicy::Http || opts.http_mirrors.is_empty();
+    // `both`: the unicast stream gets `repair_after`, then HTTP fetches what it has not sent.
+    cfg.unicast_limit = (opts.no_multicast == NoMulticastPolicy::Both
+        && !opts.http_mirrors.is_empty())
+    .then_some(opts.repair_after);
     // Wall clock for the expiry of an edge's delegation (the session reads no clock).
     cfg.unix_secs = Some(mcast_io::process::unix_secs());
     cfg.prior = State::load(&state_path).map(|s| Prior {
@@ -378,7 +382,6 @@ pub fn get(opts: &GetOptions, stop: Arc<AtomicBool>) -> Result<GetReport, RecvEr
         .and_then(|s| opts.dscp.apply(&s).map(|_| s))
         .map_err(|e| RecvError::new(Failure::Other, format!("control socket: {e}")))?;
     let mut d = Driver {
-        unicast_since: None,
         opts,
         final_path,
         part_path,
@@ -438,8 +441,6 @@ struct Driver<'a> {
     part_path: PathBuf,
     state_path: PathBuf,
     started: Instant,
-    /// When the session was first seen on the unicast stream (policy `both`).
-    unicast_since: Option<Instant>,
     ctl: UdpSocket,
     /// The group joined and its socket.
     group: Option<(SocketAddr, UdpSocket)>,
@@ -476,25 +477,6 @@ impl Driver<'_> {
                         "interrupted; run the same command again to resume",
                     ),
                 );
-            }
-            // Policy `both`: the unicast stream gets `repair_after`, then HTTP fetches the rest.
-            if self.opts.no_multicast == NoMulticastPolicy::Both
-                && !self.opts.http_mirrors.is_empty()
-                && sess.is_unicast()
-            {
-                let since = *self.unicast_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= self.opts.repair_after {
-                    let (have, total) = sess.progress_units();
-                    let mut e = RecvError::new(
-                        Failure::Timeout,
-                        format!(
-                            "no multicast here: the unicast stream delivered {have}/{total} packets in {:?}; the site's policy fetches the rest over HTTP",
-                            self.opts.repair_after
-                        ),
-                    );
-                    e.http_handover = true;
-                    return self.fail_checkpointed(sess, e);
-                }
             }
             if let Some(t) = self.opts.timeout {
                 if self.started.elapsed() > t {
@@ -943,6 +925,17 @@ impl Driver<'_> {
                 ),
             ),
             SessionFailure::Unexpected(m) => RecvError::new(Failure::Other, m),
+            SessionFailure::UnicastLimit(limit) => {
+                let (have, total) = sess.progress_units();
+                let mut e = RecvError::new(
+                    Failure::Timeout,
+                    format!(
+                        "no multicast here: the unicast stream delivered {have}/{total} packets in {limit:?}; the site's policy fetches the rest over HTTP"
+                    ),
+                );
+                e.http_handover = true;
+                e
+            }
             SessionFailure::NoMulticast(waited) => {
                 let mut e = RecvError::new(
                     Failure::Unreachable,

@@ -92,6 +92,10 @@ pub struct SessionConfig {
     /// as [`Failure::NoMulticast`] so the driver fetches over HTTP instead (a site whose
     /// policy for receivers without multicast is HTTP).
     pub unicast_fallback: bool,
+    /// End as [`Failure::UnicastLimit`] once the unicast stream has run this long without
+    /// completing, so the driver fetches the rest over HTTP (a site whose policy is `both`).
+    /// `None`: the stream runs to the end.
+    pub unicast_limit: Option<Duration>,
     /// Wall-clock unix seconds when the session is made (the driver's clock; the session
     /// reads none): delegations an edge hands out (`JoinOk`) are checked against it for
     /// expiry. `None`: no delegation is accepted, only SYNCs signed by the head's key.
@@ -113,6 +117,7 @@ impl SessionConfig {
             prior: None,
             nak_suppression: true,
             unicast_fallback: true,
+            unicast_limit: None,
             unix_secs: None,
         }
     }
@@ -148,6 +153,8 @@ pub enum Failure {
     /// No multicast heard within the sync timeout, and unicast fallback is off
     /// (`SessionConfig::unicast_fallback`).
     NoMulticast(Duration),
+    /// The unicast stream ran `SessionConfig::unicast_limit` without completing.
+    UnicastLimit(Duration),
 }
 
 /// What the driver is asked to do.
@@ -383,6 +390,8 @@ pub struct Session {
     heard: bool,
     unicast_opened: bool,
     unicast_ok: bool,
+    /// When the unicast stream started (for `SessionConfig::unicast_limit`).
+    unicast_since: Option<Instant>,
     next_fallback_try: Option<Instant>,
     keepalive_every: Duration,
     next_keepalive: Instant,
@@ -466,6 +475,7 @@ impl Session {
             heard: false,
             unicast_opened: false,
             unicast_ok: false,
+            unicast_since: None,
             next_fallback_try: None,
             keepalive_every: Duration::from_secs(1),
             next_keepalive: now,
@@ -951,6 +961,7 @@ impl Session {
             Some(Purpose::UnicastConfirm) => match env.msg {
                 Control::UnicastOk { .. } => {
                     self.unicast_ok = true;
+                    self.unicast_since.get_or_insert(now);
                     if let Some(e) = self.eng.as_mut() {
                         e.nak.set_unicast(true);
                         e.tiering.hold_for_unicast(now);
@@ -1623,6 +1634,14 @@ impl Session {
         self.tier_move(now);
         self.keepalive(now);
         self.naks(now);
+        if let (Some(limit), Some(since), true) =
+            (self.cfg.unicast_limit, self.unicast_since, self.unicast_ok)
+        {
+            if now.saturating_duration_since(since) >= limit {
+                self.fail(Failure::UnicastLimit(limit));
+                return;
+            }
+        }
         if self.fallback_due() && self.next_fallback_try.is_some_and(|t| now >= t) {
             if !self.cfg.unicast_fallback {
                 self.fail(Failure::NoMulticast(self.cfg.sync_timeout));

@@ -64,6 +64,10 @@ pub struct RxSpec {
     /// and the count reaches its session with the next datagram it takes, as the driver
     /// reports `SO_RXQ_OVFL`.
     pub cpu_bps: Option<u64>,
+    /// Its site's policy without multicast (`SessionConfig::unicast_fallback`,
+    /// `unicast_limit`): the stream (true, None) unless a test says HTTP.
+    pub unicast_fallback: bool,
+    pub unicast_limit: Option<Duration>,
 }
 
 impl RxSpec {
@@ -75,6 +79,8 @@ impl RxSpec {
             crash_at: None,
             multicast: true,
             cpu_bps: None,
+            unicast_fallback: true,
+            unicast_limit: None,
         }
     }
 }
@@ -588,6 +594,8 @@ impl World<'_> {
         c.server_key = Some(self.arc.head.server_key);
         c.prior = h.held.take();
         c.nak_suppression = self.cfg.suppression;
+        c.unicast_fallback = h.spec.unicast_fallback;
+        c.unicast_limit = h.spec.unicast_limit;
         c.unix_secs = self
             .cfg
             .unix_secs
@@ -1051,6 +1059,54 @@ impl World<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A site's policy without multicast, on a receiver multicast does not reach: `http` ends
+    /// the session where it would ask for the stream (the server streams nothing); `both`
+    /// lets the stream run `unicast_limit`, then ends it for HTTP to fetch the rest.
+    #[test]
+    fn site_policies_hand_receivers_without_multicast_to_http() {
+        let world = |fallback: bool, limit: Option<Duration>| {
+            let mut rx = RxSpec::new(Duration::ZERO);
+            rx.multicast = false;
+            rx.link = vec![(Duration::ZERO, 20_000_000)];
+            rx.unicast_fallback = fallback;
+            rx.unicast_limit = limit;
+            let cfg = WorldConfig {
+                max_time: Duration::from_secs(30),
+                ..WorldConfig::new(9, 8000, 1280, Params::for_tests(50_000_000), vec![rx])
+            };
+            run(&cfg, Instant::now())
+        };
+        let http = world(false, None);
+        let r = &http.receivers[0];
+        assert!(
+            matches!(r.failed, Some(Failure::NoMulticast(_))),
+            "{:?}",
+            r.failed
+        );
+        assert_eq!(http.unicast_packets_sent, 0);
+        assert_eq!(r.received_bytes, 0);
+
+        let both = world(true, Some(Duration::from_secs(1)));
+        let r = &both.receivers[0];
+        assert!(
+            matches!(r.failed, Some(Failure::UnicastLimit(_))),
+            "{:?}",
+            r.failed
+        );
+        assert!(r.unicast && r.done_at.is_none());
+        // It held part of the title when the stream's second was up (8,000 packets take
+        // ~4 s at 20 Mbit/s).
+        assert!(both.unicast_packets_sent > 0 && r.received_bytes > 0);
+        assert!(r.received_bytes < 8000 * 1280, "{}", r.received_bytes);
+
+        let stream = world(true, None);
+        assert!(
+            stream.receivers[0].done_at.is_some(),
+            "{:?}",
+            stream.receivers[0].failed
+        );
+    }
 
     /// An edge (SYNCs signed by its own key `[0xed; 32]`) looping a title signed by the
     /// origin ([`super::super::archive::sim_identity`]), handing receivers `delegations`.
