@@ -24,10 +24,6 @@ use serde_json::Value;
 const MB: usize = 1_000_000;
 const LIMIT: Duration = Duration::from_secs(90);
 
-fn director_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mcast-director"))
-}
-
 /// One test's cluster: a key file, directors and servers under one temp dir.
 struct Cluster {
     dir: tempfile::TempDir,
@@ -62,20 +58,6 @@ impl Srv {
     }
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    fs::create_dir_all(dst).unwrap();
-    fs::set_permissions(dst, fs::metadata(src).unwrap().permissions()).unwrap();
-    for e in fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            fs::copy(e.path(), &to).unwrap();
-        }
-    }
-}
-
 impl Cluster {
     /// `n` picks the ports: directors 19100+20n.., servers 19500+20n.., data 41000+400n...
     fn new(n: u16, directors: usize) -> Cluster {
@@ -93,13 +75,7 @@ impl Cluster {
         if keep {
             println!("keeping {}", dir.path().display());
         }
-        let key = dir.path().join("heartbeat.key");
-        let o = Command::new(director_bin())
-            .args(["genkey", "-o"])
-            .arg(&key)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "genkey: {o:?}");
+        let key = heartbeat_key(dir.path());
         let mut c = Cluster {
             dir,
             n,

@@ -32,7 +32,7 @@ mod common;
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -594,10 +594,6 @@ fn replayed_ticket() {
         (1, 1),
         "{s}"
     );
-}
-
-fn director_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mcast-director"))
 }
 
 /// `mcast-director --config CFG`, once it answers stats on `addr`.

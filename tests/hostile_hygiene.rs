@@ -10,18 +10,14 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{mcastd_bin, recv_bin, Site};
+use common::{director_bin, mcastd_bin, recv_bin, Site};
 
 const MB: usize = 1 << 20;
-
-fn director_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mcast-director"))
-}
 
 /// Run to completion under umask 022 (so a file created without an explicit mode would be
 /// 0644), killing the process after `limit`.

@@ -17,7 +17,7 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,10 +25,6 @@ use common::*;
 use serde_json::Value;
 
 const MB: usize = 1_000_000;
-
-fn director_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mcast-director"))
-}
 
 fn director_stats(d: SocketAddr) -> Value {
     let o = Command::new(recv_bin())
@@ -84,20 +80,6 @@ fn server_toml(
     )
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    fs::create_dir_all(dst).unwrap();
-    fs::set_permissions(dst, fs::metadata(src).unwrap().permissions()).unwrap();
-    for e in fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            fs::copy(e.path(), &to).unwrap();
-        }
-    }
-}
-
 fn spawn_logged(mut cmd: Command, log: &Path) -> Guard {
     cmd.env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -119,13 +101,7 @@ fn receivers_go_to_their_site_and_unplaced_titles_are_placed() {
     if keep {
         println!("keeping {}", dir.display());
     }
-    let key = dir.join("heartbeat.key");
-    let o = Command::new(director_bin())
-        .args(["genkey", "-o"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "genkey: {o:?}");
+    let key = heartbeat_key(dir);
 
     // Site A's server sorts before site B's: without sites, a tie would go to B.
     let director: SocketAddr = "127.0.0.4:19930".parse().unwrap();

@@ -49,13 +49,7 @@ fn run(policy: &str) -> Option<(Value, Value, String)> {
         .tempdir()
         .unwrap();
     let dir = tmp.path();
-    let key = dir.join("heartbeat.key");
-    let o = Command::new(director_bin())
-        .args(["genkey", "-o"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "genkey: {o:?}");
+    let key = heartbeat_key(dir);
     // 6 Mbit/s: the stream cannot deliver 4 MB within --repair-after (2 s).
     let server = format!(
         "control = \"127.0.0.1:19951\"\nmulticast_iface = \"127.0.0.1\"\n\
@@ -157,8 +151,4 @@ fn site_policy_both_gives_the_stream_a_loop_then_http() {
     );
     assert!(missing > 0 && missing < 4 * MB as u64, "{report}");
     assert!(http as f64 <= 1.05 * missing as f64 + 65_536.0, "{report}");
-}
-
-fn director_bin() -> std::path::PathBuf {
-    recv_bin().with_file_name("mcast-director")
 }

@@ -25,6 +25,37 @@ pub fn mcastd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mcastd"))
 }
 
+pub fn director_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mcast-director"))
+}
+
+/// A fresh heartbeat key at `dir/heartbeat.key` (`mcast-director genkey`).
+pub fn heartbeat_key(dir: &Path) -> PathBuf {
+    let key = dir.join("heartbeat.key");
+    let o = Command::new(director_bin())
+        .args(["genkey", "-o"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "genkey: {o:?}");
+    key
+}
+
+/// Copy a directory tree (keys, archives), keeping the top directory's mode.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    fs::create_dir_all(dst).unwrap();
+    fs::set_permissions(dst, fs::metadata(src).unwrap().permissions()).unwrap();
+    for e in fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
 /// `mcast-recv` is built by the `client` package into the same directory as `mcastd`.
 pub fn recv_bin() -> PathBuf {
     // Every test site makes a new server key, and sites reuse their addresses from run to
